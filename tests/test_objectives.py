@@ -1,0 +1,114 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import tiny
+from trainables.config import load_config
+from trainables.data import build_data
+from trainables.objectives import build_objective, train_flops_per_image
+from trainables.objectives.simmim import default_mask_unit, patchify
+from trainables.trainer import train
+
+
+def batch_of(cfg, n=16, seed=3):
+    data = build_data(cfg)
+    return {"images": data.train.images[:n], "seed": seed}
+
+
+def make(over=None, seed=0):
+    cfg = load_config(tiny(), over or [])
+    torch.manual_seed(seed)
+    return cfg, build_objective(cfg)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 0.5])
+def test_loss_drops_within_a_few_dozen_steps(lam):
+    logs = []
+    train(load_config(tiny(), [f"objective.lam={lam}", "optim.steps=40", "run.log_every=5", "optim.blr=5e-3",
+                               "data.train_size=512"]),
+          lambda m, checkpoint=None: logs.append(m["loss"]) if "knn_top1" not in m else None)
+    assert len(logs) == 8
+    first, last = sum(logs[:2]) / 2, sum(logs[-2:]) / 2
+    assert last < 0.95 * first, logs
+
+
+def test_hybrid_at_lam_0_equals_simmim_and_at_lam_1_equals_mocov3():
+    cfg, hybrid = make(["objective.lam=0"])
+    batch = batch_of(cfg)
+    assert hybrid.cl is None  # the unused branch is not even built
+    torch.testing.assert_close(hybrid(batch)["loss"], hybrid.mim(batch)["loss"])
+    cfg, hybrid = make(["objective.lam=1"])
+    assert hybrid.mim is None
+    torch.testing.assert_close(hybrid(batch)["loss"], hybrid.cl(batch)["loss"])
+
+
+def test_hybrid_mixes_the_two_losses_of_the_same_batch():
+    cfg, hybrid = make(["objective.lam=0.3", "objective.placement.mim_layer=2", "objective.placement.cl_layer=5"])
+    batch = batch_of(cfg)
+    out = hybrid(batch)
+    torch.testing.assert_close(out["loss"], 0.7 * out["loss_mim"] + 0.3 * out["loss_cl"])
+    # Routed (one 3B batch, rows split after their layer) equals each branch run on its own.
+    torch.testing.assert_close(out["loss_mim"], hybrid.mim(batch)["loss"])
+    torch.testing.assert_close(out["loss_cl"], hybrid.cl(batch)["loss"])
+
+
+def _grad_blocks(obj, loss):
+    obj.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return [any(p.grad is not None and p.grad.abs().sum() > 0 for p in blk.parameters())
+            for blk in obj.encoder.blocks]
+
+
+def test_graft_layer_splits_gradients_between_objectives():
+    g = 2
+    cfg, hybrid = make([f"objective.placement.graft_layer={g}"])
+    out = hybrid(batch_of(cfg))
+    cl_grads = _grad_blocks(hybrid, out["loss_cl"])
+    mim_grads = _grad_blocks(hybrid, out["loss_mim"])
+    depth = hybrid.encoder.depth
+    assert cl_grads == [False] * g + [True] * (depth - g)
+    assert mim_grads == [True] * g + [False] * (depth - g)
+
+
+def test_mim_layer_placement_limits_gradient():
+    cfg, hybrid = make(["objective.lam=0", "objective.placement.mim_layer=3"])
+    out = hybrid(batch_of(cfg))
+    assert _grad_blocks(hybrid, out["loss"]) == [True] * 3 + [False] * 3
+    assert hybrid.has_unused_params()
+
+
+def test_momentum_update_moves_towards_online():
+    cfg, hybrid = make(["objective.lam=1"])
+    with torch.no_grad():
+        for p in hybrid.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in hybrid.cl.momentum.parameters()]
+    hybrid.momentum_update(0.9)
+    online = hybrid.cl.online_params()
+    for b, a, o in zip(before, hybrid.cl.momentum.parameters(), online, strict=True):
+        torch.testing.assert_close(a, 0.9 * b + 0.1 * o)
+
+
+@pytest.mark.parametrize("over", [["objective.lam=0"], ["objective.lam=1"], ["objective.lam=0.5"],
+                                  ["objective.placement.graft_layer=2"]])
+def test_analytic_training_flops_match_flop_counter(over):
+    cfg, hybrid = make(over)
+    batch = batch_of(cfg, n=8)
+    # The math SDPA backend decomposes attention into matmuls the counter sees on the CPU.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        hybrid(batch)["loss"].backward()
+    counted = fc.get_total_flops() / 8
+    assert abs(counted - train_flops_per_image(cfg)) / counted < 0.02
+
+
+def test_mask_ratio_unit_and_patchify():
+    assert default_mask_unit(224, 16) == 32 and default_mask_unit(192, 16) == 32 and default_mask_unit(32, 4) == 4
+    cfg, hybrid = make(["objective.lam=0"])
+    mask = hybrid.mim.make_mask(5, torch.Generator().manual_seed(0), "cpu")
+    assert mask.shape == (5, 64)
+    assert (mask.sum(1) == 39).all()  # ceil(0.6 * 64)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 48)
+    assert torch.equal(p[0, 1].view(4, 4, 3)[..., 0], x[0, 0, :4, 4:])  # patch (0, 1), red channel

@@ -1,0 +1,342 @@
+"""One typed config tree for a clmim run.
+
+A run is described by nested dataclasses (``Config`` below). YAML files and ``--set dotted.key=value`` overrides
+are merged into a plain dict, then ``load_config`` turns it into the typed tree, checking every key, type and
+range. Any problem raises ``ConfigError`` whose message starts with the dotted path of the offending key, before
+any expensive work starts. ``to_dict`` gives back the resolved tree (saved next to every run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .scale import parse_variant
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, out of range, or inconsistent with another one."""
+
+
+def _f(default, *, choices=None, lo=None, hi=None, doc=""):
+    """A dataclass field with validation metadata (allowed choices, inclusive numeric range)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    variant: str = _f("micro/4", doc="scale/patch, e.g. micro/4, Ti/16, S/16, B/16, L/16")
+    img_size: int = _f(32, lo=8, hi=1024)
+    drop_path: float = _f(0.0, lo=0.0, hi=0.9)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("synthetic", choices=["synthetic", "digits", "imagefolder", "cifar10", "cifar100"])
+    path: str | None = _f(None, doc="root folder for imagefolder / cifar10 / cifar100 (never downloaded)")
+    batch_size: int = _f(64, lo=2, hi=65536, doc="global batch over all workers")
+    num_classes: int = _f(8, lo=2, hi=8, doc="synthetic set only: number of shape/texture classes")
+    train_size: int = _f(2048, lo=16, hi=1_000_000, doc="synthetic set only: training images")
+    eval_size: int = _f(512, lo=16, hi=100_000, doc="synthetic set only: eval and cue-conflict images")
+    workers: int = _f(2, lo=0, hi=64, doc="imagefolder decode processes")
+
+
+@dataclass
+class PlacementConfig:
+    mim_layer: int | None = _f(None, lo=1, doc="block whose output feeds the MIM decoder (default: last)")
+    cl_layer: int | None = _f(None, lo=1, doc="block whose output feeds the CL projector (default: last)")
+    graft_layer: int | None = _f(None, lo=1, doc="g: blocks 1..g learn only from MIM, g+1..depth only from CL")
+
+
+@dataclass
+class ObjectiveConfig:
+    lam: float = _f(0.5, lo=0.0, hi=1.0, doc="L = (1 - lam) * L_MIM + lam * L_CL")
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    mask_ratio: float = _f(0.6, lo=0.05, hi=0.95)
+    mask_unit: int | None = _f(None, lo=1, doc="mask unit in pixels (default: scaled to the image size)")
+    temperature: float = _f(0.2, lo=1e-3, hi=10.0)
+    momentum: float = _f(0.99, lo=0.0, hi=1.0, doc="initial EMA momentum, cosine-scheduled towards 1")
+    proj_dim: int = _f(256, lo=8, hi=65536)
+    proj_hidden: int | None = _f(None, lo=8, hi=65536, doc="default: min(4096, 8 * width)")
+
+
+@dataclass
+class OptimConfig:
+    steps: int | None = _f(None, lo=1, doc="total optimiser steps (or give epochs)")
+    epochs: float | None = _f(None, lo=0.01)
+    blr: float = _f(1.5e-3, lo=0.0, hi=1.0, doc="base lr per 256 images: lr = blr * batch / 256")
+    min_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0)
+    warmup_frac: float = _f(0.1, lo=0.0, hi=0.9)
+    weight_decay: float = _f(0.05, lo=0.0, hi=10.0)
+    weight_decay_end: float | None = _f(None, lo=0.0, hi=10.0, doc="cosine wd schedule end (default: constant)")
+    beta1: float = _f(0.9, lo=0.0, hi=0.99999)
+    beta2: float = _f(0.999, lo=0.0, hi=0.99999)
+    clip_grad: float | None = _f(None, lo=0.0)
+
+
+@dataclass
+class EvalConfig:
+    every: int | None = _f(None, lo=1, doc="run the probes every N epochs (always at the end)")
+    samples: int = _f(512, lo=16, hi=1_000_000, doc="fixed, seeded eval subset size")
+    pool: str = _f("gap", choices=["gap", "cls"], doc="feature for kNN / linear probe")
+    knn_k: int = _f(20, lo=1, hi=1000)
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, lo=0)
+    out_dir: str | None = _f(None, doc="where config, checkpoints and metrics go")
+    device: str = _f("auto", choices=["auto", "cpu", "cuda"])
+    precision: str = _f("auto", choices=["auto", "fp32", "bf16"], doc="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = _f(False, doc="torch.compile each transformer block")
+    log_every: int = _f(10, lo=1)
+    ckpt_every: int = _f(0, lo=0, doc="checkpoint every N steps (0: only at the end)")
+    resume: str | None = _f(None, doc="checkpoint file to resume from, or 'auto' (latest in out_dir)")
+    threads: int | None = _f(None, lo=1, hi=512, doc="torch CPU threads")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp, path: str):
+    """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name) or {}, path)
+            continue
+        if name not in data:
+            continue
+        value = _coerce(data[name], tp, path)
+        meta = f.metadata
+        if value is not None:
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {meta['choices']}")
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                raise ConfigError(f"{path}: {value!r} is out of range {rng}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks: variant, patch size vs image size, layer indices vs depth, placement rules."""
+    try:
+        spec = parse_variant(cfg.model.variant)
+    except ValueError as e:
+        raise ConfigError(f"model.variant: {e}") from None
+    if cfg.model.img_size % spec.patch:
+        raise ConfigError(
+            f"model.img_size: {cfg.model.img_size} is not divisible by the patch size {spec.patch} "
+            f"of model.variant {cfg.model.variant!r}"
+        )
+    depth = spec.depth
+    p = cfg.objective.placement
+    for name in ("mim_layer", "cl_layer", "graft_layer"):
+        v = getattr(p, name)
+        if v is not None and v > depth:
+            raise ConfigError(
+                f"objective.placement.{name}: {v} is beyond the depth of {cfg.model.variant} (blocks 1..{depth})"
+            )
+    lam = cfg.objective.lam
+    if p.graft_layer is not None:
+        g = p.graft_layer
+        if g >= depth:
+            raise ConfigError(f"objective.placement.graft_layer: {g} leaves no block for CL (must be < {depth})")
+        if not 0.0 < lam < 1.0:
+            raise ConfigError(
+                f"objective.placement.graft_layer: needs both objectives, but objective.lam is {lam} "
+                "(use 0 < lam < 1)"
+            )
+        if p.mim_layer is not None and p.mim_layer > g:
+            raise ConfigError(
+                f"objective.placement.mim_layer: {p.mim_layer} is above graft_layer {g}; MIM may only read "
+                f"blocks 1..{g}"
+            )
+        if p.cl_layer is not None and p.cl_layer <= g:
+            raise ConfigError(
+                f"objective.placement.cl_layer: {p.cl_layer} is at or below graft_layer {g}; CL must read a "
+                f"block in {g + 1}..{depth}"
+            )
+    if lam == 0.0 and p.cl_layer is not None and p.cl_layer != depth:
+        raise ConfigError("objective.placement.cl_layer: set, but objective.lam = 0 computes no CL loss")
+    if lam == 1.0 and p.mim_layer is not None and p.mim_layer != depth:
+        raise ConfigError("objective.placement.mim_layer: set, but objective.lam = 1 computes no MIM loss")
+    if cfg.objective.mask_unit is not None:
+        u = cfg.objective.mask_unit
+        if u % spec.patch or cfg.model.img_size % u:
+            raise ConfigError(
+                f"objective.mask_unit: {u} must be a multiple of the patch size {spec.patch} and divide "
+                f"model.img_size {cfg.model.img_size}"
+            )
+    if cfg.optim.steps is not None and cfg.optim.epochs is not None:
+        raise ConfigError("optim.steps: give either optim.steps or optim.epochs, not both")
+    if cfg.data.dataset in ("imagefolder", "cifar10", "cifar100") and not cfg.data.path:
+        raise ConfigError(f"data.path: required for data.dataset = {cfg.data.dataset!r} (nothing is downloaded)")
+    if cfg.data.path and cfg.data.dataset in ("imagefolder", "cifar10", "cifar100"):
+        if not Path(cfg.data.path).expanduser().exists():
+            raise ConfigError(f"data.path: {cfg.data.path!r} does not exist")
+
+
+def resolve_placement(cfg: Config) -> tuple[int, int, int | None]:
+    """(mim_layer, cl_layer, graft_layer) with defaults filled in: blocks are numbered 1..depth."""
+    depth = parse_variant(cfg.model.variant).depth
+    p = cfg.objective.placement
+    g = p.graft_layer
+    mim = p.mim_layer if p.mim_layer is not None else (g if g is not None else depth)
+    cl = p.cl_layer if p.cl_layer is not None else depth
+    return mim, cl, g
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'``, creating mappings on the way."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {k!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``dotted.key=value``; the value is read as YAML (so 0.5 is a float, null is None)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """A new dict with ``extra`` merged into ``base`` (nested mappings merged, other values replaced)."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(source: dict | str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build and validate a ``Config`` from a YAML path or dict plus overrides.
+
+    ``overrides`` is a list of ``dotted.key=value`` strings or a ``{dotted.key: value}`` dict.
+    Raises ``ConfigError`` naming the dotted path of the first problem.
+    """
+    if source is None:
+        tree: dict = {}
+    elif isinstance(source, dict):
+        tree = deep_merge({}, source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as a plain nested dict (what gets saved with every run)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,107 @@
+"""MoCo v3 (Chen, Xie, He 2021): two augmented views, a momentum (EMA) encoder, projector and predictor MLPs,
+and a symmetric InfoNCE loss with temperature 0.2, keys gathered over all DDP ranks."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import moco_views
+from .common import generator, run_blocks
+
+
+def build_mlp(layers: int, d_in: int, d_hidden: int, d_out: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's MLP: Linear-BN-ReLU blocks, then Linear (+ BN without affine for the projector)."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        a = d_in if i == 0 else d_hidden
+        b = d_out if i == layers - 1 else d_hidden
+        mods.append(nn.Linear(a, b, bias=False))
+        if i < layers - 1:
+            mods += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mods.append(nn.BatchNorm1d(b, affine=False))
+    return nn.Sequential(*mods)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated (no gradient); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of queries q (B, D) against all ranks' keys; positives are the same image's key."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(gather(k).float(), dim=1)  # (world * B, D)
+    logits = q @ k.T / temperature  # (B, world * B)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+class MoCoV3(nn.Module):
+    """CL head: projector, predictor and the momentum copy of (encoder, projector).
+
+    The online encoder is shared, not owned (see ``Hybrid``). ``layer`` is the block whose CLS output feeds the
+    projector (1..depth); the momentum encoder reads the same block.
+    """
+
+    def __init__(self, encoder, img_size: int, layer: int, proj_dim: int = 256, proj_hidden: int | None = None,
+                 temperature: float = 0.2):
+        super().__init__()
+        self._encoder = (encoder,)
+        self.layer = layer
+        self.img_size = img_size
+        self.temperature = temperature
+        hidden = proj_hidden or min(4096, 8 * encoder.width)
+        self.projector = build_mlp(3, encoder.width, hidden, proj_dim)
+        self.predictor = build_mlp(2, proj_dim, hidden, proj_dim, last_bn=False)
+        self.momentum = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "projector": copy.deepcopy(self.projector)})
+        self.momentum.requires_grad_(False)
+
+    @property
+    def encoder(self):
+        return self._encoder[0]
+
+    def online_params(self) -> list[torch.Tensor]:
+        return [*self.encoder.parameters(), *self.projector.parameters()]
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """EMA: momentum <- m * momentum + (1 - m) * online, for encoder and projector."""
+        torch._foreach_lerp_(list(self.momentum.parameters()), self.online_params(), 1.0 - m)
+
+    def views(self, batch: dict) -> torch.Tensor:
+        """The two augmented views of this step, (2B, 3, H, W), view 1 first."""
+        images = batch["images"]
+        return moco_views(images, self.img_size, generator(images.device, batch["seed"], stream=2))
+
+    def project(self, cls: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+        # MoCo v3 passes each view through the MLP on its own, so BatchNorm statistics are per view.
+        return torch.cat([proj(c) for c in cls.chunk(2)])
+
+    def loss(self, feats: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE. feats (2B, 1 + N, C) normed online tokens of both views at ``layer``."""
+        q = self.project(feats[:, 0], lambda c: self.predictor(self.projector(c)))  # (2B, D)
+        with torch.no_grad():
+            enc = self.momentum["encoder"]
+            k = self.project(run_blocks(enc, enc.embed(views), self.layer)[:, 0], self.momentum["projector"])
+        q1, q2 = q.chunk(2)
+        k1, k2 = k.chunk(2)
+        t = self.temperature
+        return contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
+
+    def forward(self, batch: dict) -> dict:
+        """Standalone MoCo v3 step: {"loss": symmetric InfoNCE}."""
+        views = self.views(batch)
+        feats = run_blocks(self.encoder, self.encoder.embed(views), self.layer)
+        return {"loss": self.loss(feats, views)}

@@ -1,0 +1,85 @@
+"""Model scale: one table of ViT sizes, keyed by the variant string ``"NAME/PATCH"`` (e.g. ``"S/16"``).
+
+The patch size is the number after the slash; the image size is a separate config key. Parameter counts and
+FLOPs are analytic (checked against ``torch.utils.flop_counter`` in the tests) so a sweep can record them for
+every trial without building the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# name: (width, depth, heads). micro is a CPU-sized ViT for 32x32 images.
+SCALES: dict[str, tuple[int, int, int]] = {
+    "micro": (96, 6, 3),
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+MLP_RATIO = 4
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A decoded variant string."""
+
+    name: str
+    patch: int
+    width: int
+    depth: int
+    heads: int
+
+    @property
+    def variant(self) -> str:
+        return f"{self.name}/{self.patch}"
+
+
+def parse_variant(variant: str) -> VariantSpec:
+    """Decode ``"S/16"`` into its width, depth, heads and patch size; raise ValueError naming the allowed names."""
+    if not isinstance(variant, str) or variant.count("/") != 1:
+        raise ValueError(f"{variant!r} is not of the form NAME/PATCH (e.g. 'S/16'); names: {list(SCALES)}")
+    name, patch = variant.split("/")
+    if name not in SCALES:
+        raise ValueError(f"unknown scale {name!r} in {variant!r}; choose one of {list(SCALES)}")
+    if not patch.isdigit() or int(patch) < 1:
+        raise ValueError(f"patch size {patch!r} in {variant!r} is not a positive integer")
+    width, depth, heads = SCALES[name]
+    return VariantSpec(name, int(patch), width, depth, heads)
+
+
+def encoder_params(spec: VariantSpec, img_size: int) -> int:
+    """Parameters of the encoder (patch embedding, cls token, position embedding, blocks, final norm)."""
+    c, p = spec.width, spec.patch
+    n = (img_size // p) ** 2
+    m = MLP_RATIO * c
+    embed = 3 * p * p * c + c + c + (n + 1) * c  # conv weight + bias, cls token, pos embed
+    block = 2 * 2 * c + (3 * c * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
+    return embed + spec.depth * block + 2 * c
+
+
+def block_flops(spec: VariantSpec, img_size: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one transformer block for one image, counting matmuls only."""
+    c = spec.width
+    t = (img_size // spec.patch) ** 2 + 1
+    m = MLP_RATIO * c
+    # qkv + proj + mlp per token; q @ k^T and attn @ v over all token pairs.
+    return 2.0 * (t * (4 * c * c + 2 * c * m) + 2 * t * t * c)
+
+
+def embed_flops(spec: VariantSpec, img_size: int) -> float:
+    """Forward FLOPs of the patch embedding for one image."""
+    n = (img_size // spec.patch) ** 2
+    return 2.0 * n * 3 * spec.patch**2 * spec.width
+
+
+def mlp_head_flops(dims: list[int]) -> float:
+    """Forward FLOPs of an MLP with the given layer sizes, for one sample."""
+    return 2.0 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))
+
+
+def forward_flops(spec: VariantSpec, img_size: int, layers: int | None = None) -> float:
+    """Forward FLOPs of the encoder up to block ``layers`` (default all) for one image."""
+    layers = spec.depth if layers is None else layers
+    return embed_flops(spec, img_size) + layers * block_flops(spec, img_size)
