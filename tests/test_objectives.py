@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import tiny
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny
 from trainables.config import load_config
 from trainables.data import build_data
 from trainables.objectives import build_objective, train_flops_per_image

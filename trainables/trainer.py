@@ -200,7 +200,10 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
             raise FileNotFoundError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
     if cfg.run.compile:
         # Regional compilation: every transformer block (online and momentum encoder) keeps its module and
-        # state-dict names; the routing between blocks stays eager.
+        # state-dict names; the routing between blocks stays eager. All compiled modules share the cache of
+        # one code object (Module._call_impl), so earlier compiles in this process (another trial, a plain
+        # model) count against the recompile limit: past it, blocks silently run eager. Raise the limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for m in objective.modules():
             if isinstance(m, Block):
                 m.compile(dynamic=False)

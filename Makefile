@@ -1,0 +1,28 @@
+# make demo: the main job (a short CPU run).  make test: lint + the test suite.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-stamp
+
+.PHONY: demo test test-all lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/clmim train --set optim.steps=60 --set run.log_every=10 --out runs/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q -m "not slow" --timeout 900
+
+test-all: lint
+	$(PY) -m pytest -q --timeout 1800
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+import yaml
+
+from orchestrator.cli import main
+
+
+def test_cli_bad_value_is_one_line_exit_2(capsys):
+    assert main(["train", "--set", "objective.lam=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "objective.lam" in err
+
+
+def test_cli_unknown_key_and_missing_file(capsys, tmp_path):
+    assert main(["train", "--set", "optim.stepz=3"]) == 2
+    assert "optim.stepz: unknown key" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_cli_train_runs_and_saves_resolved_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"train_size": 128, "eval_size": 32, "batch_size": 32},
+                                   "eval": {"samples": 32}}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg), "--set", "optim.steps=2",
+                        "--set", "objective.lam=0.2", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "final:" in r.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["objective"]["lam"] == 0.2 and saved["optim"]["steps"] == 2 and saved["model"]["variant"] == "micro/4"

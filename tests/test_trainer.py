@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from trainables.config import load_config
+from trainables.objectives import Hybrid
+from trainables.trainer import NonFiniteLossError, find_checkpoint, schedules, train
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_from_step_n_matches_straight_run(tmp_path):
+    """Training to 2N straight and resuming from the step-N checkpoint to 2N give the same weights."""
+    base = tiny(**{"objective__lam": 0.5, "optim__steps": 8, "run__ckpt_every": 4, "model__drop_path": 0.1})
+    straight = tmp_path / "straight"
+    train(load_config(base, [f"run.out_dir={straight}"]))
+    half = straight / "checkpoints" / "step_0000004"
+    assert (half / "checkpoint.pt").is_file()
+    resumed = tmp_path / "resumed"
+    train(load_config(base, [f"run.out_dir={resumed}", f"run.resume={half}"]))
+    a = weights(find_checkpoint(straight))
+    b = weights(find_checkpoint(resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_is_complete_and_config_saved(tmp_path):
+    out = tmp_path / "run"
+    train(load_config(tiny(**{"objective__lam": 1.0}), [f"run.out_dir={out}"]))
+    ckpt = torch.load(find_checkpoint(out), map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 6
+    assert {"model", "optimizer", "rng", "config"} <= set(ckpt)
+    assert any(k.startswith("cl.momentum.encoder.") for k in ckpt["model"])
+    assert (out / "config.yaml").is_file()
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["step"] == 6 and 0 <= final["knn_top1"] <= 1 and final["params"] > 0
+
+
+def test_non_finite_loss_stops_with_clear_error(monkeypatch):
+    real = Hybrid.forward
+
+    def poisoned(self, batch):
+        out = real(self, batch)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Hybrid, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss by step 2"):
+        train(load_config(tiny()))
+
+
+def test_reports_and_final_metrics():
+    logs = []
+    final = train(load_config(tiny(**{"objective__lam": 0.0})), lambda m, checkpoint=None: logs.append(m))
+    steps = [m["step"] for m in logs if "loss" in m and "knn_top1" not in m]
+    assert steps == [2, 4, 6]
+    assert {"loss", "loss_mim", "lr", "images_per_s", "knn_top1", "linear_top1", "shape_bias",
+            "train_flops_per_image"} <= set(final)
+
+
+def test_schedules_warmup_cosine_and_momentum():
+    cfg = load_config(tiny(), ["optim.warmup_frac=0.1", "optim.blr=2.56e-3", "data.batch_size=100"])
+    s = schedules(cfg, 100)
+    peak = 2.56e-3 * 100 / 256
+    assert s["lr"][9] == pytest.approx(peak) and s["lr"][0] == pytest.approx(peak / 10)
+    assert np.all(np.diff(s["lr"][10:]) <= 0) and s["lr"][-1] < peak * 0.01
+    assert s["momentum"][0] == pytest.approx(0.99) and s["momentum"][-1] > 0.9999
