@@ -47,6 +47,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .space import load_space, sample_table
+    from .sweep import run_sweep
+
+    space = load_space(args.space, args.set)  # every trial config is validated here, before Ray starts
+    name = args.name or space.name
+    if args.dry_run:
+        from .sweep import print_summary
+
+        print_summary({"rows": [{"status": "planned", **r} for r in sample_table(space)]},
+              f"sweep {name}: {space.n_trials()} trial(s), dry run")
+        return 0
+    cli_args = {k: v for k, v in vars(args).items() if k != "fn"}
+    summary = run_sweep(space, name=name, results=args.results, address=args.address,
+                        max_concurrent=args.max_concurrent, overrides=args.set or [], cli_args=cli_args)
+    return _finish(summary, name)
+
+
+def _finish(summary: dict, name: str) -> int:
+    from .sweep import print_summary
+
+    print_summary(summary, f"sweep {name}")
+    if summary["interrupted"]:
+        print(f"sweep {name} was interrupted; continue it with: clmim resume {name}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .sweep import resume_sweep
+
+    return _finish(resume_sweep(args.name, results=args.results, address=args.address,
+                                retry_errored=args.retry_errored), args.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clmim", description="CL vs MIM sweeps for self-supervised ViTs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,16 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted config key")
     t.add_argument("--out", help="output directory (default: runs/<timestamp>)")
     t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sweep", help="run a search space on Ray Tune")
+    s.add_argument("space", help="search space YAML (see search_spaces/)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a dotted config key for every trial")
+    s.add_argument("--name", help="sweep name (default: the space's name)")
+    s.add_argument("--results", help="results root (default: $CLMIM_RESULTS or ./clmim-results)")
+    s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    s.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under the results root)")
+    s.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
+    s.add_argument("--dry-run", action="store_true", help="print the trials as a table and exit")
+    s.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("resume", help="continue an interrupted sweep")
+    r.add_argument("name")
+    r.add_argument("--results", help="results root (default: $CLMIM_RESULTS or ./clmim-results)")
+    r.add_argument("--address", help="Ray cluster address")
+    r.add_argument("--retry-errored", action="store_true", help="also run errored trials again")
+    r.set_defaults(fn=cmd_resume)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from trainables.config import ConfigError
 
+    from .space import SpaceError
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, UsageError, FileNotFoundError) as e:
+    except (ConfigError, SpaceError, UsageError, FileNotFoundError) as e:
         print(f"clmim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

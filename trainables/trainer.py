@@ -156,6 +156,15 @@ def evaluate(encoder, data: DataBundle, cfg: Config) -> dict[str, float]:
     return out
 
 
+def replicas_in_sync(module: torch.nn.Module) -> bool:
+    """True if every DDP rank holds bit-identical parameters (max and min of a checksum agree across ranks)."""
+    total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(lo == hi)
+
+
 # ------------------------------------------------------------------------------------------- training
 def train(config: Config | dict | str, report: Report | None = None) -> dict:
     """Train one model as configured and return its final metrics.
@@ -261,7 +270,9 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         if cfg.eval.every and done % (cfg.eval.every * spe) == 0 and done != total:
             report({"step": done, "epoch": done / spe, **evaluate(objective.encoder, data, cfg)})
 
-    final = {**info, **metrics, "step": total, **evaluate(objective.encoder, data, cfg)}
+    final = {**info, **metrics, "step": total, "resumed_from": start, **evaluate(objective.encoder, data, cfg)}
+    if world > 1:
+        final["replicas_in_sync"] = replicas_in_sync(objective)
     if out_dir and rank == 0:
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     report(final)

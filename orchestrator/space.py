@@ -1,0 +1,284 @@
+"""Search spaces as YAML files: loading, validation of every trial config they can produce, and conversion to
+Ray Tune's param space.
+
+A space file::
+
+    name: lambda                      # default sweep name
+    base: {optim: {steps: 200}}       # a config tree (or a path to a YAML config), only what differs
+    space:                            # dotted config keys -> sampling spec or a fixed value
+      objective.lam: {grid: [0, 0.2, 0.4, 0.6, 0.8, 1]}
+      optim.blr: {loguniform: [1e-4, 1e-2]}
+      model.variant: {choice: [micro/4]}
+      run.seed: 3                     # fixed
+    search: {algorithm: grid, metric: linear_top1, mode: max, seed: 0}   # grid | random | optuna
+    scheduler: {type: fifo}           # fifo | asha (time attribute: epoch; grace_period, reduction_factor)
+    num_samples: 1
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    max_concurrent: null              # default: as many as the cluster's resources allow
+    failure: {max_failures: 2}        # retries after a lost worker process (from the last checkpoint)
+
+Spec kinds: ``grid`` and ``choice`` (lists), ``uniform``, ``loguniform`` ([lo, hi]), ``randint`` ([lo, hi),
+hi exclusive). Any problem raises ``SpaceError`` naming the key, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.config import Config, ConfigError, load_config
+from trainables.scale import parse_variant
+
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
+            "max_concurrent", "failure"}
+SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
+SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
+RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
+MAX_VALIDATED = 200_000  # corner combinations checked one by one; beyond that, axes are checked one at a time
+
+
+class SpaceError(ValueError):
+    """A search space is malformed or can produce an invalid trial config."""
+
+
+@dataclass
+class Resources:
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    mode: str = "auto"  # auto: one-worker trials run in the Tune trial process; train: always Ray Train
+
+    @property
+    def in_process(self) -> bool:
+        return self.mode == "inprocess" or (self.mode == "auto" and self.workers == 1)
+
+    def trial_cpus(self) -> float:
+        """CPUs the Tune trial itself asks for: the whole worker share in-process, a sliver around Ray Train."""
+        return self.cpus_per_worker if self.in_process else 0.01
+
+
+@dataclass
+class Space:
+    path: str
+    name: str
+    base: dict
+    space: dict[str, Any]
+    search: dict = field(default_factory=lambda: {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0})
+    scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
+    num_samples: int = 1
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        """The resolved space as a mapping ``space_from_dict`` accepts (base given as a tree)."""
+        r = self.resources
+        return {"name": self.name, "description": self.description, "base": self.base, "space": self.space,
+                "search": self.search, "scheduler": self.scheduler, "num_samples": self.num_samples,
+                "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
+                              "gpus_per_worker": r.gpus_per_worker, "mode": r.mode},
+                "max_concurrent": self.max_concurrent, "failure": {"max_failures": self.max_failures}}
+
+    def axes(self) -> dict[str, tuple[str, Any]]:
+        """Non-fixed dimensions: dotted key -> (kind, values or bounds)."""
+        return {k: next(iter(v.items())) for k, v in self.space.items() if _is_spec(v)}
+
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.space.items() if not _is_spec(v)}
+
+    def n_trials(self) -> int:
+        """Trials Tune will create: grid points x num_samples."""
+        n = 1
+        for kind, vals in self.axes().values():
+            if kind == "grid":
+                n *= len(vals)
+        return n * self.num_samples
+
+
+def _is_spec(v) -> bool:
+    return isinstance(v, dict) and len(v) == 1 and next(iter(v)) in SPEC_KINDS
+
+
+def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
+    if not isinstance(got, dict):
+        raise SpaceError(f"{where}: expected a mapping, got {got!r}")
+    unknown = sorted(set(got) - allowed)
+    if unknown:
+        raise SpaceError(f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_spec(key: str, spec: Any) -> None:
+    where = f"space.{key}"
+    if isinstance(spec, dict) and not _is_spec(spec):
+        raise SpaceError(f"{where}: expected one of {', '.join(SPEC_KINDS)} or a fixed value, got {spec!r}")
+    if not _is_spec(spec):
+        return
+    kind, vals = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(vals, list):
+            raise SpaceError(f"{where}.{kind}: expected a list, got {vals!r}")
+        if not vals:
+            raise SpaceError(f"{where}.{kind}: empty {kind}; give at least one value")
+        return
+    if not (isinstance(vals, list) and len(vals) == 2):
+        raise SpaceError(f"{where}.{kind}: expected [low, high], got {vals!r}")
+    try:
+        lo, hi = float(vals[0]), float(vals[1])
+    except (TypeError, ValueError):
+        raise SpaceError(f"{where}.{kind}: bounds must be numbers, got {vals!r}") from None
+    if not lo < hi:
+        raise SpaceError(f"{where}.{kind}: low {vals[0]} must be below high {vals[1]}")
+    if kind == "loguniform" and lo <= 0:
+        raise SpaceError(f"{where}.loguniform: low must be > 0, got {vals[0]}")
+    if kind == "randint" and not all(isinstance(v, int) for v in vals):
+        raise SpaceError(f"{where}.randint: bounds must be integers, got {vals!r}")
+
+
+def _corners(kind: str, vals) -> list:
+    """Values that stand for an axis when validating: every listed value, or both ends of a range."""
+    if kind in ("grid", "choice"):
+        return list(vals)
+    if kind == "randint":
+        return [int(vals[0]), int(vals[1]) - 1]
+    return [float(vals[0]), float(vals[1])]
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None) -> Space:
+    """Read and validate a space file; ``overrides`` (``dotted.key=value``) fix config keys for every trial."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpaceError(f"space file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpaceError(f"space file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return space_from_dict(raw, p, overrides)
+
+
+def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> Space:
+    """Validate a parsed space mapping (``p`` names it in messages and anchors a relative ``base`` path)."""
+    _check_keys("space file", raw, TOP_KEYS)
+    base = raw.get("base") or {}
+    if isinstance(base, str):
+        bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not bp.is_file():
+            raise SpaceError(f"base: config file {base!r} does not exist")
+        base = yaml.safe_load(bp.read_text()) or {}
+    if not isinstance(base, dict):
+        raise SpaceError(f"base: expected a config mapping or a path, got {base!r}")
+    space = raw.get("space") or {}
+    if not isinstance(space, dict):
+        raise SpaceError(f"space: expected a mapping of dotted keys, got {space!r}")
+    for key, spec in space.items():
+        _check_spec(key, spec)
+    search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **(raw.get("search") or {})}
+    _check_keys("search", search, SEARCH_KEYS)
+    if search["algorithm"] not in ("grid", "random", "optuna"):
+        raise SpaceError(f"search.algorithm: {search['algorithm']!r} is not one of grid, random, optuna")
+    if search["mode"] not in ("min", "max"):
+        raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
+    scheduler = {"type": "fifo", **(raw.get("scheduler") or {})}
+    _check_keys("scheduler", scheduler, SCHEDULER_KEYS)
+    if scheduler["type"] not in ("fifo", "asha"):
+        raise SpaceError(f"scheduler.type: {scheduler['type']!r} is not one of fifo, asha")
+    res_raw = raw.get("resources") or {}
+    _check_keys("resources", res_raw, RESOURCE_KEYS)
+    res = Resources(**res_raw)
+    if not isinstance(res.workers, int) or res.workers < 1:
+        raise SpaceError(f"resources.workers: expected an integer >= 1, got {res.workers!r}")
+    if not isinstance(res.cpus_per_worker, (int, float)) or res.cpus_per_worker <= 0:
+        raise SpaceError(f"resources.cpus_per_worker: expected a number > 0, got {res.cpus_per_worker!r}")
+    if not isinstance(res.gpus_per_worker, (int, float)) or res.gpus_per_worker < 0:
+        raise SpaceError(f"resources.gpus_per_worker: expected a number >= 0, got {res.gpus_per_worker!r}")
+    if res.mode not in ("auto", "inprocess", "train"):
+        raise SpaceError(f"resources.mode: {res.mode!r} is not one of auto, inprocess, train")
+    if res.mode == "inprocess" and res.workers > 1:
+        raise SpaceError("resources.mode: inprocess runs one worker; use workers: 1 or mode: train")
+    num_samples = raw.get("num_samples", 1)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise SpaceError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
+    max_conc = raw.get("max_concurrent")
+    if max_conc is not None and (not isinstance(max_conc, int) or max_conc < 1):
+        raise SpaceError(f"max_concurrent: expected an integer >= 1 or null, got {max_conc!r}")
+    failure = raw.get("failure") or {}
+    _check_keys("failure", failure, {"max_failures"})
+    sp = Space(path=str(p), name=raw.get("name") or p.stem, base=base, space=dict(space), search=search,
+               scheduler=scheduler, num_samples=num_samples, resources=res, max_concurrent=max_conc,
+               max_failures=int(failure.get("max_failures", 2)), description=raw.get("description", ""))
+    if search["algorithm"] == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
+        raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
+    for o in overrides or []:
+        from trainables.config import parse_override
+
+        try:
+            k, v = parse_override(o)
+        except ConfigError as e:
+            raise SpaceError(str(e)) from None
+        sp.space[k] = v
+    validate_space(sp)
+    return sp
+
+
+def trial_config(space: Space, values: dict[str, Any]) -> Config:
+    """The config of one trial: base tree, then the space's fixed values, then the sampled ``values``."""
+    return load_config(space.base, {**space.fixed(), **values})
+
+
+def validate_space(space: Space) -> None:
+    """Check every trial config the space can produce (every listed value and both ends of every range, in all
+    combinations); raise ``SpaceError`` naming the space key and the config problem."""
+    axes = space.axes()
+    keys = list(axes)
+    corner_lists = [_corners(*axes[k]) for k in keys]
+    total = 1
+    for c in corner_lists:
+        total *= len(c)
+    combos = itertools.product(*corner_lists) if total <= MAX_VALIDATED else (
+        # too many combinations: vary one axis at a time around the first values
+        tuple(c[0] if j != i else v for j, c in enumerate(corner_lists))
+        for i, cl in enumerate(corner_lists) for v in cl)
+    for combo in combos:
+        values = dict(zip(keys, combo, strict=True))
+        try:
+            cfg = trial_config(space, values)
+        except ConfigError as e:
+            msg = str(e)
+            culprit = next((k for k in keys if msg.startswith(k + ":") or msg.startswith(k + " ")), None)
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            where = f"space.{culprit}" if culprit else "space"
+            trial = f"the trial with {shown}" if shown else "every trial"
+            raise SpaceError(f"{where}: {trial} is invalid: {msg}") from None
+        _check_trial_resources(space, cfg)
+
+
+def _check_trial_resources(space: Space, cfg: Config) -> None:
+    r = space.resources
+    if cfg.data.batch_size % r.workers:
+        raise SpaceError(f"data.batch_size: {cfg.data.batch_size} is not divisible by resources.workers {r.workers}")
+    if cfg.run.device == "cuda" and r.gpus_per_worker <= 0:
+        raise SpaceError("resources.gpus_per_worker: run.device is cuda but the trials ask for no GPU")
+    parse_variant(cfg.model.variant)
+
+
+def sample_table(space: Space) -> list[dict[str, Any]]:
+    """The trials a dry run shows: every grid point x num_samples; random axes shown as their distribution."""
+    axes = space.axes()
+    grid_keys = [k for k, (kind, _) in axes.items() if kind == "grid"]
+    rows = []
+    for combo in itertools.product(*[axes[k][1] for k in grid_keys]):
+        for s in range(space.num_samples):
+            row = {"#": len(rows) + 1}
+            row.update(dict(zip(grid_keys, combo, strict=True)))
+            for k, (kind, vals) in axes.items():
+                if kind != "grid":
+                    row[k] = f"{kind}{list(vals)}"
+            if space.num_samples > 1:
+                row["sample"] = s
+            rows.append(row)
+    return rows

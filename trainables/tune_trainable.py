@@ -1,0 +1,153 @@
+"""The Ray Tune trainable: one trial of a sweep.
+
+``run_trial(config, sweep)`` is a Tune function trainable. ``config`` holds the sampled dotted keys; ``sweep``
+(bound with ``tune.with_parameters``) holds the base config tree, the fixed overrides and the resources.
+
+- One-worker trials run the trainer right in the Tune trial process (``resources.mode: auto``): checkpoints go
+  through ``ray.tune.report`` and come back with ``ray.tune.get_checkpoint`` after a lost process, and Tune's
+  ``FailureConfig`` retries. This skips Ray Train's controller and worker-group start (tens of seconds a trial
+  on a small machine).
+- Multi-worker trials build a ``ray.train.torch.TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU) around the same
+  trainer and call ``fit()``; ``TuneReportCallback`` forwards rank 0's reports to Tune, checkpoints live in the
+  sweep's storage under ``train/<trial_id>``, and a restarted trial's TorchTrainer (same name, same storage)
+  resumes from the latest one.
+
+A trial that raises (a config problem, a non-finite loss) writes ``error.json`` in its directory; a retry of
+that trial re-raises the same error at once instead of training again, so only lost processes are retried.
+Ray is imported inside the functions: ``trainables`` stays importable without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+from .config import load_config
+from .trainer import train
+
+ERROR_FILE = "error.json"
+
+
+class TrialError(RuntimeError):
+    """A deterministic trial failure (re-raised on retry without training again)."""
+
+
+def _clean(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _record_error(trial_dir: Path, exc: BaseException) -> None:
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / ERROR_FILE).write_text(json.dumps({
+        "type": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        "traceback": traceback.format_exc()}))
+
+
+def _raise_recorded(trial_dir: Path) -> None:
+    f = trial_dir / ERROR_FILE
+    if f.is_file():
+        err = json.loads(f.read_text())
+        raise TrialError(f"{err['type']}: {err['message']}")
+
+
+def build_trial_config(values: dict, sweep: dict, out_dir: str):
+    """The typed config of one trial: base tree + fixed overrides + sampled values; threads from the CPU share."""
+    cfg = load_config(sweep["base"], {**sweep["fixed"], **values})
+    cfg.run.out_dir = out_dir
+    cfg.run.threads = max(1, int(sweep["resources"]["cpus_per_worker"]))
+    if sweep["resources"]["gpus_per_worker"] <= 0:
+        cfg.run.device = "cpu"
+    return cfg
+
+
+def run_trial(config: dict, sweep: dict) -> None:
+    """Tune function trainable (see the module docstring)."""
+    from ray import tune
+
+    ctx = tune.get_context()
+    trial_dir = Path(ctx.get_trial_dir())
+    _raise_recorded(trial_dir)
+    try:
+        if sweep["resources"]["in_process"]:
+            _run_in_process(config, sweep, trial_dir)
+        else:
+            _run_with_train(config, sweep, trial_dir, ctx.get_trial_id())
+    except Exception as e:
+        if not _is_lost_worker(e):
+            _record_error(trial_dir, e)
+        raise
+
+
+def _is_lost_worker(e: BaseException) -> bool:
+    """Ray Train errors from a dead worker process are worth a retry; everything else is deterministic."""
+    text = f"{type(e).__name__}: {e}"
+    return any(s in text for s in ("ActorDiedError", "WorkerGroupError: ", "RayActorError", "died unexpectedly"))
+
+
+def _run_in_process(config: dict, sweep: dict, trial_dir: Path) -> None:
+    from ray import tune
+
+    cfg = build_trial_config(config, sweep, str(trial_dir / "run"))
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        cfg.run.resume = str(Path(ckpt.path) / "checkpoint.pt")
+    _write_pid(trial_dir)
+
+    def report(metrics: dict, checkpoint=None) -> None:
+        tune.report(_clean(metrics),
+                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    train(cfg, report)
+
+
+def _write_pid(trial_dir: Path) -> None:
+    """The trial's training process id (lets a user, or a test, find and signal the process)."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "pid").write_text(str(os.getpid()))
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    trial_dir = Path(loop_config["trial_dir"])
+    # Every rank gets the same out_dir (the trainer writes files from rank 0 only, but all ranks must agree on
+    # when checkpoints happen: saving one is a collective step).
+    cfg = build_trial_config(loop_config["values"], loop_config["sweep"], str(trial_dir / "run"))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        cfg.run.resume = str(Path(ckpt.path) / "checkpoint.pt")
+    if rank == 0:
+        _write_pid(trial_dir)
+
+    def report(metrics: dict, checkpoint=None) -> None:
+        ray.train.report(_clean(metrics),
+                         checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    train(cfg, report)
+
+
+def _run_with_train(config: dict, sweep: dict, trial_dir: Path, trial_id: str) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = sweep["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"values": config, "sweep": sweep, "trial_dir": str(trial_dir)},
+        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=trial_id, storage_path=sweep["train_storage"], callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=sweep["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
