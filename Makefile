@@ -1,4 +1,4 @@
-# make demo: the main job (a short CPU run).  make test: lint + the test suite.
+# make demo: the main job (the quickstart sweep on a local Ray instance).  make test: lint + the test suite.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/clmim train --set optim.steps=60 --set run.log_every=10 --out runs/demo
+	$(VENV)/bin/clmim sweep search_spaces/quickstart.yaml --name quickstart-$(shell date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -152,6 +152,9 @@ def _corners(kind: str, vals) -> list:
 def load_space(path: str | Path, overrides: list[str] | None = None) -> Space:
     """Read and validate a space file; ``overrides`` (``dotted.key=value``) fix config keys for every trial."""
     p = Path(path)
+    shipped = Path(__file__).resolve().parents[1] / "search_spaces" / f"{path}.yaml"
+    if not p.is_file() and shipped.is_file():  # a shipped space by name: `clmim sweep lambda`
+        p = shipped
     if not p.is_file():
         raise SpaceError(f"space file {str(p)!r} does not exist")
     try:
@@ -249,7 +252,8 @@ def validate_space(space: Space) -> None:
             cfg = trial_config(space, values)
         except ConfigError as e:
             msg = str(e)
-            culprit = next((k for k in keys if msg.startswith(k + ":") or msg.startswith(k + " ")), None)
+            culprit = next((k for k in keys if msg.startswith(k + ":")), None) or next(
+                (k for k in keys if k in msg), None)  # the space key the config error starts with, or mentions
             shown = ", ".join(f"{k}={v}" for k, v in values.items())
             where = f"space.{culprit}" if culprit else "space"
             trial = f"the trial with {shown}" if shown else "every trial"

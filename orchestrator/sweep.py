@@ -86,7 +86,11 @@ def ray_nodes() -> list[dict[str, float]]:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` / $RAY_ADDRESS, or start a local instance (dashboard on, bound to 127.0.0.1)."""
+    """Connect to ``address`` / $RAY_ADDRESS, or start a local instance (dashboard on, everything on 127.0.0.1).
+
+    Token authentication stays on: a local instance creates ~/.ray/auth_token, and a driver connecting to a
+    cluster sends that token (RAY_AUTH_MODE=token) when the file exists.
+    """
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -94,11 +98,15 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # probe metrics arrive at the end only
     if ray.is_initialized():
         return
+    if not address or address.split(":")[0] in ("127.0.0.1", "localhost"):
+        # A one-machine cluster: keep node addresses on the loopback interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
+        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+            os.environ["RAY_AUTH_MODE"] = "token"
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 # ------------------------------------------------------------------------------------------- tuner
@@ -154,7 +162,8 @@ def _tune_config(space: Space, max_concurrent: int | None):
         if conc:
             alg = ConcurrencyLimiter(alg, max_concurrent=conc)
     else:
-        alg = BasicVariantGenerator(random_state=s["seed"])
+        # max_concurrent_trials is ignored for a BasicVariantGenerator: give the cap to the generator itself
+        alg = BasicVariantGenerator(max_concurrent=conc or 0, random_state=s["seed"])
     if sch["type"] == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=sch.get("max_t", 1000),
                                   grace_period=sch.get("grace_period", 1),
@@ -162,7 +171,7 @@ def _tune_config(space: Space, max_concurrent: int | None):
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=alg, scheduler=scheduler,
-                           num_samples=space.num_samples, max_concurrent_trials=conc,
+                           num_samples=space.num_samples,
                            reuse_actors=space.resources.in_process,
                            trial_dirname_creator=lambda t: t.trial_id)
 
@@ -195,7 +204,7 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     tuner = tune.Tuner(_trainable(space, sweep_dir), param_space=_param_space(space),
                        tune_config=_tune_config(space, max_concurrent), run_config=_run_config(space, sweep_dir))
     grid = tuner.fit()
-    return summarize(grid, space)
+    return summarize(grid, space, sweep_dir)
 
 
 def load_sweep_space(sweep_dir: Path) -> tuple[Space, dict]:
@@ -221,17 +230,19 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
 
     tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=_trainable(space, sweep_dir),
                                resume_unfinished=True, resume_errored=retry_errored)
-    return summarize(tuner.fit(), space)
+    return summarize(tuner.fit(), space, sweep_dir)
 
 
 # ------------------------------------------------------------------------------------------- summary
-def summarize(grid, space: Space) -> dict:
-    """One row per trial: id, status, sampled values, latest metrics, error reason."""
-    statuses = {}
-    try:
-        statuses = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    except AttributeError:
-        pass
+def summarize(grid, space: Space, sweep_dir: Path) -> dict:
+    """One row per trial: id, status, sampled values, latest metrics, error reason.
+
+    Statuses come from the experiment state Tune saved (what a resume would see): after an interrupt, unfinished
+    trials are PENDING there even though the in-memory ones were stopped.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    statuses = {t.trial_id: t.status for t in ExperimentAnalysis(str(sweep_dir / "tune")).trials}
     rows = []
     for r in grid:
         m = r.metrics or {}

@@ -27,3 +27,40 @@ def tiny(**over) -> dict:
 @pytest.fixture
 def tiny_cfg():
     return tiny
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One Ray head for the whole test session, started with `ray start --head` on 127.0.0.1 and stopped after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    # Loopback-only node addresses, token authentication on (the head writes ~/.ray/auth_token if missing).
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AIR_NEW_OUTPUT="0")
+    env = dict(os.environ)
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={_free_port()}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+        os.environ.pop("RAY_ADDRESS", None)

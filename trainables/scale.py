@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# name: (width, depth, heads). micro is a CPU-sized ViT for 32x32 images.
+# name: (width, depth, heads). nano / micro / mini are CPU-sized ViTs for 32x32 images (a CPU scaling ladder).
 SCALES: dict[str, tuple[int, int, int]] = {
+    "nano": (64, 4, 2),
     "micro": (96, 6, 3),
+    "mini": (144, 8, 4),
     "Ti": (192, 12, 3),
     "S": (384, 12, 6),
     "B": (768, 12, 12),

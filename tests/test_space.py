@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from orchestrator.space import SpaceError, load_space, sample_table
+from orchestrator.sweep import check_schedulable
+
+SHIPPED = ["quickstart", "lambda", "placement", "scaling", "paper"]
+
+
+def space_file(tmp_path, **over):
+    raw = {"name": "t", "base": {"optim": {"steps": 4}}, "space": {"objective.lam": {"grid": [0.0, 1.0]}}}
+    raw.update(over)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def err(tmp_path, **over) -> str:
+    with pytest.raises(SpaceError) as e:
+        load_space(space_file(tmp_path, **over))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_spaces_validate(name):
+    sp = load_space(f"search_spaces/{name}.yaml")
+    assert sp.n_trials() >= 1 and sample_table(sp)
+
+
+def test_bad_spaces_are_rejected_naming_the_key(tmp_path):
+    assert err(tmp_path, space={"objective.lamda": {"grid": [0.5]}}).startswith("space.objective.lamda:")
+    assert "unknown key" in err(tmp_path, space={"objective.lamda": {"grid": [0.5]}})
+    assert err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.5]}}).startswith("space.objective.lam:")
+    assert err(tmp_path, space={"objective.lam": {"uniform": [0.0, 2.0]}}).startswith("space.objective.lam:")
+    msg = err(tmp_path, space={"objective.placement.mim_layer": {"grid": [3, 9]}})
+    assert msg.startswith("space.objective.placement.mim_layer:") and "depth" in msg
+    msg = err(tmp_path, space={"model.variant": {"choice": ["micro/4", "micro/5"]}})
+    assert msg.startswith("space.model.variant:") and "divisible" in msg
+    assert err(tmp_path, space={"objective.lam": {"grid": []}}).startswith("space.objective.lam.grid: empty")
+    assert err(tmp_path, searh={}).startswith("space file.searh: unknown key")
+    assert err(tmp_path, resources={"workers": 0}).startswith("resources.workers")
+    assert err(tmp_path, search={"algorithm": "optuna"}).startswith("search.algorithm")
+
+
+def test_cross_axis_combinations_are_checked(tmp_path):
+    # graft_layer needs 0 < lam < 1: the lam = 1 corner of the range makes some trials invalid
+    msg = err(tmp_path, space={"objective.lam": {"uniform": [0.2, 1.0]}, "objective.placement.graft_layer": 3})
+    assert "graft_layer" in msg
+
+
+def test_overrides_fix_keys(tmp_path):
+    sp = load_space(space_file(tmp_path), ["optim.steps=2"])
+    assert sp.fixed() == {"optim.steps": 2}
+    with pytest.raises(SpaceError, match="optim.stepz"):
+        load_space(space_file(tmp_path), ["optim.stepz=2"])
+
+
+def test_unschedulable_resources_named(tmp_path):
+    sp = load_space(space_file(tmp_path, resources={"workers": 2, "cpus_per_worker": 1}))
+    with pytest.raises(SpaceError, match=r"needs 2.01 CPU .* the cluster has 2 CPU"):
+        check_schedulable(sp, [{"CPU": 2.0}])
+    check_schedulable(sp, [{"CPU": 3.0}])
+    gpu = load_space(space_file(tmp_path, resources={"workers": 1, "gpus_per_worker": 1}))
+    with pytest.raises(SpaceError, match="GPU"):
+        check_schedulable(gpu, [{"CPU": 16.0}])
+    split = load_space(space_file(tmp_path, resources={"workers": 1, "cpus_per_worker": 3}))
+    with pytest.raises(SpaceError, match="on one node"):
+        check_schedulable(split, [{"CPU": 2.0}, {"CPU": 2.0}])

@@ -1,0 +1,145 @@
+"""Integration tests on a real Ray head (started once per session by the `ray_address` fixture)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.space import SpaceError, load_space
+from orchestrator.sweep import run_sweep
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["optim.steps=8", "data.train_size=256", "data.eval_size=64", "data.batch_size=32", "eval.samples=64",
+         "run.log_every=4", "run.ckpt_every=4"]
+
+
+def write_space(tmp_path, name="s", **over):
+    raw = {"name": name,
+           "base": {"data": {"train_size": 256, "eval_size": 64, "batch_size": 32}, "eval": {"samples": 64},
+                    "optim": {"steps": 8}, "run": {"log_every": 4, "ckpt_every": 4}},
+           "space": {"objective.lam": {"grid": [0.0, 1.0]}},
+           "resources": {"workers": 1, "cpus_per_worker": 1}}
+    raw.update(over)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def results_lines(trial_dir: Path) -> list[dict]:
+    f = trial_dir / "result.json"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    tune_dir = sweep_dir / "tune"
+    return sorted(p for p in tune_dir.iterdir() if p.is_dir()) if tune_dir.is_dir() else []
+
+
+def clmim(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_quickstart_sweep_completes(ray_address, tmp_path):
+    space = load_space("search_spaces/quickstart.yaml", SMALL)
+    summary = run_sweep(space, results=str(tmp_path), address=ray_address)
+    rows = summary["rows"]
+    assert len(rows) == 4 and not summary["interrupted"]
+    assert all(r["status"] == "TERMINATED" for r in rows), rows
+    assert sorted(r["objective.lam"] for r in rows) == [0.0, 0.25, 0.75, 1.0]
+    assert all(0 <= r["linear_top1"] <= 1 and r["step"] == 8 for r in rows)
+    info = json.loads((tmp_path / "quickstart" / "sweep.json").read_text())
+    assert info["space"]["space"]["objective.lam"] == {"grid": [0.0, 0.25, 0.75, 1.0]}
+
+
+def test_two_worker_ddp_trial_keeps_replicas_identical(ray_address, tmp_path):
+    p = write_space(tmp_path, "ddp", space={"objective.lam": 0.5},
+                    resources={"workers": 2, "cpus_per_worker": 0.5, "mode": "train"})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    assert [r["status"] for r in summary["rows"]] == ["TERMINATED"]
+    final = [m for m in results_lines(trial_dirs(tmp_path / "ddp")[0]) if "knn_top1" in m]
+    assert final and final[-1]["world_size"] == 2 and final[-1]["replicas_in_sync"] is True
+
+
+def test_unschedulable_space_fails_fast(ray_address, tmp_path):
+    p = write_space(tmp_path, "big", resources={"workers": 2, "cpus_per_worker": 1, "mode": "train"})
+    t = time.time()
+    with pytest.raises(SpaceError, match=r"needs 2.01 CPU"):
+        run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    assert time.time() - t < 20
+    assert not (tmp_path / "big" / "tune").exists()
+
+
+def test_erroring_trial_is_recorded_and_sweep_goes_on(ray_address, tmp_path):
+    # an existing but empty image folder passes validation and fails inside the trial
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = write_space(tmp_path, "err", space={"data.dataset": {"grid": ["synthetic", "imagefolder"]},
+                                           "data.path": str(empty), "objective.lam": 0.0})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    by = {r["data.dataset"]: r for r in summary["rows"]}
+    assert by["synthetic"]["status"] == "TERMINATED"
+    assert by["imagefolder"]["status"] == "ERROR" and "not an image folder" in by["imagefolder"]["error"]
+
+
+def wait_for(cond, timeout, what):
+    t = time.time()
+    while time.time() - t < timeout:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path):
+    p = write_space(tmp_path, "kill", space={"objective.lam": 1.0, "optim.steps": 40, "run.ckpt_every": 5,
+                                            "run.log_every": 5})
+    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    sweep_dir = tmp_path / "kill"
+
+    def checkpointed():
+        dirs = trial_dirs(sweep_dir)
+        return dirs and (dirs[0] / "pid").is_file() and list(dirs[0].glob("checkpoint_*")) and dirs[0]
+
+    trial = wait_for(checkpointed, 120, "a first checkpoint")
+    os.kill(int((trial / "pid").read_text()), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    final = [m for m in results_lines(trial) if "knn_top1" in m]
+    assert len(final) == 1 and final[0]["step"] == 40 and final[0]["resumed_from"] >= 5, final
+
+
+def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path):
+    p = write_space(tmp_path, "intr", space={"objective.lam": {"grid": [0.0, 0.5, 1.0]}, "optim.steps": 16},
+                    max_concurrent=1)
+    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    sweep_dir = tmp_path / "intr"
+
+    def one_finished():
+        return [d for d in trial_dirs(sweep_dir) if any("knn_top1" in m for m in results_lines(d))]
+
+    done_before = wait_for(one_finished, 180, "a finished trial")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-2000:]
+    assert "clmim resume intr" in out
+    lines_before = {d.name: len(results_lines(d)) for d in done_before}
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "intr", "--results", str(tmp_path),
+                        "--address", ray_address], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dirs = trial_dirs(sweep_dir)
+    assert len(dirs) == 3
+    for d in dirs:
+        finals = [m for m in results_lines(d) if "knn_top1" in m]
+        assert len(finals) == 1, (d.name, finals)
+    for name, n in lines_before.items():  # finished trials were not run again
+        assert len(results_lines(sweep_dir / "tune" / name)) == n
+    assert "3 terminated" in r.stdout
