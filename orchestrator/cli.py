@@ -61,7 +61,8 @@ def cmd_sweep(args) -> int:
         return 0
     cli_args = {k: v for k, v in vars(args).items() if k != "fn"}
     summary = run_sweep(space, name=name, results=args.results, address=args.address,
-                        max_concurrent=args.max_concurrent, overrides=args.set or [], cli_args=cli_args)
+                        max_concurrent=args.max_concurrent, overrides=args.set or [], cli_args=cli_args,
+                        mlflow_uri=args.mlflow_uri)
     return _finish(summary, name)
 
 
@@ -80,6 +81,48 @@ def cmd_resume(args) -> int:
 
     return _finish(resume_sweep(args.name, results=args.results, address=args.address,
                                 retry_errored=args.retry_errored), args.name)
+
+
+def cmd_results_query(args) -> int:
+    from .results import query
+    from .sweep import results_root
+
+    df = query(args.sql, results_root(args.results))
+    if args.format == "csv":
+        print(df.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(df.to_json(orient="records", indent=2))
+    else:
+        _print_frame(df)
+    return 0
+
+
+def _print_frame(df, title: str | None = None) -> None:
+    from .sweep import print_summary
+
+    rows = [{k: (None if v != v else v) if isinstance(v, float) else v for k, v in r.items()}
+            for r in df.to_dict(orient="records")]
+    print_summary({"rows": rows}, title or f"{len(rows)} row(s)", counts=False)
+
+
+def cmd_results_show(args) -> int:
+    from .results import show
+    from .sweep import results_root
+
+    for title, df in show(args.name, results_root(args.results)):
+        _print_frame(df, title)
+    return 0
+
+
+def cmd_results_rebuild(args) -> int:
+    from .results import rebuild
+    from .sweep import results_root
+
+    sweep_dir = results_root(args.results) / args.name
+    if not sweep_dir.is_dir():
+        raise UsageError(f"sweep {args.name!r} not found under {sweep_dir.parent}")
+    print(f"rebuilt the tables of {rebuild(sweep_dir)} trial(s) in {sweep_dir}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,18 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster address")
     r.add_argument("--retry-errored", action="store_true", help="also run errored trials again")
     r.set_defaults(fn=cmd_resume)
+
+    res = sub.add_parser("results", help="query the results tables")
+    rsub = res.add_subparsers(dest="results_command", required=True)
+    q = rsub.add_parser("query", help="run SQL over the views trials, curves, layers (every sweep)")
+    q.add_argument("sql")
+    q.add_argument("--results", help="results root")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.set_defaults(fn=cmd_results_query)
+    sh = rsub.add_parser("show", help="summary of one sweep")
+    sh.add_argument("name")
+    sh.add_argument("--results", help="results root")
+    sh.set_defaults(fn=cmd_results_show)
+    rb = rsub.add_parser("rebuild", help="rebuild a sweep's Parquet tables from Tune's trial directories")
+    rb.add_argument("name")
+    rb.add_argument("--results", help="results root")
+    rb.set_defaults(fn=cmd_results_rebuild)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from trainables.config import ConfigError
 
+    from .results import QueryError
     from .space import SpaceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, SpaceError, UsageError, FileNotFoundError) as e:
+    except (ConfigError, SpaceError, QueryError, UsageError, FileNotFoundError) as e:
         print(f"clmim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -136,8 +136,10 @@ def _trainable(space: Space, sweep_dir: Path):
     return tune.with_resources(tune.with_parameters(run_trial, sweep=_sweep_params(space, sweep_dir)), resources)
 
 
-def _run_config(space: Space, sweep_dir: Path):
+def _run_config(space: Space, sweep_dir: Path, mlflow_uri: str):
     from ray import tune
+
+    from .tracking import ResultsCallback
 
     reporter = tune.CLIReporter(
         metric_columns=METRIC_COLUMNS, parameter_columns=list(space.axes()), max_report_frequency=10,
@@ -145,7 +147,8 @@ def _run_config(space: Space, sweep_dir: Path):
     return tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                           failure_config=tune.FailureConfig(max_failures=space.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                          progress_reporter=reporter, verbose=1)
+                          progress_reporter=reporter, verbose=1,
+                          callbacks=[ResultsCallback(sweep_dir, space, mlflow_uri)])
 
 
 def _tune_config(space: Space, max_concurrent: int | None):
@@ -189,7 +192,7 @@ def _write_sweep_json(sweep_dir: Path, space: Space, overrides: list[str], cli_a
 
 def run_sweep(space: Space, name: str | None = None, results: str | None = None, address: str | None = None,
               max_concurrent: int | None = None, overrides: list[str] | None = None,
-              cli_args: dict | None = None) -> dict:
+              cli_args: dict | None = None, mlflow_uri: str | None = None) -> dict:
     """Run every trial of ``space``; return the summary (rows per trial and whether the sweep was interrupted)."""
     name = name or space.name
     sweep_dir = results_root(results) / name
@@ -201,8 +204,11 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     _write_sweep_json(sweep_dir, space, overrides or [], cli_args or {})
     from ray import tune
 
+    from .tracking import default_mlflow_uri
+
+    uri = default_mlflow_uri(sweep_dir.parent, mlflow_uri)
     tuner = tune.Tuner(_trainable(space, sweep_dir), param_space=_param_space(space),
-                       tune_config=_tune_config(space, max_concurrent), run_config=_run_config(space, sweep_dir))
+                       tune_config=_tune_config(space, max_concurrent), run_config=_run_config(space, sweep_dir, uri))
     grid = tuner.fit()
     return summarize(grid, space, sweep_dir)
 
@@ -258,7 +264,7 @@ def summarize(grid, space: Space, sweep_dir: Path) -> dict:
     return {"rows": rows, "interrupted": interrupted}
 
 
-def print_summary(summary: dict, title: str) -> None:
+def print_summary(summary: dict, title: str, counts: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -272,10 +278,11 @@ def print_summary(summary: dict, title: str) -> None:
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
     Console(width=max(120, min(220, 14 * len(cols)))).print(table)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
+    if counts:
+        by: dict[str, int] = {}
+        for r in rows:
+            by[r["status"]] = by.get(r["status"], 0) + 1
+        print(", ".join(f"{v} {k.lower()}" for k, v in sorted(by.items())))
 
 
 def _fmt(v) -> str:

@@ -87,6 +87,7 @@ class OptimConfig:
 class EvalConfig:
     every: int | None = _f(None, lo=1, doc="run the probes every N epochs (always at the end)")
     samples: int = _f(512, lo=16, hi=1_000_000, doc="fixed, seeded eval subset size")
+    probe_images: int = _f(64, lo=2, hi=4096, doc="images of that subset for the attention / token probes")
     pool: str = _f("gap", choices=["gap", "cls"], doc="feature for kNN / linear probe")
     knn_k: int = _f(20, lo=1, hi=1000)
 

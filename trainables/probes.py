@@ -7,10 +7,82 @@ encoder's final norm for the last layer only (as the training heads see it).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .augment import eval_view
+
+EPS = 1e-8
+
+
+# ------------------------------------------------------------------------------------------- pure tensor probes
+def _patch_attention(attn: torch.Tensor) -> torch.Tensor:
+    """Drop the CLS row and column, add a tiny epsilon, renormalise rows: (B, H, 1+n, 1+n) -> (B, H, n, n)."""
+    a = attn[..., 1:, 1:].double() + EPS
+    return a / a.sum(-1, keepdim=True)
+
+
+def attention_distance(attn: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean attention distance in pixels, (B, H), from attention (B, H, 1+n, 1+n) with the CLS token first.
+
+    d(i, j) = patch_size * Euclidean distance of grid positions; per query sum_j A[q, j] d(q, j); mean over
+    queries.
+    """
+    a = _patch_attention(attn)
+    n = a.shape[-1]
+    side = math.isqrt(n)
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).double().to(a.device)  # (n, 2) grid coordinates
+    dist = torch.cdist(pos, pos) * patch_size  # (n, n) pixels
+    return (a * dist).sum(-1).mean(-1).float()
+
+
+def attention_nmi(attn: torch.Tensor) -> torch.Tensor:
+    """Normalised mutual information between query and key positions, (B, H).
+
+    Uniform query prior p(q) = 1/n, p(k) = sum_q p(q) A[q, k], I = sum p(q) A[q, k] log(A[q, k] / p(k)),
+    NMI = I / sqrt(H(q) H(k)). Collapsed (uniform) attention gives 0, identity attention 1.
+    """
+    a = _patch_attention(attn)
+    n = a.shape[-1]
+    pk = a.mean(-2, keepdim=True)  # (B, H, 1, n)
+    mi = (a * (a / pk).log()).sum((-2, -1)) / n
+    h_q = math.log(n)
+    h_k = -(pk * pk.log()).sum((-2, -1))
+    return (mi / (h_q * h_k).sqrt()).float()
+
+
+def fourier_delta_log_amplitude(tokens: torch.Tensor) -> torch.Tensor:
+    """Relative log amplitude of the token map's spectrum along the half-diagonal, frequency 0 to pi.
+
+    tokens (B, n, C) patch tokens (CLS dropped) -> (side // 2 + side % 2,) curve, first value 0. Follows the
+    paper's notebook: log(|FFT2| + 1e-6), roll the zero frequency to the centre, mean over batch and channels,
+    take the diagonal from the centre to the corner, subtract the value at frequency 0.
+    """
+    b, n, c = tokens.shape
+    side = math.isqrt(n)
+    x = tokens.float().transpose(1, 2).reshape(b, c, side, side)  # (B, C, h, w)
+    amp = (torch.fft.fft2(x).abs() + 1e-6).log()
+    amp = torch.roll(amp, shifts=(side // 2, side // 2), dims=(2, 3)).mean(dim=(0, 1))  # (h, w), centre = 0
+    diag = amp.diagonal()[side // 2:]
+    return diag - diag[0]
+
+
+def token_cosine_similarity(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity between distinct patch tokens of each image: (B, n, C) -> (B,)."""
+    z = F.normalize(tokens.float(), dim=-1)
+    n = z.shape[1]
+    sim = z @ z.transpose(1, 2)  # (B, n, n)
+    return (sim.sum((1, 2)) - n) / (n * (n - 1))
+
+
+def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
+    """Effective rank exp(H(sigma / sum sigma)) of each image's token matrix (Roy & Vetterli): (B, n, C) -> (B,)."""
+    s = torch.linalg.svdvals(tokens.float())  # (B, min(n, C))
+    p = s / s.sum(-1, keepdim=True).clamp_min(EPS)
+    return torch.exp(-(p * (p + EPS).log()).sum(-1))
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -85,3 +157,77 @@ def shape_bias(predicted: torch.Tensor, shape_y: torch.Tensor, texture_y: torch.
     texture_hits = (predicted == texture_y).sum().item()
     total = shape_hits + texture_hits
     return shape_hits / total if total else float("nan")
+
+
+# ------------------------------------------------------------------------------------------- the probe suite
+Row = tuple[int, int | None, str, float]  # (layer, head or None, metric, value)
+
+
+@torch.no_grad()
+def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
+    """Attention distance and NMI per block (layer 1..depth), per head and averaged over heads."""
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    maps = encoder.attention_maps(eval_view(images.to(device), img_size))
+    encoder.train(was_training)
+    rows: list[Row] = []
+    for k, attn in enumerate(maps, 1):
+        probes = (("attn_distance", attention_distance(attn, encoder.patch)), ("attn_nmi", attention_nmi(attn)))
+        for name, per in probes:
+            per_head = per.mean(0).cpu()  # (H,) mean over images
+            rows += [(k, h, name, float(v)) for h, v in enumerate(per_head)]
+            rows.append((k, None, name, float(per_head.mean())))
+    return rows
+
+
+@torch.no_grad()
+def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
+    """Fourier delta log amplitude at pi, token cosine similarity and effective rank per layer (0..depth)."""
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    states = encoder.intermediates(eval_view(images.to(device), img_size))
+    encoder.train(was_training)
+    rows: list[Row] = []
+    for k, s in enumerate(states):
+        patches = s[:, 1:].float()  # (B, n, C), CLS dropped
+        rows.append((k, None, "fourier_dlogamp_pi", float(fourier_delta_log_amplitude(patches)[-1])))
+        rows.append((k, None, "token_cossim", float(token_cosine_similarity(patches).mean())))
+        rows.append((k, None, "effective_rank", float(effective_rank(patches).mean())))
+    return rows
+
+
+def feature_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
+    """Per-layer kNN and linear-probe accuracy on frozen pooled features; shape bias of the last layer."""
+    e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
+    train, test = data.train.subset(e.samples, seed), data.eval.subset(e.samples, seed)
+    layers = list(range(encoder.depth + 1))
+    tr = extract_features(encoder, train.images, size, e.pool, layers=layers)
+    te = extract_features(encoder, test.images, size, e.pool, layers=layers)
+    rows: list[Row] = []
+    for k in layers:
+        rows.append((k, None, "knn_top1", knn_accuracy(tr[k], train.labels, te[k], test.labels, e.knn_k)))
+        rows.append((k, None, "linear_top1", linear_accuracy(tr[k], train.labels, te[k], test.labels,
+                                                               data.num_classes)))
+    last = encoder.depth
+    summary = {"knn_top1": rows[-2][3], "linear_top1": rows[-1][3]}
+    if data.cue_conflict is not None:
+        cc = extract_features(encoder, data.cue_conflict.images, size, e.pool, layers=[last])[last]
+        pred = fit_linear(tr[last], train.labels, data.num_classes)(cc)
+        summary["shape_bias"] = shape_bias(pred, data.cue_conflict.labels, data.cue_texture)
+    return rows, summary
+
+
+def run_probes(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
+    """Every probe on the fixed, seeded eval subset: (rows, last-layer summary). Attention and token probes use
+    the first ``eval.probe_images`` images of that subset."""
+    images = data.eval.subset(cfg.eval.samples, cfg.run.seed).images[:cfg.eval.probe_images]
+    rows, summary = feature_rows(encoder, data, cfg)
+    rows = attention_rows(encoder, images, cfg.model.img_size) + token_rows(encoder, images, cfg.model.img_size) + rows
+    return rows, summary
+
+
+def rows_to_metrics(rows: list[Row]) -> dict[str, float]:
+    """Flat metric names for reports: ``layer/<L>/<metric>`` or ``layer/<L>/h<H>/<metric>``."""
+    return {(f"layer/{k}/{m}" if h is None else f"layer/{k}/h{h}/{m}"): v for k, h, m, v in rows}

@@ -28,7 +28,7 @@ from .config import Config, load_config, save_config, to_dict
 from .data import DataBundle, batch_stream, build_data, steps_per_epoch
 from .model import no_weight_decay_names
 from .objectives import Hybrid, build_objective, train_flops_per_image
-from .probes import extract_features, knn_accuracy, linear_accuracy, shape_bias
+from .probes import rows_to_metrics, run_probes
 from .scale import encoder_params, parse_variant
 
 Report = Callable[..., None]
@@ -138,22 +138,9 @@ def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | 
 
 # ------------------------------------------------------------------------------------------- evaluation
 def evaluate(encoder, data: DataBundle, cfg: Config) -> dict[str, float]:
-    """kNN and linear-probe accuracy of the last layer on the fixed eval subset, plus shape bias if the data set
-    has a cue-conflict split."""
-    e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
-    train, test = data.train.subset(e.samples, seed), data.eval.subset(e.samples, seed)
-    depth = encoder.depth
-    tr = extract_features(encoder, train.images, size, e.pool)[depth]
-    te = extract_features(encoder, test.images, size, e.pool)[depth]
-    out = {"knn_top1": knn_accuracy(tr, train.labels, te, test.labels, e.knn_k),
-           "linear_top1": linear_accuracy(tr, train.labels, te, test.labels, data.num_classes)}
-    if data.cue_conflict is not None:
-        from .probes import fit_linear
-
-        cc = extract_features(encoder, data.cue_conflict.images, size, e.pool)[depth]
-        pred = fit_linear(tr, train.labels, data.num_classes)(cc)
-        out["shape_bias"] = shape_bias(pred, data.cue_conflict.labels, data.cue_texture)
-    return out
+    """Every probe (``probes.run_probes``): last-layer kNN / linear / shape bias plus ``layer/...`` rows."""
+    rows, summary = run_probes(encoder, data, cfg)
+    return {**summary, **rows_to_metrics(rows)}
 
 
 def replicas_in_sync(module: torch.nn.Module) -> bool:

@@ -1,0 +1,121 @@
+import math
+
+import torch
+
+from conftest import tiny
+from trainables.config import load_config
+from trainables.data import build_data
+from trainables.objectives import build_objective
+from trainables.probes import (
+    attention_distance,
+    attention_nmi,
+    effective_rank,
+    fourier_delta_log_amplitude,
+    knn_accuracy,
+    linear_accuracy,
+    rows_to_metrics,
+    run_probes,
+    shape_bias,
+    token_cosine_similarity,
+)
+
+SIDE, P = 4, 16  # a 4x4 grid of 16 px patches
+N = SIDE * SIDE
+
+
+def with_cls(a: torch.Tensor) -> torch.Tensor:
+    """Embed patch attention (B, H, n, n) into (B, H, 1+n, 1+n) with an arbitrary CLS row/column."""
+    b, h, n, _ = a.shape
+    out = torch.zeros(b, h, n + 1, n + 1)
+    out[..., 1:, 1:] = a * 0.9
+    out[..., 1:, 0] = 0.1
+    out[..., 0, :] = 1 / (n + 1)
+    return out
+
+
+def grid_distances():
+    ys, xs = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    return torch.cdist(pos, pos) * P
+
+
+def test_uniform_attention_nmi_zero_and_mean_grid_distance():
+    a = with_cls(torch.full((2, 3, N, N), 1 / N))
+    assert torch.allclose(attention_nmi(a), torch.zeros(2, 3), atol=1e-6)
+    assert torch.allclose(attention_distance(a, P), torch.full((2, 3), grid_distances().mean().item()), atol=1e-4)
+
+
+def test_identity_attention_distance_zero_nmi_one():
+    a = with_cls(torch.eye(N).expand(2, 3, N, N))
+    assert torch.allclose(attention_distance(a, P), torch.zeros(2, 3), atol=1e-4)
+    assert torch.allclose(attention_nmi(a), torch.ones(2, 3), atol=1e-4)
+
+
+def test_attention_on_one_key_at_known_offset():
+    # every query attends to the patch one row down and two columns right (wrapping on the grid)
+    a = torch.zeros(N, N)
+    for q in range(N):
+        y, x = divmod(q, SIDE)
+        a[q, ((y + 1) % SIDE) * SIDE + (x + 2) % SIDE] = 1
+    d = attention_distance(with_cls(a.expand(1, 1, N, N)), P)
+    expected = grid_distances()[torch.arange(N), a.argmax(1)].mean()
+    assert abs(d.item() - expected.item()) < 1e-3
+    # without wrapping, from the top-left patch: one down, two right = sqrt(5) patches
+    b = torch.zeros(1, 1, N, N)
+    b[..., :, 1 * SIDE + 2] = 1
+    per_query = attention_distance(with_cls(b), P)
+    assert abs(per_query.item() - grid_distances()[:, SIDE + 2].mean().item()) < 1e-3
+    assert abs(grid_distances()[0, SIDE + 2].item() - P * math.sqrt(5)) < 1e-4
+
+
+def test_fourier_constant_map_vs_white_noise():
+    const = torch.ones(4, 64, 8) * torch.randn(1, 1, 8)  # spatially constant per channel
+    noise = torch.randn(16, 64, 32)
+    c, w = fourier_delta_log_amplitude(const), fourier_delta_log_amplitude(noise)
+    assert c.shape == (4,) and c[0] == 0
+    assert c[-1] < -5  # only the zero frequency carries energy
+    # flat spectrum: about 0 (the zero-frequency bin is real-valued, so E[log|F|] there sits ~0.35 below the
+    # complex bins of the same power; the curve is relative to it)
+    assert abs(w[-1].item()) < 0.5
+    assert w[-1] - c[-1] > 5
+
+
+def test_token_similarity_and_effective_rank():
+    same = torch.randn(2, 1, 8).expand(2, 10, 8)
+    assert torch.allclose(token_cosine_similarity(same), torch.ones(2), atol=1e-5)
+    assert torch.allclose(effective_rank(same), torch.ones(2), atol=1e-3)
+    eye = torch.eye(8).expand(2, 8, 8)
+    assert torch.allclose(effective_rank(eye), torch.full((2,), 8.0), atol=1e-3)
+
+
+def test_linear_probe_separable_and_knn():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 16, generator=g) * 0.1
+    x[torch.arange(200), y] += 3.0  # linearly separable
+    assert linear_accuracy(x[:100], y[:100], x[100:], y[100:], 4) == 1.0
+    assert knn_accuracy(x[:100], y[:100], x[100:], y[100:], k=20) == 1.0
+
+
+def test_shape_bias_counts_only_cue_matches():
+    pred = torch.tensor([0, 1, 2, 3, 9])
+    shape = torch.tensor([0, 1, 5, 5, 5])
+    texture = torch.tensor([7, 7, 2, 7, 7])
+    assert shape_bias(pred, shape, texture) == 2 / 3
+
+
+def test_probe_suite_rows_cover_every_layer():
+    cfg = load_config(tiny(), ["eval.probe_images=8"])
+    torch.manual_seed(0)
+    encoder = build_objective(cfg).encoder
+    rows, summary = run_probes(encoder, build_data(cfg), cfg)
+    metrics = {(k, h, m) for k, h, m, _ in rows}
+    depth, heads = encoder.depth, encoder.spec.heads
+    for k in range(1, depth + 1):
+        assert (k, None, "attn_distance") in metrics and (k, heads - 1, "attn_nmi") in metrics
+    for k in range(depth + 1):
+        for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "knn_top1", "linear_top1"):
+            assert (k, None, m) in metrics
+    assert {"knn_top1", "linear_top1", "shape_bias"} <= set(summary)
+    flat = rows_to_metrics(rows)
+    assert "layer/3/h1/attn_nmi" in flat and "layer/0/fourier_dlogamp_pi" in flat

@@ -1,0 +1,108 @@
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.results import (
+    SCHEMA_VERSION,
+    QueryError,
+    connect,
+    curves_from_results,
+    query,
+    rebuild,
+    relation,
+    show,
+    write_trial_tables,
+)
+from trainables.config import load_config, to_dict
+
+
+def cfg(lam=0.5, variant="micro/4"):
+    return to_dict(load_config({}, [f"objective.lam={lam}", f"model.variant={variant}"]))
+
+
+def reports(n_steps=3, final=0.5, lam=0.5):
+    out = [{"step": s, "epoch": s / 2, "loss": 2.0 - s * 0.1, "lr": 1e-3, "training_iteration": s}
+           for s in range(1, n_steps + 1)]
+    out.append({"step": n_steps, "epoch": n_steps / 2, "loss": 1.5, "knn_top1": final / 2, "linear_top1": final,
+                "params": 1000, "train_flops_per_image": 1e6, "layer/1/nmi": 0.3, "layer/1/h0/attn_dist": 4.0,
+                "layer/2/nmi": 0.1, "done": True})
+    return out
+
+
+def test_views_hold_latest_attempt_once(tmp_path):
+    sweep = tmp_path / "s1"
+    write_trial_tables(sweep, "t1", "ERROR", cfg(0.0), reports(2, 0.1), error="boom")
+    write_trial_tables(sweep, "t1", "TERMINATED", cfg(0.0), reports(3, 0.4))  # a retry supersedes the first
+    write_trial_tables(sweep, "t2", "TERMINATED", cfg(1.0), reports(3, 0.6))
+    df = query("SELECT trial, status, linear_top1, objective, \"objective.lam\", schema_version FROM trials "
+               "ORDER BY trial", tmp_path)
+    assert list(df.trial) == ["t1", "t2"] and list(df.status) == ["TERMINATED", "TERMINATED"]
+    assert list(df.linear_top1) == [0.4, 0.6] and list(df.objective) == ["mim", "cl"]
+    assert (df.schema_version == SCHEMA_VERSION).all()
+    curves = query("SELECT trial, step, metric, count(*) AS n FROM curves GROUP BY ALL HAVING n > 1", tmp_path)
+    assert len(curves) == 0  # no duplicate (trial, step, metric)
+    assert query("SELECT max(step) AS s FROM curves WHERE trial = 't1'", tmp_path).s[0] == 3
+    layers = query("SELECT layer, head, metric, value FROM layers WHERE trial = 't2' ORDER BY layer, metric",
+                   tmp_path)
+    assert layers.to_dict("records")[0] == {"layer": 1, "head": 0, "metric": "attn_dist", "value": 4.0}
+    assert len(relation("trials", tmp_path).df()) == 2
+
+
+def test_repeated_steps_keep_last_value():
+    res = [{"step": 4, "loss": 1.0}, {"step": 8, "loss": 0.9}, {"step": 4, "loss": 0.7}]
+    assert curves_from_results(res) == [(4, None, "loss", 0.7), (8, None, "loss", 0.9)]
+
+
+def test_queries_are_read_only(tmp_path):
+    write_trial_tables(tmp_path / "s", "t", "TERMINATED", cfg(), reports())
+    for sql in ["DELETE FROM trials", "COPY trials TO 'x.parquet'", "CREATE TABLE x AS SELECT 1",
+                "SELECT 1; SELECT 2", "DROP VIEW trials", "SELEC 1"]:
+        with pytest.raises(QueryError):
+            query(sql, tmp_path)
+    assert len(list((tmp_path / "s" / "trials").glob("*.parquet"))) == 1
+
+
+def test_empty_root_has_empty_views(tmp_path):
+    assert len(query("SELECT * FROM trials", tmp_path)) == 0
+    assert len(query("SELECT * FROM curves", tmp_path)) == 0
+
+
+def _writer(args):
+    root, i = args
+    write_trial_tables(Path(root) / f"sweep{i % 4}", f"trial{i:03d}", "TERMINATED", cfg(i % 2), reports(5, i / 100))
+    # every 8th process also writes a second attempt of another process's trial, racing with it
+    if i % 8 == 0:
+        write_trial_tables(Path(root) / f"sweep{(i + 1) % 4}", f"trial{i + 1:03d}", "TERMINATED", cfg(),
+                           reports(5, 0.99))
+
+
+def test_32_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
+    with mp.get_context("fork").Pool(32) as pool:
+        pool.map(_writer, [(str(tmp_path), i) for i in range(32)], chunksize=1)
+    df = query("SELECT sweep, trial FROM trials", tmp_path)
+    assert len(df) == 32 and df.trial.nunique() == 32
+    curves = query("SELECT count(*) AS n FROM curves", tmp_path).n[0]
+    assert curves == 32 * (5 * 2 + 2)  # loss and lr per step, plus final knn/linear at step 5
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_rebuild_from_tune_dirs_and_show(tmp_path):
+    sweep = tmp_path / "rb"
+    for i, (lam, ok) in enumerate([(0.0, True), (1.0, True), (0.5, False)]):
+        d = sweep / "tune" / f"abc_0000{i}"
+        (d / "run").mkdir(parents=True)
+        (d / "run" / "config.yaml").write_text(yaml.safe_dump(cfg(lam)))
+        (d / "result.json").write_text("\n".join(json.dumps(r) for r in reports(3, 0.3 + i / 10)) + "\n{torn")
+        if not ok:
+            (d / "error.json").write_text(json.dumps({"type": "ValueError", "message": "bad", "traceback": ""}))
+    assert rebuild(sweep) == 3
+    df = query("SELECT trial, status, error FROM trials ORDER BY trial", tmp_path)
+    assert list(df.status) == ["TERMINATED", "TERMINATED", "ERROR"] and df.error[2] == "ValueError: bad"
+    titles = [t for t, _ in show("rb", tmp_path)]
+    assert titles[0] == "status" and "failed or unfinished trials" in titles
+    with pytest.raises(QueryError, match="not found"):
+        show("nope", tmp_path)
+    assert connect(tmp_path).execute("SELECT count(*) FROM layers").fetchone()[0] == 3 * 3
