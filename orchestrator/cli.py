@@ -125,6 +125,49 @@ def cmd_results_rebuild(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    import pandas as pd
+    import torch
+
+    from trainables.config import load_config
+    from trainables.data import build_data
+    from trainables.model import ViT
+    from trainables.objectives import build_objective
+    from trainables.probes import run_probes
+    from trainables.trainer import find_checkpoint
+
+    path = find_checkpoint(args.checkpoint)
+    if path is None:
+        raise UsageError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
+        raise UsageError(f"checkpoint: {str(path)!r} is not a torch file ({type(e).__name__})") from None
+    overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
+    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint
+        cfg = load_config(ckpt["config"], overrides)
+        objective = build_objective(cfg)
+        objective.load_state_dict(ckpt["model"])
+        encoder = objective.encoder
+    else:  # timm VisionTransformer weights
+        if not args.variant:
+            raise UsageError("--variant: needed for plain timm weights (e.g. --variant B/16 --img-size 224)")
+        cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size}}, overrides)
+        encoder = ViT(cfg.model.variant, cfg.model.img_size)
+        state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt
+        missing, _ = encoder.vit.load_state_dict(state, strict=False)
+        if any(k.startswith("blocks.") for k in missing):
+            raise UsageError(f"checkpoint: weights do not fit {cfg.model.variant} at {cfg.model.img_size} px "
+                             f"(missing {missing[0]})")
+    print(f"clmim analyze: {path} ({cfg.model.variant}, data {cfg.data.dataset})", flush=True)
+    rows, summary = run_probes(encoder, build_data(cfg), cfg)
+    df = pd.DataFrame([r for r in rows if r[1] is None], columns=["layer", "head", "metric", "value"])
+    table = df.pivot_table(index="layer", columns="metric", values="value").reset_index()
+    _print_frame(table, "per-layer probes (attention metrics: mean over heads)")
+    print("  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clmim", description="CL vs MIM sweeps for self-supervised ViTs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster address")
     r.add_argument("--retry-errored", action="store_true", help="also run errored trials again")
     r.set_defaults(fn=cmd_resume)
+
+    a = sub.add_parser("analyze", help="run every probe on a saved model and print per-layer tables")
+    a.add_argument("checkpoint", help="a clmim checkpoint (file, step dir or run dir) or timm ViT weights")
+    a.add_argument("--data", help="data set to probe on (default: the checkpoint's)")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (e.g. data.path)")
+    a.add_argument("--variant", help="for plain timm weights: scale/patch, e.g. B/16")
+    a.add_argument("--img-size", type=int, default=224, help="for plain timm weights")
+    a.set_defaults(fn=cmd_analyze)
 
     res = sub.add_parser("results", help="query the results tables")
     rsub = res.add_subparsers(dest="results_command", required=True)

@@ -91,16 +91,22 @@ def init_ray(address: str | None) -> None:
     Token authentication stays on: a local instance creates ~/.ray/auth_token, and a driver connecting to a
     cluster sends that token (RAY_AUTH_MODE=token) when the file exists.
     """
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic trial table (CLIReporter)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # probe metrics arrive at the end only
+    loopback = not address or address.split(":")[0] in ("127.0.0.1", "localhost")
+    if loopback:
+        # A one-machine cluster: keep node addresses on the loopback interface. Ray reads this when it is
+        # imported; if it already was, set its constant too, or "127.0.0.1" resolves to the machine's address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if loopback and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         return
-    if not address or address.split(":")[0] in ("127.0.0.1", "localhost"):
-        # A one-machine cluster: keep node addresses on the loopback interface.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
         if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
             os.environ["RAY_AUTH_MODE"] = "token"
@@ -207,10 +213,21 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     from .tracking import default_mlflow_uri
 
     uri = default_mlflow_uri(sweep_dir.parent, mlflow_uri)
+    run_config = _run_config(space, sweep_dir, uri)
+    check_tracking(run_config.callbacks[0], uri)
     tuner = tune.Tuner(_trainable(space, sweep_dir), param_space=_param_space(space),
-                       tune_config=_tune_config(space, max_concurrent), run_config=_run_config(space, sweep_dir, uri))
+                       tune_config=_tune_config(space, max_concurrent), run_config=run_config)
     grid = tuner.fit()
     return summarize(grid, space, sweep_dir)
+
+
+def check_tracking(callback, uri: str) -> None:
+    """Create the sweep's MLflow parent run now, so an unreachable tracking server fails before any trial."""
+    try:
+        callback.parent_run()
+    except Exception as e:  # noqa: BLE001 - any tracking failure is a usage error here
+        raise SpaceError(f"--mlflow-uri: cannot use MLflow at {uri} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def load_sweep_space(sweep_dir: Path) -> tuple[Space, dict]:

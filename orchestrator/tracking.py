@@ -42,16 +42,22 @@ class ResultsCallback(Callback):
         self._runs: dict[str, str] = {}
         self._parent: str | None = None
         self._experiment: str | None = None
+        self._results: dict[str, list[dict]] = {}
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_results": {}}
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
     def client(self):
         if self._client is None:
+            import os
+
             from mlflow.tracking import MlflowClient
 
+            # a dead tracking server should fail in seconds, not after minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             self._client = MlflowClient(tracking_uri=self.mlflow_uri)
         return self._client
 
@@ -124,6 +130,7 @@ class ResultsCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
 
+        self._results.setdefault(trial.trial_id, []).append(dict(result))
         step = int(result.get("step", result.get("training_iteration", 0)))
         ts = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(k, v, ts, step) for k, v in _metric_items(result).items()]
@@ -132,7 +139,14 @@ class ResultsCallback(Callback):
 
     def _finish(self, trial, status: str):
         trial_dir = self.sweep_dir / "tune" / trial.trial_id
-        results = read_result_json(trial_dir)
+        # result.json holds what earlier drivers saw (a resumed sweep); the latest reports may not be flushed to it
+        # yet, so add the ones this driver received.
+        results, seen = [], set()
+        for r in read_result_json(trial_dir) + self._results.pop(trial.trial_id, []):
+            key = json.dumps(r, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                results.append(r)
         err = None
         if status == "ERROR":
             f = trial_dir / "error.json"

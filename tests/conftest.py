@@ -4,6 +4,8 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Ray reads these when first imported (by any test): loopback node addresses, token authentication on.
+os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AIR_NEW_OUTPUT="0")
 
 
 def tiny(**over) -> dict:
@@ -46,9 +48,7 @@ def ray_address(tmp_path_factory):
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
-    # Loopback-only node addresses, token authentication on (the head writes ~/.ray/auth_token if missing).
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AIR_NEW_OUTPUT="0")
-    env = dict(os.environ)
+    env = dict(os.environ)  # loopback node addresses and token auth (set above); the head creates the token
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={_free_port()}", "--disable-usage-stats"],

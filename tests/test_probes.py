@@ -1,8 +1,8 @@
 import math
 
 import torch
-
 from conftest import tiny
+
 from trainables.config import load_config
 from trainables.data import build_data
 from trainables.objectives import build_objective

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.results import query
 from orchestrator.space import SpaceError, load_space
 from orchestrator.sweep import run_sweep
 
@@ -57,6 +58,66 @@ def test_quickstart_sweep_completes(ray_address, tmp_path):
     assert all(0 <= r["linear_top1"] <= 1 and r["step"] == 8 for r in rows)
     info = json.loads((tmp_path / "quickstart" / "sweep.json").read_text())
     assert info["space"]["space"]["objective.lam"] == {"grid": [0.0, 0.25, 0.75, 1.0]}
+    # Parquet views: one row per trial, curves and per-layer probe rows
+    df = query("SELECT \"objective.lam\" AS lam, status, linear_top1 FROM trials ORDER BY lam", tmp_path)
+    assert list(df.lam) == [0.0, 0.25, 0.75, 1.0] and set(df.status) == {"TERMINATED"}
+    n_layers = query("SELECT count(DISTINCT layer) AS n FROM layers WHERE metric = 'attn_nmi'", tmp_path).n[0]
+    assert n_layers == 6
+    # the default MLflow store: SQLite under the results root, one parent and one child per trial
+    check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", 4)
+
+
+def check_mlflow(uri, sweep, n_trials):
+    import mlflow
+
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI for this process: undo it for the next tests
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_names=[f"clmim/{sweep}"])
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+    parents = runs[runs["tags.clmim.role"] == "sweep"]
+    children = runs[runs["tags.clmim.role"] == "trial"]
+    assert len(parents) == 1 and len(children) == n_trials
+    assert (children["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]).all()
+    assert children["params.objective.lam"].notna().all() and children["params.model.variant"].notna().all()
+    assert children["metrics.linear_top1"].between(0, 1).all()
+    assert children.status.eq("FINISHED").all()
+    assert "metrics.layer/6/attn_nmi" in children
+
+
+def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
+    import urllib.request
+
+    from conftest import _free_port
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 120, "the MLflow server")
+        p = write_space(tmp_path, "mlf")
+        summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address, mlflow_uri=uri)
+        assert all(r["status"] == "TERMINATED" for r in summary["rows"])
+        check_mlflow(uri, "mlf", 2)
+        assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_two_worker_ddp_trial_keeps_replicas_identical(ray_address, tmp_path):
@@ -143,3 +204,11 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     for name, n in lines_before.items():  # finished trials were not run again
         assert len(results_lines(sweep_dir / "tune" / name)) == n
     assert "3 terminated" in r.stdout
+    # every view has each trial exactly once (and no step twice)
+    assert len(query("SELECT * FROM trials WHERE sweep = 'intr'", tmp_path)) == 3
+    dup = query("SELECT trial, step, metric, count(*) AS n FROM curves GROUP BY ALL HAVING n > 1", tmp_path)
+    assert len(dup) == 0
+    dup = query("SELECT trial, layer, head, metric, count(*) AS n FROM layers GROUP BY ALL HAVING n > 1", tmp_path)
+    assert len(dup) == 0
+    assert query("SELECT count(DISTINCT trial) AS n FROM curves", tmp_path).n[0] == 3
+    check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "intr", 3)

@@ -1,0 +1,94 @@
+"""Query speed: clmim's SQL views versus mlflow.search_runs, on the same synthetic runs, in one run.
+
+Builds a results root of N trials (default 10,000; 100 curve rows each, so ~1M curve rows) with clmim's own
+writer, and the same N runs (params objective.lam and model.variant, final linear_top1) in an SQLite MLflow
+store; then answers "best final linear-probe accuracy per model variant and lam" both ways.
+
+    python benchmarks/query_speed.py --trials 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator.results import query, write_trial_tables  # noqa: E402
+
+VARIANTS = ["nano/4", "micro/4", "mini/4", "Ti/16", "S/16", "B/16"]
+LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+SQL = ("SELECT variant, lam, max(linear_top1) AS best FROM trials WHERE status = 'TERMINATED' "
+       "GROUP BY variant, lam ORDER BY variant, lam")
+
+
+def synthetic_trials(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        variant, lam = VARIANTS[i % len(VARIANTS)], LAMS[(i // len(VARIANTS)) % len(LAMS)]
+        acc = float(rng.uniform(0.1, 0.9))
+        results = [{"step": s, "epoch": s / 10, "loss": float(2 - s / 60 + rng.normal(0, 0.01)),
+                    "lr": 1e-3 * (1 - s / 60)} for s in range(1, 51)]
+        results.append({"step": 50, "linear_top1": acc, "knn_top1": acc * 0.9, "params": 1000})
+        config = {"model": {"variant": variant, "img_size": 32}, "objective": {"lam": lam},
+                  "data": {"batch_size": 64}, "run": {"seed": i}}
+        yield f"trial{i:05d}", variant, lam, acc, config, results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=10_000)
+    ap.add_argument("--sweeps", type=int, default=10)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="clmim-query-"))
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("bench", artifact_location=(root / "art").as_uri())
+    t = time.perf_counter()
+    t_parquet = t_mlflow = 0.0
+    for i, (trial, variant, lam, acc, config, results) in enumerate(synthetic_trials(args.trials)):
+        a = time.perf_counter()
+        write_trial_tables(root / f"sweep{i % args.sweeps}", trial, "TERMINATED", config, results)
+        b = time.perf_counter()
+        run = client.create_run(exp, run_name=trial)
+        client.log_batch(run.info.run_id, metrics=[Metric("linear_top1", acc, 0, 50)],
+                         params=[Param("model.variant", variant), Param("objective.lam", str(lam))])
+        client.set_terminated(run.info.run_id)
+        t_parquet += b - a
+        t_mlflow += time.perf_counter() - b
+        if (i + 1) % 1000 == 0:
+            print(f"built {i + 1} trials ({time.perf_counter() - t:.0f} s)", flush=True)
+    n_curves = query("SELECT count(*) AS n FROM curves", root).n[0]
+    print(f"built: {args.trials} trials, {n_curves} curve rows; writing took parquet {t_parquet:.1f} s, "
+          f"mlflow {t_mlflow:.1f} s")
+
+    times = {}
+    for _rep in range(3):  # first call includes cold caches; report the median
+        a = time.perf_counter()
+        sql = query(SQL, root)
+        times.setdefault("sql", []).append(time.perf_counter() - a)
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        a = time.perf_counter()
+        runs = mlflow.search_runs(experiment_ids=[exp], max_results=args.trials + 10)
+        best = (runs.groupby(["params.model.variant", "params.objective.lam"])["metrics.linear_top1"].max()
+                .reset_index())
+        times.setdefault("mlflow", []).append(time.perf_counter() - a)
+    assert len(best) == len(sql) and np.allclose(sorted(best["metrics.linear_top1"]), sorted(sql.best))
+    s, m = float(np.median(times["sql"])), float(np.median(times["mlflow"]))
+    print(f"\n'best linear_top1 per variant and lam' over {args.trials} trials ({len(sql)} groups), median of 3:")
+    print(f"  clmim SQL views (DuckDB):     {s:8.3f} s   (runs: {', '.join(f'{x:.3f}' for x in times['sql'])})")
+    print(f"  mlflow.search_runs + pandas:  {m:8.3f} s   (runs: {', '.join(f'{x:.3f}' for x in times['mlflow'])})")
+    print(f"  ratio mlflow / sql:           {m / s:8.1f} x")
+
+
+if __name__ == "__main__":
+    main()
