@@ -110,7 +110,7 @@ def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, st
             x = _num(v)
             if x is not None:
                 seen[(int(step), k)] = (int(step), _num(r.get("epoch")), k, x)
-    return sorted(seen.values())
+    return sorted(seen.values(), key=lambda c: (c[0], c[2]))
 
 
 def layers_from_results(results: list[dict]) -> list[tuple[int, int | None, str, float]]:
@@ -205,7 +205,26 @@ def rebuild(sweep_dir: Path) -> int:
                            error=f"{err['type']}: {err['message']}" if err else None,
                            wall_time_s=max((r.get("time_total_s") or 0 for r in results), default=None))
         n += 1
+    compact(sweep_dir)
     return n
+
+
+def compact(sweep_dir: Path) -> int:
+    """Merge each table's per-attempt files of a sweep into one file (fewer files make queries fast); return the
+    number of files merged. Run by the sweep driver when a sweep ends; the merged file is written atomically
+    before the originals are removed, so no row is ever missing (for a moment a reader may see both)."""
+    merged_files = 0
+    for table in TABLES:
+        files = sorted((Path(sweep_dir) / table).glob("*.parquet"))
+        if len(files) <= 1:
+            continue
+        merged = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+        _write_atomic(merged.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}),
+                      Path(sweep_dir) / table / f"_merged.{new_attempt_id()}.parquet")
+        for f in files:
+            f.unlink()
+        merged_files += len(files)
+    return merged_files
 
 
 # ------------------------------------------------------------------------------------------- queries

@@ -15,7 +15,7 @@ from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
 
-from .results import TUNE_KEYS, read_result_json, trial_config_from_dir, write_trial_tables
+from .results import TUNE_KEYS, compact, read_result_json, trial_config_from_dir, write_trial_tables
 from .space import Space, trial_config
 
 
@@ -173,5 +173,6 @@ class ResultsCallback(Callback):
         self._finish(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
+        compact(self.sweep_dir)
         done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
         self.client.set_terminated(self.parent_run(), status="FINISHED" if done else "KILLED")

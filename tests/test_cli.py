@@ -29,3 +29,29 @@ def test_cli_train_runs_and_saves_resolved_config(tmp_path):
     assert "final:" in r.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["objective"]["lam"] == 0.2 and saved["optim"]["steps"] == 2 and saved["model"]["variant"] == "micro/4"
+
+
+def test_cli_analyze_prints_per_layer_tables(tmp_path, capsys):
+    from conftest import tiny
+
+    from trainables.config import load_config
+    from trainables.trainer import train
+
+    out = tmp_path / "run"
+    train(load_config(tiny(), [f"run.out_dir={out}", "optim.steps=2", "eval.probe_images=8"]))
+    capsys.readouterr()
+    assert main(["analyze", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "attn_nmi" in text and "fourier_dlogamp_pi" in text and "linear_top1" in text
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    (tmp_path / "w.pt").write_bytes(b"not a checkpoint")
+    assert main(["analyze", str(tmp_path / "w.pt")]) == 2
+
+
+def test_cli_results_bad_input_exit_2(tmp_path, capsys):
+    assert main(["results", "query", "DELETE FROM trials", "--results", str(tmp_path)]) == 2
+    assert main(["results", "show", "nope", "--results", str(tmp_path)]) == 2
+    assert main(["results", "rebuild", "nope", "--results", str(tmp_path)]) == 2
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert all(line.startswith("clmim ") for line in err.strip().splitlines())

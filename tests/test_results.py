@@ -106,3 +106,19 @@ def test_rebuild_from_tune_dirs_and_show(tmp_path):
     with pytest.raises(QueryError, match="not found"):
         show("nope", tmp_path)
     assert connect(tmp_path).execute("SELECT count(*) FROM layers").fetchone()[0] == 3 * 3
+
+
+def test_compaction_keeps_every_row_once(tmp_path):
+    from orchestrator.results import compact
+
+    sweep = tmp_path / "c"
+    for i in range(5):
+        write_trial_tables(sweep, f"t{i}", "TERMINATED", cfg(i % 2), reports(3, i / 10))
+    write_trial_tables(sweep, "t0", "TERMINATED", cfg(0), reports(3, 0.9))  # a later attempt of t0
+    before = {t: query(f"SELECT * FROM {t} ORDER BY ALL", tmp_path) for t in ("trials", "curves", "layers")}
+    assert compact(sweep) == 18
+    assert [len(list((sweep / t).glob("*.parquet"))) for t in ("trials", "curves", "layers")] == [1, 1, 1]
+    for t, df in before.items():
+        after = query(f"SELECT * FROM {t} ORDER BY ALL", tmp_path)
+        assert after.equals(df), t
+    assert query("SELECT linear_top1 FROM trials WHERE trial = 't0'", tmp_path).linear_top1[0] == 0.9

@@ -20,7 +20,7 @@ EPS = 1e-8
 # ------------------------------------------------------------------------------------------- pure tensor probes
 def _patch_attention(attn: torch.Tensor) -> torch.Tensor:
     """Drop the CLS row and column, add a tiny epsilon, renormalise rows: (B, H, 1+n, 1+n) -> (B, H, n, n)."""
-    a = attn[..., 1:, 1:].double() + EPS
+    a = attn[..., 1:, 1:].float() + EPS
     return a / a.sum(-1, keepdim=True)
 
 
@@ -34,9 +34,9 @@ def attention_distance(attn: torch.Tensor, patch_size: int) -> torch.Tensor:
     n = a.shape[-1]
     side = math.isqrt(n)
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], 1).double().to(a.device)  # (n, 2) grid coordinates
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float().to(a.device)  # (n, 2) grid coordinates
     dist = torch.cdist(pos, pos) * patch_size  # (n, n) pixels
-    return (a * dist).sum(-1).mean(-1).float()
+    return (a * dist).sum(-1).mean(-1)
 
 
 def attention_nmi(attn: torch.Tensor) -> torch.Tensor:
@@ -48,10 +48,11 @@ def attention_nmi(attn: torch.Tensor) -> torch.Tensor:
     a = _patch_attention(attn)
     n = a.shape[-1]
     pk = a.mean(-2, keepdim=True)  # (B, H, 1, n)
-    mi = (a * (a / pk).log()).sum((-2, -1)) / n
+    # sum_qk A log A - sum_k p(k) n log p(k), avoiding a second (B, H, n, n) temporary
+    mi = ((a * a.log()).sum((-2, -1)) - n * (pk * pk.log()).sum((-2, -1))) / n
     h_q = math.log(n)
     h_k = -(pk * pk.log()).sum((-2, -1))
-    return (mi / (h_q * h_k).sqrt()).float()
+    return (mi / (h_q * h_k).sqrt()).clamp(0.0, 1.0)
 
 
 def fourier_delta_log_amplitude(tokens: torch.Tensor) -> torch.Tensor:
