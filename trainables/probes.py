@@ -8,6 +8,7 @@ encoder's final norm for the last layer only (as the training heads see it).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,17 @@ def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * (p + EPS).log()).sum(-1))
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Put ``module`` in eval mode for the block and restore its mode after; yields its device."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield next(module.parameters()).device
+    finally:
+        module.train(was_training)
+
+
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     """(B, 1 + N, C) -> (B, C): CLS token or mean of the patch tokens."""
     return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
@@ -95,20 +107,17 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 def extract_features(encoder, images: torch.Tensor, img_size: int, pool: str = "gap", batch_size: int = 256,
                      layers: list[int] | None = None) -> dict[int, torch.Tensor]:
     """Pooled float32 features per layer for uint8 images (N, 3, S, S): {layer: (N, C)} on the CPU."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
     depth = encoder.depth
     layers = [depth] if layers is None else layers
     out: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
-    for i in range(0, len(images), batch_size):
-        x = eval_view(images[i:i + batch_size].to(device), img_size)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            states = encoder.intermediates(x)
-            states[depth] = encoder.norm(states[depth])
-        for k in layers:
-            out[k].append(pool_tokens(states[k], pool).float().cpu())
-    encoder.train(was_training)
+    with eval_mode(encoder) as device:
+        for i in range(0, len(images), batch_size):
+            x = eval_view(images[i:i + batch_size].to(device), img_size)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                states = encoder.intermediates(x)
+                states[depth] = encoder.norm(states[depth])
+            for k in layers:
+                out[k].append(pool_tokens(states[k], pool).float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -167,11 +176,8 @@ Row = tuple[int, int | None, str, float]  # (layer, head or None, metric, value)
 @torch.no_grad()
 def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
     """Attention distance and NMI per block (layer 1..depth), per head and averaged over heads."""
-    device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    maps = encoder.attention_maps(eval_view(images.to(device), img_size))
-    encoder.train(was_training)
+    with eval_mode(encoder) as device:
+        maps = encoder.attention_maps(eval_view(images.to(device), img_size))
     rows: list[Row] = []
     for k, attn in enumerate(maps, 1):
         probes = (("attn_distance", attention_distance(attn, encoder.patch)), ("attn_nmi", attention_nmi(attn)))
@@ -185,11 +191,8 @@ def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
 @torch.no_grad()
 def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
     """Fourier delta log amplitude at pi, token cosine similarity and effective rank per layer (0..depth)."""
-    device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    states = encoder.intermediates(eval_view(images.to(device), img_size))
-    encoder.train(was_training)
+    with eval_mode(encoder) as device:
+        states = encoder.intermediates(eval_view(images.to(device), img_size))
     rows: list[Row] = []
     for k, s in enumerate(states):
         patches = s[:, 1:].float()  # (B, n, C), CLS dropped
