@@ -168,6 +168,36 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_scaling(args) -> int:
+    from .scaling import scaling_table
+    from .sweep import results_root
+
+    table, what = scaling_table(args.name, results_root(args.results), x=args.x, y=args.y, offset=args.offset)
+    _print_frame(table, f"power-law fits, {what}, 95% bootstrap interval of b")
+    fitted = table.dropna(subset=["b"]) if "b" in table else table.iloc[0:0]
+    if len(fitted) >= 2:
+        order = fitted.sort_values("b")
+        print(f"steepest scaling: {order.group.iloc[0]} (b = {order.b.iloc[0]:.3g}); "
+              f"shallowest: {order.group.iloc[-1]} (b = {order.b.iloc[-1]:.3g}); more negative b = error falls "
+              "faster with " + args.x)
+    elif len(fitted) < len(table):
+        print("some groups have too few points to fit (see note)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import attach_to_mlflow, build_report
+    from .sweep import results_root
+    from .tracking import default_mlflow_uri
+
+    root = results_root(args.results)
+    path = build_report(args.name, root, args.out)
+    print(f"report: {path} (figures as PNG beside it)")
+    if attach_to_mlflow(args.name, root, path, default_mlflow_uri(root, args.mlflow_uri)):
+        print("attached to the sweep's MLflow parent run (artifacts/report)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clmim", description="CL vs MIM sweeps for self-supervised ViTs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--variant", help="for plain timm weights: scale/patch, e.g. B/16")
     a.add_argument("--img-size", type=int, default=224, help="for plain timm weights")
     a.set_defaults(fn=cmd_analyze)
+
+    sc = sub.add_parser("scaling", help="power-law fits of a metric per objective group")
+    sc.add_argument("name")
+    sc.add_argument("--x", default="params", choices=["params", "flops", "samples"])
+    sc.add_argument("--y", default="linear_top1", help="a trials column (accuracies are fitted as 1 - accuracy)")
+    sc.add_argument("--offset", action="store_true", help="fit y = a * x^b + c")
+    sc.add_argument("--results", help="results root")
+    sc.set_defaults(fn=cmd_scaling)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page for a sweep")
+    rp.add_argument("name")
+    rp.add_argument("--out", help="HTML path (default: <results>/<sweep>/report/report.html)")
+    rp.add_argument("--results", help="results root")
+    rp.add_argument("--mlflow-uri", help="MLflow tracking URI (default: as for the sweep)")
+    rp.set_defaults(fn=cmd_report)
 
     res = sub.add_parser("results", help="query the results tables")
     rsub = res.add_subparsers(dest="results_command", required=True)

@@ -127,6 +127,7 @@ def _param_space(space: Space) -> dict[str, Any]:
 def _sweep_params(space: Space, sweep_dir: Path) -> dict:
     r = space.resources
     return {"base": space.base, "fixed": space.fixed(), "max_failures": space.max_failures,
+            "sweep_dir": str(sweep_dir),
             "train_storage": str(sweep_dir / "train"),
             "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
                           "gpus_per_worker": r.gpus_per_worker, "in_process": r.in_process}}

@@ -58,13 +58,48 @@ def test_quickstart_sweep_completes(ray_address, tmp_path):
     assert all(0 <= r["linear_top1"] <= 1 and r["step"] == 8 for r in rows)
     info = json.loads((tmp_path / "quickstart" / "sweep.json").read_text())
     assert info["space"]["space"]["objective.lam"] == {"grid": [0.0, 0.25, 0.75, 1.0]}
+    # every trial (reused actors too) keeps its run directory inside the sweep
+    for d in trial_dirs(tmp_path / "quickstart"):
+        assert (d / "run" / "config.yaml").is_file() and (d / "run" / "final_metrics.json").is_file(), d
     # Parquet views: one row per trial, curves and per-layer probe rows
-    df = query("SELECT \"objective.lam\" AS lam, status, linear_top1 FROM trials ORDER BY lam", tmp_path)
+    df = query("SELECT \"objective.lam\" AS lam, status, linear_top1, variant FROM trials ORDER BY lam", tmp_path)
     assert list(df.lam) == [0.0, 0.25, 0.75, 1.0] and set(df.status) == {"TERMINATED"}
+    assert set(df.variant) == {"micro/4"}
     n_layers = query("SELECT count(DISTINCT layer) AS n FROM layers WHERE metric = 'attn_nmi'", tmp_path).n[0]
     assert n_layers == 6
     # the default MLflow store: SQLite under the results root, one parent and one child per trial
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", 4)
+    check_report(tmp_path)
+
+
+def check_report(root):
+    """The quickstart report renders in headless Chromium: not blank, every figure decoded, attached to MLflow."""
+    import re
+
+    import numpy as np
+    from browser import render
+    from PIL import Image
+
+    from orchestrator.cli import main
+
+    assert main(["report", "quickstart", "--results", str(root)]) == 0
+    page = root / "quickstart" / "report" / "report.html"
+    assert {"layers.png", "lam.png"} <= {p.name for p in page.parent.glob("*.png")}
+    assert "http" not in re.sub(r"https?://(www\.)?w3\.org", "", page.read_text()).replace("data:image", "")
+    shot, dom = render(page, root)
+    m = re.search(r'data-figures="(\d+)/(\d+)"', dom)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 2, dom[-500:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and plots, not a blank page
+
+    client_uri = f"sqlite:///{root / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=client_uri)
+    exp = client.get_experiment_by_name("clmim/quickstart")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'sweep'")[0]
+    names = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.html" in names
 
 
 def check_mlflow(uri, sweep, n_trials):
@@ -167,8 +202,10 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path):
     sweep_dir = tmp_path / "kill"
 
     def checkpointed():
+        # the driver has registered a checkpoint once a result that carries one is in result.json
         dirs = trial_dirs(sweep_dir)
-        return dirs and (dirs[0] / "pid").is_file() and list(dirs[0].glob("checkpoint_*")) and dirs[0]
+        return (dirs and (dirs[0] / "pid").is_file()
+                and any(r.get("checkpoint_dir_name") for r in results_lines(dirs[0])) and dirs[0])
 
     trial = wait_for(checkpointed, 120, "a first checkpoint")
     os.kill(int((trial / "pid").read_text()), signal.SIGKILL)

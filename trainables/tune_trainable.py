@@ -67,7 +67,9 @@ def run_trial(config: dict, sweep: dict) -> None:
     from ray import tune
 
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
+    # The trial's directory in the sweep's storage. (Not ctx.get_trial_dir(): in a reused actor that is a
+    # working directory under Ray's session folder, so run files would land outside the sweep.)
+    trial_dir = Path(sweep["sweep_dir"]) / "tune" / ctx.get_trial_id()
     _raise_recorded(trial_dir)
     try:
         if sweep["resources"]["in_process"]:

@@ -1,0 +1,93 @@
+"""Power-law scaling fits over a sweep's trials: y = a * x^b (+ c), per objective group, with bootstrap
+confidence intervals for the exponent.
+
+Accuracy metrics (``*_top1``) are fitted as error = 1 - accuracy, the quantity that falls as a power law.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .results import QueryError, _write_atomic, query
+
+X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen"}
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> tuple[float, float, float]:
+    """Least-squares fit of y = a * x^b (+ c); returns (a, b, c). Without offset, a line in log-log space."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if not offset:
+        b, log_a = np.polyfit(np.log(x), np.log(y), 1)
+        return float(np.exp(log_a)), float(b), 0.0
+    from scipy.optimize import curve_fit
+
+    a0, b0, _ = fit_power_law(x, y - 0.9 * y.min())
+    (a, b, c), _ = curve_fit(lambda x, a, b, c: a * np.power(x, b) + c, x, y, p0=(a0, b0, 0.9 * y.min()),
+                             maxfev=20000)
+    return float(a), float(b), float(c)
+
+
+def bootstrap_exponent(x, y, offset=False, n_boot=1000, seed=0, level=0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the exponent b (resampling trials with replacement)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    bs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) < (3 if offset else 2):
+            continue
+        try:
+            bs.append(fit_power_law(x[idx], y[idx], offset)[1])
+        except (RuntimeError, ValueError, np.linalg.LinAlgError):
+            continue
+    lo, hi = np.percentile(bs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def group_name(lam: float) -> str:
+    return "MIM (lam=0)" if lam == 0 else "CL (lam=1)" if lam == 1 else f"hybrid lam={lam:g}"
+
+
+def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "linear_top1",
+                  offset: bool = False, n_boot: int = 1000) -> tuple[pd.DataFrame, str]:
+    """Fit every objective group of sweep ``name``; return (table, description of what was fitted)."""
+    root = Path(root)
+    if x not in X_COLUMNS:
+        raise QueryError(f"--x: {x!r} is not one of {', '.join(X_COLUMNS)}")
+    if not (root / name).is_dir():
+        raise QueryError(f"sweep {name!r} not found under {root}")
+    cols = set(query("SELECT * FROM trials LIMIT 0", root).columns)
+    if y not in cols:
+        metrics = sorted(c for c in cols if c in ("loss", "knn_top1", "linear_top1", "shape_bias", "loss_mim",
+                                                    "loss_cl"))
+        raise QueryError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
+    xcol = X_COLUMNS[x]
+    df = query(f'SELECT lam, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
+               f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL'.replace("?", f"'{name}'"), root)
+    if df.empty:
+        raise QueryError(f"sweep {name!r} has no finished trials with {xcol} and {y}")
+    is_acc = y.endswith("top1")
+    target = 1 - df.y if is_acc else df.y
+    what = f"{'error = 1 - ' + y if is_acc else y} ~ a * {xcol}^b" + (" + c" if offset else "")
+    rows = []
+    for lam, g in df.assign(t=target).groupby("lam"):
+        n_x = g.x.nunique()
+        need = 4 if offset else 3
+        row = {"group": group_name(lam), "lam": lam, "points": len(g), "distinct_x": n_x}
+        if n_x < need or (g.t <= 0).any():
+            row["note"] = (f"too few points to fit: {n_x} distinct {xcol} values, need {need}" if n_x < need
+                           else "non-positive values cannot be fitted in log space")
+        else:
+            a, b, c = fit_power_law(g.x.values, g.t.values, offset)
+            lo, hi = bootstrap_exponent(g.x.values, g.t.values, offset, n_boot)
+            row.update({"a": a, "b": b, "b_low": lo, "b_high": hi, "c": c if offset else None, "note": ""})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    import pyarrow as pa
+
+    _write_atomic(pa.Table.from_pandas(table.assign(x=x, y=y, fitted=what), preserve_index=False),
+                  root / name / f"scaling_{x}_{y}.parquet")
+    return table, what

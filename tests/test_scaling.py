@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.results import QueryError, write_trial_tables
+from orchestrator.scaling import bootstrap_exponent, fit_power_law, scaling_table
+from trainables.config import load_config, to_dict
+
+VARIANTS = {"nano/4": 0, "micro/4": 1, "mini/4": 2, "Ti/4": 3, "S/4": 4}
+
+
+def test_fit_recovers_known_exponent_within_interval():
+    rng = np.random.default_rng(0)
+    x = np.repeat(np.logspace(5, 8, 8), 4)  # 32 trials: 8 sizes x 4 seeds
+    y = 3.0 * x ** -0.25 * np.exp(rng.normal(0, 0.03, len(x)))
+    a, b, _ = fit_power_law(x, y)
+    lo, hi = bootstrap_exponent(x, y, n_boot=400)
+    assert lo < -0.25 < hi and hi - lo < 0.1 and abs(b + 0.25) < 0.03
+    yc = 2.0 * x ** -0.4 + 0.1
+    _, bc, c = fit_power_law(x, yc, offset=True)
+    assert abs(bc + 0.4) < 0.01 and abs(c - 0.1) < 0.01
+
+
+def make_sweep(root, exponents=(("0.0", -0.3), ("1.0", -0.1))):
+    rng = np.random.default_rng(1)
+    for lam, b in ((float(k), v) for k, v in exponents):
+        for v in VARIANTS:
+            for seed in range(2):
+                cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"model.variant={v}", f"run.seed={seed}"]))
+                params = [7e4, 6.8e5, 2e6, 5.5e6, 2.2e7][VARIANTS[v]]
+                err = 2.0 * params ** b * np.exp(rng.normal(0, 0.02))
+                write_trial_tables(root / "sc", f"{v.replace('/', '_')}-{lam}-{seed}", "TERMINATED", cfg,
+                                   [{"step": 10, "params": params, "linear_top1": 1 - err, "done": True}])
+
+
+def test_scaling_table_recovers_group_exponents(tmp_path):
+    make_sweep(tmp_path)
+    table, what = scaling_table("sc", tmp_path, n_boot=300)
+    assert what.startswith("error = 1 - linear_top1")
+    by = table.set_index("lam")
+    for lam, b in {0.0: -0.3, 1.0: -0.1}.items():
+        assert by.loc[lam, "b_low"] < b < by.loc[lam, "b_high"]
+    assert (tmp_path / "sc" / "scaling_params_linear_top1.parquet").is_file()
+
+
+def test_too_few_points_said_plainly(tmp_path):
+    cfg = to_dict(load_config({}, ["objective.lam=0"]))
+    write_trial_tables(tmp_path / "few", "t", "TERMINATED", cfg, [{"step": 1, "params": 10, "linear_top1": 0.5}])
+    table, _ = scaling_table("few", tmp_path)
+    assert "too few points" in table.note[0]
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    make_sweep(tmp_path)
+    cfg = to_dict(load_config({}))
+    write_trial_tables(tmp_path / "failed", "t", "ERROR", cfg, [{"step": 1}], error="x")
+    assert main(["scaling", "nope", "--results", str(tmp_path)]) == 2
+    assert main(["scaling", "sc", "--y", "accuracy", "--results", str(tmp_path)]) == 2
+    assert main(["scaling", "failed", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "not found" in err[0] and "--y" in err[1] and "no finished trials" in err[2]
+    assert main(["scaling", "sc", "--results", str(tmp_path)]) == 0
+    with pytest.raises(QueryError):
+        scaling_table("sc", tmp_path, x="time")
+
+
+def test_report_bad_input_exit_2(tmp_path, capsys):
+    cfg = to_dict(load_config({}))
+    write_trial_tables(tmp_path / "failed", "t", "ERROR", cfg, [{"step": 1}], error="x")
+    assert main(["report", "nope", "--results", str(tmp_path)]) == 2
+    assert main(["report", "failed", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not found" in err[0] and "no finished trials" in err[1]
+
+
+def test_report_of_a_scaling_sweep_has_fits_and_pngs(tmp_path):
+    from orchestrator.report import build_report
+
+    make_sweep(tmp_path)
+    page = build_report("sc", tmp_path)
+    text = page.read_text()
+    assert "Power-law fits" in text and text.count("data:image/png;base64,") == 2  # lam curve + scaling
+    assert {p.name for p in page.parent.glob("*.png")} == {"lam.png", "scaling.png"}
