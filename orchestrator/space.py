@@ -184,6 +184,12 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     _check_keys("search", search, SEARCH_KEYS)
     if search["algorithm"] not in ("grid", "random", "optuna"):
         raise SpaceError(f"search.algorithm: {search['algorithm']!r} is not one of grid, random, optuna")
+    if search["algorithm"] == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
+                             "or use grid / random")
     if search["mode"] not in ("min", "max"):
         raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
     scheduler = {"type": "fifo", **(raw.get("scheduler") or {})}
