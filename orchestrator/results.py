@@ -126,29 +126,33 @@ def layers_from_results(results: list[dict]) -> list[tuple[int, int | None, str,
     return sorted(rows, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
 
 
+def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
+    """A long table: the id columns repeated on every row, then one column per tuple position."""
+    n = len(rows)
+    cols = {k: [v] * n for k, v in ids.items()}
+    value_names = [f.name for f in schema][len(ids):]
+    cols.update({name: [r[i] for r in rows] for i, name in enumerate(value_names)})
+    return pa.table(cols, schema=schema)
+
+
 def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, results: list[dict],
                        error: str | None = None, wall_time_s: float | None = None,
                        attempt: str | None = None) -> str:
-    """Write one attempt of one trial to trials/, curves/ and layers/ (atomically); return the attempt id."""
+    """Write one attempt of one trial to trials/, curves/ and layers/ (atomically); return the attempt id.
+
+    ``wall_time_s`` defaults to the largest ``time_total_s`` Tune reported."""
     sweep = sweep_dir.name
     attempt = attempt or new_attempt_id()
     final: dict = {}
     for r in results:  # the latest value of every key
         final.update({k: v for k, v in r.items() if v is not None})
+    if wall_time_s is None:
+        wall_time_s = max((r.get("time_total_s") or 0 for r in results), default=None)
     row = trial_row(sweep, trial, attempt, status, config, final, error, wall_time_s)
     name = f"{trial}.{attempt}.parquet"
-    curves = curves_from_results(results)
-    _write_atomic(pa.table({
-        "schema_version": [SCHEMA_VERSION] * len(curves), "sweep": [sweep] * len(curves),
-        "trial": [trial] * len(curves), "attempt": [attempt] * len(curves),
-        "step": [c[0] for c in curves], "epoch": [c[1] for c in curves], "metric": [c[2] for c in curves],
-        "value": [c[3] for c in curves]}, schema=CURVE_SCHEMA), sweep_dir / "curves" / name)
-    layers = layers_from_results(results)
-    _write_atomic(pa.table({
-        "schema_version": [SCHEMA_VERSION] * len(layers), "sweep": [sweep] * len(layers),
-        "trial": [trial] * len(layers), "attempt": [attempt] * len(layers),
-        "layer": [r[0] for r in layers], "head": [r[1] for r in layers], "metric": [r[2] for r in layers],
-        "value": [r[3] for r in layers]}, schema=LAYER_SCHEMA), sweep_dir / "layers" / name)
+    ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt}
+    _write_atomic(_long_table(CURVE_SCHEMA, ids, curves_from_results(results)), sweep_dir / "curves" / name)
+    _write_atomic(_long_table(LAYER_SCHEMA, ids, layers_from_results(results)), sweep_dir / "layers" / name)
     # The trials row goes last: a reader that sees it also sees the attempt's curves and layers.
     _write_atomic(_trial_table(row), sweep_dir / "trials" / name)
     return attempt
@@ -202,8 +206,7 @@ def rebuild(sweep_dir: Path) -> int:
         done = any(r.get("done") for r in results)
         status = "ERROR" if err else statuses.get(d.name, "TERMINATED" if done else "PENDING")
         write_trial_tables(sweep_dir, d.name, status, trial_config_from_dir(d), results,
-                           error=f"{err['type']}: {err['message']}" if err else None,
-                           wall_time_s=max((r.get("time_total_s") or 0 for r in results), default=None))
+                           error=f"{err['type']}: {err['message']}" if err else None)
         n += 1
     compact(sweep_dir)
     return n

@@ -154,11 +154,10 @@ class ResultsCallback(Callback):
                 e = json.loads(f.read_text())
                 err = f"{e['type']}: {e['message']}"
             else:
-                err = (trial.error_message or "").strip().splitlines()[-1:] or ["unknown error"]
-                err = err[0][:500] if isinstance(err, list) else err
+                lines = (trial.error_message or "").strip().splitlines()
+                err = lines[-1][:500] if lines else "unknown error"
         cfg = trial_config_from_dir(trial_dir) or to_dict(trial_config(self.space, dict(trial.config)))
-        write_trial_tables(self.sweep_dir, trial.trial_id, status, cfg, results, error=err,
-                           wall_time_s=max((r.get("time_total_s") or 0 for r in results), default=None))
+        write_trial_tables(self.sweep_dir, trial.trial_id, status, cfg, results, error=err)
         run_id = self.child_run(trial)
         if (trial_dir / "run" / "config.yaml").is_file():
             self.client.log_artifact(run_id, str(trial_dir / "run" / "config.yaml"))

@@ -211,15 +211,15 @@ def feature_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
     te = extract_features(encoder, test.images, size, e.pool, layers=layers)
     rows: list[Row] = []
     for k in layers:
-        rows.append((k, None, "knn_top1", knn_accuracy(tr[k], train.labels, te[k], test.labels, e.knn_k)))
-        rows.append((k, None, "linear_top1", linear_accuracy(tr[k], train.labels, te[k], test.labels,
-                                                               data.num_classes)))
-    last = encoder.depth
-    summary = {"knn_top1": rows[-2][3], "linear_top1": rows[-1][3]}
-    if data.cue_conflict is not None:
+        knn = knn_accuracy(tr[k], train.labels, te[k], test.labels, e.knn_k)
+        predict = fit_linear(tr[k], train.labels, data.num_classes)
+        linear = (predict(te[k]) == test.labels).float().mean().item()
+        rows += [(k, None, "knn_top1", knn), (k, None, "linear_top1", linear)]
+    summary = {"knn_top1": knn, "linear_top1": linear}  # the last layer's
+    if data.cue_conflict is not None:  # shape bias of the last layer's linear probe (the one fit above)
+        last = encoder.depth
         cc = extract_features(encoder, data.cue_conflict.images, size, e.pool, layers=[last])[last]
-        pred = fit_linear(tr[last], train.labels, data.num_classes)(cc)
-        summary["shape_bias"] = shape_bias(pred, data.cue_conflict.labels, data.cue_texture)
+        summary["shape_bias"] = shape_bias(predict(cc), data.cue_conflict.labels, data.cue_texture)
     return rows, summary
 
 
