@@ -9,6 +9,10 @@ analytic count the trials record. On CUDA it also measures a bf16 matmul rate an
 
     python benchmarks/step_throughput.py                                  # CPU: micro/4 at 32 px
     python benchmarks/step_throughput.py --variant B/16 --img-size 224 --batch 256 --steps 40   # GPU
+    python benchmarks/step_throughput.py --compile --only plain,hybrid,hybrid@blocks   # whole step vs per block
+
+With ``--compile`` an objective is compiled as the trainer does it in one process (the whole step as one graph);
+``NAME@blocks`` compiles each transformer block on its own instead, as the trainer does under DDP.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainables import trainer as trainer_module  # noqa: E402
 from trainables.config import load_config  # noqa: E402
 from trainables.objectives import build_objective, train_flops_per_image  # noqa: E402
 from trainables.scale import MLP_RATIO, parse_variant  # noqa: E402
@@ -101,8 +106,8 @@ def counted_flops(cfg, device, autocast) -> float:
     return fc.get_total_flops() / 8
 
 
-def bench_objective(args, lam, device, autocast) -> float:
-    """images/s of the real trainer's last log interval."""
+def bench_objective(args, lam, device, autocast, blocks: bool = False) -> float:
+    """images/s of the real trainer over its log intervals after the first. ``blocks``: compile per block."""
     steps = args.warmup + args.steps
     cfg = load_config({
         "model": {"variant": args.variant, "img_size": args.img_size},
@@ -114,7 +119,13 @@ def bench_objective(args, lam, device, autocast) -> float:
                 "precision": "bf16" if device.type == "cuda" else "fp32"},
     })
     logs = []
-    train(cfg, lambda m, checkpoint=None: logs.append(m) if checkpoint is None and "knn_top1" not in m else None)
+    whole_step = trainer_module.compile_objective
+    if blocks:  # the trainer compiles per block when it runs under DDP (world > 1)
+        trainer_module.compile_objective = lambda objective, world: whole_step(objective, 2)
+    try:
+        train(cfg, lambda m, checkpoint=None: logs.append(m) if checkpoint is None and "knn_top1" not in m else None)
+    finally:
+        trainer_module.compile_objective = whole_step
     # Every log interval holds `warmup` steps; drop the first (warmup, compilation). Equal images per interval,
     # so the overall rate is the harmonic mean of the interval rates.
     rates = [m["images_per_s"] for m in logs[1:]]
@@ -132,6 +143,10 @@ def main():
     ap.add_argument("--only", default=",".join(["plain", *OBJECTIVES]), help="comma list, plain first")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    for n in args.only.split(","):
+        base, _, mode = n.partition("@")
+        if n != "plain" and (base not in OBJECTIVES or mode not in ("", "blocks")):
+            ap.error(f"--only: unknown step {n!r}; choose plain, {', '.join(OBJECTIVES)}, or NAME@blocks")
     args.steps = max(args.steps, args.warmup)  # the trainer logs every `warmup` steps
     args.steps -= args.steps % args.warmup
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,10 +174,11 @@ def main():
             ips, fpi = bench_plain(args, device, autocast)
             emit({"step": "plain supervised", "images_per_s": ips, "gflop_per_image": fpi / 1e9})
             continue
-        lam = OBJECTIVES[name_]
+        base_name, _, mode = name_.partition("@")
+        lam = OBJECTIVES[base_name]
         cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size}, "objective": {"lam": lam}})
         fpi = counted_flops(cfg, device, autocast)
-        ips = bench_objective(args, lam, device, autocast)
+        ips = bench_objective(args, lam, device, autocast, blocks=mode == "blocks")
         emit({"step": name_, "images_per_s": ips, "gflop_per_image": fpi / 1e9,
               "analytic_gflop_per_image": train_flops_per_image(cfg) / 1e9})
     if args.json:

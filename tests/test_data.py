@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from trainables.augment import moco_views, simmim_view
+from trainables.augment import moco_draws, moco_views, random_resized_crop, simmim_view, to_float
 from trainables.config import ConfigError, load_config
 from trainables.data import batch_stream, build_data, synthetic_split
 
@@ -57,8 +57,16 @@ def test_batch_stream_resumes_exactly_and_shards_ranks():
 
 def test_augmentations_are_seeded_and_shaped():
     images = build_data(load_config(tiny())).train.images[:4]
-    v1 = moco_views(images, 32, torch.Generator().manual_seed(0))
-    v2 = moco_views(images, 32, torch.Generator().manual_seed(0))
+    v1 = moco_views(images, 32, moco_draws(4, torch.Generator().manual_seed(0), "cpu"))
+    v2 = moco_views(images, 32, moco_draws(4, torch.Generator().manual_seed(0), "cpu"))
     assert v1.shape == (8, 3, 32, 32) and torch.equal(v1, v2)
     assert not torch.equal(v1[:4], v1[4:])
-    assert simmim_view(images, 48, torch.Generator().manual_seed(0)).shape == (4, 3, 48, 48)
+    v3 = moco_views(images, 32, moco_draws(4, torch.Generator().manual_seed(1), "cpu"))
+    assert not torch.equal(v1, v3)
+    assert simmim_view(images, 48, torch.rand(4, 5)).shape == (4, 3, 48, 48)
+    # All draws at 0.5 except "flip": a centred crop of the whole image, flipped when its uniform is below 0.5.
+    u = torch.full((4, 5), 0.5)
+    u[:2, 4] = 0.0
+    crop = random_resized_crop(to_float(images), 32, u, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(crop[2:], to_float(images)[2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(crop[:2], to_float(images)[:2].flip(-1), atol=1e-5, rtol=0)

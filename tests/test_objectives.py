@@ -25,11 +25,12 @@ def make(over=None, seed=0):
 @pytest.mark.parametrize("lam", [0.0, 1.0, 0.5])
 def test_loss_drops_within_a_few_dozen_steps(lam):
     logs = []
-    train(load_config(tiny(), [f"objective.lam={lam}", "optim.steps=40", "run.log_every=5", "optim.blr=5e-3",
+    train(load_config(tiny(), [f"objective.lam={lam}", "optim.steps=40", "run.log_every=1", "optim.blr=5e-3",
                                "data.train_size=512"]),
           lambda m, checkpoint=None: logs.append(m["loss"]) if "knn_top1" not in m else None)
-    assert len(logs) == 8
-    first, last = sum(logs[:2]) / 2, sum(logs[-2:]) / 2
+    assert len(logs) == 40
+    # One step's loss is noisy (its batch, its augmentations): compare the means of the first and last 8 steps.
+    first, last = sum(logs[:8]) / 8, sum(logs[-8:]) / 8
     assert last < 0.95 * first, logs
 
 
@@ -105,7 +106,7 @@ def test_analytic_training_flops_match_flop_counter(over):
 def test_mask_ratio_unit_and_patchify():
     assert default_mask_unit(224, 16) == 32 and default_mask_unit(192, 16) == 32 and default_mask_unit(32, 4) == 4
     cfg, hybrid = make(["objective.lam=0"])
-    mask = hybrid.mim.make_mask(5, torch.Generator().manual_seed(0), "cpu")
+    mask = hybrid.mim.make_mask(torch.rand(5, 64))
     assert mask.shape == (5, 64)
     assert (mask.sum(1) == 39).all()  # ceil(0.6 * 64)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)

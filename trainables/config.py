@@ -98,7 +98,7 @@ class RunConfig:
     out_dir: str | None = _f(None, doc="where config, checkpoints and metrics go")
     device: str = _f("auto", choices=["auto", "cpu", "cuda"])
     precision: str = _f("auto", choices=["auto", "fp32", "bf16"], doc="auto: bf16 autocast on GPU, fp32 on CPU")
-    compile: bool = _f(False, doc="torch.compile each transformer block")
+    compile: bool = _f(False, doc="torch.compile the training step (each transformer block under DDP)")
     log_every: int = _f(10, lo=1)
     ckpt_every: int = _f(0, lo=0, doc="checkpoint every N steps (0: only at the end)")
     resume: str | None = _f(None, doc="checkpoint file to resume from, or 'auto' (latest in out_dir)")

@@ -228,8 +228,9 @@ def batch_stream(split: Split, global_batch: int, seed: int, start_step: int, ra
     while True:
         epoch, i = divmod(step, spe)
         perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = perm.to(device)  # one host-to-device copy per epoch, not per step
         while i < spe:
-            idx = perm[i * global_batch + rank * per_rank: i * global_batch + (rank + 1) * per_rank].to(device)
+            idx = perm[i * global_batch + rank * per_rank: i * global_batch + (rank + 1) * per_rank]
             yield images[idx], labels[idx]
             i += 1
             step += 1

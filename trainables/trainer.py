@@ -153,6 +153,26 @@ def replicas_in_sync(module: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- training
+def compile_objective(objective: torch.nn.Module, world: int) -> None:
+    """``run.compile``: torch.compile the objective in place; module and state-dict names stay as they are.
+
+    One process: the whole step (augmentation, masking, encoder, heads, losses: ``objective.step``) becomes one
+    graph, so the elementwise work between the matmuls fuses. Under DDP each transformer block is compiled on its
+    own instead (online and momentum encoder), because one graph would produce every gradient at the end of its
+    backward and leave DDP no all-reduce to overlap with compute.
+    """
+    # All compiled modules share the cache of one code object (Module._call_impl; likewise every Hybrid's
+    # ``step``), so earlier compiles in this process (another trial, a plain model) count against the recompile
+    # limit: past it, code silently runs eager. Raise the limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if world == 1:
+        objective.step = torch.compile(objective.step, dynamic=False)
+        return
+    for m in objective.modules():
+        if isinstance(m, Block):
+            m.compile(dynamic=False)
+
+
 def train(config: Config | dict | str, report: Report | None = None) -> dict:
     """Train one model as configured and return its final metrics.
 
@@ -195,14 +215,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         elif cfg.run.resume != "auto":
             raise FileNotFoundError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
     if cfg.run.compile:
-        # Regional compilation: every transformer block (online and momentum encoder) keeps its module and
-        # state-dict names; the routing between blocks stays eager. All compiled modules share the cache of
-        # one code object (Module._call_impl), so earlier compiles in this process (another trial, a plain
-        # model) count against the recompile limit: past it, blocks silently run eager. Raise the limit.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for m in objective.modules():
-            if isinstance(m, Block):
-                m.compile(dynamic=False)
+        compile_objective(objective, world)
     model = objective
     if world > 1:
         model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,

@@ -75,13 +75,31 @@ class Hybrid(nn.Module):
             h = blk(h)
         return h
 
+    def draws(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every random number of the step for ``batch`` ({"images", "seed"}), drawn from seeded generators."""
+        out = {}
+        if self.mim is not None:
+            out["mim"] = self.mim.draws(batch)
+        if self.cl is not None:
+            out["cl"] = self.cl.draws(batch)
+        return out
+
     def forward(self, batch: dict) -> dict:
-        """{"loss", "loss_mim" (if lam < 1), "loss_cl" (if lam > 0)}; per-branch losses keep their graph."""
+        """{"loss", "loss_mim" (if lam < 1), "loss_cl" (if lam > 0)}; per-branch losses keep their graph.
+
+        ``batch`` is {"images": uint8 (B, 3, S, S), "seed": int}; the step is a pure function of the images and
+        the seed's random draws.
+        """
+        return self.step(batch["images"], self.draws(batch))
+
+    def step(self, images: torch.Tensor, draws: dict) -> dict:
+        """The training step's forward from uint8 images and their random draws: augmentation, masking, encoder,
+        heads and losses. Pure tensor code without generators, so ``run.compile`` compiles it as one graph."""
         view = mask = views = None
         if self.mim is not None:
-            view, mask = self.mim.inputs(batch)  # (B, 3, H, W), (B, N)
+            view, mask = self.mim.inputs(images, draws["mim"])  # (B, 3, H, W), (B, N)
         if self.cl is not None:
-            views = self.cl.views(batch)  # (2B, 3, H, W)
+            views = self.cl.views(images, draws["cl"])  # (2B, 3, H, W)
         if self.graft_layer is not None:
             mim_feats, cl_feats = self._grafted(view, mask, views)
         elif views is None:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import moco_views
+from ..augment import moco_draws, moco_views
 from .common import generator, run_blocks
 
 
@@ -80,10 +80,14 @@ class MoCoV3(nn.Module):
         """EMA: momentum <- m * momentum + (1 - m) * online, for encoder and projector."""
         torch._foreach_lerp_(list(self.momentum.parameters()), self.online_params(), 1.0 - m)
 
-    def views(self, batch: dict) -> torch.Tensor:
-        """The two augmented views of this step, (2B, 3, H, W), view 1 first."""
+    def draws(self, batch: dict) -> torch.Tensor:
+        """This step's random numbers for both views, (2, B, MOCO_DRAWS) uniforms."""
         images = batch["images"]
-        return moco_views(images, self.img_size, generator(images.device, batch["seed"], stream=2))
+        return moco_draws(images.shape[0], generator(images.device, batch["seed"], stream=2), images.device)
+
+    def views(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The two augmented views of uint8 ``images`` for this step's ``draws``, (2B, 3, H, W), view 1 first."""
+        return moco_views(images, self.img_size, draws)
 
     def project(self, cls: torch.Tensor, proj: nn.Module) -> torch.Tensor:
         # MoCo v3 passes each view through the MLP on its own, so BatchNorm statistics are per view.
@@ -102,6 +106,6 @@ class MoCoV3(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         """Standalone MoCo v3 step: {"loss": symmetric InfoNCE}."""
-        views = self.views(batch)
+        views = self.views(batch["images"], self.draws(batch))
         feats = run_blocks(self.encoder, self.encoder.embed(views), self.layer)
         return {"loss": self.loss(feats, views)}

@@ -48,22 +48,28 @@ class SimMIM(nn.Module):
     def encoder(self):
         return self._encoder[0]
 
-    def make_mask(self, batch: int, gen: torch.Generator, device) -> torch.Tensor:
-        """Random mask (B, N) over patches: exactly ceil(ratio * U^2) of the U x U mask units per image."""
-        u = self.img_size // self.unit
-        n_mask = int(-(-self.mask_ratio * u * u // 1))
-        noise = torch.rand(batch, u * u, generator=gen, device=device)
-        unit_mask = noise.argsort(dim=1).argsort(dim=1) < n_mask  # (B, U*U), rank below n_mask is masked
-        s = self.unit // self.encoder.patch  # patches per unit side
-        m = unit_mask.view(batch, u, u).repeat_interleave(s, 1).repeat_interleave(s, 2)  # (B, G, G)
-        return m.reshape(batch, -1)
-
-    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(view (B, 3, H, W), mask (B, N)) for this step, from the step's seed."""
+    def draws(self, batch: dict) -> dict[str, torch.Tensor]:
+        """This step's random numbers (uniforms): "crop" (B, 5) for the view, "mask_noise" (B, U * U) for the mask."""
         images = batch["images"]
         gen = generator(images.device, batch["seed"], stream=1)
-        view = simmim_view(images, self.img_size, gen)
-        return view, self.make_mask(images.shape[0], gen, images.device)
+        b, u = images.shape[0], self.img_size // self.unit
+        return {"crop": torch.rand(b, 5, generator=gen, device=images.device),
+                "mask_noise": torch.rand(b, u * u, generator=gen, device=images.device)}
+
+    def make_mask(self, noise: torch.Tensor) -> torch.Tensor:
+        """Random mask (B, N) over patches from uniforms (B, U * U): the ceil(ratio * U^2) mask units with the
+        lowest noise are masked in each image."""
+        b, uu = noise.shape
+        u = self.img_size // self.unit
+        n_mask = int(-(-self.mask_ratio * uu // 1))
+        unit_mask = noise.argsort(dim=1).argsort(dim=1) < n_mask  # (B, U*U), rank below n_mask is masked
+        s = self.unit // self.encoder.patch  # patches per unit side
+        m = unit_mask.view(b, u, u).repeat_interleave(s, 1).repeat_interleave(s, 2)  # (B, G, G)
+        return m.reshape(b, -1)
+
+    def inputs(self, images: torch.Tensor, draws: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(view (B, 3, H, W), mask (B, N)) of uint8 ``images`` for this step's ``draws``."""
+        return simmim_view(images, self.img_size, draws["crop"]), self.make_mask(draws["mask_noise"])
 
     def loss(self, feats: torch.Tensor, view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L1 reconstruction of masked patches. feats (B, 1 + N, C) normed tokens at ``layer``."""
@@ -75,6 +81,6 @@ class SimMIM(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         """Standalone SimMIM step: {"loss": L1 on masked patches}."""
-        view, mask = self.inputs(batch)
+        view, mask = self.inputs(batch["images"], self.draws(batch))
         h = self.encoder.embed(view, mask, self.mask_token)
         return {"loss": self.loss(run_blocks(self.encoder, h, self.layer), view, mask)}

@@ -1,0 +1,34 @@
+"""``run.compile``: the whole training step compiles into one graph, once, and trains like eager."""
+
+import functools
+
+import pytest
+import torch
+from conftest import tiny
+from torch._dynamo.utils import counters
+
+from trainables.config import load_config
+from trainables.trainer import train
+
+
+def losses(over: list[str]) -> list[float]:
+    logs = []
+    train(load_config(tiny(), over), lambda m, checkpoint=None: logs.append(m["loss"]) if "knn_top1" not in m else None)
+    return logs
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_step_is_one_graph_without_recompiles_and_matches_eager(backend, monkeypatch):
+    # nano/4 keeps the CPU compile short; lam = 0.5 compiles every part (both views, masking, momentum encoder).
+    # aot_eager traces forward and backward exactly as inductor gets them but skips code generation (minutes on
+    # two CPU cores); the slow run uses the real inductor backend.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    over = ["model.variant=nano/4", "objective.lam=0.5", "optim.steps=4", "run.log_every=1"]
+    eager = losses(over)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new seed or step must not recompile
+        compiled = losses([*over, "run.compile=true"])
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-3, atol=0)
