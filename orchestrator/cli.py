@@ -173,7 +173,7 @@ def cmd_scaling(args) -> int:
     from .sweep import results_root
 
     table, what = scaling_table(args.name, results_root(args.results), x=args.x, y=args.y, offset=args.offset)
-    _print_frame(table, f"power-law fits, {what}, 95% bootstrap interval of b")
+    _print_frame(table, f"power-law fits, {what}, 95% interval of b")
     fitted = table.dropna(subset=["b"]) if "b" in table else table.iloc[0:0]
     if len(fitted) >= 2:
         order = fitted.sort_values("b")

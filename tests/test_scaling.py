@@ -3,7 +3,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.results import QueryError, write_trial_tables
-from orchestrator.scaling import bootstrap_exponent, fit_power_law, scaling_table
+from orchestrator.scaling import bootstrap_exponent, exponent_interval, fit_power_law, scaling_table
 from trainables.config import load_config, to_dict
 
 VARIANTS = {"nano/4": 0, "micro/4": 1, "mini/4": 2, "Ti/4": 3, "S/4": 4}
@@ -19,6 +19,20 @@ def test_fit_recovers_known_exponent_within_interval():
     yc = 2.0 * x ** -0.4 + 0.1
     _, bc, c = fit_power_law(x, yc, offset=True)
     assert abs(bc + 0.4) < 0.01 and abs(c - 0.1) < 0.01
+
+
+def test_exponent_interval_covers_at_its_level():
+    # A scaling sweep's usual shape: 3 model sizes x 2 trials, multiplicative log-normal noise. Over 400
+    # simulated sweeps the 95% interval must hold the true exponent 92-98% of the time (the percentile bootstrap
+    # over trials held it 90%).
+    x = np.repeat(np.logspace(5, 8, 3), 2)
+    hits = 0
+    for seed in range(400):
+        y = 3.0 * x**-0.25 * np.exp(np.random.default_rng(seed).normal(0, 0.05, len(x)))
+        lo, hi, method = exponent_interval(x, y)
+        hits += lo < -0.25 < hi
+    assert method.startswith("t") and 0.92 <= hits / 400 <= 0.98, hits / 400
+    assert exponent_interval(x, 2.0 * x**-0.4 + 0.1, offset=True, n_boot=50)[2] == "percentile bootstrap"
 
 
 def make_sweep(root, exponents=(("0.0", -0.3), ("1.0", -0.1))):
