@@ -24,6 +24,7 @@ hi exclusive). Any problem raises ``SpaceError`` naming the key, before Ray star
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_
 SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
+# What a trial reports (``trainables.trainer.train``): the losses at every log step; the probe suite's last-layer
+# summary and per-layer rows at the end of the trial and every ``eval.every`` epochs.
+STEP_METRICS = ("loss", "loss_mim", "loss_cl")
+PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias")
+LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(attn_distance|attn_nmi|fourier_dlogamp_pi|token_cossim|effective_rank"
+                          r"|knn_top1|linear_top1)")
 MAX_VALIDATED = 200_000  # corner combinations checked one by one; beyond that, axes are checked one at a time
 
 
@@ -190,6 +197,10 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         if importlib.util.find_spec("optuna") is None:
             raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
                              "or use grid / random")
+    metric = search["metric"]
+    if not isinstance(metric, str) or not (metric in STEP_METRICS + PROBE_METRICS or LAYER_METRIC.fullmatch(metric)):
+        raise SpaceError(f"search.metric: {metric!r} is not a metric trials report; choose one of "
+                         f"{', '.join(STEP_METRICS + PROBE_METRICS)} or layer/<L>/<probe metric>")
     if search["mode"] not in ("min", "max"):
         raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
     scheduler = {"type": "fifo", **(raw.get("scheduler") or {})}
@@ -260,11 +271,28 @@ def validate_space(space: Space) -> None:
             msg = str(e)
             culprit = next((k for k in keys if msg.startswith(k + ":")), None) or next(
                 (k for k in keys if k in msg), None)  # the space key the config error starts with, or mentions
-            shown = ", ".join(f"{k}={v}" for k, v in values.items())
             where = f"space.{culprit}" if culprit else "space"
-            trial = f"the trial with {shown}" if shown else "every trial"
-            raise SpaceError(f"{where}: {trial} is invalid: {msg}") from None
+            raise SpaceError(f"{where}: {_which_trial(values)} is invalid: {msg}") from None
         _check_trial_resources(space, cfg)
+        _check_metric_reported(space, cfg, values)
+
+
+def _which_trial(values: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    return f"the trial with {shown}" if shown else "every trial"
+
+
+def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) -> None:
+    """The search metric must reach the searcher / scheduler for every trial, or they silently ignore it."""
+    metric, where = space.search["metric"], _which_trial(values)
+    if metric == "shape_bias" and cfg.data.dataset != "synthetic":
+        raise SpaceError(f"search.metric: shape_bias needs the synthetic set's cue-conflict split, but {where} "
+                         f"trains on {cfg.data.dataset}")
+    if (metric == "loss_mim" and cfg.objective.lam == 1) or (metric == "loss_cl" and cfg.objective.lam == 0):
+        raise SpaceError(f"search.metric: {where} has objective.lam={cfg.objective.lam:g} and reports no {metric}")
+    if space.scheduler["type"] == "asha" and metric not in STEP_METRICS and not cfg.eval.every:
+        raise SpaceError(f"scheduler.type: asha compares trials on {metric} every epoch, but the probes run only "
+                         "at the end of a trial; set eval.every (e.g. --set eval.every=1) or search.metric: loss")
 
 
 def _check_trial_resources(space: Space, cfg: Config) -> None:

@@ -42,6 +42,32 @@ def test_bad_spaces_are_rejected_naming_the_key(tmp_path):
     assert err(tmp_path, search={"algorithm": "optuna"}).startswith("search.algorithm")
 
 
+def test_search_metric_must_be_reported(tmp_path):
+    assert err(tmp_path, search={"metric": "linear_acc"}).startswith("search.metric: 'linear_acc' is not a metric")
+    load_space(space_file(tmp_path, search={"metric": "layer/3/attn_distance", "mode": "max"}))
+    assert "asha" in err(tmp_path, search={"metric": "linear_top1", "mode": "max"}, scheduler={"type": "asha"})
+    load_space(space_file(tmp_path, search={"metric": "linear_top1", "mode": "max"}, scheduler={"type": "asha"}),
+               ["eval.every=1"])
+    load_space(space_file(tmp_path, scheduler={"type": "asha"}))  # loss is reported at every log step
+    msg = err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.0]}}, search={"metric": "loss_cl"})
+    assert msg.startswith("search.metric:") and "objective.lam=0" in msg
+    msg = err(tmp_path, base={"data": {"dataset": "digits"}}, search={"metric": "shape_bias", "mode": "max"})
+    assert "cue-conflict" in msg
+
+
+def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
+    from conftest import tiny
+
+    from orchestrator.space import LAYER_METRIC, PROBE_METRICS, STEP_METRICS
+    from trainables.config import load_config
+    from trainables.trainer import train
+
+    final = train(load_config(tiny(), ["optim.steps=2", "objective.lam=0.5"]))
+    reported = {k for k in final if k in STEP_METRICS + PROBE_METRICS or k.startswith("layer/")}
+    assert set(STEP_METRICS + PROBE_METRICS) <= reported
+    assert all(LAYER_METRIC.fullmatch(k) for k in reported if k.startswith("layer/"))
+
+
 def test_cross_axis_combinations_are_checked(tmp_path):
     # graft_layer needs 0 < lam < 1: the lam = 1 corner of the range makes some trials invalid
     msg = err(tmp_path, space={"objective.lam": {"uniform": [0.2, 1.0]}, "objective.placement.graft_layer": 3})
