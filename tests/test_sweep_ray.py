@@ -185,6 +185,19 @@ def test_erroring_trial_is_recorded_and_sweep_goes_on(ray_address, tmp_path):
     assert by["imagefolder"]["status"] == "ERROR" and "not an image folder" in by["imagefolder"]["error"]
 
 
+def test_erroring_multi_worker_trial_reports_the_workers_error(ray_address, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = write_space(tmp_path, "err2", space={"data.dataset": "imagefolder", "data.path": str(empty),
+                                            "objective.lam": 0.0},
+                    resources={"workers": 2, "cpus_per_worker": 0.5, "mode": "train"})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    [row] = summary["rows"]
+    assert row["status"] == "ERROR" and "not an image folder" in row["error"], row["error"]
+    recorded = json.loads(next((tmp_path / "err2" / "tune").glob("*/error.json")).read_text())
+    assert recorded["type"] == "ConfigError" and "not an image folder" in recorded["message"]
+
+
 def wait_for(cond, timeout, what):
     t = time.time()
     while time.time() - t < timeout:
@@ -249,3 +262,23 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     assert len(dup) == 0
     assert query("SELECT count(DISTINCT trial) AS n FROM curves", tmp_path).n[0] == 3
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "intr", 3)
+
+
+def test_lost_worker_vs_training_error_classification():
+    # No cluster needed: the exceptions Ray Train 2.60 raises from trainer.fit(), built by hand.
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+
+    from trainables.tune_trainable import _describe_error, _is_lost_worker
+
+    tb = "Traceback (most recent call last):\n  ...\ntrainables.trainer.NonFiniteLossError: non-finite loss by step 4\n"
+    user = UserExceptionWithTraceback(RuntimeError("x"), tb)
+    dead = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())
+    assert not _is_lost_worker(WorkerGroupError("rank 0 raised", {0: user, 1: user}))
+    assert _is_lost_worker(WorkerGroupError("rank 1 died", {0: user, 1: dead}))  # rank 0's error is collateral
+    assert _is_lost_worker(ActorDiedError())
+    assert not _is_lost_worker(ValueError("bad"))
+    assert _describe_error(WorkerGroupError("rank 0 raised", {1: dead, 0: user})) == (
+        "NonFiniteLossError", "non-finite loss by step 4")
+    assert _describe_error(ValueError("bad\nmore")) == ("ValueError", "bad")

@@ -40,9 +40,23 @@ def _clean(metrics: dict) -> dict:
 
 def _record_error(trial_dir: Path, exc: BaseException) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / ERROR_FILE).write_text(json.dumps({
-        "type": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-        "traceback": traceback.format_exc()}))
+    kind, message = _describe_error(exc)
+    (trial_dir / ERROR_FILE).write_text(json.dumps({"type": kind, "message": message,
+                                                    "traceback": traceback.format_exc()}))
+
+
+def _describe_error(exc: BaseException) -> tuple[str, str]:
+    """(type, one-line message) of the exception the training code raised. For a Ray Train ``WorkerGroupError``
+    that is the lowest rank's own exception (its traceback string ends with "Type: message"), not the wrapper's
+    "Training failed due to worker errors"."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        lines = [ln for ln in str(failures[min(failures)]).strip().splitlines() if ln.strip()]
+        if lines and ": " in lines[-1]:
+            kind, _, message = lines[-1].partition(": ")
+            return kind.rsplit(".", 1)[-1], message
+    text = str(exc).strip()
+    return type(exc).__name__, text.splitlines()[0] if text else type(exc).__name__
 
 
 def _raise_recorded(trial_dir: Path) -> None:
@@ -83,9 +97,19 @@ def run_trial(config: dict, sweep: dict) -> None:
 
 
 def _is_lost_worker(e: BaseException) -> bool:
-    """Ray Train errors from a dead worker process are worth a retry; everything else is deterministic."""
-    text = f"{type(e).__name__}: {e}"
-    return any(s in text for s in ("ActorDiedError", "WorkerGroupError: ", "RayActorError", "died unexpectedly"))
+    """True if a Ray Train trial failed because a worker process was lost (killed, out of memory, node gone) or
+    the worker group could not start: worth a retry from the last checkpoint. An exception raised by the training
+    code on any rank is deterministic: not retried. When one rank dies the others often fail with collateral
+    errors (a collective's peer vanished), so one lost worker makes the whole failure a lost worker (as Ray
+    Train decides for preemptions)."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    lost = (RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+    if isinstance(e, WorkerGroupError):
+        return any(isinstance(f, lost) for f in e.worker_failures.values())
+    return isinstance(e, (ControllerError, *lost))
 
 
 def _run_in_process(config: dict, sweep: dict, trial_dir: Path) -> None:
@@ -149,7 +173,10 @@ def _run_with_train(config: dict, sweep: dict, trial_dir: Path, trial_id: str) -
         scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=trial_id, storage_path=sweep["train_storage"], callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=sweep["max_failures"]),
+            # Ray Train would retry every worker failure, the training code's own exceptions included; Tune
+            # retries instead (this function again: a new TorchTrainer that resumes from the same storage), and
+            # only after a lost worker (``_is_lost_worker``).
+            failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
