@@ -208,17 +208,28 @@ def wait_for(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path):
+@pytest.mark.parametrize("resources", [{"workers": 1, "cpus_per_worker": 1},
+                                       {"workers": 2, "cpus_per_worker": 0.5, "mode": "train"}],
+                         ids=["in-process", "ray-train-2-workers"])
+def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path, resources):
+    # Multi-worker: SIGKILL of rank 0's process is a lost worker; Tune reruns the trial and its new TorchTrainer
+    # resumes from the Ray Train checkpoint in the sweep's storage.
     p = write_space(tmp_path, "kill", space={"objective.lam": 1.0, "optim.steps": 40, "run.ckpt_every": 5,
-                                            "run.log_every": 5})
+                                            "run.log_every": 5}, resources=resources)
     proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
     sweep_dir = tmp_path / "kill"
 
     def checkpointed():
-        # the driver has registered a checkpoint once a result that carries one is in result.json
         dirs = trial_dirs(sweep_dir)
-        return (dirs and (dirs[0] / "pid").is_file()
-                and any(r.get("checkpoint_dir_name") for r in results_lines(dirs[0])) and dirs[0])
+        if not (dirs and (dirs[0] / "pid").is_file()):
+            return None
+        if resources["workers"] > 1:  # Ray Train has registered a checkpoint in its storage
+            train_dir = sweep_dir / "train" / dirs[0].name
+            registered = (train_dir / "checkpoint_manager_snapshot.json").is_file() and any(
+                train_dir.glob("checkpoint_*/checkpoint.pt"))
+        else:  # the driver has registered a checkpoint once a result that carries one is in result.json
+            registered = any(r.get("checkpoint_dir_name") for r in results_lines(dirs[0]))
+        return registered and dirs[0]
 
     trial = wait_for(checkpointed, 120, "a first checkpoint")
     os.kill(int((trial / "pid").read_text()), signal.SIGKILL)
@@ -268,12 +279,12 @@ def test_lost_worker_vs_training_error_classification():
     # No cluster needed: the exceptions Ray Train 2.60 raises from trainer.fit(), built by hand.
     from ray.exceptions import ActorDiedError
     from ray.train import WorkerGroupError
-    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
+    from trainables.trainer import NonFiniteLossError
     from trainables.tune_trainable import _describe_error, _is_lost_worker
 
-    tb = "Traceback (most recent call last):\n  ...\ntrainables.trainer.NonFiniteLossError: non-finite loss by step 4\n"
-    user = UserExceptionWithTraceback(RuntimeError("x"), tb)
+    user = NonFiniteLossError("non-finite loss by step 4\n(more)")  # Ray Train keeps the worker's own exception
     dead = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())
     assert not _is_lost_worker(WorkerGroupError("rank 0 raised", {0: user, 1: user}))
     assert _is_lost_worker(WorkerGroupError("rank 1 died", {0: user, 1: dead}))  # rank 0's error is collateral

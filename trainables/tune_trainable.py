@@ -46,15 +46,12 @@ def _record_error(trial_dir: Path, exc: BaseException) -> None:
 
 
 def _describe_error(exc: BaseException) -> tuple[str, str]:
-    """(type, one-line message) of the exception the training code raised. For a Ray Train ``WorkerGroupError``
-    that is the lowest rank's own exception (its traceback string ends with "Type: message"), not the wrapper's
-    "Training failed due to worker errors"."""
+    """(type, first line of the message) of the exception the training code raised. For a Ray Train
+    ``WorkerGroupError`` that is the lowest failing rank's own exception (Ray Train keeps it in
+    ``worker_failures``), not the wrapper's "Training failed due to worker errors"."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
-        lines = [ln for ln in str(failures[min(failures)]).strip().splitlines() if ln.strip()]
-        if lines and ": " in lines[-1]:
-            kind, _, message = lines[-1].partition(": ")
-            return kind.rsplit(".", 1)[-1], message
+        exc = failures[min(failures)]
     text = str(exc).strip()
     return type(exc).__name__, text.splitlines()[0] if text else type(exc).__name__
 
@@ -136,8 +133,14 @@ def _write_pid(trial_dir: Path) -> None:
 
 def _train_worker(loop_config: dict) -> None:
     """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
-    import ray.train
+    import logging
 
+    import ray.train
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
+    # to the sweep's console; its logger is named after the module's file.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     trial_dir = Path(loop_config["trial_dir"])
