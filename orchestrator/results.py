@@ -212,21 +212,36 @@ def rebuild(sweep_dir: Path) -> int:
     return n
 
 
-def compact(sweep_dir: Path) -> int:
-    """Merge each table's per-attempt files of a sweep into one file (fewer files make queries fast); return the
-    number of files merged. Run by the sweep driver when a sweep ends; the merged file is written atomically
-    before the originals are removed, so no row is ever missing (for a moment a reader may see both)."""
+MERGED_PREFIX = "_merged."
+COMPACT_BATCH = 64  # per-attempt files merged at a time while a sweep runs (~sqrt of a big sweep)
+
+
+def compact(sweep_dir: Path, batch: int | None = None) -> int:
+    """Merge a sweep's Parquet files, per table, so that queries read few files; return the number merged.
+
+    ``batch=None`` (the driver, when a sweep ends): every file of a table, merged files included, into one.
+    ``batch=N`` (the driver, whenever a trial finishes): only per-attempt files, N at a time, each group into a
+    new merged file, leaving fewer than N; merged files are never rewritten. A running sweep of n trials then has
+    at most N + n / N files per table instead of n.
+
+    Each merged file is written atomically before its originals are removed, so no row is ever missing (for a
+    moment a reader may see a row twice).
+    """
     merged_files = 0
     for table in TABLES:
         files = sorted((Path(sweep_dir) / table).glob("*.parquet"))
-        if len(files) <= 1:
-            continue
-        merged = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-        _write_atomic(merged.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}),
-                      Path(sweep_dir) / table / f"_merged.{new_attempt_id()}.parquet")
-        for f in files:
-            f.unlink()
-        merged_files += len(files)
+        if batch is None:
+            groups = [files] if len(files) > 1 else []
+        else:
+            small = [f for f in files if not f.name.startswith(MERGED_PREFIX)]
+            groups = [small[i:i + batch] for i in range(0, len(small) - batch + 1, batch)]
+        for group in groups:
+            merged = pa.concat_tables([pq.read_table(f) for f in group], promote_options="permissive")
+            _write_atomic(merged.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}),
+                          Path(sweep_dir) / table / f"{MERGED_PREFIX}{new_attempt_id()}.parquet")
+            for f in group:
+                f.unlink()
+            merged_files += len(group)
     return merged_files
 
 

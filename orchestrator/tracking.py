@@ -15,7 +15,7 @@ from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
 
-from .results import TUNE_KEYS, compact, read_result_json, trial_config_from_dir, write_trial_tables
+from .results import COMPACT_BATCH, TUNE_KEYS, compact, read_result_json, trial_config_from_dir, write_trial_tables
 from .space import Space, trial_config
 
 
@@ -158,6 +158,7 @@ class ResultsCallback(Callback):
                 err = lines[-1][:500] if lines else "unknown error"
         cfg = trial_config_from_dir(trial_dir) or to_dict(trial_config(self.space, dict(trial.config)))
         write_trial_tables(self.sweep_dir, trial.trial_id, status, cfg, results, error=err)
+        compact(self.sweep_dir, batch=COMPACT_BATCH)  # keeps queries over a running sweep fast
         run_id = self.child_run(trial)
         if (trial_dir / "run" / "config.yaml").is_file():
             self.client.log_artifact(run_id, str(trial_dir / "run" / "config.yaml"))
