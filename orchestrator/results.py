@@ -55,9 +55,10 @@ def new_attempt_id() -> str:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` with the schema version in its metadata, under a temporary name renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}), tmp)
     os.replace(tmp, path)
 
 
@@ -72,28 +73,20 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
     """The one-row summary of a trial attempt: ids, status, flattened config, size, final metrics."""
     flat = flatten(config)
     lam = float(flat.get("objective.lam", 0.0))
-    batch = int(flat.get("data.batch_size", 0))
-    step = final.get("step")
+    step = int(final["step"]) if isinstance(final.get("step"), (int, float)) else None
+    samples = step * int(flat.get("data.batch_size", 0)) if step is not None else None
+    flops_per_image = _num(final.get("train_flops_per_image"))
     row = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt,
            "written_at": time.time_ns(), "status": status, "error": error,
            "variant": flat.get("model.variant"), "lam": lam, "objective": objective_group(lam),
-           "params": final.get("params"), "train_flops_per_image": _num(final.get("train_flops_per_image")),
-           "samples_seen": int(step) * batch if isinstance(step, (int, float)) else None,
-           "train_flops": (_num(final.get("train_flops_per_image")) or 0) * int(step) * batch
-           if isinstance(step, (int, float)) and final.get("train_flops_per_image") else None,
-           "wall_time_s": wall_time_s, "step": int(step) if isinstance(step, (int, float)) else None,
-           "epoch": _num(final.get("epoch"))}
+           "params": final.get("params"), "train_flops_per_image": flops_per_image, "samples_seen": samples,
+           "train_flops": flops_per_image * samples if flops_per_image and samples is not None else None,
+           "wall_time_s": wall_time_s, "step": step, "epoch": _num(final.get("epoch"))}
     for k in FINAL_KEYS:
         row[k] = _num(final.get(k))
     for k, v in flat.items():
         row[k] = None if v is None else str(v) if isinstance(v, (list, dict)) else v
     return row
-
-
-def _trial_table(row: dict) -> pa.Table:
-    """One-row table; a config key that is null here is typed by DuckDB from the attempts that set it."""
-    table = pa.Table.from_pylist([row])
-    return table.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)})
 
 
 def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, str, float]]:
@@ -154,7 +147,8 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     _write_atomic(_long_table(CURVE_SCHEMA, ids, curves_from_results(results)), sweep_dir / "curves" / name)
     _write_atomic(_long_table(LAYER_SCHEMA, ids, layers_from_results(results)), sweep_dir / "layers" / name)
     # The trials row goes last: a reader that sees it also sees the attempt's curves and layers.
-    _write_atomic(_trial_table(row), sweep_dir / "trials" / name)
+    # A config key that is null in this one-row table is typed by DuckDB from the attempts that set it.
+    _write_atomic(pa.Table.from_pylist([row]), sweep_dir / "trials" / name)
     return attempt
 
 
@@ -169,6 +163,15 @@ def read_result_json(trial_dir: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def read_error(trial_dir: Path) -> str | None:
+    """"Type: message" of the error a trial recorded in its ``error.json``, or None."""
+    f = trial_dir / "error.json"
+    if not f.is_file():
+        return None
+    err = json.loads(f.read_text())
+    return f"{err['type']}: {err['message']}"
 
 
 def trial_config_from_dir(trial_dir: Path) -> dict:
@@ -199,14 +202,12 @@ def rebuild(sweep_dir: Path) -> int:
         pass
     n = 0
     for d in sorted(p for p in tune_dir.iterdir() if p.is_dir()):
-        results = read_result_json(d)
-        if not results and not (d / "error.json").is_file():
+        results, err = read_result_json(d), read_error(d)
+        if not results and not err:
             continue
-        err = json.loads((d / "error.json").read_text()) if (d / "error.json").is_file() else None
         done = any(r.get("done") for r in results)
         status = "ERROR" if err else statuses.get(d.name, "TERMINATED" if done else "PENDING")
-        write_trial_tables(sweep_dir, d.name, status, trial_config_from_dir(d), results,
-                           error=f"{err['type']}: {err['message']}" if err else None)
+        write_trial_tables(sweep_dir, d.name, status, trial_config_from_dir(d), results, error=err)
         n += 1
     compact(sweep_dir)
     return n
@@ -237,8 +238,7 @@ def compact(sweep_dir: Path, batch: int | None = None) -> int:
             groups = [small[i:i + batch] for i in range(0, len(small) - batch + 1, batch)]
         for group in groups:
             merged = pa.concat_tables([pq.read_table(f) for f in group], promote_options="permissive")
-            _write_atomic(merged.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}),
-                          Path(sweep_dir) / table / f"{MERGED_PREFIX}{new_attempt_id()}.parquet")
+            _write_atomic(merged, Path(sweep_dir) / table / f"{MERGED_PREFIX}{new_attempt_id()}.parquet")
             for f in group:
                 f.unlink()
             merged_files += len(group)
@@ -283,8 +283,9 @@ class QueryError(ValueError):
     """A query that is not a single read-only SELECT, or that DuckDB rejects."""
 
 
-def query(sql: str, root: str | Path):
-    """Run one read-only SQL statement over the views; return a pandas DataFrame."""
+def query(sql: str, root: str | Path, params: list | None = None):
+    """Run one read-only SQL statement over the views (``?`` placeholders bound to ``params``); return a pandas
+    DataFrame."""
     import duckdb
 
     con = connect(root)
@@ -295,7 +296,7 @@ def query(sql: str, root: str | Path):
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise QueryError("query: only a single SELECT statement is allowed (results are read-only)")
     try:
-        return con.execute(sql).df()
+        return con.execute(sql, params).df()
     except duckdb.Error as e:
         raise QueryError(f"query: {str(e).splitlines()[0]}") from None
 

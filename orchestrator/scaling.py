@@ -84,7 +84,7 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
         raise QueryError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
     xcol = X_COLUMNS[x]
     df = query(f'SELECT lam, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
-               f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL'.replace("?", f"'{name}'"), root)
+               f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL', root, [name])
     if df.empty:
         raise QueryError(f"sweep {name!r} has no finished trials with {xcol} and {y}")
     is_acc = y.endswith("top1")

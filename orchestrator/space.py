@@ -64,10 +64,6 @@ class Resources:
     def in_process(self) -> bool:
         return self.mode == "inprocess" or (self.mode == "auto" and self.workers == 1)
 
-    def trial_cpus(self) -> float:
-        """CPUs the Tune trial itself asks for: the whole worker share in-process, a sliver around Ray Train."""
-        return self.cpus_per_worker if self.in_process else 0.01
-
 
 @dataclass
 class Space:

@@ -15,6 +15,7 @@ import platform
 import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -297,9 +298,7 @@ def print_summary(summary: dict, title: str, counts: bool = True) -> None:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
     Console(width=max(120, min(220, 14 * len(cols)))).print(table)
     if counts:
-        by: dict[str, int] = {}
-        for r in rows:
-            by[r["status"]] = by.get(r["status"], 0) + 1
+        by = Counter(r["status"] for r in rows)
         print(", ".join(f"{v} {k.lower()}" for k, v in sorted(by.items())))
 
 

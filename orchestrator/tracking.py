@@ -15,7 +15,15 @@ from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
 
-from .results import COMPACT_BATCH, TUNE_KEYS, compact, read_result_json, trial_config_from_dir, write_trial_tables
+from .results import (
+    COMPACT_BATCH,
+    TUNE_KEYS,
+    compact,
+    read_error,
+    read_result_json,
+    trial_config_from_dir,
+    write_trial_tables,
+)
 from .space import Space, trial_config
 
 
@@ -78,10 +86,15 @@ class ResultsCallback(Callback):
                                        max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
     def parent_run(self) -> str:
         if self._parent is None:
-            from mlflow.entities import Param
-
             self._parent = self._find_run("clmim.role", "sweep")
             if self._parent is None:
                 run = self.client.create_run(self._experiment_id(), run_name=self.sweep_dir.name,
@@ -92,9 +105,7 @@ class ResultsCallback(Callback):
                 params.update({f"cli.{k}": json.dumps(v) for k, v in (info.get("cli_args") or {}).items()})
                 params.update({"search": json.dumps(self.space.search), "scheduler": json.dumps(self.space.scheduler),
                                "num_samples": str(self.space.num_samples), "code_version": info["code_version"]})
-                items = [Param(k, v[:6000]) for k, v in params.items()]
-                for i in range(0, len(items), 100):
-                    self.client.log_batch(self._parent, params=items[i:i + 100])
+                self._log_params(self._parent, {k: v[:6000] for k, v in params.items()})
                 self.client.log_artifact(self._parent, str(self.sweep_dir / "sweep.json"))
             else:
                 self.client.update_run(self._parent, status="RUNNING")
@@ -103,8 +114,6 @@ class ResultsCallback(Callback):
     def child_run(self, trial) -> str:
         tid = trial.trial_id
         if tid not in self._runs:
-            from mlflow.entities import Param
-
             run_id = self._find_run("clmim.trial_id", tid)
             if run_id is None:
                 run = self.client.create_run(self._experiment_id(), run_name=tid, tags={
@@ -112,9 +121,7 @@ class ResultsCallback(Callback):
                     "clmim.sweep": self.sweep_dir.name, "clmim.role": "trial"})
                 run_id = run.info.run_id
                 cfg = flatten(to_dict(trial_config(self.space, dict(trial.config))))
-                items = [Param(k, str(v)) for k, v in cfg.items()]
-                for i in range(0, len(items), 100):
-                    self.client.log_batch(run_id, params=items[i:i + 100])
+                self._log_params(run_id, {k: str(v) for k, v in cfg.items()})
             else:
                 self.client.update_run(run_id, status="RUNNING")  # a retry or resume continues this run
             self._runs[tid] = run_id
@@ -149,12 +156,9 @@ class ResultsCallback(Callback):
                 results.append(r)
         err = None
         if status == "ERROR":
-            f = trial_dir / "error.json"
-            if f.is_file():
-                e = json.loads(f.read_text())
-                err = f"{e['type']}: {e['message']}"
-            else:
-                lines = (trial.error_message or "").strip().splitlines()
+            err = read_error(trial_dir)
+            if err is None:  # no error.json (e.g. a lost process out of retries): the last line of Tune's trace
+                lines = (trial.get_error() or "").strip().splitlines()
                 err = lines[-1][:500] if lines else "unknown error"
         cfg = trial_config_from_dir(trial_dir) or to_dict(trial_config(self.space, dict(trial.config)))
         write_trial_tables(self.sweep_dir, trial.trial_id, status, cfg, results, error=err)

@@ -109,20 +109,27 @@ def _is_lost_worker(e: BaseException) -> bool:
     return isinstance(e, (ControllerError, *lost))
 
 
+def _train_reporting_to(api, values: dict, sweep: dict, trial_dir: Path, write_pid: bool = True) -> None:
+    """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
+    process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
+    A checkpoint the API hands back (a retried or resumed trial) is resumed from."""
+    cfg = build_trial_config(values, sweep, str(trial_dir / "run"))
+    ckpt = api.get_checkpoint()
+    if ckpt is not None:
+        cfg.run.resume = str(Path(ckpt.path) / "checkpoint.pt")
+    if write_pid:
+        _write_pid(trial_dir)
+
+    def report(metrics: dict, checkpoint=None) -> None:
+        api.report(_clean(metrics), checkpoint=api.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    train(cfg, report)
+
+
 def _run_in_process(config: dict, sweep: dict, trial_dir: Path) -> None:
     from ray import tune
 
-    cfg = build_trial_config(config, sweep, str(trial_dir / "run"))
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        cfg.run.resume = str(Path(ckpt.path) / "checkpoint.pt")
-    _write_pid(trial_dir)
-
-    def report(metrics: dict, checkpoint=None) -> None:
-        tune.report(_clean(metrics),
-                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
-
-    train(cfg, report)
+    _train_reporting_to(tune, config, sweep, trial_dir)
 
 
 def _write_pid(trial_dir: Path) -> None:
@@ -141,23 +148,10 @@ def _train_worker(loop_config: dict) -> None:
     # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
     # to the sweep's console; its logger is named after the module's file.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    trial_dir = Path(loop_config["trial_dir"])
     # Every rank gets the same out_dir (the trainer writes files from rank 0 only, but all ranks must agree on
     # when checkpoints happen: saving one is a collective step).
-    cfg = build_trial_config(loop_config["values"], loop_config["sweep"], str(trial_dir / "run"))
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        cfg.run.resume = str(Path(ckpt.path) / "checkpoint.pt")
-    if rank == 0:
-        _write_pid(trial_dir)
-
-    def report(metrics: dict, checkpoint=None) -> None:
-        ray.train.report(_clean(metrics),
-                         checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
-
-    train(cfg, report)
+    _train_reporting_to(ray.train, loop_config["values"], loop_config["sweep"], Path(loop_config["trial_dir"]),
+                        write_pid=ray.train.get_context().get_world_rank() == 0)
 
 
 def _run_with_train(config: dict, sweep: dict, trial_dir: Path, trial_id: str) -> None:
