@@ -1,7 +1,9 @@
 """The ``clmim`` command line. Subcommands stay thin: they parse, validate, then call library functions.
 
-Bad input (a config error, a missing file) prints one line naming what was wrong and exits with code 2 before
-any expensive work starts.
+Bad input raises ``trainables.errors.UserError`` (config keys, space files, sweep names, SQL, paths): it is
+printed as one line naming what was wrong and the exit code is 2, before any expensive work starts (configs are
+validated before torch is imported). Exit codes: 0 done, 1 a sweep with errored trials, 2 bad input, 130
+interrupted (resumable).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from trainables.errors import UserError
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+UsageError = UserError  # the one user-error type (older name)
 
 
 def _fmt(v) -> str:
@@ -22,57 +25,94 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
 def cmd_train(args) -> int:
     from trainables.config import load_config
-    from trainables.trainer import train
 
-    overrides = list(args.set or [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.set or []))  # validated before torch is imported (below)
     if args.out:
         cfg.run.out_dir = args.out
     elif cfg.run.out_dir is None:
         cfg.run.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     print(f"clmim train: {cfg.model.variant} on {cfg.data.dataset}, lam={cfg.objective.lam}, "
           f"out={cfg.run.out_dir}", flush=True)
+    from orchestrator.console import duration
+    from trainables.trainer import train
+
+    t0 = time.time()
 
     def report(metrics, checkpoint=None):
-        keys = [k for k in ("step", "epoch", "loss", "loss_mim", "loss_cl", "lr", "images_per_s") if k in metrics]
-        line = "  ".join(f"{k}={_fmt(metrics[k])}" for k in keys)
+        step, total = metrics.get("step"), metrics.get("total_steps")
+        if "knn_top1" in metrics:  # a probe report (eval.every, or the final one): printed once at the end
+            return
+        head = f"step {step}/{total}" if total else f"step {step}"
+        if total and step:
+            elapsed = time.time() - t0
+            head += f" ({100 * step / total:.0f}%, ETA {duration(elapsed * (total - step) / step)})"
+        keys = [k for k in ("loss", "loss_mim", "loss_cl", "lr", "images_per_s") if k in metrics]
+        line = "  ".join([head] + [f"{k}={_fmt(metrics[k])}" for k in keys])
         if checkpoint:
-            line += f"  checkpoint={checkpoint}"
+            line += "  (checkpoint saved)"
         print(line, flush=True)
 
     final = train(cfg, report)
-    print("final: " + "  ".join(f"{k}={_fmt(v)}" for k, v in final.items()), flush=True)
+    keys = ("loss", "linear_top1", "knn_top1", "shape_bias", "params", "train_flops_per_image")
+    print("final: " + "  ".join(f"{k}={_fmt(final[k])}" for k in keys if k in final), flush=True)
+    n_layer = sum(k.startswith("layer/") for k in final)
+    print(f"{n_layer} per-layer probe values and the rest in {Path(cfg.run.out_dir) / 'final_metrics.json'}; "
+          f"per-layer tables: clmim analyze {cfg.run.out_dir}", flush=True)
     return 0
 
 
 def cmd_sweep(args) -> int:
     from .space import load_space, sample_table
-    from .sweep import run_sweep
 
-    space = load_space(args.space, args.set)  # every trial config is validated here, before Ray starts
+    space = load_space(args.space, args.set)  # trial configs are validated here, before Ray starts
     name = args.name or space.name
     if args.dry_run:
-        from .sweep import print_summary
+        from .console import print_summary
 
-        print_summary({"rows": [{"status": "planned", **r} for r in sample_table(space)]},
-              f"sweep {name}: {space.n_trials()} trial(s), dry run")
+        limit = 50
+        rows = sample_table(space, limit=limit)
+        n = space.n_trials()
+        print_summary({"rows": [{"status": "planned", **r} for r in rows]},
+                      f"sweep {name}: {n:,} trial(s), dry run" + (f" (first {len(rows)} shown)" if n > len(rows)
+                                                                   else ""))
         return 0
+    from .sweep import run_sweep
+
     cli_args = {k: v for k, v in vars(args).items() if k != "fn"}
     summary = run_sweep(space, name=name, results=args.results, address=args.address,
                         max_concurrent=args.max_concurrent, overrides=args.set or [], cli_args=cli_args,
                         mlflow_uri=args.mlflow_uri)
-    return _finish(summary, name)
+    return _finish(summary, args.results)
 
 
-def _finish(summary: dict, name: str) -> int:
-    from .sweep import print_summary
+def _finish(summary: dict, results_arg: str | None) -> int:
+    """Print the summary and what to do next; the exit code says how the sweep ended."""
+    from .console import print_next_steps, print_summary
 
-    print_summary(summary, f"sweep {name}")
+    layout = summary["layout"]
+    print_summary(summary, f"sweep {layout.name}")
     if summary["interrupted"]:
-        print(f"sweep {name} was interrupted; continue it with: clmim resume {name}", file=sys.stderr)
+        extra = f" --results {results_arg}" if results_arg else ""
+        print(f"sweep {layout.name} stopped before every trial ended; continue it with: clmim resume "
+              f"{layout.name}{extra}", file=sys.stderr)
         return 130
+    print_next_steps(layout, results_arg)
+    if summary["errored"]:
+        print(f"sweep {layout.name}: {summary['errored']} trial(s) ended in ERROR (reasons above); after fixing the "
+              f"cause: clmim resume {layout.name} --retry-errored", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,12 +120,12 @@ def cmd_resume(args) -> int:
     from .sweep import resume_sweep
 
     return _finish(resume_sweep(args.name, results=args.results, address=args.address,
-                                retry_errored=args.retry_errored), args.name)
+                                retry_errored=args.retry_errored), args.results)
 
 
 def cmd_results_query(args) -> int:
+    from .layout import results_root
     from .results import query
-    from .sweep import results_root
 
     df = query(args.sql, results_root(args.results))
     if args.format == "csv":
@@ -98,34 +138,47 @@ def cmd_results_query(args) -> int:
 
 
 def _print_frame(df, title: str | None = None) -> None:
-    from .sweep import print_summary
+    from .console import print_summary
 
     rows = [{k: (None if v != v else v) if isinstance(v, float) else v for k, v in r.items()}
             for r in df.to_dict(orient="records")]
     print_summary({"rows": rows}, title or f"{len(rows)} row(s)", counts=False)
 
 
-def cmd_results_show(args) -> int:
-    from .results import show
-    from .sweep import results_root
+def cmd_results_list(args) -> int:
+    from .layout import results_root
+    from .results import list_table
 
-    for title, df in show(args.name, results_root(args.results)):
+    root = results_root(args.results)
+    df = list_table(root)
+    if df.empty:
+        print(f"no sweeps under {root} yet (start one: clmim sweep search_spaces/quickstart.yaml)")
+        return 0
+    _print_frame(df, f"sweeps under {root} (oldest first; `latest` names the last one)")
+    return 0
+
+
+def cmd_results_show(args) -> int:
+    from .layout import find_sweep, results_root
+    from .results import show
+
+    for title, df in show(find_sweep(args.name, results_root(args.results))):
         _print_frame(df, title)
     return 0
 
 
 def cmd_results_rebuild(args) -> int:
+    from .layout import find_sweep, results_root
     from .results import rebuild
-    from .sweep import results_root
 
-    sweep_dir = results_root(args.results) / args.name
-    if not sweep_dir.is_dir():
-        raise UsageError(f"sweep {args.name!r} not found under {sweep_dir.parent}")
-    print(f"rebuilt the tables of {rebuild(sweep_dir)} trial(s) in {sweep_dir}")
+    layout = find_sweep(args.name, results_root(args.results), need="tune")
+    print(f"rebuilt the tables of {rebuild(layout.sweep_dir)} trial(s) in {layout.sweep_dir}")
     return 0
 
 
 def cmd_analyze(args) -> int:
+    import pickle
+
     import pandas as pd
     import torch
 
@@ -134,15 +187,18 @@ def cmd_analyze(args) -> int:
     from trainables.model import ViT
     from trainables.objectives import build_objective
     from trainables.probes import run_probes
-    from trainables.trainer import find_checkpoint
+    from trainables.trainer import find_checkpoint, load_weights
 
     path = find_checkpoint(args.checkpoint)
     if path is None:
-        raise UsageError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
+        raise UserError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_weights(path)
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint: {str(path)!r} holds Python objects beyond tensors and plain values; clmim "
+                        "loads weights only (weights_only=True) and never runs code from a file") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
-        raise UsageError(f"checkpoint: {str(path)!r} is not a torch file ({type(e).__name__})") from None
+        raise UserError(f"checkpoint: {str(path)!r} is not a torch file ({type(e).__name__})") from None
     overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint
         cfg = load_config(ckpt["config"], overrides)
@@ -151,14 +207,16 @@ def cmd_analyze(args) -> int:
         encoder = objective.encoder
     else:  # timm VisionTransformer weights
         if not args.variant:
-            raise UsageError("--variant: needed for plain timm weights (e.g. --variant B/16 --img-size 224)")
+            raise UserError("--variant: needed for plain timm weights (e.g. --variant B/16 --img-size 224)")
         cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size}}, overrides)
         encoder = ViT(cfg.model.variant, cfg.model.img_size)
         state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt
         missing, _ = encoder.vit.load_state_dict(state, strict=False)
         if any(k.startswith("blocks.") for k in missing):
-            raise UsageError(f"checkpoint: weights do not fit {cfg.model.variant} at {cfg.model.img_size} px "
-                             f"(missing {missing[0]})")
+            raise UserError(f"checkpoint: weights do not fit {cfg.model.variant} at {cfg.model.img_size} px "
+                            f"(missing {missing[0]})")
+    if cfg.run.threads:  # the trial's thread count: the same numbers as the trial recorded
+        torch.set_num_threads(cfg.run.threads)
     print(f"clmim analyze: {path} ({cfg.model.variant}, data {cfg.data.dataset})", flush=True)
     rows, summary = run_probes(encoder, build_data(cfg), cfg)
     df = pd.DataFrame([r for r in rows if r[1] is None], columns=["layer", "head", "metric", "value"])
@@ -169,10 +227,11 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_scaling(args) -> int:
+    from .layout import find_sweep, results_root
     from .scaling import scaling_table
-    from .sweep import results_root
 
-    table, what = scaling_table(args.name, results_root(args.results), x=args.x, y=args.y, offset=args.offset)
+    layout = find_sweep(args.name, results_root(args.results))
+    table, what = scaling_table(layout.name, layout.root, x=args.x, y=args.y, offset=args.offset)
     _print_frame(table, f"power-law fits, {what}, 95% interval of b")
     fitted = table.dropna(subset=["b"]) if "b" in table else table.iloc[0:0]
     if len(fitted) >= 2:
@@ -186,14 +245,14 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .layout import find_sweep, results_root
     from .report import attach_to_mlflow, build_report
-    from .sweep import results_root
     from .tracking import default_mlflow_uri
 
-    root = results_root(args.results)
-    path = build_report(args.name, root, args.out)
+    layout = find_sweep(args.name, results_root(args.results))
+    path, files = build_report(layout, args.out)
     print(f"report: {path} (figures as PNG beside it)")
-    if attach_to_mlflow(args.name, root, path, default_mlflow_uri(root, args.mlflow_uri)):
+    if attach_to_mlflow(layout.name, files, default_mlflow_uri(layout.root, args.mlflow_uri)):
         print("attached to the sweep's MLflow parent run (artifacts/report)")
     return 0
 
@@ -214,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="results root (default: $CLMIM_RESULTS or ./clmim-results)")
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     s.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under the results root)")
-    s.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
+    s.add_argument("--max-concurrent", type=_positive_int, help="cap on trials running at once")
     s.add_argument("--dry-run", action="store_true", help="print the trials as a table and exit")
     s.set_defaults(fn=cmd_sweep)
 
@@ -255,8 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--results", help="results root")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.set_defaults(fn=cmd_results_query)
+    ls = rsub.add_parser("list", help="every sweep: status counts, start date, storage size")
+    ls.add_argument("--results", help="results root")
+    ls.set_defaults(fn=cmd_results_list)
     sh = rsub.add_parser("show", help="summary of one sweep")
-    sh.add_argument("name")
+    sh.add_argument("name", help="a sweep name, or `latest`")
     sh.add_argument("--results", help="results root")
     sh.set_defaults(fn=cmd_results_show)
     rb = rsub.add_parser("rebuild", help="rebuild a sweep's Parquet tables from Tune's trial directories")
@@ -266,20 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"clmim: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from trainables.config import ConfigError
-
-    from .results import QueryError
-    from .space import SpaceError
-
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         return args.fn(args)
-    except (ConfigError, SpaceError, QueryError, UsageError, FileNotFoundError) as e:
-        print(f"clmim {args.command}: error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"clmim {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"clmim {args.command}: interrupted", file=sys.stderr)
+        hint = f"; continue it with: clmim resume {args.name}" if args.command == "resume" else (
+            "; continue it with: clmim resume NAME (clmim results list shows the name)"
+            if args.command == "sweep" else "")
+        print(f"clmim {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -1,9 +1,14 @@
 """``clmim report NAME``: one self-contained HTML page per sweep (figures embedded as base64 PNG), plus the same
 figures as PNG files beside it, and the page attached to the sweep's MLflow parent run.
 
-Sections: summary and failures; per-layer curves per objective (attention distance, attention NMI, Fourier
-delta log amplitude at pi, linear-probe accuracy vs depth, as in the paper's figures); the lam curve; scaling
-curves with fitted power laws and exponent intervals (when the sweep varies model size); the best configurations.
+Sections: a numbers-only summary of what differed between objectives; status and failures; training loss per
+trial; per-layer curves per objective (attention distance, attention NMI, Fourier delta log amplitude at pi,
+linear-probe accuracy vs depth, as in the paper's figures); the lam curve; scaling curves with fitted power laws
+and exponent intervals (when the sweep varies model size); the best configurations. Accuracy axes carry the
+chance level of the data set.
+
+Only the page and its figures are written (``report.html``, ``<figure>.png`` beside it) and only those files are
+attached to MLflow, wherever ``--out`` points.
 """
 
 from __future__ import annotations
@@ -20,10 +25,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from trainables.vocab import objective_label  # noqa: E402
+
+from .layout import SweepLayout  # noqa: E402
 from .results import QueryError, connect  # noqa: E402
 
-LAYER_METRICS = [("attn_distance", "mean attention distance (px)"), ("attn_nmi", "attention NMI"),
-                 ("fourier_dlogamp_pi", "Δ log amplitude at π"), ("linear_top1", "linear probe top-1")]
+# (metric, panel title, y-axis label with units)
+LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)"),
+                 ("attn_nmi", "attention NMI", "NMI (0 = uniform, 1 = one-to-one)"),
+                 ("fourier_dlogamp_pi", "Δ log amplitude at π", "Δ log amplitude (high − zero freq.)"),
+                 ("linear_top1", "linear probe top-1", "top-1 accuracy (fraction)")]
+CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # data sets whose class count is fixed
+
+
+def chance_level(trials: pd.DataFrame) -> float | None:
+    """1 / classes of the sweep's data set, if all trials use one known class count."""
+    counts = set()
+    for _, t in trials.iterrows():
+        ds = t.get("data.dataset")
+        n = t.get("data.num_classes") if ds == "synthetic" else CLASSES.get(ds)
+        counts.add(int(n) if n is not None and n == n else None)
+    return 1.0 / counts.pop() if len(counts) == 1 and None not in counts else None
+
+
+def _chance_line(ax, chance: float | None) -> None:
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.3g})")
 
 
 def _png(fig) -> bytes:
@@ -37,23 +64,44 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
 
 
-def layer_figure(layers: pd.DataFrame) -> bytes:
+def layer_figure(layers: pd.DataFrame, chance: float | None = None) -> bytes:
     """Per-layer curves, one line per objective group (lam), one panel per metric."""
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(4.2 * len(LAYER_METRICS), 3.4))
     cmap = plt.get_cmap("coolwarm")
-    for ax, (metric, label) in zip(axes, LAYER_METRICS, strict=True):
+    for ax, (metric, title, ylabel) in zip(axes, LAYER_METRICS, strict=True):
         d = layers[layers.metric == metric]
         for lam, g in d.groupby("lam"):
             g = g.groupby("layer").value.mean()
             ax.plot(g.index, g.values, marker="o", ms=3, color=cmap(lam), label=f"lam={lam:g}")
+        if metric == "linear_top1":
+            _chance_line(ax, chance)
         ax.set_xlabel("layer (0 = patch embedding)")
-        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title="MIM 0 … 1 CL", title_fontsize=8)
+    fig.tight_layout()
     return _png(fig)
 
 
-def lam_figure(trials: pd.DataFrame) -> bytes:
+def loss_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> bytes:
+    """Training loss against step, one line per trial, coloured by lam."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    cmap = plt.get_cmap("coolwarm")
+    lam = dict(zip(trials.trial, trials.lam, strict=True))
+    for trial, g in curves.groupby("trial"):
+        g = g.sort_values("step")
+        ax.plot(g.step, g.value, color=cmap(lam.get(trial, 0.5)), lw=1.2, alpha=0.85,
+                label=f"{trial[-5:]} (lam={lam.get(trial, float('nan')):g})")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss (objective's own units)")
+    ax.grid(alpha=0.3)
+    if curves.trial.nunique() <= 12:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
     """Final accuracy against lam (mean and range over seeds / other axes)."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for metric in ("linear_top1", "knn_top1"):
@@ -63,8 +111,9 @@ def lam_figure(trials: pd.DataFrame) -> bytes:
         g = values.groupby(trials.lam).agg(["mean", "min", "max"]).dropna()
         ax.plot(g.index, g["mean"], marker="o", label=metric)
         ax.fill_between(g.index, g["min"], g["max"], alpha=0.15)
+    _chance_line(ax, chance)
     ax.set_xlabel("lam  (0 = SimMIM, 1 = MoCo v3)")
-    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylabel("top-1 accuracy (fraction)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -84,20 +133,52 @@ def scaling_figure(trials: pd.DataFrame, fits: pd.DataFrame) -> bytes:
                     label=f"b={row.b:.3f} [{row.b_low:.3f}, {row.b_high:.3f}]")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("encoder parameters")
-    ax.set_ylabel("1 - linear top-1")
+    ax.set_xlabel("encoder parameters (count)")
+    ax.set_ylabel("error = 1 − linear top-1 (fraction)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return _png(fig)
 
 
-def build_report(name: str, root: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` (and the PNG figures) for sweep ``name``; return the HTML path."""
-    root = Path(root)
-    sweep_dir = root / name
-    if not sweep_dir.is_dir():
-        raise QueryError(f"sweep {name!r} not found under {root}")
-    con = connect(root)
+def _mean_se(values: pd.Series) -> str:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    if v.empty:
+        return "–"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.3g}"
+    return f"{v.mean():.3g} ± {v.std(ddof=1) / np.sqrt(len(v)):.2g}"
+
+
+def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None) -> str:
+    """One paragraph of numbers: per objective group, the final probes and last-layer attention; which group is
+    highest on the linear probe and by how much. No claim the numbers do not carry."""
+    parts = []
+    last = layers[layers.layer == layers.layer.max()] if not layers.empty else layers
+    for lam, g in done.groupby("lam"):
+        att = last[(last.lam == lam)] if not last.empty else last
+        dist = att[att.metric == "attn_distance"].value if not att.empty else pd.Series(dtype=float)
+        nmi = att[att.metric == "attn_nmi"].value if not att.empty else pd.Series(dtype=float)
+        parts.append(f"{objective_label(lam)}, {len(g)} trial(s): linear top-1 {_mean_se(g.linear_top1)}, "
+                     f"kNN top-1 {_mean_se(g.knn_top1)}, last-layer attention distance {_mean_se(dist)} px, "
+                     f"NMI {_mean_se(nmi)}")
+    text = "Per objective (mean ± standard error over trials where there are several): " + "; ".join(parts) + "."
+    means = done.groupby("lam").linear_top1.mean().dropna()
+    if len(means) > 1:
+        hi, lo = means.idxmax(), means.idxmin()
+        text += (f" Highest mean linear top-1: {objective_label(hi)} ({means[hi]:.3g}), "
+                 f"{means[hi] - means[lo]:.3g} above the lowest, {objective_label(lo)} ({means[lo]:.3g}).")
+    if chance is not None:
+        text += f" Chance level is {chance:.3g}."
+    if done.groupby("lam").size().max() < 3:
+        text += (" With fewer than 3 trials (seeds) per objective there is no usable spread: treat differences as "
+                 "unconfirmed.")
+    return text
+
+
+def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """Write ``report.html`` and its PNG figures for a sweep; return the HTML path and every file written."""
+    name = layout.name
+    con = connect(layout.root)
     trials = con.execute("SELECT * FROM trials WHERE sweep = ?", [name]).df()
     if trials.empty:
         raise QueryError(f"sweep {name!r} has no results yet (try `clmim results rebuild {name}`)")
@@ -106,22 +187,31 @@ def build_report(name: str, root: str | Path, out: str | Path | None = None) -> 
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
     layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
                          "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df()
-    out = Path(out) if out else sweep_dir / "report" / "report.html"
+    curves = con.execute("SELECT trial, step, value FROM curves WHERE sweep = ? AND metric = 'loss'", [name]).df()
+    out = Path(out) if out else layout.report_dir / "report.html"
+    if out.is_dir():
+        raise QueryError(f"--out: {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
     out.parent.mkdir(parents=True, exist_ok=True)
+    chance = chance_level(done)
 
     figures: list[tuple[str, str, bytes]] = []
+    if not curves.empty:
+        figures.append(("loss", "Training loss per trial", loss_figure(curves, trials)))
     if not layers.empty:
-        figures.append(("layers", "Per-layer probes by objective (mean over heads)", layer_figure(layers)))
+        figures.append(("layers", "Per-layer probes by objective (mean over heads)", layer_figure(layers, chance)))
     if done.lam.nunique() > 1:
-        figures.append(("lam", "Accuracy against lam", lam_figure(done)))
+        figures.append(("lam", "Accuracy against lam", lam_figure(done, chance)))
     fits = pd.DataFrame()
     if done.variant.nunique() > 2 and done.params.notna().all():
         from .scaling import scaling_table
 
-        fits, _ = scaling_table(name, root, n_boot=300)
+        fits, _ = scaling_table(name, layout.root, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))
+    written = []
     for key, _, png in figures:
-        (out.parent / f"{key}.png").write_bytes(png)
+        f = out.parent / f"{key}.png"
+        f.write_bytes(png)
+        written.append(f)
 
     status = trials.groupby("status").size().reset_index(name="trials")
     failed = trials[trials.status != "TERMINATED"][["trial", "status", "error"]]
@@ -131,7 +221,9 @@ def build_report(name: str, root: str | Path, out: str | Path | None = None) -> 
         ["trial", *axes_cols, "linear_top1", "knn_top1", "shape_bias", "params", "wall_time_s"]]
     parts = [f"<h1>clmim sweep <code>{html.escape(name)}</code></h1>",
              f"<p>{len(trials)} trials; best linear-probe top-1 {done.linear_top1.max():.4g}.</p>",
-             "<h2>Summary</h2>", _table_html(status)]
+             "<h2>What differed between objectives</h2>",
+             f"<p class=summary>{html.escape(summary_text(done, layers, chance))}</p>",
+             "<h2>Status</h2>", _table_html(status)]
     if len(failed):
         parts += ["<h2>Failed or unfinished trials</h2>", _table_html(failed)]
     for key, title, png in figures:
@@ -144,6 +236,7 @@ def build_report(name: str, root: str | Path, out: str | Path | None = None) -> 
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>clmim {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img.fig{{max-width:100%}}
 table.t{{border-collapse:collapse;font-size:13px}} table.t td,table.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
+p.summary{{max-width:1000px;line-height:1.4}}
 </style></head><body>{''.join(parts)}
 <script>
 // lets a headless browser check that every figure decoded: <body data-figures="loaded/total">
@@ -152,14 +245,15 @@ window.addEventListener("load", () => {{
   document.body.dataset.figures = imgs.filter(i => i.complete && i.naturalWidth > 0).length + "/" + imgs.length;
 }});
 </script></body></html>"""
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+    from trainables.files import write_text_atomic
+
+    write_text_atomic(out, page)
+    return out, [out, *written]
 
 
-def attach_to_mlflow(name: str, root: Path, report: Path, uri: str) -> bool:
-    """Log the report (and figures) to the sweep's MLflow parent run; False if there is none."""
+def attach_to_mlflow(name: str, files: list[Path], uri: str) -> bool:
+    """Log the report's own files (the page and its figures, nothing else beside them) to the sweep's MLflow
+    parent run; False if there is none."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -169,5 +263,6 @@ def attach_to_mlflow(name: str, root: Path, report: Path, uri: str) -> bool:
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'sweep'", max_results=1)
     if not runs:
         return False
-    client.log_artifacts(runs[0].info.run_id, str(report.parent), artifact_path="report")
+    for f in files:
+        client.log_artifact(runs[0].info.run_id, str(f), artifact_path="report")
     return True

@@ -5,19 +5,32 @@ Layout (schema version ``SCHEMA_VERSION``; columns documented in the README)::
     <results>/<sweep>/trials/<trial>.<attempt>.parquet   one row per trial attempt
     <results>/<sweep>/curves/<trial>.<attempt>.parquet   long: step, epoch, metric, value
     <results>/<sweep>/layers/<trial>.<attempt>.parquet   long: layer, head (nullable), metric, value
+    <results>/<sweep>/manifest.json                      the current files of each table
 
 Every file is written under a temporary name and renamed into place, so readers never see a partial file and
 concurrent writers never clobber each other (attempt ids are unique). The views keep only the latest attempt of
 each (sweep, trial), so a re-run attempt supersedes the earlier one.
+
+Consistent reads: writers add files to the sweep's manifest (under a file lock, replaced atomically) only once
+they are complete; merging files replaces them in the manifest in one step and deletes the originals only
+``GRACE_S`` seconds later. A reader reads each manifest once and hands DuckDB that explicit list, so one query
+sees one snapshot: no file vanishes under it and no row appears twice. Files in a table folder that are not the
+product's (name pattern, schema version) are skipped with a warning naming them.
+
+Queries run in a locked-down DuckDB: file access only to the sweeps' table folders, no extension installs or
+loads, configuration locked; paths never go into SQL text.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
-import os
+import re
 import time
 import uuid
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +38,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainables.config import flatten
+from trainables.errors import UserError
+from trainables.files import DamagedFile, read_json, write_json_atomic
+from trainables.vocab import FINAL_KEYS, STATIC_KEYS, TUNE_KEYS, objective_group
+
+from .layout import SweepLayout, check_root, list_sweeps
 
 SCHEMA_VERSION = 1
 TABLES = ("trials", "curves", "layers")
-# Scalars a trial reports that are not curves (constant per trial or evaluation-only).
-STATIC_KEYS = {"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
-               "replicas_in_sync"}
-FINAL_KEYS = ["loss", "loss_mim", "loss_cl", "knn_top1", "linear_top1", "shape_bias", "images_per_s"]
-TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
-             "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore",
-             "experiment_tag", "checkpoint_path", "should_checkpoint"}
+GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
+MERGED_PREFIX = "_merged."
+COMPACT_BATCH = 64  # per-attempt files merged at a time while a sweep runs (~sqrt of a big sweep)
+# <trial>.<attempt>.parquet or _merged.<attempt>.parquet; attempt = 20-digit ns time, '-', 8 hex digits
+FILE_NAME = re.compile(r"(?:_merged|[A-Za-z0-9_-]+)\.\d{20}-[0-9a-f]{8}\.parquet")
 
 CURVE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
@@ -44,9 +60,12 @@ LAYER_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
                           ("metric", pa.string()), ("value", pa.float64())])
 
 
-def objective_group(lam: float) -> str:
-    """'mim' (lam = 0), 'cl' (lam = 1) or 'hybrid'."""
-    return "mim" if lam == 0 else "cl" if lam == 1 else "hybrid"
+class QueryError(UserError):
+    """A query that is not a single read-only SELECT, or that DuckDB rejects; a sweep without results."""
+
+
+class ResultsWarning(UserWarning):
+    """A file in the results that is skipped (not the product's, or damaged)."""
 
 
 def new_attempt_id() -> str:
@@ -58,10 +77,108 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` with the schema version in its metadata, under a temporary name renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}), tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}), tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
+# ------------------------------------------------------------------------------------------- manifest
+@contextmanager
+def _locked(sweep_dir: Path):
+    """An exclusive lock on the sweep's manifest (held only while it is read, changed and replaced)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".manifest.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_product_file(path: Path) -> bool:
+    """A name the product writes and a Parquet footer carrying our schema version."""
+    if not FILE_NAME.fullmatch(path.name):
+        return False
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - not Parquet, truncated, unreadable
+        return False
+    return meta.get(b"clmim_schema_version") == str(SCHEMA_VERSION).encode()
+
+
+def _scan(sweep_dir: Path) -> dict:
+    """A manifest built from what is on disk (a sweep written before manifests, or with a damaged one)."""
+    current = {}
+    for t in TABLES:
+        d = sweep_dir / t
+        current[t] = sorted(f.name for f in d.glob("*.parquet") if _is_product_file(f)) if d.is_dir() else []
+    return {"schema_version": SCHEMA_VERSION, "current": current, "retired": {}}
+
+
+def read_manifest(sweep_dir: Path) -> dict | None:
+    """The sweep's manifest ({"current": {table: [file names]}, "retired": {name: time}}), or None."""
+    try:
+        m = read_json(Path(sweep_dir) / "manifest.json")
+    except DamagedFile as e:
+        warnings.warn(f"{e}; reading the files on disk instead", ResultsWarning, stacklevel=2)
+        return None
+    if m is None:
+        return None
+    if not (isinstance(m, dict) and isinstance(m.get("current"), dict)
+            and all(isinstance(m["current"].get(t, []), list) for t in TABLES)):
+        warnings.warn(f"{sweep_dir / 'manifest.json'}: not a clmim manifest; reading the files on disk instead",
+                      ResultsWarning, stacklevel=2)
+        return None
+    m.setdefault("retired", {})
+    return m
+
+
+def _change_manifest(sweep_dir: Path, add: dict[str, list[str]] | None = None,
+                     retire: dict[str, list[str]] | None = None) -> dict:
+    """Add files to and retire files from the manifest, atomically; delete files retired over GRACE_S ago.
+    Call with the lock held."""
+    m = read_manifest(sweep_dir) or _scan(sweep_dir)
+    now = time.time()
+    for t, names in (add or {}).items():
+        cur = m["current"].setdefault(t, [])
+        cur += [n for n in names if n not in cur]
+    for t, names in (retire or {}).items():
+        gone = set(names)
+        m["current"][t] = [n for n in m["current"].get(t, []) if n not in gone]
+        m["retired"].update({f"{t}/{n}": now for n in names})
+    for key, when in list(m["retired"].items()):
+        if now - when > GRACE_S:
+            (sweep_dir / key).unlink(missing_ok=True)
+            del m["retired"][key]
+    write_json_atomic(sweep_dir / "manifest.json", m)
+    return m
+
+
+def snapshot(root: Path) -> dict[str, list[Path]]:
+    """Current Parquet files of each table over every sweep under ``root``: one manifest read per sweep.
+
+    Files in a table folder that are neither current, retired nor temporary are not the product's: each is
+    skipped with a ``ResultsWarning`` naming it."""
+    files: dict[str, list[Path]] = {t: [] for t in TABLES}
+    for sweep_dir in list_sweeps(root):
+        m = read_manifest(sweep_dir)
+        if m is None:
+            m = _scan(sweep_dir)
+        known = {f"{t}/{n}" for t in TABLES for n in m["current"].get(t, [])} | set(m["retired"])
+        for t in TABLES:
+            files[t] += [sweep_dir / t / n for n in m["current"].get(t, [])]
+            d = sweep_dir / t
+            for f in (d.iterdir() if d.is_dir() else []):
+                if f.name.startswith(".") or f"{t}/{f.name}" in known:
+                    continue
+                warnings.warn(f"skipped {f}: not a clmim results file", ResultsWarning, stacklevel=2)
+    return files
+
+
+# ------------------------------------------------------------------------------------------- rows
 def _num(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -70,15 +187,18 @@ def _num(v) -> float | None:
 
 def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, final: dict,
               error: str | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
-    """The one-row summary of a trial attempt: ids, status, flattened config, size, final metrics."""
+    """The one-row summary of a trial attempt: ids, status, flattened config, size, final metrics.
+    A config value the trial's config does not hold is null, never a default."""
     flat = flatten(config)
-    lam = float(flat.get("objective.lam", 0.0))
-    step = int(final["step"]) if isinstance(final.get("step"), (int, float)) else None
-    samples = step * int(flat.get("data.batch_size", 0)) if step is not None else None
+    lam = _num(flat.get("objective.lam"))
+    step = int(final["step"]) if _num(final.get("step")) is not None else None
+    batch = flat.get("data.batch_size")
+    samples = step * int(batch) if step is not None and _num(batch) is not None else None
     flops_per_image = _num(final.get("train_flops_per_image"))
     row = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt,
            "written_at": time.time_ns(), "status": status, "error": error,
-           "variant": flat.get("model.variant"), "lam": lam, "objective": objective_group(lam),
+           "variant": flat.get("model.variant"), "lam": lam,
+           "objective": objective_group(lam) if lam is not None else None,
            "params": final.get("params"), "train_flops_per_image": flops_per_image, "samples_seen": samples,
            "train_flops": flops_per_image * samples if flops_per_image and samples is not None else None,
            "wall_time_s": wall_time_s, "step": step, "epoch": _num(final.get("epoch"))}
@@ -131,9 +251,11 @@ def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
 def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, results: list[dict],
                        error: str | None = None, wall_time_s: float | None = None,
                        attempt: str | None = None) -> str:
-    """Write one attempt of one trial to trials/, curves/ and layers/ (atomically); return the attempt id.
+    """Write one attempt of one trial to trials/, curves/ and layers/ (atomically), then add the three files to
+    the manifest in one step; return the attempt id.
 
     ``wall_time_s`` defaults to the largest ``time_total_s`` Tune reported."""
+    sweep_dir = Path(sweep_dir)
     sweep = sweep_dir.name
     attempt = attempt or new_attempt_id()
     final: dict = {}
@@ -146,43 +268,65 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt}
     _write_atomic(_long_table(CURVE_SCHEMA, ids, curves_from_results(results)), sweep_dir / "curves" / name)
     _write_atomic(_long_table(LAYER_SCHEMA, ids, layers_from_results(results)), sweep_dir / "layers" / name)
-    # The trials row goes last: a reader that sees it also sees the attempt's curves and layers.
     # A config key that is null in this one-row table is typed by DuckDB from the attempts that set it.
     _write_atomic(pa.Table.from_pylist([row]), sweep_dir / "trials" / name)
+    with _locked(sweep_dir):  # readers see all three files of the attempt, or none
+        _change_manifest(sweep_dir, add={t: [name] for t in TABLES})
     return attempt
 
 
 def read_result_json(trial_dir: Path) -> list[dict]:
-    """Tune's per-trial results (one JSON object per report); a torn last line is skipped."""
+    """Tune's per-trial results (one JSON object per report); torn or damaged lines are skipped."""
     f = trial_dir / "result.json"
     out = []
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    try:
+        text = f.read_text(errors="replace") if f.is_file() else ""
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            out.append(r)
     return out
 
 
+UNREADABLE_ERROR = "unreadable error file"
+
+
 def read_error(trial_dir: Path) -> str | None:
-    """"Type: message" of the error a trial recorded in its ``error.json``, or None."""
-    f = trial_dir / "error.json"
-    if not f.is_file():
+    """"Type: message" of the error a trial recorded in its ``error.json``; None if there is none; a damaged
+    file (empty after a full disk, truncated) counts as an error: ``"unreadable error file"``."""
+    try:
+        err = read_json(Path(trial_dir) / "error.json")
+    except DamagedFile:
+        return UNREADABLE_ERROR
+    if err is None:
         return None
-    err = json.loads(f.read_text())
-    return f"{err['type']}: {err['message']}"
+    if not (isinstance(err, dict) and isinstance(err.get("type"), str)):
+        return UNREADABLE_ERROR
+    return f"{err['type']}: {err.get('message', '')}"
 
 
 def trial_config_from_dir(trial_dir: Path) -> dict:
-    """The resolved config the trial saved (run/config.yaml), else Tune's params.json values."""
+    """The resolved config the trial saved (run/config.yaml), else Tune's params.json values; {} if neither is
+    readable."""
     import yaml
 
     f = trial_dir / "run" / "config.yaml"
-    if f.is_file():
-        return yaml.safe_load(f.read_text())
-    p = trial_dir / "params.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    try:
+        cfg = yaml.safe_load(f.read_text()) if f.is_file() else None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        cfg = None
+    if isinstance(cfg, dict):
+        return cfg
+    try:
+        params = read_json(trial_dir / "params.json", {})
+    except DamagedFile:
+        params = {}
+    return params if isinstance(params, dict) else {}
 
 
 def rebuild(sweep_dir: Path) -> int:
@@ -192,7 +336,7 @@ def rebuild(sweep_dir: Path) -> int:
     """
     tune_dir = sweep_dir / "tune"
     if not tune_dir.is_dir():
-        raise FileNotFoundError(f"no Tune experiment under {sweep_dir}")
+        raise UserError(f"sweep {sweep_dir.name!r}: no Tune experiment under {sweep_dir}")
     statuses = {}
     try:
         from ray.tune import ExperimentAnalysis
@@ -213,74 +357,86 @@ def rebuild(sweep_dir: Path) -> int:
     return n
 
 
-MERGED_PREFIX = "_merged."
-COMPACT_BATCH = 64  # per-attempt files merged at a time while a sweep runs (~sqrt of a big sweep)
-
-
 def compact(sweep_dir: Path, batch: int | None = None) -> int:
     """Merge a sweep's Parquet files, per table, so that queries read few files; return the number merged.
 
-    ``batch=None`` (the driver, when a sweep ends): every file of a table, merged files included, into one.
-    ``batch=N`` (the driver, whenever a trial finishes): only per-attempt files, N at a time, each group into a
-    new merged file, leaving fewer than N; merged files are never rewritten. A running sweep of n trials then has
-    at most N + n / N files per table instead of n.
+    ``batch=None`` (the driver, when a sweep ends): every current file of a table, merged files included, into
+    one. ``batch=N`` (the driver, whenever a trial finishes): only per-attempt files, N at a time, each group
+    into a new merged file, leaving fewer than N; merged files are never rewritten. A running sweep of n trials
+    then has at most N + n / N files per table instead of n.
 
-    Each merged file is written atomically before its originals are removed, so no row is ever missing (for a
-    moment a reader may see a row twice).
+    The merged files replace their originals in the manifest in one step; the originals are deleted by a later
+    manifest change once ``GRACE_S`` has passed, so a reader holding an older snapshot can still read them.
     """
+    sweep_dir = Path(sweep_dir)
     merged_files = 0
-    for table in TABLES:
-        files = sorted((Path(sweep_dir) / table).glob("*.parquet"))
-        if batch is None:
-            groups = [files] if len(files) > 1 else []
-        else:
-            small = [f for f in files if not f.name.startswith(MERGED_PREFIX)]
-            groups = [small[i:i + batch] for i in range(0, len(small) - batch + 1, batch)]
-        for group in groups:
-            merged = pa.concat_tables([pq.read_table(f) for f in group], promote_options="permissive")
-            _write_atomic(merged, Path(sweep_dir) / table / f"{MERGED_PREFIX}{new_attempt_id()}.parquet")
-            for f in group:
-                f.unlink()
-            merged_files += len(group)
+    with _locked(sweep_dir):
+        m = read_manifest(sweep_dir) or _scan(sweep_dir)
+        add: dict[str, list[str]] = {}
+        retire: dict[str, list[str]] = {}
+        for table in TABLES:
+            files = sorted(m["current"].get(table, []))
+            if batch is None:
+                groups = [files] if len(files) > 1 else []
+            else:
+                small = [f for f in files if not f.startswith(MERGED_PREFIX)]
+                groups = [small[i:i + batch] for i in range(0, len(small) - batch + 1, batch)]
+            for group in groups:
+                merged = pa.concat_tables([pq.read_table(sweep_dir / table / f) for f in group],
+                                          promote_options="permissive")
+                name = f"{MERGED_PREFIX}{new_attempt_id()}.parquet"
+                _write_atomic(merged, sweep_dir / table / name)
+                add.setdefault(table, []).append(name)
+                retire.setdefault(table, []).extend(group)
+                merged_files += len(group)
+        _change_manifest(sweep_dir, add, retire)
     return merged_files
 
 
 # ------------------------------------------------------------------------------------------- queries
-def _glob(root: Path, table: str) -> str:
-    return str(root / "*" / table / "*.parquet")
+def _empty_view(con, name: str, schema: pa.Schema) -> None:
+    cols = ", ".join(f"NULL::{_duck(f.type)} AS {f.name}" for f in schema)
+    con.execute(f"CREATE VIEW {name} AS SELECT {cols} WHERE false")
+
+
+TRIALS_EMPTY = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
+                          ("attempt", pa.string()), ("status", pa.string())])
 
 
 def connect(root: str | Path):
-    """A DuckDB connection with views ``trials``, ``curves``, ``layers`` over every sweep under ``root``."""
+    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers`` over every sweep under
+    ``root``, reading one consistent snapshot of the files (see the module docstring)."""
     import duckdb
 
-    root = Path(root)
-    con = duckdb.connect(":memory:")
-    has = {t: any(root.glob(f"*/{t}/*.parquet")) for t in TABLES}
-    if has["trials"]:
-        con.execute(f"""CREATE VIEW trials AS
-            SELECT * EXCLUDE (rn) FROM (
+    root = check_root(Path(root))
+    files = snapshot(root)
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
+    if files["trials"]:
+        con.read_parquet([str(f) for f in files["trials"]], union_by_name=True).create_view("trials_all")
+        con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
               SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
-              FROM read_parquet('{_glob(root, 'trials')}', union_by_name = true)) WHERE rn = 1""")
+              FROM trials_all) WHERE rn = 1""")
     else:
-        con.execute("CREATE VIEW trials AS SELECT NULL::INTEGER AS schema_version, NULL::VARCHAR AS sweep, "
-                    "NULL::VARCHAR AS trial, NULL::VARCHAR AS attempt, NULL::VARCHAR AS status WHERE false")
+        _empty_view(con, "trials", TRIALS_EMPTY)
     for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA)):
-        if has[t] and has["trials"]:
-            con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM read_parquet('{_glob(root, t)}') x
+        if files[t] and files["trials"]:
+            con.read_parquet([str(f) for f in files[t]]).create_view(f"{t}_all")
+            con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
                 JOIN (SELECT sweep, trial, attempt FROM trials) USING (sweep, trial, attempt)""")
         else:
-            cols = ", ".join(f"NULL::{_duck(f.type)} AS {f.name}" for f in schema)
-            con.execute(f"CREATE VIEW {t} AS SELECT {cols} WHERE false")
+            _empty_view(con, t, schema)
+    # From here on, DuckDB may read only the table folders of these sweeps: no other file, no network, no
+    # extension, and the settings cannot be changed back by a query.
+    dirs = sorted({str(f.parent) + "/" for fs in files.values() for f in fs})
+    con.execute("SET allowed_directories = ?", [dirs])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
 def _duck(t: pa.DataType) -> str:
     return {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}.get(t, "VARCHAR")
-
-
-class QueryError(ValueError):
-    """A query that is not a single read-only SELECT, or that DuckDB rejects."""
 
 
 def query(sql: str, root: str | Path, params: list | None = None):
@@ -308,11 +464,34 @@ def relation(table: str, root: str | Path):
     return connect(root).table(table)
 
 
-def show(name: str, root: str | Path) -> list[tuple[str, object]]:
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def list_table(root: str | Path):
+    """One row per sweep under ``root``: name, started, planned trials, status counts, storage bytes."""
+    import pandas as pd
+
+    root = check_root(Path(root))
+    counts = query("SELECT sweep, status, count(*) AS n FROM trials GROUP BY ALL", root)
+    rows = []
+    for d in list_sweeps(root):
+        try:
+            info = read_json(d / "sweep.json", {}) or {}
+        except DamagedFile:
+            info = {}
+        c = counts[counts.sweep == d.name]
+        by = dict(zip(c.status, c.n, strict=True))
+        rows.append({"sweep": d.name, "started": info.get("created", "?"), "planned": info.get("n_trials"),
+                     "terminated": int(by.get("TERMINATED", 0)), "error": int(by.get("ERROR", 0)),
+                     "other": int(sum(v for k, v in by.items() if k not in ("TERMINATED", "ERROR"))),
+                     "storage_mb": round(_dir_bytes(d) / 1e6, 1)})
+    return pd.DataFrame(rows)
+
+
+def show(layout: SweepLayout) -> list[tuple[str, object]]:
     """Summary tables of one sweep: status counts, best trial per objective and variant, failed trials."""
-    root = Path(root)
-    if not (root / name).is_dir():
-        raise QueryError(f"sweep {name!r} not found under {root}")
+    name, root = layout.name, layout.root
     con = connect(root)
     if not con.execute("SELECT count(*) FROM trials WHERE sweep = ?", [name]).fetchone()[0]:
         raise QueryError(f"sweep {name!r} has no results yet (try `clmim results rebuild {name}`)")
@@ -330,4 +509,7 @@ def show(name: str, root: str | Path) -> list[tuple[str, object]]:
                          "ORDER BY trial", [name]).df()
     if len(failed):
         out.append(("failed or unfinished trials", failed))
+    storage = con.execute("SELECT ? AS sweep, ? AS storage_mb",
+                          [name, round(_dir_bytes(layout.sweep_dir) / 1e6, 1)]).df()
+    out.append(("storage", storage))
     return out

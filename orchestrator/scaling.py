@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trainables.vocab import objective_label
+
 from .results import QueryError, _write_atomic, query
 
 X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen"}
@@ -65,8 +67,7 @@ def exponent_interval(x, y, offset=False, n_boot=1000, seed=0, level=0.95) -> tu
     return float(fit.slope - half), float(fit.slope + half), "t (log-log slope)"
 
 
-def group_name(lam: float) -> str:
-    return "MIM (lam=0)" if lam == 0 else "CL (lam=1)" if lam == 1 else f"hybrid lam={lam:g}"
+group_name = objective_label
 
 
 def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "linear_top1",

@@ -16,6 +16,7 @@ A space file::
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: null              # default: as many as the cluster's resources allow
     failure: {max_failures: 2}        # retries after a lost worker process (from the last checkpoint)
+    max_trials: 10000                 # a larger space is an error unless raised here on purpose
 
 Spec kinds: ``grid`` and ``choice`` (lists), ``uniform``, ``loguniform`` ([lo, hi]), ``randint`` ([lo, hi),
 hi exclusive). Any problem raises ``SpaceError`` naming the key, before Ray starts.
@@ -24,32 +25,27 @@ hi exclusive). Any problem raises ``SpaceError`` naming the key, before Ray star
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trainables.config import Config, ConfigError, load_config
-from trainables.scale import parse_variant
+from trainables.config import Config, ConfigError, load_config, read_yaml
+from trainables.errors import UserError, excerpt
+from trainables.vocab import PROBE_METRICS, STEP_METRICS, is_known_metric, reports_metric
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
-            "max_concurrent", "failure"}
+            "max_concurrent", "failure", "max_trials"}
 SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
-# What a trial reports (``trainables.trainer.train``): the losses at every log step; the probe suite's last-layer
-# summary and per-layer rows at the end of the trial and every ``eval.every`` epochs.
-STEP_METRICS = ("loss", "loss_mim", "loss_cl")
-PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias")
-LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(attn_distance|attn_nmi|fourier_dlogamp_pi|token_cossim|effective_rank"
-                          r"|knn_top1|linear_top1)")
-MAX_VALIDATED = 200_000  # corner combinations checked one by one; beyond that, axes are checked one at a time
+MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
+MAX_TRIALS = 10_000  # default cap on a sweep's trials (``max_trials:`` in the space file raises it)
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search space is malformed or can produce an invalid trial config."""
 
 
@@ -78,6 +74,8 @@ class Space:
     max_concurrent: int | None = None
     max_failures: int = 2
     description: str = ""
+    max_trials: int = MAX_TRIALS
+    overrides: tuple[str, ...] = ()  # keys fixed by --set (named as such in errors)
 
     def to_dict(self) -> dict:
         """The resolved space as a mapping ``space_from_dict`` accepts (base given as a tree)."""
@@ -86,7 +84,8 @@ class Space:
                 "search": self.search, "scheduler": self.scheduler, "num_samples": self.num_samples,
                 "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
                               "gpus_per_worker": r.gpus_per_worker, "mode": r.mode},
-                "max_concurrent": self.max_concurrent, "failure": {"max_failures": self.max_failures}}
+                "max_concurrent": self.max_concurrent, "failure": {"max_failures": self.max_failures},
+                "max_trials": self.max_trials}
 
     def axes(self) -> dict[str, tuple[str, Any]]:
         """Non-fixed dimensions: dotted key -> (kind, values or bounds)."""
@@ -158,12 +157,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> Space:
     shipped = Path(__file__).resolve().parents[1] / "search_spaces" / f"{path}.yaml"
     if not p.is_file() and shipped.is_file():  # a shipped space by name: `clmim sweep lambda`
         p = shipped
-    if not p.is_file():
-        raise SpaceError(f"space file {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpaceError(f"space file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(p, "space file", SpaceError)
+    if raw is None:
+        raise SpaceError(f"space file {str(p)!r} is empty; it needs at least a `space:` or `base:` section")
     return space_from_dict(raw, p, overrides)
 
 
@@ -173,14 +169,14 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     base = raw.get("base") or {}
     if isinstance(base, str):
         bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not bp.is_file():
-            raise SpaceError(f"base: config file {base!r} does not exist")
-        base = yaml.safe_load(bp.read_text()) or {}
+        base = read_yaml(bp, "base: config file", SpaceError) or {}
+        if not isinstance(base, dict):
+            raise SpaceError(f"base: config file {str(bp)!r} is not a config mapping (got {excerpt(base, 40)})")
     if not isinstance(base, dict):
-        raise SpaceError(f"base: expected a config mapping or a path, got {base!r}")
+        raise SpaceError(f"base: expected a config mapping or a path, got {excerpt(base, 60)}")
     space = raw.get("space") or {}
     if not isinstance(space, dict):
-        raise SpaceError(f"space: expected a mapping of dotted keys, got {space!r}")
+        raise SpaceError(f"space: expected a mapping of dotted keys, got {excerpt(space, 60)}")
     for key, spec in space.items():
         _check_spec(key, spec)
     search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **(raw.get("search") or {})}
@@ -194,8 +190,8 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
             raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
                              "or use grid / random")
     metric = search["metric"]
-    if not isinstance(metric, str) or not (metric in STEP_METRICS + PROBE_METRICS or LAYER_METRIC.fullmatch(metric)):
-        raise SpaceError(f"search.metric: {metric!r} is not a metric trials report; choose one of "
+    if not is_known_metric(metric):
+        raise SpaceError(f"search.metric: {excerpt(metric, 60)} is not a metric trials report; choose one of "
                          f"{', '.join(STEP_METRICS + PROBE_METRICS)} or layer/<L>/<probe metric>")
     if search["mode"] not in ("min", "max"):
         raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
@@ -206,27 +202,27 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     res_raw = raw.get("resources") or {}
     _check_keys("resources", res_raw, RESOURCE_KEYS)
     res = Resources(**res_raw)
-    if not isinstance(res.workers, int) or res.workers < 1:
-        raise SpaceError(f"resources.workers: expected an integer >= 1, got {res.workers!r}")
-    if not isinstance(res.cpus_per_worker, (int, float)) or res.cpus_per_worker <= 0:
-        raise SpaceError(f"resources.cpus_per_worker: expected a number > 0, got {res.cpus_per_worker!r}")
-    if not isinstance(res.gpus_per_worker, (int, float)) or res.gpus_per_worker < 0:
-        raise SpaceError(f"resources.gpus_per_worker: expected a number >= 0, got {res.gpus_per_worker!r}")
+    _int("resources.workers", res.workers, 1)
+    _number("resources.cpus_per_worker", res.cpus_per_worker, 0, strict=True)
+    _number("resources.gpus_per_worker", res.gpus_per_worker, 0)
     if res.mode not in ("auto", "inprocess", "train"):
         raise SpaceError(f"resources.mode: {res.mode!r} is not one of auto, inprocess, train")
     if res.mode == "inprocess" and res.workers > 1:
         raise SpaceError("resources.mode: inprocess runs one worker; use workers: 1 or mode: train")
-    num_samples = raw.get("num_samples", 1)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise SpaceError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
+    num_samples = _int("num_samples", raw.get("num_samples", 1), 1)
     max_conc = raw.get("max_concurrent")
-    if max_conc is not None and (not isinstance(max_conc, int) or max_conc < 1):
-        raise SpaceError(f"max_concurrent: expected an integer >= 1 or null, got {max_conc!r}")
+    if max_conc is not None:
+        _int("max_concurrent", max_conc, 1)
     failure = raw.get("failure") or {}
     _check_keys("failure", failure, {"max_failures"})
-    sp = Space(path=str(p), name=raw.get("name") or p.stem, base=base, space=dict(space), search=search,
+    max_failures = _int("failure.max_failures", failure.get("max_failures", 2), 0)
+    max_trials = _int("max_trials", raw.get("max_trials", MAX_TRIALS), 1)
+    name = raw.get("name") or p.stem
+    if not isinstance(name, str):
+        raise SpaceError(f"name: expected a sweep name, got {excerpt(name, 40)}")
+    sp = Space(path=str(p), name=name, base=base, space=dict(space), search=search,
                scheduler=scheduler, num_samples=num_samples, resources=res, max_concurrent=max_conc,
-               max_failures=int(failure.get("max_failures", 2)), description=raw.get("description", ""))
+               max_failures=max_failures, description=raw.get("description", ""), max_trials=max_trials)
     if search["algorithm"] == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
         raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
     for o in overrides or []:
@@ -237,8 +233,34 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         except ConfigError as e:
             raise SpaceError(str(e)) from None
         sp.space[k] = v
+        sp.overrides += (k,)
+    if sp.n_trials() > sp.max_trials:
+        raise SpaceError(f"space: {sp.n_trials():,} trials ({_grid_shape(sp)}) is more than max_trials "
+                         f"({sp.max_trials:,}); shrink the grid, or set `max_trials: N` in the space file if you "
+                         "mean it")
     validate_space(sp)
     return sp
+
+
+def _grid_shape(sp: Space) -> str:
+    sizes = [f"{len(v)} {k}" for k, (kind, v) in sp.axes().items() if kind == "grid"]
+    return " x ".join(sizes + ([f"{sp.num_samples} samples"] if sp.num_samples > 1 else [])) or "num_samples"
+
+
+def _int(where: str, v, lo: int) -> int:
+    """``v`` if it is an integer >= lo (booleans and floats are not); else a ``SpaceError`` naming ``where``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise SpaceError(f"{where}: expected an integer >= {lo}, got {excerpt(v, 40)}")
+    return v
+
+
+def _number(where: str, v, lo: float, strict: bool = False) -> float:
+    """``v`` if it is a finite number >= lo (> lo if strict); else a ``SpaceError`` naming ``where``."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if strict
+                                                                                          else v >= lo)
+    if not ok:
+        raise SpaceError(f"{where}: expected a finite number {'>' if strict else '>='} {lo:g}, got {excerpt(v, 40)}")
+    return float(v)
 
 
 def trial_config(space: Space, values: dict[str, Any]) -> Config:
@@ -246,31 +268,50 @@ def trial_config(space: Space, values: dict[str, Any]) -> Config:
     return load_config(space.base, {**space.fixed(), **values})
 
 
+def _combinations(corner_lists: list[list]):
+    """Value combinations to validate: all of them for a small space; else each axis's values with the others at
+    their first value, then every corner (first or last value of each axis) — never the whole product."""
+    total = math.prod(len(c) for c in corner_lists)
+    if total <= MAX_VALIDATED:
+        yield from itertools.product(*corner_lists)
+        return
+    for i, values in enumerate(corner_lists):
+        for v in values:
+            yield tuple(c[0] if j != i else v for j, c in enumerate(corner_lists))
+    ends = [sorted({0, len(c) - 1}) for c in corner_lists]
+    if math.prod(len(e) for e in ends) <= MAX_VALIDATED:
+        for idx in itertools.product(*ends):
+            yield tuple(c[k] for c, k in zip(corner_lists, idx, strict=True))
+
+
 def validate_space(space: Space) -> None:
-    """Check every trial config the space can produce (every listed value and both ends of every range, in all
-    combinations); raise ``SpaceError`` naming the space key and the config problem."""
+    """Check the trial configs the space can produce (every combination of listed values and range ends for a
+    small space; each axis and the corners for a large one); raise ``SpaceError`` naming the key the user wrote
+    (``--set KEY`` or ``space.KEY``) and the config problem."""
     axes = space.axes()
     keys = list(axes)
-    corner_lists = [_corners(*axes[k]) for k in keys]
-    total = 1
-    for c in corner_lists:
-        total *= len(c)
-    combos = itertools.product(*corner_lists) if total <= MAX_VALIDATED else (
-        # too many combinations: vary one axis at a time around the first values
-        tuple(c[0] if j != i else v for j, c in enumerate(corner_lists))
-        for i, cl in enumerate(corner_lists) for v in cl)
-    for combo in combos:
+    for combo in _combinations([_corners(*axes[k]) for k in keys]):
         values = dict(zip(keys, combo, strict=True))
         try:
             cfg = trial_config(space, values)
         except ConfigError as e:
             msg = str(e)
-            culprit = next((k for k in keys if msg.startswith(k + ":")), None) or next(
-                (k for k in keys if k in msg), None)  # the space key the config error starts with, or mentions
-            where = f"space.{culprit}" if culprit else "space"
-            raise SpaceError(f"{where}: {_which_trial(values)} is invalid: {msg}") from None
+            raise SpaceError(f"{_culprit(space, msg)}: {_which_trial(values)} is invalid: {msg}") from None
         _check_trial_resources(space, cfg)
         _check_metric_reported(space, cfg, values)
+
+
+def _culprit(space: Space, msg: str) -> str:
+    """Where the user wrote the key a config error is about: ``--set KEY``, ``space.KEY`` or ``base``. Config
+    errors start with the dotted key; a cross-field error may instead mention the key the user varied."""
+    key = msg.split(":", 1)[0]
+    mentioned = [k for k in space.space if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", msg)]
+    for k in [key, *mentioned]:
+        if k in space.overrides:
+            return f"--set {k}"
+        if k in space.space:
+            return f"space.{k}"
+    return "base"
 
 
 def _which_trial(values: dict[str, Any]) -> str:
@@ -284,7 +325,7 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if metric == "shape_bias" and cfg.data.dataset != "synthetic":
         raise SpaceError(f"search.metric: shape_bias needs the synthetic set's cue-conflict split, but {where} "
                          f"trains on {cfg.data.dataset}")
-    if (metric == "loss_mim" and cfg.objective.lam == 1) or (metric == "loss_cl" and cfg.objective.lam == 0):
+    if not reports_metric(metric, cfg.objective.lam):
         raise SpaceError(f"search.metric: {where} has objective.lam={cfg.objective.lam:g} and reports no {metric}")
     if space.scheduler["type"] == "asha" and metric not in STEP_METRICS and not cfg.eval.every:
         raise SpaceError(f"scheduler.type: asha compares trials on {metric} every epoch, but the probes run only "
@@ -297,15 +338,17 @@ def _check_trial_resources(space: Space, cfg: Config) -> None:
         raise SpaceError(f"data.batch_size: {cfg.data.batch_size} is not divisible by resources.workers {r.workers}")
     if cfg.run.device == "cuda" and r.gpus_per_worker <= 0:
         raise SpaceError("resources.gpus_per_worker: run.device is cuda but the trials ask for no GPU")
-    parse_variant(cfg.model.variant)
 
 
-def sample_table(space: Space) -> list[dict[str, Any]]:
-    """The trials a dry run shows: every grid point x num_samples; random axes shown as their distribution."""
+def sample_table(space: Space, limit: int | None = None) -> list[dict[str, Any]]:
+    """The trials a dry run shows: every grid point x num_samples (the first ``limit``); random axes shown as
+    their distribution."""
     axes = space.axes()
     grid_keys = [k for k, (kind, _) in axes.items() if kind == "grid"]
     rows = []
     for combo in itertools.product(*[axes[k][1] for k in grid_keys]):
+        if limit is not None and len(rows) >= limit:
+            break
         for s in range(space.num_samples):
             row = {"#": len(rows) + 1}
             row.update(dict(zip(grid_keys, combo, strict=True)))

@@ -1,33 +1,35 @@
-"""Running a sweep on Ray Tune: resource checks, the Tuner, resume, and the summary table.
+"""Running a sweep on Ray Tune: resource checks, the Tuner, resume, and the summary.
 
-Layout of one sweep under the results root::
+Paths of a sweep are owned by ``layout.SweepLayout``. Statuses shown to the user come from one place: the
+``trials`` Parquet table the driver writes when a trial ends (TERMINATED / ERROR), and Tune's saved state for
+trials that have not ended (PENDING / RUNNING), so the console, the tables and MLflow agree.
 
-    <results>/<sweep>/sweep.json        the space file's text, overrides, CLI arguments, code version
-    <results>/<sweep>/tune/             Ray Tune's experiment (trial dirs: run/, checkpoints, result.json)
-    <results>/<sweep>/train/            Ray Train storage of multi-worker trials
+Ray: with ``--address`` (or ``$RAY_ADDRESS``) the sweep connects to that cluster (``auto`` finds one started with
+``ray start`` on this machine); without either it always starts a private local instance on 127.0.0.1, even if a
+``ray start`` cluster is running on this host.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import platform
 import socket
 import subprocess
+import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from trainables.errors import UserError
+from trainables.files import DamagedFile, read_json, write_json_atomic
+from trainables.vocab import SUMMARY_METRICS
+
+from .console import print_header
+from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
 from .space import Space, SpaceError, space_from_dict
 
-METRIC_COLUMNS = ["step", "epoch", "loss", "knn_top1", "linear_top1", "shape_bias"]
 TRIAL_CPU_SLIVER = 0.01
-
-
-def results_root(arg: str | None = None) -> Path:
-    """--results, else $CLMIM_RESULTS, else ./clmim-results."""
-    return Path(arg or os.environ.get("CLMIM_RESULTS") or "clmim-results").expanduser().resolve()
 
 
 def code_version() -> str:
@@ -42,6 +44,19 @@ def code_version() -> str:
     from importlib.metadata import version
 
     return version("clmim")
+
+
+def check_results_root(root: Path) -> None:
+    """The results root must be a folder this process can write (created if missing); else a ``UserError``
+    before Ray starts."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--results: {str(root)!r} is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".clmim-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--results: cannot write to {str(root)!r} ({e.strerror or type(e).__name__})") from None
 
 
 # ------------------------------------------------------------------------------------------- resources
@@ -87,15 +102,16 @@ def ray_nodes() -> list[dict[str, float]]:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` / $RAY_ADDRESS, or start a local instance (dashboard on, everything on 127.0.0.1).
+    """Connect to ``address`` / $RAY_ADDRESS, or start a private local instance (dashboard on, everything on
+    127.0.0.1), never silently joining a cluster that happens to run on this host.
 
     Token authentication stays on: a local instance creates ~/.ray/auth_token, and a driver connecting to a
     cluster sends that token (RAY_AUTH_MODE=token) when the file exists.
     """
     address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic trial table (CLIReporter)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic output path, which takes our progress reporter
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # probe metrics arrive at the end only
-    loopback = not address or address.split(":")[0] in ("127.0.0.1", "localhost")
+    loopback = not address or address == "auto" or address.split(":")[0] in ("127.0.0.1", "localhost")
     if loopback:
         # A one-machine cluster: keep node addresses on the loopback interface. Ray reads this when it is
         # imported; if it already was, set its constant too, or "127.0.0.1" resolves to the machine's address.
@@ -112,8 +128,28 @@ def init_ray(address: str | None) -> None:
         if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
             os.environ["RAY_AUTH_MODE"] = "token"
         ray.init(address=address, log_to_driver=True)
+        print(f"Ray: connected to the cluster at {address}", flush=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # address="local": a new instance even when `ray start` left a cluster running here (plain ray.init()
+        # would join that one, and then reject num_cpus).
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
+        print("Ray: started a private local instance (pass --address to use a cluster)", flush=True)
+
+
+class _NoTuneRestoreHint(logging.Filter):
+    """Tune's own closing lines point at ``Tuner.restore(...)`` and list unfinished trials; clmim prints its
+    own (``clmim resume NAME``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Tuner.restore" not in msg and "Trials did not complete" not in msg
+
+
+def _quiet_tune() -> None:
+    logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoTuneRestoreHint) for f in logger.filters):
+        logger.addFilter(_NoTuneRestoreHint())
 
 
 # ------------------------------------------------------------------------------------------- tuner
@@ -125,38 +161,35 @@ def _param_space(space: Space) -> dict[str, Any]:
     return {k: make[kind](vals) for k, (kind, vals) in space.axes().items()}
 
 
-def _sweep_params(space: Space, sweep_dir: Path) -> dict:
+def _sweep_params(space: Space, layout: SweepLayout) -> dict:
     r = space.resources
-    return {"base": space.base, "fixed": space.fixed(), "max_failures": space.max_failures,
-            "sweep_dir": str(sweep_dir),
-            "train_storage": str(sweep_dir / "train"),
+    return {"base": space.base, "fixed": space.fixed(), "sweep_dir": str(layout.sweep_dir),
+            "train_storage": str(layout.train_storage),
             "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
                           "gpus_per_worker": r.gpus_per_worker, "in_process": r.in_process}}
 
 
-def _trainable(space: Space, sweep_dir: Path):
+def _trainable(space: Space, layout: SweepLayout):
     from ray import tune
 
     from trainables.tune_trainable import run_trial
 
     bundle = trial_bundles(space)[0]
     resources = {"cpu": bundle["CPU"], "gpu": bundle["GPU"]}
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=_sweep_params(space, sweep_dir)), resources)
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=_sweep_params(space, layout)), resources)
 
 
-def _run_config(space: Space, sweep_dir: Path, mlflow_uri: str):
+def _run_config(space: Space, layout: SweepLayout, mlflow_uri: str):
     from ray import tune
 
+    from .console import make_reporter
     from .tracking import ResultsCallback
 
-    reporter = tune.CLIReporter(
-        metric_columns=METRIC_COLUMNS, parameter_columns=list(space.axes()), max_report_frequency=10,
-        sort_by_metric=False)
-    return tune.RunConfig(name="tune", storage_path=str(sweep_dir),
+    return tune.RunConfig(name="tune", storage_path=str(layout.sweep_dir),
                           failure_config=tune.FailureConfig(max_failures=space.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                          progress_reporter=reporter, verbose=1,
-                          callbacks=[ResultsCallback(sweep_dir, space, mlflow_uri)])
+                          progress_reporter=make_reporter(), verbose=1,
+                          callbacks=[ResultsCallback(layout.sweep_dir, space, mlflow_uri)])
 
 
 def _tune_config(space: Space, max_concurrent: int | None):
@@ -187,40 +220,40 @@ def _tune_config(space: Space, max_concurrent: int | None):
                            trial_dirname_creator=lambda t: t.trial_id)
 
 
-def _write_sweep_json(sweep_dir: Path, space: Space, overrides: list[str], cli_args: dict) -> None:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    info = {"name": sweep_dir.name, "space_path": space.path, "space_text": Path(space.path).read_text(),
+def _write_sweep_json(layout: SweepLayout, space: Space, overrides: list[str], cli_args: dict) -> None:
+    info = {"name": layout.name, "space_path": space.path, "space_text": Path(space.path).read_text(),
             "space": space.to_dict(), "overrides": overrides, "cli_args": cli_args, "code_version": code_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
             "python": platform.python_version(), "n_trials": space.n_trials()}
-    tmp = sweep_dir / "sweep.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, sweep_dir / "sweep.json")
+    write_json_atomic(layout.sweep_json, info, indent=2)
 
 
 def run_sweep(space: Space, name: str | None = None, results: str | None = None, address: str | None = None,
               max_concurrent: int | None = None, overrides: list[str] | None = None,
               cli_args: dict | None = None, mlflow_uri: str | None = None) -> dict:
-    """Run every trial of ``space``; return the summary (rows per trial and whether the sweep was interrupted)."""
-    name = name or space.name
-    sweep_dir = results_root(results) / name
-    if (sweep_dir / "tune").exists():
-        raise SpaceError(f"--name: sweep {name!r} already exists in {sweep_dir.parent}; "
-                         f"continue it with `clmim resume {name}` or pick another --name")
-    init_ray(address)
-    check_schedulable(space, ray_nodes())
-    _write_sweep_json(sweep_dir, space, overrides or [], cli_args or {})
-    from ray import tune
-
+    """Run every trial of ``space``; return the summary (rows per trial, whether the sweep was interrupted)."""
+    root = results_root(results)
+    layout = SweepLayout(root, validate_sweep_name(name or space.name, "--name" if name else "name"))
+    check_results_root(root)
+    if layout.tune_dir.exists():
+        raise UserError(f"--name: sweep {layout.name!r} already exists in {root}; "
+                        f"continue it with `clmim resume {layout.name}` or pick another --name")
     from .tracking import default_mlflow_uri
 
-    uri = default_mlflow_uri(sweep_dir.parent, mlflow_uri)
-    run_config = _run_config(space, sweep_dir, uri)
+    uri = default_mlflow_uri(root, mlflow_uri)
+    init_ray(address)
+    check_schedulable(space, ray_nodes())
+    _write_sweep_json(layout, space, overrides or [], cli_args or {})
+    from ray import tune
+
+    _quiet_tune()
+    run_config = _run_config(space, layout, uri)
     check_tracking(run_config.callbacks[0], uri)
-    tuner = tune.Tuner(_trainable(space, sweep_dir), param_space=_param_space(space),
+    print_header(layout, space.n_trials(), uri)
+    tuner = tune.Tuner(_trainable(space, layout), param_space=_param_space(space),
                        tune_config=_tune_config(space, max_concurrent), run_config=run_config)
-    grid = tuner.fit()
-    return summarize(grid, space, sweep_dir)
+    tuner.fit()
+    return summarize(layout, space)
 
 
 def check_tracking(callback, uri: str) -> None:
@@ -232,79 +265,94 @@ def check_tracking(callback, uri: str) -> None:
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
-def load_sweep_space(sweep_dir: Path) -> tuple[Space, dict]:
-    """The space a sweep was started with (from its sweep.json), and that record."""
-    info_path = sweep_dir / "sweep.json"
-    if not info_path.is_file():
-        raise SpaceError(f"sweep {sweep_dir.name!r}: no sweep.json in {sweep_dir}")
-    info = json.loads(info_path.read_text())
+def load_sweep_space(layout: SweepLayout) -> tuple[Space, dict]:
+    """The space a sweep was started with (from its sweep.json), and that record; a damaged record is a
+    ``UserError`` naming the file."""
+    try:
+        info = read_json(layout.sweep_json)
+    except DamagedFile as e:
+        raise UserError(f"sweep {layout.name!r}: {e}; it cannot be resumed") from None
+    if info is None:
+        raise UserError(f"sweep {layout.name!r}: no sweep.json in {layout.sweep_dir}; it cannot be resumed")
+    if not (isinstance(info, dict) and isinstance(info.get("space"), dict) and info.get("space_path")):
+        raise UserError(f"sweep {layout.name!r}: {layout.sweep_json} lacks the sweep's space; it cannot be resumed")
     space = space_from_dict(info["space"], Path(info["space_path"]))
     return space, info
 
 
+def retire_errors(layout: SweepLayout) -> list[str]:
+    """Move each trial's ``error.json`` aside (``error.prev.json``) so a retried trial really runs again;
+    return the trial ids."""
+    moved = []
+    for f in sorted(layout.tune_dir.glob("*/error.json")):
+        f.replace(f.with_name("error.prev.json"))
+        moved.append(f.parent.name)
+    return moved
+
+
 def resume_sweep(name: str, results: str | None = None, address: str | None = None,
-                 retry_errored: bool = False) -> dict:
-    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from their checkpoints."""
-    sweep_dir = results_root(results) / name
-    if not (sweep_dir / "tune").is_dir():
-        raise SpaceError(f"sweep {name!r} not found under {sweep_dir.parent}")
-    space, _ = load_sweep_space(sweep_dir)
+                 retry_errored: bool = False, mlflow_uri: str | None = None) -> dict:
+    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from their checkpoints;
+    with ``retry_errored`` errored trials run again too (from their last checkpoint)."""
+    layout = find_sweep(name, results_root(results), need="tune")
+    space, info = load_sweep_space(layout)
+    from .tracking import default_mlflow_uri
+
+    uri = default_mlflow_uri(layout.root, mlflow_uri or (info.get("cli_args") or {}).get("mlflow_uri"))
     init_ray(address)
     check_schedulable(space, ray_nodes())
+    if retry_errored:
+        retire_errors(layout)
     from ray import tune
 
-    tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=_trainable(space, sweep_dir),
+    _quiet_tune()
+    print_header(layout, space.n_trials(), uri, resumed=True)
+    tuner = tune.Tuner.restore(str(layout.tune_dir), trainable=_trainable(space, layout),
                                resume_unfinished=True, resume_errored=retry_errored)
-    return summarize(tuner.fit(), space, sweep_dir)
+    tuner.fit()
+    return summarize(layout, space)
 
 
 # ------------------------------------------------------------------------------------------- summary
-def summarize(grid, space: Space, sweep_dir: Path) -> dict:
-    """One row per trial: id, status, sampled values, latest metrics, error reason.
+def _tune_trials(layout: SweepLayout) -> dict:
+    """Tune's saved trials by id ({} if its experiment state is missing or unreadable)."""
+    try:
+        from ray.tune import ExperimentAnalysis
 
-    Statuses come from the experiment state Tune saved (what a resume would see): after an interrupt, unfinished
-    trials are PENDING there even though the in-memory ones were stopped.
-    """
-    from ray.tune import ExperimentAnalysis
+        return {t.trial_id: t for t in ExperimentAnalysis(str(layout.tune_dir)).trials}
+    except Exception:  # noqa: BLE001 - no state saved yet (a crash before the first snapshot)
+        return {}
 
-    statuses = {t.trial_id: t.status for t in ExperimentAnalysis(str(sweep_dir / "tune")).trials}
+
+def summarize(layout: SweepLayout, space: Space) -> dict:
+    """One row per trial: id, status, sampled values, final (or latest) metrics, error reason.
+
+    Ended trials come from the ``trials`` table (the record every other view uses); trials that have not ended
+    from Tune's saved state (PENDING: a resume will run them)."""
+    from .results import query
+
+    axes = list(space.axes())
+    tune_trials = _tune_trials(layout)
+    ended = {}
+    try:
+        df = query("SELECT * FROM trials WHERE sweep = ?", layout.root, [layout.name])
+        ended = {r["trial"]: r for r in df.to_dict(orient="records")}
+    except UserError:
+        pass
     rows = []
-    for r in grid:
-        m = r.metrics or {}
-        tid = m.get("trial_id") or Path(r.path).name
-        row = {"trial": tid, "status": statuses.get(tid, "ERROR" if r.error else "TERMINATED")}
-        row.update({k: r.config.get(k) for k in space.axes()})
-        row.update({k: m.get(k) for k in METRIC_COLUMNS if k in m})
-        if r.error:
-            row["error"] = str(r.error).strip().splitlines()[-1][:200]
+    for tid in sorted(set(tune_trials) | set(ended)):
+        if tid in ended:
+            r = ended[tid]
+            row = {"trial": tid, "status": r["status"], **{k: r.get(k) for k in axes},
+                   **{k: r.get(k) for k in SUMMARY_METRICS}}
+            if r.get("error"):
+                row["error"] = str(r["error"])[:200]
+        else:
+            t = tune_trials[tid]
+            last = t.last_result or {}
+            row = {"trial": tid, "status": "RUNNING" if t.status == "RUNNING" else "PENDING",
+                   **{k: (t.config or {}).get(k) for k in axes}, **{k: last.get(k) for k in SUMMARY_METRICS}}
         rows.append(row)
-    rows.sort(key=lambda x: x["trial"])
     interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows)
-    return {"rows": rows, "interrupted": interrupted}
-
-
-def print_summary(summary: dict, title: str, counts: bool = True) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = summary["rows"]
-    cols = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console(width=max(120, min(220, 14 * len(cols)))).print(table)
-    if counts:
-        by = Counter(r["status"] for r in rows)
-        print(", ".join(f"{v} {k.lower()}" for k, v in sorted(by.items())))
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    errored = sum(r["status"] == "ERROR" for r in rows)
+    return {"rows": rows, "interrupted": interrupted, "errored": errored, "layout": layout}

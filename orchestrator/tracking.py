@@ -2,28 +2,28 @@
 
 All trials report to the driver, so this callback is the only writer of the MLflow store (an SQLite file is
 safe with a single writer) and of the Parquet tables. Each sweep is one MLflow experiment with a parent run for
-the sweep and a child run per trial (found again by its ``clmim.trial_id`` tag, so a retried or resumed trial
-continues its child run).
+the sweep (its summary and best trial at the end) and a child run per trial, named by what distinguishes it
+(``lam=0.25 micro/4 seed=0``) and found again by its ``clmim.trial_id`` tag, so a retried or resumed trial
+continues its child run. A step already logged to a run is never logged again (a resumed trial repeats the
+steps after its checkpoint).
+
+A failed write (a full disk, a tracking server gone) does not stop the sweep: it is reported on stderr once per
+trial with what to run after fixing it (``clmim results rebuild NAME``); Tune's own state stays resumable.
 """
 
 from __future__ import annotations
 
-import json
+import sys
+import traceback
 from pathlib import Path
 
 from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
+from trainables.files import write_json_atomic
+from trainables.vocab import HIGHER_IS_BETTER, TUNE_KEYS
 
-from .results import (
-    COMPACT_BATCH,
-    TUNE_KEYS,
-    compact,
-    read_error,
-    read_result_json,
-    trial_config_from_dir,
-    write_trial_tables,
-)
+from .results import COMPACT_BATCH, compact, read_error, read_result_json, trial_config_from_dir, write_trial_tables
 from .space import Space, trial_config
 
 
@@ -39,6 +39,16 @@ def _metric_items(result: dict) -> dict[str, float]:
             if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
 
 
+def trial_label(space: Space, values: dict) -> str:
+    """What distinguishes a trial, for people: ``lam=0.25 micro/4 seed=0`` plus any other varied axis."""
+    cfg = trial_config(space, values)
+    label = f"lam={cfg.objective.lam:g} {cfg.model.variant} seed={cfg.run.seed}"
+    shown = {"objective.lam", "model.variant", "run.seed"}
+    extra = [f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+             for k, v in values.items() if k not in shown]
+    return " ".join([label, *extra])
+
+
 class ResultsCallback(Callback):
     """Logs trials to MLflow as they report and writes their Parquet tables when they end."""
 
@@ -51,9 +61,11 @@ class ResultsCallback(Callback):
         self._parent: str | None = None
         self._experiment: str | None = None
         self._results: dict[str, list[dict]] = {}
+        self._logged: dict[tuple[str, str], int] = {}  # (run id, metric) -> last step logged
+        self._warned: set[str] = set()
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
-        return {**self.__dict__, "_client": None, "_results": {}}
+        return {**self.__dict__, "_client": None, "_results": {}, "_logged": {}, "_warned": set()}
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
@@ -97,14 +109,18 @@ class ResultsCallback(Callback):
         if self._parent is None:
             self._parent = self._find_run("clmim.role", "sweep")
             if self._parent is None:
+                from trainables.files import read_json
+
                 run = self.client.create_run(self._experiment_id(), run_name=self.sweep_dir.name,
                                              tags={"clmim.role": "sweep", "clmim.sweep": self.sweep_dir.name})
                 self._parent = run.info.run_id
-                info = json.loads((self.sweep_dir / "sweep.json").read_text())
-                params = {f"space.{k}": json.dumps(v) for k, v in self.space.space.items()}
-                params.update({f"cli.{k}": json.dumps(v) for k, v in (info.get("cli_args") or {}).items()})
-                params.update({"search": json.dumps(self.space.search), "scheduler": json.dumps(self.space.scheduler),
-                               "num_samples": str(self.space.num_samples), "code_version": info["code_version"]})
+                info = read_json(self.sweep_dir / "sweep.json", {})
+                params = {f"space.{k}": json_dumps(v) for k, v in self.space.space.items()}
+                params.update({f"cli.{k}": json_dumps(v) for k, v in (info.get("cli_args") or {}).items()})
+                params.update({"search": json_dumps(self.space.search),
+                               "scheduler": json_dumps(self.space.scheduler),
+                               "num_samples": str(self.space.num_samples),
+                               "code_version": str(info.get("code_version"))})
                 self._log_params(self._parent, {k: v[:6000] for k, v in params.items()})
                 self.client.log_artifact(self._parent, str(self.sweep_dir / "sweep.json"))
             else:
@@ -116,33 +132,61 @@ class ResultsCallback(Callback):
         if tid not in self._runs:
             run_id = self._find_run("clmim.trial_id", tid)
             if run_id is None:
-                run = self.client.create_run(self._experiment_id(), run_name=tid, tags={
+                values = dict(trial.config)
+                run = self.client.create_run(self._experiment_id(), run_name=trial_label(self.space, values), tags={
                     "mlflow.parentRunId": self.parent_run(), "clmim.trial_id": tid,
                     "clmim.sweep": self.sweep_dir.name, "clmim.role": "trial"})
                 run_id = run.info.run_id
-                cfg = flatten(to_dict(trial_config(self.space, dict(trial.config))))
+                cfg = flatten(to_dict(trial_config(self.space, values)))
                 self._log_params(run_id, {k: str(v) for k, v in cfg.items()})
             else:
                 self.client.update_run(run_id, status="RUNNING")  # a retry or resume continues this run
             self._runs[tid] = run_id
         return self._runs[tid]
 
+    def _last_step(self, run_id: str, key: str) -> int:
+        """The last step of ``key`` logged to the run (from MLflow the first time: a run from an earlier
+        driver)."""
+        if (run_id, key) not in self._logged:
+            history = self.client.get_metric_history(run_id, key)
+            self._logged[(run_id, key)] = max((m.step for m in history), default=-1)
+        return self._logged[(run_id, key)]
+
+    def _warn(self, trial_id: str, what: str, e: BaseException) -> None:
+        if trial_id in self._warned:
+            return
+        self._warned.add(trial_id)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        print(f"clmim: could not {what} for trial {trial_id} ({type(e).__name__}: {reason}); the sweep goes on. "
+              f"Once fixed, run: clmim results rebuild {self.sweep_dir.name}", file=sys.stderr, flush=True)
+
     # ---------------------------------------------------------------------------------- Tune hooks
     def setup(self, **info):
         self.parent_run()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.child_run(trial)
+        try:
+            self.child_run(trial)
+        except Exception as e:  # noqa: BLE001 - tracking must not stop the sweep
+            self._warn(trial.trial_id, "create its MLflow run", e)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
 
         self._results.setdefault(trial.trial_id, []).append(dict(result))
-        step = int(result.get("step", result.get("training_iteration", 0)))
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(k, v, ts, step) for k, v in _metric_items(result).items()]
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.child_run(trial), metrics=metrics[i:i + 1000])
+        try:
+            run_id = self.child_run(trial)
+            step = int(result.get("step", result.get("training_iteration", 0)))
+            ts = int(result.get("timestamp", 0) * 1000)
+            metrics = []
+            for k, v in _metric_items(result).items():
+                if step > self._last_step(run_id, k):
+                    metrics.append(Metric(k, v, ts, step))
+                    self._logged[(run_id, k)] = step
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        except Exception as e:  # noqa: BLE001
+            self._warn(trial.trial_id, "log metrics to MLflow", e)
 
     def _finish(self, trial, status: str):
         trial_dir = self.sweep_dir / "tune" / trial.trial_id
@@ -150,16 +194,19 @@ class ResultsCallback(Callback):
         # yet, so add the ones this driver received.
         results, seen = [], set()
         for r in read_result_json(trial_dir) + self._results.pop(trial.trial_id, []):
-            key = json.dumps(r, sort_keys=True, default=str)
+            key = json_dumps(r)
             if key not in seen:
                 seen.add(key)
                 results.append(r)
         err = None
         if status == "ERROR":
             err = read_error(trial_dir)
-            if err is None:  # no error.json (e.g. a lost process out of retries): the last line of Tune's trace
+            if err is None:  # a lost process out of retries: Tune's reason, recorded so a resume does not rerun it
                 lines = (trial.get_error() or "").strip().splitlines()
-                err = lines[-1][:500] if lines else "unknown error"
+                err = (f"retries exhausted (failure.max_failures={self.space.max_failures}): "
+                       f"{lines[-1][:400] if lines else 'trial process lost'}")
+                write_json_atomic(trial_dir / "error.json", {"type": "TrialLost", "message": err,
+                                                              "traceback": trial.get_error() or ""})
         cfg = trial_config_from_dir(trial_dir) or to_dict(trial_config(self.space, dict(trial.config)))
         write_trial_tables(self.sweep_dir, trial.trial_id, status, cfg, results, error=err)
         compact(self.sweep_dir, batch=COMPACT_BATCH)  # keeps queries over a running sweep fast
@@ -168,15 +215,53 @@ class ResultsCallback(Callback):
             self.client.log_artifact(run_id, str(trial_dir / "run" / "config.yaml"))
         if err:
             self.client.set_tag(run_id, "clmim.error", err[:5000])
+        elif "clmim.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt failed; this one did not
+            self.client.delete_tag(run_id, "clmim.error")
         self.client.set_terminated(run_id, status="FINISHED" if status == "TERMINATED" else "FAILED")
 
+    def _finish_safely(self, trial, status: str):
+        try:
+            self._finish(trial, status)
+        except Exception as e:  # noqa: BLE001 - a full disk or a lost server must not kill the driver
+            self._warn(trial.trial_id, "record the result", e)
+            if not isinstance(e, OSError):  # not the disk or the network: a bug worth its traceback
+                traceback.print_exc(limit=5, file=sys.stderr)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, "TERMINATED")
+        self._finish_safely(trial, "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "ERROR")
+        self._finish_safely(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
-        compact(self.sweep_dir)
-        done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
-        self.client.set_terminated(self.parent_run(), status="FINISHED" if done else "KILLED")
+        try:
+            compact(self.sweep_dir)
+            self._summarize_parent(trials)
+        except Exception as e:  # noqa: BLE001
+            self._warn("(sweep)", "write the sweep summary", e)
+
+    def _summarize_parent(self, trials) -> None:
+        """The parent run carries the sweep's outcome: trial counts, the best value of the search metric and
+        which trial reached it (tags ``clmim.best_trial``, ``clmim.best_label``)."""
+        parent = self.parent_run()
+        counts = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "ERROR")}
+        self.client.log_metric(parent, "trials_total", len(trials))
+        self.client.log_metric(parent, "trials_terminated", counts["TERMINATED"])
+        self.client.log_metric(parent, "trials_error", counts["ERROR"])
+        metric, mode = self.space.search["metric"], self.space.search["mode"]
+        done = [(t.last_result.get(metric), t) for t in trials if t.status == "TERMINATED"
+                and isinstance((t.last_result or {}).get(metric), (int, float))]
+        if done:
+            higher = mode == "max" if mode else metric in HIGHER_IS_BETTER
+            value, best = (max if higher else min)(done, key=lambda x: x[0])
+            self.client.log_metric(parent, f"best_{metric}", float(value))
+            self.client.set_tag(parent, "clmim.best_trial", best.trial_id)
+            self.client.set_tag(parent, "clmim.best_label", trial_label(self.space, dict(best.config)))
+        finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self.client.set_terminated(parent, status="FINISHED" if finished else "KILLED")
+
+
+def json_dumps(v) -> str:
+    import json
+
+    return json.dumps(v, sort_keys=True, default=str)

@@ -48,7 +48,10 @@ def ray_address(tmp_path_factory):
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
-    env = dict(os.environ)  # loopback node addresses and token auth (set above); the head creates the token
+    env = dict(os.environ)  # loopback node addresses and token auth (set above)
+    # `ray start --head` with token auth needs a token and does not create one (a fresh machine has none):
+    # create ~/.ray/auth_token if missing (its output, the token, is captured and dropped).
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True, env=env, timeout=60)
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={_free_port()}", "--disable-usage-stats"],

@@ -5,18 +5,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.layout import find_sweep
 from orchestrator.results import (
     SCHEMA_VERSION,
     QueryError,
     connect,
     curves_from_results,
     query,
+    read_manifest,
     rebuild,
     relation,
     show,
     write_trial_tables,
 )
 from trainables.config import load_config, to_dict
+from trainables.errors import UserError
 
 
 def cfg(lam=0.5, variant="micro/4"):
@@ -101,10 +104,10 @@ def test_rebuild_from_tune_dirs_and_show(tmp_path):
     assert rebuild(sweep) == 3
     df = query("SELECT trial, status, error FROM trials ORDER BY trial", tmp_path)
     assert list(df.status) == ["TERMINATED", "TERMINATED", "ERROR"] and df.error[2] == "ValueError: bad"
-    titles = [t for t, _ in show("rb", tmp_path)]
+    titles = [t for t, _ in show(find_sweep("rb", tmp_path))]
     assert titles[0] == "status" and "failed or unfinished trials" in titles
-    with pytest.raises(QueryError, match="not found"):
-        show("nope", tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        find_sweep("nope", tmp_path)
     assert connect(tmp_path).execute("SELECT count(*) FROM layers").fetchone()[0] == 3 * 3
 
 
@@ -117,8 +120,9 @@ def test_compaction_keeps_every_row_once(tmp_path):
     write_trial_tables(sweep, "t0", "TERMINATED", cfg(0), reports(3, 0.9))  # a later attempt of t0
     before = {t: query(f"SELECT * FROM {t} ORDER BY ALL", tmp_path) for t in ("trials", "curves", "layers")}
 
-    def n_files():
-        return [len(list((sweep / t).glob("*.parquet"))) for t in ("trials", "curves", "layers")]
+    def n_files():  # files a reader sees (the manifest's current files)
+        m = read_manifest(sweep)
+        return [len(m["current"][t]) for t in ("trials", "curves", "layers")]
 
     def unchanged():
         for t, df in before.items():
@@ -130,5 +134,16 @@ def test_compaction_keeps_every_row_once(tmp_path):
     assert compact(sweep, batch=4) == 0  # fewer than 4 per-attempt files left; merged files are not rewritten
     unchanged()
     assert compact(sweep) == 9 and n_files() == [1, 1, 1]  # sweep end: everything into one file
+    unchanged()
+    # merged-away originals stay on disk for readers holding an older snapshot, then go after the grace period
+    assert len(list((sweep / "trials").glob("*.parquet"))) == 6 + 2
+    import orchestrator.results as results
+
+    results.GRACE_S, grace = 0.0, results.GRACE_S
+    try:
+        compact(sweep)
+    finally:
+        results.GRACE_S = grace
+    assert [len(list((sweep / t).glob("*.parquet"))) for t in ("trials", "curves", "layers")] == [1, 1, 1]
     unchanged()
     assert query("SELECT linear_top1 FROM trials WHERE trial = 't0'", tmp_path).linear_top1[0] == 0.9

@@ -88,10 +88,12 @@ def test_report_bad_input_exit_2(tmp_path, capsys):
 
 
 def test_report_of_a_scaling_sweep_has_fits_and_pngs(tmp_path):
+    from orchestrator.layout import SweepLayout
     from orchestrator.report import build_report
 
     make_sweep(tmp_path)
-    page = build_report("sc", tmp_path)
+    page, files = build_report(SweepLayout(tmp_path, "sc"))
     text = page.read_text()
-    assert "Power-law fits" in text and text.count("data:image/png;base64,") == 2  # lam curve + scaling
-    assert {p.name for p in page.parent.glob("*.png")} == {"lam.png", "scaling.png"}
+    pngs = {p.name for p in page.parent.glob("*.png")}
+    assert "Power-law fits" in text and text.count("data:image/png;base64,") == len(pngs)
+    assert {"lam.png", "scaling.png"} <= pngs and set(files) == {page, *(page.parent / p for p in pngs)}

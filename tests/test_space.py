@@ -58,9 +58,9 @@ def test_search_metric_must_be_reported(tmp_path):
 def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
     from conftest import tiny
 
-    from orchestrator.space import LAYER_METRIC, PROBE_METRICS, STEP_METRICS
     from trainables.config import load_config
     from trainables.trainer import train
+    from trainables.vocab import LAYER_METRIC, PROBE_METRICS, STEP_METRICS
 
     final = train(load_config(tiny(), ["optim.steps=2", "objective.lam=0.5"]))
     reported = {k for k in final if k in STEP_METRICS + PROBE_METRICS or k.startswith("layer/")}

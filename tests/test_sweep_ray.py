@@ -48,9 +48,15 @@ def clmim(*args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_quickstart_sweep_completes(ray_address, tmp_path):
+def test_quickstart_sweep_completes(ray_address, tmp_path, capsys):
     space = load_space("search_spaces/quickstart.yaml", SMALL)
     summary = run_sweep(space, results=str(tmp_path), address=ray_address)
+    out = capsys.readouterr().out
+    # the console says where results go, shows compact progress (no Tune trial table, no Ray temp dir)
+    assert f"results: {tmp_path / 'quickstart'}" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "trials 4/4 done (0 errored), 0 running, 0 pending" in out, out[-3000:]
+    assert "Result logdir" not in out and "Tuner.restore" not in out
+    assert sum(line.startswith("[") and "trials " in line for line in out.splitlines()) < 40
     rows = summary["rows"]
     assert len(rows) == 4 and not summary["interrupted"]
     assert all(r["status"] == "TERMINATED" for r in rows), rows
@@ -122,6 +128,11 @@ def check_mlflow(uri, sweep, n_trials):
     assert children["metrics.linear_top1"].between(0, 1).all()
     assert children.status.eq("FINISHED").all()
     assert "metrics.layer/6/attn_nmi" in children
+    # readable child names; the parent carries the sweep's outcome
+    assert children["tags.mlflow.runName"].str.fullmatch(r"lam=[\d.]+ micro/4 seed=\d+.*").all()
+    parent = parents.iloc[0]
+    assert parent["metrics.trials_terminated"] == n_trials and parent["metrics.trials_error"] == 0
+    assert parent["tags.clmim.best_trial"] in set(children["tags.clmim.trial_id"])
 
 
 def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
@@ -240,19 +251,28 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path, 
 
 
 def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path):
-    p = write_space(tmp_path, "intr", space={"objective.lam": {"grid": [0.0, 0.5, 1.0]}, "optim.steps": 16},
+    p = write_space(tmp_path, "intr", space={"objective.lam": {"grid": [0.0, 0.5, 1.0]}, "optim.steps": 40},
                     max_concurrent=1)
-    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(p), "--results", str(tmp_path),
+                             "--address", ray_address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sweep_dir = tmp_path / "intr"
 
-    def one_finished():
-        return [d for d in trial_dirs(sweep_dir) if any("knn_top1" in m for m in results_lines(d))]
+    def finished(d):
+        return any("knn_top1" in m for m in results_lines(d))
 
-    done_before = wait_for(one_finished, 180, "a finished trial")
+    def one_finished_one_checkpointed():  # Ctrl-C while a trial has a checkpoint and is still training
+        dirs = trial_dirs(sweep_dir)
+        done = [d for d in dirs if finished(d)]
+        mid = [d for d in dirs if not finished(d) and any((d / "run" / "checkpoints").glob("step_*"))]
+        return done and mid and (done, mid[0])
+
+    done_before, interrupted = wait_for(one_finished_one_checkpointed, 240, "a finished and a checkpointed trial")
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, out[-2000:]
-    assert "clmim resume intr" in out
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out + err)[-3000:]
+    hint = [line for line in err.splitlines() if "clmim resume" in line]
+    assert len(hint) == 1 and hint[0].endswith(f"clmim resume intr --results {tmp_path}"), err[-2000:]
+    assert "Tuner.restore" not in out + err and "Traceback" not in err, err[-3000:]
     lines_before = {d.name: len(results_lines(d)) for d in done_before}
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "intr", "--results", str(tmp_path),
                         "--address", ray_address], capture_output=True, text=True, timeout=300)
@@ -264,6 +284,8 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
         assert len(finals) == 1, (d.name, finals)
     for name, n in lines_before.items():  # finished trials were not run again
         assert len(results_lines(sweep_dir / "tune" / name)) == n
+    final = [m for m in results_lines(interrupted) if "knn_top1" in m][-1]
+    assert final["resumed_from"] >= 4, final  # continued from its checkpoint, not from step 0
     assert "3 terminated" in r.stdout
     # every view has each trial exactly once (and no step twice)
     assert len(query("SELECT * FROM trials WHERE sweep = 'intr'", tmp_path)) == 3
@@ -293,3 +315,65 @@ def test_lost_worker_vs_training_error_classification():
     assert _describe_error(WorkerGroupError("rank 0 raised", {1: dead, 0: user})) == (
         "NonFiniteLossError", "non-finite loss by step 4")
     assert _describe_error(ValueError("bad\nmore")) == ("ValueError", "bad")
+
+
+def test_exhausted_retries_end_as_error_everywhere(ray_address, tmp_path):
+    """A lost trial process with no retries left is ERROR in the summary, the tables and MLflow; the exit code
+    says so; a resume does not run it again."""
+    p = write_space(tmp_path, "lost", space={"objective.lam": 1.0, "optim.steps": 60, "run.ckpt_every": 5,
+                                            "run.log_every": 5}, failure={"max_failures": 0})
+    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    sweep_dir = tmp_path / "lost"
+    trial = wait_for(lambda: next((d for d in trial_dirs(sweep_dir) if (d / "pid").is_file()
+                                   and results_lines(d)), None), 120, "a running trial")
+    os.kill(int((trial / "pid").read_text()), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert "was interrupted" not in out and "stopped before every trial ended" not in out
+    row = query("SELECT status, error FROM trials WHERE sweep = 'lost'", tmp_path).iloc[0]
+    assert row.status == "ERROR" and "retries exhausted" in row.error
+    n = len(results_lines(trial))
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "lost", "--results", str(tmp_path),
+                        "--address", ray_address], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(results_lines(trial)) == n  # not run past its retry limit
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clmim/lost")
+    [child] = client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'trial'")
+    assert child.info.status == "FAILED" and "retries exhausted" in child.data.tags["clmim.error"]
+
+
+def test_retry_errored_really_runs_the_trial_again(ray_address, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    p = write_space(tmp_path, "retry", space={"data.dataset": "imagefolder", "data.path": str(folder),
+                                             "objective.lam": 0.0, "data.workers": 0})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    assert summary["rows"][0]["status"] == "ERROR"
+    rng = np.random.default_rng(0)  # fix the cause: a real image folder
+    for c in ("a", "b"):
+        (folder / c).mkdir()
+        for i in range(80):
+            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    from orchestrator.sweep import resume_sweep
+
+    summary = resume_sweep("retry", results=str(tmp_path), address=ray_address, retry_errored=True)
+    [row] = summary["rows"]
+    assert row["status"] == "TERMINATED" and row["step"] == 8, row
+    assert next((tmp_path / "retry" / "tune").glob("*/error.prev.json")).is_file()
+
+
+def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_address):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = ("from orchestrator.sweep import init_ray; init_ray(None); import ray; "
+            "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gcs = r.stdout.split("GCS ")[1].split()[0]
+    assert gcs != ray_address and gcs.startswith("127.0.0.1:"), r.stdout
+    assert "private local instance" in r.stdout

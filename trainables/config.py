@@ -9,6 +9,7 @@ any expensive work starts. ``to_dict`` gives back the resolved tree (saved next 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError, excerpt
 from .scale import parse_variant
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is unknown, of the wrong type, out of range, or inconsistent with another one."""
 
 
@@ -126,14 +128,13 @@ def _coerce(value: Any, tp, path: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
@@ -142,22 +143,27 @@ def _coerce(value: Any, tp, path: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {excerpt(value, 60)} ({type(value).__name__})")
 
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {excerpt(data, 60)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -295,6 +301,21 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str, error: type[UserError] = ConfigError):
+    """Parse a YAML file; a missing file or a syntax error is ``error`` naming the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{what} {str(path)!r} is not valid YAML{where}: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise error(f"{what} {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_config(source: dict | str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Build and validate a ``Config`` from a YAML path or dict plus overrides.
 
@@ -306,13 +327,11 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
     elif isinstance(source, dict):
         tree = deep_merge({}, source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        tree = read_yaml(source, "config file")
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(source)!r}: expected a mapping of sections, got {excerpt(tree, 60)}")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         set_dotted(tree, key, value)
@@ -339,5 +358,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically)."""
+    from .files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -22,9 +22,6 @@ import torch
 
 from .config import Config, ConfigError
 
-SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "crescent", "bar"]
-TEXTURES = ["h-stripes", "v-stripes", "checker", "dots", "diagonal", "plain", "noise", "grid"]
-
 
 @dataclass
 class Split:

@@ -33,10 +33,6 @@ class VariantSpec:
     depth: int
     heads: int
 
-    @property
-    def variant(self) -> str:
-        return f"{self.name}/{self.patch}"
-
 
 def parse_variant(variant: str) -> VariantSpec:
     """Decode ``"S/16"`` into its width, depth, heads and patch size; raise ValueError naming the allowed names."""
@@ -79,9 +75,3 @@ def embed_flops(spec: VariantSpec, img_size: int) -> float:
 def mlp_head_flops(dims: list[int]) -> float:
     """Forward FLOPs of an MLP with the given layer sizes, for one sample."""
     return 2.0 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))
-
-
-def forward_flops(spec: VariantSpec, img_size: int, layers: int | None = None) -> float:
-    """Forward FLOPs of the encoder up to block ``layers`` (default all) for one image."""
-    layers = spec.depth if layers is None else layers
-    return embed_flops(spec, img_size) + layers * block_flops(spec, img_size)

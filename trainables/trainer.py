@@ -8,14 +8,15 @@ checkpoint directory) and at the end, on every rank; launchers decide what to do
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import Config, load_config, save_config, to_dict
+from .config import Config, ConfigError, load_config, save_config, to_dict
 from .data import DataBundle, batch_stream, build_data, steps_per_epoch
+from .files import write_json_atomic
 from .model import no_weight_decay_names
 from .objectives import Hybrid, build_objective, train_flops_per_image
 from .probes import rows_to_metrics, run_probes
@@ -88,6 +90,33 @@ def _param_groups(module: torch.nn.Module) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    """Every RNG state as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_weights(path: str | Path):
+    """``torch.load`` that never runs code from the file (``weights_only=True``): tensors and plain values only.
+    A file that needs more (a pickle with arbitrary objects) raises ``pickle.UnpicklingError``."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def save_checkpoint(out_dir: Path, step: int, objective: Hybrid, opt: torch.optim.Optimizer, cfg: Config) -> Path:
     """Write a complete checkpoint atomically to out_dir/checkpoints/step_NNNNNNN/; keep the last two."""
     root = out_dir / "checkpoints"
@@ -100,8 +129,7 @@ def save_checkpoint(out_dir: Path, step: int, objective: Hybrid, opt: torch.opti
         "model": objective.state_dict(),
         "optimizer": opt.state_dict(),
         "config": to_dict(cfg),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": _rng_state(),
     }, tmp / "checkpoint.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -122,17 +150,17 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | None) -> int:
-    """Restore model, optimiser and RNG state; return the step to continue from."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Restore model, optimiser and RNG state; return the step to continue from. A file holding anything but
+    tensors and plain values is refused (``ConfigError``), never unpickled."""
+    try:
+        ckpt = load_weights(path)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"run.resume: {str(path)!r} holds Python objects beyond tensors and plain values; "
+                          "refused (checkpoints load with weights_only=True)") from None
     objective.load_state_dict(ckpt["model"])
     if opt is not None:
         opt.load_state_dict(ckpt["optimizer"])
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
 
 
@@ -173,18 +201,35 @@ def compile_objective(objective: torch.nn.Module, world: int) -> None:
             m.compile(dynamic=False)
 
 
-def train(config: Config | dict | str, report: Report | None = None) -> dict:
-    """Train one model as configured and return its final metrics.
+@dataclass
+class TrainRun:
+    """Everything the training loop needs, built once by ``build_run``."""
 
-    ``report(metrics: dict, checkpoint: Path | None = None)`` receives the logged scalars. Raises
-    ``NonFiniteLossError`` if the loss becomes NaN or infinite.
-    """
-    cfg = config if isinstance(config, Config) else load_config(config)
-    report = report or (lambda metrics, checkpoint=None: None)
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: Path | None
+    data: DataBundle
+    objective: Hybrid  # the module that owns the weights (checkpoints, probes, EMA)
+    model: torch.nn.Module  # what the step calls: the objective, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: dict[str, np.ndarray]
+    total: int  # optimiser steps of the whole run
+    steps_per_epoch: int
+    start: int  # first step to run (> 0 after a resume)
+    autocast: object
+    stream: object
+    info: dict  # static facts reported at the end (sizes, FLOPs, world size)
+
+
+def build_run(cfg: Config) -> TrainRun:
+    """Seed, load data, build the objective and optimiser, resume from a checkpoint if asked, compile, wrap in
+    DDP when a process group exists."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} workers")
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by {world} workers")
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -203,8 +248,6 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     if world > 1 and device.type == "cuda":
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
     total = total_steps(cfg, len(data.train))
-    spe = steps_per_epoch(len(data.train), cfg.data.batch_size)
-    sched = schedules(cfg, total)
     opt = torch.optim.AdamW(_param_groups(objective), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             fused=device.type == "cuda")
     start = 0
@@ -213,7 +256,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         if ckpt is not None:
             start = load_checkpoint(ckpt, objective, opt)
         elif cfg.run.resume != "auto":
-            raise FileNotFoundError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
+            raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
     if cfg.run.compile:
         compile_objective(objective, world)
     model = objective
@@ -221,59 +264,84 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=objective.has_unused_params())
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    stream = batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, start, rank, world, device)
-    stats = model_stats(cfg)
-    info = {**stats, "total_steps": total, "world_size": world, "device": device.type}
+    return TrainRun(
+        cfg=cfg, rank=rank, world=world, device=device, out_dir=out_dir, data=data, objective=objective,
+        model=model, opt=opt, sched=schedules(cfg, total), total=total,
+        steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), start=start,
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
+        stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, start, rank, world, device),
+        info={**model_stats(cfg), "total_steps": total, "world_size": world, "device": device.type})
 
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # accumulated without host syncs
+
+def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
+                 seconds: float) -> dict:
+    """The logged scalars of a log step (averaged over ranks): the one host sync of the step. Raises
+    ``NonFiniteLossError`` if any loss since the last log step was NaN or infinite."""
+    keys = sorted(out)
+    vals = torch.stack([out[k].detach().float() for k in keys] + [nonfinite.float()])
+    if run.world > 1:
+        dist.all_reduce(vals)
+        vals /= run.world
+    vals = vals.tolist()
+    lr = float(run.sched["lr"][step])
+    if vals[-1] > 0 or not all(math.isfinite(v) for v in vals[:-1]):
+        raise NonFiniteLossError(f"non-finite loss by step {done} (loss={vals[keys.index('loss')]}, lr={lr:.3g}); "
+                                 "try a lower optim.blr or set optim.clip_grad")
+    return {**dict(zip(keys, vals[:-1], strict=True)), "step": done, "total_steps": run.total,
+            "epoch": done / run.steps_per_epoch, "lr": lr, "images_per_s": images / seconds}
+
+
+def _checkpoint(run: TrainRun, done: int) -> Path | None:
+    """Save a checkpoint from rank 0 (all ranks wait for it); its directory on rank 0, else None."""
+    path = save_checkpoint(run.out_dir, done, run.objective, run.opt, run.cfg) if run.rank == 0 else None
+    if run.world > 1:
+        dist.barrier()
+    return path
+
+
+def train(config: Config | dict | str, report: Report | None = None) -> dict:
+    """Train one model as configured and return its final metrics.
+
+    ``report(metrics: dict, checkpoint: Path | None = None)`` receives the logged scalars. Raises
+    ``NonFiniteLossError`` if the loss becomes NaN or infinite.
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    report = report or (lambda metrics, checkpoint=None: None)
+    run = build_run(cfg)
+    o, r = cfg.optim, cfg.run
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs
     t_log, n_log, metrics = time.perf_counter(), 0, {}
-    for step in range(start, total):
-        images, _ = next(stream)
-        for g in opt.param_groups:
-            g["lr"] = float(sched["lr"][step])
-            g["weight_decay"] = float(sched["wd"][step]) if g["decay"] else 0.0
-        with autocast:
-            out = model({"images": images, "seed": cfg.run.seed * 1_000_003 + step * 1009 + rank})
-        loss = out["loss"]
-        loss.backward()
-        nonfinite |= ~torch.isfinite(loss.detach())
-        if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        objective.momentum_update(float(sched["momentum"][step]))
+    for step in range(run.start, run.total):
+        images, _ = next(run.stream)
+        for g in run.opt.param_groups:
+            g["lr"] = float(run.sched["lr"][step])
+            g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
+        with run.autocast:
+            out = run.model({"images": images, "seed": r.seed * 1_000_003 + step * 1009 + run.rank})
+        out["loss"].backward()
+        nonfinite |= ~torch.isfinite(out["loss"].detach())
+        if o.clip_grad:
+            torch.nn.utils.clip_grad_norm_(run.objective.parameters(), o.clip_grad)
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        run.objective.momentum_update(float(run.sched["momentum"][step]))
         n_log += 1
         done = step + 1
-        ckpt_due = out_dir is not None and ((cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0) or done == total)
-        if done % cfg.run.log_every == 0 or done == total or ckpt_due:
-            keys = sorted(out)
-            vals = torch.stack([out[k].detach().float() for k in keys] + [nonfinite.float()])
-            if world > 1:
-                dist.all_reduce(vals)
-                vals /= world
-            vals = vals.tolist()  # the one host sync per log step
-            if vals[-1] > 0 or not all(math.isfinite(v) for v in vals[:-1]):
-                raise NonFiniteLossError(
-                    f"non-finite loss by step {done} (loss={vals[keys.index('loss')]}, lr={sched['lr'][step]:.3g}); "
-                    "try a lower optim.blr or set optim.clip_grad")
-            dt = time.perf_counter() - t_log
-            metrics = {**dict(zip(keys, vals[:-1], strict=True)), "step": done, "epoch": done / spe,
-                       "lr": float(sched["lr"][step]), "images_per_s": n_log * cfg.data.batch_size / dt}
-            path = None
-            if ckpt_due:
-                path = save_checkpoint(out_dir, done, objective, opt, cfg) if rank == 0 else None
-                if world > 1:
-                    dist.barrier()
-            report(metrics, checkpoint=path)
+        ckpt_due = run.out_dir is not None and ((r.ckpt_every and done % r.ckpt_every == 0) or done == run.total)
+        if done % r.log_every == 0 or done == run.total or ckpt_due:
+            metrics = _log_metrics(run, out, nonfinite, step, done, n_log * cfg.data.batch_size,
+                                   time.perf_counter() - t_log)
+            report(metrics, checkpoint=_checkpoint(run, done) if ckpt_due else None)
             t_log, n_log = time.perf_counter(), 0
-        if cfg.eval.every and done % (cfg.eval.every * spe) == 0 and done != total:
-            report({"step": done, "epoch": done / spe, **evaluate(objective.encoder, data, cfg)})
+        if cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total:
+            report({"step": done, "epoch": done / run.steps_per_epoch,
+                    **evaluate(run.objective.encoder, run.data, cfg)})
 
-    final = {**info, **metrics, "step": total, "resumed_from": start, **evaluate(objective.encoder, data, cfg)}
-    if world > 1:
-        final["replicas_in_sync"] = replicas_in_sync(objective)
-    if out_dir and rank == 0:
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    final = {**run.info, **metrics, "step": run.total, "resumed_from": run.start,
+             **evaluate(run.objective.encoder, run.data, cfg)}
+    if run.world > 1:
+        final["replicas_in_sync"] = replicas_in_sync(run.objective)
+    if run.out_dir and run.rank == 0:
+        write_json_atomic(run.out_dir / "final_metrics.json", final, indent=2)
     report(final)
     return final

@@ -19,13 +19,13 @@ Ray is imported inside the functions: ``trainables`` stays importable without Ra
 
 from __future__ import annotations
 
-import json
 import os
 import traceback
 from pathlib import Path
 
 from .config import load_config
-from .trainer import train
+from .files import DamagedFile, read_json, write_json_atomic, write_text_atomic
+from .trainer import find_checkpoint, train
 
 ERROR_FILE = "error.json"
 
@@ -39,10 +39,8 @@ def _clean(metrics: dict) -> dict:
 
 
 def _record_error(trial_dir: Path, exc: BaseException) -> None:
-    trial_dir.mkdir(parents=True, exist_ok=True)
     kind, message = _describe_error(exc)
-    (trial_dir / ERROR_FILE).write_text(json.dumps({"type": kind, "message": message,
-                                                    "traceback": traceback.format_exc()}))
+    write_json_atomic(trial_dir / ERROR_FILE, {"type": kind, "message": message, "traceback": traceback.format_exc()})
 
 
 def _describe_error(exc: BaseException) -> tuple[str, str]:
@@ -57,10 +55,13 @@ def _describe_error(exc: BaseException) -> tuple[str, str]:
 
 
 def _raise_recorded(trial_dir: Path) -> None:
-    f = trial_dir / ERROR_FILE
-    if f.is_file():
-        err = json.loads(f.read_text())
-        raise TrialError(f"{err['type']}: {err['message']}")
+    try:
+        err = read_json(trial_dir / ERROR_FILE)
+    except DamagedFile:
+        raise TrialError("unreadable error file") from None
+    if err is not None:
+        raise TrialError(f"{err.get('type', 'Error')}: {err.get('message', '')}" if isinstance(err, dict)
+                         else "unreadable error file")
 
 
 def build_trial_config(values: dict, sweep: dict, out_dir: str):
@@ -109,14 +110,18 @@ def _is_lost_worker(e: BaseException) -> bool:
     return isinstance(e, (ControllerError, *lost))
 
 
-def _train_reporting_to(api, values: dict, sweep: dict, trial_dir: Path, write_pid: bool = True) -> None:
+def _train_reporting_to(api, values: dict, sweep: dict, trial_dir: Path, in_process: bool) -> None:
     """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
     process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
-    A checkpoint the API hands back (a retried or resumed trial) is resumed from."""
+    A retried or resumed trial continues from its last checkpoint: in process, ``resume_point``; in Ray Train,
+    the one Ray Train hands every rank (all ranks must start from the same one)."""
     cfg = build_trial_config(values, sweep, str(trial_dir / "run"))
     ckpt = api.get_checkpoint()
-    if ckpt is not None:
+    if in_process:
+        cfg.run.resume = resume_point(ckpt, trial_dir)
+    elif ckpt is not None:
         cfg.run.resume = str(Path(ckpt.path) / "checkpoint.pt")
+    write_pid = in_process or api.get_context().get_world_rank() == 0
     if write_pid:
         _write_pid(trial_dir)
 
@@ -126,16 +131,28 @@ def _train_reporting_to(api, values: dict, sweep: dict, trial_dir: Path, write_p
     train(cfg, report)
 
 
+def resume_point(tune_checkpoint, trial_dir: Path) -> str | None:
+    """The checkpoint a (re)started trial continues from: the newest one the trainer wrote in the trial's run
+    directory, else the one Tune hands back, else None (a fresh start).
+
+    Tune's checkpoints are copies of the trainer's, so the trainer's newest is never older. It can be newer:
+    on Ctrl-C Tune saves its experiment state before it stops the trials, so a checkpoint reported in that
+    window is on disk but not in Tune's state, and the resumed trial would otherwise start again at step 0."""
+    local = find_checkpoint(trial_dir / "run")
+    if local is not None:
+        return str(local)
+    return str(Path(tune_checkpoint.path) / "checkpoint.pt") if tune_checkpoint is not None else None
+
+
 def _run_in_process(config: dict, sweep: dict, trial_dir: Path) -> None:
     from ray import tune
 
-    _train_reporting_to(tune, config, sweep, trial_dir)
+    _train_reporting_to(tune, config, sweep, trial_dir, in_process=True)
 
 
 def _write_pid(trial_dir: Path) -> None:
     """The trial's training process id (lets a user, or a test, find and signal the process)."""
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / "pid").write_text(str(os.getpid()))
+    write_text_atomic(trial_dir / "pid", str(os.getpid()))
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -151,7 +168,7 @@ def _train_worker(loop_config: dict) -> None:
     # Every rank gets the same out_dir (the trainer writes files from rank 0 only, but all ranks must agree on
     # when checkpoints happen: saving one is a collective step).
     _train_reporting_to(ray.train, loop_config["values"], loop_config["sweep"], Path(loop_config["trial_dir"]),
-                        write_pid=ray.train.get_context().get_world_rank() == 0)
+                        in_process=False)
 
 
 def _run_with_train(config: dict, sweep: dict, trial_dir: Path, trial_id: str) -> None:

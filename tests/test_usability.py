@@ -1,0 +1,245 @@
+"""Issue 10: defects found by using the product as a new user would (one test per defect, no Ray needed)."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny
+
+from orchestrator.cli import main
+from orchestrator.results import write_trial_tables
+from trainables.config import load_config, to_dict
+
+
+def cfg(lam=0.5, seed=0):
+    return to_dict(load_config({}, [f"objective.lam={lam}", f"run.seed={seed}"]))
+
+
+def reports(final=0.5):
+    return [{"step": s, "loss": 2.0 - s / 10, "total_steps": 3} for s in (1, 2, 3)] + [
+        {"step": 3, "loss": 1.7, "linear_top1": final, "knn_top1": final / 2, "layer/6/attn_distance": 9.0,
+         "layer/6/attn_nmi": 0.2, "layer/6/linear_top1": final, "layer/0/linear_top1": 0.2}]
+
+
+def make_sweep(root: Path, name: str, n: int = 2) -> Path:
+    sweep = root / name
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"name": name, "created": "2026-11-29T10:00:00", "n_trials": n}))
+    for i in range(n):
+        write_trial_tables(sweep, f"t{i}", "TERMINATED", cfg(lam=float(i % 2), seed=i // 2), reports(0.3 + i / 10))
+    return sweep
+
+
+# ---------------------------------------------------------------------------------------- 1. Ctrl-C
+def test_summary_of_an_interrupted_sweep_comes_from_the_tables_and_tune_state(tmp_path, monkeypatch):
+    """The old summary read ``r.config`` of every Tune result and crashed on trials that never started."""
+    from orchestrator import sweep as sweep_mod
+    from orchestrator.layout import SweepLayout
+    from orchestrator.space import space_from_dict
+
+    make_sweep(tmp_path, "s", n=1)
+    space = space_from_dict({"space": {"objective.lam": {"grid": [0.0, 1.0]}}}, tmp_path / "s.yaml")
+
+    class Pending:  # a trial Tune saved as PENDING that never started: no config values, no results
+        trial_id, status, config, last_result = "t1", "PENDING", None, None
+
+    monkeypatch.setattr(sweep_mod, "_tune_trials", lambda layout: {"t1": Pending()})
+    summary = sweep_mod.summarize(SweepLayout(tmp_path, "s"), space)
+    by = {r["trial"]: r for r in summary["rows"]}
+    assert by["t0"]["status"] == "TERMINATED" and by["t0"]["linear_top1"] == 0.3
+    assert by["t1"]["status"] == "PENDING" and summary["interrupted"]
+
+
+def test_restarted_trial_resumes_from_its_newest_local_checkpoint(tmp_path):
+    """Tune saves its state before stopping trials on Ctrl-C, so a checkpoint written in that window was not in
+    Tune's state and the trial restarted from step 0."""
+    from trainables.trainer import train
+    from trainables.tune_trainable import resume_point
+
+    run = tmp_path / "trial" / "run"
+    train(load_config(tiny(), [f"run.out_dir={run}", "optim.steps=4", "run.ckpt_every=2", "eval.probe_images=8"]))
+    assert resume_point(None, tmp_path / "trial").endswith("step_0000004/checkpoint.pt")
+    assert resume_point(None, tmp_path / "fresh") is None
+
+
+# ---------------------------------------------------------------------------------------- 2. report --out
+def test_report_out_attaches_only_its_own_files(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    make_sweep(tmp_path, "rep", n=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("clmim/rep", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"clmim.role": "sweep"}).info.run_id
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    (out / "unrelated.bin").write_bytes(os.urandom(4096))  # someone else's files beside the report
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(out / "a.sock"))  # copying a socket crashed the old attach
+    try:
+        assert main(["report", "rep", "--results", str(tmp_path), "--out", str(out / "report.html"),
+                     "--mlflow-uri", uri]) == 0
+    finally:
+        sock.close()
+    names = {Path(f.path).name for f in client.list_artifacts(parent, "report")}
+    assert "report.html" in names and "unrelated.bin" not in names and "a.sock" not in names
+    assert names == {"report.html"} | {p.name for p in out.glob("*.png")}
+
+
+def test_report_has_units_chance_line_loss_curves_and_a_summary(tmp_path):
+    from orchestrator.layout import SweepLayout
+    from orchestrator.report import build_report
+
+    make_sweep(tmp_path, "rep", n=4)
+    page, _ = build_report(SweepLayout(tmp_path, "rep"))
+    text = page.read_text()
+    assert "What differed between objectives" in text and "Chance level is 0.125" in text  # 8 synthetic classes
+    assert "MIM (lam=0), 2 trial(s): linear top-1 0.4 ± 0.1" in text  # mean ± SE of 0.3 and 0.5
+    assert "fewer than 3 trials" in text
+    assert (page.parent / "loss.png").is_file() and (page.parent / "layers.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------- 3. analyze
+def test_analyze_is_deterministic_and_equals_what_the_trial_recorded(tmp_path, capsys):
+    from trainables.trainer import train
+
+    out = tmp_path / "run"
+    # big enough that a probe fit from a random start (the old defect) gave different numbers each time
+    final = train(load_config(tiny(), [f"run.out_dir={out}", "optim.steps=8", "eval.probe_images=8",
+                                       "data.train_size=512", "data.eval_size=256", "eval.samples=256"]))
+    got = []
+    for _ in range(3):
+        capsys.readouterr()
+        assert main(["analyze", str(out)]) == 0
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        got.append(dict(kv.split("=") for kv in last.split()))
+    assert got[0] == got[1] == got[2]
+    for k in ("linear_top1", "knn_top1", "shape_bias"):
+        assert float(got[0][k]) == pytest.approx(final[k], abs=1e-4), k
+
+
+# ---------------------------------------------------------------------------------------- 4. names
+def test_results_list_and_not_found_names_the_closest_sweeps(tmp_path, capsys):
+    make_sweep(tmp_path, "quickstart-20261129-101010", n=2)
+    time.sleep(0.01)
+    make_sweep(tmp_path, "lambda", n=1)
+    assert main(["results", "list", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart-20261129-101010" in out and "lambda" in out and "storage_mb" in out
+    assert main(["results", "show", "quickstart", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "closest: quickstart-20261129-101010" in err
+    assert main(["results", "show", "latest", "--results", str(tmp_path)]) == 0  # the newest: lambda
+    assert "lambda" in capsys.readouterr().out
+
+
+def test_readme_commands_after_make_demo_name_sweeps_that_exist():
+    """After `make demo` the README's follow-up commands use `latest` (the demo's name carries a timestamp)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    follow_up = re.findall(r"clmim (?:results show|report) (\S+)", readme.split("## Sweeps")[0])
+    assert follow_up and all(name == "latest" for name in follow_up), follow_up
+
+
+# ---------------------------------------------------------------------------------------- 5. chromium
+def test_browser_helper_skips_outside_ci_and_fails_under_ci(monkeypatch):
+    import browser
+
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        browser.require_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install chromium"):
+        browser.require_chromium()
+
+
+# ---------------------------------------------------------------------------------------- 6. console
+def test_progress_line_counts_best_and_eta():
+    from orchestrator.console import progress_line, trial_progress
+
+    statuses = ["TERMINATED", "ERROR", "RUNNING", "PENDING"]
+    fractions = [trial_progress(s, r) for s, r in zip(statuses, [{}, {}, {"step": 5, "total_steps": 10}, {}],
+                                                      strict=True)]
+    line = progress_line(statuses, fractions, elapsed=100.0, p0=0.0, best=("linear_top1", 0.4453, "lam=0.25"))
+    assert line.startswith("trials 2/4 done (1 errored), 1 running, 1 pending")
+    assert "best linear_top1 0.4453 (lam=0.25)" in line and "ETA 1m00s" in line  # 62.5% done in 100 s
+
+
+def test_train_prints_step_of_total_with_eta_and_a_short_final_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--set", "optim.steps=4",
+                        "--set", "run.log_every=2", "--set", "data.train_size=128", "--set", "eval.samples=32",
+                        "--set", "data.eval_size=32", "--set", "data.batch_size=32", "--set", "eval.probe_images=8",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert any(re.match(r"step 2/4 \(50%, ETA \d+s\)", ln) for ln in lines), lines
+    assert max(len(ln) for ln in lines) < 300 and lines[-2].startswith("final: ")
+
+
+# ---------------------------------------------------------------------------------------- 7. errors
+def test_train_config_error_is_fast_and_imports_no_torch():
+    code = ("import sys; from orchestrator.cli import main; rc = main(['train', '--set', 'objective.lam=2']); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    t = time.time()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout.strip() == "False" and "objective.lam" in r.stderr
+    assert time.time() - t < 10
+
+
+def test_yaml_errors_give_line_numbers(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nspace:\n  objective.lam: {grid: [0, 1]\nbase: {}\n")
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert re.search(r"line \d+, column \d+", capsys.readouterr().err)
+    assert main(["train", str(bad)]) == 2
+    assert re.search(r"line \d+, column \d+", capsys.readouterr().err)
+
+
+def test_set_typo_is_reported_as_the_key_the_user_typed(capsys):
+    assert main(["sweep", "search_spaces/quickstart.yaml", "--set", "objective.lamm=0.3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --set objective.lamm:" in err and "space.objective.lam:" not in err
+
+
+@pytest.mark.parametrize("argv", [["results", "show", "nope"], ["report", "nope"], ["results", "rebuild", "nope"],
+                                  ["resume", "nope"], ["scaling", "nope"]])
+def test_sweep_not_found_is_one_error_type_everywhere(tmp_path, capsys, argv):
+    from orchestrator.layout import find_sweep
+    from trainables.errors import UserError
+
+    make_sweep(tmp_path, "there", n=1)
+    with pytest.raises(UserError):
+        find_sweep("nope", tmp_path)
+    assert main([*argv, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "sweep 'nope' not found" in err
+
+
+def test_only_user_errors_are_usage_errors(monkeypatch):
+    """A FileNotFoundError from inside the code is a bug to show, not a usage error (exit 2) to hide."""
+    import orchestrator.cli as cli
+
+    def boom(args):
+        raise FileNotFoundError("internal")
+
+    monkeypatch.setattr(cli, "cmd_results_list", boom)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["results", "list"])
+
+
+# ---------------------------------------------------------------------------------------- 8. MLflow names
+def test_trial_labels_are_readable(tmp_path):
+    from orchestrator.space import space_from_dict
+    from orchestrator.tracking import trial_label
+
+    space = space_from_dict({"base": {"run": {"seed": 2}}, "space": {"objective.lam": {"grid": [0.25]},
+                                                                    "optim.blr": {"grid": [1e-3]}}},
+                            tmp_path / "s.yaml")
+    assert trial_label(space, {"objective.lam": 0.25, "optim.blr": 1e-3}) == "lam=0.25 micro/4 seed=2 blr=0.001"
+

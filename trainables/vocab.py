@@ -1,0 +1,52 @@
+"""One vocabulary: the names of what trials report and the objective groups, used by the trainer, the space
+validator, the results tables, MLflow, the console and the report.
+
+- Step metrics are reported at every log step (and are the curves' main content).
+- Probe metrics are the last layer's summary, reported at the end of a trial (and every ``eval.every`` epochs);
+  per-layer probe rows are reported as ``layer/<L>/<metric>`` or ``layer/<L>/h<H>/<metric>``.
+- Static keys are constant per trial (sizes, placement of the run); they are not curves.
+"""
+
+from __future__ import annotations
+
+import re
+
+STEP_METRICS = ("loss", "loss_mim", "loss_cl")
+PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias")
+LAYER_PROBES = ("attn_distance", "attn_nmi", "fourier_dlogamp_pi", "token_cossim", "effective_rank", "knn_top1",
+                "linear_top1")
+LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
+# Final scalars kept as columns of the trials table.
+FINAL_KEYS = (*STEP_METRICS, "knn_top1", "linear_top1", "shape_bias", "images_per_s")
+# Scalars a trial reports that are not curves (constant per trial or bookkeeping).
+STATIC_KEYS = frozenset({"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
+                         "replicas_in_sync"})
+# Keys Ray Tune adds to every result.
+TUNE_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+                       "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
+                       "time_since_restore", "iterations_since_restore", "experiment_tag", "checkpoint_path",
+                       "should_checkpoint"})
+# Columns the console summary shows per trial.
+SUMMARY_METRICS = ("step", "loss", "knn_top1", "linear_top1", "shape_bias")
+# Metrics where larger is better (accuracies, fractions); the rest (losses) are minimised.
+HIGHER_IS_BETTER = frozenset({"linear_top1", "knn_top1", "shape_bias"})
+
+
+def objective_group(lam: float) -> str:
+    """'mim' (lam = 0: pure SimMIM), 'cl' (lam = 1: pure MoCo v3) or 'hybrid'."""
+    return "mim" if lam == 0 else "cl" if lam == 1 else "hybrid"
+
+
+def objective_label(lam: float) -> str:
+    """A human label of an objective: 'MIM (lam=0)', 'CL (lam=1)' or 'hybrid lam=0.25'."""
+    return "MIM (lam=0)" if lam == 0 else "CL (lam=1)" if lam == 1 else f"hybrid lam={lam:g}"
+
+
+def reports_metric(metric: str, lam: float) -> bool:
+    """False if a trial at ``lam`` never reports ``metric`` (its branch is not computed)."""
+    return not ((metric == "loss_mim" and lam == 1) or (metric == "loss_cl" and lam == 0))
+
+
+def is_known_metric(metric) -> bool:
+    """True for a step metric, a probe summary metric, or a per-layer probe key."""
+    return isinstance(metric, str) and (metric in STEP_METRICS + PROBE_METRICS or bool(LAYER_METRIC.fullmatch(metric)))
