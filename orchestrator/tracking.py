@@ -62,10 +62,11 @@ class ResultsCallback(Callback):
         self._experiment: str | None = None
         self._results: dict[str, list[dict]] = {}
         self._logged: dict[tuple[str, str], int] = {}  # (run id, metric) -> last step logged
+        self._fresh: set[str] = set()  # runs this driver created: nothing logged before it
         self._warned: set[str] = set()
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
-        return {**self.__dict__, "_client": None, "_results": {}, "_logged": {}, "_warned": set()}
+        return {**self.__dict__, "_client": None, "_results": {}, "_logged": {}, "_fresh": set(), "_warned": set()}
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
@@ -137,6 +138,7 @@ class ResultsCallback(Callback):
                     "mlflow.parentRunId": self.parent_run(), "clmim.trial_id": tid,
                     "clmim.sweep": self.sweep_dir.name, "clmim.role": "trial"})
                 run_id = run.info.run_id
+                self._fresh.add(run_id)
                 cfg = flatten(to_dict(trial_config(self.space, values)))
                 self._log_params(run_id, {k: str(v) for k, v in cfg.items()})
             else:
@@ -145,8 +147,10 @@ class ResultsCallback(Callback):
         return self._runs[tid]
 
     def _last_step(self, run_id: str, key: str) -> int:
-        """The last step of ``key`` logged to the run (from MLflow the first time: a run from an earlier
-        driver)."""
+        """The last step of ``key`` logged to the run (from MLflow the first time, for a run an earlier driver
+        created: one query per metric of a resumed run, none for a new run)."""
+        if (run_id, key) not in self._logged and run_id in self._fresh:
+            return -1
         if (run_id, key) not in self._logged:
             history = self.client.get_metric_history(run_id, key)
             self._logged[(run_id, key)] = max((m.step for m in history), default=-1)
