@@ -37,7 +37,7 @@ def print_header(layout: SweepLayout, n_trials: int, mlflow_uri: str, resumed: b
     print(f"clmim: {verb} sweep {layout.name} ({n_trials} trial(s))", flush=True)
     print(f"  results: {layout.sweep_dir}", flush=True)
     print(f"  MLflow:  {mlflow_uri}  (browse: mlflow ui --backend-store-uri {mlflow_uri})", flush=True)
-    print("  Ctrl-C stops cleanly; `clmim resume NAME` continues.", flush=True)
+    print(f"  Ctrl-C stops cleanly; `clmim resume {layout.name}` continues.", flush=True)
 
 
 def print_next_steps(layout: SweepLayout, results_arg: str | None) -> None:

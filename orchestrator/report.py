@@ -64,8 +64,19 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
 
 
-def layer_figure(layers: pd.DataFrame, chance: float | None = None) -> bytes:
-    """Per-layer curves, one line per objective group (lam), one panel per metric."""
+def split_baseline(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(final, untrained) per-layer rows: each trial's last probed step, and step 0 (the untrained encoder).
+    Rows without a step (schema-1 files) count as final."""
+    step = layers.step.fillna(np.inf) if "step" in layers else pd.Series(np.inf, index=layers.index)
+    last = step.groupby(layers.trial).transform("max")
+    untrained = layers[step == 0] if "step" in layers else layers.iloc[0:0]
+    return layers[(step == last) & (step != 0)], untrained
+
+
+def layer_figure(layers: pd.DataFrame, chance: float | None = None,
+                 untrained: pd.DataFrame | None = None) -> bytes:
+    """Per-layer curves, one line per objective group (lam), one panel per metric; the untrained encoder
+    (step 0, mean over trials) as a dashed grey line."""
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(4.2 * len(LAYER_METRICS), 3.4))
     cmap = plt.get_cmap("coolwarm")
     for ax, (metric, title, ylabel) in zip(axes, LAYER_METRICS, strict=True):
@@ -73,6 +84,9 @@ def layer_figure(layers: pd.DataFrame, chance: float | None = None) -> bytes:
         for lam, g in d.groupby("lam"):
             g = g.groupby("layer").value.mean()
             ax.plot(g.index, g.values, marker="o", ms=3, color=cmap(lam), label=f"lam={lam:g}")
+        if untrained is not None and not untrained.empty:
+            u = untrained[untrained.metric == metric].groupby("layer").value.mean()
+            ax.plot(u.index, u.values, color="grey", ls="--", lw=1.2, label="untrained (step 0)")
         if metric == "linear_top1":
             _chance_line(ax, chance)
         ax.set_xlabel("layer (0 = patch embedding)")
@@ -149,9 +163,11 @@ def _mean_se(values: pd.Series) -> str:
     return f"{v.mean():.3g} ± {v.std(ddof=1) / np.sqrt(len(v)):.2g}"
 
 
-def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None) -> str:
-    """One paragraph of numbers: per objective group, the final probes and last-layer attention; which group is
-    highest on the linear probe and by how much. No claim the numbers do not carry."""
+def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
+                 untrained: pd.DataFrame | None = None) -> str:
+    """One paragraph of numbers: per objective group, the final probes and last-layer attention; the untrained
+    encoder's values; which group is highest on the linear probe and by how much. No claim the numbers do not
+    carry."""
     parts = []
     last = layers[layers.layer == layers.layer.max()] if not layers.empty else layers
     for lam, g in done.groupby("lam"):
@@ -162,6 +178,11 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None)
                      f"kNN top-1 {_mean_se(g.knn_top1)}, last-layer attention distance {_mean_se(dist)} px, "
                      f"NMI {_mean_se(nmi)}")
     text = "Per objective (mean ± standard error over trials where there are several): " + "; ".join(parts) + "."
+    if untrained is not None and not untrained.empty:
+        u = untrained[untrained.layer == untrained.layer.max()].groupby("metric").value.mean()
+        text += (f" The untrained encoder (step 0, same seeds) gives linear top-1 {u.get('linear_top1', np.nan):.3g},"
+                 f" last-layer attention distance {u.get('attn_distance', np.nan):.3g} px, NMI "
+                 f"{u.get('attn_nmi', np.nan):.3g}: a probe value means something only against these.")
     means = done.groupby("lam").linear_top1.mean().dropna()
     if len(means) > 1:
         hi, lo = means.idxmax(), means.idxmin()
@@ -185,8 +206,9 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     done = trials[trials.status == "TERMINATED"]
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
-    layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
-                         "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df()
+    layers, untrained = split_baseline(con.execute(
+        "SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
+        "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df())
     curves = con.execute("SELECT trial, step, value FROM curves WHERE sweep = ? AND metric = 'loss'", [name]).df()
     out = Path(out) if out else layout.report_dir / "report.html"
     if out.is_dir():
@@ -198,7 +220,8 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     if not curves.empty:
         figures.append(("loss", "Training loss per trial", loss_figure(curves, trials)))
     if not layers.empty:
-        figures.append(("layers", "Per-layer probes by objective (mean over heads)", layer_figure(layers, chance)))
+        figures.append(("layers", "Per-layer probes by objective (mean over heads; dashed: untrained encoder)",
+                        layer_figure(layers, chance, untrained)))
     if done.lam.nunique() > 1:
         figures.append(("lam", "Accuracy against lam", lam_figure(done, chance)))
     fits = pd.DataFrame()
@@ -207,10 +230,12 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
 
         fits, _ = scaling_table(name, layout.root, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))
+    from trainables.files import write_bytes_atomic, write_text_atomic
+
     written = []
     for key, _, png in figures:
         f = out.parent / f"{key}.png"
-        f.write_bytes(png)
+        write_bytes_atomic(f, png)
         written.append(f)
 
     status = trials.groupby("status").size().reset_index(name="trials")
@@ -222,7 +247,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     parts = [f"<h1>clmim sweep <code>{html.escape(name)}</code></h1>",
              f"<p>{len(trials)} trials; best linear-probe top-1 {done.linear_top1.max():.4g}.</p>",
              "<h2>What differed between objectives</h2>",
-             f"<p class=summary>{html.escape(summary_text(done, layers, chance))}</p>",
+             f"<p class=summary>{html.escape(summary_text(done, layers, chance, untrained))}</p>",
              "<h2>Status</h2>", _table_html(status)]
     if len(failed):
         parts += ["<h2>Failed or unfinished trials</h2>", _table_html(failed)]
@@ -245,8 +270,6 @@ window.addEventListener("load", () => {{
   document.body.dataset.figures = imgs.filter(i => i.complete && i.naturalWidth > 0).length + "/" + imgs.length;
 }});
 </script></body></html>"""
-    from trainables.files import write_text_atomic
-
     write_text_atomic(out, page)
     return out, [out, *written]
 

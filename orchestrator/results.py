@@ -4,7 +4,7 @@ Layout (schema version ``SCHEMA_VERSION``; columns documented in the README)::
 
     <results>/<sweep>/trials/<trial>.<attempt>.parquet   one row per trial attempt
     <results>/<sweep>/curves/<trial>.<attempt>.parquet   long: step, epoch, metric, value
-    <results>/<sweep>/layers/<trial>.<attempt>.parquet   long: layer, head (nullable), metric, value
+    <results>/<sweep>/layers/<trial>.<attempt>.parquet   long: step (0 = untrained), layer, head, metric, value
     <results>/<sweep>/manifest.json                      the current files of each table
 
 Every file is written under a temporary name and renamed into place, so readers never see a partial file and
@@ -44,7 +44,8 @@ from trainables.vocab import FINAL_KEYS, STATIC_KEYS, TUNE_KEYS, objective_group
 
 from .layout import SweepLayout, check_root, list_sweeps
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: layers has a step column (0 = the untrained encoder)
+READABLE_VERSIONS = (b"1", b"2")  # files of these versions are read (a v1 layers file has step null)
 TABLES = ("trials", "curves", "layers")
 GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
 MERGED_PREFIX = "_merged."
@@ -56,7 +57,7 @@ CURVE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
                           ("attempt", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
                           ("metric", pa.string()), ("value", pa.float64())])
 LAYER_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
-                          ("attempt", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
+                          ("attempt", pa.string()), ("step", pa.int64()), ("layer", pa.int32()), ("head", pa.int32()),
                           ("metric", pa.string()), ("value", pa.float64())])
 
 
@@ -106,7 +107,7 @@ def _is_product_file(path: Path) -> bool:
         meta = pq.read_schema(path).metadata or {}
     except Exception:  # noqa: BLE001 - not Parquet, truncated, unreadable
         return False
-    return meta.get(b"clmim_schema_version") == str(SCHEMA_VERSION).encode()
+    return meta.get(b"clmim_schema_version") in READABLE_VERSIONS
 
 
 def _scan(sweep_dir: Path) -> dict:
@@ -226,17 +227,23 @@ def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, st
     return sorted(seen.values(), key=lambda c: (c[0], c[2]))
 
 
-def layers_from_results(results: list[dict]) -> list[tuple[int, int | None, str, float]]:
-    """(layer, head, metric, value) from the last report carrying per-layer keys ``layer/<L>[/h<H>]/<metric>``."""
-    last = next((r for r in reversed(results) if any(k.startswith("layer/") for k in r)), None)
+def layers_from_results(results: list[dict]) -> list[tuple[int, int, int | None, str, float]]:
+    """(step, layer, head, metric, value) from every report carrying per-layer keys ``layer/<L>[/h<H>]/<metric>``:
+    the untrained encoder (step 0), every ``eval.every`` evaluation and the final one. A step reported twice
+    (a resumed attempt) keeps its last report."""
+    by_step: dict[int, dict] = {}
+    for r in results:
+        if any(k.startswith("layer/") for k in r) and _num(r.get("step")) is not None:
+            by_step[int(r["step"])] = r
     rows = []
-    for k, v in (last or {}).items():
-        if not k.startswith("layer/") or _num(v) is None:
-            continue
-        parts = k.split("/")
-        head = int(parts[2][1:]) if len(parts) == 4 else None
-        rows.append((int(parts[1]), head, parts[-1], _num(v)))
-    return sorted(rows, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
+    for step, r in by_step.items():
+        for k, v in r.items():
+            if not k.startswith("layer/") or _num(v) is None:
+                continue
+            parts = k.split("/")
+            head = int(parts[2][1:]) if len(parts) == 4 else None
+            rows.append((step, int(parts[1]), head, parts[-1], _num(v)))
+    return sorted(rows, key=lambda r: (r[0], r[1], -1 if r[2] is None else r[2], r[3]))
 
 
 def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:

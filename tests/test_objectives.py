@@ -104,11 +104,15 @@ def test_analytic_training_flops_match_flop_counter(over):
 
 
 def test_mask_ratio_unit_and_patchify():
-    assert default_mask_unit(224, 16) == 32 and default_mask_unit(192, 16) == 32 and default_mask_unit(32, 4) == 4
+    assert default_mask_unit(224, 16) == 32 and default_mask_unit(192, 16) == 32
+    assert default_mask_unit(32, 4) == 8  # 2 x 2 patches at 32 px: never a single patch
+    assert default_mask_unit(112, 16) is None  # a 7 x 7 grid has no unit of 2 x 2 patches or more
     cfg, hybrid = make(["objective.lam=0"])
-    mask = hybrid.mim.make_mask(torch.rand(5, 64))
+    mask = hybrid.mim.make_mask(torch.rand(5, 16))  # 4 x 4 mask units of 2 x 2 patches (8 px at 32 px)
     assert mask.shape == (5, 64)
-    assert (mask.sum(1) == 39).all()  # ceil(0.6 * 64)
+    assert (mask.sum(1) == 40).all()  # ceil(0.6 * 16) units of 4 patches
+    g = mask.view(5, 8, 8)  # (B, grid, grid): each 2 x 2 block of patches is masked together
+    assert all((g[:, i::2, j::2] == g[:, ::2, ::2]).all() for i in (0, 1) for j in (0, 1))
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     p = patchify(x, 4)
     assert p.shape == (2, 4, 48)

@@ -73,6 +73,9 @@ def test_quickstart_sweep_completes(ray_address, tmp_path, capsys):
     assert set(df.variant) == {"micro/4"}
     n_layers = query("SELECT count(DISTINCT layer) AS n FROM layers WHERE metric = 'attn_nmi'", tmp_path).n[0]
     assert n_layers == 6
+    # every trial has its untrained baseline (step 0) and its final probes (step 8)
+    steps = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM layers GROUP BY trial", tmp_path)
+    assert len(steps) == 4 and all(list(s) == [0, 8] for s in steps.s)
     # the default MLflow store: SQLite under the results root, one parent and one child per trial
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", 4)
     check_report(tmp_path)
@@ -291,7 +294,8 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     assert len(query("SELECT * FROM trials WHERE sweep = 'intr'", tmp_path)) == 3
     dup = query("SELECT trial, step, metric, count(*) AS n FROM curves GROUP BY ALL HAVING n > 1", tmp_path)
     assert len(dup) == 0
-    dup = query("SELECT trial, layer, head, metric, count(*) AS n FROM layers GROUP BY ALL HAVING n > 1", tmp_path)
+    dup = query("SELECT trial, step, layer, head, metric, count(*) AS n FROM layers GROUP BY ALL HAVING n > 1",
+                tmp_path)
     assert len(dup) == 0
     assert query("SELECT count(DISTINCT trial) AS n FROM curves", tmp_path).n[0] == 3
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "intr", 3)

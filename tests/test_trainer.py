@@ -71,3 +71,26 @@ def test_schedules_warmup_cosine_and_momentum():
     assert s["lr"][9] == pytest.approx(peak) and s["lr"][0] == pytest.approx(peak / 10)
     assert np.all(np.diff(s["lr"][10:]) <= 0) and s["lr"][-1] < peak * 0.01
     assert s["momentum"][0] == pytest.approx(0.99) and s["momentum"][-1] > 0.9999
+
+
+def test_step_0_probes_the_untrained_encoder_the_same_for_every_objective(tmp_path):
+    """Every trial probes its encoder before training (step 0): the baseline its probe values are read against.
+    At one seed it is the same encoder whatever lam is; the tables keep step 0 and the final step apart."""
+    from orchestrator.results import query, write_trial_tables
+
+    baselines = []
+    for lam in (0.0, 1.0):
+        logs = []
+        train(load_config(tiny(**{"objective__lam": lam}), ["eval.probe_images=8"]),
+              lambda m, checkpoint=None: logs.append(dict(m)))  # noqa: B023 - used at once
+        first = logs[0]
+        assert first["step"] == 0 and "layer/6/attn_nmi" in first and "linear_top1" in first
+        baselines.append({k: v for k, v in first.items() if k.startswith("layer/")})
+        write_trial_tables(tmp_path / "s", f"lam{lam:g}", "TERMINATED", {"objective": {"lam": lam}}, logs)
+    assert baselines[0] == baselines[1]
+    steps = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM layers GROUP BY trial", tmp_path)
+    assert all(list(s) == [0, 6] for s in steps.s)
+    moved = query("""SELECT avg(abs(f.value - u.value)) AS d FROM layers f
+                     JOIN layers u USING (trial, layer, head, metric)
+                     WHERE f.step = 6 AND u.step = 0 AND f.metric = 'attn_distance'""", tmp_path).d[0]
+    assert moved > 0  # "trained minus untrained" is one self-join away

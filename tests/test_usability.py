@@ -22,7 +22,9 @@ def cfg(lam=0.5, seed=0):
 
 
 def reports(final=0.5):
-    return [{"step": s, "loss": 2.0 - s / 10, "total_steps": 3} for s in (1, 2, 3)] + [
+    untrained = {"step": 0, "linear_top1": 0.125, "layer/6/attn_distance": 16.5, "layer/6/attn_nmi": 0.0,
+                 "layer/6/linear_top1": 0.125, "layer/0/linear_top1": 0.125}
+    return [untrained] + [{"step": s, "loss": 2.0 - s / 10, "total_steps": 3} for s in (1, 2, 3)] + [
         {"step": 3, "loss": 1.7, "linear_top1": final, "knn_top1": final / 2, "layer/6/attn_distance": 9.0,
          "layer/6/attn_nmi": 0.2, "layer/6/linear_top1": final, "layer/0/linear_top1": 0.2}]
 
@@ -102,6 +104,8 @@ def test_report_has_units_chance_line_loss_curves_and_a_summary(tmp_path):
     assert "What differed between objectives" in text and "Chance level is 0.125" in text  # 8 synthetic classes
     assert "MIM (lam=0), 2 trial(s): linear top-1 0.4 ± 0.1" in text  # mean ± SE of 0.3 and 0.5
     assert "fewer than 3 trials" in text
+    assert "untrained encoder (step 0, same seeds) gives linear top-1 0.125, last-layer attention distance 16.5" in text
+    assert "dashed: untrained encoder" in text
     assert (page.parent / "loss.png").is_file() and (page.parent / "layers.png").is_file()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError, excerpt
-from .scale import parse_variant
+from .scale import default_mask_unit, parse_variant
 
 
 class ConfigError(UserError):
@@ -242,6 +242,15 @@ def _validate(cfg: Config) -> None:
                 f"objective.mask_unit: {u} must be a multiple of the patch size {spec.patch} and divide "
                 f"model.img_size {cfg.model.img_size}"
             )
+        if u < 2 * spec.patch:
+            raise ConfigError(f"objective.mask_unit: {u} px is less than 2 x 2 patches of {spec.patch} px; SimMIM "
+                              f"masks units of at least 2 x 2 patches (e.g. {2 * spec.patch})")
+    elif lam < 1:
+        if default_mask_unit(cfg.model.img_size, spec.patch) is None:
+            raise ConfigError(f"objective.mask_unit: the {cfg.model.img_size // spec.patch} x "
+                              f"{cfg.model.img_size // spec.patch} patch grid of model.img_size "
+                              f"{cfg.model.img_size} has no mask unit of 2 x 2 patches or more that divides it; "
+                              "choose an image size with an even grid, or set objective.mask_unit")
     if cfg.optim.steps is not None and cfg.optim.epochs is not None:
         raise ConfigError("optim.steps: give either optim.steps or optim.epochs, not both")
     if cfg.data.dataset in ("imagefolder", "cifar10", "cifar100") and not cfg.data.path:

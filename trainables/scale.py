@@ -75,3 +75,18 @@ def embed_flops(spec: VariantSpec, img_size: int) -> float:
 def mlp_head_flops(dims: list[int]) -> float:
     """Forward FLOPs of an MLP with the given layer sizes, for one sample."""
     return 2.0 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))
+
+
+MIN_UNIT_PATCHES = 2  # a mask unit covers at least 2 x 2 patches (SimMIM: 32 px units over 16 px patches)
+
+
+def default_mask_unit(img_size: int, patch: int) -> int | None:
+    """Mask unit in pixels, scaled to the image: ~1/7 of the side (32 px at 224, as SimMIM at 192), as k x k
+    patches with k >= 2 dividing the patch grid (k below the grid side); None if the grid allows no such k.
+
+    Never a single patch: one-patch units make MIM an easier, more local task than SimMIM's (a masked patch
+    next to visible ones is inferred from its neighbours), which exaggerates how local MIM looks."""
+    grid = img_size // patch
+    target = img_size / (7 * patch)
+    ks = [k for k in range(MIN_UNIT_PATCHES, grid) if grid % k == 0]
+    return min(ks, key=lambda k: (abs(k - target), k)) * patch if ks else None

@@ -78,6 +78,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     """Tune function trainable (see the module docstring)."""
     from ray import tune
 
+    _quiet_ray_storage()
     ctx = tune.get_context()
     # The trial's directory in the sweep's storage. (Not ctx.get_trial_dir(): in a reused actor that is a
     # working directory under Ray's session folder, so run files would land outside the sweep.)
@@ -92,6 +93,15 @@ def run_trial(config: dict, sweep: dict) -> None:
         if not _is_lost_worker(e):
             _record_error(trial_dir, e)
         raise
+
+
+def _quiet_ray_storage() -> None:
+    """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
+    to the sweep's console; the progress line already says how trials advance."""
+    import logging
+
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _is_lost_worker(e: BaseException) -> bool:
@@ -165,6 +175,7 @@ def _train_worker(loop_config: dict) -> None:
     # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
     # to the sweep's console; its logger is named after the module's file.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    _quiet_ray_storage()
     # Every rank gets the same out_dir (the trainer writes files from rank 0 only, but all ranks must agree on
     # when checkpoints happen: saving one is a collective step).
     _train_reporting_to(ray.train, loop_config["values"], loop_config["sweep"], Path(loop_config["trial_dir"]),

@@ -8,16 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import simmim_view
+from ..scale import default_mask_unit
 from .common import generator, run_blocks
-
-
-def default_mask_unit(img_size: int, patch: int) -> int:
-    """Mask unit in pixels, scaled to the image: ~1/7 of the side (32 px at 224, as SimMIM at 192), rounded to
-    a multiple of the patch size that divides the image."""
-    mult = max(1, round(img_size / (7 * patch)))
-    while mult > 1 and img_size % (mult * patch):
-        mult -= 1
-    return mult * patch
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
