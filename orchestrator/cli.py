@@ -16,13 +16,7 @@ from pathlib import Path
 
 from trainables.errors import UserError
 
-UsageError = UserError  # the one user-error type (older name)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+from .console import fmt as _fmt
 
 
 def _positive_int(text: str) -> int:

@@ -174,7 +174,7 @@ def test_two_worker_ddp_trial_keeps_replicas_identical(ray_address, tmp_path):
                     resources={"workers": 2, "cpus_per_worker": 0.5, "mode": "train"})
     summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
     assert [r["status"] for r in summary["rows"]] == ["TERMINATED"]
-    final = [m for m in results_lines(trial_dirs(tmp_path / "ddp")[0]) if "knn_top1" in m]
+    final = [m for m in results_lines(trial_dirs(tmp_path / "ddp")[0]) if "resumed_from" in m]
     assert final and final[-1]["world_size"] == 2 and final[-1]["replicas_in_sync"] is True
 
 
@@ -249,7 +249,7 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path, 
     os.kill(int((trial / "pid").read_text()), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    final = [m for m in results_lines(trial) if "knn_top1" in m]
+    final = [m for m in results_lines(trial) if "resumed_from" in m]
     assert len(final) == 1 and final[0]["step"] == 40 and final[0]["resumed_from"] >= 5, final
 
 
@@ -261,7 +261,7 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     sweep_dir = tmp_path / "intr"
 
     def finished(d):
-        return any("knn_top1" in m for m in results_lines(d))
+        return any("resumed_from" in m for m in results_lines(d))
 
     def one_finished_one_checkpointed():  # Ctrl-C while a trial has a checkpoint and is still training
         dirs = trial_dirs(sweep_dir)
@@ -283,11 +283,11 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     dirs = trial_dirs(sweep_dir)
     assert len(dirs) == 3
     for d in dirs:
-        finals = [m for m in results_lines(d) if "knn_top1" in m]
+        finals = [m for m in results_lines(d) if "resumed_from" in m]
         assert len(finals) == 1, (d.name, finals)
     for name, n in lines_before.items():  # finished trials were not run again
         assert len(results_lines(sweep_dir / "tune" / name)) == n
-    final = [m for m in results_lines(interrupted) if "knn_top1" in m][-1]
+    final = [m for m in results_lines(interrupted) if "resumed_from" in m][-1]
     assert final["resumed_from"] >= 4, final  # continued from its checkpoint, not from step 0
     assert "3 terminated" in r.stdout
     # every view has each trial exactly once (and no step twice)
