@@ -275,7 +275,10 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     assert proc.returncode == 130, (out + err)[-3000:]
     hint = [line for line in err.splitlines() if "clmim resume" in line]
     assert len(hint) == 1 and hint[0].endswith(f"clmim resume intr --results {tmp_path}"), err[-2000:]
-    assert "Tuner.restore" not in out + err and "Traceback" not in err, err[-3000:]
+    # no traceback from the driver (the old summary crashed); trial processes that Ray stops may print their own
+    # shutdown noise, forwarded with a "(run_trial pid=...)" prefix
+    assert "Tuner.restore" not in out + err, err[-3000:]
+    assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]
     lines_before = {d.name: len(results_lines(d)) for d in done_before}
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "intr", "--results", str(tmp_path),
                         "--address", ray_address], capture_output=True, text=True, timeout=300)

@@ -310,9 +310,9 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     run = build_run(cfg)
     o, r = cfg.optim, cfg.run
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs
-    t_log, n_log, metrics = time.perf_counter(), 0, {}
     if run.start == 0:  # the untrained baseline every probe is read against (the same encoder for any lam)
         report({"step": 0, "epoch": 0.0, **evaluate(run.objective.encoder, run.data, cfg)})
+    t_log, n_log, metrics = time.perf_counter(), 0, {}  # after the baseline: images_per_s counts training only
     for step in range(run.start, run.total):
         images, _ = next(run.stream)
         for g in run.opt.param_groups:
