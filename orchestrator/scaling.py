@@ -67,9 +67,6 @@ def exponent_interval(x, y, offset=False, n_boot=1000, seed=0, level=0.95) -> tu
     return float(fit.slope - half), float(fit.slope + half), "t (log-log slope)"
 
 
-group_name = objective_label
-
-
 def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "linear_top1",
                   offset: bool = False, n_boot: int = 1000) -> tuple[pd.DataFrame, str]:
     """Fit every objective group of sweep ``name``; return (table, description of what was fitted)."""
@@ -95,7 +92,7 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
     for lam, g in df.assign(t=target).groupby("lam"):
         n_x = g.x.nunique()
         need = 4 if offset else 3
-        row = {"group": group_name(lam), "lam": lam, "points": len(g), "distinct_x": n_x}
+        row = {"group": objective_label(lam), "lam": lam, "points": len(g), "distinct_x": n_x}
         if n_x < need or (g.t <= 0).any():
             row["note"] = (f"too few points to fit: {n_x} distinct {xcol} values, need {need}" if n_x < need
                            else "non-positive values cannot be fitted in log space")
