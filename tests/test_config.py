@@ -51,6 +51,36 @@ def test_layer_beyond_depth_and_placement_rules():
     assert resolve_placement(cfg) == (3, 6, 3)
 
 
+def test_a_placement_that_leaves_a_block_untrained_is_an_error_naming_the_keys():
+    msg = err(overrides=["objective.lam=0", "objective.placement.mim_layer=3"])
+    assert msg.startswith("objective.placement.mim_layer = 3") and "blocks 4..6 would get no gradient" in msg
+    msg = err(overrides=["objective.placement.mim_layer=2", "objective.placement.cl_layer=4"])
+    assert "objective.placement.mim_layer = 2 and objective.placement.cl_layer = 4" in msg and "5..6" in msg
+    msg = err(overrides=["objective.placement.graft_layer=3", "objective.placement.mim_layer=2"])
+    assert "graft_layer = 3" in msg and "block 3 would get no gradient" in msg and "graft_lr_ratio" in msg
+    assert err(overrides=["objective.placement.graft_lr_ratio=0.1"]).startswith(
+        "objective.placement.graft_lr_ratio")
+    # valid: each block reached by some objective
+    load_config({}, ["objective.placement.mim_layer=2"])  # CL reads block 6 and trains 1..6
+    load_config({}, ["objective.placement.graft_layer=3", "objective.placement.mim_layer=2",
+                     "objective.placement.graft_lr_ratio=0.1"])  # CL reaches 1..3 too
+
+
+def test_optimiser_defaults_follow_each_objectives_recipe():
+    mim, cl = load_config({}, ["objective.lam=0"]), load_config({}, ["objective.lam=1"])
+    assert (mim.optim.blr, mim.optim.weight_decay, mim.optim.clip_grad, mim.model.drop_path) == (5e-5, 0.05, 5.0, 0.1)
+    assert (cl.optim.blr, cl.optim.weight_decay, cl.optim.clip_grad, cl.model.drop_path) == (1.5e-4, 0.1, 0.0, 0.0)
+    assert (mim.model.pos_embed, cl.model.pos_embed, cl.model.patch_embed) == ("learned", "sincos", "frozen")
+    half = load_config({}, ["objective.lam=0.5"])
+    assert half.optim.blr == pytest.approx((5e-5 * 1.5e-4) ** 0.5, rel=1e-3)  # geometric mean
+    assert half.optim.weight_decay == pytest.approx(0.075) and half.optim.clip_grad == 5.0
+    # what the user sets is kept, and the resolved values are what gets saved
+    mine = load_config({}, ["objective.lam=1", "optim.blr=1e-3", "optim.weight_decay=0.01"])
+    assert (mine.optim.blr, mine.optim.weight_decay) == (1e-3, 0.01)
+    assert to_dict(cl)["optim"]["blr"] == 1.5e-4 and to_dict(cl)["model"]["pos_embed"] == "sincos"
+    assert load_config(to_dict(cl)) == cl  # the saved config reloads to the same run
+
+
 def test_steps_and_epochs_exclusive_and_missing_paths():
     assert err(overrides=["optim.steps=3", "optim.epochs=1"]).startswith("optim.steps")
     assert err(overrides=["data.dataset=cifar10"]).startswith("data.path: required")

@@ -55,3 +55,41 @@ def test_two_rank_ddp_keeps_replicas_identical(tmp_path):
 
     init = build_objective(load_config(tree)).encoder.state_dict()
     assert any(not torch.equal(init[k], r0[k]) for k in r0)
+
+
+def _bn_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from trainables.objectives.common import GlobalBatchNorm1d
+
+        torch.manual_seed(0)
+        x = torch.randn(8, 5) * 3 + 1  # the same global batch on every rank; each takes its half
+        bn = GlobalBatchNorm1d(5)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
+        mine = x[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        y = bn(mine)
+        (y * torch.arange(5.0)).pow(2).sum().backward()
+        torch.save({"y": y.detach(), "grad": mine.grad, "running_var": bn.running_var}, f"{out}/bn{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_on_cpu_ranks_equals_batchnorm_over_the_whole_batch(tmp_path):
+    """MoCo v3 normalises its MLP heads over the global batch (SyncBatchNorm); torch's SyncBatchNorm needs GPUs, so
+    CPU multi-worker runs use GlobalBatchNorm1d: outputs, input gradients and running stats equal one BatchNorm
+    over both ranks' rows."""
+    mp.spawn(_bn_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    x = (torch.randn(8, 5) * 3 + 1).requires_grad_(True)
+    ref = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 1.5, 5))
+    y = ref(x)
+    (y * torch.arange(5.0)).pow(2).sum().backward()
+    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p["grad"] for p in parts]), x.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(parts[0]["running_var"], ref.running_var, atol=1e-5, rtol=1e-5)

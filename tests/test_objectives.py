@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import tiny
@@ -35,7 +37,7 @@ def test_loss_drops_within_a_few_dozen_steps(lam):
 
 
 def test_hybrid_at_lam_0_equals_simmim_and_at_lam_1_equals_mocov3():
-    cfg, hybrid = make(["objective.lam=0"])
+    cfg, hybrid = make(["objective.lam=0", "model.drop_path=0"])  # stochastic depth would differ per call
     batch = batch_of(cfg)
     assert hybrid.cl is None  # the unused branch is not even built
     torch.testing.assert_close(hybrid(batch)["loss"], hybrid.mim(batch)["loss"])
@@ -45,7 +47,7 @@ def test_hybrid_at_lam_0_equals_simmim_and_at_lam_1_equals_mocov3():
 
 
 def test_hybrid_mixes_the_two_losses_of_the_same_batch():
-    cfg, hybrid = make(["objective.lam=0.3", "objective.placement.mim_layer=2", "objective.placement.cl_layer=5"])
+    cfg, hybrid = make(["objective.lam=0.3", "objective.placement.mim_layer=2", "model.drop_path=0"])
     batch = batch_of(cfg)
     out = hybrid(batch)
     torch.testing.assert_close(out["loss"], 0.7 * out["loss_mim"] + 0.3 * out["loss_cl"])
@@ -72,11 +74,73 @@ def test_graft_layer_splits_gradients_between_objectives():
     assert mim_grads == [True] * g + [False] * (depth - g)
 
 
-def test_mim_layer_placement_limits_gradient():
-    cfg, hybrid = make(["objective.lam=0", "objective.placement.mim_layer=3"])
+def test_heads_reading_different_depths_have_their_own_norms_and_every_block_trains():
+    cfg, hybrid = make(["objective.placement.mim_layer=3"])  # lam 0.5: MIM reads block 3, CL the last block
     out = hybrid(batch_of(cfg))
-    assert _grad_blocks(hybrid, out["loss"]) == [True] * 3 + [False] * 3
-    assert hybrid.has_unused_params()
+    assert _grad_blocks(hybrid, out["loss_mim"]) == [True] * 3 + [False] * 3
+    assert _grad_blocks(hybrid, out["loss"]) == [True] * 6
+    assert hybrid.mim.norm is not None and hybrid.cl.norm is None  # MIM's own norm; CL uses the final norm
+    hybrid.zero_grad()
+    out["loss_mim"].backward(retain_graph=True)
+    assert hybrid.encoder.norm.weight.grad is None and hybrid.mim.norm.weight.grad.abs().sum() > 0
+    assert not hybrid.has_unused_params()
+
+
+def test_graft_lr_ratio_lets_cl_reach_lower_blocks_at_a_lower_lr():
+    from trainables.trainer import _param_groups
+
+    cfg, hybrid = make(["objective.placement.graft_layer=2", "objective.placement.graft_lr_ratio=0.1"])
+    out = hybrid(batch_of(cfg))
+    assert _grad_blocks(hybrid, out["loss_cl"]) == [True] * 6  # not detached below the graft
+    groups = _param_groups(hybrid, cfg)
+    slow = {id(p) for g in groups if g["lr_mult"] == 0.1 for p in g["params"]}
+    lower = [*hybrid.encoder.blocks[0].parameters(), *hybrid.encoder.blocks[1].parameters(),
+             hybrid.encoder.vit.cls_token]
+    assert all(id(p) in slow for p in lower)
+    assert not any(id(p) in slow for p in hybrid.encoder.blocks[2].parameters())
+    assert not any(id(p) in slow for p in hybrid.mim.parameters())
+    # the hard graft has no slow group
+    cfg, hard = make(["objective.placement.graft_layer=2"])
+    assert {g["lr_mult"] for g in _param_groups(hard, cfg)} == {1.0}
+
+
+def test_mocov3_vit_recipe_frozen_patch_projection_and_fixed_sincos_stay_unchanged():
+    from trainables.model import sincos_pos_embed
+
+    cfg = load_config(tiny(), ["objective.lam=1", "optim.steps=3", "optim.blr=1e-2"])
+    assert (cfg.model.pos_embed, cfg.model.patch_embed) == ("sincos", "frozen")  # the lam = 1 default
+    torch.manual_seed(0)
+    hybrid = build_objective(cfg)
+    vit = hybrid.encoder.vit
+    torch.testing.assert_close(vit.pos_embed.detach(), sincos_pos_embed(8, 96))
+    before = {k: v.detach().clone() for k, v in hybrid.encoder.state_dict().items()}
+    from trainables.trainer import _param_groups
+
+    opt = torch.optim.AdamW(_param_groups(hybrid, cfg), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        hybrid(batch_of(cfg, seed=step))["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    after = hybrid.encoder.state_dict()
+    for k in ("vit.patch_embed.proj.weight", "vit.patch_embed.proj.bias", "vit.pos_embed"):
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["vit.blocks.0.attn.qkv.weight"], after["vit.blocks.0.attn.qkv.weight"])
+    # the predictor ends in an affine-free BatchNorm, as the official MoCo_ViT
+    last = hybrid.cl.predictor[-1]
+    assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
+    # a hybrid keeps the learned embedding unless asked; asked, it gets the same fixed one
+    assert load_config(tiny(), ["objective.lam=0.5"]).model.pos_embed == "learned"
+    assert load_config(tiny(), ["objective.lam=0.5", "model.pos_embed=sincos"]).model.pos_embed == "sincos"
+
+
+def test_sincos_embedding_encodes_row_and_column():
+    from trainables.model import sincos_pos_embed
+
+    pe = sincos_pos_embed(4, 16)[0]  # (1 + 16, 16): CLS row first
+    assert torch.equal(pe[0], torch.zeros(16))
+    # patch (row 1, col 2) is index 1 * 4 + 2 + 1; its first quarter is sin(col * w), w_0 = 1
+    assert pe[1 * 4 + 2 + 1, 0].item() == pytest.approx(math.sin(2.0))
+    assert pe[1 * 4 + 2 + 1, 8].item() == pytest.approx(math.sin(1.0))
 
 
 def test_momentum_update_moves_towards_online():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from trainables.config import load_config
+from trainables.config import ConfigError, load_config
 from trainables.objectives import Hybrid
 from trainables.trainer import NonFiniteLossError, find_checkpoint, schedules, train
 
@@ -73,15 +73,38 @@ def test_schedules_warmup_cosine_and_momentum():
     assert s["momentum"][0] == pytest.approx(0.99) and s["momentum"][-1] > 0.9999
 
 
+def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
+    from trainables.objectives import train_flops_per_image
+
+    budget = 3e11
+    spent = {}
+    for lam in (0.0, 1.0, 0.5):
+        cfg = load_config(tiny(), [f"objective.lam={lam}", "optim.steps=null", f"optim.flops_budget={budget}",
+                                   "eval.probe_images=8"])
+        per_step = train_flops_per_image(cfg) * cfg.data.batch_size
+        final = train(cfg)
+        steps = final["step"]
+        assert steps == int(budget // per_step) and final["total_steps"] == steps
+        spent[lam] = steps * per_step
+        assert budget - per_step < spent[lam] <= budget  # stops within one step of the budget
+    assert spent[0.0] / spent[1.0] == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ConfigError, match="optim.flops_budget"):
+        train(load_config(tiny(), ["optim.steps=null", "optim.flops_budget=1e6"]))
+    with pytest.raises(ConfigError, match="only one of"):
+        load_config(tiny(), ["optim.flops_budget=1e12"])  # tiny() sets optim.steps
+
+
 def test_step_0_probes_the_untrained_encoder_the_same_for_every_objective(tmp_path):
     """Every trial probes its encoder before training (step 0): the baseline its probe values are read against.
-    At one seed it is the same encoder whatever lam is; the tables keep step 0 and the final step apart."""
+    At one seed and one architecture it is the same encoder whatever lam is (lam = 1 defaults to MoCo v3's fixed
+    embeddings, so the architecture is set explicitly here); the tables keep step 0 and the final step apart."""
     from orchestrator.results import query, write_trial_tables
 
     baselines = []
     for lam in (0.0, 1.0):
         logs = []
-        train(load_config(tiny(**{"objective__lam": lam}), ["eval.probe_images=8"]),
+        train(load_config(tiny(**{"objective__lam": lam}), ["eval.probe_images=8", "model.pos_embed=learned",
+                                                             "model.patch_embed=trained"]),
               lambda m, checkpoint=None: logs.append(dict(m)))  # noqa: B023 - used at once
         first = logs[0]
         assert first["step"] == 0 and "layer/6/attn_nmi" in first and "linear_top1" in first

@@ -38,7 +38,11 @@ def _f(default, *, choices=None, lo=None, hi=None, doc=""):
 class ModelConfig:
     variant: str = _f("micro/4", doc="scale/patch, e.g. micro/4, Ti/16, S/16, B/16, L/16")
     img_size: int = _f(32, lo=8, hi=1024)
-    drop_path: float = _f(0.0, lo=0.0, hi=0.9)
+    drop_path: float | None = _f(None, lo=0.0, hi=0.9, doc="stochastic depth (default: the objective's recipe)")
+    pos_embed: str = _f("auto", choices=["auto", "learned", "sincos"],
+                        doc="auto: MoCo v3's fixed 2-D sin-cos at lam = 1, learned otherwise")
+    patch_embed: str = _f("auto", choices=["auto", "trained", "frozen"],
+                          doc="auto: MoCo v3's frozen random patch projection at lam = 1, trained otherwise")
 
 
 @dataclass
@@ -57,6 +61,9 @@ class PlacementConfig:
     mim_layer: int | None = _f(None, lo=1, doc="block whose output feeds the MIM decoder (default: last)")
     cl_layer: int | None = _f(None, lo=1, doc="block whose output feeds the CL projector (default: last)")
     graft_layer: int | None = _f(None, lo=1, doc="g: blocks 1..g learn only from MIM, g+1..depth only from CL")
+    graft_lr_ratio: float | None = _f(None, lo=0.0, hi=1.0,
+                                      doc="with graft_layer: CL reaches every block and blocks 1..g (and the "
+                                          "embedding) train at this fraction of the lr (Layer Grafted Pre-training)")
 
 
 @dataclass
@@ -75,14 +82,20 @@ class ObjectiveConfig:
 class OptimConfig:
     steps: int | None = _f(None, lo=1, doc="total optimiser steps (or give epochs)")
     epochs: float | None = _f(None, lo=0.01)
-    blr: float = _f(1.5e-3, lo=0.0, hi=1.0, doc="base lr per 256 images: lr = blr * batch / 256")
+    flops_budget: float | None = _f(None, lo=1.0, doc="train until this many FLOPs (forward + backward, all "
+                                                           "images): objectives of different cost stop at equal "
+                                                           "compute; instead of steps / epochs")
+    blr: float | None = _f(None, lo=0.0, hi=1.0, doc="base lr per 256 images: lr = blr * lr_scale * batch / 256 "
+                                                       "(default: the objective's recipe)")
+    lr_scale: float = _f(1.0, lo=0.0, hi=1e4, doc="multiplies blr; sweep it to tune lr per objective around each "
+                                                   "objective's own recipe")
     min_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0)
-    warmup_frac: float = _f(0.1, lo=0.0, hi=0.9)
-    weight_decay: float = _f(0.05, lo=0.0, hi=10.0)
+    warmup_frac: float | None = _f(None, lo=0.0, hi=0.9, doc="default: the objective's recipe")
+    weight_decay: float | None = _f(None, lo=0.0, hi=10.0, doc="default: the objective's recipe")
     weight_decay_end: float | None = _f(None, lo=0.0, hi=10.0, doc="cosine wd schedule end (default: constant)")
     beta1: float = _f(0.9, lo=0.0, hi=0.99999)
     beta2: float = _f(0.999, lo=0.0, hi=0.99999)
-    clip_grad: float | None = _f(None, lo=0.0)
+    clip_grad: float | None = _f(None, lo=0.0, doc="max gradient norm, 0 = off (default: the objective's recipe)")
 
 
 @dataclass
@@ -90,7 +103,8 @@ class EvalConfig:
     every: int | None = _f(None, lo=1, doc="run the probes every N epochs (always at the end)")
     samples: int = _f(512, lo=16, hi=1_000_000, doc="fixed, seeded eval subset size")
     probe_images: int = _f(64, lo=2, hi=4096, doc="images of that subset for the attention / token probes")
-    pool: str = _f("gap", choices=["gap", "cls"], doc="feature for kNN / linear probe")
+    pool: str = _f("gap", choices=["gap", "cls"],
+                   doc="pooling of the unsuffixed linear_top1 / knn_top1 / shape_bias (both are always measured)")
     knn_k: int = _f(20, lo=1, hi=1000)
 
 
@@ -115,6 +129,41 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# Each pure objective's ViT pre-training recipe, from the official code. blr is per 256 images.
+# SimMIM (configs/vit_base__800ep): BASE_LR 1e-4 per 512 images, 10 of 800 warmup epochs, wd 0.05, CLIP_GRAD 5.0,
+# DROP_PATH_RATE 0.1. MoCo v3 (main_moco.py, ViT): blr 1.5e-4, 40 of 300 warmup epochs, wd 0.1, no clipping, no
+# drop path. A hybrid (0 < lam < 1) interpolates: blr geometrically, exp((1 - lam) log a + lam log b) (lrs are
+# compared on a log scale), wd / warmup / drop path linearly, and keeps SimMIM's clipping (any MIM share).
+RECIPES: dict[str, dict[str, float]] = {
+    "simmim": {"blr": 5e-5, "weight_decay": 0.05, "warmup_frac": 10 / 800, "clip_grad": 5.0, "drop_path": 0.1},
+    "mocov3": {"blr": 1.5e-4, "weight_decay": 0.1, "warmup_frac": 40 / 300, "clip_grad": 0.0, "drop_path": 0.0},
+}
+
+
+def recipe(lam: float) -> dict[str, float]:
+    """The default optimiser settings and drop path at mixing coefficient ``lam`` (see ``RECIPES``)."""
+    a, b = RECIPES["simmim"], RECIPES["mocov3"]
+    out = {k: (1 - lam) * a[k] + lam * b[k] for k in ("weight_decay", "warmup_frac", "drop_path")}
+    out["blr"] = float(f'{math.exp((1 - lam) * math.log(a["blr"]) + lam * math.log(b["blr"])):.4g}')
+    out["clip_grad"] = a["clip_grad"] if lam < 1 else b["clip_grad"]
+    return out
+
+
+def _resolve_defaults(cfg: Config) -> None:
+    """Fill every per-objective default (None / "auto") in place, so the saved config holds what ran."""
+    r = recipe(cfg.objective.lam)
+    for section, key in (("optim", "blr"), ("optim", "weight_decay"), ("optim", "warmup_frac"),
+                         ("optim", "clip_grad"), ("model", "drop_path")):
+        node = getattr(cfg, section)
+        if getattr(node, key) is None:
+            setattr(node, key, r[key])
+    cl_only = cfg.objective.lam == 1.0
+    if cfg.model.pos_embed == "auto":
+        cfg.model.pos_embed = "sincos" if cl_only else "learned"
+    if cfg.model.patch_embed == "auto":
+        cfg.model.patch_embed = "frozen" if cl_only else "trained"
 
 
 def _type_name(tp) -> str:
@@ -231,10 +280,14 @@ def _validate(cfg: Config) -> None:
                 f"objective.placement.cl_layer: {p.cl_layer} is at or below graft_layer {g}; CL must read a "
                 f"block in {g + 1}..{depth}"
             )
+    if p.graft_lr_ratio is not None and p.graft_layer is None:
+        raise ConfigError("objective.placement.graft_lr_ratio: set, but objective.placement.graft_layer is not "
+                          "(the ratio applies to blocks 1..graft_layer)")
     if lam == 0.0 and p.cl_layer is not None and p.cl_layer != depth:
         raise ConfigError("objective.placement.cl_layer: set, but objective.lam = 0 computes no CL loss")
     if lam == 1.0 and p.mim_layer is not None and p.mim_layer != depth:
         raise ConfigError("objective.placement.mim_layer: set, but objective.lam = 1 computes no MIM loss")
+    _check_every_block_trained(cfg, depth)
     if cfg.objective.mask_unit is not None:
         u = cfg.objective.mask_unit
         if u % spec.patch or cfg.model.img_size % u:
@@ -251,13 +304,34 @@ def _validate(cfg: Config) -> None:
                               f"{cfg.model.img_size // spec.patch} patch grid of model.img_size "
                               f"{cfg.model.img_size} has no mask unit of 2 x 2 patches or more that divides it; "
                               "choose an image size with an even grid, or set objective.mask_unit")
-    if cfg.optim.steps is not None and cfg.optim.epochs is not None:
-        raise ConfigError("optim.steps: give either optim.steps or optim.epochs, not both")
+    budgets = [k for k in ("steps", "epochs", "flops_budget") if getattr(cfg.optim, k) is not None]
+    if len(budgets) > 1:
+        raise ConfigError(f"optim.{budgets[0]}: give only one of optim.steps, optim.epochs, optim.flops_budget "
+                          f"(got {' and '.join(budgets)})")
     if cfg.data.dataset in ("imagefolder", "cifar10", "cifar100") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.dataset = {cfg.data.dataset!r} (nothing is downloaded)")
     if cfg.data.path and cfg.data.dataset in ("imagefolder", "cifar10", "cifar100"):
         if not Path(cfg.data.path).expanduser().exists():
             raise ConfigError(f"data.path: {cfg.data.path!r} does not exist")
+
+
+def _check_every_block_trained(cfg: Config, depth: int) -> None:
+    """A placement must give every block a gradient: blocks no objective reaches would stay random, and the
+    probes would then read an untrained layer as if it had learned something."""
+    p, lam = cfg.objective.placement, cfg.objective.lam
+    mim, cl, g = resolve_placement(cfg)
+    top = max(mim if lam < 1 else 0, cl if lam > 0 else 0)
+    if top < depth:
+        keys = [f"objective.placement.{k} = {getattr(p, k)}" for k in ("mim_layer", "cl_layer")
+                if getattr(p, k) is not None]
+        blocks = f"block {depth}" if top + 1 == depth else f"blocks {top + 1}..{depth}"
+        raise ConfigError(f"{' and '.join(keys)}: {blocks} would get no gradient from any objective "
+                          f"(they would stay random); let one objective read block {depth}")
+    if g is not None and p.graft_lr_ratio is None and mim < g:
+        blocks = f"block {g}" if mim + 1 == g else f"blocks {mim + 1}..{g}"
+        raise ConfigError(f"objective.placement.mim_layer = {mim} and objective.placement.graft_layer = {g}: "
+                          f"{blocks} would get no gradient (CL is detached below the graft, MIM reads block "
+                          f"{mim}); set mim_layer = graft_layer, or set graft_lr_ratio so that CL reaches them")
 
 
 def resolve_placement(cfg: Config) -> tuple[int, int, int | None]:
@@ -346,6 +420,7 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
         set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     _validate(cfg)
+    _resolve_defaults(cfg)
     return cfg
 
 

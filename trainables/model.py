@@ -7,6 +7,8 @@ explicitly from each block's own qkv projection, so analysis never changes the t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
@@ -15,14 +17,36 @@ from torch import nn
 from .scale import MLP_RATIO, VariantSpec, parse_variant
 
 
+def sincos_pos_embed(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, width), zeros for the CLS token.
+
+    A patch at grid row y, column x gets [sin(x w), cos(x w), sin(y w), cos(y w)] with width / 4 frequencies
+    w_i = temperature^(-i / (width / 4)); patches in row-major order as everywhere else."""
+    if width % 4:
+        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {width}")
+    d = width // 4
+    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64) / d)  # (d,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")  # (grid, grid) each
+    out_x = xs.flatten()[:, None] * omega[None]  # (grid^2, d)
+    out_y = ys.flatten()[:, None] * omega[None]
+    pe = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)  # (grid^2, width)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), pe]).float()[None]
+
+
 class ViT(nn.Module):
-    """A ViT encoder with a CLS token and learnable position embeddings; no classification head.
+    """A ViT encoder with a CLS token and position embeddings; no classification head.
 
     Token layout everywhere: (B, 1 + N, C) with the CLS token first and N = (img_size / patch)^2 patch tokens in
     row-major grid order.
+
+    ``pos_embed``: "learned" (timm's trainable embedding) or "sincos" (MoCo v3's fixed 2-D sin-cos embedding, not
+    a parameter that trains). ``patch_embed``: "trained", or "frozen" (MoCo v3's random patch projection: Xavier-
+    uniform init, zero bias, never updated; it stabilises contrastive training of ViTs).
     """
 
-    def __init__(self, variant: str = "micro/4", img_size: int = 32, drop_path: float = 0.0):
+    def __init__(self, variant: str = "micro/4", img_size: int = 32, drop_path: float = 0.0,
+                 pos_embed: str = "learned", patch_embed: str = "trained"):
         super().__init__()
         self.spec: VariantSpec = parse_variant(variant)
         self.img_size = img_size
@@ -37,6 +61,19 @@ class ViT(nn.Module):
             num_classes=0,
             drop_path_rate=drop_path,
         )
+        if pos_embed == "sincos":
+            self.vit.pos_embed.data.copy_(sincos_pos_embed(self.grid, self.spec.width))
+            self.vit.pos_embed.requires_grad_(False)
+        elif pos_embed != "learned":
+            raise ValueError(f"pos_embed: {pos_embed!r} is not 'learned' or 'sincos'")
+        if patch_embed == "frozen":
+            proj = self.vit.patch_embed.proj  # Conv2d(3, C, p, stride p)
+            bound = math.sqrt(6.0 / float(3 * self.spec.patch**2 + self.spec.width))
+            nn.init.uniform_(proj.weight, -bound, bound)
+            nn.init.zeros_(proj.bias)
+            proj.requires_grad_(False)
+        elif patch_embed != "trained":
+            raise ValueError(f"patch_embed: {patch_embed!r} is not 'trained' or 'frozen'")
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -88,6 +125,7 @@ class ViT(nn.Module):
         """Per-layer token states: element 0 is the embedding output, element k the output of block k.
 
         Each is (B, 1 + N, C), before the final norm; ``self.norm(out[-1])`` equals ``self(images)``.
+        This is the one way analysis reads intermediate tokens.
         """
         x = self.embed(images, mask, mask_token)
         out = [x]

@@ -44,7 +44,7 @@ class NonFiniteLossError(FloatingPointError):
 def schedules(cfg: Config, total: int) -> dict[str, np.ndarray]:
     """Per-step lr (linear warmup, cosine decay), weight decay (cosine) and EMA momentum (cosine to 1)."""
     o = cfg.optim
-    peak = o.blr * cfg.data.batch_size / 256
+    peak = o.blr * o.lr_scale * cfg.data.batch_size / 256
     steps = np.arange(total, dtype=np.float64)
     warm = int(round(o.warmup_frac * total))
     progress = np.clip((steps - warm) / max(1, total - warm), 0, 1)
@@ -60,9 +60,17 @@ def schedules(cfg: Config, total: int) -> dict[str, np.ndarray]:
 
 
 def total_steps(cfg: Config, n_train: int) -> int:
-    """optim.steps, or optim.epochs converted with the global batch (default: 100 steps)."""
+    """optim.steps, optim.epochs converted with the global batch, or the steps that fit in optim.flops_budget
+    (training FLOPs of all images; see ``train_flops_per_image``); default: 100 steps."""
     if cfg.optim.steps is not None:
         return cfg.optim.steps
+    if cfg.optim.flops_budget is not None:
+        per_step = train_flops_per_image(cfg) * cfg.data.batch_size
+        steps = int(cfg.optim.flops_budget // per_step)
+        if steps < 1:
+            raise ConfigError(f"optim.flops_budget: {cfg.optim.flops_budget:.3g} FLOPs is less than one step "
+                              f"({per_step:.3g} FLOPs at data.batch_size {cfg.data.batch_size})")
+        return steps
     if cfg.optim.epochs is not None:
         return max(1, math.ceil(cfg.optim.epochs * steps_per_epoch(n_train, cfg.data.batch_size)))
     return 100
@@ -80,13 +88,18 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _param_groups(module: torch.nn.Module) -> list[dict]:
-    skip = no_weight_decay_names(module)
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
+def _param_groups(objective: Hybrid, cfg: Config) -> list[dict]:
+    """AdamW groups: with / without weight decay, each at lr x 1 or, for the lower blocks of the lr-ratio graft
+    (``objective.lower_parameters``), at lr x ``graft_lr_ratio``. Frozen parameters are left out."""
+    skip = no_weight_decay_names(objective)
+    lower = objective.lower_parameters()
+    ratio = cfg.objective.placement.graft_lr_ratio
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in objective.named_parameters():
         if p.requires_grad:
-            (no_decay if name in skip else decay).append(p)
-    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
+            groups.setdefault((name not in skip, ratio if id(p) in lower else 1.0), []).append(p)
+    return [{"params": ps, "decay": decay, "lr_mult": mult, "weight_decay": 0.0}
+            for (decay, mult), ps in sorted(groups.items(), reverse=True)]
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -245,10 +258,8 @@ def build_run(cfg: Config) -> TrainRun:
     random.seed(cfg.run.seed)
     data = build_data(cfg)
     objective = build_objective(cfg).to(device)
-    if world > 1 and device.type == "cuda":
-        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
     total = total_steps(cfg, len(data.train))
-    opt = torch.optim.AdamW(_param_groups(objective), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    opt = torch.optim.AdamW(_param_groups(objective, cfg), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             fused=device.type == "cuda")
     start = 0
     if cfg.run.resume:
@@ -316,13 +327,13 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     for step in range(run.start, run.total):
         images, _ = next(run.stream)
         for g in run.opt.param_groups:
-            g["lr"] = float(run.sched["lr"][step])
+            g["lr"] = float(run.sched["lr"][step]) * g["lr_mult"]
             g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
         with run.autocast:
             out = run.model({"images": images, "seed": r.seed * 1_000_003 + step * 1009 + run.rank})
         out["loss"].backward()
         nonfinite |= ~torch.isfinite(out["loss"].detach())
-        if o.clip_grad:
+        if o.clip_grad:  # 0: off
             torch.nn.utils.clip_grad_norm_(run.objective.parameters(), o.clip_grad)
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)

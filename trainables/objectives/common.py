@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 
 def generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
@@ -13,7 +15,48 @@ def generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
 
 
 def run_blocks(encoder, h: torch.Tensor, layer: int) -> torch.Tensor:
-    """Run tokens (B, T, C) through blocks 1..layer and apply the final norm."""
+    """Run tokens (B, T, C) through blocks 1..layer (no norm: each head applies its own, see ``head_norm``)."""
     for blk in encoder.blocks[:layer]:
         h = blk(h)
-    return encoder.norm(h)
+    return h
+
+
+def head_norm(encoder, layer: int) -> nn.LayerNorm | None:
+    """The LayerNorm of a head reading block ``layer``: None (use the encoder's final norm) for the last block,
+    a head-owned one for an intermediate block, so heads reading different depths never share a norm."""
+    return None if layer == encoder.depth else nn.LayerNorm(encoder.width, eps=1e-6)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over the global batch of all DDP ranks, on any device (MoCo v3 always uses SyncBatchNorm;
+    torch's ``SyncBatchNorm`` runs on GPUs only). One process: exactly ``nn.BatchNorm1d``.
+
+    The per-feature sum and sum of squares go through the differentiable all-reduce, so the backward pass also
+    sums every rank's gradient of the shared statistics, as ``SyncBatchNorm`` does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        world = _world()
+        if not self.training or world == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        stats = all_reduce(torch.cat([xf.sum(0), (xf * xf).sum(0)]))  # (2C,) summed over ranks
+        count = x.shape[0] * world
+        mean = stats[:c] / count
+        var = (stats[c:] / count - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * count / max(count - 1, 1), self.momentum)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)

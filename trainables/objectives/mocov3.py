@@ -1,5 +1,7 @@
 """MoCo v3 (Chen, Xie, He 2021): two augmented views, a momentum (EMA) encoder, projector and predictor MLPs,
-and a symmetric InfoNCE loss with temperature 0.2, keys gathered over all DDP ranks."""
+and a symmetric InfoNCE loss with temperature 0.2, keys gathered over all DDP ranks. As the official ``MoCo_ViT``:
+a 3-layer projector and a 2-layer predictor, both ending in an affine-free BatchNorm, whose batch statistics are
+those of the global batch under DDP (``GlobalBatchNorm1d``)."""
 
 from __future__ import annotations
 
@@ -11,20 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import moco_draws, moco_views
-from .common import generator, run_blocks
+from .common import GlobalBatchNorm1d, generator, head_norm, run_blocks
 
 
 def build_mlp(layers: int, d_in: int, d_hidden: int, d_out: int, last_bn: bool = True) -> nn.Sequential:
-    """MoCo v3's MLP: Linear-BN-ReLU blocks, then Linear (+ BN without affine for the projector)."""
+    """MoCo v3's MLP: Linear-BN-ReLU blocks, then Linear (+ BN without affine: the ViT projector and predictor
+    both have it)."""
     mods: list[nn.Module] = []
     for i in range(layers):
         a = d_in if i == 0 else d_hidden
         b = d_out if i == layers - 1 else d_hidden
         mods.append(nn.Linear(a, b, bias=False))
         if i < layers - 1:
-            mods += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+            mods += [GlobalBatchNorm1d(b), nn.ReLU(inplace=True)]
         elif last_bn:
-            mods.append(nn.BatchNorm1d(b, affine=False))
+            mods.append(GlobalBatchNorm1d(b, affine=False))
     return nn.Sequential(*mods)
 
 
@@ -52,7 +55,8 @@ class MoCoV3(nn.Module):
     """CL head: projector, predictor and the momentum copy of (encoder, projector).
 
     The online encoder is shared, not owned (see ``Hybrid``). ``layer`` is the block whose CLS output feeds the
-    projector (1..depth); the momentum encoder reads the same block.
+    projector (1..depth); the momentum encoder reads the same block. Reading an intermediate block, the head has
+    its own LayerNorm (and its momentum copy).
     """
 
     def __init__(self, encoder, img_size: int, layer: int, proj_dim: int = 256, proj_hidden: int | None = None,
@@ -63,9 +67,13 @@ class MoCoV3(nn.Module):
         self.img_size = img_size
         self.temperature = temperature
         hidden = proj_hidden or min(4096, 8 * encoder.width)
+        self.norm = head_norm(encoder, layer)
         self.projector = build_mlp(3, encoder.width, hidden, proj_dim)
-        self.predictor = build_mlp(2, proj_dim, hidden, proj_dim, last_bn=False)
-        self.momentum = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "projector": copy.deepcopy(self.projector)})
+        self.predictor = build_mlp(2, proj_dim, hidden, proj_dim)
+        momentum = {"encoder": copy.deepcopy(encoder), "projector": copy.deepcopy(self.projector)}
+        if self.norm is not None:
+            momentum["norm"] = copy.deepcopy(self.norm)
+        self.momentum = nn.ModuleDict(momentum)
         self.momentum.requires_grad_(False)
 
     @property
@@ -73,7 +81,15 @@ class MoCoV3(nn.Module):
         return self._encoder[0]
 
     def online_params(self) -> list[torch.Tensor]:
-        return [*self.encoder.parameters(), *self.projector.parameters()]
+        """Online parameters in the order of ``self.momentum.parameters()``."""
+        norm = [] if self.norm is None else list(self.norm.parameters())
+        return [*self.encoder.parameters(), *self.projector.parameters(), *norm]
+
+    def _normed(self, tokens: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        """This head's LayerNorm of tokens (B, 1 + N, C) from block ``layer`` (online or momentum copy)."""
+        if self.norm is None:
+            return (self.momentum["encoder"] if momentum else self.encoder).norm(tokens)
+        return (self.momentum["norm"] if momentum else self.norm)(tokens)
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -94,11 +110,12 @@ class MoCoV3(nn.Module):
         return torch.cat([proj(c) for c in cls.chunk(2)])
 
     def loss(self, feats: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE. feats (2B, 1 + N, C) normed online tokens of both views at ``layer``."""
-        q = self.project(feats[:, 0], lambda c: self.predictor(self.projector(c)))  # (2B, D)
+        """Symmetric InfoNCE. feats (2B, 1 + N, C) online tokens of both views at block ``layer`` (not normed)."""
+        q = self.project(self._normed(feats)[:, 0], lambda c: self.predictor(self.projector(c)))  # (2B, D)
         with torch.no_grad():
             enc = self.momentum["encoder"]
-            k = self.project(run_blocks(enc, enc.embed(views), self.layer)[:, 0], self.momentum["projector"])
+            keys = self._normed(run_blocks(enc, enc.embed(views), self.layer), momentum=True)  # (2B, 1 + N, C)
+            k = self.project(keys[:, 0], self.momentum["projector"])
         q1, q2 = q.chunk(2)
         k1, k2 = k.chunk(2)
         t = self.temperature

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..augment import simmim_view
 from ..scale import default_mask_unit
-from .common import generator, run_blocks
+from .common import generator, head_norm, run_blocks
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -22,7 +22,8 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 class SimMIM(nn.Module):
     """MIM head: mask token and linear pixel decoder; the encoder is shared, not owned (see ``Hybrid``).
 
-    ``layer`` is the block whose output feeds the decoder (1..depth).
+    ``layer`` is the block whose output feeds the decoder (1..depth); reading an intermediate block, the head has
+    its own LayerNorm.
     """
 
     def __init__(self, encoder, img_size: int, layer: int, mask_ratio: float = 0.6, mask_unit: int | None = None):
@@ -32,6 +33,7 @@ class SimMIM(nn.Module):
         self.img_size = img_size
         self.mask_ratio = mask_ratio
         self.unit = mask_unit or default_mask_unit(img_size, encoder.patch)
+        self.norm = head_norm(encoder, layer)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Linear(encoder.width, encoder.patch**2 * 3)
@@ -64,7 +66,8 @@ class SimMIM(nn.Module):
         return simmim_view(images, self.img_size, draws["crop"]), self.make_mask(draws["mask_noise"])
 
     def loss(self, feats: torch.Tensor, view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """L1 reconstruction of masked patches. feats (B, 1 + N, C) normed tokens at ``layer``."""
+        """L1 reconstruction of masked patches. feats (B, 1 + N, C) tokens at block ``layer`` (not normed)."""
+        feats = (self.encoder.norm if self.norm is None else self.norm)(feats)
         pred = self.decoder(feats[:, 1:])  # (B, N, p*p*3)
         target = patchify(view, self.encoder.patch)  # (B, N, p*p*3)
         per_patch = F.l1_loss(pred.float(), target.float(), reduction="none").mean(-1)  # (B, N)
