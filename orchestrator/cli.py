@@ -197,7 +197,11 @@ def cmd_analyze(args) -> int:
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint
         cfg = load_config(ckpt["config"], overrides)
         objective = build_objective(cfg)
-        objective.load_state_dict(ckpt["model"])
+        # only the encoder is analysed: heads of an older layout (e.g. before the predictor's last BatchNorm)
+        # may differ without harm
+        missing, _ = objective.load_state_dict(ckpt["model"], strict=False)
+        if any(k.startswith("encoder.") for k in missing):
+            raise UserError(f"checkpoint: its encoder does not fit the config it carries (missing {missing[0]})")
         encoder = objective.encoder
     else:  # timm VisionTransformer weights
         if not args.variant:
@@ -215,7 +219,10 @@ def cmd_analyze(args) -> int:
     rows, summary = run_probes(encoder, build_data(cfg), cfg)
     df = pd.DataFrame([r for r in rows if r[1] is None], columns=["layer", "head", "metric", "value"])
     table = df.pivot_table(index="layer", columns="metric", values="value").reset_index()
-    _print_frame(table, "per-layer probes (attention metrics: mean over heads)")
+    # two tables, so each fits a terminal: attention and token probes, then the feature probes (both poolings)
+    feature = [c for c in table.columns if c.startswith(("knn_", "linear_"))]
+    _print_frame(table.drop(columns=feature), "per-layer attention and token probes (attention: mean over heads)")
+    _print_frame(table[["layer", *feature]], "per-layer kNN and linear probes, GAP and CLS features")
     print("  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     return 0
 

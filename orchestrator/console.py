@@ -88,6 +88,7 @@ def make_reporter(labels: dict[str, str] | None = None):
             self._last_state = None
             self._p0 = None
             self._metric, self._mode = None, None
+            self._seen: dict = {}  # trial_id -> its latest probed value of the metric (a trained step)
 
         def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
             self._start = time.time()
@@ -97,8 +98,11 @@ def make_reporter(labels: dict[str, str] | None = None):
             metric = self._metric
             if not metric:
                 return None
-            vals = [(t.last_result.get(metric), t) for t in trials if isinstance(
-                (t.last_result or {}).get(metric), (int, float))]
+            for t in trials:  # most reports are log steps without probes: remember each trial's last probe
+                r = t.last_result or {}
+                if isinstance(r.get(metric), (int, float)) and r.get("step") != 0:  # step 0: the untrained encoder
+                    self._seen[t.trial_id] = (float(r[metric]), t)
+            vals = list(self._seen.values())
             if not vals:
                 return None
             higher = self._mode == "max" if self._mode else metric in HIGHER_IS_BETTER

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from conftest import tiny
 
@@ -9,6 +10,8 @@ from trainables.objectives import build_objective
 from trainables.probes import (
     attention_distance,
     attention_nmi,
+    center_tokens,
+    cue_match,
     effective_rank,
     fit_linear,
     fourier_delta_log_amplitude,
@@ -104,6 +107,25 @@ def test_shape_bias_counts_only_cue_matches():
     assert shape_bias(pred, shape, texture) == 2 / 3
 
 
+def test_cue_match_is_the_share_of_decisions_matching_a_cue():
+    pred = torch.tensor([0, 1, 2, 3, 9])
+    shape = torch.tensor([0, 1, 5, 5, 5])
+    texture = torch.tensor([7, 7, 2, 7, 7])
+    assert cue_match(pred, shape, texture) == pytest.approx(3 / 5)
+
+
+def test_centred_tokens_remove_a_shared_direction():
+    torch.manual_seed(0)
+    spread = torch.randn(4, 16, 32)
+    shared = spread + 50.0 * torch.randn(1, 1, 32)  # one direction every token carries
+    # raw cosine similarity is ~1 (the shared direction dominates); centred, the tokens are ~orthogonal again
+    assert token_cosine_similarity(shared).mean() > 0.95
+    centred = center_tokens(shared)
+    assert abs(float(token_cosine_similarity(centred).mean())) < 0.1
+    torch.testing.assert_close(centred.mean((0, 1)), torch.zeros(32), atol=1e-4, rtol=0)
+    assert effective_rank(centred).mean() > 3 * effective_rank(shared).mean()
+
+
 def test_probe_suite_rows_cover_every_layer():
     cfg = load_config(tiny(), ["eval.probe_images=8"])
     torch.manual_seed(0)
@@ -114,8 +136,14 @@ def test_probe_suite_rows_cover_every_layer():
     for k in range(1, depth + 1):
         assert (k, None, "attn_distance") in metrics and (k, heads - 1, "attn_nmi") in metrics
     for k in range(depth + 1):
-        for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "knn_top1", "linear_top1"):
+        for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "knn_top1_gap", "linear_top1_gap",
+                  "knn_top1_cls", "linear_top1_cls"):
             assert (k, None, m) in metrics
-    assert {"knn_top1", "linear_top1", "shape_bias"} <= set(summary)
+    both = {f"{m}_{p}" for m in ("knn_top1", "linear_top1", "shape_bias", "cue_match") for p in ("gap", "cls")}
+    assert {"knn_top1", "linear_top1", "shape_bias"} | both <= set(summary)
+    # the unsuffixed names are eval.pool's (gap by default); the two poolings are different features
+    assert summary["linear_top1"] == summary["linear_top1_gap"]
+    assert summary["shape_bias"] == summary["shape_bias_gap"]
+    assert 0 < summary["cue_match_cls"] <= 1
     flat = rows_to_metrics(rows)
     assert "layer/3/h1/attn_nmi" in flat and "layer/0/fourier_dlogamp_pi" in flat

@@ -2,7 +2,8 @@
 
 Feature extraction reads ``ViT.intermediates`` (layer 0 = embedding output, layer k = block k output); the
 pooled feature of a layer is the mean of its patch tokens (``gap``) or its CLS token (``cls``), after the
-encoder's final norm for the last layer only (as the training heads see it).
+encoder's final norm for the last layer only (as the training heads see it). Both poolings are always probed:
+CL trains the CLS token and MIM the patch tokens, so one pooling alone favours one objective.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from .augment import eval_view
 
 EPS = 1e-8
+POOLS = ("gap", "cls")
 
 
 # ------------------------------------------------------------------------------------------- pure tensor probes
@@ -80,6 +82,15 @@ def token_cosine_similarity(tokens: torch.Tensor) -> torch.Tensor:
     return (sim.sum((1, 2)) - n) / (n * (n - 1))
 
 
+def center_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean token over all images and positions: (B, n, C) -> (B, n, C).
+
+    Token similarity and rank are read on centred tokens: one direction shared by every token (a bias the
+    residual stream carries at init and after training alike) would otherwise dominate both."""
+    t = tokens.float()
+    return t - t.mean(dim=(0, 1), keepdim=True)
+
+
 def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
     """Effective rank exp(H(sigma / sum sigma)) of each image's token matrix (Roy & Vetterli): (B, n, C) -> (B,)."""
     s = torch.linalg.svdvals(tokens.float())  # (B, min(n, C))
@@ -104,21 +115,23 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, img_size: int, pool: str = "gap", batch_size: int = 256,
-                     layers: list[int] | None = None) -> dict[int, torch.Tensor]:
-    """Pooled float32 features per layer for uint8 images (N, 3, S, S): {layer: (N, C)} on the CPU."""
+def extract_features(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256,
+                     layers: list[int] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+    """Pooled float32 features per pooling and layer for uint8 images (N, 3, S, S):
+    {pool: {layer: (N, C)}} on the CPU, pool in ``POOLS``."""
     depth = encoder.depth
     layers = [depth] if layers is None else layers
-    out: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
+    out: dict[str, dict[int, list[torch.Tensor]]] = {p: {k: [] for k in layers} for p in POOLS}
     with eval_mode(encoder) as device:
         for i in range(0, len(images), batch_size):
             x = eval_view(images[i:i + batch_size].to(device), img_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 states = encoder.intermediates(x)
                 states[depth] = encoder.norm(states[depth])
-            for k in layers:
-                out[k].append(pool_tokens(states[k], pool).float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+            for p in POOLS:
+                for k in layers:
+                    out[p][k].append(pool_tokens(states[k], p).float().cpu())
+    return {p: {k: torch.cat(v) for k, v in per.items()} for p, per in out.items()}
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -169,6 +182,12 @@ def shape_bias(predicted: torch.Tensor, shape_y: torch.Tensor, texture_y: torch.
     return shape_hits / total if total else float("nan")
 
 
+def cue_match(predicted: torch.Tensor, shape_y: torch.Tensor, texture_y: torch.Tensor) -> float:
+    """Fraction of cue-conflict decisions that match either cue: the share of images shape bias is read on."""
+    hits = ((predicted == shape_y) | (predicted == texture_y)).float().mean()
+    return float(hits)
+
+
 # ------------------------------------------------------------------------------------------- the probe suite
 Row = tuple[int, int | None, str, float]  # (layer, head or None, metric, value)
 
@@ -190,36 +209,50 @@ def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
 
 @torch.no_grad()
 def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
-    """Fourier delta log amplitude at pi, token cosine similarity and effective rank per layer (0..depth)."""
+    """Fourier delta log amplitude at pi per layer (0..depth), and token cosine similarity and effective rank of
+    the centred tokens (``center_tokens``)."""
     with eval_mode(encoder) as device:
         states = encoder.intermediates(eval_view(images.to(device), img_size))
     rows: list[Row] = []
     for k, s in enumerate(states):
         patches = s[:, 1:].float()  # (B, n, C), CLS dropped
         rows.append((k, None, "fourier_dlogamp_pi", float(fourier_delta_log_amplitude(patches)[-1])))
-        rows.append((k, None, "token_cossim", float(token_cosine_similarity(patches).mean())))
-        rows.append((k, None, "effective_rank", float(effective_rank(patches).mean())))
+        centred = center_tokens(patches)
+        rows.append((k, None, "token_cossim", float(token_cosine_similarity(centred).mean())))
+        rows.append((k, None, "effective_rank", float(effective_rank(centred).mean())))
     return rows
 
 
 def feature_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
-    """Per-layer kNN and linear-probe accuracy on frozen pooled features; shape bias of the last layer."""
+    """Per-layer kNN and linear-probe accuracy on frozen features of both poolings (``knn_top1_gap``,
+    ``linear_top1_cls``, ...); shape bias and cue-match fraction of the last layer's linear probe.
+
+    The summary holds the last layer's values per pooling, and unsuffixed ``knn_top1`` / ``linear_top1`` /
+    ``shape_bias`` for ``eval.pool``."""
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
     train, test = data.train.subset(e.samples, seed), data.eval.subset(e.samples, seed)
     layers = list(range(encoder.depth + 1))
-    tr = extract_features(encoder, train.images, size, e.pool, layers=layers)
-    te = extract_features(encoder, test.images, size, e.pool, layers=layers)
+    last = encoder.depth
+    tr = extract_features(encoder, train.images, size, layers=layers)
+    te = extract_features(encoder, test.images, size, layers=layers)
+    cc = (extract_features(encoder, data.cue_conflict.images, size, layers=[last])
+          if data.cue_conflict is not None else None)
     rows: list[Row] = []
-    for k in layers:
-        knn = knn_accuracy(tr[k], train.labels, te[k], test.labels, e.knn_k)
-        predict = fit_linear(tr[k], train.labels, data.num_classes)
-        linear = (predict(te[k]) == test.labels).float().mean().item()
-        rows += [(k, None, "knn_top1", knn), (k, None, "linear_top1", linear)]
-    summary = {"knn_top1": knn, "linear_top1": linear}  # the last layer's
-    if data.cue_conflict is not None:  # shape bias of the last layer's linear probe (the one fit above)
-        last = encoder.depth
-        cc = extract_features(encoder, data.cue_conflict.images, size, e.pool, layers=[last])[last]
-        summary["shape_bias"] = shape_bias(predict(cc), data.cue_conflict.labels, data.cue_texture)
+    summary: dict[str, float] = {}
+    for pool in POOLS:
+        for k in layers:
+            knn = knn_accuracy(tr[pool][k], train.labels, te[pool][k], test.labels, e.knn_k)
+            predict = fit_linear(tr[pool][k], train.labels, data.num_classes)
+            linear = (predict(te[pool][k]) == test.labels).float().mean().item()
+            rows += [(k, None, f"knn_top1_{pool}", knn), (k, None, f"linear_top1_{pool}", linear)]
+        summary |= {f"knn_top1_{pool}": knn, f"linear_top1_{pool}": linear}  # the last layer's
+        if cc is not None:  # the last layer's linear probe (the one fit above) on cue-conflict images
+            decided = predict(cc[pool][last])
+            summary[f"shape_bias_{pool}"] = shape_bias(decided, data.cue_conflict.labels, data.cue_texture)
+            summary[f"cue_match_{pool}"] = cue_match(decided, data.cue_conflict.labels, data.cue_texture)
+    for name in ("knn_top1", "linear_top1", "shape_bias"):
+        if f"{name}_{e.pool}" in summary:
+            summary[name] = summary[f"{name}_{e.pool}"]
     return rows, summary
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import re
 
 STEP_METRICS = ("loss", "loss_mim", "loss_cl")
-PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias")
-LAYER_PROBES = ("attn_distance", "attn_nmi", "fourier_dlogamp_pi", "token_cossim", "effective_rank", "knn_top1",
-                "linear_top1")
+POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
+# Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
+POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
+PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias",
+                 *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS))
+LAYER_PROBES = ("attn_distance", "attn_nmi", "fourier_dlogamp_pi", "token_cossim", "effective_rank",
+                *(f"{m}_{p}" for m in ("knn_top1", "linear_top1") for p in POOLS))
 LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 # Final scalars kept as columns of the trials table.
-FINAL_KEYS = (*STEP_METRICS, "knn_top1", "linear_top1", "shape_bias", "images_per_s")
+FINAL_KEYS = (*STEP_METRICS, *PROBE_METRICS, "images_per_s")
 # Scalars a trial reports that are not curves (constant per trial or bookkeeping).
 STATIC_KEYS = frozenset({"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
                          "replicas_in_sync"})
@@ -29,7 +33,7 @@ TUNE_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "done", "training_ite
 # Columns the console summary shows per trial.
 SUMMARY_METRICS = ("step", "loss", "knn_top1", "linear_top1", "shape_bias")
 # Metrics where larger is better (accuracies, fractions); the rest (losses) are minimised.
-HIGHER_IS_BETTER = frozenset({"linear_top1", "knn_top1", "shape_bias"})
+HIGHER_IS_BETTER = frozenset(PROBE_METRICS)
 
 
 def objective_group(lam: float) -> str:
