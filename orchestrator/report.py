@@ -1,11 +1,13 @@
 """``clmim report NAME``: one self-contained HTML page per sweep (figures embedded as base64 PNG), plus the same
 figures as PNG files beside it, and the page attached to the sweep's MLflow parent run.
 
-Sections: a numbers-only summary of what differed between objectives; status and failures; training loss per
-trial; per-layer curves per objective (attention distance, attention NMI, Fourier delta log amplitude at pi,
-linear-probe accuracy vs depth, as in the paper's figures); the lam curve; scaling curves with fitted power laws
-and exponent intervals (when the sweep varies model size); the best configurations. Accuracy axes carry the
-chance level of the data set.
+Sections: a numbers-only summary of what differed between objectives; the paper's claims checked against the
+sweep (when it has pure MIM and pure CL); status and failures; training loss per trial; per-layer curves per
+group (attention distance, attention NMI, Fourier delta log amplitude at pi, linear-probe accuracy vs depth for
+GAP and CLS features, as in the paper's figures) with the untrained encoder beside them; the linear probe against
+optimiser steps and against training FLOPs, and a table of both at matched budgets; the lam curve; scaling curves
+with fitted power laws and exponent intervals (when the sweep varies model size); the best configurations.
+Curves are means over seeds with ± 1 standard error bars; accuracy axes carry the chance level of the data set.
 
 Only the page and its figures are written (``report.html``, ``<figure>.png`` beside it) and only those files are
 attached to MLflow, wherever ``--out`` points.
@@ -27,26 +29,18 @@ import pandas as pd  # noqa: E402
 
 from trainables.vocab import objective_label  # noqa: E402
 
+from .compare import group_axes, group_name, matched_table, paper_claims, probe_history, tuned_table  # noqa: E402
 from .layout import SweepLayout  # noqa: E402
 from .results import QueryError, connect  # noqa: E402
+from .scaling import chance_level  # noqa: E402
 
 # (metric, panel title, y-axis label with units)
 LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)"),
                  ("attn_nmi", "attention NMI", "NMI (0 = uniform, 1 = one-to-one)"),
                  ("fourier_dlogamp_pi", "Δ log amplitude at π", "Δ log amplitude (high − zero freq.)"),
-                 ("linear_top1", "linear probe top-1", "top-1 accuracy (fraction)")]
-CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # data sets whose class count is fixed
-
-
-def chance_level(trials: pd.DataFrame) -> float | None:
-    """1 / classes of the sweep's data set, if all trials use one known class count."""
-    counts = set()
-    for _, t in trials.iterrows():
-        ds = t.get("data.dataset")
-        n = t.get("data.num_classes") if ds == "synthetic" else CLASSES.get(ds)
-        counts.add(int(n) if n is not None and n == n else None)
-    return 1.0 / counts.pop() if len(counts) == 1 and None not in counts else None
-
+                 ("linear_top1_gap", "linear probe top-1, GAP", "top-1 accuracy (fraction)"),
+                 ("linear_top1_cls", "linear probe top-1, CLS", "top-1 accuracy (fraction)")]
+ACCURACY = ("linear_top1_gap", "linear_top1_cls")
 
 def _chance_line(ax, chance: float | None) -> None:
     if chance is not None:
@@ -73,27 +67,63 @@ def split_baseline(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return layers[(step == last) & (step != 0)], untrained
 
 
+def _seed_curve(d: pd.DataFrame, x: str) -> pd.DataFrame:
+    """mean and standard error of ``value`` over trials (seeds) at each ``x``."""
+    g = d.groupby(x).value
+    return pd.DataFrame({"mean": g.mean(), "se": g.std(ddof=1) / np.sqrt(g.count())}).fillna({"se": 0.0})
+
+
 def layer_figure(layers: pd.DataFrame, chance: float | None = None,
-                 untrained: pd.DataFrame | None = None) -> bytes:
-    """Per-layer curves, one line per objective group (lam), one panel per metric; the untrained encoder
-    (step 0, mean over trials) as a dashed grey line."""
-    fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(4.2 * len(LAYER_METRICS), 3.4))
+                 untrained: pd.DataFrame | None = None, axes_cols: list[str] | None = None) -> bytes:
+    """Per-layer curves, one line per group (lam and the other varied axes) with ± 1 SE over seeds, one panel per
+    metric; the untrained encoder (step 0, mean over trials) as a dashed grey line."""
+    axes_cols = axes_cols or ["lam"]
+    metrics = [m for m in LAYER_METRICS if (layers.metric == m[0]).any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     cmap = plt.get_cmap("coolwarm")
-    for ax, (metric, title, ylabel) in zip(axes, LAYER_METRICS, strict=True):
+    for ax, (metric, title, ylabel) in zip(axes[0], metrics, strict=True):
         d = layers[layers.metric == metric]
-        for lam, g in d.groupby("lam"):
-            g = g.groupby("layer").value.mean()
-            ax.plot(g.index, g.values, marker="o", ms=3, color=cmap(lam), label=f"lam={lam:g}")
+        for key, g in d.groupby(axes_cols, dropna=False):
+            c = _seed_curve(g.groupby(["trial", "layer"]).value.mean().reset_index(), "layer")
+            lam = g.lam.iloc[0]
+            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=cmap(lam),
+                        label=group_name(key, axes_cols))
         if untrained is not None and not untrained.empty:
             u = untrained[untrained.metric == metric].groupby("layer").value.mean()
             ax.plot(u.index, u.values, color="grey", ls="--", lw=1.2, label="untrained (step 0)")
-        if metric == "linear_top1":
+        if metric in ACCURACY:
             _chance_line(ax, chance)
         ax.set_xlabel("layer (0 = patch embedding)")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="MIM 0 … 1 CL", title_fontsize=8)
+    axes[0][0].legend(fontsize=7, title="MIM 0 … 1 CL (± 1 SE over seeds)", title_fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | None = None) -> bytes:
+    """Last-layer linear probe (GAP and CLS) against optimiser steps and against training FLOPs, one line per
+    group with ± 1 SE over seeds: the two ways of matching a budget (CL costs ~2.7x MIM's FLOPs per image)."""
+    axes_cols = group_axes(trials)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.8))
+    cmap = plt.get_cmap("coolwarm")
+    for row, metric in enumerate(ACCURACY):
+        hist = probe_history(layers, trials, metric)
+        for col, (x, xlabel) in enumerate((("step", "optimiser step"), ("flops", "training FLOPs"))):
+            ax = axes[row][col]
+            for key, g in hist.dropna(subset=[x]).groupby(axes_cols, dropna=False):
+                c = _seed_curve(g.assign(x=g[x]), "x") if x == "step" else _seed_curve(
+                    g.assign(x=g.groupby("step")[x].transform("mean")), "x")
+                ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2,
+                            color=cmap(g.lam.iloc[0]), label=group_name(key, axes_cols))
+            _chance_line(ax, chance)
+            if x == "flops" and (hist.flops > 0).any():
+                ax.set_xscale("symlog", linthresh=float(hist.flops[hist.flops > 0].min()))
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"last-layer {metric.replace('_', ' ')} (fraction)", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
@@ -116,15 +146,17 @@ def loss_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> bytes:
 
 
 def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
-    """Final accuracy against lam (mean and range over seeds / other axes)."""
+    """Final last-layer accuracy against lam, GAP and CLS features: mean ± 1 standard error over trials."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for metric in ("linear_top1", "knn_top1"):
+    metrics = [m for m in ("linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls") if m in trials]
+    for metric in metrics or ["linear_top1", "knn_top1"]:  # files from before both poolings were probed
+        if metric not in trials:
+            continue
         values = pd.to_numeric(trials[metric], errors="coerce")
         if values.isna().all():
             continue
-        g = values.groupby(trials.lam).agg(["mean", "min", "max"]).dropna()
-        ax.plot(g.index, g["mean"], marker="o", label=metric)
-        ax.fill_between(g.index, g["min"], g["max"], alpha=0.15)
+        g = values.groupby(trials.lam).agg(["mean", "sem"]).fillna({"sem": 0.0})
+        ax.errorbar(g.index, g["mean"], yerr=g["sem"], marker="o", ms=3, capsize=2, label=metric)
     _chance_line(ax, chance)
     ax.set_xlabel("lam  (0 = SimMIM, 1 = MoCo v3)")
     ax.set_ylabel("top-1 accuracy (fraction)")
@@ -180,7 +212,8 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
     text = "Per objective (mean ± standard error over trials where there are several): " + "; ".join(parts) + "."
     if untrained is not None and not untrained.empty:
         u = untrained[untrained.layer == untrained.layer.max()].groupby("metric").value.mean()
-        text += (f" The untrained encoder (step 0, same seeds) gives linear top-1 {u.get('linear_top1', np.nan):.3g},"
+        text += (f" The untrained encoder (step 0, same seeds) gives linear top-1 (GAP) "
+                 f"{u.get('linear_top1_gap', u.get('linear_top1', np.nan)):.3g},"
                  f" last-layer attention distance {u.get('attn_distance', np.nan):.3g} px, NMI "
                  f"{u.get('attn_nmi', np.nan):.3g}: a probe value means something only against these.")
     means = done.groupby("lam").linear_top1.mean().dropna()
@@ -215,13 +248,18 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         raise QueryError(f"--out: {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
     out.parent.mkdir(parents=True, exist_ok=True)
     chance = chance_level(done)
+    axes_cols = group_axes(done)
 
     figures: list[tuple[str, str, bytes]] = []
     if not curves.empty:
         figures.append(("loss", "Training loss per trial", loss_figure(curves, trials)))
     if not layers.empty:
-        figures.append(("layers", "Per-layer probes by objective (mean over heads; dashed: untrained encoder)",
-                        layer_figure(layers, chance, untrained)))
+        figures.append(("layers", "Per-layer probes by objective (mean over heads, ± 1 SE over seeds; dashed: "
+                                  "untrained encoder)", layer_figure(layers, chance, untrained, axes_cols)))
+        all_layers = pd.concat([untrained, layers])
+        if (all_layers.metric == "linear_top1_gap").any():
+            figures.append(("budget", "Linear probe at matched optimiser steps (left) and matched training FLOPs "
+                                      "(right)", budget_figure(all_layers, done, chance)))
     if done.lam.nunique() > 1:
         figures.append(("lam", "Accuracy against lam", lam_figure(done, chance)))
     fits = pd.DataFrame()
@@ -249,6 +287,28 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
              "<h2>What differed between objectives</h2>",
              f"<p class=summary>{html.escape(summary_text(done, layers, chance, untrained))}</p>",
              "<h2>Status</h2>", _table_html(status)]
+    if {0.0, 1.0} <= set(done.lam):
+        claims = paper_claims(layers, untrained, done).drop(columns="key")
+        parts += ["<h2>Paper claims</h2>",
+                  "<p>Each claim of Park et al. (ICLR 2023) read on this sweep's pure MIM (lam = 0) and pure CL "
+                  "(lam = 1) trials: mean ± standard error over seeds, the untrained encoder (step 0) beside them; "
+                  "a claim holds when the difference in its direction exceeds 2 standard errors.</p>",
+                  _table_html(claims)]
+    tuned = tuned_table(done)
+    if len(tuned):
+        parts += ["<h2>lr tuned per objective</h2>",
+                  "<p>Per group, the lr whose mean linear top-1 over seeds is best; compare objectives at their own "
+                  "best lr.</p>", _table_html(tuned)]
+    if not layers.empty and (layers.metric == "linear_top1_gap").any():
+        matched = matched_table(pd.concat([untrained, layers]), done)
+        if len(matched):
+            matched["mean ± SE"] = [f"{m:.3g} ± {se:.2g}" if se == se else f"{m:.3g}"
+                                    for m, se in zip(matched["mean"], matched["se"], strict=True)]
+            parts += ["<h2>Matched budgets</h2>",
+                      "<p>Last-layer linear probe at the largest optimiser step (and the largest training-FLOPs "
+                      "budget) every trial reached; each trial is read at its last probe within the budget.</p>",
+                      _table_html(matched[["group", "metric", "matched", "budget", "read_at_step", "mean ± SE",
+                                           "seeds"]])]
     if len(failed):
         parts += ["<h2>Failed or unfinished trials</h2>", _table_html(failed)]
     for key, title, png in figures:

@@ -496,8 +496,44 @@ def list_table(root: str | Path):
     return pd.DataFrame(rows)
 
 
+def _comparisons(done, layers) -> list[tuple[str, object]]:
+    """Per-group mean ± SE over seeds of the final probes; the last-layer linear probe at matched steps and at
+    matched FLOPs; the paper's claims when the sweep has pure MIM and pure CL (see ``compare.py``)."""
+    import pandas as pd
+
+    from .compare import fmt_mean_se, group_axes, group_name, matched_table, mean_se, paper_claims, tuned_table
+
+    axes = group_axes(done)
+    metrics = [m for m in ("linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls", "shape_bias_gap",
+                           "shape_bias_cls", "cue_match_gap") if m in done and done[m].notna().any()]
+    rows = []
+    for key, g in done.groupby(axes, dropna=False, sort=True):
+        row = {"group": group_name(key, axes), "seeds": len(g)}
+        row.update({m: fmt_mean_se(*mean_se(g[m])[:2]) for m in metrics})
+        rows.append(row)
+    out = [("per group: mean ± standard error over seeds", pd.DataFrame(rows))]
+    tuned = tuned_table(done)
+    if len(tuned):
+        out.append(("lr tuned per group (best mean linear_top1 over seeds)", tuned))
+    if "step" in layers and (layers.metric == "linear_top1_gap").any():
+        matched = matched_table(layers, done)
+        if len(matched):
+            matched["value"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
+            out.append(("last-layer linear probe at matched steps and matched training FLOPs",
+                        matched[["group", "metric", "matched", "budget", "read_at_step", "value", "seeds"]]))
+    if {0.0, 1.0} <= set(done.lam) and "step" in layers:
+        last = layers.step.groupby(layers.trial).transform("max")
+        final, untrained = layers[(layers.step == last) & (layers.step > 0)], layers[layers.step == 0]
+        claims = paper_claims(final, untrained, done)
+        out.append(("the paper's claims (pure MIM vs pure CL)",
+                    claims[["claim", "MIM (lam=0)", "CL (lam=1)", "untrained", "MIM − untrained", "CL − untrained",
+                            "verdict"]]))
+    return out
+
+
 def show(layout: SweepLayout) -> list[tuple[str, object]]:
-    """Summary tables of one sweep: status counts, best trial per objective and variant, failed trials."""
+    """Summary tables of one sweep: status counts, best trial per objective and variant, per-group mean ± SE over
+    seeds, matched-budget and paper-claim tables, failed trials, storage."""
     name, root = layout.name, layout.root
     con = connect(root)
     if not con.execute("SELECT count(*) FROM trials WHERE sweep = ?", [name]).fetchone()[0]:
@@ -512,6 +548,11 @@ def show(layout: SweepLayout) -> list[tuple[str, object]]:
           SELECT *, row_number() OVER (PARTITION BY objective, variant ORDER BY {metric} {order} NULLS LAST) AS r
           FROM trials WHERE sweep = ? AND status = 'TERMINATED') WHERE r = 1 ORDER BY variant, lam""",
                                                                    [name]).df()))
+    done = con.execute("SELECT * FROM trials WHERE sweep = ? AND status = 'TERMINATED'", [name]).df()
+    if len(done):
+        layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
+                             "WHERE l.sweep = ? AND t.status = 'TERMINATED' AND l.head IS NULL", [name]).df()
+        out += _comparisons(done, layers)
     failed = con.execute("SELECT trial, status, error FROM trials WHERE sweep = ? AND status <> 'TERMINATED' "
                          "ORDER BY trial", [name]).df()
     if len(failed):

@@ -7,7 +7,11 @@ the noise is multiplicative and log-normal. A percentile bootstrap over trials w
 95.5%; `benchmarks/interval_coverage.py`). With an offset (a nonlinear fit) the t interval from the fit's
 covariance covered less (89-92.5%) than the bootstrap (92-96.5%), so offset fits keep the percentile bootstrap.
 
-Accuracy metrics (``*_top1``) are fitted as error = 1 - accuracy, the quantity that falls as a power law.
+Accuracy metrics (``*_top1``) are fitted as error = 1 - accuracy, the quantity that falls as a power law, on the
+trials whose accuracy is above the data set's chance level (a trial at chance has learned nothing its size could
+explain; its error is the chance error whatever x is). Trials are grouped by every axis the sweep varies except x
+and the seed (lam, training length, data, lr, ...): pooling trials that differ in another axis would read that
+axis's effect as noise around the fit and bias the exponent.
 """
 
 from __future__ import annotations
@@ -22,6 +26,35 @@ from trainables.vocab import objective_label
 from .results import QueryError, _write_atomic, query
 
 X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen"}
+# Config columns that set x itself (so they are x, not a grouping axis), per x.
+X_AXES = {"params": {"model.variant"},
+          "flops": {"model.variant", "optim.steps", "optim.epochs", "optim.flops_budget"},
+          "samples": {"optim.steps", "optim.epochs", "optim.flops_budget"}}
+NOT_AXES = {"run.seed", "run.out_dir", "run.resume", "run.threads", "run.log_every", "run.ckpt_every", "lam"}
+CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # data sets whose class count is fixed
+
+
+def chance_level(trials: pd.DataFrame) -> float | None:
+    """1 / classes of the sweep's data set, if all trials use one known class count."""
+    counts = set()
+    for _, t in trials.iterrows():
+        ds = t.get("data.dataset")
+        n = t.get("data.num_classes") if ds == "synthetic" else CLASSES.get(ds)
+        counts.add(int(n) if n is not None and n == n else None)
+    return 1.0 / counts.pop() if len(counts) == 1 and None not in counts else None
+
+
+def varied_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[str]:
+    """Config columns (dotted names) that take more than one value across ``trials``, besides ``exclude``, the
+    seed and bookkeeping; ``objective.lam`` comes first when it varies."""
+    cols = [c for c in trials.columns if "." in c and c not in exclude and c not in NOT_AXES]
+    varied = [c for c in cols if trials[c].astype(str).nunique(dropna=False) > 1]
+    return sorted(varied, key=lambda c: (c != "objective.lam", c))
+
+
+def group_label(lam: float, values: dict) -> str:
+    """'hybrid lam=0.5, optim.steps=400' from the objective and the other axes' values of a group."""
+    return ", ".join([objective_label(lam), *(f"{k}={v}" for k, v in values.items())])
 
 
 def fit_power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> tuple[float, float, float]:
@@ -81,21 +114,36 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
                                                     "loss_cl"))
         raise QueryError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
     xcol = X_COLUMNS[x]
-    df = query(f'SELECT lam, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
+    df = query(f'SELECT *, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
                f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL', root, [name])
     if df.empty:
         raise QueryError(f"sweep {name!r} has no finished trials with {xcol} and {y}")
     is_acc = y.endswith("top1")
+    chance = chance_level(df) if is_acc else None
     target = 1 - df.y if is_acc else df.y
     what = f"{'error = 1 - ' + y if is_acc else y} ~ a * {xcol}^b" + (" + c" if offset else "")
+    if chance is not None:
+        what += f", trials above chance ({chance:.3g}) only"
+    axes = [a for a in varied_axes(df, X_AXES[x]) if a != "objective.lam"]
+    # an axis that is a function of lam (a per-objective recipe default) splits nothing lam does not
+    shown = [a for a in axes if (df.groupby("lam")[a].nunique(dropna=False) > 1).any()]
     rows = []
-    for lam, g in df.assign(t=target).groupby("lam"):
+    for key, g in df.assign(t=target).groupby(["lam", *axes], dropna=False, sort=True):
+        lam = key[0] if isinstance(key, tuple) else key
+        values = dict(zip(["lam", *axes], key if isinstance(key, tuple) else (key,), strict=True))
+        dropped = 0
+        if chance is not None:
+            above = g.y > chance
+            dropped, g = int((~above).sum()), g[above]
         n_x = g.x.nunique()
         need = 4 if offset else 3
-        row = {"group": objective_label(lam), "lam": lam, "points": len(g), "distinct_x": n_x}
+        row = {"group": group_label(lam, {a: values[a] for a in shown}), "lam": lam,
+               **{a: values[a] for a in shown}, "points": len(g), "distinct_x": n_x}
+        if dropped:
+            row["at_chance"] = dropped
         if n_x < need or (g.t <= 0).any():
-            row["note"] = (f"too few points to fit: {n_x} distinct {xcol} values, need {need}" if n_x < need
-                           else "non-positive values cannot be fitted in log space")
+            row["note"] = (f"too few points to fit: {n_x} distinct {xcol} values above chance, need {need}"
+                           if n_x < need else "non-positive values cannot be fitted in log space")
         else:
             a, b, c = fit_power_law(g.x.values, g.t.values, offset)
             lo, hi, method = exponent_interval(g.x.values, g.t.values, offset, n_boot)

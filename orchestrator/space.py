@@ -10,6 +10,7 @@ A space file::
       optim.blr: {loguniform: [1e-4, 1e-2]}
       model.variant: {choice: [micro/4]}
       run.seed: 3                     # fixed
+    seeds: 3                          # shorthand for run.seed: {grid: [0, 1, 2]}: every point, 3 seeds
     search: {algorithm: grid, metric: linear_top1, mode: max, seed: 0}   # grid | random | optuna
     scheduler: {type: fifo}           # fifo | asha (time attribute: epoch; grace_period, reduction_factor)
     num_samples: 1
@@ -37,7 +38,7 @@ from trainables.vocab import PROBE_METRICS, STEP_METRICS, is_known_metric, repor
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
-            "max_concurrent", "failure", "max_trials"}
+            "max_concurrent", "failure", "max_trials", "seeds"}
 SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
@@ -177,6 +178,12 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     space = raw.get("space") or {}
     if not isinstance(space, dict):
         raise SpaceError(f"space: expected a mapping of dotted keys, got {excerpt(space, 60)}")
+    space = dict(space)
+    if raw.get("seeds") is not None:
+        n_seeds = _int("seeds", raw["seeds"], 1)
+        if "run.seed" in space:
+            raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
+        space["run.seed"] = {"grid": list(range(n_seeds))}
     for key, spec in space.items():
         _check_spec(key, spec)
     search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **(raw.get("search") or {})}

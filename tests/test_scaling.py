@@ -57,6 +57,29 @@ def test_scaling_table_recovers_group_exponents(tmp_path):
     assert (tmp_path / "sc" / "scaling_params_linear_top1.parquet").is_file()
 
 
+def test_scaling_groups_by_every_other_varied_axis_and_fits_error_above_chance(tmp_path):
+    """Trials of two training lengths are two groups (pooled, the length's effect reads as noise and biases the
+    exponent); trials at chance accuracy carry no size signal and are left out, and counted."""
+    rng = np.random.default_rng(2)
+    params = {"nano/4": 7e4, "micro/4": 6.8e5, "mini/4": 2e6, "Ti/4": 5.5e6, "S/4": 2.2e7}
+    for steps, scale in ((100, 1.0), (400, 0.5)):  # longer training: half the error at every size
+        for v, n in params.items():
+            for seed in range(2):
+                cfg = to_dict(load_config({}, ["objective.lam=0", f"model.variant={v}", f"run.seed={seed}",
+                                               f"optim.steps={steps}", "data.dataset=digits"]))
+                err = scale * 0.8 * (n / 7e4) ** -0.2 * np.exp(rng.normal(0, 0.01))
+                acc = 1 - err if not (v == "nano/4" and steps == 100) else 0.1  # the smallest short run: chance
+                write_trial_tables(tmp_path / "g", f"{v.replace('/', '_')}-{steps}-{seed}", "TERMINATED", cfg,
+                                   [{"step": steps, "params": n, "linear_top1": acc, "done": True}])
+    table, what = scaling_table("g", tmp_path, n_boot=100)
+    assert "above chance (0.1)" in what
+    assert list(table["optim.steps"]) == [100, 400] and len(table) == 2
+    for _, row in table.iterrows():
+        assert row.b_low < -0.2 < row.b_high and abs(row.b + 0.2) < 0.02, row
+        assert row.group == f"MIM (lam=0), optim.steps={row['optim.steps']}"
+    assert table.set_index("optim.steps").at_chance.fillna(0).to_dict() == {100: 2, 400: 0}
+
+
 def test_too_few_points_said_plainly(tmp_path):
     cfg = to_dict(load_config({}, ["objective.lam=0"]))
     write_trial_tables(tmp_path / "few", "t", "TERMINATED", cfg, [{"step": 1, "params": 10, "linear_top1": 0.5}])

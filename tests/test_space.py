@@ -4,7 +4,7 @@ import yaml
 from orchestrator.space import SpaceError, load_space, sample_table
 from orchestrator.sweep import check_schedulable
 
-SHIPPED = ["quickstart", "lambda", "placement", "scaling", "paper"]
+SHIPPED = ["quickstart", "lambda", "placement", "scaling", "paper", "repro"]
 
 
 def space_file(tmp_path, **over):
@@ -72,6 +72,15 @@ def test_cross_axis_combinations_are_checked(tmp_path):
     # graft_layer needs 0 < lam < 1: the lam = 1 corner of the range makes some trials invalid
     msg = err(tmp_path, space={"objective.lam": {"uniform": [0.2, 1.0]}, "objective.placement.graft_layer": 3})
     assert "graft_layer" in msg
+
+
+def test_seeds_repeat_every_point_of_the_space(tmp_path):
+    sp = load_space(space_file(tmp_path, seeds=3))
+    assert sp.n_trials() == 6 and sp.axes()["run.seed"] == ("grid", [0, 1, 2])
+    assert sorted({(r["objective.lam"], r["run.seed"]) for r in sample_table(sp)}) == [
+        (lam, s) for lam in (0.0, 1.0) for s in range(3)]
+    assert "run.seed" in err(tmp_path, seeds=2, space={"objective.lam": 0.0, "run.seed": {"grid": [0, 1]}})
+    assert err(tmp_path, seeds=0).startswith("seeds")
 
 
 def test_overrides_fix_keys(tmp_path):

@@ -23,10 +23,10 @@ def cfg(lam=0.5, seed=0):
 
 def reports(final=0.5):
     untrained = {"step": 0, "linear_top1": 0.125, "layer/6/attn_distance": 16.5, "layer/6/attn_nmi": 0.0,
-                 "layer/6/linear_top1": 0.125, "layer/0/linear_top1": 0.125}
+                 "layer/6/linear_top1_gap": 0.125, "layer/0/linear_top1_gap": 0.125}
     return [untrained] + [{"step": s, "loss": 2.0 - s / 10, "total_steps": 3} for s in (1, 2, 3)] + [
         {"step": 3, "loss": 1.7, "linear_top1": final, "knn_top1": final / 2, "layer/6/attn_distance": 9.0,
-         "layer/6/attn_nmi": 0.2, "layer/6/linear_top1": final, "layer/0/linear_top1": 0.2}]
+         "layer/6/attn_nmi": 0.2, "layer/6/linear_top1_gap": final, "layer/0/linear_top1_gap": 0.2}]
 
 
 def make_sweep(root: Path, name: str, n: int = 2) -> Path:
@@ -104,8 +104,13 @@ def test_report_has_units_chance_line_loss_curves_and_a_summary(tmp_path):
     assert "What differed between objectives" in text and "Chance level is 0.125" in text  # 8 synthetic classes
     assert "MIM (lam=0), 2 trial(s): linear top-1 0.4 ± 0.1" in text  # mean ± SE of 0.3 and 0.5
     assert "fewer than 3 trials" in text
-    assert "untrained encoder (step 0, same seeds) gives linear top-1 0.125, last-layer attention distance 16.5" in text
+    assert ("untrained encoder (step 0, same seeds) gives linear top-1 (GAP) 0.125, last-layer attention distance "
+            "16.5") in text
     assert "dashed: untrained encoder" in text
+    # the fair-comparison sections: the paper's claims (pure MIM vs pure CL, with the untrained encoder) and the
+    # linear probe at matched steps (FLOPs are unknown here: these fake trials report no cost)
+    assert "<h2>Paper claims</h2>" in text and "last-layer linear probe (GAP): CL &gt; MIM" in text
+    assert "<h2>Matched budgets</h2>" in text and "± 1 SE over seeds" in text
     assert (page.parent / "loss.png").is_file() and (page.parent / "layers.png").is_file()
 
 
@@ -247,3 +252,13 @@ def test_trial_labels_are_readable(tmp_path):
                             tmp_path / "s.yaml")
     assert trial_label(space, {"objective.lam": 0.25, "optim.blr": 1e-3}) == "lam=0.25 micro/4 seed=2 blr=0.001"
 
+
+
+def test_results_show_gives_mean_and_se_per_group_matched_budgets_and_claims(tmp_path, capsys):
+    make_sweep(tmp_path, "cmp", n=4)  # lam 0 and 1, two seeds each
+    assert main(["results", "show", "cmp", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "per group: mean ±" in out and "MIM (lam=0)" in out and "CL (lam=1)" in out
+    assert "0.4 ± 0.1" in out  # MIM's linear probe: mean ± SE of 0.3 and 0.5
+    assert "linear probe at matched steps" in out
+    assert "paper's" in out and "late-layer" in out  # rich wraps cells at the terminal's width

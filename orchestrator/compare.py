@@ -1,0 +1,208 @@
+"""Fair comparisons between objectives, as tables: mean ± standard error over seeds, values at matched optimiser
+steps and at matched training FLOPs, and the paper's claims checked against a sweep.
+
+Everything here is pandas over the results tables (``trials`` and ``layers``); the report, ``clmim results
+show`` and ``benchmarks/RESULTS.md`` read the same functions. A "group" is one objective (lam) with the other
+axes the sweep varies (besides the seed) held fixed; its spread is over the seeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from trainables.vocab import objective_label
+
+from .scaling import varied_axes
+
+SEED = "run.seed"
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """(mean, standard error of the mean, n) of the finite values; se is nan for fewer than 2."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    v = v[np.isfinite(v)]
+    if v.empty:
+        return float("nan"), float("nan"), 0
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), se, len(v)
+
+
+def fmt_mean_se(m: float, se: float, n: int | None = None, digits: int = 3) -> str:
+    """'0.512 ± 0.013' ('0.512' without a spread, '–' without a value)."""
+    if m != m:
+        return "–"
+    text = f"{m:.{digits}g}" if se != se else f"{m:.{digits}g} ± {se:.2g}"
+    return text if n is None else f"{text} (n={n})"
+
+
+def group_axes(trials: pd.DataFrame) -> list[str]:
+    """The axes that tell groups apart: ``lam`` plus every other varied config axis except the seed, leaving out
+    those that only follow lam (a per-objective recipe default)."""
+    axes = [a for a in varied_axes(trials) if a not in ("objective.lam", SEED)]
+    return ["lam", *[a for a in axes if (trials.groupby("lam")[a].nunique(dropna=False) > 1).any()]]
+
+
+def group_name(key, axes: list[str]) -> str:
+    key = key if isinstance(key, tuple) else (key,)
+    values = dict(zip(axes, key, strict=True))
+    rest = [f"{a}={values[a]}" for a in axes if a != "lam"]
+    return ", ".join([objective_label(values["lam"]), *rest])
+
+
+def last_layer_rows(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows of ``metric`` at each trial's last layer (head-averaged rows only)."""
+    d = layers[(layers.metric == metric) & layers["head"].isna()]
+    depth = layers.groupby("trial").layer.transform("max")
+    return d[d.layer == depth.loc[d.index]]
+
+
+def probe_history(layers: pd.DataFrame, trials: pd.DataFrame, metric: str = "linear_top1_gap") -> pd.DataFrame:
+    """The last layer's ``metric`` at every probed step of every trial, with the training FLOPs spent by then
+    (step x global batch x FLOPs per image): columns trial, step, value, flops and the group axes."""
+    d = last_layer_rows(layers, metric)[["trial", "step", "value"]]
+    t = trials.set_index("trial")
+    per_step = pd.to_numeric(t["train_flops_per_image"], errors="coerce") * pd.to_numeric(
+        t["data.batch_size"], errors="coerce")
+    d = d.assign(flops=d.step * d.trial.map(per_step))
+    return d.merge(trials[["trial", *{*group_axes(trials), "lam"}, *([SEED] if SEED in trials else [])]],
+                   on="trial")
+
+
+def at_matched(history: pd.DataFrame, by: str) -> tuple[pd.DataFrame, float]:
+    """Each trial's value at the common budget of ``by`` ("step" or "flops"): the largest budget every trial
+    reached, and per trial its last probe at or below it. Returns (per-trial rows, the common budget)."""
+    history = history.dropna(subset=[by])  # FLOPs are unknown for trials that did not report their cost
+    if history.empty:
+        return history, float("nan")
+    reached = history.groupby("trial")[by].max()
+    budget = float(reached.min())
+    below = history[history[by] <= budget * (1 + 1e-9)]
+    rows = below.sort_values(by).groupby("trial").tail(1)
+    return rows, budget
+
+
+def matched_table(layers: pd.DataFrame, trials: pd.DataFrame,
+                  metrics: tuple[str, ...] = ("linear_top1_gap", "linear_top1_cls")) -> pd.DataFrame:
+    """Per group and metric: mean ± SE over seeds at matched optimiser steps and at matched training FLOPs,
+    with the step each group was read at (at matched FLOPs a costlier objective is read at an earlier step)."""
+    axes = group_axes(trials)
+    out = []
+    for metric in metrics:
+        hist = probe_history(layers, trials, metric)
+        if hist.empty:
+            continue
+        for by in ("step", "flops"):
+            rows, budget = at_matched(hist, by)
+            if rows.empty:
+                continue
+            for key, g in rows.groupby(axes, dropna=False, sort=True):
+                m, se, n = mean_se(g.value)
+                out.append({"group": group_name(key, axes), "lam": g.lam.iloc[0], "metric": metric,
+                            "matched": "steps" if by == "step" else "FLOPs", "budget": budget,
+                            "read_at_step": int(g.step.median()), "mean": m, "se": se, "seeds": n})
+    return pd.DataFrame(out)
+
+
+# ------------------------------------------------------------------------------------------- paper claims
+# (key, claim, metric, where, sign, the paper's statement for ViT-B/16 on ImageNet). ``sign`` +1: the claim holds
+# when CL's value exceeds MIM's; -1: when it is below. ``where``: "last" layer, or "peak" (MIM's best earlier
+# layer minus its last layer, a within-objective claim).
+CLAIMS = [
+    ("attn_distance", "late-layer attention distance: CL > MIM", "attn_distance", "last", +1,
+     "CL's later-layer attention reaches further (global); MIM's stays local"),
+    ("attn_nmi", "late-layer attention NMI: CL < MIM", "attn_nmi", "last", -1,
+     "CL's later-layer attention collapses to the same map for every query (low NMI)"),
+    ("fourier", "Δ log amplitude at π (last layer): MIM > CL", "fourier_dlogamp_pi", "last", -1,
+     "CL suppresses high frequencies (low-pass); MIM keeps them"),
+    ("linear_gap", "last-layer linear probe (GAP): CL > MIM", "linear_top1_gap", "last", +1,
+     "CL linearly separates images better (MoCo v3 ViT-B/16: 76.7% linear top-1)"),
+    ("linear_cls", "last-layer linear probe (CLS): CL > MIM", "linear_top1_cls", "last", +1,
+     "as above; CL trains the CLS token"),
+    ("mim_peak", "MIM's linear probe (GAP) peaks before the last layer", "linear_top1_gap", "peak", +1,
+     "MIM's later layers specialise to pixel prediction; its best linear features sit earlier"),
+]
+
+
+def _per_trial(final: pd.DataFrame, metric: str, where: str) -> pd.Series:
+    """One number per trial: the last layer's value, or (``peak``) best earlier layer minus last layer."""
+    d = final[(final.metric == metric) & final["head"].isna()]
+    if d.empty:
+        return pd.Series(dtype=float)
+    depth = d.groupby("trial").layer.transform("max")
+    last = d[d.layer == depth].set_index("trial").value
+    if where == "last":
+        return last
+    earlier = d[(d.layer < depth) & (d.layer > 0)].groupby("trial").value.max()
+    return (earlier - last).dropna()
+
+
+def _verdict(diff: float, se: float) -> str:
+    if diff != diff:
+        return "not measured"
+    if se != se:
+        return "holds (1 seed, no spread)" if diff > 0 else "does not hold (1 seed, no spread)"
+    if diff > 2 * se:
+        return "holds"
+    if diff < -2 * se:
+        return "opposite"
+    return "unclear (within 2 SE)"
+
+
+def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims on a sweep with a pure MIM (lam = 0) and a pure CL (lam = 1) group: per claim, each
+    group's mean ± SE over seeds, the untrained encoder's value beside it and how far each group moved from it
+    (trained minus untrained, paired per trial), the CL - MIM difference in the claim's direction with its SE, and
+    a verdict (holds when the difference exceeds 2 SE). ``final`` / ``untrained``: per-layer rows of the last
+    probe and of step 0."""
+    lam = trials.set_index("trial").lam
+    rows = []
+    for key, claim, metric, where, sign, paper in CLAIMS:
+        per = _per_trial(final, metric, where)
+        base = _per_trial(untrained, metric, where)
+        mim, cl = per[per.index.map(lam) == 0], per[per.index.map(lam) == 1]
+        m0, s0, n0 = mean_se(mim)
+        m1, s1, n1 = mean_se(cl)
+        u0, u1 = mean_se(base[base.index.map(lam) == 0]), mean_se(base[base.index.map(lam) == 1])
+        # same architecture and seeds: one untrained encoder; otherwise (e.g. MoCo v3's frozen patch projection
+        # at lam = 1 only) each group's own
+        untrained_text = (fmt_mean_se(*u0[:2]) if abs(u0[0] - u1[0]) <= 1e-9 or u1[2] == 0
+                          else f"MIM {fmt_mean_se(*u0[:2])} / CL {fmt_mean_se(*u1[:2])}")
+        if where == "peak":  # a claim about MIM alone: its peak-minus-last gap must exceed 0
+            diff, se = m0, s0
+        else:
+            diff, se = sign * (m1 - m0), float(np.hypot(s0, s1)) if n0 > 1 and n1 > 1 else float("nan")
+        moved = (per - base).dropna()  # each trial against its own step-0 encoder (paired)
+        rows.append({"claim": claim, "paper (ViT-B/16, ImageNet)": paper,
+                     "MIM (lam=0)": fmt_mean_se(m0, s0, n0), "CL (lam=1)": fmt_mean_se(m1, s1, n1),
+                     "untrained": untrained_text,
+                     "MIM − untrained": fmt_mean_se(*mean_se(moved[moved.index.map(lam) == 0])[:2]),
+                     "CL − untrained": fmt_mean_se(*mean_se(moved[moved.index.map(lam) == 1])[:2]),
+                     "difference in the claim's direction": fmt_mean_se(diff, se),
+                     "verdict": _verdict(diff, se), "key": key})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------- lr tuned per group
+TUNING_AXES = ("optim.lr_scale", "optim.blr")
+
+
+def tuned_table(trials: pd.DataFrame, metric: str = "linear_top1", higher: bool = True) -> pd.DataFrame:
+    """For a sweep that varies an lr axis (``optim.lr_scale`` or ``optim.blr``) alongside lam: per group of the
+    other axes, the lr value whose mean ``metric`` over seeds is best, with that mean ± SE and every candidate's
+    mean. Empty when no lr axis varies. This is the per-objective lr tuning a fair comparison needs: each objective
+    is compared at its own best lr, not at one shared lr that suits one of them."""
+    axes = group_axes(trials)
+    tune = [a for a in TUNING_AXES if a in axes]
+    if not tune or metric not in trials:
+        return pd.DataFrame()
+    rest = [a for a in axes if a not in tune]
+    rows = []
+    for key, g in trials.groupby(rest, dropna=False, sort=True):
+        cands = {lr[0] if len(lr) == 1 else lr: mean_se(gg[metric]) for lr, gg in g.groupby(tune, dropna=False)}
+        best = (max if higher else min)(cands, key=lambda k: cands[k][0] if cands[k][0] == cands[k][0] else
+                                        (-np.inf if higher else np.inf))
+        m, se, n = cands[best]
+        rows.append({"group": group_name(key, rest), "best " + "/".join(tune): best, metric: fmt_mean_se(m, se),
+                     "seeds": n, "candidates": ", ".join(f"{k}: {v[0]:.3g}" for k, v in cands.items())})
+    return pd.DataFrame(rows)
