@@ -35,7 +35,7 @@ def main() -> None:
     layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) WHERE l.sweep = ? "
                          "AND t.status = 'TERMINATED' AND l.head IS NULL", [layout.name]).df()
     untrained = layers[layers.step == 0]
-    steps = sorted(s for s in layers.step.unique() if s > 0)
+    steps = sorted(int(s) for s in layers.step.unique() if s > 0)
     print(f"{len(trials)} finished trials; probed steps {steps}\n")
     final = layers[layers.step == steps[-1]]
     claims = paper_claims(final, untrained, trials)

@@ -124,6 +124,9 @@ CLAIMS = [
 ]
 
 
+ARCHITECTURE = ("model.variant", "model.img_size", "model.pos_embed", "model.patch_embed")
+
+
 def _per_trial(final: pd.DataFrame, metric: str, where: str) -> pd.Series:
     """One number per trial: the last layer's value, or (``peak``) best earlier layer minus last layer."""
     d = final[(final.metric == metric) & final["head"].isna()]
@@ -155,7 +158,12 @@ def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFr
     (trained minus untrained, paired per trial), the CL - MIM difference in the claim's direction with its SE, and
     a verdict (holds when the difference exceeds 2 SE). ``final`` / ``untrained``: per-layer rows of the last
     probe and of step 0."""
-    lam = trials.set_index("trial").lam
+    t = trials.set_index("trial")
+    lam = t.lam
+    seed = t[SEED] if SEED in t else pd.Series(range(len(t)), index=t.index)
+    arch = [c for c in ARCHITECTURE if c in t]
+    pure = t[t.lam.isin([0.0, 1.0])]
+    shared = not arch or pure[arch].astype(str).drop_duplicates().shape[0] <= 1
     rows = []
     for key, claim, metric, where, sign, paper in CLAIMS:
         per = _per_trial(final, metric, where)
@@ -163,11 +171,11 @@ def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFr
         mim, cl = per[per.index.map(lam) == 0], per[per.index.map(lam) == 1]
         m0, s0, n0 = mean_se(mim)
         m1, s1, n1 = mean_se(cl)
-        u0, u1 = mean_se(base[base.index.map(lam) == 0]), mean_se(base[base.index.map(lam) == 1])
-        # same architecture and seeds: one untrained encoder; otherwise (e.g. MoCo v3's frozen patch projection
-        # at lam = 1 only) each group's own
-        untrained_text = (fmt_mean_se(*u0[:2]) if abs(u0[0] - u1[0]) <= 1e-9 or u1[2] == 0
-                          else f"MIM {fmt_mean_se(*u0[:2])} / CL {fmt_mean_se(*u1[:2])}")
+        if shared:  # one architecture: a seed's untrained encoder is the same for both groups; count it once
+            untrained_text = fmt_mean_se(*mean_se(base.groupby(base.index.map(seed)).first())[:2])
+        else:  # e.g. MoCo v3's frozen patch projection at lam = 1 only: each group's own untrained encoder
+            u0, u1 = mean_se(base[base.index.map(lam) == 0]), mean_se(base[base.index.map(lam) == 1])
+            untrained_text = f"MIM {fmt_mean_se(*u0[:2])} / CL {fmt_mean_se(*u1[:2])}"
         if where == "peak":  # a claim about MIM alone: its peak-minus-last gap must exceed 0
             diff, se = m0, s0
         else:

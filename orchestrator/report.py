@@ -67,6 +67,12 @@ def split_baseline(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return layers[(step == last) & (step != 0)], untrained
 
 
+def lam_color(lam: float):
+    """One colour per lam, MIM (0) dark purple through teal to CL (1) green: no grey or pale middle that could be
+    mistaken for the untrained encoder's dashed grey line."""
+    return plt.get_cmap("viridis")(0.85 * float(lam))
+
+
 def _seed_curve(d: pd.DataFrame, x: str) -> pd.DataFrame:
     """mean and standard error of ``value`` over trials (seeds) at each ``x``."""
     g = d.groupby(x).value
@@ -80,13 +86,12 @@ def layer_figure(layers: pd.DataFrame, chance: float | None = None,
     axes_cols = axes_cols or ["lam"]
     metrics = [m for m in LAYER_METRICS if (layers.metric == m[0]).any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    cmap = plt.get_cmap("coolwarm")
     for ax, (metric, title, ylabel) in zip(axes[0], metrics, strict=True):
         d = layers[layers.metric == metric]
         for key, g in d.groupby(axes_cols, dropna=False):
             c = _seed_curve(g.groupby(["trial", "layer"]).value.mean().reset_index(), "layer")
             lam = g.lam.iloc[0]
-            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=cmap(lam),
+            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=lam_color(lam),
                         label=group_name(key, axes_cols))
         if untrained is not None and not untrained.empty:
             u = untrained[untrained.metric == metric].groupby("layer").value.mean()
@@ -97,8 +102,10 @@ def layer_figure(layers: pd.DataFrame, chance: float | None = None,
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title="MIM 0 … 1 CL (± 1 SE over seeds)", title_fontsize=7)
     fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels, never over a curve
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 6),
+               fontsize=8, title="MIM (lam 0) … CL (lam 1); bars: ± 1 SE over seeds", title_fontsize=8)
     return _png(fig)
 
 
@@ -107,7 +114,6 @@ def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | No
     group with ± 1 SE over seeds: the two ways of matching a budget (CL costs ~2.7x MIM's FLOPs per image)."""
     axes_cols = group_axes(trials)
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.8))
-    cmap = plt.get_cmap("coolwarm")
     for row, metric in enumerate(ACCURACY):
         hist = probe_history(layers, trials, metric)
         for col, (x, xlabel) in enumerate((("step", "optimiser step"), ("flops", "training FLOPs"))):
@@ -116,12 +122,11 @@ def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | No
                 c = _seed_curve(g.assign(x=g[x]), "x") if x == "step" else _seed_curve(
                     g.assign(x=g.groupby("step")[x].transform("mean")), "x")
                 ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2,
-                            color=cmap(g.lam.iloc[0]), label=group_name(key, axes_cols))
-            _chance_line(ax, chance)
-            if x == "flops" and (hist.flops > 0).any():
-                ax.set_xscale("symlog", linthresh=float(hist.flops[hist.flops > 0].min()))
+                            color=lam_color(g.lam.iloc[0]), label=group_name(key, axes_cols))
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"last-layer {metric.replace('_', ' ')} (fraction)", fontsize=8)
+            # no chance line here: it would squeeze the differences this figure is for into a sliver
+            where = f", chance {chance:.3g}" if chance is not None else ""
+            ax.set_ylabel(f"last-layer {metric.replace('_', ' ')} (fraction{where})", fontsize=8)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -131,11 +136,10 @@ def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | No
 def loss_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> bytes:
     """Training loss against step, one line per trial, coloured by lam."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    cmap = plt.get_cmap("coolwarm")
     lam = dict(zip(trials.trial, trials.lam, strict=True))
     for trial, g in curves.groupby("trial"):
         g = g.sort_values("step")
-        ax.plot(g.step, g.value, color=cmap(lam.get(trial, 0.5)), lw=1.2, alpha=0.85,
+        ax.plot(g.step, g.value, color=lam_color(lam.get(trial, 0.5)), lw=1.2, alpha=0.85,
                 label=f"{trial[-5:]} (lam={lam.get(trial, float('nan')):g})")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss (objective's own units)")
@@ -168,14 +172,13 @@ def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
 def scaling_figure(trials: pd.DataFrame, fits: pd.DataFrame) -> bytes:
     """Error against parameters per objective group, with the fitted power law."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    cmap = plt.get_cmap("coolwarm")
     for lam, g in trials.groupby("lam"):
-        ax.scatter(g.params, 1 - g.linear_top1, color=cmap(lam), s=14, label=f"lam={lam:g}")
+        ax.scatter(g.params, 1 - g.linear_top1, color=lam_color(lam), s=14, label=f"lam={lam:g}")
         f = fits[fits.lam == lam] if "b" in fits else fits.iloc[0:0]
         if len(f) and pd.notna(f.b.iloc[0]):
             xs = np.logspace(np.log10(g.params.min()), np.log10(g.params.max()), 50)
             row = f.iloc[0]
-            ax.plot(xs, row.a * xs**row.b + (row.c or 0), color=cmap(lam),
+            ax.plot(xs, row.a * xs**row.b + (row.c or 0), color=lam_color(lam),
                     label=f"b={row.b:.3f} [{row.b_low:.3f}, {row.b_high:.3f}]")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -239,9 +242,10 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     done = trials[trials.status == "TERMINATED"]
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
-    layers, untrained = split_baseline(con.execute(
+    all_layers = con.execute(  # every probed step: step 0, each eval.every, the end
         "SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
-        "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df())
+        "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df()
+    layers, untrained = split_baseline(all_layers)
     curves = con.execute("SELECT trial, step, value FROM curves WHERE sweep = ? AND metric = 'loss'", [name]).df()
     out = Path(out) if out else layout.report_dir / "report.html"
     if out.is_dir():
@@ -256,7 +260,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     if not layers.empty:
         figures.append(("layers", "Per-layer probes by objective (mean over heads, ± 1 SE over seeds; dashed: "
                                   "untrained encoder)", layer_figure(layers, chance, untrained, axes_cols)))
-        all_layers = pd.concat([untrained, layers])
         if (all_layers.metric == "linear_top1_gap").any():
             figures.append(("budget", "Linear probe at matched optimiser steps (left) and matched training FLOPs "
                                       "(right)", budget_figure(all_layers, done, chance)))
@@ -300,7 +303,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                   "<p>Per group, the lr whose mean linear top-1 over seeds is best; compare objectives at their own "
                   "best lr.</p>", _table_html(tuned)]
     if not layers.empty and (layers.metric == "linear_top1_gap").any():
-        matched = matched_table(pd.concat([untrained, layers]), done)
+        matched = matched_table(all_layers, done)
         if len(matched):
             matched["mean ± SE"] = [f"{m:.3g} ± {se:.2g}" if se == se else f"{m:.3g}"
                                     for m, se in zip(matched["mean"], matched["se"], strict=True)]

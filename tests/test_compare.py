@@ -104,3 +104,14 @@ def test_claims_show_trained_minus_untrained_paired_per_trial():
     claims = paper_claims(final, untrained, trials).set_index("key")
     assert claims.loc["linear_gap", "MIM − untrained"] == "0.25 ± 0"
     assert claims.loc["linear_gap", "CL − untrained"] == "0.25 ± 0"
+
+
+def test_untrained_column_is_shared_only_when_both_groups_share_the_architecture():
+    trials = trials_frame().assign(**{"model.pos_embed": "sincos"})
+    final = layers_frame(trials, steps=(100,))
+    untrained = final.assign(step=0, value=0.5)
+    shared = paper_claims(final, untrained, trials).set_index("key")
+    assert shared.loc["linear_gap", "untrained"] == "0.5 ± 0"  # one encoder per seed, counted once
+    trials.loc[trials.lam == 0, "model.pos_embed"] = "learned"  # MoCo v3's fixed embedding at lam = 1 only
+    own = paper_claims(final, untrained, trials).set_index("key")
+    assert own.loc["linear_gap", "untrained"] == "MIM 0.5 ± 0 / CL 0.5 ± 0"

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,8 +43,9 @@ def _worker(rank, world, port, tree, out):
         dist.destroy_process_group()
 
 
-def test_two_rank_ddp_keeps_replicas_identical(tmp_path):
-    tree = tiny(**{"objective__lam": 0.0, "optim__steps": 4})
+@pytest.mark.parametrize("lam", [0.0, 1.0])  # lam = 1: MoCo v3's heads normalise over both ranks' rows
+def test_two_rank_ddp_keeps_replicas_identical(tmp_path, lam):
+    tree = tiny(**{"objective__lam": lam, "optim__steps": 4})
     mp.spawn(_worker, args=(2, _free_port(), tree, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
