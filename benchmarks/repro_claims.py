@@ -3,6 +3,9 @@ probed step, the verdict of every claim at every probed step (the smallest train
 shows), and the last-layer linear probe at matched steps and matched training FLOPs.
 
     python benchmarks/repro_claims.py repro-20261129 [--results clmim-results]
+    python benchmarks/repro_claims.py repro-lr-20261129 repro-lr30-20261129 --where '"optim.lr_scale" = 30'
+
+Several sweeps are read as one (e.g. the lr-tuned trials of two sweeps); ``--where`` filters the trials table.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ def markdown(df: pd.DataFrame) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep")
+    ap.add_argument("sweeps", nargs="+")
     ap.add_argument("--results", default=None)
+    ap.add_argument("--where", default="true", help="an SQL condition on the trials table")
     args = ap.parse_args()
-    layout = find_sweep(args.sweep, results_root(args.results))
-    con = connect(layout.root)
-    trials = con.execute("SELECT * FROM trials WHERE sweep = ? AND status = 'TERMINATED'", [layout.name]).df()
-    layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) WHERE l.sweep = ? "
-                         "AND t.status = 'TERMINATED' AND l.head IS NULL", [layout.name]).df()
+    root = results_root(args.results)
+    names = [find_sweep(n, root).name for n in args.sweeps]
+    con = connect(root)
+    keep = f"t.sweep IN ({', '.join('?' * len(names))}) AND t.status = 'TERMINATED' AND ({args.where})"
+    trials = con.execute(f"SELECT * FROM trials t WHERE {keep}", names).df()
+    layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
+                         f"WHERE {keep} AND l.head IS NULL", names).df()
     untrained = layers[layers.step == 0]
     steps = sorted(int(s) for s in layers.step.unique() if s > 0)
     print(f"{len(trials)} finished trials; probed steps {steps}\n")

@@ -421,7 +421,20 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
     cfg = _build(Config, tree, "")
     _validate(cfg)
     _resolve_defaults(cfg)
+    _check_flops_budget(cfg)
     return cfg
+
+
+def _check_flops_budget(cfg: Config) -> None:
+    """optim.flops_budget must buy at least one step (checked here, before any data or model is built)."""
+    if cfg.optim.flops_budget is None:
+        return
+    from .objectives.hybrid import train_flops_per_image  # the objectives import this module
+
+    per_step = train_flops_per_image(cfg) * cfg.data.batch_size
+    if cfg.optim.flops_budget < per_step:
+        raise ConfigError(f"optim.flops_budget: {cfg.optim.flops_budget:.3g} FLOPs is less than one step "
+                          f"({per_step:.3g} FLOPs at data.batch_size {cfg.data.batch_size})")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -65,12 +65,7 @@ def total_steps(cfg: Config, n_train: int) -> int:
     if cfg.optim.steps is not None:
         return cfg.optim.steps
     if cfg.optim.flops_budget is not None:
-        per_step = train_flops_per_image(cfg) * cfg.data.batch_size
-        steps = int(cfg.optim.flops_budget // per_step)
-        if steps < 1:
-            raise ConfigError(f"optim.flops_budget: {cfg.optim.flops_budget:.3g} FLOPs is less than one step "
-                              f"({per_step:.3g} FLOPs at data.batch_size {cfg.data.batch_size})")
-        return steps
+        return int(cfg.optim.flops_budget // (train_flops_per_image(cfg) * cfg.data.batch_size))  # >= 1: config
     if cfg.optim.epochs is not None:
         return max(1, math.ceil(cfg.optim.epochs * steps_per_epoch(n_train, cfg.data.batch_size)))
     return 100

@@ -151,21 +151,23 @@ def build_objective(cfg: Config) -> Hybrid:
 def train_flops_per_image(cfg: Config) -> float:
     """Matmul FLOPs of one training step per image (forward + backward, momentum forward), counted as
     ``torch.utils.flop_counter`` does: backward costs twice the forward, except the patch embedding whose input
-    (the image) needs no gradient, and blocks below a hard graft_layer, which the CL rows only run forward."""
+    (the image) needs no gradient, and none at all when it is frozen, and blocks below a hard graft_layer, which
+    the CL rows only run forward."""
     spec = parse_variant(cfg.model.variant)
     size, o = cfg.model.img_size, cfg.objective
     fe, fb = embed_flops(spec, size), block_flops(spec, size)
     mim, cl, g = resolve_placement(cfg)
     n = (size // spec.patch) ** 2
     total = 0.0
+    eb = 0.0 if cfg.model.patch_embed == "frozen" else fe  # the patch projection's weight gradient
     if o.lam < 1:
         dec = 2.0 * n * spec.width * spec.patch**2 * 3
-        total += 2 * fe + 3 * (mim * fb + dec)
+        total += fe + eb + 3 * (mim * fb + dec)
     if o.lam > 0:
         hidden = o.proj_hidden or min(4096, 8 * spec.width)
         proj = mlp_head_flops([spec.width, hidden, hidden, o.proj_dim])
         pred = mlp_head_flops([o.proj_dim, hidden, o.proj_dim])
         frozen = g if g is not None and o.placement.graft_lr_ratio is None else 0  # CL rows: forward only
-        online = fe + frozen * fb + 3 * ((cl - frozen) * fb + proj + pred) + (0 if frozen else fe)
+        online = fe + frozen * fb + 3 * ((cl - frozen) * fb + proj + pred) + (0 if frozen else eb)
         total += 2 * online + 2 * (fe + cl * fb + proj)  # two views; momentum encoder forward on both
     return total
