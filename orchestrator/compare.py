@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from trainables.vocab import objective_label
-
-from .scaling import varied_axes
+from .scaling import group_axes, group_name
 
 SEED = "run.seed"
 
@@ -36,18 +34,13 @@ def fmt_mean_se(m: float, se: float, n: int | None = None, digits: int = 3) -> s
     return text if n is None else f"{text} (n={n})"
 
 
-def group_axes(trials: pd.DataFrame) -> list[str]:
-    """The axes that tell groups apart: ``lam`` plus every other varied config axis except the seed, leaving out
-    those that only follow lam (a per-objective recipe default)."""
-    axes = [a for a in varied_axes(trials) if a not in ("objective.lam", SEED)]
-    return ["lam", *[a for a in axes if (trials.groupby("lam")[a].nunique(dropna=False) > 1).any()]]
-
-
-def group_name(key, axes: list[str]) -> str:
-    key = key if isinstance(key, tuple) else (key,)
-    values = dict(zip(axes, key, strict=True))
-    rest = [f"{a}={values[a]}" for a in axes if a != "lam"]
-    return ", ".join([objective_label(values["lam"]), *rest])
+def split_baseline(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(final, untrained) per-layer rows: each trial's last probed step, and step 0 (the untrained encoder).
+    Rows without a step (schema-1 files) count as final."""
+    step = layers.step.fillna(np.inf) if "step" in layers else pd.Series(np.inf, index=layers.index)
+    last = step.groupby(layers.trial).transform("max")
+    untrained = layers[step == 0] if "step" in layers else layers.iloc[0:0]
+    return layers[(step == last) & (step != 0)], untrained
 
 
 def last_layer_rows(layers: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -29,7 +29,17 @@ import pandas as pd  # noqa: E402
 
 from trainables.vocab import objective_label  # noqa: E402
 
-from .compare import group_axes, group_name, matched_table, paper_claims, probe_history, tuned_table  # noqa: E402
+from .compare import (  # noqa: E402
+    fmt_mean_se,
+    group_axes,
+    group_name,
+    matched_table,
+    mean_se,
+    paper_claims,
+    probe_history,
+    split_baseline,
+    tuned_table,
+)
 from .layout import SweepLayout  # noqa: E402
 from .results import QueryError, connect  # noqa: E402
 from .scaling import chance_level  # noqa: E402
@@ -56,15 +66,6 @@ def _png(fig) -> bytes:
 
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
-
-
-def split_baseline(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(final, untrained) per-layer rows: each trial's last probed step, and step 0 (the untrained encoder).
-    Rows without a step (schema-1 files) count as final."""
-    step = layers.step.fillna(np.inf) if "step" in layers else pd.Series(np.inf, index=layers.index)
-    last = step.groupby(layers.trial).transform("max")
-    untrained = layers[step == 0] if "step" in layers else layers.iloc[0:0]
-    return layers[(step == last) & (step != 0)], untrained
 
 
 def lam_color(lam: float):
@@ -119,8 +120,7 @@ def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | No
         for col, (x, xlabel) in enumerate((("step", "optimiser step"), ("flops", "training FLOPs"))):
             ax = axes[row][col]
             for key, g in hist.dropna(subset=[x]).groupby(axes_cols, dropna=False):
-                c = _seed_curve(g.assign(x=g[x]), "x") if x == "step" else _seed_curve(
-                    g.assign(x=g.groupby("step")[x].transform("mean")), "x")
+                c = _seed_curve(g, x)  # a group's seeds share their config, so their FLOPs per step too
                 ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2,
                             color=lam_color(g.lam.iloc[0]), label=group_name(key, axes_cols))
             ax.set_xlabel(xlabel)
@@ -190,12 +190,7 @@ def scaling_figure(trials: pd.DataFrame, fits: pd.DataFrame) -> bytes:
 
 
 def _mean_se(values: pd.Series) -> str:
-    v = pd.to_numeric(values, errors="coerce").dropna()
-    if v.empty:
-        return "–"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.3g}"
-    return f"{v.mean():.3g} ± {v.std(ddof=1) / np.sqrt(len(v)):.2g}"
+    return fmt_mean_se(*mean_se(values)[:2])
 
 
 def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
@@ -305,8 +300,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     if not layers.empty and (layers.metric == "linear_top1_gap").any():
         matched = matched_table(all_layers, done)
         if len(matched):
-            matched["mean ± SE"] = [f"{m:.3g} ± {se:.2g}" if se == se else f"{m:.3g}"
-                                    for m, se in zip(matched["mean"], matched["se"], strict=True)]
+            matched["mean ± SE"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
             parts += ["<h2>Matched budgets</h2>",
                       "<p>Last-layer linear probe at the largest optimiser step (and the largest training-FLOPs "
                       "budget) every trial reached; each trial is read at its last probe within the budget.</p>",

@@ -501,7 +501,16 @@ def _comparisons(done, layers) -> list[tuple[str, object]]:
     matched FLOPs; the paper's claims when the sweep has pure MIM and pure CL (see ``compare.py``)."""
     import pandas as pd
 
-    from .compare import fmt_mean_se, group_axes, group_name, matched_table, mean_se, paper_claims, tuned_table
+    from .compare import (
+        fmt_mean_se,
+        group_axes,
+        group_name,
+        matched_table,
+        mean_se,
+        paper_claims,
+        split_baseline,
+        tuned_table,
+    )
 
     axes = group_axes(done)
     metrics = [m for m in ("linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls", "shape_bias_gap",
@@ -522,9 +531,7 @@ def _comparisons(done, layers) -> list[tuple[str, object]]:
             out.append(("last-layer linear probe at matched steps and matched training FLOPs",
                         matched[["group", "metric", "matched", "budget", "read_at_step", "value", "seeds"]]))
     if {0.0, 1.0} <= set(done.lam) and "step" in layers:
-        last = layers.step.groupby(layers.trial).transform("max")
-        final, untrained = layers[(layers.step == last) & (layers.step > 0)], layers[layers.step == 0]
-        claims = paper_claims(final, untrained, done)
+        claims = paper_claims(*split_baseline(layers), done)
         out.append(("the paper's claims (pure MIM vs pure CL)",
                     claims[["claim", "MIM (lam=0)", "CL (lam=1)", "untrained", "MIM − untrained", "CL − untrained",
                             "verdict"]]))

@@ -52,9 +52,17 @@ def varied_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[s
     return sorted(varied, key=lambda c: (c != "objective.lam", c))
 
 
-def group_label(lam: float, values: dict) -> str:
-    """'hybrid lam=0.5, optim.steps=400' from the objective and the other axes' values of a group."""
-    return ", ".join([objective_label(lam), *(f"{k}={v}" for k, v in values.items())])
+def group_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[str]:
+    """The axes that tell groups apart: ``lam`` plus every other varied config axis (besides ``exclude`` and the
+    seed), leaving out those that only follow lam (a per-objective recipe default splits nothing lam does not)."""
+    axes = [a for a in varied_axes(trials, exclude) if a != "objective.lam"]
+    return ["lam", *[a for a in axes if (trials.groupby("lam")[a].nunique(dropna=False) > 1).any()]]
+
+
+def group_name(key, axes: list[str]) -> str:
+    """'hybrid lam=0.5, optim.steps=400' from a groupby ``key`` over ``axes`` (``lam`` among them)."""
+    values = dict(zip(axes, key if isinstance(key, tuple) else (key,), strict=True))
+    return ", ".join([objective_label(values["lam"]), *(f"{a}={values[a]}" for a in axes if a != "lam")])
 
 
 def fit_power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> tuple[float, float, float]:
@@ -124,21 +132,17 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
     what = f"{'error = 1 - ' + y if is_acc else y} ~ a * {xcol}^b" + (" + c" if offset else "")
     if chance is not None:
         what += f", trials above chance ({chance:.3g}) only"
-    axes = [a for a in varied_axes(df, X_AXES[x]) if a != "objective.lam"]
-    # an axis that is a function of lam (a per-objective recipe default) splits nothing lam does not
-    shown = [a for a in axes if (df.groupby("lam")[a].nunique(dropna=False) > 1).any()]
+    axes = group_axes(df, X_AXES[x])
     rows = []
-    for key, g in df.assign(t=target).groupby(["lam", *axes], dropna=False, sort=True):
-        lam = key[0] if isinstance(key, tuple) else key
-        values = dict(zip(["lam", *axes], key if isinstance(key, tuple) else (key,), strict=True))
+    for key, g in df.assign(t=target).groupby(axes, dropna=False, sort=True):
+        values = dict(zip(axes, key if isinstance(key, tuple) else (key,), strict=True))
         dropped = 0
         if chance is not None:
             above = g.y > chance
             dropped, g = int((~above).sum()), g[above]
         n_x = g.x.nunique()
         need = 4 if offset else 3
-        row = {"group": group_label(lam, {a: values[a] for a in shown}), "lam": lam,
-               **{a: values[a] for a in shown}, "points": len(g), "distinct_x": n_x}
+        row = {"group": group_name(key, axes), **values, "points": len(g), "distinct_x": n_x}
         if dropped:
             row["at_chance"] = dropped
         if n_x < need or (g.t <= 0).any():
