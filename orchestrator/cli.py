@@ -87,7 +87,7 @@ def cmd_sweep(args) -> int:
     cli_args = {k: v for k, v in vars(args).items() if k != "fn"}
     summary = run_sweep(space, name=name, results=args.results, address=args.address,
                         max_concurrent=args.max_concurrent, overrides=args.set or [], cli_args=cli_args,
-                        mlflow_uri=args.mlflow_uri)
+                        mlflow_uri=args.mlflow_uri, storage=args.storage, storage_endpoint=args.storage_endpoint)
     return _finish(summary, args.results)
 
 
@@ -99,6 +99,8 @@ def _finish(summary: dict, results_arg: str | None) -> int:
     print_summary(summary, f"sweep {layout.name}")
     if summary["interrupted"]:
         extra = f" --results {results_arg}" if results_arg else ""
+        if layout.storage:  # (read from the sweep's record; needed only on a machine without that record)
+            extra += f" --storage {layout.storage.uri}"
         print(f"sweep {layout.name} stopped before every trial ended; continue it with: clmim resume "
               f"{layout.name}{extra}", file=sys.stderr)
         return 130
@@ -114,7 +116,8 @@ def cmd_resume(args) -> int:
     from .sweep import resume_sweep
 
     return _finish(resume_sweep(args.name, results=args.results, address=args.address,
-                                retry_errored=args.retry_errored), args.results)
+                                retry_errored=args.retry_errored, storage=args.storage,
+                                storage_endpoint=args.storage_endpoint), args.results)
 
 
 def cmd_results_query(args) -> int:
@@ -166,7 +169,7 @@ def cmd_results_rebuild(args) -> int:
     from .results import rebuild
 
     layout = find_sweep(args.name, results_root(args.results), need="tune")
-    print(f"rebuilt the tables of {rebuild(layout.sweep_dir)} trial(s) in {layout.sweep_dir}")
+    print(f"rebuilt the tables of {rebuild(layout)} trial(s) in {layout.sweep_dir}")
     return 0
 
 
@@ -183,7 +186,7 @@ def cmd_analyze(args) -> int:
     from trainables.probes import run_probes
     from trainables.trainer import find_checkpoint, load_weights
 
-    path = find_checkpoint(args.checkpoint)
+    path = find_checkpoint(args.checkpoint, weights=True)
     if path is None:
         raise UserError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
     try:
@@ -258,6 +261,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _storage_args(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    p.add_argument("--storage", metavar="URI", help=(
+        "where the sweep's trial files are (default: as recorded; needed on a machine that never saw the sweep)"
+        if resume else "where trials write checkpoints and run files: a path every node mounts, or "
+        "s3://BUCKET/PREFIX (default: the results root, for one machine)"))
+    p.add_argument("--storage-endpoint", metavar="URL",
+                   help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL, else AWS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clmim", description="CL vs MIM sweeps for self-supervised ViTs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     s.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under the results root)")
     s.add_argument("--max-concurrent", type=_positive_int, help="cap on trials running at once")
+    _storage_args(s)
     s.add_argument("--dry-run", action="store_true", help="print the trials as a table and exit")
     s.set_defaults(fn=cmd_sweep)
 
@@ -283,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help="results root (default: $CLMIM_RESULTS or ./clmim-results)")
     r.add_argument("--address", help="Ray cluster address")
     r.add_argument("--retry-errored", action="store_true", help="also run errored trials again")
+    _storage_args(r, resume=True)
     r.set_defaults(fn=cmd_resume)
 
     a = sub.add_parser("analyze", help="run every probe on a saved model and print per-layer tables")

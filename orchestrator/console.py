@@ -36,6 +36,8 @@ def print_header(layout: SweepLayout, n_trials: int, mlflow_uri: str, resumed: b
     verb = "resuming" if resumed else "starting"
     print(f"clmim: {verb} sweep {layout.name} ({n_trials} trial(s))", flush=True)
     print(f"  results: {layout.sweep_dir}", flush=True)
+    if layout.storage:
+        print(f"  storage: {layout.store.display(layout.experiment_path)}  (trial files and checkpoints)", flush=True)
     print(f"  MLflow:  {mlflow_uri}  (browse: mlflow ui --backend-store-uri {mlflow_uri})", flush=True)
     print(f"  Ctrl-C stops cleanly; `clmim resume {layout.name}` continues.", flush=True)
 

@@ -3,9 +3,16 @@
     <results>/<sweep>/sweep.json                 the resolved space, CLI arguments, code version
     <results>/<sweep>/manifest.json              the current Parquet files of each table (readers' snapshot)
     <results>/<sweep>/{trials,curves,layers}/    Parquet files (see ``results.py``)
-    <results>/<sweep>/tune/<trial>/              Ray Tune's trial dirs: result.json, checkpoints, run/, error.json
-    <results>/<sweep>/train/                     Ray Train storage of multi-worker trials
     <results>/<sweep>/report/                    ``clmim report`` output
+
+and in the sweep's storage (``storage.py``; by default the results root, so the same folder):
+
+    <storage>/<sweep>/sweep.json                 a copy, so ``clmim resume`` works from any machine
+    <storage>/<sweep>/tune/<trial>/              Ray Tune's trial dirs: result.json, checkpoint_NNNNNN/, error.json
+    <storage>/<sweep>/tune/<trial>/run/          the trial's own files: config.yaml, final_metrics.json, model.pt
+    <storage>/<sweep>/train/<trial>/             Ray Train checkpoints of multi-worker trials
+
+Every path a trial, the driver, the tables or MLflow use comes from ``SweepLayout``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.errors import UserError, excerpt
+
+from .storage import Storage
 
 # A sweep name is one plain path component: it names a folder under the results root and an MLflow experiment.
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -38,10 +47,16 @@ def validate_sweep_name(name, flag: str = "--name") -> str:
 
 @dataclass(frozen=True)
 class SweepLayout:
-    """Every path of one sweep under a results root."""
+    """Every path of one sweep: on the driver under ``root``; trial files in ``storage`` (None: ``root``).
+    Paths in the storage are ``Storage`` paths (strings, no scheme); read and write them through ``store``."""
 
     root: Path
     name: str
+    storage: Storage | None = None
+
+    @property
+    def store(self) -> Storage:
+        return self.storage or Storage(str(self.root))
 
     @property
     def sweep_dir(self) -> Path:
@@ -56,28 +71,50 @@ class SweepLayout:
         return self.sweep_dir / "manifest.json"
 
     @property
-    def tune_dir(self) -> Path:
-        return self.sweep_dir / "tune"
-
-    @property
-    def train_storage(self) -> Path:
-        return self.sweep_dir / "train"
-
-    @property
     def report_dir(self) -> Path:
         return self.sweep_dir / "report"
 
     def table_dir(self, table: str) -> Path:
         return self.sweep_dir / table
 
-    def trial_dir(self, trial: str) -> Path:
-        return self.tune_dir / trial
+    # ---------------------------------------------------------------------------------- in the storage
+    @property
+    def experiment_path(self) -> str:
+        """The sweep's folder in its storage (Tune's ``storage_path``; the experiment is named ``tune``)."""
+        return self.store.path(self.name)
 
-    def error_file(self, trial: str) -> Path:
-        return self.trial_dir(trial) / "error.json"
+    @property
+    def stored_sweep_json(self) -> str:
+        return self.store.path(self.name, "sweep.json")
 
-    def run_dir(self, trial: str) -> Path:
-        return self.trial_dir(trial) / "run"
+    @property
+    def tune_path(self) -> str:
+        return self.store.path(self.name, "tune")
+
+    @property
+    def train_path(self) -> str:
+        """Ray Train's storage for multi-worker trials (one run per trial id)."""
+        return self.store.path(self.name, "train")
+
+    def trial_path(self, trial: str) -> str:
+        return self.store.path(self.name, "tune", trial)
+
+    def run_path(self, trial: str) -> str:
+        return self.store.path(self.name, "tune", trial, "run")
+
+    def error_path(self, trial: str) -> str:
+        return self.store.path(self.name, "tune", trial, "error.json")
+
+    def trials(self) -> list[str]:
+        """Ids of the trials that have a folder in the storage."""
+        return self.store.listdir(self.tune_path)
+
+    def checkpoint_paths(self, trial: str) -> list[str]:
+        """The trial's full checkpoints in the storage, oldest first (Tune's, or Ray Train's for multi-worker)."""
+        out = []
+        for base in (self.trial_path(trial), f"{self.train_path}/{trial}"):
+            out += [f"{base}/{d}" for d in self.store.listdir(base) if d.startswith("checkpoint_")]
+        return sorted(out, key=lambda p: p.rsplit("_", 1)[1])
 
 
 def _is_sweep(d: Path) -> bool:
@@ -107,11 +144,26 @@ def check_root(root: Path) -> Path:
     return root
 
 
-def find_sweep(name: str, root: Path, need: str | None = None) -> SweepLayout:
+def stored_storage(sweep_dir: Path) -> Storage | None:
+    """The storage a sweep was started with (its sweep.json's ``storage``); None if not recorded."""
+    import json
+
+    try:
+        info = json.loads((sweep_dir / "sweep.json").read_text())
+        st = info.get("storage") if isinstance(info, dict) else None
+        return Storage(st["uri"], st.get("endpoint")) if isinstance(st, dict) and st.get("uri") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage | None = None) -> SweepLayout:
     """The layout of an existing sweep ``name`` (or ``latest``); a ``UserError`` that lists the closest names.
 
-    ``need`` names a part the caller requires (``"tune"``: a Tune experiment to resume)."""
-    check_root(root)
+    The layout's storage is ``storage`` if given, else the one the sweep recorded. A sweep this results root has
+    never seen is found in ``storage`` (``clmim resume NAME --storage URI`` on a fresh machine). ``need`` names a
+    part the caller requires (``"tune"``: a Tune experiment to resume or rebuild from)."""
+    if storage is None or root.exists():
+        check_root(root)
     sweeps = list_sweeps(root)
     if name == LATEST:
         if not sweeps:
@@ -119,14 +171,23 @@ def find_sweep(name: str, root: Path, need: str | None = None) -> SweepLayout:
         name = sweeps[-1].name
     else:
         validate_sweep_name(name, "sweep")
-    layout = SweepLayout(root, name)
-    if not _is_sweep(layout.sweep_dir):
+    layout = SweepLayout(root, name, storage or stored_storage(root / name))
+    if not _is_sweep(layout.sweep_dir) and not (storage and _stored_sweep(layout)):
         names = [d.name for d in sweeps]
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.4) or [
             n for n in names if n.startswith(name)][-3:]
         hint = (f"; closest: {', '.join(close)}" if close else
                 f"; sweeps there: {', '.join(names[-5:])}" if names else "; there are no sweeps there yet")
-        raise UserError(f"sweep {name!r} not found under {root}{hint} (list them: clmim results list)")
-    if need == "tune" and not layout.tune_dir.is_dir():
-        raise UserError(f"sweep {name!r}: no Tune experiment in {layout.sweep_dir} (it never started trials)")
+        where = f"{root} or in --storage {storage.uri}" if storage else str(root)
+        raise UserError(f"sweep {name!r} not found under {where}{hint} (list them: clmim results list)")
+    if need == "tune" and not _stored_sweep(layout, "tune"):
+        raise UserError(f"sweep {name!r}: no Tune experiment in {layout.store.display(layout.tune_path)} "
+                        "(it never started trials, or pass the --storage it ran with)")
     return layout
+
+
+def _stored_sweep(layout: SweepLayout, part: str = "sweep.json") -> bool:
+    try:
+        return layout.store.exists(layout.store.path(layout.name, part))
+    except OSError as e:
+        raise UserError(f"--storage: cannot read {layout.store.uri} ({str(e).splitlines()[0][:200]})") from None

@@ -37,12 +37,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainables.config import flatten
+from trainables.config import flatten, to_dict
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
 from trainables.vocab import FINAL_KEYS, STATIC_KEYS, TUNE_KEYS, objective_group
 
-from .layout import SweepLayout, check_root, list_sweeps
+from .layout import SweepLayout, check_root, list_sweeps, stored_storage
 
 SCHEMA_VERSION = 2  # 2: layers has a step column (0 = the untrained encoder)
 READABLE_VERSIONS = (b"1", b"2")  # files of these versions are read (a v1 layers file has step null)
@@ -282,12 +282,11 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     return attempt
 
 
-def read_result_json(trial_dir: Path) -> list[dict]:
-    """Tune's per-trial results (one JSON object per report); torn or damaged lines are skipped."""
-    f = trial_dir / "result.json"
+def read_result_json(layout: SweepLayout, trial: str) -> list[dict]:
+    """Tune's per-trial results in the storage (one JSON object per report); torn or damaged lines are skipped."""
     out = []
     try:
-        text = f.read_text(errors="replace") if f.is_file() else ""
+        text = layout.store.read_text(f"{layout.trial_path(trial)}/result.json") or ""
     except OSError:
         return out
     for line in text.splitlines():
@@ -303,62 +302,84 @@ def read_result_json(trial_dir: Path) -> list[dict]:
 UNREADABLE_ERROR = "unreadable error file"
 
 
-def read_error(trial_dir: Path) -> str | None:
+def read_error(layout: SweepLayout, trial: str) -> str | None:
     """"Type: message" of the error a trial recorded in its ``error.json``; None if there is none; a damaged
     file (empty after a full disk, truncated) counts as an error: ``"unreadable error file"``."""
-    try:
-        err = read_json(Path(trial_dir) / "error.json")
-    except DamagedFile:
-        return UNREADABLE_ERROR
-    if err is None:
+    text = layout.store.read_text(layout.error_path(trial))
+    if text is None:
         return None
+    try:
+        err = json.loads(text)
+    except ValueError:
+        return UNREADABLE_ERROR
     if not (isinstance(err, dict) and isinstance(err.get("type"), str)):
         return UNREADABLE_ERROR
     return f"{err['type']}: {err.get('message', '')}"
 
 
-def trial_config_from_dir(trial_dir: Path) -> dict:
-    """The resolved config the trial saved (run/config.yaml), else Tune's params.json values; {} if neither is
-    readable."""
+def stored_config(layout: SweepLayout, trial: str) -> dict | None:
+    """The resolved config the trial wrote (``run/config.yaml`` in the storage) before it trained; None if it
+    never did (it failed before, or the file is damaged)."""
     import yaml
 
-    f = trial_dir / "run" / "config.yaml"
     try:
-        cfg = yaml.safe_load(f.read_text()) if f.is_file() else None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        cfg = None
-    if isinstance(cfg, dict):
-        return cfg
+        text = layout.store.read_text(f"{layout.run_path(trial)}/config.yaml")
+        cfg = yaml.safe_load(text) if text is not None else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def recorded_trials(layout: SweepLayout) -> set[str]:
+    """Ids of the sweep's trials the ``trials`` table already holds."""
     try:
-        params = read_json(trial_dir / "params.json", {})
-    except DamagedFile:
-        params = {}
-    return params if isinstance(params, dict) else {}
+        return set(query("SELECT DISTINCT trial FROM trials WHERE sweep = ?", layout.root, [layout.name]).trial)
+    except UserError:
+        return set()
 
 
-def rebuild(sweep_dir: Path) -> int:
-    """Rebuild the Parquet tables of a sweep from Tune's trial directories; return the number of trials.
-
-    Status comes from Tune's saved experiment state when present; a trial with an ``error.json`` is ERROR.
-    """
-    tune_dir = sweep_dir / "tune"
-    if not tune_dir.is_dir():
-        raise UserError(f"sweep {sweep_dir.name!r}: no Tune experiment under {sweep_dir}")
-    statuses = {}
+def tune_trials(layout: SweepLayout) -> dict:
+    """Tune's saved trials by id, from the storage ({} if its experiment state is missing or unreadable)."""
     try:
         from ray.tune import ExperimentAnalysis
 
-        statuses = {t.trial_id: t.status for t in ExperimentAnalysis(str(tune_dir)).trials}
-    except Exception:  # noqa: BLE001 - state file missing or unreadable: fall back to the trial dirs
+        return {t.trial_id: t for t in ExperimentAnalysis(layout.tune_path, storage_filesystem=layout.store.fs).trials}
+    except Exception:  # noqa: BLE001 - no state saved yet (a crash before the first snapshot)
+        return {}
+
+
+def rebuild(layout: SweepLayout) -> int:
+    """Rebuild the Parquet tables of a sweep from its trial folders in the storage; return the number of trials.
+
+    Status comes from Tune's saved experiment state when present; a trial with an ``error.json`` is ERROR. A
+    trial's config is the one it wrote, else the one its sampled values resolve to in the sweep's space (from
+    sweep.json); a value neither holds stays null."""
+    from .space import resolve_config
+
+    sweep_dir = layout.sweep_dir
+    if not layout.store.exists(layout.tune_path):
+        raise UserError(f"sweep {layout.name!r}: no Tune experiment in {layout.store.display(layout.tune_path)}")
+    trials = tune_trials(layout)
+    space = None
+    try:
+        from .space import space_from_dict
+
+        info = read_json(layout.sweep_json, {}) or {}
+        space = space_from_dict(info["space"], Path(info.get("space_path") or "space.yaml"))
+    except Exception:  # noqa: BLE001 - no usable record: configs come from the trials' own files only
         pass
     n = 0
-    for d in sorted(p for p in tune_dir.iterdir() if p.is_dir()):
-        results, err = read_result_json(d), read_error(d)
+    for tid in layout.trials():
+        results, err = read_result_json(layout, tid), read_error(layout, tid)
         if not results and not err:
             continue
         done = any(r.get("done") for r in results)
-        status = "ERROR" if err else statuses.get(d.name, "TERMINATED" if done else "PENDING")
-        write_trial_tables(sweep_dir, d.name, status, trial_config_from_dir(d), results, error=err)
+        t = trials.get(tid)
+        status = "ERROR" if err else (t.status if t else "TERMINATED" if done else "PENDING")
+        cfg = stored_config(layout, tid)
+        if cfg is None and space is not None and t is not None:
+            cfg = to_dict(resolve_config(space.base, space.fixed(), dict(t.config)))
+        write_trial_tables(sweep_dir, tid, status, cfg or {}, results, error=err)
         n += 1
     compact(sweep_dir)
     return n
@@ -475,6 +496,24 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def storage_bytes(layout: SweepLayout) -> dict[str, int]:
+    """Bytes the sweep takes: on the driver (tables, reports; the trial files too when the storage is the results
+    root), in its separate storage, and of its trials' checkpoints (full ones and the final weights exports)."""
+    local = _dir_bytes(layout.sweep_dir) if layout.sweep_dir.is_dir() else 0
+    try:
+        stored = layout.store.size(layout.experiment_path) if layout.storage else 0
+        ckpt = sum(layout.store.size(p) for t in layout.trials() for p in layout.checkpoint_paths(t))
+        ckpt += sum(layout.store.size(f"{layout.run_path(t)}/model.pt") for t in layout.trials())
+    except OSError:  # storage unreachable right now: show what is known
+        stored = ckpt = 0
+    return {"driver": local, "storage": stored, "checkpoints": ckpt}
+
+
+def _total_bytes(layout: SweepLayout) -> int:
+    b = storage_bytes(layout)
+    return b["driver"] + b["storage"]
+
+
 def list_table(root: str | Path):
     """One row per sweep under ``root``: name, started, planned trials, status counts, storage bytes."""
     import pandas as pd
@@ -492,7 +531,7 @@ def list_table(root: str | Path):
         rows.append({"sweep": d.name, "started": info.get("created", "?"), "planned": info.get("n_trials"),
                      "terminated": int(by.get("TERMINATED", 0)), "error": int(by.get("ERROR", 0)),
                      "other": int(sum(v for k, v in by.items() if k not in ("TERMINATED", "ERROR"))),
-                     "storage_mb": round(_dir_bytes(d) / 1e6, 1)})
+                     "storage_mb": round(_total_bytes(SweepLayout(root, d.name, stored_storage(d))) / 1e6, 1)})
     return pd.DataFrame(rows)
 
 
@@ -541,6 +580,8 @@ def _comparisons(done, layers) -> list[tuple[str, object]]:
 def show(layout: SweepLayout) -> list[tuple[str, object]]:
     """Summary tables of one sweep: status counts, best trial per objective and variant, per-group mean ± SE over
     seeds, matched-budget and paper-claim tables, failed trials, storage."""
+    import pandas as pd
+
     name, root = layout.name, layout.root
     con = connect(root)
     if not con.execute("SELECT count(*) FROM trials WHERE sweep = ?", [name]).fetchone()[0]:
@@ -564,7 +605,12 @@ def show(layout: SweepLayout) -> list[tuple[str, object]]:
                          "ORDER BY trial", [name]).df()
     if len(failed):
         out.append(("failed or unfinished trials", failed))
-    storage = con.execute("SELECT ? AS sweep, ? AS storage_mb",
-                          [name, round(_dir_bytes(layout.sweep_dir) / 1e6, 1)]).df()
+    b, n = storage_bytes(layout), max(1, len(layout.trials()))
+    parts = [("results root (tables, reports" + ("" if layout.storage else ", trial files") + ")", b["driver"])]
+    if layout.storage:
+        parts.append((f"storage {layout.store.display(layout.experiment_path)}", b["storage"]))
+    parts.append(("  of which checkpoints and final weights", b["checkpoints"]))
+    storage = pd.DataFrame([{"sweep": name, "part": p, "MB": round(v / 1e6, 1), "MB per trial": round(v / n / 1e6, 2)}
+                            for p, v in parts])
     out.append(("storage", storage))
     return out

@@ -17,6 +17,7 @@ A space file::
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: null              # default: as many as the cluster's resources allow
     failure: {max_failures: 2}        # retries after a lost worker process (from the last checkpoint)
+    checkpoints: {keep: 0}            # full checkpoints kept once a trial ends (it always keeps run/model.pt)
     max_trials: 10000                 # a larger space is an error unless raised here on purpose
 
 Spec kinds: ``grid`` and ``choice`` (lists), ``uniform``, ``loguniform`` ([lo, hi]), ``randint`` ([lo, hi),
@@ -38,7 +39,7 @@ from trainables.vocab import PROBE_METRICS, STEP_METRICS, is_known_metric, repor
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
-            "max_concurrent", "failure", "max_trials", "seeds"}
+            "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
 SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
@@ -74,6 +75,7 @@ class Space:
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int | None = None
     max_failures: int = 2
+    keep_checkpoints: int = 0  # full checkpoints kept after a trial ends (the weights-only export always stays)
     description: str = ""
     max_trials: int = MAX_TRIALS
     overrides: tuple[str, ...] = ()  # keys fixed by --set (named as such in errors)
@@ -86,6 +88,7 @@ class Space:
                 "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
                               "gpus_per_worker": r.gpus_per_worker, "mode": r.mode},
                 "max_concurrent": self.max_concurrent, "failure": {"max_failures": self.max_failures},
+                "checkpoints": {"keep": self.keep_checkpoints},
                 "max_trials": self.max_trials}
 
     def axes(self) -> dict[str, tuple[str, Any]]:
@@ -224,12 +227,16 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     _check_keys("failure", failure, {"max_failures"})
     max_failures = _int("failure.max_failures", failure.get("max_failures", 2), 0)
     max_trials = _int("max_trials", raw.get("max_trials", MAX_TRIALS), 1)
+    ckpts = raw.get("checkpoints") or {}
+    _check_keys("checkpoints", ckpts, {"keep"})
+    keep = _int("checkpoints.keep", ckpts.get("keep", 0), 0)
     name = raw.get("name") or p.stem
     if not isinstance(name, str):
         raise SpaceError(f"name: expected a sweep name, got {excerpt(name, 40)}")
     sp = Space(path=str(p), name=name, base=base, space=dict(space), search=search,
                scheduler=scheduler, num_samples=num_samples, resources=res, max_concurrent=max_conc,
-               max_failures=max_failures, description=raw.get("description", ""), max_trials=max_trials)
+               max_failures=max_failures, keep_checkpoints=keep, description=raw.get("description", ""),
+               max_trials=max_trials)
     if search["algorithm"] == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
         raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
     for o in overrides or []:
@@ -270,9 +277,15 @@ def _number(where: str, v, lo: float, strict: bool = False) -> float:
     return float(v)
 
 
+def resolve_config(base: dict, fixed: dict[str, Any], values: dict[str, Any]) -> Config:
+    """The config of one trial: ``base`` tree, then the space's ``fixed`` values, then the sampled ``values``.
+    The one function that resolves a trial's config: for validation, in the trial, and on the driver."""
+    return load_config(base, {**fixed, **values})
+
+
 def trial_config(space: Space, values: dict[str, Any]) -> Config:
-    """The config of one trial: base tree, then the space's fixed values, then the sampled ``values``."""
-    return load_config(space.base, {**space.fixed(), **values})
+    """The config of one trial of ``space`` (``resolve_config``)."""
+    return resolve_config(space.base, space.fixed(), values)
 
 
 def _combinations(corner_lists: list[list]):

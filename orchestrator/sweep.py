@@ -4,6 +4,9 @@ Paths of a sweep are owned by ``layout.SweepLayout``. Statuses shown to the user
 ``trials`` Parquet table the driver writes when a trial ends (TERMINATED / ERROR), and Tune's saved state for
 trials that have not ended (PENDING / RUNNING), so the console, the tables and MLflow agree.
 
+Storage (``--storage``, see ``storage.py``): trial files, checkpoints and Tune's state live where every node reaches
+them; the Parquet tables and MLflow's SQLite stay under the driver's results root.
+
 Ray: with ``--address`` (or ``$RAY_ADDRESS``) the sweep connects to that cluster (``auto`` finds one started with
 ``ray start`` on this machine); without either it always starts a private local instance on 127.0.0.1, even if a
 ``ray start`` cluster is running on this host.
@@ -28,6 +31,7 @@ from trainables.vocab import SUMMARY_METRICS
 from .console import print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
 from .space import Space, SpaceError, space_from_dict
+from .storage import Storage
 
 TRIAL_CPU_SLIVER = 0.01
 
@@ -119,9 +123,9 @@ def init_ray(address: str | None) -> None:
     import ray
 
     if loopback and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        from ray._private import ray_constants
+        from .ray_private import keep_cluster_on_loopback
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        keep_cluster_on_loopback()
     if ray.is_initialized():
         return
     if address:
@@ -161,22 +165,14 @@ def _param_space(space: Space) -> dict[str, Any]:
     return {k: make[kind](vals) for k, (kind, vals) in space.axes().items()}
 
 
-def _sweep_params(space: Space, layout: SweepLayout) -> dict:
-    r = space.resources
-    return {"base": space.base, "fixed": space.fixed(), "sweep_dir": str(layout.sweep_dir),
-            "train_storage": str(layout.train_storage),
-            "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
-                          "gpus_per_worker": r.gpus_per_worker, "in_process": r.in_process}}
-
-
 def _trainable(space: Space, layout: SweepLayout):
     from ray import tune
 
-    from trainables.tune_trainable import run_trial
+    from .trial import TrialSpec, run_trial
 
     bundle = trial_bundles(space)[0]
     resources = {"cpu": bundle["CPU"], "gpu": bundle["GPU"]}
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=_sweep_params(space, layout)), resources)
+    return tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec.from_space(space, layout)), resources)
 
 
 def _run_config(space: Space, layout: SweepLayout, mlflow_uri: str):
@@ -185,11 +181,12 @@ def _run_config(space: Space, layout: SweepLayout, mlflow_uri: str):
     from .console import make_reporter
     from .tracking import ResultsCallback
 
-    return tune.RunConfig(name="tune", storage_path=str(layout.sweep_dir),
+    # one checkpoint per trial is enough: Tune registers a new one only once it is completely in the storage
+    return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
                           failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           progress_reporter=make_reporter(), verbose=1,
-                          callbacks=[ResultsCallback(layout.sweep_dir, space, mlflow_uri)])
+                          callbacks=[ResultsCallback(layout, space, mlflow_uri)])
 
 
 def _tune_config(space: Space, max_concurrent: int | None):
@@ -221,22 +218,45 @@ def _tune_config(space: Space, max_concurrent: int | None):
 
 
 def _write_sweep_json(layout: SweepLayout, space: Space, overrides: list[str], cli_args: dict) -> None:
+    """The sweep's record, under the results root and (when they differ) in its storage, so that ``clmim resume
+    NAME --storage URI`` works from any machine."""
     info = {"name": layout.name, "space_path": space.path, "space_text": Path(space.path).read_text(),
             "space": space.to_dict(), "overrides": overrides, "cli_args": cli_args, "code_version": code_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-            "python": platform.python_version(), "n_trials": space.n_trials()}
+            "python": platform.python_version(), "n_trials": space.n_trials(),
+            "storage": layout.storage.to_dict() if layout.storage else None}
     write_json_atomic(layout.sweep_json, info, indent=2)
+    if layout.storage:
+        import json
+
+        layout.store.write_text(layout.stored_sweep_json, json.dumps(info, indent=2))
+
+
+def parse_storage(storage: str | None, endpoint: str | None, root: Path) -> Storage | None:
+    """``--storage`` / ``--storage-endpoint`` as a checked ``Storage``; None (the results root) when not given."""
+    if not storage:
+        if endpoint:
+            raise UserError("--storage-endpoint: given without --storage s3://BUCKET/PREFIX")
+        return None
+    st = Storage.parse(storage, endpoint, root)
+    st.check_writable()
+    return st
 
 
 def run_sweep(space: Space, name: str | None = None, results: str | None = None, address: str | None = None,
               max_concurrent: int | None = None, overrides: list[str] | None = None,
-              cli_args: dict | None = None, mlflow_uri: str | None = None) -> dict:
-    """Run every trial of ``space``; return the summary (rows per trial, whether the sweep was interrupted)."""
+              cli_args: dict | None = None, mlflow_uri: str | None = None, storage: str | None = None,
+              storage_endpoint: str | None = None) -> dict:
+    """Run every trial of ``space``; return the summary (rows per trial, whether the sweep was interrupted).
+    ``storage``: where trial files go (a path every node mounts, or ``s3://bucket/prefix``); default the results
+    root."""
     root = results_root(results)
-    layout = SweepLayout(root, validate_sweep_name(name or space.name, "--name" if name else "name"))
+    sweep_name = validate_sweep_name(name or space.name, "--name" if name else "name")
     check_results_root(root)
-    if layout.tune_dir.exists():
-        raise UserError(f"--name: sweep {layout.name!r} already exists in {root}; "
+    layout = SweepLayout(root, sweep_name, parse_storage(storage, storage_endpoint, root))
+    if layout.sweep_json.exists() or layout.store.exists(layout.tune_path):
+        where = root if not layout.storage else f"{root} or {layout.storage.uri}"
+        raise UserError(f"--name: sweep {layout.name!r} already exists in {where}; "
                         f"continue it with `clmim resume {layout.name}` or pick another --name")
     from .tracking import default_mlflow_uri
 
@@ -284,17 +304,43 @@ def retire_errors(layout: SweepLayout) -> list[str]:
     """Move each trial's ``error.json`` aside (``error.prev.json``) so a retried trial really runs again;
     return the trial ids."""
     moved = []
-    for f in sorted(layout.tune_dir.glob("*/error.json")):
-        f.replace(f.with_name("error.prev.json"))
-        moved.append(f.parent.name)
+    for trial in layout.trials():
+        f = layout.error_path(trial)
+        if layout.store.exists(f):
+            layout.store.rename(f, f.rsplit("/", 1)[0] + "/error.prev.json")
+            moved.append(trial)
     return moved
 
 
+def _adopt_stored_sweep(layout: SweepLayout) -> None:
+    """A sweep this results root has not seen (resumed on a fresh machine): copy its record from the storage."""
+    if layout.sweep_json.exists():
+        return
+    text = layout.store.read_text(layout.stored_sweep_json)
+    if text is None:
+        return
+    import json
+
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise UserError(f"sweep {layout.name!r}: {layout.store.display(layout.stored_sweep_json)} is damaged; "
+                        "it cannot be resumed") from None
+    check_results_root(layout.root)
+    write_json_atomic(layout.sweep_json, info, indent=2)
+
+
 def resume_sweep(name: str, results: str | None = None, address: str | None = None,
-                 retry_errored: bool = False, mlflow_uri: str | None = None) -> dict:
+                 retry_errored: bool = False, mlflow_uri: str | None = None, storage: str | None = None,
+                 storage_endpoint: str | None = None) -> dict:
     """Continue an interrupted sweep: finished trials stay, unfinished ones resume from their checkpoints;
-    with ``retry_errored`` errored trials run again too (from their last checkpoint)."""
-    layout = find_sweep(name, results_root(results), need="tune")
+    with ``retry_errored`` errored trials run again too (from their last checkpoint). Trials that ended while no
+    driver was recording (or before this results root knew the sweep) are written to the tables and MLflow first.
+    """
+    root = results_root(results)
+    st = Storage.parse(storage, storage_endpoint, root) if storage else None
+    layout = find_sweep(name, root, need="tune", storage=st)
+    _adopt_stored_sweep(layout)
     space, info = load_sweep_space(layout)
     from .tracking import default_mlflow_uri
 
@@ -307,32 +353,45 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
 
     _quiet_tune()
     print_header(layout, space.n_trials(), uri, resumed=True)
-    tuner = tune.Tuner.restore(str(layout.tune_dir), trainable=_trainable(space, layout),
-                               resume_unfinished=True, resume_errored=retry_errored)
+    run_config = _run_config(space, layout, uri)
+    backfill(run_config.callbacks[0], layout, skip_errored=retry_errored)
+    tuner = tune.Tuner.restore(layout.tune_path, trainable=_trainable(space, layout), resume_unfinished=True,
+                               resume_errored=retry_errored, storage_filesystem=layout.store.fs)
+    from .ray_private import use_callbacks
+
+    use_callbacks(tuner, run_config.callbacks)
     tuner.fit()
     return summarize(layout, space)
 
 
+def backfill(callback, layout: SweepLayout, skip_errored: bool = False) -> int:
+    """Record every trial Tune's saved state says has ended but the ``trials`` table lacks (it ended while the
+    driver was dead, or this results root is new); return how many. Errored ones are left to a retry when
+    ``skip_errored``."""
+    from .results import recorded_trials, tune_trials
+
+    have = recorded_trials(layout)
+    n = 0
+    for tid, t in tune_trials(layout).items():
+        if tid in have or t.status not in ("TERMINATED", "ERROR") or (skip_errored and t.status == "ERROR"):
+            continue
+        callback._finish_safely(t, t.status)
+        n += 1
+    if n:
+        print(f"recorded {n} trial(s) that ended while no driver was recording", flush=True)
+    return n
+
+
 # ------------------------------------------------------------------------------------------- summary
-def _tune_trials(layout: SweepLayout) -> dict:
-    """Tune's saved trials by id ({} if its experiment state is missing or unreadable)."""
-    try:
-        from ray.tune import ExperimentAnalysis
-
-        return {t.trial_id: t for t in ExperimentAnalysis(str(layout.tune_dir)).trials}
-    except Exception:  # noqa: BLE001 - no state saved yet (a crash before the first snapshot)
-        return {}
-
-
 def summarize(layout: SweepLayout, space: Space) -> dict:
     """One row per trial: id, status, sampled values, final (or latest) metrics, error reason.
 
     Ended trials come from the ``trials`` table (the record every other view uses); trials that have not ended
     from Tune's saved state (PENDING: a resume will run them)."""
-    from .results import query
+    from .results import query, tune_trials
 
     axes = list(space.axes())
-    tune_trials = _tune_trials(layout)
+    saved = tune_trials(layout)
     ended = {}
     try:
         df = query("SELECT * FROM trials WHERE sweep = ?", layout.root, [layout.name])
@@ -340,7 +399,7 @@ def summarize(layout: SweepLayout, space: Space) -> dict:
     except UserError:
         pass
     rows = []
-    for tid in sorted(set(tune_trials) | set(ended)):
+    for tid in sorted(set(saved) | set(ended)):
         if tid in ended:
             r = ended[tid]
             row = {"trial": tid, "status": r["status"], **{k: r.get(k) for k in axes},
@@ -348,7 +407,7 @@ def summarize(layout: SweepLayout, space: Space) -> dict:
             if r.get("error"):
                 row["error"] = str(r["error"])[:200]
         else:
-            t = tune_trials[tid]
+            t = saved[tid]
             last = t.last_result or {}
             row = {"trial": tid, "status": "RUNNING" if t.status == "RUNNING" else "PENDING",
                    **{k: (t.config or {}).get(k) for k in axes}, **{k: last.get(k) for k in SUMMARY_METRICS}}

@@ -20,10 +20,10 @@ from pathlib import Path
 from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
-from trainables.files import write_json_atomic
 from trainables.vocab import HIGHER_IS_BETTER, TUNE_KEYS
 
-from .results import COMPACT_BATCH, compact, read_error, read_result_json, trial_config_from_dir, write_trial_tables
+from .layout import SweepLayout
+from .results import COMPACT_BATCH, compact, read_error, read_result_json, stored_config, write_trial_tables
 from .space import Space, trial_config
 
 
@@ -52,8 +52,9 @@ def trial_label(space: Space, values: dict) -> str:
 class ResultsCallback(Callback):
     """Logs trials to MLflow as they report and writes their Parquet tables when they end."""
 
-    def __init__(self, sweep_dir: Path, space: Space, mlflow_uri: str):
-        self.sweep_dir = Path(sweep_dir)
+    def __init__(self, layout: SweepLayout, space: Space, mlflow_uri: str):
+        self.layout = layout
+        self.sweep_dir = layout.sweep_dir
         self.space = space
         self.mlflow_uri = mlflow_uri
         self._client = None
@@ -193,30 +194,37 @@ class ResultsCallback(Callback):
             self._warn(trial.trial_id, "log metrics to MLflow", e)
 
     def _finish(self, trial, status: str):
-        trial_dir = self.sweep_dir / "tune" / trial.trial_id
-        # result.json holds what earlier drivers saw (a resumed sweep); the latest reports may not be flushed to it
+        """Record an ended trial: its tables (from the storage's result.json and what this driver received), its
+        config as the trial wrote it, its error; its MLflow run's end; its checkpoints beyond the kept ones."""
+        layout, tid = self.layout, trial.trial_id
+        # result.json holds what earlier drivers saw (a resumed sweep); the latest reports may not be synced to it
         # yet, so add the ones this driver received.
         results, seen = [], set()
-        for r in read_result_json(trial_dir) + self._results.pop(trial.trial_id, []):
+        for r in read_result_json(layout, tid) + self._results.pop(tid, []):
             key = json_dumps(r)
             if key not in seen:
                 seen.add(key)
                 results.append(r)
         err = None
         if status == "ERROR":
-            err = read_error(trial_dir)
+            err = read_error(layout, tid)
             if err is None:  # a lost process out of retries: Tune's reason, recorded so a resume does not rerun it
                 lines = (trial.get_error() or "").strip().splitlines()
                 err = (f"retries exhausted (failure.max_failures={self.space.max_failures}): "
                        f"{lines[-1][:400] if lines else 'trial process lost'}")
-                write_json_atomic(trial_dir / "error.json", {"type": "TrialLost", "message": err,
-                                                              "traceback": trial.get_error() or ""})
-        cfg = trial_config_from_dir(trial_dir) or to_dict(trial_config(self.space, dict(trial.config)))
-        write_trial_tables(self.sweep_dir, trial.trial_id, status, cfg, results, error=err)
+                layout.store.write_text(layout.error_path(tid), json_dumps(
+                    {"type": "TrialLost", "message": err, "traceback": trial.get_error() or ""}))
+        # the config the trial wrote before training; if it never got that far, the same function resolves it
+        # from the sweep's space and the trial's sampled values (never defaults for what the space fixed)
+        stored = stored_config(layout, tid)
+        cfg = stored if stored is not None else to_dict(trial_config(self.space, dict(trial.config)))
+        write_trial_tables(self.sweep_dir, tid, status, cfg, results, error=err)
         compact(self.sweep_dir, batch=COMPACT_BATCH)  # keeps queries over a running sweep fast
+        if status == "TERMINATED":
+            prune_checkpoints(layout, tid, self.space.keep_checkpoints)
         run_id = self.child_run(trial)
-        if (trial_dir / "run" / "config.yaml").is_file():
-            self.client.log_artifact(run_id, str(trial_dir / "run" / "config.yaml"))
+        if stored is not None:
+            self.client.log_dict(run_id, stored, "config.yaml")
         if err:
             self.client.set_tag(run_id, "clmim.error", err[:5000])
         elif "clmim.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt failed; this one did not
@@ -263,6 +271,16 @@ class ResultsCallback(Callback):
             self.client.set_tag(parent, "clmim.best_label", trial_label(self.space, dict(best.config)))
         finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
         self.client.set_terminated(parent, status="FINISHED" if finished else "KILLED")
+
+
+def prune_checkpoints(layout: SweepLayout, trial: str, keep: int) -> None:
+    """Delete an ended trial's full checkpoints beyond the newest ``keep``. Its final weights (``run/model.pt``)
+    stay; a trial without them (stopped early by a scheduler) keeps its last checkpoint whatever ``keep`` says."""
+    if not layout.store.exists(f"{layout.run_path(trial)}/model.pt"):
+        keep = max(keep, 1)
+    paths = layout.checkpoint_paths(trial)
+    for p in paths[:len(paths) - keep] if keep else paths:
+        layout.store.delete(p)
 
 
 def json_dumps(v) -> str:

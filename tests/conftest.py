@@ -31,6 +31,32 @@ def tiny_cfg():
     return tiny
 
 
+def wait_for(cond, timeout, what):
+    """``cond()``'s first truthy value, polled every 0.5 s; an AssertionError naming ``what`` after ``timeout`` s."""
+    import time
+
+    t = time.time()
+    while time.time() - t < timeout:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_http(url: str, timeout: float, what: str) -> None:
+    """Wait until ``url`` answers 200 (a server a test started)."""
+    import urllib.request
+
+    def ok():
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(ok, timeout, what)
+
+
 def _free_port() -> int:
     import socket
 

@@ -16,6 +16,7 @@ import yaml
 from conftest import tiny
 
 from orchestrator.cli import main
+from orchestrator.layout import SweepLayout
 from orchestrator.results import QueryError, query, read_error, write_trial_tables
 from trainables.config import load_config, to_dict
 from trainables.errors import UserError
@@ -126,8 +127,9 @@ def test_damaged_error_file_counts_as_an_error(tmp_path):
     d.mkdir(parents=True)
     (d / "error.json").write_text("")  # what a full disk left
     (d / "result.json").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-    assert read_error(d) == "unreadable error file"
-    assert rebuild(tmp_path / "s") == 1
+    layout = SweepLayout(tmp_path, "s")
+    assert read_error(layout, "t1") == "unreadable error file"
+    assert rebuild(layout) == 1
     df = query("SELECT status, error FROM trials", tmp_path)
     assert list(df.status) == ["ERROR"] and df.error[0] == "unreadable error file"
 
@@ -139,7 +141,7 @@ def test_driver_survives_a_failed_write(tmp_path, monkeypatch, capsys):
     space = space_from_dict({"space": {"objective.lam": 0.5}}, tmp_path / "s.yaml")
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text("{}")
-    cb = tracking.ResultsCallback(tmp_path / "s", space, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cb = tracking.ResultsCallback(SweepLayout(tmp_path, "s"), space, f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -208,18 +210,17 @@ def test_damaged_sweep_json_is_a_one_line_error_on_resume(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- 5. retry errored
 def test_retry_errored_moves_the_error_record_aside(tmp_path):
-    from orchestrator.layout import SweepLayout
     from orchestrator.sweep import retire_errors
-    from trainables.tune_trainable import TrialError, _raise_recorded
+    from orchestrator.trial import TrialError, raise_recorded
 
     layout = SweepLayout(tmp_path, "s")
-    d = layout.trial_dir("t1")
+    d = Path(layout.trial_path("t1"))
     d.mkdir(parents=True)
     (d / "error.json").write_text(json.dumps({"type": "ConfigError", "message": "data.path"}))
     with pytest.raises(TrialError):
-        _raise_recorded(d)
+        raise_recorded(layout, "t1")
     assert retire_errors(layout) == ["t1"]
-    _raise_recorded(d)  # a retried trial now really runs
+    raise_recorded(layout, "t1")  # a retried trial now really runs
     assert (d / "error.prev.json").is_file()
 
 
@@ -239,18 +240,18 @@ def _callback(tmp_path):
     space = space_from_dict({"space": {"objective.lam": 0.5}, "failure": {"max_failures": 1}}, tmp_path / "s.yaml")
     (tmp_path / "s").mkdir(exist_ok=True)
     (tmp_path / "s" / "sweep.json").write_text("{}")
-    return ResultsCallback(tmp_path / "s", space, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return ResultsCallback(SweepLayout(tmp_path, "s"), space, f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def test_exhausted_retries_are_recorded_so_resume_does_not_rerun_them(tmp_path):
-    from trainables.tune_trainable import TrialError, _raise_recorded
+    from orchestrator.trial import TrialError, raise_recorded
 
     cb = _callback(tmp_path)
     trial = FakeTrial("t1", "ERROR", error="Traceback ...\nRayActorError: the actor died unexpectedly")
     cb.on_trial_start(0, [], trial)
     cb.on_trial_error(0, [], trial)
     with pytest.raises(TrialError, match="retries exhausted"):  # a resume re-raises it at once
-        _raise_recorded(tmp_path / "s" / "tune" / "t1")
+        raise_recorded(SweepLayout(tmp_path, "s"), "t1")
     row = query("SELECT status, error FROM trials", tmp_path).iloc[0]
     assert row.status == "ERROR" and "failure.max_failures=1" in row.error
     run = cb.client.get_run(cb.child_run(trial))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.layout import find_sweep
+from orchestrator.layout import SweepLayout, find_sweep
 from orchestrator.results import (
     SCHEMA_VERSION,
     QueryError,
@@ -101,7 +101,7 @@ def test_rebuild_from_tune_dirs_and_show(tmp_path):
         (d / "result.json").write_text("\n".join(json.dumps(r) for r in reports(3, 0.3 + i / 10)) + "\n{torn")
         if not ok:
             (d / "error.json").write_text(json.dumps({"type": "ValueError", "message": "bad", "traceback": ""}))
-    assert rebuild(sweep) == 3
+    assert rebuild(SweepLayout(tmp_path, "rb")) == 3
     df = query("SELECT trial, status, error FROM trials ORDER BY trial", tmp_path)
     assert list(df.status) == ["TERMINATED", "TERMINATED", "ERROR"] and df.error[2] == "ValueError: bad"
     titles = [t for t, _ in show(find_sweep("rb", tmp_path))]

@@ -5,11 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import wait_for, wait_http
 
 from orchestrator.results import query
 from orchestrator.space import SpaceError, load_space
@@ -64,9 +67,13 @@ def test_quickstart_sweep_completes(ray_address, tmp_path, capsys):
     assert all(0 <= r["linear_top1"] <= 1 and r["step"] == 8 for r in rows)
     info = json.loads((tmp_path / "quickstart" / "sweep.json").read_text())
     assert info["space"]["space"]["objective.lam"] == {"grid": [0.0, 0.25, 0.75, 1.0]}
-    # every trial (reused actors too) keeps its run directory inside the sweep
+    # every trial (reused actors too) keeps its run files inside the sweep; each ended trial keeps one copy of
+    # its weights (the encoder export), no full checkpoint (checkpoints.keep: 0) and nothing in a scratch folder
     for d in trial_dirs(tmp_path / "quickstart"):
-        assert (d / "run" / "config.yaml").is_file() and (d / "run" / "final_metrics.json").is_file(), d
+        assert {p.name for p in (d / "run").iterdir()} == {"config.yaml", "final_metrics.json", "model.pt"}, d
+        assert not list(d.glob("checkpoint_*")), d
+        assert set(torch.load(d / "run" / "model.pt", weights_only=True)) == {"step", "config", "model"}
+    assert not list((Path(tempfile.gettempdir()) / "clmim" / "quickstart").glob("*/*"))
     # Parquet views: one row per trial, curves and per-layer probe rows
     df = query("SELECT \"objective.lam\" AS lam, status, linear_top1, variant FROM trials ORDER BY lam", tmp_path)
     assert list(df.lam) == [0.0, 0.25, 0.75, 1.0] and set(df.status) == {"TERMINATED"}
@@ -139,7 +146,6 @@ def check_mlflow(uri, sweep, n_trials):
 
 
 def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
-    import urllib.request
 
     from conftest import _free_port
 
@@ -152,13 +158,7 @@ def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
     try:
         uri = f"http://127.0.0.1:{port}"
 
-        def healthy():
-            try:
-                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_for(healthy, 120, "the MLflow server")
+        wait_http(f"{uri}/health", 120, "the MLflow server")
         p = write_space(tmp_path, "mlf")
         summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address, mlflow_uri=uri)
         assert all(r["status"] == "TERMINATED" for r in summary["rows"])
@@ -212,16 +212,6 @@ def test_erroring_multi_worker_trial_reports_the_workers_error(ray_address, tmp_
     assert recorded["type"] == "ConfigError" and "not an image folder" in recorded["message"]
 
 
-def wait_for(cond, timeout, what):
-    t = time.time()
-    while time.time() - t < timeout:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("resources", [{"workers": 1, "cpus_per_worker": 1},
                                        {"workers": 2, "cpus_per_worker": 0.5, "mode": "train"}],
                          ids=["in-process", "ray-train-2-workers"])
@@ -266,7 +256,7 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     def one_finished_one_checkpointed():  # Ctrl-C while a trial has a checkpoint and is still training
         dirs = trial_dirs(sweep_dir)
         done = [d for d in dirs if finished(d)]
-        mid = [d for d in dirs if not finished(d) and any((d / "run" / "checkpoints").glob("step_*"))]
+        mid = [d for d in dirs if not finished(d) and any(d.glob("checkpoint_*/checkpoint.pt"))]
         return done and mid and (done, mid[0])
 
     done_before, interrupted = wait_for(one_finished_one_checkpointed, 240, "a finished and a checkpointed trial")
@@ -310,8 +300,9 @@ def test_lost_worker_vs_training_error_classification():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
+    from orchestrator.trial import describe_error as _describe_error
+    from orchestrator.trial import is_lost_worker as _is_lost_worker
     from trainables.trainer import NonFiniteLossError
-    from trainables.tune_trainable import _describe_error, _is_lost_worker
 
     user = NonFiniteLossError("non-finite loss by step 4\n(more)")  # Ray Train keeps the worker's own exception
     dead = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny
 
 from orchestrator.cli import main
@@ -51,23 +52,40 @@ def test_summary_of_an_interrupted_sweep_comes_from_the_tables_and_tune_state(tm
     class Pending:  # a trial Tune saved as PENDING that never started: no config values, no results
         trial_id, status, config, last_result = "t1", "PENDING", None, None
 
-    monkeypatch.setattr(sweep_mod, "_tune_trials", lambda layout: {"t1": Pending()})
+    from orchestrator import results
+
+    monkeypatch.setattr(results, "tune_trials", lambda layout: {"t1": Pending()})
     summary = sweep_mod.summarize(SweepLayout(tmp_path, "s"), space)
     by = {r["trial"]: r for r in summary["rows"]}
     assert by["t0"]["status"] == "TERMINATED" and by["t0"]["linear_top1"] == 0.3
     assert by["t1"]["status"] == "PENDING" and summary["interrupted"]
 
 
-def test_restarted_trial_resumes_from_its_newest_local_checkpoint(tmp_path):
-    """Tune saves its state before stopping trials on Ctrl-C, so a checkpoint written in that window was not in
-    Tune's state and the trial restarted from step 0."""
-    from trainables.trainer import train
-    from trainables.tune_trainable import resume_point
+def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
+    """Tune saves its state before stopping trials on Ctrl-C, so a checkpoint stored in that window is not in
+    Tune's state and the trial restarted from step 0; a torn newer one (a process killed mid-copy) is skipped."""
+    import shutil
 
-    run = tmp_path / "trial" / "run"
+    from orchestrator.layout import SweepLayout
+    from orchestrator.trial import resume_point
+    from trainables.trainer import train
+
+    run = tmp_path / "scratch" / "run"
     train(load_config(tiny(), [f"run.out_dir={run}", "optim.steps=4", "run.ckpt_every=2", "eval.probe_images=8"]))
-    assert resume_point(None, tmp_path / "trial").endswith("step_0000004/checkpoint.pt")
-    assert resume_point(None, tmp_path / "fresh") is None
+    layout = SweepLayout(tmp_path, "s")
+    trial = Path(layout.trial_path("t1"))
+    for i, step in enumerate(sorted((run / "checkpoints").glob("step_*"))):  # what Tune copied into the storage
+        shutil.copytree(step, trial / f"checkpoint_00000{i}")
+    (trial / "checkpoint_000002").mkdir()
+    (trial / "checkpoint_000002" / "checkpoint.pt").write_bytes(b"torn")
+
+    class Registered:  # Tune's own record: the older checkpoint
+        path = str(trial / "checkpoint_000000")
+
+    got = resume_point(Registered, layout, "t1", tmp_path / "local")
+    assert got == str(tmp_path / "local" / "checkpoint_000001" / "checkpoint.pt")
+    assert torch.load(got, weights_only=True)["step"] == 4
+    assert resume_point(None, layout, "fresh", tmp_path / "local2") is None
 
 
 # ---------------------------------------------------------------------------------------- 2. report --out

@@ -146,15 +146,30 @@ def save_checkpoint(out_dir: Path, step: int, objective: Hybrid, opt: torch.opti
     return final
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint file from a file, a step directory, or a run directory (latest step)."""
+def export_weights(checkpoint: Path, out: Path) -> Path:
+    """Write the encoder's weights of a full checkpoint (no heads, momentum encoder, optimiser or RNG state) with
+    its step and config to ``out``: what ``clmim analyze`` reads, a fraction of the checkpoint's size."""
+    ckpt = load_weights(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"step": ckpt["step"], "config": ckpt["config"],
+                "model": {k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def find_checkpoint(path: str | Path, weights: bool = False) -> Path | None:
+    """A checkpoint file from a file, a step directory, or a run directory (latest step; with ``weights``, else
+    the run's final weights export ``model.pt``, which cannot resume training)."""
     p = Path(path)
     if p.is_file():
         return p
     if (p / "checkpoint.pt").is_file():
         return p / "checkpoint.pt"
     steps = sorted((p / "checkpoints").glob("step_*/checkpoint.pt")) if p.is_dir() else []
-    return steps[-1] if steps else None
+    if steps:
+        return steps[-1]
+    return p / "model.pt" if weights and (p / "model.pt").is_file() else None
 
 
 def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | None) -> int:

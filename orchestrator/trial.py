@@ -1,0 +1,276 @@
+"""One trial of a sweep under Ray Tune: the typed spec the driver hands each trial, and the Tune trainable.
+
+``run_trial(values, spec)`` is a Tune function trainable: ``values`` are the sampled dotted keys, ``spec`` (bound
+with ``tune.with_parameters``) a frozen ``TrialSpec``: the sweep's layout (so every path, in the storage every node
+reaches), the base config and fixed overrides, the resources.
+
+- One-worker trials run the trainer right in the Tune trial process (``resources.mode: auto``): checkpoints go
+  through ``ray.tune.report`` into the trial's folder in the storage and come back after a lost process (Tune's
+  ``FailureConfig`` retries, on any node).
+- Multi-worker trials build a ``ray.train.torch.TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU) around the same
+  trainer; ``TuneReportCallback`` forwards rank 0's reports to Tune, checkpoints live in the storage under
+  ``train/<trial_id>``, and a restarted trial's TorchTrainer (same name, same storage) resumes from the latest.
+
+Files: the trainer writes into a scratch folder on its own node; each checkpoint is reported (Ray copies it to the
+storage) and the local copy deleted, so each checkpoint exists once. The resolved config is written to
+``run/config.yaml`` in the storage before training; at the end the run files (``final_metrics.json``, and
+``model.pt``, the final encoder weights for ``clmim analyze``) are copied there too.
+
+A trial that raises (a config problem, a non-finite loss) writes ``error.json`` in its storage folder; a retry of
+that trial re-raises the same error at once instead of training again, so only lost processes are retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainables.config import Config, to_dict
+from trainables.trainer import export_weights, load_weights, train
+
+from .layout import SweepLayout
+from .space import Space, resolve_config
+
+
+class TrialError(RuntimeError):
+    """A deterministic trial failure (re-raised on retry without training again)."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of a sweep needs, passed once from the driver (pickled into each trial process)."""
+
+    layout: SweepLayout
+    base: dict
+    fixed: dict
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    in_process: bool = True
+    keep_checkpoints: int = 0
+
+    @classmethod
+    def from_space(cls, space: Space, layout: SweepLayout) -> TrialSpec:
+        r = space.resources
+        return cls(layout=layout, base=space.base, fixed=space.fixed(), workers=r.workers,
+                   cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, in_process=r.in_process,
+                   keep_checkpoints=space.keep_checkpoints)
+
+    def config(self, values: dict, out_dir: str | None = None) -> Config:
+        """The trial's typed config (``resolve_config``), with its run folder, threads from its CPU share, and
+        the CPU when it has no GPU."""
+        cfg = resolve_config(self.base, self.fixed, values)
+        cfg.run.out_dir = out_dir
+        cfg.run.threads = max(1, int(self.cpus_per_worker))
+        if self.gpus_per_worker <= 0:
+            cfg.run.device = "cpu"
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------- errors
+def record_error(layout: SweepLayout, trial: str, exc: BaseException) -> None:
+    kind, message = describe_error(exc)
+    layout.store.write_text(layout.error_path(trial), json.dumps(
+        {"type": kind, "message": message, "traceback": traceback.format_exc()}))
+
+
+def describe_error(exc: BaseException) -> tuple[str, str]:
+    """(type, first line of the message) of the exception the training code raised. For a Ray Train
+    ``WorkerGroupError`` that is the lowest failing rank's own exception (Ray Train keeps it in
+    ``worker_failures``), not the wrapper's "Training failed due to worker errors"."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    text = str(exc).strip()
+    return type(exc).__name__, text.splitlines()[0] if text else type(exc).__name__
+
+
+def raise_recorded(layout: SweepLayout, trial: str) -> None:
+    """Raise ``TrialError`` if the trial recorded a deterministic error (a retry must not train again)."""
+    text = layout.store.read_text(layout.error_path(trial))
+    if text is None:
+        return
+    try:
+        err = json.loads(text)
+    except ValueError:
+        raise TrialError("unreadable error file") from None
+    raise TrialError(f"{err.get('type', 'Error')}: {err.get('message', '')}" if isinstance(err, dict)
+                     else "unreadable error file")
+
+
+def is_lost_worker(e: BaseException) -> bool:
+    """True if a Ray Train trial failed because a worker process was lost (killed, out of memory, node gone) or
+    the worker group could not start: worth a retry from the last checkpoint. An exception raised by the training
+    code on any rank is deterministic: not retried. When one rank dies the others often fail with collateral
+    errors (a collective's peer vanished), so one lost worker makes the whole failure a lost worker (as Ray
+    Train decides for preemptions)."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from .ray_private import lost_worker_errors
+
+    lost = (RayActorError, *lost_worker_errors())
+    if isinstance(e, WorkerGroupError):
+        return any(isinstance(f, lost) for f in e.worker_failures.values())
+    return isinstance(e, (ControllerError, *lost))
+
+
+# ------------------------------------------------------------------------------------------- the trainable
+def run_trial(values: dict, spec: TrialSpec) -> None:
+    """Tune function trainable (see the module docstring)."""
+    from ray import tune
+
+    _quiet_ray_storage()
+    trial = tune.get_context().get_trial_id()
+    raise_recorded(spec.layout, trial)
+    final = spec.layout.store.read_text(f"{spec.layout.run_path(trial)}/final_metrics.json")
+    if final is not None:
+        # it finished under a driver that died before its saved state caught up: report, do not train again
+        tune.report(_clean(json.loads(final)))
+        return
+    try:
+        if spec.in_process:
+            train_reporting_to(tune, values, spec, trial, in_process=True)
+        else:
+            _run_with_train(values, spec, trial)
+    except Exception as e:
+        if not is_lost_worker(e):
+            record_error(spec.layout, trial, e)
+        raise
+
+
+def _quiet_ray_storage() -> None:
+    """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
+    to the sweep's console; the progress line already says how trials advance."""
+    import logging
+
+    from .ray_private import STORAGE_LOGGERS
+
+    for name in STORAGE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def scratch_dir(layout: SweepLayout, trial: str, rank: int) -> Path:
+    """This process's local working folder for the trial (on its own node; emptied at start and at the end)."""
+    d = Path(tempfile.gettempdir()) / "clmim" / layout.name / f"{trial}-rank{rank}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def _clean(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_process: bool) -> None:
+    """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
+    process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
+    A retried or resumed trial continues from its last checkpoint in the storage: in process, ``resume_point``;
+    in Ray Train, the one Ray Train hands every rank (all ranks must start from the same one)."""
+    layout, store = spec.layout, spec.layout.store
+    rank = 0 if in_process else api.get_context().get_world_rank()
+    scratch = scratch_dir(layout, trial, rank)
+    try:
+        # Every rank gets an out_dir (the trainer writes files from rank 0 only, but all ranks must agree on when
+        # checkpoints happen: saving one is a collective step).
+        cfg = spec.config(values, str(scratch / "run"))
+        ckpt = api.get_checkpoint()
+        if in_process:
+            cfg.run.resume = resume_point(ckpt, layout, trial, scratch / "resume")
+        elif ckpt is not None:
+            cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
+        if rank == 0:
+            import yaml
+
+            # before training: the driver reads the trial's true config from here, whatever happens next
+            store.write_text(f"{layout.run_path(trial)}/config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            store.write_text(f"{layout.trial_path(trial)}/pid", str(os.getpid()))
+        last: dict[str, Path] = {}
+
+        def report(metrics: dict, checkpoint=None) -> None:
+            api.report(_clean(metrics), checkpoint=api.Checkpoint.from_directory(str(checkpoint)) if checkpoint
+                       else None)
+            if checkpoint:  # Ray has copied it into the storage: that copy is the only one kept
+                if "dir" in last:
+                    shutil.rmtree(last["dir"], ignore_errors=True)
+                last["dir"] = Path(checkpoint)
+
+        train(cfg, report)
+        if rank == 0:
+            run = scratch / "run"
+            if "dir" in last:
+                export_weights(last["dir"] / "checkpoint.pt", run / "model.pt")
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            store.upload(run, layout.run_path(trial))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def resume_point(tune_checkpoint, layout: SweepLayout, trial: str, local: Path) -> str | None:
+    """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest complete
+    one in the trial's storage folder, else None (a fresh start).
+
+    It can be newer than the one Tune hands back: on Ctrl-C Tune saves its experiment state before it stops the
+    trials, so a checkpoint reported in that window is in the storage but not in Tune's state, and the resumed
+    trial would otherwise start again at step 0. Such a checkpoint is used only if it loads."""
+    store = layout.store
+    prefix = layout.trial_path(trial) + "/"
+    registered = tune_checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if tune_checkpoint is not None else None
+    for path in reversed([p for p in layout.checkpoint_paths(trial) if p.startswith(prefix)]):
+        name = path.rsplit("/", 1)[-1]
+        f = store.download(path, local / name) / "checkpoint.pt"
+        if name == registered:
+            return str(f)
+        try:
+            load_weights(f)
+            return str(f)
+        except Exception:  # noqa: BLE001 - a torn copy from a killed process: try the one before
+            shutil.rmtree(local / name, ignore_errors=True)
+    if tune_checkpoint is not None:  # outside the trial's folder (not expected): Tune's own copy
+        return str(Path(tune_checkpoint.to_directory(str(local / "tune"))) / "checkpoint.pt")
+    return None
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
+    import logging
+
+    import ray.train
+
+    from .ray_private import train_report_logger_name
+
+    # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
+    logging.getLogger(train_report_logger_name()).setLevel(logging.WARNING)
+    _quiet_ray_storage()
+    train_reporting_to(ray.train, loop_config["values"], loop_config["spec"], loop_config["trial"], in_process=False)
+
+
+def _run_with_train(values: dict, spec: TrialSpec, trial: str) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = spec.gpus_per_worker > 0
+    per_worker = {"CPU": spec.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = spec.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"values": values, "spec": spec, "trial": trial},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=trial, storage_path=spec.layout.train_path, storage_filesystem=spec.layout.store.fs,
+            callbacks=[TuneReportCallback()],
+            # Ray Train would retry every worker failure, the training code's own exceptions included; Tune
+            # retries instead (this function again: a new TorchTrainer that resumes from the same storage), and
+            # only after a lost worker (``is_lost_worker``).
+            failure_config=FailureConfig(max_failures=0),
+            # one checkpoint is enough: Ray registers a new one only once it is completely in the storage
+            checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
