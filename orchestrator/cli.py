@@ -173,6 +173,31 @@ def cmd_results_rebuild(args) -> int:
     return 0
 
 
+def _fetch(where: str) -> str:
+    """A local path for ``where``: itself, or for ``s3://...`` (a trial's ``run/`` folder or a file in a sweep's
+    storage; endpoint from $AWS_ENDPOINT_URL) a downloaded copy in a temporary folder."""
+    if not where.startswith("s3://"):
+        return where
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from .storage import Storage
+
+    st = Storage.parse(where, None, Path.cwd())
+    local = Path(tempfile.mkdtemp(prefix="clmim-analyze-"))
+    try:
+        kind = st.fs.get_file_info(st.path()).type
+        if kind == pafs.FileType.File:
+            (local / Path(st.uri).name).write_bytes(st.read_bytes(st.path()))
+            return str(local / Path(st.uri).name)
+        if kind == pafs.FileType.Directory:
+            return str(st.download(st.path(), local))
+    except OSError as e:
+        raise UserError(f"checkpoint: cannot read {where} ({str(e).splitlines()[0][:200]})") from None
+    raise UserError(f"checkpoint: nothing at {where}")
+
+
 def cmd_analyze(args) -> int:
     import pickle
 
@@ -186,7 +211,7 @@ def cmd_analyze(args) -> int:
     from trainables.probes import run_probes
     from trainables.trainer import find_checkpoint, load_weights
 
-    path = find_checkpoint(args.checkpoint, weights=True)
+    path = find_checkpoint(_fetch(args.checkpoint), weights=True)
     if path is None:
         raise UserError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
     try:
@@ -300,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_resume)
 
     a = sub.add_parser("analyze", help="run every probe on a saved model and print per-layer tables")
-    a.add_argument("checkpoint", help="a clmim checkpoint (file, step dir or run dir) or timm ViT weights")
+    a.add_argument("checkpoint", help="a clmim checkpoint (file, step dir or a trial's run dir, also s3://...) or "
+                   "timm ViT weights")
     a.add_argument("--data", help="data set to probe on (default: the checkpoint's)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (e.g. data.path)")
     a.add_argument("--variant", help="for plain timm weights: scale/patch, e.g. B/16")

@@ -4,6 +4,7 @@
     <results>/<sweep>/manifest.json              the current Parquet files of each table (readers' snapshot)
     <results>/<sweep>/{trials,curves,layers}/    Parquet files (see ``results.py``)
     <results>/<sweep>/report/                    ``clmim report`` output
+    <results>/mlflow.db, <results>/mlartifacts/<sweep>/   the default MLflow store
 
 and in the sweep's storage (``storage.py``; by default the results root, so the same folder):
 
@@ -76,6 +77,11 @@ class SweepLayout:
 
     def table_dir(self, table: str) -> Path:
         return self.sweep_dir / table
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """Artifacts of the sweep's MLflow runs with the default SQLite store (a server keeps its own)."""
+        return self.root / "mlartifacts" / self.name
 
     # ---------------------------------------------------------------------------------- in the storage
     @property

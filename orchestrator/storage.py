@@ -137,9 +137,12 @@ class Storage:
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
     def size(self, path: str) -> int:
-        """Bytes of every file under ``path`` (0 if none)."""
+        """Bytes of the file ``path``, or of every file under the folder ``path`` (0 if none)."""
         import pyarrow.fs as pafs
 
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return info.size or 0
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         except (FileNotFoundError, NotADirectoryError):

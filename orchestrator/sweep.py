@@ -115,6 +115,9 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic output path, which takes our progress reporter
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # probe metrics arrive at the end only
+    # Tune keeps one checkpoint per trial (one copy each), so it snapshots its state after every checkpoint (a
+    # resume must never point at a deleted one) and would warn about frequent snapshots each time: on purpose here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     loopback = not address or address == "auto" or address.split(":")[0] in ("127.0.0.1", "localhost")
     if loopback:
         # A one-machine cluster: keep node addresses on the loopback interface. Ray reads this when it is

@@ -85,11 +85,11 @@ class ResultsCallback(Callback):
 
     def _experiment_id(self) -> str:
         if self._experiment is None:
-            name = f"clmim/{self.sweep_dir.name}"
+            name = f"clmim/{self.layout.name}"
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 local = not self.mlflow_uri.startswith(("http://", "https://", "databricks"))
-                where = (self.sweep_dir.parent / "mlartifacts" / self.sweep_dir.name).as_uri() if local else None
+                where = self.layout.mlflow_artifacts.as_uri() if local else None
                 self._experiment = self.client.create_experiment(name, artifact_location=where)
             else:
                 self._experiment = exp.experiment_id
@@ -113,10 +113,10 @@ class ResultsCallback(Callback):
             if self._parent is None:
                 from trainables.files import read_json
 
-                run = self.client.create_run(self._experiment_id(), run_name=self.sweep_dir.name,
-                                             tags={"clmim.role": "sweep", "clmim.sweep": self.sweep_dir.name})
+                run = self.client.create_run(self._experiment_id(), run_name=self.layout.name,
+                                             tags={"clmim.role": "sweep", "clmim.sweep": self.layout.name})
                 self._parent = run.info.run_id
-                info = read_json(self.sweep_dir / "sweep.json", {})
+                info = read_json(self.layout.sweep_json, {})
                 params = {f"space.{k}": json_dumps(v) for k, v in self.space.space.items()}
                 params.update({f"cli.{k}": json_dumps(v) for k, v in (info.get("cli_args") or {}).items()})
                 params.update({"search": json_dumps(self.space.search),
@@ -124,7 +124,7 @@ class ResultsCallback(Callback):
                                "num_samples": str(self.space.num_samples),
                                "code_version": str(info.get("code_version"))})
                 self._log_params(self._parent, {k: v[:6000] for k, v in params.items()})
-                self.client.log_artifact(self._parent, str(self.sweep_dir / "sweep.json"))
+                self.client.log_artifact(self._parent, str(self.layout.sweep_json))
             else:
                 self.client.update_run(self._parent, status="RUNNING")
         return self._parent
@@ -137,7 +137,7 @@ class ResultsCallback(Callback):
                 values = dict(trial.config)
                 run = self.client.create_run(self._experiment_id(), run_name=trial_label(self.space, values), tags={
                     "mlflow.parentRunId": self.parent_run(), "clmim.trial_id": tid,
-                    "clmim.sweep": self.sweep_dir.name, "clmim.role": "trial"})
+                    "clmim.sweep": self.layout.name, "clmim.role": "trial"})
                 run_id = run.info.run_id
                 self._fresh.add(run_id)
                 cfg = flatten(to_dict(trial_config(self.space, values)))
@@ -163,7 +163,7 @@ class ResultsCallback(Callback):
         self._warned.add(trial_id)
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         print(f"clmim: could not {what} for trial {trial_id} ({type(e).__name__}: {reason}); the sweep goes on. "
-              f"Once fixed, run: clmim results rebuild {self.sweep_dir.name}", file=sys.stderr, flush=True)
+              f"Once fixed, run: clmim results rebuild {self.layout.name}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------- Tune hooks
     def setup(self, **info):

@@ -72,16 +72,20 @@ def ray_address(tmp_path_factory):
     import sys
     from pathlib import Path
 
+    from raynodes import kill_tree, start_node
+
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     env = dict(os.environ)  # loopback node addresses and token auth (set above)
     # `ray start --head` with token auth needs a token and does not create one (a fresh machine has none):
     # create ~/.ray/auth_token if missing (its output, the token, is captured and dropped).
     subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True, env=env, timeout=60)
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={_free_port()}", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=120)
+    # `--block` keeps every process of the node below this one: the session stops exactly its own node, never
+    # another Ray instance running on the machine (`ray stop` would kill them all)
+    head = start_node(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+                       f"--ray-client-server-port={_free_port()}"],
+                      env, namespace=False)
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
     try:
@@ -91,5 +95,5 @@ def ray_address(tmp_path_factory):
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+        kill_tree(head)
         os.environ.pop("RAY_ADDRESS", None)

@@ -9,6 +9,7 @@ driver, resumed from a fresh working directory; (b) last, a worker node killed m
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,87 +20,16 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import _free_port, wait_for, wait_http
+from raynodes import BIN, cmdline, descendants, kill_tree, start_node
 
 from orchestrator.results import query
 
 pytestmark = pytest.mark.ray
-BIN = Path(sys.executable).parent
 BUCKET = "clmim-test"
-# `ray start` for a worker node. Ray refuses to join a node to a cluster while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-# and with it set to 1 it maps 127.0.0.1 to the machine's outward address (where the head, kept on the loopback, does
-# not listen) and the node's agents bind that address. So only this process lifts the check and keeps 127.0.0.1 as
-# given; the node's processes it starts inherit 0 and stay on the loopback.
-JOIN = ("import sys; from ray._private import ray_constants, services; ray_constants.ENABLE_RAY_CLUSTER = True; "
-        "services.resolve_ip_for_localhost = lambda host: host; "
-        "from ray.scripts.scripts import main; sys.argv = ['ray', 'start', *sys.argv[1:]]; main()")
-
-
 def _can_unshare() -> bool:
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
                        capture_output=True)
     return r.returncode == 0
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(p.name))
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    pids = descendants(proc.pid)
-    for p in reversed(pids):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
-def start_node(args: list[str], env: dict, namespace: bool) -> subprocess.Popen:
-    """`ray start ... --block` (its processes stay its descendants, so the test can stop exactly them); in a
-    private mount namespace with a tmpfs over /tmp for a worker node."""
-    cmd = [str(BIN / "ray"), "start", *args, "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-           f"--dashboard-agent-listen-port={_free_port()}", "--num-gpus=0"]
-    if namespace:  # a worker node: its own /tmp (the results root, Ray's temp dirs, scratch folders are there)
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"',
-               "sh", sys.executable, "-c", JOIN, *cmd[2:]]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "Ray runtime started" in line:
-            break
-    else:
-        raise AssertionError("ray start failed:\n" + "".join(lines[-30:]))
-    # keep draining its output so it never blocks on a full pipe
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc
 
 
 def alive_nodes(address: str, env: dict) -> int:
@@ -120,7 +50,7 @@ def cluster(tmp_path_factory):
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                # a lost node is noticed in seconds, not half a minute
                RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
-    procs = []
+    procs, temp = [], tempfile.mkdtemp(prefix="cmn-", dir="/tmp")  # short: Ray's socket paths live below it
     moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     procs.append(moto)
@@ -131,7 +61,6 @@ def cluster(tmp_path_factory):
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                      aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
         port = _free_port()
-        temp = tempfile.mkdtemp(prefix="cmn-", dir="/tmp")
         head = start_node(["--head", f"--port={port}", "--num-cpus=0", f"--temp-dir={temp}",
                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
                            f"--ray-client-server-port={_free_port()}"], env, namespace=False)
@@ -152,6 +81,7 @@ def cluster(tmp_path_factory):
     finally:
         for p in reversed(procs):
             kill_tree(p)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def clmim(cluster, *args, cwd=None, **kw):
@@ -281,7 +211,7 @@ def test_b_lost_worker_node_retries_the_trial_on_the_other_node_from_its_checkpo
 
     trial, pid = wait_for(running_with_checkpoint, 300, "a running trial with a checkpoint")
     [(lost, node)] = [(n, w) for n, w in cluster["workers"].items() if pid in descendants(w.pid)]
-    [raylet] = [p for p in descendants(node.pid) if _cmd(p).split(" ")[0].endswith("raylet")]
+    [raylet] = [p for p in descendants(node.pid) if cmdline(p).split(" ")[0].endswith("raylet")]
     os.kill(raylet, signal.SIGKILL)  # the node is gone
     [other] = [w for n, w in cluster["workers"].items() if n != lost]
 

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from orchestrator.space import SpaceError, load_space, sample_table
-from orchestrator.sweep import check_schedulable
+from orchestrator.sweep import check_schedulable, trial_bundles
 
 SHIPPED = ["quickstart", "lambda", "placement", "scaling", "paper", "repro"]
 
@@ -98,6 +98,11 @@ def test_unschedulable_resources_named(tmp_path):
     gpu = load_space(space_file(tmp_path, resources={"workers": 1, "gpus_per_worker": 1}))
     with pytest.raises(SpaceError, match="GPU"):
         check_schedulable(gpu, [{"CPU": 16.0}])
+    quarter = load_space(space_file(tmp_path, resources={"workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 0.25}))
+    assert trial_bundles(quarter) == [{"CPU": 2, "GPU": 0.25}]  # four such trials share one GPU
+    check_schedulable(quarter, [{"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(SpaceError, match="GPU"):
+        check_schedulable(quarter, [{"CPU": 8.0}])
     split = load_space(space_file(tmp_path, resources={"workers": 1, "cpus_per_worker": 3}))
     with pytest.raises(SpaceError, match="on one node"):
         check_schedulable(split, [{"CPU": 2.0}, {"CPU": 2.0}])

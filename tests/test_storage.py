@@ -67,7 +67,7 @@ def test_storage_files_round_trip(kind, tmp_path, s3):
     (local / "checkpoint.pt").write_bytes(b"x" * 1000)
     st.upload(local, st.path("sweep", "tune", "t1", "checkpoint_000001"))
     assert st.listdir(st.path("sweep", "tune", "t1")) == ["checkpoint_000001", "run"]
-    assert st.size(st.path("sweep")) == 1000 + 5
+    assert st.size(st.path("sweep")) == 1000 + 5 and st.size(p) == 5 and st.size(st.path("none")) == 0
     back = st.download(st.path("sweep", "tune", "t1", "checkpoint_000001"), tmp_path / "back")
     assert (back / "checkpoint.pt").read_bytes() == b"x" * 1000
     st.rename(p, p + ".prev")
@@ -142,3 +142,24 @@ def test_resume_on_a_fresh_machine_finds_the_sweep_in_its_storage(tmp_path, s3):
     st.write_text(st.path("there", "tune", "experiment_state-x.json"), "{}")
     layout = find_sweep("there", tmp_path / "fresh", need="tune", storage=st)
     assert layout.storage == st and layout.tune_path == "bkt/resumable/there/tune"
+
+
+def test_analyze_reads_a_trials_final_weights_from_the_object_store(tmp_path, s3, monkeypatch, capsys):
+    """A finished trial keeps only run/model.pt (its encoder) in the storage; `clmim analyze` takes its URI."""
+    from conftest import tiny
+
+    from orchestrator.cli import main
+    from trainables.trainer import export_weights, train
+
+    run = tmp_path / "run"
+    train(load_config(tiny(), [f"run.out_dir={run}", "optim.steps=2", "run.ckpt_every=2", "eval.probe_images=8"]))
+    export = export_weights(run / "checkpoints" / "step_0000002" / "checkpoint.pt", tmp_path / "out" / "model.pt")
+    assert export.stat().st_size < (run / "checkpoints" / "step_0000002" / "checkpoint.pt").stat().st_size / 2
+    st = Storage("s3://bkt/analyze", s3)
+    st.upload(export.parent, st.path("sweep", "tune", "t1", "run"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    assert main(["analyze", "s3://bkt/analyze/sweep/tune/t1/run", "--set", "eval.probe_images=8"]) == 0
+    out = capsys.readouterr().out
+    assert "clmim analyze:" in out and "model.pt" in out and "attn_nmi" in out
+    assert main(["analyze", "s3://bkt/analyze/nothing"]) == 2
+    assert "checkpoint: nothing at s3://bkt/analyze/nothing" in capsys.readouterr().err

@@ -298,14 +298,15 @@ def test_lost_worker_vs_training_error_classification():
     # No cluster needed: the exceptions Ray Train 2.60 raises from trainer.fit(), built by hand.
     from ray.exceptions import ActorDiedError
     from ray.train import WorkerGroupError
-    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
+    from orchestrator.ray_private import lost_worker_errors
     from orchestrator.trial import describe_error as _describe_error
     from orchestrator.trial import is_lost_worker as _is_lost_worker
     from trainables.trainer import NonFiniteLossError
 
+    health_check_failed = lost_worker_errors()[0]
     user = NonFiniteLossError("non-finite loss by step 4\n(more)")  # Ray Train keeps the worker's own exception
-    dead = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())
+    dead = health_check_failed("worker 1 died", ActorDiedError())
     assert not _is_lost_worker(WorkerGroupError("rank 0 raised", {0: user, 1: user}))
     assert _is_lost_worker(WorkerGroupError("rank 1 died", {0: user, 1: dead}))  # rank 0's error is collateral
     assert _is_lost_worker(ActorDiedError())
