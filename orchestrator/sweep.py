@@ -257,7 +257,7 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     sweep_name = validate_sweep_name(name or space.name, "--name" if name else "name")
     check_results_root(root)
     layout = SweepLayout(root, sweep_name, parse_storage(storage, storage_endpoint, root))
-    if layout.sweep_json.exists() or layout.store.exists(layout.tune_path):
+    if layout.store.exists(layout.tune_path):  # (a sweep.json alone: a start that failed before any trial)
         where = root if not layout.storage else f"{root} or {layout.storage.uri}"
         raise UserError(f"--name: sweep {layout.name!r} already exists in {where}; "
                         f"continue it with `clmim resume {layout.name}` or pick another --name")
@@ -378,7 +378,7 @@ def backfill(callback, layout: SweepLayout, skip_errored: bool = False) -> int:
     for tid, t in tune_trials(layout).items():
         if tid in have or t.status not in ("TERMINATED", "ERROR") or (skip_errored and t.status == "ERROR"):
             continue
-        callback._finish_safely(t, t.status)
+        callback.record_ended(t, t.status)
         n += 1
     if n:
         print(f"recorded {n} trial(s) that ended while no driver was recording", flush=True)

@@ -231,7 +231,8 @@ class ResultsCallback(Callback):
             self.client.delete_tag(run_id, "clmim.error")
         self.client.set_terminated(run_id, status="FINISHED" if status == "TERMINATED" else "FAILED")
 
-    def _finish_safely(self, trial, status: str):
+    def record_ended(self, trial, status: str):
+        """Record an ended trial (``_finish``); a failure is reported, never raised (the sweep goes on)."""
         try:
             self._finish(trial, status)
         except Exception as e:  # noqa: BLE001 - a full disk or a lost server must not kill the driver
@@ -240,10 +241,10 @@ class ResultsCallback(Callback):
                 traceback.print_exc(limit=5, file=sys.stderr)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish_safely(trial, "TERMINATED")
+        self.record_ended(trial, "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish_safely(trial, "ERROR")
+        self.record_ended(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
         try:
