@@ -182,7 +182,7 @@ def _fetch(where: str) -> str:
 
     import pyarrow.fs as pafs
 
-    from .storage import Storage
+    from trainables.storage import Storage
 
     st = Storage.parse(where, None, Path.cwd())
     local = Path(tempfile.mkdtemp(prefix="clmim-analyze-"))
@@ -252,6 +252,14 @@ def cmd_analyze(args) -> int:
     _print_frame(table.drop(columns=feature), "per-layer attention and token probes (attention: mean over heads)")
     _print_frame(table[["layer", *feature]], "per-layer kNN and linear probes, GAP and CLS features")
     print("  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from .prepare import prepare
+
+    prepare(args.source, args.dest, args.size, shard_mb=args.shard_mb, overrides=args.set or [],
+            endpoint=args.storage_endpoint, address=args.address)
     return 0
 
 
@@ -333,9 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--img-size", type=int, default=224, help="for plain timm weights")
     a.set_defaults(fn=cmd_analyze)
 
+    da = sub.add_parser("data", help="prepare data sets")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="decode and resize a data set once into a sharded store (on Ray Data)")
+    dp.add_argument("source", help="an ImageFolder tree (train/ and val/, or class folders), or synthetic, digits, "
+                    "cifar10, cifar100")
+    dp.add_argument("dest", help="the store's folder (a path every node mounts) or s3://BUCKET/PREFIX")
+    dp.add_argument("--size", type=int, required=True, help="stored image side in pixels (>= model.img_size)")
+    dp.add_argument("--shard-mb", type=float, default=256, help="pixels per shard file, in MB (default 256)")
+    dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="data.* setting of a built-in SOURCE")
+    dp.add_argument("--storage-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    dp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    dp.set_defaults(fn=cmd_data_prepare)
+
     sc = sub.add_parser("scaling", help="power-law fits of a metric per objective group")
     sc.add_argument("name")
-    sc.add_argument("--x", default="params", choices=["params", "flops", "samples"])
+    sc.add_argument("--x", default="params", choices=["params", "flops", "samples", "data"],
+                    help="data: the training set's size (data.fraction, data.train_size)")
     sc.add_argument("--y", default="linear_top1", help="a trials column (accuracies are fitted as 1 - accuracy)")
     sc.add_argument("--offset", action="store_true", help="fit y = a * x^b + c")
     sc.add_argument("--results", help="results root")

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.errors import UserError, excerpt
-
-from .storage import Storage
+from trainables.storage import Storage
 
 # A sweep name is one plain path component: it names a folder under the results root and an MLflow experiment.
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -201,6 +201,7 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
            "variant": flat.get("model.variant"), "lam": lam,
            "objective": objective_group(lam) if lam is not None else None,
            "params": final.get("params"), "train_flops_per_image": flops_per_image, "samples_seen": samples,
+           "train_images": _num(final.get("train_images")),
            "train_flops": flops_per_image * samples if flops_per_image and samples is not None else None,
            "wall_time_s": wall_time_s, "step": step, "epoch": _num(final.get("epoch"))}
     for k in FINAL_KEYS:

@@ -25,11 +25,12 @@ from trainables.vocab import objective_label
 
 from .results import QueryError, _write_atomic, query
 
-X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen"}
+X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen", "data": "train_images"}
 # Config columns that set x itself (so they are x, not a grouping axis), per x.
 X_AXES = {"params": {"model.variant"},
           "flops": {"model.variant", "optim.steps", "optim.epochs", "optim.flops_budget"},
-          "samples": {"optim.steps", "optim.epochs", "optim.flops_budget"}}
+          "samples": {"optim.steps", "optim.epochs", "optim.flops_budget"},
+          "data": {"data.fraction", "data.train_size"}}
 NOT_AXES = {"run.seed", "run.out_dir", "run.resume", "run.threads", "run.log_every", "run.ckpt_every", "lam"}
 CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # data sets whose class count is fixed
 

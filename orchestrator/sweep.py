@@ -26,12 +26,12 @@ from typing import Any
 
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
+from trainables.storage import Storage
 from trainables.vocab import SUMMARY_METRICS
 
 from .console import print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
 from .space import Space, SpaceError, space_from_dict
-from .storage import Storage
 
 TRIAL_CPU_SLIVER = 0.01
 

@@ -91,7 +91,7 @@ def clmim(cluster, *args, cwd=None, **kw):
 
 
 def s3(cluster):
-    from orchestrator.storage import Storage
+    from trainables.storage import Storage
 
     return Storage(f"s3://{BUCKET}", cluster["env"]["AWS_ENDPOINT_URL"])
 

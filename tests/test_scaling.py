@@ -120,3 +120,22 @@ def test_report_of_a_scaling_sweep_has_fits_and_pngs(tmp_path):
     pngs = {p.name for p in page.parent.glob("*.png")}
     assert "Power-law fits" in text and text.count("data:image/png;base64,") == len(pngs)
     assert {"lam.png", "scaling.png"} <= pngs and set(files) == {page, *(page.parent / p for p in pngs)}
+
+
+def test_scaling_fits_against_data_set_size(tmp_path):
+    """A space that sweeps data.fraction: x is the training split's size each trial reported (train_images)."""
+    rng = np.random.default_rng(2)
+    for lam, b in ((0.0, -0.2), (1.0, -0.4)):
+        for frac in (0.125, 0.25, 0.5, 1.0):
+            for seed in range(2):
+                cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"data.fraction={frac}", f"run.seed={seed}"]))
+                n = int(8000 * frac)
+                err = 3.0 * n ** b * np.exp(rng.normal(0, 0.02))
+                write_trial_tables(tmp_path / "data", f"{lam}-{frac}-{seed}", "TERMINATED", cfg,
+                                   [{"step": 10, "params": 1e6, "train_images": n, "linear_top1": 1 - err,
+                                     "done": True}])
+    table, _ = scaling_table("data", tmp_path, x="data")
+    by = dict(zip(table.group, table.b, strict=True))
+    assert len(by) == 2, table  # data.fraction is x, not a grouping axis
+    got = sorted(by.values())
+    assert abs(got[0] + 0.4) < 0.05 and abs(got[1] + 0.2) < 0.05, table

@@ -9,9 +9,9 @@ from conftest import _free_port
 
 from orchestrator.layout import SweepLayout, find_sweep
 from orchestrator.results import query, trial_row
-from orchestrator.storage import Storage
 from trainables.config import load_config, to_dict
 from trainables.errors import UserError
+from trainables.storage import Storage
 
 
 @pytest.fixture(scope="module")

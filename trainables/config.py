@@ -47,13 +47,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("synthetic", choices=["synthetic", "digits", "imagefolder", "cifar10", "cifar100"])
-    path: str | None = _f(None, doc="root folder for imagefolder / cifar10 / cifar100 (never downloaded)")
+    dataset: str = _f("synthetic", choices=["synthetic", "digits", "imagefolder", "cifar10", "cifar100", "store"])
+    path: str | None = _f(None, doc="root folder for imagefolder / cifar10 / cifar100 (never downloaded); for store, "
+                                    "what `clmim data prepare` wrote (a path or s3://...)")
     batch_size: int = _f(64, lo=2, hi=65536, doc="global batch over all workers")
     num_classes: int = _f(8, lo=2, hi=8, doc="synthetic set only: number of shape/texture classes")
     train_size: int = _f(2048, lo=16, hi=1_000_000, doc="synthetic set only: training images")
     eval_size: int = _f(512, lo=16, hi=100_000, doc="synthetic set only: eval and cue-conflict images")
     workers: int = _f(2, lo=0, hi=64, doc="imagefolder decode processes")
+    fraction: float = _f(1.0, lo=1e-6, hi=1.0, doc="train on this nested, class-balanced share of the training "
+                                                   "split (the same images for every trial)")
 
 
 @dataclass
@@ -308,11 +311,15 @@ def _validate(cfg: Config) -> None:
     if len(budgets) > 1:
         raise ConfigError(f"optim.{budgets[0]}: give only one of optim.steps, optim.epochs, optim.flops_budget "
                           f"(got {' and '.join(budgets)})")
-    if cfg.data.dataset in ("imagefolder", "cifar10", "cifar100") and not cfg.data.path:
+    if cfg.data.dataset in ("imagefolder", "cifar10", "cifar100", "store") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.dataset = {cfg.data.dataset!r} (nothing is downloaded)")
-    if cfg.data.path and cfg.data.dataset in ("imagefolder", "cifar10", "cifar100"):
-        if not Path(cfg.data.path).expanduser().exists():
+    if cfg.data.path and cfg.data.dataset in ("imagefolder", "cifar10", "cifar100", "store"):
+        local = not cfg.data.path.startswith("s3://")  # (an object store is checked when the trial opens it)
+        if local and not Path(cfg.data.path).expanduser().exists():
             raise ConfigError(f"data.path: {cfg.data.path!r} does not exist")
+        if local and cfg.data.dataset == "store" and not (Path(cfg.data.path).expanduser() / "index.json").is_file():
+            raise ConfigError(f"data.path: {cfg.data.path!r} is not a prepared store (no index.json; run `clmim data "
+                              "prepare SOURCE DEST` first, or it was interrupted: run it again)")
 
 
 def _check_every_block_trained(cfg: Config, depth: int) -> None:

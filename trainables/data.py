@@ -6,6 +6,10 @@
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images), upsampled.
 - ``imagefolder``: ``data.path`` with ``train/`` (and ``val/``) class folders, or one folder of class folders.
 - ``cifar10`` / ``cifar100``: the python-format archives already extracted under ``data.path``.
+- ``store``: a sharded store ``clmim data prepare`` wrote (``store.py``): images are read per batch, never all
+  into memory; any data set at scale goes this way.
+
+``data.fraction`` keeps a nested, class-balanced share of the training split (``store.fraction_indices``).
 
 Images are kept as uint8 (N, 3, S, S) tensors; augmentation happens on the device (``augment.py``).
 """
@@ -32,6 +36,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def select(self, idx: np.ndarray) -> Split:
+        """The items at ``idx``."""
+        t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        return Split(self.images[t], self.labels[t])
 
     def subset(self, n: int, seed: int) -> Split:
         """A fixed, seeded subset of at most n items (the same for every trial with the same seed)."""
@@ -200,10 +209,31 @@ def _imagefolder(cfg: Config) -> DataBundle:
                       len(classes))
 
 
+def _store(cfg: Config) -> DataBundle:
+    """A prepared store: labels in memory, images read per batch (``store.StoreSplit``)."""
+    from .store import local_copy, open_split, read_index
+
+    if not cfg.data.path:
+        raise ConfigError("data.path: data.dataset store needs the store's folder or s3:// URI")
+    root = local_copy(cfg.data.path)
+    index = read_index(root)
+    if index["size"] < cfg.model.img_size:
+        raise ConfigError(f"data.path: the store is stored at {index['size']} px, smaller than model.img_size "
+                          f"{cfg.model.img_size}; prepare it with --size >= {cfg.model.img_size}")
+    return DataBundle(open_split(root, index, "train"), open_split(root, index, "eval"), len(index["classes"]))
+
+
 def build_data(cfg: Config) -> DataBundle:
-    """Load the configured data set; a missing local path is a ``ConfigError``, never a download."""
-    return {"synthetic": _synthetic, "digits": _digits, "cifar10": _cifar, "cifar100": _cifar,
-            "imagefolder": _imagefolder}[cfg.data.dataset](cfg)
+    """Load the configured data set; a missing local path is a ``ConfigError``, never a download. With
+    ``data.fraction`` < 1 the training split is its nested, class-balanced subset."""
+    data = {"synthetic": _synthetic, "digits": _digits, "cifar10": _cifar, "cifar100": _cifar,
+            "imagefolder": _imagefolder, "store": _store}[cfg.data.dataset](cfg)
+    if cfg.data.fraction < 1.0:
+        from .store import fraction_indices
+
+        idx = fraction_indices(data.train.labels.numpy(), cfg.data.fraction)
+        data.train = data.train.select(idx)
+    return data
 
 
 def steps_per_epoch(n_train: int, global_batch: int) -> int:
@@ -218,16 +248,24 @@ def batch_stream(split: Split, global_batch: int, seed: int, start_step: int, ra
     share of that global batch. Resuming at step N therefore yields exactly the batches a straight run sees.
     The split is moved to ``device`` once, so batches are sliced there without host copies.
     """
+    from .store import StoreSplit
+
     per_rank = global_batch // world
     spe = steps_per_epoch(len(split), global_batch)
-    images, labels = split.images.to(device), split.labels.to(device)
+    streamed = isinstance(split, StoreSplit)  # read per batch on the host, then one copy to the device
+    images = None if streamed else split.images.to(device)
+    labels = split.labels.to(device)
     step = start_step
     while True:
         epoch, i = divmod(step, spe)
         perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        perm = perm.to(device)  # one host-to-device copy per epoch, not per step
+        if not streamed:
+            perm = perm.to(device)  # one host-to-device copy per epoch, not per step
         while i < spe:
             idx = perm[i * global_batch + rank * per_rank: i * global_batch + (rank + 1) * per_rank]
-            yield images[idx], labels[idx]
+            if streamed:
+                yield split.take(idx.numpy()).to(device, non_blocking=True), labels[idx.to(device)]
+            else:
+                yield images[idx], labels[idx]
             i += 1
             step += 1

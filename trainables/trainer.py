@@ -291,7 +291,8 @@ def build_run(cfg: Config) -> TrainRun:
         steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), start=start,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, start, rank, world, device),
-        info={**model_stats(cfg), "total_steps": total, "world_size": world, "device": device.type})
+        info={**model_stats(cfg), "total_steps": total, "world_size": world, "device": device.type,
+              "train_images": len(data.train)})
 
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,

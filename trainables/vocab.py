@@ -24,7 +24,7 @@ LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 FINAL_KEYS = (*STEP_METRICS, *PROBE_METRICS, "images_per_s")
 # Scalars a trial reports that are not curves (constant per trial or bookkeeping).
 STATIC_KEYS = frozenset({"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
-                         "replicas_in_sync"})
+                         "replicas_in_sync", "train_images"})
 # Keys Ray Tune adds to every result.
 TUNE_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
                        "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",

@@ -1,0 +1,178 @@
+"""The sharded store: prepare (Ray Data), stream, resume, subsets, S3, damaged input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from trainables.config import load_config
+from trainables.data import batch_stream, build_data
+from trainables.store import fraction_indices, open_split, read_index
+
+pytestmark = pytest.mark.ray
+
+
+def jpegs(root: Path, n: int, classes: int = 3, size: int = 40) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(d / f"{i:04d}.jpg")
+
+
+@pytest.fixture(scope="module")
+def store(ray_address, tmp_path_factory):
+    """An ImageFolder of 60 JPEGs (one of them corrupt) prepared at 32 px in shards of ~8 images."""
+    from orchestrator.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    jpegs(root / "src", 60)
+    (root / "src" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    index = prepare(str(root / "src"), str(root / "store"), 32, shard_mb=8 * 3 * 32 * 32 / 1e6, address=ray_address)
+    return root, index
+
+
+def test_prepare_writes_shards_and_lists_the_corrupt_file(store):
+    root, index = store
+    assert index["splits"]["train"]["n"] + index["splits"]["eval"]["n"] == 60
+    assert index["classes"] == ["class0", "class1", "class2"] and index["size"] == 32
+    assert len(index["splits"]["train"]["shards"]) >= 6  # ~8 images a shard
+    [(path, why)] = index["unreadable"]
+    assert path.endswith("class1/broken.jpg") and why
+    split = open_split(root / "store", read_index(root / "store"), "train")
+    x = split.take([0, len(split) - 1, 3])
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8
+    from orchestrator.prepare import _folder_items, decode
+
+    items, _ = _folder_items(root / "src")  # the store keeps source order (unreadable files left out)
+    first, label = items["train"][0]
+    assert torch.equal(x[0], torch.from_numpy(decode(first, 32))) and split.labels[0] == label
+
+
+def test_prepare_again_is_a_no_op_and_a_different_store_is_refused(store, capsys):
+    from orchestrator.prepare import prepare
+    from trainables.errors import UserError
+
+    root, index = store
+    mtimes = {f: f.stat().st_mtime_ns for f in (root / "store").rglob("*")}
+    again = prepare(str(root / "src"), str(root / "store"), 32, shard_mb=8 * 3 * 32 * 32 / 1e6)
+    assert again == index and "nothing to do" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in (root / "store").rglob("*")} == mtimes
+    with pytest.raises(UserError, match="holds a different store"):
+        prepare(str(root / "src"), str(root / "store"), 24)
+
+
+def test_interrupted_prepare_redoes_only_missing_shards(store, capsys):
+    import shutil
+
+    from orchestrator.prepare import prepare
+
+    root, index = store
+    part = root / "partial"
+    shutil.copytree(root / "store", part)
+    (part / "index.json").unlink()  # it stopped before the index ...
+    (part / "train" / "shard-00001.json").unlink()  # ... and before this shard's record
+    kept = (part / "train" / "shard-00000.npy").stat().st_mtime_ns
+    again = prepare(str(root / "src"), str(part), 32, shard_mb=8 * 3 * 32 * 32 / 1e6)
+    assert again["splits"] == index["splits"]
+    assert (part / "train" / "shard-00000.npy").stat().st_mtime_ns == kept
+    assert "already there from an interrupted run" in capsys.readouterr().out
+
+
+def test_store_stream_resumes_batch_for_batch(store):
+    root, _ = store
+    split = open_split(root / "store", read_index(root / "store"), "train")
+    straight = batch_stream(split, 8, seed=3, start_step=0)
+    seq = [next(straight) for _ in range(12)]  # crosses an epoch boundary (53 images, 6 steps an epoch)
+    resumed = batch_stream(split, 8, seed=3, start_step=7)
+    for i in range(7, 12):
+        x, y = next(resumed)
+        assert torch.equal(x, seq[i][0]) and torch.equal(y, seq[i][1])
+    # ranks take disjoint contiguous shares of the same global batch
+    r0, r1 = (next(batch_stream(split, 8, seed=3, start_step=0, rank=r, world=2)) for r in (0, 1))
+    assert torch.equal(torch.cat([r0[0], r1[0]]), seq[0][0])
+
+
+def test_fraction_subsets_are_nested_class_balanced_and_fixed():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    a, b = fraction_indices(labels, 0.1), fraction_indices(labels, 0.5)
+    assert set(a) <= set(b) and np.array_equal(a, fraction_indices(labels, 0.1))
+    assert np.bincount(labels[a]).tolist() == [10, 5, 3, 2]
+    assert len(fraction_indices(labels, 1.0)) == 200
+    cfg = load_config(tiny(), ["data.fraction=0.25", "data.train_size=200"])
+    d1, d2 = build_data(cfg), build_data(load_config(tiny(), ["data.fraction=0.25", "data.train_size=200",
+                                                              "run.seed=0"]))
+    assert torch.equal(d1.train.labels, d2.train.labels) and 40 <= len(d1.train) <= 60
+
+
+def test_two_trials_train_from_one_store(store, tmp_path):
+    root, _ = store
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import tiny; "
+            "from trainables.config import load_config; from trainables.trainer import train; "
+            f"print(train(load_config(tiny(), ['data.dataset=store', 'data.path={root / 'store'}', "
+            "'model.img_size=24', 'optim.steps=4', 'eval.samples=32', 'data.batch_size=16']))['linear_top1'])")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1])) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]  # the same data, the same seed: the same result
+
+
+def test_a_trial_reads_a_store_in_s3(store, tmp_path, monkeypatch):
+    import boto3
+    from conftest import _free_port
+    from moto.server import ThreadedMotoServer
+
+    from trainables.storage import Storage
+    from trainables.trainer import train
+
+    root, _ = store
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for k, v in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                         AWS_ENDPOINT_URL=endpoint, CLMIM_STORE_CACHE=str(tmp_path / "cache")).items():
+            monkeypatch.setenv(k, v)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="data")
+        st = Storage("s3://data/stores/tiny", endpoint)
+        st.upload(root / "store", st.path())
+        cfg = load_config(tiny(), ["data.dataset=store", "data.path=s3://data/stores/tiny", "model.img_size=24",
+                                   "optim.steps=2", "eval.samples=32", "data.batch_size=16"])
+        final = train(cfg)
+        assert final["step"] == 2 and 0 <= final["linear_top1"] <= 1
+        cached = list((tmp_path / "cache").iterdir())
+        assert any((c / "index.json").is_file() for c in cached)  # one local copy per node, reused
+        assert json.loads(next(c for c in cached if c.is_dir()).joinpath("index.json").read_text())["size"] == 32
+    finally:
+        server.stop()
+
+
+def test_store_config_errors_name_the_problem(store, tmp_path):
+    from trainables.config import ConfigError
+
+    root, _ = store
+    with pytest.raises(ConfigError, match="not a prepared store"):
+        build_data(load_config(tiny(), ["data.dataset=store", f"data.path={tmp_path}"]))
+    with pytest.raises(ConfigError, match="stored at 32 px"):
+        build_data(load_config(tiny(), ["data.dataset=store", f"data.path={root / 'store'}", "model.img_size=64"]))
+
+
+def test_builtin_sets_go_through_the_same_path(ray_address, tmp_path):
+    from orchestrator.prepare import prepare
+
+    index = prepare("digits", str(tmp_path / "digits"), 16, address=ray_address)
+    assert index["splits"]["train"]["n"] + index["splits"]["eval"]["n"] == 1797 and len(index["classes"]) == 10
+    data = build_data(load_config(tiny(), ["data.dataset=store", f"data.path={tmp_path / 'digits'}",
+                                           "model.img_size=16"]))
+    direct = build_data(load_config(tiny(), ["data.dataset=digits", "model.img_size=16"]))
+    assert len(data.train) == len(direct.train) and torch.equal(data.train.labels, direct.train.labels)
+    assert torch.equal(data.train.take(np.arange(5)), direct.train.images[:5])
