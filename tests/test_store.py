@@ -176,3 +176,21 @@ def test_builtin_sets_go_through_the_same_path(ray_address, tmp_path):
     direct = build_data(load_config(tiny(), ["data.dataset=digits", "model.img_size=16"]))
     assert len(data.train) == len(direct.train) and torch.equal(data.train.labels, direct.train.labels)
     assert torch.equal(data.train.take(np.arange(5)), direct.train.images[:5])
+
+
+def test_prepare_train_resume_equals_a_straight_run(store, tmp_path):
+    """Training from the store to 2N straight, and resuming from the step-N checkpoint to 2N: the same weights
+    (so the same batches in the same order)."""
+    from trainables.trainer import find_checkpoint, train
+
+    root, _ = store
+    base = tiny(**{"objective__lam": 0.5, "optim__steps": 8, "run__ckpt_every": 4, "data__batch_size": 16,
+                   "data__dataset": "store", "data__path": str(root / "store"), "model__img_size": 24,
+                   "eval__samples": 32})
+    straight = tmp_path / "straight"
+    train(load_config(base, [f"run.out_dir={straight}"]))
+    resumed = tmp_path / "resumed"
+    train(load_config(base, [f"run.out_dir={resumed}", f"run.resume={straight / 'checkpoints' / 'step_0000004'}"]))
+    a, b = (torch.load(find_checkpoint(d), weights_only=True)["model"] for d in (straight, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
