@@ -255,6 +255,22 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .cka import compare
+    from .layout import results_root
+
+    if (args.trial_b is None) == (not args.untrained):
+        raise UserError("compare: give a second SWEEP/TRIAL, or --untrained to compare a trial with its untrained "
+                        "encoder")
+    table, path = compare(args.trial_a, args.trial_b, results_root(args.results), samples=args.samples)
+    grid = table.pivot(index="layer_a", columns="layer_b", values="cka").round(3).reset_index()
+    grid.columns = ["layer", *(f"{c}" for c in grid.columns[1:])]
+    _print_frame(grid, f"linear CKA, rows: layers of {args.trial_a}; columns: layers of "
+                       f"{args.trial_b or 'its untrained encoder'}")
+    print(f"table: {path} (heatmap: {path.with_suffix('.png')})")
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from .prepare import prepare
 
@@ -340,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--variant", help="for plain timm weights: scale/patch, e.g. B/16")
     a.add_argument("--img-size", type=int, default=224, help="for plain timm weights")
     a.set_defaults(fn=cmd_analyze)
+
+    cp = sub.add_parser("compare", help="linear CKA between the layers of two trials (or one and its untrained "
+                        "encoder)")
+    cp.add_argument("trial_a", metavar="SWEEP/TRIAL")
+    cp.add_argument("trial_b", metavar="SWEEP/TRIAL", nargs="?")
+    cp.add_argument("--untrained", action="store_true", help="compare SWEEP/TRIAL with its own untrained encoder")
+    cp.add_argument("--samples", type=_positive_int, default=512, help="eval images (default 512)")
+    cp.add_argument("--results", help="results root")
+    cp.set_defaults(fn=cmd_compare)
 
     da = sub.add_parser("data", help="prepare data sets")
     dsub = da.add_subparsers(dest="data_command", required=True)

@@ -227,6 +227,21 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
     return text
 
 
+def _pure_cka(layout: SweepLayout, done: pd.DataFrame) -> tuple[bytes, str, str] | None:
+    """The CKA heatmap of the sweep's first pure-MIM trial against its first pure-CL trial (lowest seed), when both
+    kept their final weights; None otherwise."""
+    from .cka import heatmap, trial_cka
+
+    seed = "run.seed" if "run.seed" in done else "trial"
+    pick = {lam: done[done.lam == lam].sort_values([seed, "trial"]).trial.tolist()[:1] for lam in (0.0, 1.0)}
+    if not (pick[0.0] and pick[1.0]):
+        return None
+    mim, cl = pick[0.0][0], pick[1.0][0]
+    if not all(layout.store.exists(f"{layout.run_path(t)}/model.pt") for t in (mim, cl)):
+        return None
+    return heatmap(trial_cka(layout, mim, layout, cl), f"MIM {mim}", f"CL {cl}"), mim, cl
+
+
 def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Path, list[Path]]:
     """Write ``report.html`` and its PNG figures for a sweep; return the HTML path and every file written."""
     name = layout.name
@@ -266,6 +281,10 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
 
         fits, _ = scaling_table(name, layout.root, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))
+    cka = _pure_cka(layout, done)
+    if cka is not None:
+        figures.append(("cka", f"Linear CKA between the layers of pure MIM ({cka[1]}) and pure CL ({cka[2]}), GAP "
+                               "features of the same eval images", cka[0]))
     from trainables.files import write_bytes_atomic, write_text_atomic
 
     written = []

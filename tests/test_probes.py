@@ -147,3 +147,36 @@ def test_probe_suite_rows_cover_every_layer():
     assert 0 < summary["cue_match_cls"] <= 1
     flat = rows_to_metrics(rows)
     assert "layer/3/h1/attn_nmi" in flat and "layer/0/fourier_dlogamp_pi" in flat
+
+
+def _reference_hsic(k, l):
+    """The unbiased HSIC of Song et al. (2012), term by term with explicit sums (float64 numpy)."""
+    import numpy as np
+
+    n = len(k)
+    kt, lt = k.copy(), l.copy()
+    np.fill_diagonal(kt, 0)
+    np.fill_diagonal(lt, 0)
+    trace = sum(kt[i, j] * lt[j, i] for i in range(n) for j in range(n))
+    sums = kt.sum() * lt.sum() / ((n - 1) * (n - 2))
+    cross = sum(kt[i, j] * lt[j, q] for i in range(n) for j in range(n) for q in range(n))
+    return (trace + sums - 2 * cross / (n - 2)) / (n * (n - 3))
+
+
+def test_linear_cka_invariances_and_reference():
+    import numpy as np
+
+    from trainables.probes import linear_cka
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 24, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(24, 24, generator=g))
+    assert abs(linear_cka(x, x) - 1) < 1e-9
+    assert abs(linear_cka(x, 3.0 * x @ q) - 1) < 1e-9  # orthogonal transform and isotropic scale
+    assert abs(linear_cka(x, torch.randn(512, 16, generator=g))) < 0.05  # independent
+    mixed = x[:, :8] @ torch.randn(8, 8, generator=g)  # shares a subspace: in between
+    assert 0.1 < linear_cka(x, mixed) < 0.9
+    a, b = np.random.default_rng(1).normal(size=(2, 12, 5))
+    ref = _reference_hsic(a @ a.T, b @ b.T) / np.sqrt(_reference_hsic(a @ a.T, a @ a.T)
+                                                        * _reference_hsic(b @ b.T, b @ b.T))
+    assert abs(linear_cka(torch.from_numpy(a), torch.from_numpy(b), batch=12) - ref) < 1e-12

@@ -98,6 +98,34 @@ def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * (p + EPS).log()).sum(-1))
 
 
+def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC estimator (Song et al. 2012) of two (n, n) Gram matrices, n >= 4."""
+    n = k.shape[0]
+    k = k - torch.diag_embed(torch.diagonal(k))  # zero diagonals
+    l = l - torch.diag_embed(torch.diagonal(l))
+    ones = torch.ones(n, dtype=k.dtype, device=k.device)
+    kl = k @ l
+    return (torch.trace(kl) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+            - 2 * (ones @ kl @ ones) / (n - 2)) / (n * (n - 3))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+    """Linear CKA of two representations of the same images, x (n, c1) and y (n, c2), with the minibatch
+    unbiased estimator of Nguyen et al. (2021): HSIC_1 summed over consecutive minibatches of ``batch`` images
+    (each >= 4), CKA = sum HSIC(K, L) / sqrt(sum HSIC(K, K) * sum HSIC(L, L)), K = x x^T, L = y y^T (float64).
+    1 for a representation with itself or any orthogonal transform (or isotropic scaling) of it; ~0 for
+    independent ones."""
+    x, y = x.double(), y.double()
+    kl = kk = ll = torch.zeros((), dtype=torch.float64)
+    for i in range(0, len(x) - 3, batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        if len(xb) < 4:
+            break
+        k, l = xb @ xb.T, yb @ yb.T  # (b, b) linear kernels
+        kl, kk, ll = kl + _unbiased_hsic(k, l), kk + _unbiased_hsic(k, k), ll + _unbiased_hsic(l, l)
+    return float(kl / (kk * ll).sqrt())
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module):
     """Put ``module`` in eval mode for the block and restore its mode after; yields its device."""
