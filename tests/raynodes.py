@@ -61,13 +61,27 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _private_tmp() -> str:
+    """Shell commands (run inside the node's own mount namespace) that put an empty tmpfs over /tmp, keeping the
+    code visible: this checkout and the Python environment, when they live under /tmp (a CI checkout), are bound
+    back in place, as a real node has the code installed but not the driver's files."""
+    here = [Path(__file__).resolve().parents[1], Path(sys.prefix).resolve()]
+    keep = [p for p in here if p.is_relative_to("/tmp")]
+    keep = [p for p in keep if not any(p != q and p.is_relative_to(q) for q in keep)]
+    steps = ["mount -t tmpfs tmpfs /mnt"] if keep else []
+    steps += [f"mkdir /mnt/k{i} && mount --bind '{p}' /mnt/k{i}" for i, p in enumerate(keep)]
+    steps.append("mount -t tmpfs tmpfs /tmp")
+    steps += [f"mkdir -p '{p}' && mount --move /mnt/k{i} '{p}'" for i, p in enumerate(keep)]
+    return " && ".join(steps)
+
+
 def start_node(args: list[str], env: dict, namespace: bool) -> subprocess.Popen:
     """`ray start ... --block` (its processes stay its descendants, so the test can stop exactly them); in a
     private mount namespace with a tmpfs over /tmp for a worker node."""
     cmd = [str(BIN / "ray"), "start", *args, "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
            f"--dashboard-agent-listen-port={_free_port()}", "--num-gpus=0"]
     if namespace:  # a worker node: its own /tmp (the results root, Ray's temp dirs, scratch folders are there)
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"',
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", _private_tmp() + ' && exec "$@"',
                "sh", sys.executable, "-c", JOIN, *cmd[2:]]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
