@@ -114,6 +114,63 @@ print(base, hwm())
 """
 
 
+TRIAL_CODE = """
+import sys
+sys.path.insert(0, {repo!r})
+from trainables.config import load_config
+from trainables.trainer import train
+
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
+cfg = load_config({{"data": {{"dataset": "store", "path": {store!r}, "batch_size": {batch}}},
+                   "model": {{"variant": "micro/4", "img_size": 32}}, "optim": {{"steps": {steps}}},
+                   "eval": {{"samples": 256, "probe_images": 32}}, "run": {{"threads": 1}}}})
+train(cfg)
+print(hwm())
+"""
+
+
+RAY_RSS_CODE = """
+import sys
+from pathlib import Path
+import ray
+
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+files = sorted(str(f) for f in (Path({store!r}) / "train").glob("shard-*[0-9].npy"))
+base = hwm()
+n = 0
+while n < {batches}:
+    ds = ray.data.read_numpy(files).randomize_block_order(seed=n)
+    for b in ds.iter_batches(batch_size={batch}, batch_format="numpy", local_shuffle_buffer_size={batch} * 4):
+        n += 1
+        if n >= {batches}:
+            break
+print(base, hwm())
+ray.shutdown()
+"""
+
+
+def ray_data_peak_rss_mb(store: Path, batch: int, batches: int) -> tuple[float, float]:
+    """(RSS after ray.init, peak RSS) in MB of a fresh process iterating Ray Data batches over the store's shards
+    (the consumer only: Ray's object store and workers are other processes)."""
+    out = subprocess.run([sys.executable, "-c", RAY_RSS_CODE.format(store=str(store), batch=batch, batches=batches)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[-2]) / 1024, int(out[-1]) / 1024
+
+
+def trial_peak_rss_mb(store: Path, batch: int, steps: int) -> float:
+    """Peak RSS in MB of a whole trial (micro/4 at 32 px cropped from the store, ``steps`` steps, then the probes)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", TRIAL_CODE.format(repo=repo, store=str(store), batch=batch,
+                                                                   steps=steps)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[-1]) / 1024
+
+
 def peak_rss_mb(store: Path, batch: int, batches: int) -> tuple[float, float]:
     """(peak RSS after imports and opening the store, peak RSS after streaming) in MB of a fresh process reading
     ``batches`` batches."""
@@ -158,6 +215,10 @@ def main() -> None:
     results["imagefolder_img_s"] = folder_rate(big, a.size, a.batch, a.batches)
     results["rss_small_mb"] = peak_rss_mb(work / "store-small", a.batch, 4 * a.batches)
     results["rss_big_mb"] = peak_rss_mb(store, a.batch, 4 * a.batches)
+    results["ray_data_rss_small_mb"] = ray_data_peak_rss_mb(work / "store-small", a.batch, 4 * a.batches)
+    results["ray_data_rss_big_mb"] = ray_data_peak_rss_mb(store, a.batch, 4 * a.batches)
+    results["trial_rss_small_mb"] = trial_peak_rss_mb(work / "store-small", 64, 80)
+    results["trial_rss_big_mb"] = trial_peak_rss_mb(store, 64, 80)
     results["store_mb"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 1e6
     results["jpeg_mb"] = sum(f.stat().st_size for f in big.rglob("*") if f.is_file()) / 1e6
     print(json.dumps(results, indent=1))
@@ -170,6 +231,10 @@ def main() -> None:
     print(f"peak RSS streaming {4 * a.batches} batches: {r['rss_small_mb'][1]:.0f} MB from {a.images // 10} images, "
           f"{r['rss_big_mb'][1]:.0f} MB from {a.images} (after imports: {r['rss_small_mb'][0]:.0f} / "
           f"{r['rss_big_mb'][0]:.0f} MB)")
+    print(f"Ray Data consumer's peak RSS over the same {4 * a.batches} batches: {r['ray_data_rss_small_mb'][1]:.0f} MB "
+          f"(small store), {r['ray_data_rss_big_mb'][1]:.0f} MB (10x)")
+    print(f"peak RSS of a trial (micro/4, 80 steps of 64, probes): {r['trial_rss_small_mb']:.0f} MB on the small "
+          f"store, {r['trial_rss_big_mb']:.0f} MB on the 10x one")
 
 
 if __name__ == "__main__":

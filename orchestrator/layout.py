@@ -9,7 +9,7 @@
 and in the sweep's storage (``storage.py``; by default the results root, so the same folder):
 
     <storage>/<sweep>/sweep.json                 a copy, so ``clmim resume`` works from any machine
-    <storage>/<sweep>/tune/<trial>/              Ray Tune's trial dirs: result.json, checkpoint_NNNNNN/, error.json
+    <storage>/<sweep>/tune/<trial>/              Tune's trial dirs: result.json, checkpoint_<step>/, error.json
     <storage>/<sweep>/tune/<trial>/run/          the trial's own files: config.yaml, final_metrics.json, model.pt
     <storage>/<sweep>/train/<trial>/             Ray Train checkpoints of multi-worker trials
 

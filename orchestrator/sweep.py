@@ -115,9 +115,6 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic output path, which takes our progress reporter
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # probe metrics arrive at the end only
-    # Tune keeps one checkpoint per trial (one copy each), so it snapshots its state after every checkpoint (a
-    # resume must never point at a deleted one) and would warn about frequent snapshots each time: on purpose here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     loopback = not address or address == "auto" or address.split(":")[0] in ("127.0.0.1", "localhost")
     if loopback:
         # A one-machine cluster: keep node addresses on the loopback interface. Ray reads this when it is
@@ -184,10 +181,9 @@ def _run_config(space: Space, layout: SweepLayout, mlflow_uri: str):
     from .console import make_reporter
     from .tracking import ResultsCallback
 
-    # one checkpoint per trial is enough: Tune registers a new one only once it is completely in the storage
+    # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
                           failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           progress_reporter=make_reporter(), verbose=1,
                           callbacks=[ResultsCallback(layout, space, mlflow_uri)])
 

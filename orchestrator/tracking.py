@@ -205,6 +205,14 @@ class ResultsCallback(Callback):
             if key not in seen:
                 seen.add(key)
                 results.append(r)
+        if status == "TERMINATED" and not any("resumed_from" in r for r in results):
+            # its final report is in no result.json this driver can read (the driver that received it died before
+            # syncing it): the trial's own record of it
+            final = layout.store.read_text(f"{layout.run_path(tid)}/final_metrics.json")
+            if final is not None:
+                import json
+
+                results.append(json.loads(final))
         err = None
         if status == "ERROR":
             err = read_error(layout, tid)

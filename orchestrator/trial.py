@@ -4,17 +4,20 @@
 with ``tune.with_parameters``) a frozen ``TrialSpec``: the sweep's layout (so every path, in the storage every node
 reaches), the base config and fixed overrides, the resources.
 
-- One-worker trials run the trainer right in the Tune trial process (``resources.mode: auto``): checkpoints go
-  through ``ray.tune.report`` into the trial's folder in the storage and come back after a lost process (Tune's
-  ``FailureConfig`` retries, on any node).
+- One-worker trials run the trainer right in the Tune trial process (``resources.mode: auto``). The trial owns its
+  checkpoints: each is copied into its folder in the storage (``checkpoint_<step>``), the older one deleted after;
+  a (re)started trial continues from the newest one there that loads (``resume_point``). Tune is never handed a
+  checkpoint: its saved state, synced to the storage in the background, can lag the storage, and a state naming a
+  checkpoint already deleted made the restored trial fail in Tune before this code ran (seen when the driver
+  died). Tune's ``FailureConfig`` retries a lost process, on any node.
 - Multi-worker trials build a ``ray.train.torch.TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU) around the same
   trainer; ``TuneReportCallback`` forwards rank 0's reports to Tune, checkpoints live in the storage under
   ``train/<trial_id>``, and a restarted trial's TorchTrainer (same name, same storage) resumes from the latest.
 
-Files: the trainer writes into a scratch folder on its own node; each checkpoint is reported (Ray copies it to the
-storage) and the local copy deleted, so each checkpoint exists once. The resolved config is written to
-``run/config.yaml`` in the storage before training; at the end the run files (``final_metrics.json``, and
-``model.pt``, the final encoder weights for ``clmim analyze``) are copied there too.
+Files: the trainer writes into a scratch folder on its own node; each checkpoint is copied to the storage (by
+the trial, or by Ray Train for multi-worker trials) and the local copy deleted, so each checkpoint exists once. The
+resolved config is written to ``run/config.yaml`` in the storage before training; at the end the run files
+(``final_metrics.json``, and ``model.pt``, the final encoder weights for ``clmim analyze``) are copied there too.
 
 A trial that raises (a config problem, a non-finite loss) writes ``error.json`` in its storage folder; a retry of
 that trial re-raises the same error at once instead of training again, so only lost processes are retried.
@@ -179,10 +182,9 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
         # Every rank gets an out_dir (the trainer writes files from rank 0 only, but all ranks must agree on when
         # checkpoints happen: saving one is a collective step).
         cfg = spec.config(values, str(scratch / "run"))
-        ckpt = api.get_checkpoint()
         if in_process:
-            cfg.run.resume = resume_point(ckpt, layout, trial, scratch / "resume")
-        elif ckpt is not None:
+            cfg.run.resume = resume_point(layout, trial, scratch / "resume")
+        elif (ckpt := api.get_checkpoint()) is not None:
             cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
         if rank == 0:
             import yaml
@@ -193,9 +195,15 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
         last: dict[str, Path] = {}
 
         def report(metrics: dict, checkpoint=None) -> None:
-            api.report(_clean(metrics), checkpoint=api.Checkpoint.from_directory(str(checkpoint)) if checkpoint
-                       else None)
-            if checkpoint:  # Ray has copied it into the storage: that copy is the only one kept
+            if checkpoint and in_process:  # into the storage first, then older ones beyond the kept count go
+                stored = f"{layout.trial_path(trial)}/checkpoint_{int(metrics['step']):07d}"
+                store.upload(Path(checkpoint), stored)
+                older = [p for p in layout.checkpoint_paths(trial) if p != stored]
+                for old in older[:max(0, len(older) - (max(1, spec.keep_checkpoints) - 1))]:
+                    store.delete(old)
+            api.report(_clean(metrics), checkpoint=api.Checkpoint.from_directory(str(checkpoint))
+                       if checkpoint and not in_process else None)
+            if checkpoint:  # the storage holds it now: that copy is the only one kept
                 if "dir" in last:
                     shutil.rmtree(last["dir"], ignore_errors=True)
                 last["dir"] = Path(checkpoint)
@@ -211,28 +219,20 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def resume_point(tune_checkpoint, layout: SweepLayout, trial: str, local: Path) -> str | None:
-    """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest complete
-    one in the trial's storage folder, else None (a fresh start).
-
-    It can be newer than the one Tune hands back: on Ctrl-C Tune saves its experiment state before it stops the
-    trials, so a checkpoint reported in that window is in the storage but not in Tune's state, and the resumed
-    trial would otherwise start again at step 0. Such a checkpoint is used only if it loads."""
+def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
+    """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest one in the
+    trial's storage folder that loads (a copy torn by a killed process is skipped for the one before), else None
+    (a fresh start)."""
     store = layout.store
     prefix = layout.trial_path(trial) + "/"
-    registered = tune_checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if tune_checkpoint is not None else None
     for path in reversed([p for p in layout.checkpoint_paths(trial) if p.startswith(prefix)]):
         name = path.rsplit("/", 1)[-1]
         f = store.download(path, local / name) / "checkpoint.pt"
-        if name == registered:
-            return str(f)
         try:
             load_weights(f)
             return str(f)
-        except Exception:  # noqa: BLE001 - a torn copy from a killed process: try the one before
+        except Exception:  # noqa: BLE001 - torn or missing: try the one before
             shutil.rmtree(local / name, ignore_errors=True)
-    if tune_checkpoint is not None:  # outside the trial's folder (not expected): Tune's own copy
-        return str(Path(tune_checkpoint.to_directory(str(local / "tune"))) / "checkpoint.pt")
     return None
 
 

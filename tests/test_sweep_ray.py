@@ -231,8 +231,8 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path, 
             train_dir = sweep_dir / "train" / dirs[0].name
             registered = (train_dir / "checkpoint_manager_snapshot.json").is_file() and any(
                 train_dir.glob("checkpoint_*/checkpoint.pt"))
-        else:  # the driver has registered a checkpoint once a result that carries one is in result.json
-            registered = any(r.get("checkpoint_dir_name") for r in results_lines(dirs[0]))
+        else:  # the trial has copied a checkpoint into its storage folder
+            registered = any(dirs[0].glob("checkpoint_*/checkpoint.pt"))
         return registered and dirs[0]
 
     trial = wait_for(checkpointed, 120, "a first checkpoint")

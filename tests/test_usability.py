@@ -62,8 +62,8 @@ def test_summary_of_an_interrupted_sweep_comes_from_the_tables_and_tune_state(tm
 
 
 def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
-    """Tune saves its state before stopping trials on Ctrl-C, so a checkpoint stored in that window is not in
-    Tune's state and the trial restarted from step 0; a torn newer one (a process killed mid-copy) is skipped."""
+    """A (re)started trial continues from the newest checkpoint in its storage folder, whatever Tune's saved state
+    says (it can lag: on Ctrl-C, or when the driver dies); a torn newer one (a process killed mid-copy) is skipped."""
     import shutil
 
     from orchestrator.layout import SweepLayout
@@ -79,13 +79,10 @@ def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
     (trial / "checkpoint_000002").mkdir()
     (trial / "checkpoint_000002" / "checkpoint.pt").write_bytes(b"torn")
 
-    class Registered:  # Tune's own record: the older checkpoint
-        path = str(trial / "checkpoint_000000")
-
-    got = resume_point(Registered, layout, "t1", tmp_path / "local")
+    got = resume_point(layout, "t1", tmp_path / "local")
     assert got == str(tmp_path / "local" / "checkpoint_000001" / "checkpoint.pt")
     assert torch.load(got, weights_only=True)["step"] == 4
-    assert resume_point(None, layout, "fresh", tmp_path / "local2") is None
+    assert resume_point(layout, "fresh", tmp_path / "local2") is None
 
 
 # ---------------------------------------------------------------------------------------- 2. report --out
