@@ -47,10 +47,11 @@ def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
         raise UserError(f"trial: {layout.name}/{trial} has no final weights (run/model.pt): it has not finished")
     ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     cfg = load_config(ckpt["config"], ["run.device=cpu"])
-    torch.manual_seed(cfg.run.seed)  # as build_run: seeds, data, then the objective
-    np.random.seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    build_data(cfg)
+    if untrained:  # the trial's own initial weights: as build_run, seeds, then data, then the objective
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        build_data(cfg)
     objective = build_objective(cfg)
     if not untrained:
         objective.load_state_dict(ckpt["model"], strict=False)

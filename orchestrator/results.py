@@ -502,12 +502,13 @@ def storage_bytes(layout: SweepLayout) -> dict[str, int]:
     root), in its separate storage, and of its trials' checkpoints (full ones and the final weights exports)."""
     local = _dir_bytes(layout.sweep_dir) if layout.sweep_dir.is_dir() else 0
     try:
+        trials = layout.trials()  # one listing of the storage, used for both sums
         stored = layout.store.size(layout.experiment_path) if layout.storage else 0
-        ckpt = sum(layout.store.size(p) for t in layout.trials() for p in layout.checkpoint_paths(t))
-        ckpt += sum(layout.store.size(f"{layout.run_path(t)}/model.pt") for t in layout.trials())
+        ckpt = sum(layout.store.size(p) for t in trials for p in layout.checkpoint_paths(t))
+        ckpt += sum(layout.store.size(f"{layout.run_path(t)}/model.pt") for t in trials)
     except OSError:  # storage unreachable right now: show what is known
-        stored = ckpt = 0
-    return {"driver": local, "storage": stored, "checkpoints": ckpt}
+        trials, stored, ckpt = [], 0, 0
+    return {"driver": local, "storage": stored, "checkpoints": ckpt, "trials": len(trials)}
 
 
 def _total_bytes(layout: SweepLayout) -> int:
@@ -606,7 +607,8 @@ def show(layout: SweepLayout) -> list[tuple[str, object]]:
                          "ORDER BY trial", [name]).df()
     if len(failed):
         out.append(("failed or unfinished trials", failed))
-    b, n = storage_bytes(layout), max(1, len(layout.trials()))
+    b = storage_bytes(layout)
+    n = max(1, b["trials"])
     parts = [("results root (tables, reports" + ("" if layout.storage else ", trial files") + ")", b["driver"])]
     if layout.storage:
         parts.append((f"storage {layout.store.display(layout.experiment_path)}", b["storage"]))

@@ -178,7 +178,7 @@ def local_copy(path: str) -> Path:
         return Path(path).expanduser()
     import fcntl
 
-    from trainables.storage import Storage
+    from .storage import Storage
 
     st = Storage.parse(path, None, Path.cwd())
     index_text = st.read_text(st.path(INDEX))
