@@ -209,7 +209,7 @@ def cmd_analyze(args) -> int:
     from trainables.model import ViT
     from trainables.objectives import build_objective
     from trainables.probes import run_probes
-    from trainables.trainer import find_checkpoint, load_weights
+    from trainables.trainer import find_checkpoint, load_weights, pretrained_encoder
 
     path = find_checkpoint(_fetch(args.checkpoint), weights=True)
     if path is None:
@@ -227,7 +227,7 @@ def cmd_analyze(args) -> int:
         objective = build_objective(cfg)
         # only the encoder is analysed: heads of an older layout (e.g. before the predictor's last BatchNorm)
         # may differ without harm
-        missing, _ = objective.load_state_dict(ckpt["model"], strict=False)
+        missing, _ = objective.load_state_dict(pretrained_encoder(ckpt), strict=False)  # never a fine-tuned one
         if any(k.startswith("encoder.") for k in missing):
             raise UserError(f"checkpoint: its encoder does not fit the config it carries (missing {missing[0]})")
         encoder = objective.encoder

@@ -5,6 +5,8 @@ Layout (schema version ``SCHEMA_VERSION``; columns documented in the README)::
     <results>/<sweep>/trials/<trial>.<attempt>.parquet   one row per trial attempt
     <results>/<sweep>/curves/<trial>.<attempt>.parquet   long: step, epoch, metric, value
     <results>/<sweep>/layers/<trial>.<attempt>.parquet   long: step (0 = untrained), layer, head, metric, value
+    <results>/<sweep>/robustness/<trial>.<attempt>.parquet   long: step (0 = untrained), band, freq_lo, freq_hi,
+                                                         metric, value (accuracy under band-passed noise)
     <results>/<sweep>/manifest.json                      the current files of each table
 
 Every file is written under a temporary name and renamed into place, so readers never see a partial file and
@@ -40,13 +42,13 @@ import pyarrow.parquet as pq
 from trainables.config import flatten, to_dict
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
-from trainables.vocab import FINAL_KEYS, STATIC_KEYS, TUNE_KEYS, objective_group
+from trainables.vocab import FINAL_KEYS, NOISE_METRIC, STATIC_KEYS, TUNE_KEYS, is_table_key, objective_group
 
 from .layout import SweepLayout, check_root, list_sweeps, stored_storage
 
 SCHEMA_VERSION = 2  # 2: layers has a step column (0 = the untrained encoder)
 READABLE_VERSIONS = (b"1", b"2")  # files of these versions are read (a v1 layers file has step null)
-TABLES = ("trials", "curves", "layers")
+TABLES = ("trials", "curves", "layers", "robustness")
 GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
 MERGED_PREFIX = "_merged."
 COMPACT_BATCH = 64  # per-attempt files merged at a time while a sweep runs (~sqrt of a big sweep)
@@ -59,6 +61,10 @@ CURVE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
 LAYER_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("layer", pa.int32()), ("head", pa.int32()),
                           ("metric", pa.string()), ("value", pa.float64())])
+NOISE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
+                          ("attempt", pa.string()), ("step", pa.int64()), ("band", pa.int32()),
+                          ("freq_lo", pa.float64()), ("freq_hi", pa.float64()), ("metric", pa.string()),
+                          ("value", pa.float64())])
 
 
 class QueryError(UserError):
@@ -220,7 +226,7 @@ def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, st
         if not isinstance(step, (int, float)):
             continue
         for k, v in r.items():
-            if k in TUNE_KEYS or k in STATIC_KEYS or k in ("step", "epoch") or k.startswith("layer/"):
+            if k in TUNE_KEYS or k in STATIC_KEYS or k in ("step", "epoch") or is_table_key(k):
                 continue
             x = _num(v)
             if x is not None:
@@ -247,6 +253,25 @@ def layers_from_results(results: list[dict]) -> list[tuple[int, int, int | None,
     return sorted(rows, key=lambda r: (r[0], r[1], -1 if r[2] is None else r[2], r[3]))
 
 
+def noise_from_results(results: list[dict], bands: int | None) -> list[tuple[int, int, float, float, str, float]]:
+    """(step, band, freq_lo, freq_hi, metric, value) from every report carrying ``noise/<band>/<metric>`` keys (the
+    untrained encoder at step 0, the end of pre-training, the fine-tuned model); ``bands`` (``eval.noise.bands``)
+    gives each band's angular frequency range. A key reported twice at one step keeps its last value."""
+    from trainables.robustness import band_edges
+
+    seen: dict[tuple[int, int, str], tuple] = {}
+    for r in results:
+        step = _num(r.get("step"))
+        for k, v in r.items():
+            m = NOISE_METRIC.fullmatch(k) if isinstance(k, str) else None
+            if m is None or step is None or _num(v) is None:
+                continue
+            band = int(m.group(1))
+            lo, hi = band_edges(band, bands) if bands else (None, None)
+            seen[(int(step), band, m.group(2))] = (int(step), band, lo, hi, m.group(2), _num(v))
+    return sorted(seen.values(), key=lambda t: (t[0], t[1], t[4]))
+
+
 def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
     """A long table: the id columns repeated on every row, then one column per tuple position."""
     n = len(rows)
@@ -259,7 +284,7 @@ def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
 def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, results: list[dict],
                        error: str | None = None, wall_time_s: float | None = None,
                        attempt: str | None = None) -> str:
-    """Write one attempt of one trial to trials/, curves/ and layers/ (atomically), then add the three files to
+    """Write one attempt of one trial to trials/, curves/, layers/ and robustness/ (atomically), then add the files to
     the manifest in one step; return the attempt id.
 
     ``wall_time_s`` defaults to the largest ``time_total_s`` Tune reported."""
@@ -276,9 +301,12 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt}
     _write_atomic(_long_table(CURVE_SCHEMA, ids, curves_from_results(results)), sweep_dir / "curves" / name)
     _write_atomic(_long_table(LAYER_SCHEMA, ids, layers_from_results(results)), sweep_dir / "layers" / name)
+    bands = flatten(config).get("eval.noise.bands")
+    noise = noise_from_results(results, bands if isinstance(bands, int) else None)
+    _write_atomic(_long_table(NOISE_SCHEMA, ids, noise), sweep_dir / "robustness" / name)
     # A config key that is null in this one-row table is typed by DuckDB from the attempts that set it.
     _write_atomic(pa.Table.from_pylist([row]), sweep_dir / "trials" / name)
-    with _locked(sweep_dir):  # readers see all three files of the attempt, or none
+    with _locked(sweep_dir):  # readers see every file of the attempt, or none
         _change_manifest(sweep_dir, add={t: [name] for t in TABLES})
     return attempt
 
@@ -448,7 +476,7 @@ def connect(root: str | Path):
               FROM trials_all) WHERE rn = 1""")
     else:
         _empty_view(con, "trials", TRIALS_EMPTY)
-    for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA)):
+    for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
         if files[t] and files["trials"]:
             con.read_parquet([str(f) for f in files[t]]).create_view(f"{t}_all")
             con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x

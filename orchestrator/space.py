@@ -345,6 +345,9 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if metric == "shape_bias" and cfg.data.dataset != "synthetic":
         raise SpaceError(f"search.metric: shape_bias needs the synthetic set's cue-conflict split, but {where} "
                          f"trains on {cfg.data.dataset}")
+    if metric == "finetune_top1" and not cfg.eval.finetune.enabled:
+        raise SpaceError(f"search.metric: finetune_top1 needs fine-tuning, but {where} has no eval.finetune.steps "
+                         "or eval.finetune.epochs")
     if not reports_metric(metric, cfg.objective.lam):
         raise SpaceError(f"search.metric: {where} has objective.lam={cfg.objective.lam:g} and reports no {metric}")
     if space.scheduler["type"] == "asha" and metric not in STEP_METRICS and not cfg.eval.every:

@@ -102,3 +102,9 @@ def test_yaml_file_roundtrip(tmp_path):
     assert to_dict(again) == to_dict(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_leave_the_source_mapping_unchanged():
+    source = {"optim": {"steps": 4}, "run": {"seed": 1}}
+    load_config(source, ["run.resume=auto", "optim.steps=8"])
+    assert source == {"optim": {"steps": 4}, "run": {"seed": 1}}

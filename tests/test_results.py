@@ -118,11 +118,12 @@ def test_compaction_keeps_every_row_once(tmp_path):
     for i in range(5):
         write_trial_tables(sweep, f"t{i}", "TERMINATED", cfg(i % 2), reports(3, i / 10))
     write_trial_tables(sweep, "t0", "TERMINATED", cfg(0), reports(3, 0.9))  # a later attempt of t0
-    before = {t: query(f"SELECT * FROM {t} ORDER BY ALL", tmp_path) for t in ("trials", "curves", "layers")}
+    tables = ("trials", "curves", "layers", "robustness")
+    before = {t: query(f"SELECT * FROM {t} ORDER BY ALL", tmp_path) for t in tables}
 
     def n_files():  # files a reader sees (the manifest's current files)
         m = read_manifest(sweep)
-        return [len(m["current"][t]) for t in ("trials", "curves", "layers")]
+        return [len(m["current"][t]) for t in tables]
 
     def unchanged():
         for t, df in before.items():
@@ -130,10 +131,10 @@ def test_compaction_keeps_every_row_once(tmp_path):
             assert after.equals(df), t
 
     # while a sweep runs: per-attempt files merged 4 at a time, 6 per table -> one merged file + 2 left
-    assert compact(sweep, batch=4) == 12 and n_files() == [3, 3, 3]
+    assert compact(sweep, batch=4) == 16 and n_files() == [3, 3, 3, 3]
     assert compact(sweep, batch=4) == 0  # fewer than 4 per-attempt files left; merged files are not rewritten
     unchanged()
-    assert compact(sweep) == 9 and n_files() == [1, 1, 1]  # sweep end: everything into one file
+    assert compact(sweep) == 12 and n_files() == [1, 1, 1, 1]  # sweep end: everything into one file
     unchanged()
     # merged-away originals stay on disk for readers holding an older snapshot, then go after the grace period
     assert len(list((sweep / "trials").glob("*.parquet"))) == 6 + 2
@@ -144,6 +145,6 @@ def test_compaction_keeps_every_row_once(tmp_path):
         compact(sweep)
     finally:
         results.GRACE_S = grace
-    assert [len(list((sweep / t).glob("*.parquet"))) for t in ("trials", "curves", "layers")] == [1, 1, 1]
+    assert [len(list((sweep / t).glob("*.parquet"))) for t in tables] == [1, 1, 1, 1]
     unchanged()
     assert query("SELECT linear_top1 FROM trials WHERE trial = 't0'", tmp_path).linear_top1[0] == 0.9

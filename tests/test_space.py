@@ -53,6 +53,8 @@ def test_search_metric_must_be_reported(tmp_path):
     assert msg.startswith("search.metric:") and "objective.lam=0" in msg
     msg = err(tmp_path, base={"data": {"dataset": "digits"}}, search={"metric": "shape_bias", "mode": "max"})
     assert "cue-conflict" in msg
+    msg = err(tmp_path, search={"metric": "finetune_top1", "mode": "max"})
+    assert msg.startswith("search.metric:") and "eval.finetune.steps" in msg
 
 
 def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
@@ -62,7 +64,7 @@ def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
     from trainables.trainer import train
     from trainables.vocab import LAYER_METRIC, PROBE_METRICS, STEP_METRICS
 
-    final = train(load_config(tiny(), ["optim.steps=2", "objective.lam=0.5"]))
+    final = train(load_config(tiny(), ["optim.steps=2", "objective.lam=0.5", "eval.finetune.steps=2"]))
     reported = {k for k in final if k in STEP_METRICS + PROBE_METRICS or k.startswith("layer/")}
     assert set(STEP_METRICS + PROBE_METRICS) <= reported
     assert all(LAYER_METRIC.fullmatch(k) for k in reported if k.startswith("layer/"))

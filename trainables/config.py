@@ -8,6 +8,7 @@ any expensive work starts. ``to_dict`` gives back the resolved tree (saved next 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -102,6 +103,42 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning after pre-training (the BEiT / MAE / SimMIM recipe, defaults from MAE's ViT-B/16:
+    blr 5e-4 per 256 images, layer-wise lr decay 0.65, wd 0.05, drop path 0.1, label smoothing 0.1, 5 of 100
+    epochs warmup; no mixup / cutmix / RandAugment)."""
+
+    steps: int | None = _f(None, lo=1, doc="fine-tuning optimiser steps (or give epochs; neither: off)")
+    epochs: float | None = _f(None, lo=0.01, doc="fine-tuning epochs of the labelled train split")
+    batch_size: int | None = _f(None, lo=2, hi=65536, doc="global batch (default: data.batch_size)")
+    blr: float = _f(5e-4, lo=0.0, hi=1.0, doc="base lr per 256 images")
+    layer_decay: float = _f(0.65, lo=0.0, hi=1.0, doc="lr of block k = lr * layer_decay^(depth + 1 - k)")
+    weight_decay: float = _f(0.05, lo=0.0, hi=10.0)
+    drop_path: float = _f(0.1, lo=0.0, hi=0.9)
+    label_smoothing: float = _f(0.1, lo=0.0, hi=0.9)
+    warmup_frac: float = _f(0.05, lo=0.0, hi=0.9)
+    pool: str = _f("gap", choices=["gap", "cls"], doc="features the head reads (MAE / BEiT: gap)")
+    crop_min: float | None = _f(None, lo=0.01, hi=1.0, doc="random resized crop's smallest area (default: 0.08, "
+                                                         "0.2 below 64 px)")
+    flip: bool = _f(True, doc="random horizontal flips (off for data whose classes are not mirror-symmetric)")
+    eval_every: int | None = _f(None, lo=1, doc="measure finetune_top1 every N fine-tuning steps (always at the end)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps is not None or self.epochs is not None
+
+
+@dataclass
+class NoiseConfig:
+    """Robustness to frequency-filtered noise: Gaussian noise band-passed to ``bands`` equal-width rings of
+    frequency (L-infinity radius, 0 to pi) and added to eval images at RMS ``rms`` (of the [0, 1] pixel range)."""
+
+    bands: int = _f(8, lo=0, hi=64, doc="frequency bands (0: off)")
+    rms: float = _f(0.1, lo=0.0, hi=10.0, doc="noise RMS per image, in units of the [0, 1] pixel range")
+    images: int = _f(128, lo=1, hi=100_000, doc="a fixed, seeded N of the eval subset (eval.samples)")
+
+
+@dataclass
 class EvalConfig:
     every: int | None = _f(None, lo=1, doc="run the probes every N epochs (always at the end)")
     samples: int = _f(512, lo=16, hi=1_000_000, doc="fixed, seeded eval subset size")
@@ -109,6 +146,11 @@ class EvalConfig:
     pool: str = _f("gap", choices=["gap", "cls"],
                    doc="pooling of the unsuffixed linear_top1 / knn_top1 / shape_bias (both are always measured)")
     knn_k: int = _f(20, lo=1, hi=1000)
+    dense_images: int = _f(64, lo=0, hi=100_000, doc="images (train and eval each) of the per-layer dense probe "
+                                                       "(synthetic set only; 0: off)")
+    cka: bool = _f(True, doc="per-layer linear CKA of the encoder against its untrained self (cka_untrained)")
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -307,6 +349,11 @@ def _validate(cfg: Config) -> None:
                               f"{cfg.model.img_size // spec.patch} patch grid of model.img_size "
                               f"{cfg.model.img_size} has no mask unit of 2 x 2 patches or more that divides it; "
                               "choose an image size with an even grid, or set objective.mask_unit")
+    if cfg.eval.noise.bands > cfg.model.img_size // 2:
+        raise ConfigError(f"eval.noise.bands: {cfg.eval.noise.bands} bands of a {cfg.model.img_size}-pixel image "
+                          f"leave some without a frequency (at most {cfg.model.img_size // 2})")
+    if cfg.eval.finetune.steps is not None and cfg.eval.finetune.epochs is not None:
+        raise ConfigError("eval.finetune.steps: give only one of eval.finetune.steps and eval.finetune.epochs")
     budgets = [k for k in ("steps", "epochs", "flops_budget") if getattr(cfg.optim, k) is not None]
     if len(budgets) > 1:
         raise ConfigError(f"optim.{budgets[0]}: give only one of optim.steps, optim.epochs, optim.flops_budget "
@@ -415,7 +462,7 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
     if source is None:
         tree: dict = {}
     elif isinstance(source, dict):
-        tree = deep_merge({}, source)
+        tree = copy.deepcopy(source)  # overrides must not reach into the caller's nested mappings
     else:
         tree = read_yaml(source, "config file")
         if tree is None:

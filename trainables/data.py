@@ -33,21 +33,23 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    masks: torch.Tensor | None = None  # uint8 (N, S, S): 1 + class on the object's pixels, 0 on the background
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _take(self, t: torch.Tensor) -> Split:
+        return Split(self.images[t], self.labels[t], None if self.masks is None else self.masks[t])
+
     def select(self, idx: np.ndarray) -> Split:
         """The items at ``idx``."""
-        t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        return Split(self.images[t], self.labels[t])
+        return self._take(torch.from_numpy(np.asarray(idx, dtype=np.int64)))
 
     def subset(self, n: int, seed: int) -> Split:
         """A fixed, seeded subset of at most n items (the same for every trial with the same seed)."""
         if n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return Split(self.images[idx], self.labels[idx])
+        return self._take(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n])
 
 
 @dataclass
@@ -102,8 +104,10 @@ def _texture(tex: np.ndarray, x: np.ndarray, y: np.ndarray, period: np.ndarray, 
     return out
 
 
-def render_shapes(shape_cls: np.ndarray, texture_cls: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Draw one image per (shape, texture) pair: uint8 (n, 3, size, size), deterministic in ``seed``."""
+def render_shapes(shape_cls: np.ndarray, texture_cls: np.ndarray, size: int, seed: int,
+                  with_masks: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Draw one image per (shape, texture) pair: uint8 (n, 3, size, size), deterministic in ``seed``; with
+    ``with_masks`` also the shape's pixels, bool (n, size, size)."""
     rng = np.random.default_rng(seed)
     n = len(shape_cls)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
@@ -122,21 +126,26 @@ def render_shapes(shape_cls: np.ndarray, texture_cls: np.ndarray, size: int, see
     c2 = rng.uniform(0.0, 0.35, (n, 3, 1, 1))
     fg = c1 * tex[:, None] + c2 * (1 - tex[:, None])
     bg = rng.uniform(0.1, 0.5, (n, 3, 1, 1)) + rng.normal(0, 0.04, (n, 3, size, size))
-    img = np.where(inside[:, None], fg, bg)
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    img = (np.clip(np.where(inside[:, None], fg, bg), 0, 1) * 255).round().astype(np.uint8)
+    return (img, inside) if with_masks else img
 
 
 def synthetic_split(n: int, k: int, size: int, seed: int, conflict: bool = False):
-    """Return (images uint8 (n, 3, S, S), shape labels, texture labels) for the train/eval or cue-conflict split."""
+    """Return (images uint8 (n, 3, S, S), shape labels, texture labels, segmentation masks uint8 (n, S, S): 1 +
+    shape class inside the shape, 0 outside) for the train/eval or cue-conflict split."""
     rng = np.random.default_rng(seed)
     shape = rng.integers(0, k, n)
     texture = (shape + rng.integers(1, k, n)) % k if conflict else shape.copy()
-    chunks = [render_shapes(shape[i:i + 512], texture[i:i + 512], size, seed * 7919 + i) for i in range(0, n, 512)]
-    return np.concatenate(chunks), shape, texture
+    chunks = [render_shapes(shape[i:i + 512], texture[i:i + 512], size, seed * 7919 + i, with_masks=True)
+              for i in range(0, n, 512)]
+    inside = np.concatenate([c[1] for c in chunks])
+    masks = (inside * (1 + shape[:, None, None])).astype(np.uint8)
+    return np.concatenate([c[0] for c in chunks]), shape, texture, masks
 
 
-def _split(images: np.ndarray, labels: np.ndarray) -> Split:
-    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+def _split(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None) -> Split:
+    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)),
+                 None if masks is None else torch.from_numpy(masks))
 
 
 def _synthetic(cfg: Config) -> DataBundle:
@@ -145,7 +154,7 @@ def _synthetic(cfg: Config) -> DataBundle:
     tr = synthetic_split(d.train_size, d.num_classes, size, seed * 1000 + 1)
     ev = synthetic_split(d.eval_size, d.num_classes, size, seed * 1000 + 2)
     cc = synthetic_split(d.eval_size, d.num_classes, size, seed * 1000 + 3, conflict=True)
-    return DataBundle(_split(tr[0], tr[1]), _split(ev[0], ev[1]), d.num_classes,
+    return DataBundle(_split(tr[0], tr[1], tr[3]), _split(ev[0], ev[1], ev[3]), d.num_classes,
                       cue_conflict=_split(cc[0], cc[1]), cue_texture=torch.from_numpy(cc[2].astype(np.int64)))
 
 

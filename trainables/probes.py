@@ -143,23 +143,40 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256,
-                     layers: list[int] | None = None) -> dict[str, dict[int, torch.Tensor]]:
-    """Pooled float32 features per pooling and layer for uint8 images (N, 3, S, S):
-    {pool: {layer: (N, C)}} on the CPU, pool in ``POOLS``."""
+def _layer_states(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256):
+    """Per batch of uint8 images (N, 3, S, S): the token states of every layer (``ViT.intermediates``, the last
+    one after the final norm), a list of depth + 1 tensors (b, 1 + n, C), in eval mode."""
     depth = encoder.depth
-    layers = [depth] if layers is None else layers
-    out: dict[str, dict[int, list[torch.Tensor]]] = {p: {k: [] for k in layers} for p in POOLS}
     with eval_mode(encoder) as device:
         for i in range(0, len(images), batch_size):
             x = eval_view(images[i:i + batch_size].to(device), img_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 states = encoder.intermediates(x)
                 states[depth] = encoder.norm(states[depth])
-            for p in POOLS:
-                for k in layers:
-                    out[p][k].append(pool_tokens(states[k], p).float().cpu())
+            yield states
+
+
+def extract_features(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256,
+                     layers: list[int] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+    """Pooled float32 features per pooling and layer for uint8 images (N, 3, S, S):
+    {pool: {layer: (N, C)}} on the CPU, pool in ``POOLS``."""
+    layers = [encoder.depth] if layers is None else layers
+    out: dict[str, dict[int, list[torch.Tensor]]] = {p: {k: [] for k in layers} for p in POOLS}
+    for states in _layer_states(encoder, images, img_size, batch_size):
+        for p in POOLS:
+            for k in layers:
+                out[p][k].append(pool_tokens(states[k], p).float().cpu())
     return {p: {k: torch.cat(v) for k, v in per.items()} for p, per in out.items()}
+
+
+def extract_tokens(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """Patch tokens of every layer 0..depth (CLS dropped; the last after the final norm) for uint8 images
+    (N, 3, S, S): a list of float32 (N, n, C) on the CPU."""
+    out: list[list[torch.Tensor]] = [[] for _ in range(encoder.depth + 1)]
+    for states in _layer_states(encoder, images, img_size, batch_size):
+        for k, s in enumerate(states):
+            out[k].append(s[:, 1:].float().cpu())
+    return [torch.cat(v) for v in out]
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -214,6 +231,51 @@ def cue_match(predicted: torch.Tensor, shape_y: torch.Tensor, texture_y: torch.T
     """Fraction of cue-conflict decisions that match either cue: the share of images shape bias is read on."""
     hits = ((predicted == shape_y) | (predicted == texture_y)).float().mean()
     return float(hits)
+
+
+def patch_labels(masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per-patch class of segmentation masks, uint8 (B, S, S) with 0 = background and 1 + class on the object's
+    pixels (one object per image) -> int64 (B, n) in row-major grid order: the object's label where at least half
+    of the patch's pixels belong to it, else 0."""
+    b, s, _ = masks.shape
+    g = s // patch
+    m = masks.long().reshape(b, g, patch, g, patch)  # (B, gy, p, gx, p)
+    inside = (m > 0).float().mean((2, 4))  # (B, g, g) share of object pixels per patch
+    return torch.where(inside >= 0.5, m.amax((2, 4)), 0).reshape(b, g * g)
+
+
+def mean_iou(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean intersection over union over the classes present in the target or the prediction."""
+    p, t = predicted.flatten().long(), target.flatten().long()
+    inter = torch.bincount(t[p == t], minlength=num_classes).double()
+    union = torch.bincount(p, minlength=num_classes).double() + torch.bincount(t, minlength=num_classes) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean())
+
+
+def dense_rows(encoder, data, cfg) -> list[Row]:
+    """Dense probe: per layer 0..depth, a linear per-token classifier (``fit_linear`` on patch tokens) of the
+    patch's class (``patch_labels``: background or the shape's class), fit on ``eval.dense_images`` training images
+    and read as mIoU (``dense_miou``) on as many eval images. Only for data with segmentation masks (synthetic)."""
+    n, seed, size = cfg.eval.dense_images, cfg.run.seed, cfg.model.img_size
+    if not n or data.train.masks is None or data.eval.masks is None:
+        return []
+    train, test = data.train.subset(n, seed), data.eval.subset(n, seed)
+    classes = data.num_classes + 1
+    y_train, y_test = (patch_labels(s.masks, encoder.patch).flatten() for s in (train, test))  # (N * n,)
+    tr, te = extract_tokens(encoder, train.images, size), extract_tokens(encoder, test.images, size)
+    rows: list[Row] = []
+    for k, (a, b) in enumerate(zip(tr, te, strict=True)):
+        predict = fit_linear(a.flatten(0, 1), y_train, classes)  # tokens (N, n, C) -> (N * n, C)
+        rows.append((k, None, "dense_miou", mean_iou(predict(b.flatten(0, 1)), y_test, classes)))
+    return rows
+
+
+def cka_rows(encoder, untrained: dict[int, torch.Tensor], images: torch.Tensor, img_size: int) -> list[Row]:
+    """Per layer, linear CKA (``linear_cka``) of the encoder's GAP features with the untrained encoder's
+    (``untrained``: {layer: (N, C)} on the same images): 1 where a layer did not move (``cka_untrained``)."""
+    now = extract_features(encoder, images, img_size, layers=sorted(untrained))["gap"]
+    return [(k, None, "cka_untrained", linear_cka(now[k], untrained[k])) for k in sorted(untrained)]
 
 
 # ------------------------------------------------------------------------------------------- the probe suite

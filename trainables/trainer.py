@@ -8,6 +8,7 @@ checkpoint directory) and at the end, on every rank; launchers decide what to do
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -16,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import Config, ConfigError, load_config, save_config, to_dict
 from .data import DataBundle, batch_stream, build_data, steps_per_epoch
 from .files import write_json_atomic
+from .finetune import finetune, finetune_steps
 from .model import no_weight_decay_names
 from .objectives import Hybrid, build_objective, train_flops_per_image
-from .probes import rows_to_metrics, run_probes
+from .probes import cka_rows, dense_rows, eval_mode, extract_features, rows_to_metrics, run_probes
+from .robustness import linear_noise_accuracy, noise_accuracy
 from .scale import encoder_params, parse_variant
 
 Report = Callable[..., None]
@@ -125,8 +128,10 @@ def load_weights(path: str | Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save_checkpoint(out_dir: Path, step: int, objective: Hybrid, opt: torch.optim.Optimizer, cfg: Config) -> Path:
-    """Write a complete checkpoint atomically to out_dir/checkpoints/step_NNNNNNN/; keep the last two."""
+def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
+                    extra: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically to out_dir/checkpoints/step_NNNNNNN/; keep the last two. ``extra``
+    (tensors and plain values) is stored beside (a fine-tuning checkpoint: its phase and the pre-trained encoder)."""
     root = out_dir / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -138,6 +143,7 @@ def save_checkpoint(out_dir: Path, step: int, objective: Hybrid, opt: torch.opti
         "optimizer": opt.state_dict(),
         "config": to_dict(cfg),
         "rng": _rng_state(),
+        **(extra or {}),
     }, tmp / "checkpoint.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -152,10 +158,18 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     ckpt = load_weights(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"step": ckpt["step"], "config": ckpt["config"],
-                "model": {k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}}, tmp)
+    torch.save({"step": ckpt.get("pretrain_step", ckpt["step"]), "config": ckpt["config"],
+                "model": pretrained_encoder(ckpt)}, tmp)
     os.replace(tmp, out)
     return out
+
+
+def pretrained_encoder(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The pre-trained encoder's weights (objective names, ``encoder.*``) of any clmim checkpoint: a pre-training
+    checkpoint's encoder, or the pre-trained encoder a fine-tuning checkpoint carries (never the fine-tuned one)."""
+    if ckpt.get("phase") == "finetune":
+        return {f"encoder.{k}": v for k, v in ckpt["pretrained"].items()}
+    return {k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
 
 
 def find_checkpoint(path: str | Path, weights: bool = False) -> Path | None:
@@ -180,18 +194,63 @@ def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | 
     except pickle.UnpicklingError:
         raise ConfigError(f"run.resume: {str(path)!r} holds Python objects beyond tensors and plain values; "
                           "refused (checkpoints load with weights_only=True)") from None
-    objective.load_state_dict(ckpt["model"])
-    if opt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("phase") == "finetune":  # pre-training is over: its encoder only (fine-tuning reloads the rest)
+        objective.encoder.load_state_dict(ckpt["pretrained"])
+    else:
+        objective.load_state_dict(ckpt["model"])
+        if opt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
     _set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def evaluate(encoder, data: DataBundle, cfg: Config) -> dict[str, float]:
-    """Every probe (``probes.run_probes``): last-layer kNN / linear / shape bias plus ``layer/...`` rows."""
-    rows, summary = run_probes(encoder, data, cfg)
+def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
+    """Every probe of the pre-training's encoder at ``step``: ``probes.run_probes`` (last-layer kNN / linear / shape
+    bias plus ``layer/...`` rows), the dense probe, CKA against the untrained encoder, and (at step 0 and at the
+    end) the linear probe's accuracy under frequency-filtered noise. Seconds spent go to ``run.seconds``."""
+    cfg, enc, e = run.cfg, run.objective.encoder, run.cfg.eval
+    clock = time.perf_counter
+    t = clock()
+    rows, summary = run_probes(enc, run.data, cfg)
+    run.seconds["probes"] += clock() - t
+    t = clock()
+    rows += dense_rows(enc, run.data, cfg)
+    run.seconds["dense"] += clock() - t
+    if e.cka:
+        t = clock()
+        rows += cka_rows(enc, untrained_features(run, step), run.cka_images, cfg.model.img_size)
+        run.seconds["cka"] += clock() - t
+    if e.noise.bands and (step == 0 or final):
+        t = clock()
+        summary |= linear_noise_accuracy(enc, run.data, cfg)
+        run.seconds["noise"] += clock() - t
     return {**summary, **rows_to_metrics(rows)}
+
+
+def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:
+    """GAP features of every layer of the untrained encoder on ``run.cka_images``, computed once: at step 0 from
+    the encoder itself, after a resume from the copy ``build_run`` kept of the initial weights."""
+    if run.untrained is None:
+        enc = run.objective.encoder if run.initial_encoder is None else run.initial_encoder.to(run.device)
+        if enc is run.objective.encoder and step != 0:
+            raise RuntimeError("untrained features asked for after training started without an initial copy")
+        layers = list(range(enc.depth + 1))
+        run.untrained = extract_features(enc, run.cka_images, run.cfg.model.img_size, layers=layers)["gap"]
+        run.initial_encoder = None
+    return run.untrained
+
+
+def finetune_noise_accuracy(model: torch.nn.Module, data: DataBundle, cfg: Config) -> dict[str, float]:
+    """The fine-tuned classifier's top-1 under each band of noise on the fixed eval subset (``noise_accuracy``)."""
+    test = data.eval.subset(cfg.eval.samples, cfg.run.seed)
+    test = test.subset(cfg.eval.noise.images, cfg.run.seed) if cfg.eval.noise.images < len(test) else test
+    with eval_mode(model) as device:
+        def classify(x):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                return model(x.to(device)).argmax(1)
+        return noise_accuracy(classify, test.images, test.labels, cfg.model.img_size, cfg.eval.noise.bands,
+                              cfg.eval.noise.rms, cfg.run.seed, "finetune")
 
 
 def replicas_in_sync(module: torch.nn.Module) -> bool:
@@ -224,6 +283,8 @@ def compile_objective(objective: torch.nn.Module, world: int) -> None:
             m.compile(dynamic=False)
 
 
+
+
 @dataclass
 class TrainRun:
     """Everything the training loop needs, built once by ``build_run``."""
@@ -238,12 +299,30 @@ class TrainRun:
     model: torch.nn.Module  # what the step calls: the objective, or its DDP wrapper
     opt: torch.optim.Optimizer
     sched: dict[str, np.ndarray]
-    total: int  # optimiser steps of the whole run
+    total: int  # pre-training optimiser steps (fine-tuning steps come after)
     steps_per_epoch: int
-    start: int  # first step to run (> 0 after a resume)
+    start: int  # first step to run (> 0 after a resume; > total: resuming fine-tuning)
     autocast: object
     stream: object
     info: dict  # static facts reported at the end (sizes, FLOPs, world size)
+    resumed: Path | None = None  # the checkpoint the run continues from
+    cka_images: torch.Tensor | None = None  # the eval images CKA against the untrained encoder is read on
+    initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
+    untrained: dict | None = None  # its GAP features per layer on cka_images (``untrained_features``)
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("probes", "dense", "cka", "noise"), 0.0))
+
+    def ckpt_due(self, done: int, last: int) -> bool:
+        """True if the run saves a checkpoint after step ``done`` (every ``run.ckpt_every`` and at ``last``)."""
+        r = self.cfg.run
+        return self.out_dir is not None and bool((r.ckpt_every and done % r.ckpt_every == 0) or done == last)
+
+    def save(self, done: int, module: torch.nn.Module, opt: torch.optim.Optimizer,
+             extra: dict | None = None) -> Path | None:
+        """Save a checkpoint from rank 0 (all ranks wait for it); its directory on rank 0, else None."""
+        path = save_checkpoint(self.out_dir, done, module, opt, self.cfg, extra) if self.rank == 0 else None
+        if self.world > 1:
+            dist.barrier()
+        return path
 
 
 def build_run(cfg: Config) -> TrainRun:
@@ -253,6 +332,9 @@ def build_run(cfg: Config) -> TrainRun:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by {world} workers")
+    if (cfg.eval.finetune.batch_size or world) % world:
+        raise ConfigError(f"eval.finetune.batch_size: {cfg.eval.finetune.batch_size} is not divisible by {world} "
+                          "workers")
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -271,10 +353,12 @@ def build_run(cfg: Config) -> TrainRun:
     total = total_steps(cfg, len(data.train))
     opt = torch.optim.AdamW(_param_groups(objective, cfg), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             fused=device.type == "cuda")
-    start = 0
+    start, ckpt, initial = 0, None, None
     if cfg.run.resume:
         ckpt = find_checkpoint(out_dir if cfg.run.resume == "auto" and out_dir else cfg.run.resume)
         if ckpt is not None:
+            if cfg.eval.cka:  # CKA against the untrained encoder needs its weights, about to be overwritten
+                initial = copy.deepcopy(objective.encoder).cpu()
             start = load_checkpoint(ckpt, objective, opt)
         elif cfg.run.resume != "auto":
             raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
@@ -285,14 +369,16 @@ def build_run(cfg: Config) -> TrainRun:
         model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=objective.has_unused_params())
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    finetuning = finetune_steps(cfg, len(data.train))
     return TrainRun(
         cfg=cfg, rank=rank, world=world, device=device, out_dir=out_dir, data=data, objective=objective,
         model=model, opt=opt, sched=schedules(cfg, total), total=total,
         steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), start=start,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
-        stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, start, rank, world, device),
-        info={**model_stats(cfg), "total_steps": total, "world_size": world, "device": device.type,
-              "train_images": len(data.train)})
+        stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, min(start, total), rank, world, device),
+        info={**model_stats(cfg), "total_steps": total + finetuning, "world_size": world, "device": device.type,
+              "train_images": len(data.train)},
+        resumed=ckpt, initial_encoder=initial, cka_images=data.eval.subset(cfg.eval.samples, cfg.run.seed).images)
 
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
@@ -309,16 +395,8 @@ def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, d
     if vals[-1] > 0 or not all(math.isfinite(v) for v in vals[:-1]):
         raise NonFiniteLossError(f"non-finite loss by step {done} (loss={vals[keys.index('loss')]}, lr={lr:.3g}); "
                                  "try a lower optim.blr or set optim.clip_grad")
-    return {**dict(zip(keys, vals[:-1], strict=True)), "step": done, "total_steps": run.total,
+    return {**dict(zip(keys, vals[:-1], strict=True)), "step": done, "total_steps": run.info["total_steps"],
             "epoch": done / run.steps_per_epoch, "lr": lr, "images_per_s": images / seconds}
-
-
-def _checkpoint(run: TrainRun, done: int) -> Path | None:
-    """Save a checkpoint from rank 0 (all ranks wait for it); its directory on rank 0, else None."""
-    path = save_checkpoint(run.out_dir, done, run.objective, run.opt, run.cfg) if run.rank == 0 else None
-    if run.world > 1:
-        dist.barrier()
-    return path
 
 
 def train(config: Config | dict | str, report: Report | None = None) -> dict:
@@ -333,7 +411,8 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     o, r = cfg.optim, cfg.run
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs
     if run.start == 0:  # the untrained baseline every probe is read against (the same encoder for any lam)
-        report({"step": 0, "epoch": 0.0, **evaluate(run.objective.encoder, run.data, cfg)})
+        report({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
+    t_train = time.perf_counter()
     t_log, n_log, metrics = time.perf_counter(), 0, {}  # after the baseline: images_per_s counts training only
     for step in range(run.start, run.total):
         images, _ = next(run.stream)
@@ -351,18 +430,32 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         run.objective.momentum_update(float(run.sched["momentum"][step]))
         n_log += 1
         done = step + 1
-        ckpt_due = run.out_dir is not None and ((r.ckpt_every and done % r.ckpt_every == 0) or done == run.total)
+        ckpt_due = run.ckpt_due(done, run.total)
         if done % r.log_every == 0 or done == run.total or ckpt_due:
             metrics = _log_metrics(run, out, nonfinite, step, done, n_log * cfg.data.batch_size,
                                    time.perf_counter() - t_log)
-            report(metrics, checkpoint=_checkpoint(run, done) if ckpt_due else None)
+            report(metrics, checkpoint=run.save(done, run.objective, run.opt) if ckpt_due else None)
             t_log, n_log = time.perf_counter(), 0
         if cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total:
-            report({"step": done, "epoch": done / run.steps_per_epoch,
-                    **evaluate(run.objective.encoder, run.data, cfg)})
+            report({"step": done, "epoch": done / run.steps_per_epoch, **evaluate(run, done)})
+    seconds_train = time.perf_counter() - t_train - sum(run.seconds.values())
 
-    final = {**run.info, **metrics, "step": run.total, "resumed_from": run.start,
-             **evaluate(run.objective.encoder, run.data, cfg)}
+    ft_resume = load_weights(run.resumed) if run.start > run.total else None
+    if ft_resume is None:  # the pre-training's final metrics
+        final = {**run.info, **metrics, "step": run.total, "resumed_from": run.start, "seconds_train": seconds_train,
+                 **evaluate(run, run.total, final=True)}
+        final |= {f"seconds_{k}": v for k, v in run.seconds.items()}
+    else:  # resumed during fine-tuning: pre-training's final metrics are in the checkpoint
+        final = dict(ft_resume["pretrain_metrics"])
+    if cfg.eval.finetune.enabled:
+        extra = {"pretrain_metrics": final, "pretrain_step": run.total}
+        classifier, tuned = finetune(run, report, ft_resume, extra)
+        final |= tuned
+        if cfg.eval.noise.bands:
+            t = time.perf_counter()
+            final |= finetune_noise_accuracy(classifier, run.data, cfg)
+            final["seconds_noise"] = final.get("seconds_noise", 0.0) + time.perf_counter() - t
+    final["resumed_from"] = run.start
     if run.world > 1:
         final["replicas_in_sync"] = replicas_in_sync(run.objective)
     if run.out_dir and run.rank == 0:
