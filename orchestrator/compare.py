@@ -114,6 +114,19 @@ CLAIMS = [
      "as above; CL trains the CLS token"),
     ("mim_peak", "MIM's linear probe (GAP) peaks before the last layer", "linear_top1_gap", "peak", +1,
      "MIM's later layers specialise to pixel prediction; its best linear features sit earlier"),
+    ("dense", "last-layer dense probe mIoU: MIM > CL", "dense_miou", "last", -1,
+     "MIM keeps the local information dense tasks need (MIM-pretrained ViTs lead on detection / segmentation)"),
+]
+# Claims on trial-level evaluations (key, claim, what, sign, the paper's statement): ``what`` is a trials column,
+# or ("noise", "high" | "low"): the accuracy drop to the highest / lowest frequency band of noise (the fine-tuned
+# model's where the trial fine-tuned, else the last layer's linear probe).
+EVAL_CLAIMS = [
+    ("finetune", "fine-tuning top-1: MIM > CL", "finetune_top1", -1,
+     "SimMIM 81.90 vs MoCo v3 81.34 top-1 after fine-tuning (the hybrid: 82.29)"),
+    ("noise_high", "accuracy drop to the highest-frequency noise: CL < MIM", ("noise", "high"), -1,
+     "CL is low-pass (shape-like, low-frequency features): high-frequency noise hurts it less than MIM"),
+    ("noise_low", "accuracy drop to the lowest-frequency noise: CL > MIM", ("noise", "low"), +1,
+     "the other side of the same: CL relies on low frequencies, so low-frequency noise hurts it more"),
 ]
 
 
@@ -151,36 +164,85 @@ def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFr
     (trained minus untrained, paired per trial), the CL - MIM difference in the claim's direction with its SE, and
     a verdict (holds when the difference exceeds 2 SE). ``final`` / ``untrained``: per-layer rows of the last
     probe and of step 0."""
+    lam, seed, shared = _context(trials)
+    rows = [_claim_row(key, claim, paper, _per_trial(final, metric, where), _per_trial(untrained, metric, where),
+                       lam, seed, shared, sign, where == "peak")
+            for key, claim, metric, where, sign, paper in CLAIMS]
+    return pd.DataFrame(rows)
+
+
+def _context(trials: pd.DataFrame) -> tuple[pd.Series, pd.Series, bool]:
+    """(lam per trial, seed per trial, whether pure MIM and pure CL share one architecture)."""
     t = trials.set_index("trial")
-    lam = t.lam
     seed = t[SEED] if SEED in t else pd.Series(range(len(t)), index=t.index)
     arch = [c for c in ARCHITECTURE if c in t]
     pure = t[t.lam.isin([0.0, 1.0])]
-    shared = not arch or pure[arch].astype(str).drop_duplicates().shape[0] <= 1
+    return t.lam, seed, not arch or pure[arch].astype(str).drop_duplicates().shape[0] <= 1
+
+
+def _claim_row(key: str, claim: str, paper: str, per: pd.Series, base: pd.Series, lam: pd.Series, seed: pd.Series,
+               shared: bool, sign: int, mim_only: bool = False) -> dict:
+    """One claim's row: per-trial values ``per`` and their untrained baselines ``base`` (indexed by trial) read
+    as pure MIM vs pure CL (or, ``mim_only``, MIM's value against 0)."""
+    mim, cl = per[per.index.map(lam) == 0], per[per.index.map(lam) == 1]
+    m0, s0, n0 = mean_se(mim)
+    m1, s1, n1 = mean_se(cl)
+    if base.empty:
+        untrained_text = "–"
+    elif shared:  # one architecture: a seed's untrained encoder is the same for both groups; count it once
+        untrained_text = fmt_mean_se(*mean_se(base.groupby(base.index.map(seed)).first())[:2])
+    else:  # e.g. MoCo v3's frozen patch projection at lam = 1 only: each group's own untrained encoder
+        u0, u1 = mean_se(base[base.index.map(lam) == 0]), mean_se(base[base.index.map(lam) == 1])
+        untrained_text = f"MIM {fmt_mean_se(*u0[:2])} / CL {fmt_mean_se(*u1[:2])}"
+    if mim_only:  # a claim about MIM alone: its value must exceed 0
+        diff, se = m0, s0
+    else:
+        diff, se = sign * (m1 - m0), float(np.hypot(s0, s1)) if n0 > 1 and n1 > 1 else float("nan")
+    moved = (per - base).dropna()  # each trial against its own step-0 encoder (paired)
+    return {"claim": claim, "paper (ViT-B/16, ImageNet)": paper,
+            "MIM (lam=0)": fmt_mean_se(m0, s0, n0), "CL (lam=1)": fmt_mean_se(m1, s1, n1),
+            "untrained": untrained_text,
+            "MIM − untrained": fmt_mean_se(*mean_se(moved[moved.index.map(lam) == 0])[:2]),
+            "CL − untrained": fmt_mean_se(*mean_se(moved[moved.index.map(lam) == 1])[:2]),
+            "difference in the claim's direction": fmt_mean_se(diff, se),
+            "verdict": _verdict(diff, se), "key": key}
+
+
+def noise_drops(robustness: pd.DataFrame, every_classifier: bool = False) -> pd.DataFrame:
+    """Per trial and band, the accuracy drop under that band's noise at the trial's end (``classifier``: the
+    fine-tuned model where the trial fine-tuned, else the linear probe; with ``every_classifier`` both) and of the
+    untrained encoder's linear probe at step 0: columns trial, band, freq_lo, freq_hi, classifier, drop,
+    untrained."""
+    cols = ["trial", "band", "freq_lo", "freq_hi", "classifier", "drop", "untrained"]
+    d = robustness[robustness.metric.str.endswith("_top1_drop")] if len(robustness) else robustness
+    if d is None or d.empty:
+        return pd.DataFrame(columns=cols)
+    d = d.assign(classifier=d.metric.str.replace("_top1_drop", "", regex=False))
+    base = d[(d.step == 0) & (d.classifier == "linear")].set_index(["trial", "band"]).value
+    end = d[d.step > 0]
+    end = end[end.step == end.groupby("trial").step.transform("max")]
+    tuned = end.groupby("trial").classifier.transform(lambda c: "finetune" if (c == "finetune").any() else "linear")
+    end = end if every_classifier else end[end.classifier == tuned]
+    untrained = [base.get((t, b), np.nan) for t, b in zip(end.trial, end.band, strict=True)]
+    return end.assign(drop=end.value, untrained=untrained)[cols].reset_index(drop=True)
+
+
+def eval_claims(trials: pd.DataFrame, robustness: pd.DataFrame) -> pd.DataFrame:
+    """``EVAL_CLAIMS`` read as ``paper_claims`` reads the per-layer ones (rows with nothing measured say so)."""
+    lam, seed, shared = _context(trials)
+    t = trials.set_index("trial")
+    drops = noise_drops(robustness)
     rows = []
-    for key, claim, metric, where, sign, paper in CLAIMS:
-        per = _per_trial(final, metric, where)
-        base = _per_trial(untrained, metric, where)
-        mim, cl = per[per.index.map(lam) == 0], per[per.index.map(lam) == 1]
-        m0, s0, n0 = mean_se(mim)
-        m1, s1, n1 = mean_se(cl)
-        if shared:  # one architecture: a seed's untrained encoder is the same for both groups; count it once
-            untrained_text = fmt_mean_se(*mean_se(base.groupby(base.index.map(seed)).first())[:2])
-        else:  # e.g. MoCo v3's frozen patch projection at lam = 1 only: each group's own untrained encoder
-            u0, u1 = mean_se(base[base.index.map(lam) == 0]), mean_se(base[base.index.map(lam) == 1])
-            untrained_text = f"MIM {fmt_mean_se(*u0[:2])} / CL {fmt_mean_se(*u1[:2])}"
-        if where == "peak":  # a claim about MIM alone: its peak-minus-last gap must exceed 0
-            diff, se = m0, s0
+    for key, claim, what, sign, paper in EVAL_CLAIMS:
+        if isinstance(what, tuple):
+            pick = drops[drops.band == (drops.band.max() if what[1] == "high" else 0)].set_index("trial")
+            per, base = pick["drop"], pick["untrained"].dropna()
+            clf = "/".join(sorted(pick.classifier.unique())) or "–"
+            claim = f"{claim} ({clf})"
         else:
-            diff, se = sign * (m1 - m0), float(np.hypot(s0, s1)) if n0 > 1 and n1 > 1 else float("nan")
-        moved = (per - base).dropna()  # each trial against its own step-0 encoder (paired)
-        rows.append({"claim": claim, "paper (ViT-B/16, ImageNet)": paper,
-                     "MIM (lam=0)": fmt_mean_se(m0, s0, n0), "CL (lam=1)": fmt_mean_se(m1, s1, n1),
-                     "untrained": untrained_text,
-                     "MIM − untrained": fmt_mean_se(*mean_se(moved[moved.index.map(lam) == 0])[:2]),
-                     "CL − untrained": fmt_mean_se(*mean_se(moved[moved.index.map(lam) == 1])[:2]),
-                     "difference in the claim's direction": fmt_mean_se(diff, se),
-                     "verdict": _verdict(diff, se), "key": key})
+            per = pd.to_numeric(t[what], errors="coerce").dropna() if what in t else pd.Series(dtype=float)
+            base = pd.Series(dtype=float)  # fine-tuning an untrained encoder is not run
+        rows.append(_claim_row(key, claim, paper, per, base, lam, seed, shared, sign))
     return pd.DataFrame(rows)
 
 

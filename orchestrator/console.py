@@ -91,6 +91,7 @@ def make_reporter(labels: dict[str, str] | None = None):
             self._p0 = None
             self._metric, self._mode = None, None
             self._seen: dict = {}  # trial_id -> its latest probed value of the metric (a trained step)
+            self._done: dict = {}  # trial_id -> the largest fraction done seen (a probe report has no total_steps)
 
         def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
             self._start = time.time()
@@ -124,7 +125,10 @@ def make_reporter(labels: dict[str, str] | None = None):
             if not trials:
                 return
             statuses = [t.status for t in trials]
-            fractions = [trial_progress(t.status, t.last_result or {}) for t in trials]
+            for t in trials:
+                self._done[t.trial_id] = max(self._done.get(t.trial_id, 0.0),
+                                             trial_progress(t.status, t.last_result or {}))
+            fractions = [self._done[t.trial_id] for t in trials]
             if self._p0 is None:
                 self._p0 = sum(fractions) / len(fractions)
             self._last_print = time.time()

@@ -5,7 +5,9 @@ Sections: a numbers-only summary of what differed between objectives; the paper'
 sweep (when it has pure MIM and pure CL); status and failures; training loss per trial; per-layer curves per
 group (attention distance, attention NMI, Fourier delta log amplitude at pi, linear-probe accuracy vs depth for
 GAP and CLS features, as in the paper's figures) with the untrained encoder beside them; the linear probe against
-optimiser steps and against training FLOPs, and a table of both at matched budgets; the lam curve; scaling curves
+optimiser steps and against training FLOPs, and a table of both at matched budgets; the lam curve (fine-tuning
+top-1 beside the probes); the accuracy drop under frequency-filtered noise per band; the dense probe and CKA with
+the untrained encoder per layer; scaling curves
 with fitted power laws and exponent intervals (when the sweep varies model size); the best configurations.
 Curves are means over seeds with ± 1 standard error bars; accuracy axes carry the chance level of the data set.
 
@@ -30,11 +32,13 @@ import pandas as pd  # noqa: E402
 from trainables.vocab import objective_label  # noqa: E402
 
 from .compare import (  # noqa: E402
+    eval_claims,
     fmt_mean_se,
     group_axes,
     group_name,
     matched_table,
     mean_se,
+    noise_drops,
     paper_claims,
     probe_history,
     split_baseline,
@@ -49,7 +53,9 @@ LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)
                  ("attn_nmi", "attention NMI", "NMI (0 = uniform, 1 = one-to-one)"),
                  ("fourier_dlogamp_pi", "Δ log amplitude at π", "Δ log amplitude (high − zero freq.)"),
                  ("linear_top1_gap", "linear probe top-1, GAP", "top-1 accuracy (fraction)"),
-                 ("linear_top1_cls", "linear probe top-1, CLS", "top-1 accuracy (fraction)")]
+                 ("linear_top1_cls", "linear probe top-1, CLS", "top-1 accuracy (fraction)"),
+                 ("dense_miou", "dense probe (per patch)", "mIoU (fraction)"),
+                 ("cka_untrained", "CKA with the untrained encoder", "linear CKA (1 = layer unchanged)")]
 ACCURACY = ("linear_top1_gap", "linear_top1_cls")
 
 def _chance_line(ax, chance: float | None) -> None:
@@ -152,7 +158,8 @@ def loss_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> bytes:
 def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
     """Final last-layer accuracy against lam, GAP and CLS features: mean ± 1 standard error over trials."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    metrics = [m for m in ("linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls") if m in trials]
+    metrics = [m for m in ("finetune_top1", "linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls")
+               if m in trials]
     for metric in metrics or ["linear_top1", "knn_top1"]:  # files from before both poolings were probed
         if metric not in trials:
             continue
@@ -166,6 +173,33 @@ def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
     ax.set_ylabel("top-1 accuracy (fraction)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def noise_figure(drops: pd.DataFrame, trials: pd.DataFrame) -> bytes:
+    """Accuracy drop under band-passed noise against the band's frequency, one line per group (± 1 SE over seeds),
+    one panel per classifier (fine-tuned model, linear probe); the untrained encoder's linear probe dashed."""
+    axes_cols = group_axes(trials)
+    d = drops.merge(trials[["trial", *[c for c in axes_cols if c != "lam"], "lam"]], on="trial")
+    d = d.assign(freq=(d.freq_lo + d.freq_hi) / 2 / np.pi)
+    classifiers = sorted(d.classifier.unique(), reverse=True)  # finetune first
+    fig, axes = plt.subplots(1, len(classifiers), figsize=(5.2 * len(classifiers), 3.6), squeeze=False)
+    for ax, clf in zip(axes[0], classifiers, strict=True):
+        g_all = d[d.classifier == clf]
+        for key, g in g_all.groupby(axes_cols, dropna=False):
+            c = _seed_curve(g.rename(columns={"drop": "value"}), "freq")
+            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=lam_color(g.lam.iloc[0]),
+                        label=group_name(key, axes_cols))
+        u = d.groupby("freq").untrained.mean().dropna()
+        if len(u):
+            ax.plot(u.index, u.values, color="grey", ls="--", lw=1.2, label="untrained, linear probe (step 0)")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("noise band centre (fraction of π; low → high frequency)")
+        ax.set_ylabel("top-1 drop (clean − noisy)", fontsize=8)
+        ax.set_title("fine-tuned model" if clf == "finetune" else "last-layer linear probe", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -281,6 +315,12 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
 
         fits, _ = scaling_table(name, layout.root, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))
+    robustness = con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) WHERE r.sweep = ? "
+                             "AND t.status = 'TERMINATED'", [name]).df()
+    drops = noise_drops(robustness, every_classifier=True)
+    if not drops.empty:
+        figures.append(("noise", "Accuracy drop under frequency-filtered noise (Gaussian noise band-passed to each "
+                                 "band, fixed RMS)", noise_figure(drops, done)))
     cka = _pure_cka(layout, done)
     if cka is not None:
         figures.append(("cka", f"Linear CKA between the layers of pure MIM ({cka[1]}) and pure CL ({cka[2]}), GAP "
@@ -311,6 +351,11 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                   "(lam = 1) trials: mean ± standard error over seeds, the untrained encoder (step 0) beside them; "
                   "a claim holds when the difference in its direction exceeds 2 standard errors.</p>",
                   _table_html(claims)]
+        evals = eval_claims(done, robustness)
+        evals = evals[evals["verdict"] != "not measured"].drop(columns="key")
+        if len(evals):
+            parts += ["<h3>Evaluations: fine-tuning and robustness to frequency-filtered noise</h3>",
+                      _table_html(evals)]
     tuned = tuned_table(done)
     if len(tuned):
         parts += ["<h2>lr tuned per objective</h2>",

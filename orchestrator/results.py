@@ -565,12 +565,14 @@ def list_table(root: str | Path):
     return pd.DataFrame(rows)
 
 
-def _comparisons(done, layers) -> list[tuple[str, object]]:
-    """Per-group mean ± SE over seeds of the final probes; the last-layer linear probe at matched steps and at
-    matched FLOPs; the paper's claims when the sweep has pure MIM and pure CL (see ``compare.py``)."""
+def _comparisons(done, layers, robustness=None) -> list[tuple[str, object]]:
+    """Per-group mean ± SE over seeds of the final probes and evaluations; where the trials' time went; the
+    last-layer linear probe at matched steps and at matched FLOPs; the paper's claims when the sweep has pure MIM
+    and pure CL (see ``compare.py``)."""
     import pandas as pd
 
     from .compare import (
+        eval_claims,
         fmt_mean_se,
         group_axes,
         group_name,
@@ -582,14 +584,17 @@ def _comparisons(done, layers) -> list[tuple[str, object]]:
     )
 
     axes = group_axes(done)
-    metrics = [m for m in ("linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls", "shape_bias_gap",
-                           "shape_bias_cls", "cue_match_gap") if m in done and done[m].notna().any()]
+    metrics = [m for m in ("finetune_top1", "linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls",
+                           "shape_bias_gap", "shape_bias_cls", "cue_match_gap") if m in done and done[m].notna().any()]
     rows = []
     for key, g in done.groupby(axes, dropna=False, sort=True):
         row = {"group": group_name(key, axes), "seeds": len(g)}
         row.update({m: fmt_mean_se(*mean_se(g[m])[:2]) for m in metrics})
         rows.append(row)
     out = [("per group: mean ± standard error over seeds", pd.DataFrame(rows))]
+    cost = time_shares(done)
+    if len(cost):
+        out.append(("where a trial's time went (share of its wall time, mean over the group's trials)", cost))
     tuned = tuned_table(done)
     if len(tuned):
         out.append(("lr tuned per group (best mean linear_top1 over seeds)", tuned))
@@ -604,7 +609,37 @@ def _comparisons(done, layers) -> list[tuple[str, object]]:
         out.append(("the paper's claims (pure MIM vs pure CL)",
                     claims[["claim", "MIM (lam=0)", "CL (lam=1)", "untrained", "MIM − untrained", "CL − untrained",
                             "verdict"]]))
+        if robustness is not None:
+            evals = eval_claims(done, robustness)
+            evals = evals[evals.verdict != "not measured"]
+            if len(evals):
+                out.append(("evaluations (pure MIM vs pure CL)",
+                            evals[["claim", "MIM (lam=0)", "CL (lam=1)", "untrained", "verdict"]]))
     return out
+
+
+def time_shares(done):
+    """Per group: the share of a trial's wall time spent training and in each evaluation (``seconds_<part>`` /
+    ``wall_time_s``), the evaluations together, and the rest (start-up, data, reporting); empty without timings."""
+    import pandas as pd
+
+    from trainables.vocab import EVAL_PARTS
+
+    from .compare import group_axes, group_name
+
+    cols = [f"seconds_{p}" for p in EVAL_PARTS if f"seconds_{p}" in done and done[f"seconds_{p}"].notna().any()]
+    if not cols or "wall_time_s" not in done:
+        return pd.DataFrame()
+    axes = group_axes(done)
+    rows = []
+    for key, g in done.groupby(axes, dropna=False, sort=True):
+        wall = pd.to_numeric(g.wall_time_s, errors="coerce")
+        share = {c[8:]: (pd.to_numeric(g[c], errors="coerce").fillna(0) / wall).mean() for c in cols}
+        evals = sum(v for k, v in share.items() if k != "train")
+        rows.append({"group": group_name(key, axes), "wall s": round(float(wall.mean()), 1),
+                     **{k: round(float(v), 3) for k, v in share.items()}, "evaluations": round(float(evals), 3),
+                     "other": round(float(1 - evals - share.get("train", 0)), 3)})
+    return pd.DataFrame(rows)
 
 
 def show(layout: SweepLayout) -> list[tuple[str, object]]:
@@ -630,7 +665,9 @@ def show(layout: SweepLayout) -> list[tuple[str, object]]:
     if len(done):
         layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
                              "WHERE l.sweep = ? AND t.status = 'TERMINATED' AND l.head IS NULL", [name]).df()
-        out += _comparisons(done, layers)
+        robustness = con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) WHERE r.sweep = ? "
+                                 "AND t.status = 'TERMINATED'", [name]).df()
+        out += _comparisons(done, layers, robustness)
     failed = con.execute("SELECT trial, status, error FROM trials WHERE sweep = ? AND status <> 'TERMINATED' "
                          "ORDER BY trial", [name]).df()
     if len(failed):

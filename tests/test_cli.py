@@ -55,3 +55,19 @@ def test_cli_results_bad_input_exit_2(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert all(line.startswith("clmim ") for line in err.strip().splitlines())
+
+
+def test_progress_does_not_go_back_on_a_probe_report(capsys):
+    """A probe report (no total_steps) after a log step must not reset a trial's progress (the ETA jumped)."""
+    from types import SimpleNamespace
+
+    from orchestrator.console import make_reporter
+
+    reporter = make_reporter()
+    trial = SimpleNamespace(trial_id="t", status="RUNNING", last_result={"step": 50, "total_steps": 100})
+    reporter.report([trial], False)
+    trial.last_result = {"step": 50, "linear_top1": 0.5}
+    reporter.report([trial], False)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "trials" in x]
+    assert len(lines) == 2
+    assert reporter._done["t"] == 0.5

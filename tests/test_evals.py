@@ -207,3 +207,54 @@ def test_evaluations_land_in_their_tables():
     final = {k: v for r in results for k, v in r.items()}
     row = trial_row("s", "t", "a", "TERMINATED", {"objective": {"lam": 0.5}}, final)
     assert row["finetune_top1"] == 0.7 and row["seconds_probes"] == 1.0 and row["linear_top1_clean"] == 0.6
+
+
+def _eval_reports(lam: float, seed: int) -> list[dict]:
+    """A finished trial's reports with every evaluation: CL (lam 1) drops less to high-frequency noise and more
+    to low-frequency noise, and fine-tunes lower, than MIM (lam 0); small seed-to-seed spread."""
+    jitter = 0.002 * seed
+    high, low = (0.05, 0.30) if lam == 1 else (0.30, 0.05)
+    step0 = {"step": 0, "linear_top1_clean": 0.5, **{f"layer/{k}/cka_untrained": 1.0 for k in range(3)},
+             **{f"noise/{b}/linear_top1_drop": 0.1 for b in range(4)}}
+    final = {"step": 10, "epoch": 1.0, "loss": 1.0, "linear_top1": 0.8, "knn_top1": 0.7, "params": 1000,
+             "train_flops_per_image": 1e6, "finetune_top1": 0.9 - 0.05 * lam + jitter, "seconds_train": 60.0,
+             "seconds_probes": 5.0, "seconds_noise": 3.0, "seconds_finetune": 20.0, "time_total_s": 100.0,
+             **{f"layer/{k}/cka_untrained": 1.0 - 0.1 * k * (1 + lam) for k in range(3)},
+             **{f"layer/{k}/dense_miou": 0.5 - 0.1 * lam + jitter for k in range(3)},
+             **{f"noise/{b}/finetune_top1_drop": low + (high - low) * b / 3 + jitter for b in range(4)},
+             **{f"noise/{b}/linear_top1_drop": 0.2 for b in range(4)}, "done": True}
+    return [step0, final]
+
+
+def test_report_and_results_show_the_evaluations(tmp_path):
+    from orchestrator.compare import eval_claims, noise_drops
+    from orchestrator.layout import SweepLayout
+    from orchestrator.report import build_report
+    from orchestrator.results import connect, show, write_trial_tables
+    from trainables.config import to_dict
+
+    sweep = tmp_path / "ev"
+    for lam in (0.0, 1.0):
+        for seed in range(3):
+            cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"run.seed={seed}", "eval.noise.bands=4"]))
+            write_trial_tables(sweep, f"t{int(lam)}{seed}", "TERMINATED", cfg, _eval_reports(lam, seed))
+    con = connect(tmp_path)
+    trials = con.execute("SELECT * FROM trials").df()
+    robustness = con.execute("SELECT * FROM robustness").df()
+    drops = noise_drops(robustness)
+    assert set(drops.classifier) == {"finetune"} and len(drops) == 6 * 4  # the fine-tuned model's, at the end
+    assert set(drops.untrained) == {0.1}  # the untrained encoder's linear probe at step 0
+    claims = eval_claims(trials, robustness).set_index("key")
+    assert claims.loc["finetune", "verdict"] == "holds"
+    assert claims.loc["noise_high", "verdict"] == "holds" and claims.loc["noise_low", "verdict"] == "holds"
+    assert "(finetune)" in claims.loc["noise_high", "claim"]
+    tables = dict(show(SweepLayout(tmp_path, "ev")))
+    shares = tables["where a trial's time went (share of its wall time, mean over the group's trials)"]
+    assert list(shares.evaluations) == [0.28, 0.28] and list(shares.train) == [0.6, 0.6]
+    assert "evaluations (pure MIM vs pure CL)" in tables
+    page, files = build_report(SweepLayout(tmp_path, "ev"))
+    text = page.read_text()
+    assert {f.name for f in files} >= {"noise.png", "layers.png"}
+    assert "Evaluations: fine-tuning and robustness" in text
+    assert "last-layer dense probe mIoU: MIM &gt; CL" in text  # a per-layer claim, in the claims table
+    assert "fine-tuning top-1: MIM &gt; CL" in text
