@@ -225,8 +225,11 @@ def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, st
         step = r.get("step")
         if not isinstance(step, (int, float)):
             continue
+        summary = "resumed_from" in r  # the final report: its step is pre-training's, fine-tuning's came after
         for k, v in r.items():
             if k in TUNE_KEYS or k in STATIC_KEYS or k in ("step", "epoch") or is_table_key(k):
+                continue
+            if summary and k.startswith("finetune_"):  # already a curve point at fine-tuning's own last step
                 continue
             x = _num(v)
             if x is not None:

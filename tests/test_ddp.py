@@ -30,14 +30,18 @@ def _worker(rank, world, port, tree, out):
 
         import trainables.trainer as tr
 
-        real = tr.evaluate
+        real, real_noise = tr.evaluate, tr.finetune_noise_accuracy
 
-        def grab(encoder, data, cfg):  # capture the trained encoder's weights on every rank
-            captured.update({k: v.detach().clone() for k, v in encoder.state_dict().items()})
-            return real(encoder, data, cfg)
+        def grab(run, step, final=False):  # capture the trained encoder's weights on every rank
+            captured.update({k: v.detach().clone() for k, v in run.objective.encoder.state_dict().items()})
+            return real(run, step, final)
 
-        tr.evaluate = grab
-        train(cfg)
+        def grab_tuned(model, data, cfg):  # and the fine-tuned classifier's
+            captured.update({f"finetuned.{k}": v.detach().clone() for k, v in model.state_dict().items()})
+            return real_noise(model, data, cfg)
+
+        tr.evaluate, tr.finetune_noise_accuracy = grab, grab_tuned
+        captured["finetune_top1"] = torch.tensor(train(cfg)["finetune_top1"])
         torch.save(captured, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -45,10 +49,11 @@ def _worker(rank, world, port, tree, out):
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])  # lam = 1: MoCo v3's heads normalise over both ranks' rows
 def test_two_rank_ddp_keeps_replicas_identical(tmp_path, lam):
-    tree = tiny(**{"objective__lam": lam, "optim__steps": 4})
+    tree = tiny(**{"objective__lam": lam, "optim__steps": 4, "eval__finetune__steps": 2, "eval__noise__bands": 2})
     mp.spawn(_worker, args=(2, _free_port(), tree, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
+    assert any(k.startswith("finetuned.") for k in r0)  # fine-tuning ran under DDP too, in sync
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     # and training moved them away from the common initialisation
@@ -56,7 +61,7 @@ def test_two_rank_ddp_keeps_replicas_identical(tmp_path, lam):
     from trainables.objectives import build_objective
 
     init = build_objective(load_config(tree)).encoder.state_dict()
-    assert any(not torch.equal(init[k], r0[k]) for k in r0)
+    assert any(not torch.equal(init[k], r0[k]) for k in init)
 
 
 def _bn_worker(rank, world, port, out):

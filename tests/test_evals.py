@@ -204,6 +204,8 @@ def test_evaluations_land_in_their_tables():
     curves = curves_from_results(results)
     assert not any(m.startswith("noise/") or m.startswith("seconds_") for _, _, m, _ in curves)
     assert (4, None, "finetune_loss", 1.5) in curves
+    final_report = {"step": 2, "resumed_from": 0, "finetune_top1": 0.7, "linear_top1": 0.6}  # step: pre-training's
+    assert curves_from_results([final_report]) == [(2, None, "linear_top1", 0.6)]
     final = {k: v for r in results for k, v in r.items()}
     row = trial_row("s", "t", "a", "TERMINATED", {"objective": {"lam": 0.5}}, final)
     assert row["finetune_top1"] == 0.7 and row["seconds_probes"] == 1.0 and row["linear_top1_clean"] == 0.6
