@@ -1,6 +1,8 @@
 """The paper's claims on a finished sweep, as Markdown for benchmarks/RESULTS.md: the claims table at the last
 probed step, the verdict of every claim at every probed step (the smallest training budget at which each direction
-shows), and the last-layer linear probe at matched steps and matched training FLOPs.
+shows), the last-layer linear probe at matched steps and matched training FLOPs, and, where the trials ran them,
+the evaluations (fine-tuning, noise robustness per band, CKA with the untrained encoder) and where each trial's
+time went.
 
     python benchmarks/repro_claims.py repro-20261129 [--results clmim-results]
     python benchmarks/repro_claims.py repro-lr-20261129 repro-lr30-20261129 --where '"optim.lr_scale" = 30'
@@ -14,7 +16,16 @@ import argparse
 
 import pandas as pd
 
-from orchestrator.compare import matched_table, paper_claims
+from orchestrator.compare import (
+    eval_claims,
+    fmt_mean_se,
+    group_axes,
+    group_name,
+    matched_table,
+    mean_se,
+    noise_drops,
+    paper_claims,
+)
 from orchestrator.layout import find_sweep, results_root
 from orchestrator.results import connect
 
@@ -52,10 +63,62 @@ def main() -> None:
     for s in steps:
         per_step[f"step {s}"] = list(paper_claims(layers[layers.step == s], untrained, trials).verdict)
     print(markdown(pd.DataFrame(per_step)))
-    print("\n## last-layer linear probe at matched budgets\n")
     matched = matched_table(layers, trials)
-    matched["mean ± SE"] = [f"{m:.3f} ± {se:.3f}" for m, se in zip(matched["mean"], matched["se"], strict=True)]
-    print(markdown(matched[["group", "metric", "matched", "budget", "read_at_step", "mean ± SE", "seeds"]]))
+    if len(matched):
+        print("\n## last-layer linear probe at matched budgets\n")
+        matched["mean ± SE"] = [f"{m:.3f} ± {se:.3f}" for m, se in zip(matched["mean"], matched["se"], strict=True)]
+        print(markdown(matched[["group", "metric", "matched", "budget", "read_at_step", "mean ± SE", "seeds"]]))
+    robustness = con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) "
+                             f"WHERE {keep}", names).df()
+    evaluations(trials, layers, robustness)
+
+
+def evaluations(trials: pd.DataFrame, layers: pd.DataFrame, robustness: pd.DataFrame) -> None:
+    """The evaluation tables: claims, per-group values, noise drop per band, CKA per layer, time shares."""
+    from orchestrator.results import time_shares
+
+    claims = eval_claims(trials, robustness)
+    claims = claims[claims.verdict != "not measured"]
+    if len(claims):
+        print("\n## evaluation claims\n")
+        print(markdown(claims.drop(columns="key")))
+    axes = group_axes(trials)
+    rows = []
+    for key, g in trials.groupby(axes, dropna=False, sort=True):
+        row = {"group": group_name(key, axes), "seeds": len(g)}
+        for m in ("finetune_top1", "linear_top1_gap", "linear_top1_cls", "linear_top1_clean", "finetune_top1_clean"):
+            if m in g and g[m].notna().any():
+                row[m] = fmt_mean_se(*mean_se(g[m])[:2])
+        rows.append(row)
+    print("\n## per group (mean ± SE over seeds)\n")
+    print(markdown(pd.DataFrame(rows)))
+    drops = noise_drops(robustness, every_classifier=True)
+    if len(drops):
+        d = drops.merge(trials[["trial", *axes]], on="trial")
+        table = {}
+        for (clf, key), g in d.groupby(["classifier", axes[0] if len(axes) == 1 else axes], dropna=False):
+            table[f"{clf}: {group_name(key, axes)}"] = {b: fmt_mean_se(*mean_se(gb["drop"])[:2])
+                                                      for b, gb in g.groupby("band")}
+        base = d.groupby("band").untrained.mean()
+        table["untrained linear probe (step 0)"] = {b: f"{v:.3g}" for b, v in base.items()}
+        out = pd.DataFrame(table).T
+        out.columns = [f"band {b}" for b in out.columns]
+        print("\n## top-1 drop under band-passed noise (band 0 = lowest frequency)\n")
+        print(markdown(out.reset_index(names="classifier: group")))
+    cka = layers[(layers.metric == "cka_untrained")]
+    if len(cka):
+        cka = cka[cka.step == cka.groupby("trial").step.transform("max")].drop(columns=[c for c in axes if c in cka])
+        cka = cka.merge(trials[["trial", *axes]], on="trial")
+        table = {group_name(key, axes): {k: fmt_mean_se(*mean_se(gk.value)[:2]) for k, gk in g.groupby("layer")}
+                 for key, g in cka.groupby(axes[0] if len(axes) == 1 else axes, dropna=False)}
+        out = pd.DataFrame(table).T
+        out.columns = [f"layer {k}" for k in out.columns]
+        print("\n## CKA of each layer with the untrained encoder, at the end (1 = unchanged)\n")
+        print(markdown(out.reset_index(names="group")))
+    shares = time_shares(trials)
+    if len(shares):
+        print("\n## where a trial's time went (share of wall time)\n")
+        print(markdown(shares))
 
 
 if __name__ == "__main__":
