@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
         print(line, flush=True)
 
     final = train(cfg, report)
-    keys = ("loss", "linear_top1", "knn_top1", "shape_bias", "params", "train_flops_per_image")
+    keys = ("loss", "linear_top1", "knn_top1", "shape_bias", "finetune_top1", "params", "train_flops_per_image")
     print("final: " + "  ".join(f"{k}={_fmt(final[k])}" for k in keys if k in final), flush=True)
     n_layer = sum(k.startswith("layer/") for k in final)
     print(f"{n_layer} per-layer probe values and the rest in {Path(cfg.run.out_dir) / 'final_metrics.json'}; "

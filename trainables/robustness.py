@@ -85,14 +85,20 @@ def noise_accuracy(classify: Callable[[torch.Tensor], torch.Tensor], images: tor
     return out
 
 
+def noise_split(data, cfg):
+    """The images noise is added to: ``eval.noise.images`` of the fixed eval subset (``eval.samples``), seeded."""
+    e, seed = cfg.eval, cfg.run.seed
+    test = data.eval.subset(e.samples, seed)
+    return test.subset(e.noise.images, seed) if e.noise.images < len(test) else test
+
+
 def linear_noise_accuracy(encoder, data, cfg) -> dict[str, float]:
     """The last layer's linear probe (``eval.pool`` features, fit on the clean train subset as ``probes`` fits it)
-    under each band of noise on the fixed eval subset: ``noise/<b>/linear_top1[_drop]``, ``linear_top1_clean``."""
+    under each band of noise (``noise_split``): ``noise/<b>/linear_top1[_drop]`` and ``linear_top1_clean``."""
     from .probes import eval_mode, extract_features, fit_linear, pool_tokens
 
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
-    train, test = data.train.subset(e.samples, seed), data.eval.subset(e.samples, seed)
-    test = test.subset(e.noise.images, seed) if e.noise.images < len(test) else test
+    train, test = data.train.subset(e.samples, seed), noise_split(data, cfg)
     predict = fit_linear(extract_features(encoder, train.images, size)[e.pool][encoder.depth], train.labels,
                          data.num_classes)
     with eval_mode(encoder) as device:
@@ -101,3 +107,17 @@ def linear_noise_accuracy(encoder, data, cfg) -> dict[str, float]:
                 features = pool_tokens(encoder(x.to(device)), e.pool)  # (B, C) as extract_features pools
             return predict(features.float().cpu())
         return noise_accuracy(classify, test.images, test.labels, size, e.noise.bands, e.noise.rms, seed, "linear")
+
+
+def finetune_noise_accuracy(model, data, cfg) -> dict[str, float]:
+    """The fine-tuned classifier (normalised images -> logits) under each band of noise (``noise_split``):
+    ``noise/<b>/finetune_top1[_drop]`` and ``finetune_top1_clean``."""
+    from .probes import eval_mode
+
+    test = noise_split(data, cfg)
+    with eval_mode(model) as device:
+        def classify(x):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                return model(x.to(device)).argmax(1)
+        return noise_accuracy(classify, test.images, test.labels, cfg.model.img_size, cfg.eval.noise.bands,
+                              cfg.eval.noise.rms, cfg.run.seed, "finetune")

@@ -32,8 +32,8 @@ from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import no_weight_decay_names
 from .objectives import Hybrid, build_objective, train_flops_per_image
-from .probes import cka_rows, dense_rows, eval_mode, extract_features, rows_to_metrics, run_probes
-from .robustness import linear_noise_accuracy, noise_accuracy
+from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
+from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .scale import encoder_params, parse_variant
 
 Report = Callable[..., None]
@@ -239,18 +239,6 @@ def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:
         run.untrained = extract_features(enc, run.cka_images, run.cfg.model.img_size, layers=layers)["gap"]
         run.initial_encoder = None
     return run.untrained
-
-
-def finetune_noise_accuracy(model: torch.nn.Module, data: DataBundle, cfg: Config) -> dict[str, float]:
-    """The fine-tuned classifier's top-1 under each band of noise on the fixed eval subset (``noise_accuracy``)."""
-    test = data.eval.subset(cfg.eval.samples, cfg.run.seed)
-    test = test.subset(cfg.eval.noise.images, cfg.run.seed) if cfg.eval.noise.images < len(test) else test
-    with eval_mode(model) as device:
-        def classify(x):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                return model(x.to(device)).argmax(1)
-        return noise_accuracy(classify, test.images, test.labels, cfg.model.img_size, cfg.eval.noise.bands,
-                              cfg.eval.noise.rms, cfg.run.seed, "finetune")
 
 
 def replicas_in_sync(module: torch.nn.Module) -> bool:
