@@ -52,7 +52,8 @@ def cmd_train(args) -> int:
         if total and step:
             elapsed = time.time() - t0
             head += f" ({100 * step / total:.0f}%, ETA {duration(elapsed * (total - step) / step)})"
-        keys = [k for k in ("loss", "loss_mim", "loss_cl", "lr", "images_per_s") if k in metrics]
+        keys = [k for k in ("loss", "loss_mim", "loss_cl", "lr", "images_per_s", "finetune_loss", "finetune_lr",
+                            "finetune_top1") if k in metrics]
         line = "  ".join([head] + [f"{k}={_fmt(metrics[k])}" for k in keys])
         if checkpoint:
             line += "  (checkpoint saved)"
