@@ -181,9 +181,11 @@ def _context(trials: pd.DataFrame) -> tuple[pd.Series, pd.Series, bool]:
 
 
 def _claim_row(key: str, claim: str, paper: str, per: pd.Series, base: pd.Series, lam: pd.Series, seed: pd.Series,
-               shared: bool, sign: int, mim_only: bool = False) -> dict:
+               shared: bool, sign: int, mim_only: bool = False, paired: bool = True) -> dict:
     """One claim's row: per-trial values ``per`` and their untrained baselines ``base`` (indexed by trial) read
-    as pure MIM vs pure CL (or, ``mim_only``, MIM's value against 0)."""
+    as pure MIM vs pure CL (or, ``mim_only``, MIM's value against 0). ``paired``: the baseline is the same
+    measurement of the untrained encoder, so trained minus untrained means something (not so when the trained
+    value comes from another classifier, e.g. a fine-tuned model against the untrained linear probe)."""
     mim, cl = per[per.index.map(lam) == 0], per[per.index.map(lam) == 1]
     m0, s0, n0 = mean_se(mim)
     m1, s1, n1 = mean_se(cl)
@@ -198,7 +200,7 @@ def _claim_row(key: str, claim: str, paper: str, per: pd.Series, base: pd.Series
         diff, se = m0, s0
     else:
         diff, se = sign * (m1 - m0), float(np.hypot(s0, s1)) if n0 > 1 and n1 > 1 else float("nan")
-    moved = (per - base).dropna()  # each trial against its own step-0 encoder (paired)
+    moved = (per - base).dropna() if paired else per.iloc[0:0]  # each trial against its own step-0 encoder
     return {"claim": claim, "paper (ViT-B/16, ImageNet)": paper,
             "MIM (lam=0)": fmt_mean_se(m0, s0, n0), "CL (lam=1)": fmt_mean_se(m1, s1, n1),
             "untrained": untrained_text,
@@ -238,11 +240,11 @@ def eval_claims(trials: pd.DataFrame, robustness: pd.DataFrame) -> pd.DataFrame:
             pick = drops[drops.band == (drops.band.max() if what[1] == "high" else 0)].set_index("trial")
             per, base = pick["drop"], pick["untrained"].dropna()
             clf = "/".join(sorted(pick.classifier.unique())) or "–"
-            claim = f"{claim} ({clf})"
+            claim, paired = f"{claim} ({clf})", clf == "linear"  # the baseline is the untrained linear probe
         else:
             per = pd.to_numeric(t[what], errors="coerce").dropna() if what in t else pd.Series(dtype=float)
-            base = pd.Series(dtype=float)  # fine-tuning an untrained encoder is not run
-        rows.append(_claim_row(key, claim, paper, per, base, lam, seed, shared, sign))
+            base, paired = pd.Series(dtype=float), False  # fine-tuning an untrained encoder is not run
+        rows.append(_claim_row(key, claim, paper, per, base, lam, seed, shared, sign, paired=paired))
     return pd.DataFrame(rows)
 
 

@@ -260,3 +260,20 @@ def test_report_and_results_show_the_evaluations(tmp_path):
     assert "Evaluations: fine-tuning and robustness" in text
     assert "last-layer dense probe mIoU: MIM &gt; CL" in text  # a per-layer claim, in the claims table
     assert "fine-tuning top-1: MIM &gt; CL" in text
+
+
+def test_a_fine_tuned_drop_is_not_subtracted_from_the_untrained_linear_probe(tmp_path):
+    from orchestrator.compare import eval_claims
+    from orchestrator.results import connect, write_trial_tables
+    from trainables.config import to_dict
+
+    sweep = tmp_path / "ev"
+    for lam in (0.0, 1.0):
+        for seed in range(2):
+            cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"run.seed={seed}", "eval.noise.bands=4"]))
+            write_trial_tables(sweep, f"t{int(lam)}{seed}", "TERMINATED", cfg, _eval_reports(lam, seed))
+    con = connect(tmp_path)
+    claims = eval_claims(con.execute("SELECT * FROM trials").df(),
+                         con.execute("SELECT * FROM robustness").df()).set_index("key")
+    assert "0.1" in claims.loc["noise_high", "untrained"]  # shown beside, for reference
+    assert claims.loc["noise_high", "MIM − untrained"] == "–"  # another classifier: no difference taken
