@@ -126,7 +126,7 @@ def test_cka_rows_of_an_encoder_against_its_own_features_are_one():
     cfg = load_config(tiny())
     enc, images = build_objective(cfg).encoder, build_data(cfg).eval.images[:32]
     own = extract_features(enc, images, 32, layers=list(range(enc.depth + 1)))["gap"]
-    rows = cka_rows(enc, own, images, 32)
+    rows = cka_rows(extract_features(enc, images, 32, layers=list(range(enc.depth + 1)))["gap"], own)
     assert [r[0] for r in rows] == list(range(enc.depth + 1))
     assert all(abs(v - 1) < 1e-9 for *_, v in rows)
 
@@ -277,3 +277,27 @@ def test_a_fine_tuned_drop_is_not_subtracted_from_the_untrained_linear_probe(tmp
                          con.execute("SELECT * FROM robustness").df()).set_index("key")
     assert "0.1" in claims.loc["noise_high", "untrained"]  # shown beside, for reference
     assert claims.loc["noise_high", "MIM − untrained"] == "–"  # another classifier: no difference taken
+
+
+def test_reused_features_and_probe_give_what_a_fresh_computation_gives():
+    from trainables.probes import run_probes
+    from trainables.robustness import linear_noise_accuracy
+
+    cfg = load_config(tiny(**{"eval__noise__bands": 2}))
+    data, enc = build_data(cfg), build_objective(cfg).encoder
+    keep = {}
+    run_probes(enc, data, cfg, keep)
+    fresh = extract_features(enc, data.eval.subset(64, 0).images, 32, layers=list(range(enc.depth + 1)))["gap"]
+    assert all(torch.equal(keep["eval_gap"][k], fresh[k]) for k in fresh)
+    assert linear_noise_accuracy(enc, data, cfg, keep["predict"]["gap"]) == linear_noise_accuracy(enc, data, cfg)
+
+
+def test_cka_with_the_untrained_encoder_after_a_resume_equals_a_straight_run(tmp_path):
+    base = tiny(**{"objective__lam": 0.0, "optim__steps": 6, "run__ckpt_every": 3})
+    a = train(load_config(base, [f"run.out_dir={tmp_path / 'a'}"]))
+    b = train(load_config(base, [f"run.out_dir={tmp_path / 'b'}",
+                                 f"run.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000003'}"]))
+    keys = [k for k in a if k.endswith("/cka_untrained")]
+    assert len(keys) == 7 and b["resumed_from"] == 3
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert a["layer/6/cka_untrained"] < 1

@@ -271,10 +271,9 @@ def dense_rows(encoder, data, cfg) -> list[Row]:
     return rows
 
 
-def cka_rows(encoder, untrained: dict[int, torch.Tensor], images: torch.Tensor, img_size: int) -> list[Row]:
-    """Per layer, linear CKA (``linear_cka``) of the encoder's GAP features with the untrained encoder's
-    (``untrained``: {layer: (N, C)} on the same images): 1 where a layer did not move (``cka_untrained``)."""
-    now = extract_features(encoder, images, img_size, layers=sorted(untrained))["gap"]
+def cka_rows(now: dict[int, torch.Tensor], untrained: dict[int, torch.Tensor]) -> list[Row]:
+    """Per layer, linear CKA (``linear_cka``) of the encoder's GAP features ``now`` with the untrained encoder's
+    (both {layer: (N, C)} on the same images): 1 where a layer did not move (``cka_untrained``)."""
     return [(k, None, "cka_untrained", linear_cka(now[k], untrained[k])) for k in sorted(untrained)]
 
 
@@ -313,12 +312,14 @@ def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
     return rows
 
 
-def feature_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
+def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row], dict[str, float]]:
     """Per-layer kNN and linear-probe accuracy on frozen features of both poolings (``knn_top1_gap``,
     ``linear_top1_cls``, ...); shape bias and cue-match fraction of the last layer's linear probe.
 
     The summary holds the last layer's values per pooling, and unsuffixed ``knn_top1`` / ``linear_top1`` /
-    ``shape_bias`` for ``eval.pool``."""
+    ``shape_bias`` for ``eval.pool``. ``keep``, if given, receives what later evaluations reuse instead of
+    computing again: ``eval_gap`` (GAP features of the eval subset per layer) and ``predict`` (the last layer's
+    fitted linear probe per pooling)."""
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
     train, test = data.train.subset(e.samples, seed), data.eval.subset(e.samples, seed)
     layers = list(range(encoder.depth + 1))
@@ -336,6 +337,8 @@ def feature_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
             linear = (predict(te[pool][k]) == test.labels).float().mean().item()
             rows += [(k, None, f"knn_top1_{pool}", knn), (k, None, f"linear_top1_{pool}", linear)]
         summary |= {f"knn_top1_{pool}": knn, f"linear_top1_{pool}": linear}  # the last layer's
+        if keep is not None:
+            keep.setdefault("predict", {})[pool] = predict
         if cc is not None:  # the last layer's linear probe (the one fit above) on cue-conflict images
             decided = predict(cc[pool][last])
             summary[f"shape_bias_{pool}"] = shape_bias(decided, data.cue_conflict.labels, data.cue_texture)
@@ -343,14 +346,16 @@ def feature_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
     for name in ("knn_top1", "linear_top1", "shape_bias"):
         if f"{name}_{e.pool}" in summary:
             summary[name] = summary[f"{name}_{e.pool}"]
+    if keep is not None:
+        keep["eval_gap"] = te["gap"]
     return rows, summary
 
 
-def run_probes(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
+def run_probes(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row], dict[str, float]]:
     """Every probe on the fixed, seeded eval subset: (rows, last-layer summary). Attention and token probes use
-    the first ``eval.probe_images`` images of that subset."""
+    the first ``eval.probe_images`` images of that subset. ``keep``: see ``feature_rows``."""
     images = data.eval.subset(cfg.eval.samples, cfg.run.seed).images[:cfg.eval.probe_images]
-    rows, summary = feature_rows(encoder, data, cfg)
+    rows, summary = feature_rows(encoder, data, cfg, keep)
     rows = attention_rows(encoder, images, cfg.model.img_size) + token_rows(encoder, images, cfg.model.img_size) + rows
     return rows, summary
 

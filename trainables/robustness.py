@@ -92,15 +92,18 @@ def noise_split(data, cfg):
     return test.subset(e.noise.images, seed) if e.noise.images < len(test) else test
 
 
-def linear_noise_accuracy(encoder, data, cfg) -> dict[str, float]:
-    """The last layer's linear probe (``eval.pool`` features, fit on the clean train subset as ``probes`` fits it)
-    under each band of noise (``noise_split``): ``noise/<b>/linear_top1[_drop]`` and ``linear_top1_clean``."""
+def linear_noise_accuracy(encoder, data, cfg, predict=None) -> dict[str, float]:
+    """The last layer's linear probe (``eval.pool`` features, fit on the clean train subset as ``probes`` fits it;
+    ``predict``: that probe, already fit) under each band of noise (``noise_split``): ``noise/<b>/linear_top1``,
+    ``noise/<b>/linear_top1_drop`` and ``linear_top1_clean``."""
     from .probes import eval_mode, extract_features, fit_linear, pool_tokens
 
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
-    train, test = data.train.subset(e.samples, seed), noise_split(data, cfg)
-    predict = fit_linear(extract_features(encoder, train.images, size)[e.pool][encoder.depth], train.labels,
-                         data.num_classes)
+    test = noise_split(data, cfg)
+    if predict is None:
+        train = data.train.subset(e.samples, seed)
+        predict = fit_linear(extract_features(encoder, train.images, size)[e.pool][encoder.depth], train.labels,
+                             data.num_classes)
     with eval_mode(encoder) as device:
         def classify(x):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -212,29 +212,33 @@ def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
     cfg, enc, e = run.cfg, run.objective.encoder, run.cfg.eval
     clock = time.perf_counter
     t = clock()
-    rows, summary = run_probes(enc, run.data, cfg)
+    keep: dict = {}  # the eval subset's features and the fitted linear probe, reused below
+    rows, summary = run_probes(enc, run.data, cfg, keep)
     run.seconds["probes"] += clock() - t
     t = clock()
     rows += dense_rows(enc, run.data, cfg)
     run.seconds["dense"] += clock() - t
     if e.cka:
         t = clock()
-        rows += cka_rows(enc, untrained_features(run, step), run.cka_images, cfg.model.img_size)
+        if step == 0 and run.untrained is None and run.initial_encoder is None:
+            run.untrained = keep["eval_gap"]  # this encoder is the untrained one
+        rows += cka_rows(keep["eval_gap"], untrained_features(run, step))
         run.seconds["cka"] += clock() - t
     if e.noise.bands and (step == 0 or final):
         t = clock()
-        summary |= linear_noise_accuracy(enc, run.data, cfg)
+        summary |= linear_noise_accuracy(enc, run.data, cfg, keep["predict"][e.pool])
         run.seconds["noise"] += clock() - t
     return {**summary, **rows_to_metrics(rows)}
 
 
 def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:
-    """GAP features of every layer of the untrained encoder on ``run.cka_images``, computed once: at step 0 from
-    the encoder itself, after a resume from the copy ``build_run`` kept of the initial weights."""
+    """GAP features of every layer of the untrained encoder on ``run.cka_images`` (the eval subset), computed once:
+    at step 0 they are the probes' own (``evaluate``), after a resume from the copy ``build_run`` kept of the
+    initial weights."""
     if run.untrained is None:
-        enc = run.objective.encoder if run.initial_encoder is None else run.initial_encoder.to(run.device)
-        if enc is run.objective.encoder and step != 0:
+        if run.initial_encoder is None:
             raise RuntimeError("untrained features asked for after training started without an initial copy")
+        enc = run.initial_encoder.to(run.device)
         layers = list(range(enc.depth + 1))
         run.untrained = extract_features(enc, run.cka_images, run.cfg.model.img_size, layers=layers)["gap"]
         run.initial_encoder = None
