@@ -301,3 +301,16 @@ def test_cka_with_the_untrained_encoder_after_a_resume_equals_a_straight_run(tmp
     assert len(keys) == 7 and b["resumed_from"] == 3
     assert [a[k] for k in keys] == [b[k] for k in keys]
     assert a["layer/6/cka_untrained"] < 1
+
+
+def test_training_does_not_depend_on_which_evaluations_ran(tmp_path):
+    """Evaluations draw nothing from the global RNG that training (drop path) reads: the same weights with every
+    evaluation on, probed every epoch, and with the optional ones off."""
+    base = tiny(**{"objective__lam": 0.0, "optim__steps": 16, "model__drop_path": 0.2})
+    a = tmp_path / "a"
+    train(load_config(base, [f"run.out_dir={a}", "eval.every=1"]))
+    b = tmp_path / "b"
+    train(load_config(base, [f"run.out_dir={b}", "eval.noise.bands=0", "eval.cka=false", "eval.dense_images=0"]))
+    wa, wb = (load_weights(find_checkpoint(d))["model"] for d in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)

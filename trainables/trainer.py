@@ -208,7 +208,15 @@ def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | 
 def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
     """Every probe of the pre-training's encoder at ``step``: ``probes.run_probes`` (last-layer kNN / linear / shape
     bias plus ``layer/...`` rows), the dense probe, CKA against the untrained encoder, and (at step 0 and at the
-    end) the linear probe's accuracy under frequency-filtered noise. Seconds spent go to ``run.seconds``."""
+    end) the linear probe's accuracy under frequency-filtered noise. Seconds spent go to ``run.seconds``.
+
+    The global RNG is left as it was (``fork_rng``): training's draws (drop path) must not depend on which
+    evaluations ran, or how often."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        return _evaluate(run, step, final)
+
+
+def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
     cfg, enc, e = run.cfg, run.objective.encoder, run.cfg.eval
     clock = time.perf_counter
     t = clock()
