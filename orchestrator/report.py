@@ -178,7 +178,8 @@ def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
 
 def noise_figure(drops: pd.DataFrame, trials: pd.DataFrame) -> bytes:
     """Accuracy drop under band-passed noise against the band's frequency, one line per group (± 1 SE over seeds),
-    one panel per classifier (fine-tuned model, linear probe); the untrained encoder's linear probe dashed."""
+    one panel per classifier (fine-tuned model, linear probe); the untrained encoder's linear probe dashed in the
+    linear probe's panel."""
     axes_cols = group_axes(trials)
     d = drops.merge(trials[["trial", *[c for c in axes_cols if c != "lam"], "lam"]], on="trial")
     d = d.assign(freq=(d.freq_lo + d.freq_hi) / 2 / np.pi)
@@ -191,7 +192,7 @@ def noise_figure(drops: pd.DataFrame, trials: pd.DataFrame) -> bytes:
             ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=lam_color(g.lam.iloc[0]),
                         label=group_name(key, axes_cols))
         u = d.groupby("freq").untrained.mean().dropna()
-        if len(u):
+        if len(u) and clf == "linear":  # the untrained baseline is a linear probe's: drawn with its own kind
             ax.plot(u.index, u.values, color="grey", ls="--", lw=1.2, label="untrained, linear probe (step 0)")
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xlabel("noise band centre (fraction of π; low → high frequency)")
