@@ -117,7 +117,8 @@ def test_two_trials_train_from_one_store(store, tmp_path):
     code = ("import sys; sys.path.insert(0, 'tests'); from conftest import tiny; "
             "from trainables.config import load_config; from trainables.trainer import train; "
             f"print(train(load_config(tiny(), ['data.dataset=store', 'data.path={root / 'store'}', "
-            "'model.img_size=24', 'optim.steps=4', 'eval.samples=32', 'data.batch_size=16']))['linear_top1'])")
+            "'model.img_size=24', 'optim.steps=4', 'eval.samples=32', 'data.batch_size=16', "
+            "'eval.finetune.steps=2']))['finetune_top1'])")  # fine-tuning reads the store's eval split per batch
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=str(Path(__file__).resolve().parents[1])) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]

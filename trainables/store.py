@@ -81,6 +81,7 @@ class StoreSplit:
     offsets: list[int]  # data offset of each shard's .npy
     image_shape: tuple[int, int, int]
     labels: torch.Tensor
+    masks = None  # a store holds no segmentation masks (the dense probe needs the synthetic set's)
 
     def __len__(self) -> int:
         return len(self.labels)
