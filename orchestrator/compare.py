@@ -216,8 +216,8 @@ def noise_drops(robustness: pd.DataFrame, every_classifier: bool = False) -> pd.
     untrained encoder's linear probe at step 0: columns trial, band, freq_lo, freq_hi, classifier, drop,
     untrained."""
     cols = ["trial", "band", "freq_lo", "freq_hi", "classifier", "drop", "untrained"]
-    d = robustness[robustness.metric.str.endswith("_top1_drop")] if len(robustness) else robustness
-    if d is None or d.empty:
+    d = robustness if robustness.empty else robustness[robustness.metric.str.endswith("_top1_drop")]
+    if d.empty:
         return pd.DataFrame(columns=cols)
     d = d.assign(classifier=d.metric.str.replace("_top1_drop", "", regex=False))
     base = d[(d.step == 0) & (d.classifier == "linear")].set_index(["trial", "band"]).value

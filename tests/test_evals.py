@@ -228,18 +228,24 @@ def _eval_reports(lam: float, seed: int) -> list[dict]:
     return [step0, final]
 
 
+def _eval_sweep(root, seeds: int) -> None:
+    """Sweep ``ev`` under ``root``: pure MIM and pure CL x ``seeds``, every trial with ``_eval_reports``."""
+    from orchestrator.results import write_trial_tables
+    from trainables.config import to_dict
+
+    for lam in (0.0, 1.0):
+        for seed in range(seeds):
+            cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"run.seed={seed}", "eval.noise.bands=4"]))
+            write_trial_tables(root / "ev", f"t{int(lam)}{seed}", "TERMINATED", cfg, _eval_reports(lam, seed))
+
+
 def test_report_and_results_show_the_evaluations(tmp_path):
     from orchestrator.compare import eval_claims, noise_drops
     from orchestrator.layout import SweepLayout
     from orchestrator.report import build_report
-    from orchestrator.results import connect, show, write_trial_tables
-    from trainables.config import to_dict
+    from orchestrator.results import connect, show
 
-    sweep = tmp_path / "ev"
-    for lam in (0.0, 1.0):
-        for seed in range(3):
-            cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"run.seed={seed}", "eval.noise.bands=4"]))
-            write_trial_tables(sweep, f"t{int(lam)}{seed}", "TERMINATED", cfg, _eval_reports(lam, seed))
+    _eval_sweep(tmp_path, seeds=3)
     con = connect(tmp_path)
     trials = con.execute("SELECT * FROM trials").df()
     robustness = con.execute("SELECT * FROM robustness").df()
@@ -264,14 +270,9 @@ def test_report_and_results_show_the_evaluations(tmp_path):
 
 def test_a_fine_tuned_drop_is_not_subtracted_from_the_untrained_linear_probe(tmp_path):
     from orchestrator.compare import eval_claims
-    from orchestrator.results import connect, write_trial_tables
-    from trainables.config import to_dict
+    from orchestrator.results import connect
 
-    sweep = tmp_path / "ev"
-    for lam in (0.0, 1.0):
-        for seed in range(2):
-            cfg = to_dict(load_config({}, [f"objective.lam={lam}", f"run.seed={seed}", "eval.noise.bands=4"]))
-            write_trial_tables(sweep, f"t{int(lam)}{seed}", "TERMINATED", cfg, _eval_reports(lam, seed))
+    _eval_sweep(tmp_path, seeds=2)
     con = connect(tmp_path)
     claims = eval_claims(con.execute("SELECT * FROM trials").df(),
                          con.execute("SELECT * FROM robustness").df()).set_index("key")
@@ -314,3 +315,21 @@ def test_training_does_not_depend_on_which_evaluations_ran(tmp_path):
     wa, wb = (load_weights(find_checkpoint(d))["model"] for d in (a, b))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(monkeypatch):
+    """seconds_train is the loop's time minus the evaluations inside it, not minus step 0's baseline too."""
+    import time
+
+    import trainables.trainer as tr
+
+    real = tr.run_probes
+
+    def slow(*a, **k):  # every probe call takes an extra second (counted in seconds_probes)
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "run_probes", slow)
+    final = train(load_config(tiny(**{"optim__steps": 2, "eval__noise__bands": 0, "eval__dense_images": 0})))
+    assert final["seconds_probes"] >= 2.0  # step 0 and the end
+    assert 0 < final["seconds_train"] < 1.0

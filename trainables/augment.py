@@ -49,12 +49,17 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - _on(MEAN, x.device).view(1, 3, 1, 1)) / _on(STD, x.device).view(1, 3, 1, 1)
 
 
-def eval_view(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Deterministic view for evaluation: resize to ``size`` and normalise."""
+def resized_float(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float in [0, 1] at ``size`` (the model's input, before normalisation)."""
     x = to_float(images)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return normalize(x)
+    return x
+
+
+def eval_view(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Deterministic view for evaluation: resize to ``size`` and normalise."""
+    return normalize(resized_float(images, size))
 
 
 def random_resized_crop(x: torch.Tensor, size: int, u: torch.Tensor, scale=(0.08, 1.0),

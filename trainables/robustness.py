@@ -14,9 +14,8 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .augment import normalize, to_float
+from .augment import normalize, resized_float
 
 
 def band_edges(band: int, bands: int) -> tuple[float, float]:
@@ -48,14 +47,6 @@ def band_noise(shape: tuple[int, int, int, int], band: int, bands: int, rms: flo
     x = torch.fft.ifft2(torch.fft.fft2(white) * keep).real  # (B, C, H, W)
     x = x / x.flatten(1).pow(2).mean(1).sqrt().view(b, 1, 1, 1).clamp_min(1e-12)  # unit RMS per image
     return (x * rms).float()
-
-
-def resized_float(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float [0, 1] at ``size`` (the model's input, before normalisation)."""
-    x = to_float(images)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
 
 
 @torch.no_grad()

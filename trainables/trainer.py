@@ -240,7 +240,7 @@ def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
 
 
 def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:
-    """GAP features of every layer of the untrained encoder on ``run.cka_images`` (the eval subset), computed once:
+    """GAP features of every layer of the untrained encoder on the fixed eval subset, computed once:
     at step 0 they are the probes' own (``evaluate``), after a resume from the copy ``build_run`` kept of the
     initial weights."""
     if run.untrained is None:
@@ -248,7 +248,8 @@ def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:
             raise RuntimeError("untrained features asked for after training started without an initial copy")
         enc = run.initial_encoder.to(run.device)
         layers = list(range(enc.depth + 1))
-        run.untrained = extract_features(enc, run.cka_images, run.cfg.model.img_size, layers=layers)["gap"]
+        images = run.data.eval.subset(run.cfg.eval.samples, run.cfg.run.seed).images  # the probes' eval subset
+        run.untrained = extract_features(enc, images, run.cfg.model.img_size, layers=layers)["gap"]
         run.initial_encoder = None
     return run.untrained
 
@@ -306,9 +307,8 @@ class TrainRun:
     stream: object
     info: dict  # static facts reported at the end (sizes, FLOPs, world size)
     resumed: Path | None = None  # the checkpoint the run continues from
-    cka_images: torch.Tensor | None = None  # the eval images CKA against the untrained encoder is read on
     initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
-    untrained: dict | None = None  # its GAP features per layer on cka_images (``untrained_features``)
+    untrained: dict | None = None  # its GAP features per layer on the eval subset (``untrained_features``)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(("probes", "dense", "cka", "noise"), 0.0))
 
     def ckpt_due(self, done: int, last: int) -> bool:
@@ -378,7 +378,7 @@ def build_run(cfg: Config) -> TrainRun:
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, min(start, total), rank, world, device),
         info={**model_stats(cfg), "total_steps": total + finetuning, "world_size": world, "device": device.type,
               "train_images": len(data.train)},
-        resumed=ckpt, initial_encoder=initial, cka_images=data.eval.subset(cfg.eval.samples, cfg.run.seed).images)
+        resumed=ckpt, initial_encoder=initial)
 
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
@@ -412,7 +412,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs
     if run.start == 0:  # the untrained baseline every probe is read against (the same encoder for any lam)
         report({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
-    t_train = time.perf_counter()
+    t_train, evaluated = time.perf_counter(), sum(run.seconds.values())  # step 0's evaluation is not training
     t_log, n_log, metrics = time.perf_counter(), 0, {}  # after the baseline: images_per_s counts training only
     for step in range(run.start, run.total):
         images, _ = next(run.stream)
@@ -438,7 +438,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
             t_log, n_log = time.perf_counter(), 0
         if cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total:
             report({"step": done, "epoch": done / run.steps_per_epoch, **evaluate(run, done)})
-    seconds_train = time.perf_counter() - t_train - sum(run.seconds.values())
+    seconds_train = time.perf_counter() - t_train - (sum(run.seconds.values()) - evaluated)
 
     ft_resume = load_weights(run.resumed) if run.start > run.total else None
     if ft_resume is None:  # the pre-training's final metrics
