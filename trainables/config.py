@@ -21,6 +21,7 @@ import yaml
 
 from .errors import UserError, excerpt
 from .scale import default_mask_unit, parse_variant
+from .vocab import FAMILY, LAYER_KEY, NAMES, OBJECTIVES
 
 
 class ConfigError(UserError):
@@ -64,22 +65,82 @@ class DataConfig:
 class PlacementConfig:
     mim_layer: int | None = _f(None, lo=1, doc="block whose output feeds the MIM decoder (default: last)")
     cl_layer: int | None = _f(None, lo=1, doc="block whose output feeds the CL projector (default: last)")
-    graft_layer: int | None = _f(None, lo=1, doc="g: blocks 1..g learn only from MIM, g+1..depth only from CL")
+    mae_layer: int | None = _f(None, lo=1, doc="block whose output feeds the MAE decoder (default: last)")
+    dino_layer: int | None = _f(None, lo=1, doc="block whose CLS output feeds the DINO head (default: last)")
+    graft_layer: int | None = _f(None, lo=1, doc="g: blocks 1..g learn only from MIM (SimMIM / MAE), g+1..depth "
+                                                 "only from CL (MoCo v3 / DINO)")
     graft_lr_ratio: float | None = _f(None, lo=0.0, hi=1.0,
                                       doc="with graft_layer: CL reaches every block and blocks 1..g (and the "
                                           "embedding) train at this fraction of the lr (Layer Grafted Pre-training)")
 
 
 @dataclass
+class WeightsConfig:
+    """Loss mixing coefficients over the registered objectives, on the simplex: L = sum_k w_k L_k. Unset = 0."""
+
+    simmim: float | None = _f(None, lo=0.0, hi=1.0)
+    mocov3: float | None = _f(None, lo=0.0, hi=1.0)
+    mae: float | None = _f(None, lo=0.0, hi=1.0)
+    dino: float | None = _f(None, lo=0.0, hi=1.0)
+
+
+@dataclass
+class MAEConfig:
+    """MAE (He et al. 2022), defaults from the official ViT recipe: 75% random masking, the encoder on the visible
+    patches only, a light transformer decoder (8 blocks of width 512 and 16 heads at ViT-B / L / H; narrower for
+    narrower encoders), per-patch normalised pixel targets, loss on masked patches."""
+
+    mask_ratio: float = _f(0.75, lo=0.05, hi=0.95)
+    decoder_depth: int = _f(8, lo=1, hi=64)
+    decoder_width: int | None = _f(None, lo=8, hi=8192, doc="default: min(512, encoder width)")
+    decoder_heads: int | None = _f(None, lo=1, hi=128, doc="default: decoder width / 32")
+    norm_pix: bool = _f(True, doc="targets normalised per patch (mean 0, variance 1), as the recipe's best")
+
+
+@dataclass
+class DINOConfig:
+    """DINO (Caron et al. 2021), defaults from main_dino.py (ViT-S/16): 2 global crops (scale 0.4-1) and 8 local
+    crops (0.05-0.4, 96 of 224 px), a 3-layer MLP head with an L2-normalised bottleneck of 256 and a weight-
+    normalised last layer, teacher = EMA of the student (0.996 -> 1), centring (momentum 0.9) and sharpening
+    (student 0.1, teacher 0.04), last layer frozen during the first epoch."""
+
+    local_crops: int = _f(8, lo=0, hi=64)
+    local_size: int | None = _f(None, lo=4, doc="local crop side in px (default: 96 / 224 of model.img_size, "
+                                                 "whole patches, at least 2 x 2)")
+    out_dim: int | None = _f(None, lo=2, hi=262144, doc="prototypes (default: 65536 at ViT-S width 384, scaled "
+                                                         "with width^2 below, at least 1024)")
+    hidden: int | None = _f(None, lo=8, hi=65536, doc="default: min(2048, 8 * width)")
+    bottleneck: int = _f(256, lo=8, hi=65536)
+    student_temp: float = _f(0.1, lo=1e-3, hi=10.0)
+    teacher_temp: float = _f(0.04, lo=1e-3, hi=10.0, doc="after the warmup")
+    warmup_teacher_temp: float = _f(0.04, lo=1e-3, hi=10.0)
+    teacher_temp_warmup_frac: float = _f(0.0, lo=0.0, hi=1.0, doc="share of pre-training (main_dino: 0; its "
+                                                                   "recommended ViT-S/16 run: 30 of 100 epochs)")
+    momentum: float = _f(0.996, lo=0.0, hi=1.0, doc="initial teacher EMA momentum, cosine-scheduled to 1")
+    center_momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    freeze_last_layer_frac: float | None = _f(None, lo=0.0, hi=1.0, doc="share of pre-training with the last "
+                                                                         "layer frozen (default: one epoch)")
+
+
+@dataclass
 class ObjectiveConfig:
-    lam: float = _f(0.5, lo=0.0, hi=1.0, doc="L = (1 - lam) * L_MIM + lam * L_CL")
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    lam: float | None = _f(None, lo=0.0, hi=1.0, doc="shorthand for weights {simmim: 1 - lam, mocov3: lam}: "
+                                                      "L = (1 - lam) * L_MIM + lam * L_CL (default 0.5 without "
+                                                      "weights)")
     placement: PlacementConfig = field(default_factory=PlacementConfig)
-    mask_ratio: float = _f(0.6, lo=0.05, hi=0.95)
-    mask_unit: int | None = _f(None, lo=1, doc="mask unit in pixels (default: scaled to the image size)")
-    temperature: float = _f(0.2, lo=1e-3, hi=10.0)
-    momentum: float = _f(0.99, lo=0.0, hi=1.0, doc="initial EMA momentum, cosine-scheduled towards 1")
-    proj_dim: int = _f(256, lo=8, hi=65536)
-    proj_hidden: int | None = _f(None, lo=8, hi=65536, doc="default: min(4096, 8 * width)")
+    mask_ratio: float = _f(0.6, lo=0.05, hi=0.95, doc="SimMIM")
+    mask_unit: int | None = _f(None, lo=1, doc="SimMIM mask unit in pixels (default: scaled to the image size)")
+    temperature: float = _f(0.2, lo=1e-3, hi=10.0, doc="MoCo v3")
+    momentum: float = _f(0.99, lo=0.0, hi=1.0, doc="MoCo v3: initial EMA momentum, cosine-scheduled towards 1")
+    proj_dim: int = _f(256, lo=8, hi=65536, doc="MoCo v3")
+    proj_hidden: int | None = _f(None, lo=8, hi=65536, doc="MoCo v3; default: min(4096, 8 * width)")
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+
+    def mix(self) -> dict[str, float]:
+        """The non-zero weights of the resolved config, in ``OBJECTIVES`` order."""
+        return {k: getattr(self.weights, k) for k in OBJECTIVES if getattr(self.weights, k)}
 
 
 @dataclass
@@ -179,36 +240,77 @@ class Config:
 # Each pure objective's ViT pre-training recipe, from the official code. blr is per 256 images.
 # SimMIM (configs/vit_base__800ep): BASE_LR 1e-4 per 512 images, 10 of 800 warmup epochs, wd 0.05, CLIP_GRAD 5.0,
 # DROP_PATH_RATE 0.1. MoCo v3 (main_moco.py, ViT): blr 1.5e-4, 40 of 300 warmup epochs, wd 0.1, no clipping, no
-# drop path. A hybrid (0 < lam < 1) interpolates: blr geometrically, exp((1 - lam) log a + lam log b) (lrs are
-# compared on a log scale), wd / warmup / drop path linearly, and keeps SimMIM's clipping (any MIM share).
+# drop path. MAE (main_pretrain.py, PRETRAIN.md): blr 1.5e-4, 40 of 800 warmup epochs, wd 0.05, no clipping, no
+# drop path. DINO (main_dino.py): lr 5e-4 per 256, 10 of 100 warmup epochs, wd 0.04 -> 0.4 (cosine), clip 3.0,
+# drop path 0.1. A mix interpolates with its weights: blr geometrically (lrs compare on a log scale), wd / warmup /
+# drop path linearly, and clips at the smallest clipping any of its objectives uses (at lam < 1, SimMIM's).
 RECIPES: dict[str, dict[str, float]] = {
-    "simmim": {"blr": 5e-5, "weight_decay": 0.05, "warmup_frac": 10 / 800, "clip_grad": 5.0, "drop_path": 0.1},
-    "mocov3": {"blr": 1.5e-4, "weight_decay": 0.1, "warmup_frac": 40 / 300, "clip_grad": 0.0, "drop_path": 0.0},
+    "simmim": {"blr": 5e-5, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 10 / 800,
+               "clip_grad": 5.0, "drop_path": 0.1},
+    "mocov3": {"blr": 1.5e-4, "weight_decay": 0.1, "weight_decay_end": 0.1, "warmup_frac": 40 / 300,
+               "clip_grad": 0.0, "drop_path": 0.0},
+    "mae": {"blr": 1.5e-4, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 40 / 800,
+            "clip_grad": 0.0, "drop_path": 0.0},
+    "dino": {"blr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_frac": 10 / 100,
+             "clip_grad": 3.0, "drop_path": 0.1},
 }
 
 
-def recipe(lam: float) -> dict[str, float]:
-    """The default optimiser settings and drop path at mixing coefficient ``lam`` (see ``RECIPES``)."""
-    a, b = RECIPES["simmim"], RECIPES["mocov3"]
-    out = {k: (1 - lam) * a[k] + lam * b[k] for k in ("weight_decay", "warmup_frac", "drop_path")}
-    out["blr"] = float(f'{math.exp((1 - lam) * math.log(a["blr"]) + lam * math.log(b["blr"])):.4g}')
-    out["clip_grad"] = a["clip_grad"] if lam < 1 else b["clip_grad"]
+def recipe(mix: dict[str, float] | float) -> dict[str, float]:
+    """The default optimiser settings and drop path of a mix (weights, or lam for the SimMIM / MoCo v3 line)."""
+    if not isinstance(mix, dict):
+        mix = {"simmim": 1.0 - mix, "mocov3": mix}
+    mix = {k: w for k, w in mix.items() if w}
+    out = {k: sum(w * RECIPES[o][k] for o, w in mix.items())
+           for k in ("weight_decay", "weight_decay_end", "warmup_frac", "drop_path")}
+    out["blr"] = float(f'{math.exp(sum(w * math.log(RECIPES[o]["blr"]) for o, w in mix.items())):.4g}')
+    clips = [RECIPES[o]["clip_grad"] for o in mix if RECIPES[o]["clip_grad"] > 0]
+    out["clip_grad"] = min(clips) if clips else 0.0
     return out
+
+
+def _resolve_weights(cfg: Config) -> None:
+    """Fill ``objective.weights`` (every objective, 0 where unset) and ``objective.lam`` (MoCo v3's weight on the
+    SimMIM / MoCo v3 line, else null) in place; weights must lie on the simplex."""
+    o = cfg.objective
+    given = {k: getattr(o.weights, k) for k in OBJECTIVES if getattr(o.weights, k) is not None}
+    if not given:
+        lam = 0.5 if o.lam is None else o.lam
+        given = {"simmim": 1.0 - lam, "mocov3": lam}
+    else:
+        total = sum(given.values())
+        shown = ", ".join(f"{k}: {v:g}" for k, v in given.items())
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"objective.weights: {{{shown}}} sum to {total:.6g}; the weights lie on the simplex "
+                              "(non-negative, summing to 1)")
+        if o.lam is not None:
+            line = set(k for k, v in given.items() if v) <= {"simmim", "mocov3"}
+            if not (line and abs(given.get("mocov3", 0.0) - o.lam) < 1e-9
+                    and abs(given.get("simmim", 0.0) - (1.0 - o.lam)) < 1e-9):
+                raise ConfigError(f"objective.lam: {o.lam:g} disagrees with objective.weights {{{shown}}}; give only "
+                                  "one of them (lam is the shorthand for {simmim: 1 - lam, mocov3: lam})")
+    for k in OBJECTIVES:
+        setattr(o.weights, k, float(given.get(k, 0.0)))
+    mix = o.mix()
+    o.lam = mix.get("mocov3", 0.0) if set(mix) <= {"simmim", "mocov3"} else None
 
 
 def _resolve_defaults(cfg: Config) -> None:
     """Fill every per-objective default (None / "auto") in place, so the saved config holds what ran."""
-    r = recipe(cfg.objective.lam)
+    mix = cfg.objective.mix()
+    r = recipe(mix)
+    if cfg.optim.weight_decay is None and cfg.optim.weight_decay_end is None and \
+            r["weight_decay_end"] != r["weight_decay"]:
+        cfg.optim.weight_decay_end = r["weight_decay_end"]  # DINO's rising wd, unless the user set a wd
     for section, key in (("optim", "blr"), ("optim", "weight_decay"), ("optim", "warmup_frac"),
                          ("optim", "clip_grad"), ("model", "drop_path")):
         node = getattr(cfg, section)
         if getattr(node, key) is None:
             setattr(node, key, r[key])
-    cl_only = cfg.objective.lam == 1.0
-    if cfg.model.pos_embed == "auto":
-        cfg.model.pos_embed = "sincos" if cl_only else "learned"
+    if cfg.model.pos_embed == "auto":  # fixed sin-cos: MoCo v3's and MAE's; learned: SimMIM's and DINO's
+        cfg.model.pos_embed = "sincos" if set(mix) <= {"mocov3", "mae"} else "learned"
     if cfg.model.patch_embed == "auto":
-        cfg.model.patch_embed = "frozen" if cl_only else "trained"
+        cfg.model.patch_embed = "frozen" if set(mix) == {"mocov3"} else "trained"
 
 
 def _type_name(tp) -> str:
@@ -298,41 +400,9 @@ def _validate(cfg: Config) -> None:
             f"of model.variant {cfg.model.variant!r}"
         )
     depth = spec.depth
-    p = cfg.objective.placement
-    for name in ("mim_layer", "cl_layer", "graft_layer"):
-        v = getattr(p, name)
-        if v is not None and v > depth:
-            raise ConfigError(
-                f"objective.placement.{name}: {v} is beyond the depth of {cfg.model.variant} (blocks 1..{depth})"
-            )
-    lam = cfg.objective.lam
-    if p.graft_layer is not None:
-        g = p.graft_layer
-        if g >= depth:
-            raise ConfigError(f"objective.placement.graft_layer: {g} leaves no block for CL (must be < {depth})")
-        if not 0.0 < lam < 1.0:
-            raise ConfigError(
-                f"objective.placement.graft_layer: needs both objectives, but objective.lam is {lam} "
-                "(use 0 < lam < 1)"
-            )
-        if p.mim_layer is not None and p.mim_layer > g:
-            raise ConfigError(
-                f"objective.placement.mim_layer: {p.mim_layer} is above graft_layer {g}; MIM may only read "
-                f"blocks 1..{g}"
-            )
-        if p.cl_layer is not None and p.cl_layer <= g:
-            raise ConfigError(
-                f"objective.placement.cl_layer: {p.cl_layer} is at or below graft_layer {g}; CL must read a "
-                f"block in {g + 1}..{depth}"
-            )
-    if p.graft_lr_ratio is not None and p.graft_layer is None:
-        raise ConfigError("objective.placement.graft_lr_ratio: set, but objective.placement.graft_layer is not "
-                          "(the ratio applies to blocks 1..graft_layer)")
-    if lam == 0.0 and p.cl_layer is not None and p.cl_layer != depth:
-        raise ConfigError("objective.placement.cl_layer: set, but objective.lam = 0 computes no CL loss")
-    if lam == 1.0 and p.mim_layer is not None and p.mim_layer != depth:
-        raise ConfigError("objective.placement.mim_layer: set, but objective.lam = 1 computes no MIM loss")
+    _check_placement(cfg, depth)
     _check_every_block_trained(cfg, depth)
+    mix = cfg.objective.mix()
     if cfg.objective.mask_unit is not None:
         u = cfg.objective.mask_unit
         if u % spec.patch or cfg.model.img_size % u:
@@ -343,12 +413,29 @@ def _validate(cfg: Config) -> None:
         if u < 2 * spec.patch:
             raise ConfigError(f"objective.mask_unit: {u} px is less than 2 x 2 patches of {spec.patch} px; SimMIM "
                               f"masks units of at least 2 x 2 patches (e.g. {2 * spec.patch})")
-    elif lam < 1:
+    elif "simmim" in mix:
         if default_mask_unit(cfg.model.img_size, spec.patch) is None:
             raise ConfigError(f"objective.mask_unit: the {cfg.model.img_size // spec.patch} x "
                               f"{cfg.model.img_size // spec.patch} patch grid of model.img_size "
                               f"{cfg.model.img_size} has no mask unit of 2 x 2 patches or more that divides it; "
                               "choose an image size with an even grid, or set objective.mask_unit")
+    n = (cfg.model.img_size // spec.patch) ** 2
+    if "mae" in mix and not 1 <= int(n * (1 - cfg.objective.mae.mask_ratio)) < n:
+        raise ConfigError(f"objective.mae.mask_ratio: {cfg.objective.mae.mask_ratio:g} of {n} patches leaves "
+                          f"{int(n * (1 - cfg.objective.mae.mask_ratio))} visible; MAE needs some visible and some "
+                          "masked")
+    if "mae" in mix:
+        width = cfg.objective.mae.decoder_width or min(512, spec.width)
+        heads = cfg.objective.mae.decoder_heads or max(1, width // 32)
+        if width % heads:
+            raise ConfigError(f"objective.mae.decoder_heads: {heads} heads do not divide the decoder width {width}")
+        if width % 4:
+            raise ConfigError(f"objective.mae.decoder_width: {width} is not divisible by 4 (the decoder's 2-D sin-cos "
+                              "position embedding)")
+    ls = cfg.objective.dino.local_size
+    if "dino" in mix and ls is not None and (ls % spec.patch or ls < 2 * spec.patch or ls > cfg.model.img_size):
+        raise ConfigError(f"objective.dino.local_size: {ls} px must be whole patches of {spec.patch} px, at least "
+                          f"2 x 2 of them and at most model.img_size {cfg.model.img_size}")
     if cfg.eval.noise.bands > cfg.model.img_size // 2:
         raise ConfigError(f"eval.noise.bands: {cfg.eval.noise.bands} bands of a {cfg.model.img_size}-pixel image "
                           f"leave some without a frequency (at most {cfg.model.img_size // 2})")
@@ -369,33 +456,78 @@ def _validate(cfg: Config) -> None:
                               "prepare SOURCE DEST` first, or it was interrupted: run it again)")
 
 
+def _check_placement(cfg: Config, depth: int) -> None:
+    """Layer indices within the depth, placement keys only for objectives in the mix, the graft's rules."""
+    p, mix = cfg.objective.placement, cfg.objective.mix()
+    for name in (*LAYER_KEY.values(), "graft_layer"):
+        v = getattr(p, name)
+        if v is not None and v > depth:
+            raise ConfigError(
+                f"objective.placement.{name}: {v} is beyond the depth of {cfg.model.variant} (blocks 1..{depth})"
+            )
+    for obj, key in LAYER_KEY.items():
+        if obj not in mix and getattr(p, key) is not None and getattr(p, key) != depth:
+            lam = cfg.objective.lam
+            how = f"objective.lam = {lam:g}" if lam is not None else f"objective.weights.{obj} is 0"
+            raise ConfigError(f"objective.placement.{key}: set, but {NAMES[obj]} is not in the mix ({how}), so no "
+                              f"{NAMES[obj]} loss is computed")
+    if p.graft_layer is not None:
+        g = p.graft_layer
+        if g >= depth:
+            raise ConfigError(f"objective.placement.graft_layer: {g} leaves no block for CL (must be < {depth})")
+        families = {FAMILY[o] for o in mix}
+        if families != {"mim", "cl"}:
+            raise ConfigError(
+                f"objective.placement.graft_layer: needs a MIM objective (SimMIM, MAE) and a CL objective (MoCo v3, "
+                f"DINO), but the mix is {', '.join(NAMES[o] for o in mix)} (with lam: use 0 < lam < 1)"
+            )
+        for o in mix:
+            v = getattr(p, LAYER_KEY[o])
+            if v is None:
+                continue
+            if FAMILY[o] == "mim" and v > g:
+                raise ConfigError(f"objective.placement.{LAYER_KEY[o]}: {v} is above graft_layer {g}; MIM may only "
+                                  f"read blocks 1..{g}")
+            if FAMILY[o] == "cl" and v <= g:
+                raise ConfigError(f"objective.placement.{LAYER_KEY[o]}: {v} is at or below graft_layer {g}; CL must "
+                                  f"read a block in {g + 1}..{depth}")
+    if p.graft_lr_ratio is not None and p.graft_layer is None:
+        raise ConfigError("objective.placement.graft_lr_ratio: set, but objective.placement.graft_layer is not "
+                          "(the ratio applies to blocks 1..graft_layer)")
+
+
 def _check_every_block_trained(cfg: Config, depth: int) -> None:
     """A placement must give every block a gradient: blocks no objective reaches would stay random, and the
     probes would then read an untrained layer as if it had learned something."""
-    p, lam = cfg.objective.placement, cfg.objective.lam
-    mim, cl, g = resolve_placement(cfg)
-    top = max(mim if lam < 1 else 0, cl if lam > 0 else 0)
+    p = cfg.objective.placement
+    layers, g = resolve_placement(cfg)
+    top = max(layers.values())
     if top < depth:
-        keys = [f"objective.placement.{k} = {getattr(p, k)}" for k in ("mim_layer", "cl_layer")
-                if getattr(p, k) is not None]
+        keys = [f"objective.placement.{k} = {getattr(p, k)}" for k in LAYER_KEY.values() if getattr(p, k) is not None]
         blocks = f"block {depth}" if top + 1 == depth else f"blocks {top + 1}..{depth}"
         raise ConfigError(f"{' and '.join(keys)}: {blocks} would get no gradient from any objective "
                           f"(they would stay random); let one objective read block {depth}")
+    mim = max(v for o, v in layers.items() if FAMILY[o] == "mim") if g is not None else None
     if g is not None and p.graft_lr_ratio is None and mim < g:
+        keys = " and ".join(f"objective.placement.{LAYER_KEY[o]} = {v}" for o, v in layers.items()
+                            if FAMILY[o] == "mim")
         blocks = f"block {g}" if mim + 1 == g else f"blocks {mim + 1}..{g}"
-        raise ConfigError(f"objective.placement.mim_layer = {mim} and objective.placement.graft_layer = {g}: "
+        raise ConfigError(f"{keys} and objective.placement.graft_layer = {g}: "
                           f"{blocks} would get no gradient (CL is detached below the graft, MIM reads block "
-                          f"{mim}); set mim_layer = graft_layer, or set graft_lr_ratio so that CL reaches them")
+                          f"{mim}); let MIM read graft_layer, or set graft_lr_ratio so that CL reaches them")
 
 
-def resolve_placement(cfg: Config) -> tuple[int, int, int | None]:
-    """(mim_layer, cl_layer, graft_layer) with defaults filled in: blocks are numbered 1..depth."""
+def resolve_placement(cfg: Config) -> tuple[dict[str, int], int | None]:
+    """({objective: the block its head reads} for the mix's objectives, graft_layer), defaults filled in: blocks
+    are numbered 1..depth; a MIM objective reads graft_layer under a graft, else the last block."""
     depth = parse_variant(cfg.model.variant).depth
     p = cfg.objective.placement
     g = p.graft_layer
-    mim = p.mim_layer if p.mim_layer is not None else (g if g is not None else depth)
-    cl = p.cl_layer if p.cl_layer is not None else depth
-    return mim, cl, g
+    layers = {}
+    for o in cfg.objective.mix():
+        v = getattr(p, LAYER_KEY[o])
+        layers[o] = v if v is not None else (g if g is not None and FAMILY[o] == "mim" else depth)
+    return layers, g
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -473,6 +605,7 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
     for key, value in items:
         set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
+    _resolve_weights(cfg)
     _validate(cfg)
     _resolve_defaults(cfg)
     _check_flops_budget(cfg)

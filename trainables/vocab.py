@@ -1,7 +1,11 @@
 """One vocabulary: the names of what trials report and the objective groups, used by the trainer, the space
 validator, the results tables, MLflow, the console and the report.
 
-- Step metrics are reported at every log step (and are the curves' main content).
+- Objectives: ``OBJECTIVES`` (simmim, mocov3, mae, dino) in their families (``FAMILY``: MIM or CL); a trial's mix
+  (``objective.weights``) names its group: ``objective_group`` (the ``objective`` column) and ``objective_label``
+  (the ``mix`` column, one label per weight vector).
+- Step metrics are reported at every log step (and are the curves' main content): ``loss`` and each objective's
+  own (``LOSS_KEY``).
 - Probe metrics are the last layer's summary, reported at the end of a trial (and every ``eval.every`` epochs);
   per-layer probe rows are reported as ``layer/<L>/<metric>`` or ``layer/<L>/h<H>/<metric>``.
 - Fine-tuning (``eval.finetune``) reports ``finetune_loss`` at its log steps and ``finetune_top1`` (curves, at the
@@ -16,7 +20,16 @@ from __future__ import annotations
 
 import re
 
-STEP_METRICS = ("loss", "loss_mim", "loss_cl")
+# The registered objectives, in the order used everywhere (config, tables, labels). ``objective.weights`` mixes any
+# subset; ``objective.lam`` is the shorthand for {simmim: 1 - lam, mocov3: lam}.
+OBJECTIVES = ("simmim", "mocov3", "mae", "dino")
+FAMILY = {"simmim": "mim", "mae": "mim", "mocov3": "cl", "dino": "cl"}  # masked image modelling / contrastive
+NAMES = {"simmim": "SimMIM", "mocov3": "MoCo v3", "mae": "MAE", "dino": "DINO"}
+# Each objective's own loss at log steps, and its placement key (objective.placement.<key>); SimMIM's and MoCo v3's
+# keep the names they had when lam mixed exactly these two.
+LOSS_KEY = {"simmim": "loss_mim", "mocov3": "loss_cl", "mae": "loss_mae", "dino": "loss_dino"}
+LAYER_KEY = {"simmim": "mim_layer", "mocov3": "cl_layer", "mae": "mae_layer", "dino": "dino_layer"}
+STEP_METRICS = ("loss", *LOSS_KEY.values())
 POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
 # Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
@@ -46,19 +59,53 @@ SUMMARY_METRICS = ("step", "loss", "knn_top1", "linear_top1", "shape_bias")
 HIGHER_IS_BETTER = frozenset(PROBE_METRICS)
 
 
-def objective_group(lam: float) -> str:
-    """'mim' (lam = 0: pure SimMIM), 'cl' (lam = 1: pure MoCo v3) or 'hybrid'."""
-    return "mim" if lam == 0 else "cl" if lam == 1 else "hybrid"
+def _weights(mix) -> dict[str, float]:
+    """Non-zero weights in ``OBJECTIVES`` order from a weights mapping, or from lam (a number)."""
+    if not isinstance(mix, dict):
+        mix = {"simmim": 1.0 - float(mix), "mocov3": float(mix)}
+    return {k: float(mix[k]) for k in OBJECTIVES if mix.get(k)}
 
 
-def objective_label(lam: float) -> str:
-    """A human label of an objective: 'MIM (lam=0)', 'CL (lam=1)' or 'hybrid lam=0.25'."""
-    return "MIM (lam=0)" if lam == 0 else "CL (lam=1)" if lam == 1 else f"hybrid lam={lam:g}"
+def mix_lam(mix) -> float | None:
+    """lam of a mix on the SimMIM / MoCo v3 line (the weight of MoCo v3), else None."""
+    w = _weights(mix)
+    return w.get("mocov3", 0.0) if set(w) <= {"simmim", "mocov3"} else None
 
 
-def reports_metric(metric: str, lam: float) -> bool:
-    """False if a trial at ``lam`` never reports ``metric`` (its branch is not computed)."""
-    return not ((metric == "loss_mim" and lam == 1) or (metric == "loss_cl" and lam == 0))
+def objective_group(mix) -> str:
+    """The objective column: 'mim' (pure SimMIM), 'cl' (pure MoCo v3), 'hybrid' (a SimMIM / MoCo v3 mix), 'mae',
+    'dino', or 'mix' (any other mix). ``mix``: a weights mapping or lam."""
+    lam, w = mix_lam(mix), _weights(mix)
+    if lam is not None:
+        return "mim" if lam == 0 else "cl" if lam == 1 else "hybrid"
+    return next(iter(w)) if len(w) == 1 else "mix"
+
+
+def objective_label(mix) -> str:
+    """A human label, unique per weight vector: 'MIM (lam=0)', 'CL (lam=1)', 'hybrid lam=0.25' on the SimMIM /
+    MoCo v3 line; 'MAE', 'DINO'; 'mix 0.5 SimMIM + 0.5 MAE' otherwise. ``mix``: a weights mapping or lam."""
+    lam, w = mix_lam(mix), _weights(mix)
+    if lam is not None:
+        return "MIM (lam=0)" if lam == 0 else "CL (lam=1)" if lam == 1 else f"hybrid lam={lam:g}"
+    if len(w) == 1:
+        return NAMES[next(iter(w))]
+    return "mix " + " + ".join(f"{v:.3g} {NAMES[k]}" for k, v in w.items())
+
+
+def weights_of(flat: dict) -> dict[str, float] | None:
+    """The weights of a flattened config: ``objective.weights.*`` where given, else from ``objective.lam`` (configs
+    written before weights existed); None if it holds neither."""
+    given = {k: flat.get(f"objective.weights.{k}") for k in OBJECTIVES}
+    if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given.values()):
+        return _weights({k: float(v or 0.0) for k, v in given.items()})
+    lam = flat.get("objective.lam")
+    return _weights(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None
+
+
+def reports_metric(metric: str, mix) -> bool:
+    """False if a trial with ``mix`` (weights or lam) never reports ``metric`` (its objective is not computed)."""
+    w = _weights(mix)
+    return all(metric != LOSS_KEY[k] for k in OBJECTIVES if k not in w)
 
 
 def is_known_metric(metric) -> bool:
