@@ -151,19 +151,46 @@ def moco_draws(batch: int, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(2, batch, MOCO_DRAWS, generator=gen, device=device)
 
 
+def ssl_view(x: torch.Tensor, size: int, u: torch.Tensor, scale: tuple[float, float], blur_p: float,
+             solarize_p: float) -> torch.Tensor:
+    """One BYOL-style view (MoCo v3's and DINO's): random resized crop and flip, colour jitter (p 0.8), grayscale
+    (p 0.2), Gaussian blur (p ``blur_p``), solarisation (p ``solarize_p``), normalised. x float (B, 3, S, S) in
+    [0, 1] -> (B, 3, size, size); u (B, MOCO_DRAWS) uniforms."""
+    v = random_resized_crop(x, size, u[:, 0:5], scale=scale)
+    v = random_grayscale(color_jitter(v, u[:, 5:10]), u[:, 10])
+    v = solarize(gaussian_blur(v, u[:, 11:13], blur_p), u[:, 13], solarize_p)
+    return normalize(v)
+
+
 def moco_views(images: torch.Tensor, size: int, u: torch.Tensor) -> torch.Tensor:
     """MoCo v3's two asymmetric views: uint8 (B, 3, S, S) -> normalised (2B, 3, size, size), view 1 first.
 
     ``u`` comes from ``moco_draws``; given it, this is a pure function (so ``torch.compile`` can fuse it).
     """
     x = to_float(images)
-    views = []
-    for uv, (blur_p, sol_p) in zip(u, ((1.0, 0.0), (0.1, 0.2)), strict=True):  # uv (B, MOCO_DRAWS)
-        v = random_resized_crop(x, size, uv[:, 0:5], scale=crop_scale(size))
-        v = random_grayscale(color_jitter(v, uv[:, 5:10]), uv[:, 10])
-        v = solarize(gaussian_blur(v, uv[:, 11:13], blur_p), uv[:, 13], sol_p)
-        views.append(normalize(v))
-    return torch.cat(views)
+    return torch.cat([ssl_view(x, size, uv, crop_scale(size), blur_p, sol_p)  # uv (B, MOCO_DRAWS)
+                      for uv, (blur_p, sol_p) in zip(u, ((1.0, 0.0), (0.1, 0.2)), strict=True)])
+
+
+def dino_views(images: torch.Tensor, size: int, local_size: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO's multi-crop (``DataAugmentationDINO``): two global views (crop scale 0.4-1; blur p 1.0, then blur
+    p 0.1 and solarisation p 0.2) at ``size`` and ``len(u) - 2`` local views (crop scale 0.05-0.4, blur p 0.5) at
+    ``local_size``. uint8 (B, 3, S, S) -> (globals (2B, 3, size, size), locals (nB, 3, local, local)), each in
+    view-major order; u (2 + n, B, MOCO_DRAWS) uniforms."""
+    x = to_float(images)
+    glob = torch.cat([ssl_view(x, size, u[0], (0.4, 1.0), 1.0, 0.0), ssl_view(x, size, u[1], (0.4, 1.0), 0.1, 0.2)])
+    if len(u) == 2:
+        return glob, x.new_zeros(0, 3, local_size, local_size)
+    local = torch.cat([ssl_view(x, local_size, uv, (0.05, 0.4), 0.5, 0.0) for uv in u[2:]])
+    return glob, local
+
+
+def mae_view(images: torch.Tensor, size: int, u: torch.Tensor) -> torch.Tensor:
+    """MAE's single view (random resized crop 0.2-1 and flip): uint8 (B, 3, S, S) -> (B, 3, size, size).
+
+    u (B, 5) uniforms for the crop (see ``random_resized_crop``).
+    """
+    return normalize(random_resized_crop(to_float(images), size, u, scale=(0.2, 1.0)))
 
 
 def simmim_view(images: torch.Tensor, size: int, u: torch.Tensor) -> torch.Tensor:

@@ -100,17 +100,37 @@ class ViT(nn.Module):
         return self.img_size // self.spec.patch
 
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+              mask_token: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed ``images`` (B, 3, H, W) into tokens (B, 1 + N, C) with CLS and position embeddings.
 
         If ``mask`` (B, N) is given, masked patch embeddings are replaced by ``mask_token`` (1, 1, C) before the
-        position embedding is added (SimMIM).
+        position embedding is added (SimMIM). If ``keep`` (B, K) patch indices are given, only those patches stay
+        after the position embedding: (B, 1 + K, C) (MAE's visible tokens). Images of another size than
+        ``img_size`` (DINO's local crops) get the position embedding interpolated to their grid.
         """
+        if images.shape[-1] != self.img_size:
+            return self._embed_resized(images)
         x = self.vit.patch_embed(images)  # (B, N, C)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
             x = x * (1 - w) + mask_token.to(x.dtype) * w
         x = self.vit._pos_embed(x)  # (B, 1 + N, C)
+        if keep is not None:
+            idx = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, C)
+            x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, idx)], dim=1)  # (B, 1 + K, C)
+        return self.vit.norm_pre(self.vit.patch_drop(x))
+
+    def _embed_resized(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1 + n, C) of images whose side is not ``img_size``: the patch position embedding (a G x G
+        grid) is resized bicubically to the images' n = g x g grid, as DINO's ``interpolate_pos_encoding``."""
+        pe, g = self.vit.patch_embed, images.shape[-1] // self.patch
+        x = pe.norm(pe.proj(images).flatten(2).transpose(1, 2))  # (B, C, g, g) -> (B, g * g, C)
+        pos = self.vit.pos_embed  # (1, 1 + G * G, C)
+        grid = pos[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, C, G, G)
+        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False).to(pos.dtype)
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)  # (1, g * g, C)
+        cls = (self.vit.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, C)
+        x = torch.cat([cls, x + patch_pos], dim=1)  # (B, 1 + g * g, C)
         return self.vit.norm_pre(self.vit.patch_drop(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,16 @@ def encoder_params(spec: VariantSpec, img_size: int) -> int:
     return embed + spec.depth * block + 2 * c
 
 
+def tokens_block_flops(width: int, tokens: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one transformer block of ``width`` on ``tokens`` tokens, matmuls only:
+    qkv + proj + mlp per token; q @ k^T and attn @ v over all token pairs."""
+    m = MLP_RATIO * width
+    return 2.0 * (tokens * (4 * width * width + 2 * width * m) + 2 * tokens * tokens * width)
+
+
 def block_flops(spec: VariantSpec, img_size: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of one transformer block for one image, counting matmuls only."""
-    c = spec.width
-    t = (img_size // spec.patch) ** 2 + 1
-    m = MLP_RATIO * c
-    # qkv + proj + mlp per token; q @ k^T and attn @ v over all token pairs.
-    return 2.0 * (t * (4 * c * c + 2 * c * m) + 2 * t * t * c)
+    """Forward FLOPs of one transformer block for one image (1 + N tokens)."""
+    return tokens_block_flops(spec.width, (img_size // spec.patch) ** 2 + 1)
 
 
 def embed_flops(spec: VariantSpec, img_size: int) -> float:

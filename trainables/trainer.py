@@ -44,8 +44,13 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def schedules(cfg: Config, total: int) -> dict[str, np.ndarray]:
-    """Per-step lr (linear warmup, cosine decay), weight decay (cosine) and EMA momentum (cosine to 1)."""
+STEP_INPUTS = ("teacher_temp", "freeze_last_layer")  # per-step schedule values the objective's forward reads
+
+
+def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
+    """Per-step lr (linear warmup, cosine decay), weight decay (cosine), EMA momentum of MoCo v3's momentum
+    encoder and of DINO's teacher (cosine to 1), DINO's teacher temperature (linear warmup) and last-layer freeze
+    (1.0 while frozen: ``freeze_last_layer_frac`` of the run, default one epoch of ``per_epoch`` steps)."""
     o = cfg.optim
     peak = o.blr * o.lr_scale * cfg.data.batch_size / 256
     steps = np.arange(total, dtype=np.float64)
@@ -56,10 +61,16 @@ def schedules(cfg: Config, total: int) -> dict[str, np.ndarray]:
     if warm:
         lr[:warm] = peak * (steps[:warm] + 1) / warm
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
-    wd = wd_end + (o.weight_decay - wd_end) * 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))
-    m0 = cfg.objective.momentum
-    momentum = 1 - (1 - m0) * 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))
-    return {"lr": lr, "wd": wd, "momentum": momentum}
+    to_one = 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))  # 1 -> 0 over the run
+    wd = wd_end + (o.weight_decay - wd_end) * to_one
+    d = cfg.objective.dino
+    t_warm = int(round(d.teacher_temp_warmup_frac * total))
+    temp = np.full(total, d.teacher_temp)
+    temp[:t_warm] = np.linspace(d.warmup_teacher_temp, d.teacher_temp, t_warm)
+    frozen = per_epoch if d.freeze_last_layer_frac is None else int(round(d.freeze_last_layer_frac * total))
+    return {"lr": lr, "wd": wd, "momentum": 1 - (1 - cfg.objective.momentum) * to_one,
+            "teacher_momentum": 1 - (1 - d.momentum) * to_one, "teacher_temp": temp,
+            "freeze_last_layer": (steps < frozen).astype(np.float64)}
 
 
 def total_steps(cfg: Config, n_train: int) -> int:
@@ -370,10 +381,11 @@ def build_run(cfg: Config) -> TrainRun:
                     find_unused_parameters=objective.has_unused_params())
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     finetuning = finetune_steps(cfg, len(data.train))
+    per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size)
     return TrainRun(
         cfg=cfg, rank=rank, world=world, device=device, out_dir=out_dir, data=data, objective=objective,
-        model=model, opt=opt, sched=schedules(cfg, total), total=total,
-        steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), start=start,
+        model=model, opt=opt, sched=schedules(cfg, total, per_epoch), total=total, steps_per_epoch=per_epoch,
+        start=start,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, min(start, total), rank, world, device),
         info={**model_stats(cfg), "total_steps": total + finetuning, "world_size": world, "device": device.type,
@@ -420,14 +432,15 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
             g["lr"] = float(run.sched["lr"][step]) * g["lr_mult"]
             g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
         with run.autocast:
-            out = run.model({"images": images, "seed": r.seed * 1_000_003 + step * 1009 + run.rank})
+            out = run.model({"images": images, "seed": r.seed * 1_000_003 + step * 1009 + run.rank,
+                             **{k: float(run.sched[k][step]) for k in STEP_INPUTS}})
         out["loss"].backward()
         nonfinite |= ~torch.isfinite(out["loss"].detach())
         if o.clip_grad:  # 0: off
             torch.nn.utils.clip_grad_norm_(run.objective.parameters(), o.clip_grad)
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)
-        run.objective.momentum_update(float(run.sched["momentum"][step]))
+        run.objective.momentum_update({k: float(v[step]) for k, v in run.sched.items()})
         n_log += 1
         done = step + 1
         ckpt_due = run.ckpt_due(done, run.total)

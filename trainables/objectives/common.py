@@ -27,6 +27,38 @@ def head_norm(encoder, layer: int) -> nn.LayerNorm | None:
     return None if layer == encoder.depth else nn.LayerNorm(encoder.width, eps=1e-6)
 
 
+class Head(nn.Module):
+    """One objective's head on a shared encoder (the encoder belongs to ``Hybrid``, not to the head). The one
+    contract every objective file follows, so ``Hybrid`` routes any mix the same way:
+
+    - ``draws(batch)``: every random number of the step, from the step's seeded generator (stream ``STREAM``);
+    - ``prepare(images, draws)``: views, masks and whatever else the loss needs (pure tensor code);
+    - ``tokens(prep)``: the embedded token batches (rows, T, C) the encoder runs through blocks 1..``layer``;
+    - ``loss(feats, prep)``: the loss from those batches' tokens at block ``layer`` (not normed).
+    """
+
+    STREAM = 0
+
+    def __init__(self, encoder, layer: int):
+        super().__init__()
+        self._encoder = (encoder,)  # a reference, not a submodule: the encoder's parameters belong to the owner
+        self.layer = layer
+
+    @property
+    def encoder(self):
+        return self._encoder[0]
+
+    def generator(self, batch: dict) -> torch.Generator:
+        """This step's generator for this objective (its own stream: draws do not depend on the mix)."""
+        return generator(batch["images"].device, batch["seed"], self.STREAM)
+
+    def forward(self, batch: dict) -> dict:
+        """The objective alone on ``batch`` ({"images", "seed", ...}): {"loss": tensor}."""
+        prep = self.prepare(batch["images"], self.draws(batch))
+        feats = [run_blocks(self.encoder, t, self.layer) for t in self.tokens(prep)]
+        return {"loss": self.loss(feats, prep)}
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

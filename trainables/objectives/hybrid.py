@@ -1,20 +1,24 @@
-"""Hybrid CL + MIM objective with layer-wise placement: ``L = (1 - lam) * L_MIM + lam * L_CL``.
+"""The training objective: a mix ``L = sum_k w_k L_k`` of the registered objectives (``objective.weights``;
+``objective.lam`` is the shorthand for ``(1 - lam) * L_SimMIM + lam * L_MoCoV3``) with layer-wise placement.
 
-The MIM view (B rows, masked) and the two CL views (2B rows) go through the shared encoder as one batch of
-3B rows, so every matmul is one big one; rows are split off after the block each objective reads:
+Every objective follows the ``Head`` contract (``common.py``). One routing runs each view through the shared
+encoder once: the token batches of all objectives are grouped by token count (SimMIM's masked view, MoCo v3's two
+views and DINO's global crops: 1 + N tokens; MAE's visible patches and DINO's local crops: fewer), each group goes
+through the blocks as one batch, so every matmul is one big one, and an objective's rows leave the batch after the
+block its head reads:
 
-- ``mim_layer``: the block whose output feeds the SimMIM decoder;
-- ``cl_layer``: the block whose output feeds the MoCo v3 projector;
-- ``graft_layer`` g (Layer Grafted Pre-training, Jiang et al. 2023): the CL rows are detached after block g, so
-  blocks 1..g learn only from MIM; MIM reads block g, so blocks g+1..depth learn only from CL.
+- ``<name>_layer`` (``mim_layer`` for SimMIM, ``cl_layer`` for MoCo v3, ``mae_layer``, ``dino_layer``): the block
+  whose output feeds that objective's head;
+- ``graft_layer`` g (Layer Grafted Pre-training, Jiang et al. 2023): the CL rows (MoCo v3, DINO) are detached
+  after block g, so blocks 1..g learn only from MIM (SimMIM, MAE); MIM reads block g, so blocks g+1..depth learn
+  only from CL.
 - ``graft_layer`` g with ``graft_lr_ratio`` r: the lr-ratio form of Layer Grafted Pre-training. CL is not detached
   (it reaches every block) and blocks 1..g plus the embedding train at r x lr (the trainer's parameter groups),
   as the paper's CL stage does for its MIM-initialised lower layers (r = 0.1 there). Here both losses train at
   once rather than in two stages.
 
 Heads reading an intermediate block have their own LayerNorm; the encoder's final norm belongs to block depth.
-
-At lam = 0 or 1 the unused branch is not built and not computed.
+Objectives with weight 0 are not built and not computed.
 """
 
 from __future__ import annotations
@@ -24,37 +28,70 @@ from torch import nn
 
 from ..config import Config, resolve_placement
 from ..model import ViT
-from ..scale import block_flops, embed_flops, mlp_head_flops, parse_variant
+from ..scale import block_flops, embed_flops, mlp_head_flops, parse_variant, tokens_block_flops
+from ..vocab import FAMILY, LOSS_KEY
+from .dino import DINO, default_local_size, default_out_dim
+from .mae import MAE, decoder_shape
 from .mocov3 import MoCoV3
 from .simmim import SimMIM
 
+# Checkpoint names of each objective's head (SimMIM's and MoCo v3's from when lam mixed exactly these two).
+ATTR = {"simmim": "mim", "mocov3": "cl", "mae": "mae", "dino": "dino"}
+
+
+def build_head(name: str, encoder: ViT, cfg: Config, layer: int) -> nn.Module:
+    """The head of objective ``name`` reading block ``layer`` of ``encoder``, as configured."""
+    o, size = cfg.objective, cfg.model.img_size
+    if name == "simmim":
+        return SimMIM(encoder, size, layer, o.mask_ratio, o.mask_unit)
+    if name == "mocov3":
+        return MoCoV3(encoder, size, layer, o.proj_dim, o.proj_hidden, o.temperature)
+    if name == "mae":
+        m = o.mae
+        return MAE(encoder, size, layer, m.mask_ratio, m.decoder_depth, m.decoder_width, m.decoder_heads, m.norm_pix)
+    d = o.dino
+    return DINO(encoder, size, layer, d.local_crops, d.local_size, d.out_dim, d.hidden, d.bottleneck,
+                d.student_temp, d.teacher_temp, d.center_momentum)
+
 
 class Hybrid(nn.Module):
-    """Owns the encoder and whichever heads ``lam`` needs; see the module docstring."""
+    """Owns the encoder and the heads of the mix's objectives; see the module docstring."""
 
     def __init__(self, encoder: ViT, cfg: Config):
         super().__init__()
         o = cfg.objective
         self.encoder = encoder
+        self.weights = o.mix()  # {name: weight > 0}
         self.lam = o.lam
-        self.mim_layer, self.cl_layer, self.graft_layer = resolve_placement(cfg)
+        self.layers, self.graft_layer = resolve_placement(cfg)
         self.detach_below_graft = self.graft_layer is not None and o.placement.graft_lr_ratio is None
-        size = cfg.model.img_size
-        self.mim = SimMIM(encoder, size, self.mim_layer, o.mask_ratio, o.mask_unit) if o.lam < 1 else None
-        self.cl = (MoCoV3(encoder, size, self.cl_layer, o.proj_dim, o.proj_hidden, o.temperature)
-                   if o.lam > 0 else None)
+        self.heads: dict[str, nn.Module] = {}
+        for name, layer in self.layers.items():
+            self.heads[name] = build_head(name, encoder, cfg, layer)
+            setattr(self, ATTR[name], self.heads[name])  # registered as a submodule under its checkpoint name
 
-    def momentum_update(self, m: float) -> None:
-        """EMA step of the momentum encoder (a no-op without the CL branch)."""
-        if self.cl is not None:
-            self.cl.momentum_update(m)
+    @property
+    def mim(self) -> SimMIM | None:
+        """SimMIM's head (None outside the mix)."""
+        return self.heads.get("simmim")
+
+    @property
+    def cl(self) -> MoCoV3 | None:
+        """MoCo v3's head (None outside the mix)."""
+        return self.heads.get("mocov3")
+
+    def momentum_update(self, values: dict[str, float]) -> None:
+        """EMA steps of the momentum encoder / teacher (MoCo v3: ``values["momentum"]``, DINO:
+        ``values["teacher_momentum"]``); a no-op without them."""
+        for head in self.heads.values():
+            if hasattr(head, "momentum_update"):
+                head.momentum_update(values)
 
     def has_unused_params(self) -> bool:
         """True if some trainable encoder parameter gets no gradient (DDP must then look for unused parameters).
         The config forbids placements that leave a block untrained; the final norm is unused when no head reads
         the last block."""
-        read = max(self.mim_layer if self.mim else 0, self.cl_layer if self.cl else 0)
-        return read < self.encoder.depth
+        return max(self.layers.values()) < self.encoder.depth
 
     def lower_parameters(self) -> set[int]:
         """ids of the parameters of blocks 1..graft_layer and the embedding (patch projection, CLS token,
@@ -66,78 +103,59 @@ class Hybrid(nn.Module):
         params = [p for m in mods for p in m.parameters()] + [enc.cls_token, enc.pos_embed]
         return {id(p) for p in params}
 
-    def _route(self, h: torch.Tensor, n_mim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Run rows [MIM (n_mim) | CL (rest)] of h (3B, T, C) through the blocks; return each group's tokens
-        at its own layer (not normed: each head applies its own norm). Rows leave the batch once their layer is
-        read."""
-        need_mim, need_cl = n_mim > 0, h.shape[0] > n_mim
-        last = max(self.mim_layer if need_mim else 0, self.cl_layer if need_cl else 0)
-        mim_out = cl_out = None
-        for k in range(1, last + 1):
-            h = self.encoder.blocks[k - 1](h)
-            if need_mim and k == self.mim_layer:
-                mim_out, h, n_mim, need_mim = h[:n_mim], h[n_mim:], 0, False
-            if need_cl and k == self.cl_layer:
-                cl_out, h, need_cl = h[n_mim:], h[:n_mim], False
-        return mim_out, cl_out
-
-    def _grafted(self, view, mask, views) -> tuple[torch.Tensor, torch.Tensor]:
-        """Graft mode: MIM rows through blocks 1..mim_layer; CL rows through blocks 1..g without autograd (so CL
-        sends no gradient, and costs no backward, below g), then g+1..cl_layer with it."""
-        enc, g = self.encoder, self.graft_layer
-        mim_feats = self._blocks(enc.embed(view, mask, self.mim.mask_token), 0, self.mim_layer)
-        with torch.no_grad():
-            h = self._blocks(enc.embed(views), 0, g)
-        return mim_feats, self._blocks(h, g, self.cl_layer)
-
-    def _blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        for blk in self.encoder.blocks[start:end]:
-            h = blk(h)
-        return h
-
-    def draws(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Every random number of the step for ``batch`` ({"images", "seed"}), drawn from seeded generators."""
+    def _route(self, segments: list[tuple[tuple[str, int], torch.Tensor, int, int]]) -> dict:
+        """Run token batches through the blocks, one batch per (token count, first block): ``segments`` are
+        (key, tokens (R, T, C) after block ``start``, start, end); returns {key: its tokens after block ``end``}
+        (not normed: each head applies its own norm). Deepest rows go first, so rows leave from the batch's end
+        once their block is read."""
+        groups: dict[tuple[int, int], list] = {}
+        for seg in segments:
+            groups.setdefault((seg[1].shape[1], seg[2]), []).append(seg)
         out = {}
-        if self.mim is not None:
-            out["mim"] = self.mim.draws(batch)
-        if self.cl is not None:
-            out["cl"] = self.cl.draws(batch)
+        for (_, start), group in groups.items():
+            group.sort(key=lambda s: -s[3])  # stable: equal depths keep the mix's order
+            h = torch.cat([s[1] for s in group]) if len(group) > 1 else group[0][1]  # (sum R, T, C)
+            for k in range(start + 1, group[0][3] + 1):
+                h = self.encoder.blocks[k - 1](h)
+                while group and group[-1][3] == k:
+                    key, t, _, _ = group.pop()
+                    out[key] = h[len(h) - len(t):]
+                    h = h[:len(h) - len(t)]
         return out
 
-    def forward(self, batch: dict) -> dict:
-        """{"loss", "loss_mim" (if lam < 1), "loss_cl" (if lam > 0)}; per-branch losses keep their graph.
+    def draws(self, batch: dict) -> dict:
+        """Every random number of the step for ``batch`` ({"images", "seed"} and the trainer's per-step values),
+        drawn from seeded generators: one stream per objective, so an objective's draws do not depend on the mix."""
+        return {name: head.draws(batch) for name, head in self.heads.items()}
 
-        ``batch`` is {"images": uint8 (B, 3, S, S), "seed": int}; the step is a pure function of the images and
-        the seed's random draws.
+    def forward(self, batch: dict) -> dict:
+        """{"loss", and each objective's own loss (``vocab.LOSS_KEY``)}; per-objective losses keep their graph.
+
+        ``batch`` is {"images": uint8 (B, 3, S, S), "seed": int, ...}; the step is a pure function of the images
+        and the seed's random draws.
         """
         return self.step(batch["images"], self.draws(batch))
 
     def step(self, images: torch.Tensor, draws: dict) -> dict:
         """The training step's forward from uint8 images and their random draws: augmentation, masking, encoder,
         heads and losses. Pure tensor code without generators, so ``run.compile`` compiles it as one graph."""
-        view = mask = views = None
-        if self.mim is not None:
-            view, mask = self.mim.inputs(images, draws["mim"])  # (B, 3, H, W), (B, N)
-        if self.cl is not None:
-            views = self.cl.views(images, draws["cl"])  # (2B, 3, H, W)
-        if self.detach_below_graft:
-            mim_feats, cl_feats = self._grafted(view, mask, views)
-        elif views is None:
-            mim_feats, cl_feats = self._route(self.encoder.embed(view, mask, self.mim.mask_token), len(view))
-        elif view is None:
-            mim_feats, cl_feats = self._route(self.encoder.embed(views), 0)
-        else:
-            # One batch of 3B rows; CL rows get an all-False mask so they keep their patch embeddings.
-            full_mask = torch.cat([mask, mask.new_zeros(len(views), mask.shape[1])])  # (3B, N)
-            h = self.encoder.embed(torch.cat([view, views]), full_mask, self.mim.mask_token)
-            mim_feats, cl_feats = self._route(h, len(view))
+        prep = {name: head.prepare(images, draws[name]) for name, head in self.heads.items()}
+        segments, g = [], self.graft_layer
+        grafted = [n for n in self.heads if self.detach_below_graft and FAMILY[n] == "cl"]
+        if grafted:  # CL rows through blocks 1..g without autograd: no gradient, and no backward cost, below g
+            with torch.no_grad():
+                low = self._route([((n, i), t, 0, g) for n in grafted
+                                   for i, t in enumerate(self.heads[n].tokens(prep[n]))])
+            segments += [(key, t, g, self.layers[key[0]]) for key, t in low.items()]
+        for name, head in self.heads.items():
+            if name not in grafted:
+                segments += [((name, i), t, 0, self.layers[name]) for i, t in enumerate(head.tokens(prep[name]))]
+        feats = self._route(segments)
         out, loss = {}, 0.0
-        if self.mim is not None:
-            out["loss_mim"] = self.mim.loss(mim_feats, view, mask)
-            loss = loss + (1 - self.lam) * out["loss_mim"]
-        if self.cl is not None:
-            out["loss_cl"] = self.cl.loss(cl_feats, views)
-            loss = loss + self.lam * out["loss_cl"]
+        for name, head in self.heads.items():
+            n_batches = sum(1 for key in feats if key[0] == name)
+            out[LOSS_KEY[name]] = head.loss([feats[(name, i)] for i in range(n_batches)], prep[name])
+            loss = loss + self.weights[name] * out[LOSS_KEY[name]]
         out["loss"] = loss
         return out
 
@@ -149,25 +167,49 @@ def build_objective(cfg: Config) -> Hybrid:
 
 
 def train_flops_per_image(cfg: Config) -> float:
-    """Matmul FLOPs of one training step per image (forward + backward, momentum forward), counted as
-    ``torch.utils.flop_counter`` does: backward costs twice the forward, except the patch embedding whose input
-    (the image) needs no gradient, and none at all when it is frozen, and blocks below a hard graft_layer, which
-    the CL rows only run forward."""
+    """Matmul FLOPs of one training step per image (forward + backward of every objective in the mix, the momentum
+    encoder's / teacher's forward), counted as ``torch.utils.flop_counter`` does: backward costs twice the forward,
+    except the patch embedding whose input (the image) needs no gradient, and none at all when it is frozen, and
+    blocks below a hard graft_layer, which the CL rows only run forward."""
     spec = parse_variant(cfg.model.variant)
     size, o = cfg.model.img_size, cfg.objective
+    c, p = spec.width, spec.patch
     fe, fb = embed_flops(spec, size), block_flops(spec, size)
-    mim, cl, g = resolve_placement(cfg)
-    n = (size // spec.patch) ** 2
+    layers, g = resolve_placement(cfg)
+    n = (size // p) ** 2
+    frozen_patch = cfg.model.patch_embed == "frozen"
+    hard = g is not None and o.placement.graft_lr_ratio is None
+
+    def view(layer: int, block: float, embed: float, head: float, cl: bool) -> float:
+        """One view with gradient: embedding (+ its weight gradient unless frozen), blocks 1..layer and head at 3x
+        the forward; CL rows run blocks 1..g of a hard graft forward only (and send no gradient to the embedding)."""
+        frozen = g if hard and cl else 0
+        wgrad = 0.0 if frozen or frozen_patch else embed
+        return embed + wgrad + frozen * block + 3 * ((layer - frozen) * block + head)
+
     total = 0.0
-    eb = 0.0 if cfg.model.patch_embed == "frozen" else fe  # the patch projection's weight gradient
-    if o.lam < 1:
-        dec = 2.0 * n * spec.width * spec.patch**2 * 3
-        total += fe + eb + 3 * (mim * fb + dec)
-    if o.lam > 0:
-        hidden = o.proj_hidden or min(4096, 8 * spec.width)
-        proj = mlp_head_flops([spec.width, hidden, hidden, o.proj_dim])
+    if "simmim" in layers:
+        total += view(layers["simmim"], fb, fe, 2.0 * n * c * p * p * 3, False)
+    if "mocov3" in layers:
+        hidden = o.proj_hidden or min(4096, 8 * c)
+        proj = mlp_head_flops([c, hidden, hidden, o.proj_dim])
         pred = mlp_head_flops([o.proj_dim, hidden, o.proj_dim])
-        frozen = g if g is not None and o.placement.graft_lr_ratio is None else 0  # CL rows: forward only
-        online = fe + frozen * fb + 3 * ((cl - frozen) * fb + proj + pred) + (0 if frozen else eb)
-        total += 2 * online + 2 * (fe + cl * fb + proj)  # two views; momentum encoder forward on both
+        L = layers["mocov3"]
+        total += 2 * view(L, fb, fe, proj + pred, True) + 2 * (fe + L * fb + proj)  # momentum encoder: forward
+    if "mae" in layers:
+        m = o.mae
+        keep = int(n * (1 - m.mask_ratio))
+        dw, _ = decoder_shape(c, m.decoder_width, m.decoder_heads)
+        dec = (2.0 * (1 + keep) * c * dw + m.decoder_depth * tokens_block_flops(dw, 1 + n)
+               + 2.0 * n * dw * p * p * 3)
+        total += view(layers["mae"], tokens_block_flops(c, 1 + keep), fe, dec, False)
+    if "dino" in layers:
+        d = o.dino
+        hidden = d.hidden or min(2048, 8 * c)
+        head = mlp_head_flops([c, hidden, hidden, d.bottleneck, d.out_dim or default_out_dim(c)])
+        L = layers["dino"]
+        local = d.local_size or default_local_size(size, p)
+        fe_l, fb_l = embed_flops(spec, local), tokens_block_flops(c, 1 + (local // p) ** 2)
+        total += 2 * view(L, fb, fe, head, True) + 2 * (fe + L * fb + head)  # teacher: forward on the globals
+        total += d.local_crops * view(L, fb_l, fe_l, head, True)
     return total

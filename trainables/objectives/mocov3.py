@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import moco_draws, moco_views
-from .common import GlobalBatchNorm1d, generator, head_norm, run_blocks
+from .common import GlobalBatchNorm1d, Head, head_norm, run_blocks
 
 
 def build_mlp(layers: int, d_in: int, d_hidden: int, d_out: int, last_bn: bool = True) -> nn.Sequential:
@@ -51,7 +51,7 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> to
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(Head):
     """CL head: projector, predictor and the momentum copy of (encoder, projector).
 
     The online encoder is shared, not owned (see ``Hybrid``). ``layer`` is the block whose CLS output feeds the
@@ -59,11 +59,11 @@ class MoCoV3(nn.Module):
     its own LayerNorm (and its momentum copy).
     """
 
+    STREAM = 2
+
     def __init__(self, encoder, img_size: int, layer: int, proj_dim: int = 256, proj_hidden: int | None = None,
                  temperature: float = 0.2):
-        super().__init__()
-        self._encoder = (encoder,)
-        self.layer = layer
+        super().__init__(encoder, layer)
         self.img_size = img_size
         self.temperature = temperature
         hidden = proj_hidden or min(4096, 8 * encoder.width)
@@ -75,10 +75,6 @@ class MoCoV3(nn.Module):
             momentum["norm"] = copy.deepcopy(self.norm)
         self.momentum = nn.ModuleDict(momentum)
         self.momentum.requires_grad_(False)
-
-    @property
-    def encoder(self):
-        return self._encoder[0]
 
     def online_params(self) -> list[torch.Tensor]:
         """Online parameters in the order of ``self.momentum.parameters()``."""
@@ -92,26 +88,32 @@ class MoCoV3(nn.Module):
         return (self.momentum["norm"] if momentum else self.norm)(tokens)
 
     @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
-        """EMA: momentum <- m * momentum + (1 - m) * online, for encoder and projector."""
+    def momentum_update(self, values: dict[str, float]) -> None:
+        """EMA: momentum <- m * momentum + (1 - m) * online, for encoder and projector; m = values["momentum"]."""
+        m = values["momentum"]
         torch._foreach_lerp_(list(self.momentum.parameters()), self.online_params(), 1.0 - m)
 
     def draws(self, batch: dict) -> torch.Tensor:
         """This step's random numbers for both views, (2, B, MOCO_DRAWS) uniforms."""
         images = batch["images"]
-        return moco_draws(images.shape[0], generator(images.device, batch["seed"], stream=2), images.device)
+        return moco_draws(images.shape[0], self.generator(batch), images.device)
 
-    def views(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """The two augmented views of uint8 ``images`` for this step's ``draws``, (2B, 3, H, W), view 1 first."""
-        return moco_views(images, self.img_size, draws)
+    def prepare(self, images: torch.Tensor, draws: torch.Tensor) -> dict:
+        """{"views": the two augmented views (2B, 3, H, W) of uint8 ``images``, view 1 first}."""
+        return {"views": moco_views(images, self.img_size, draws)}
+
+    def tokens(self, prep: dict) -> list[torch.Tensor]:
+        """Both views' tokens (2B, 1 + N, C)."""
+        return [self.encoder.embed(prep["views"])]
 
     def project(self, cls: torch.Tensor, proj: nn.Module) -> torch.Tensor:
         # MoCo v3 passes each view through the MLP on its own, so BatchNorm statistics are per view.
         return torch.cat([proj(c) for c in cls.chunk(2)])
 
-    def loss(self, feats: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE. feats (2B, 1 + N, C) online tokens of both views at block ``layer`` (not normed)."""
-        q = self.project(self._normed(feats)[:, 0], lambda c: self.predictor(self.projector(c)))  # (2B, D)
+    def loss(self, feats: list[torch.Tensor], prep: dict) -> torch.Tensor:
+        """Symmetric InfoNCE. feats [(2B, 1 + N, C)] online tokens of both views at block ``layer`` (not normed)."""
+        views = prep["views"]
+        q = self.project(self._normed(feats[0])[:, 0], lambda c: self.predictor(self.projector(c)))  # (2B, D)
         with torch.no_grad():
             enc = self.momentum["encoder"]
             keys = self._normed(run_blocks(enc, enc.embed(views), self.layer), momentum=True)  # (2B, 1 + N, C)
@@ -120,9 +122,3 @@ class MoCoV3(nn.Module):
         k1, k2 = k.chunk(2)
         t = self.temperature
         return contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
-
-    def forward(self, batch: dict) -> dict:
-        """Standalone MoCo v3 step: {"loss": symmetric InfoNCE}."""
-        views = self.views(batch["images"], self.draws(batch))
-        feats = run_blocks(self.encoder, self.encoder.embed(views), self.layer)
-        return {"loss": self.loss(feats, views)}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..augment import simmim_view
 from ..scale import default_mask_unit
-from .common import generator, head_norm, run_blocks
+from .common import Head, head_norm
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -19,17 +19,17 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-class SimMIM(nn.Module):
+class SimMIM(Head):
     """MIM head: mask token and linear pixel decoder; the encoder is shared, not owned (see ``Hybrid``).
 
     ``layer`` is the block whose output feeds the decoder (1..depth); reading an intermediate block, the head has
     its own LayerNorm.
     """
 
+    STREAM = 1
+
     def __init__(self, encoder, img_size: int, layer: int, mask_ratio: float = 0.6, mask_unit: int | None = None):
-        super().__init__()
-        self._encoder = (encoder,)  # a reference, not a submodule: the encoder's parameters belong to the owner
-        self.layer = layer
+        super().__init__(encoder, layer)
         self.img_size = img_size
         self.mask_ratio = mask_ratio
         self.unit = mask_unit or default_mask_unit(img_size, encoder.patch)
@@ -38,14 +38,9 @@ class SimMIM(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Linear(encoder.width, encoder.patch**2 * 3)
 
-    @property
-    def encoder(self):
-        return self._encoder[0]
-
     def draws(self, batch: dict) -> dict[str, torch.Tensor]:
         """This step's random numbers (uniforms): "crop" (B, 5) for the view, "mask_noise" (B, U * U) for the mask."""
-        images = batch["images"]
-        gen = generator(images.device, batch["seed"], stream=1)
+        images, gen = batch["images"], self.generator(batch)
         b, u = images.shape[0], self.img_size // self.unit
         return {"crop": torch.rand(b, 5, generator=gen, device=images.device),
                 "mask_noise": torch.rand(b, u * u, generator=gen, device=images.device)}
@@ -61,21 +56,20 @@ class SimMIM(nn.Module):
         m = unit_mask.view(b, u, u).repeat_interleave(s, 1).repeat_interleave(s, 2)  # (B, G, G)
         return m.reshape(b, -1)
 
-    def inputs(self, images: torch.Tensor, draws: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(view (B, 3, H, W), mask (B, N)) of uint8 ``images`` for this step's ``draws``."""
-        return simmim_view(images, self.img_size, draws["crop"]), self.make_mask(draws["mask_noise"])
+    def prepare(self, images: torch.Tensor, draws: dict) -> dict:
+        """{"view": (B, 3, H, W), "mask": (B, N)} of uint8 ``images`` for this step's ``draws``."""
+        return {"view": simmim_view(images, self.img_size, draws["crop"]), "mask": self.make_mask(draws["mask_noise"])}
 
-    def loss(self, feats: torch.Tensor, view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """L1 reconstruction of masked patches. feats (B, 1 + N, C) tokens at block ``layer`` (not normed)."""
-        feats = (self.encoder.norm if self.norm is None else self.norm)(feats)
-        pred = self.decoder(feats[:, 1:])  # (B, N, p*p*3)
+    def tokens(self, prep: dict) -> list[torch.Tensor]:
+        """The masked view's tokens (B, 1 + N, C): masked patches replaced by the mask token."""
+        return [self.encoder.embed(prep["view"], prep["mask"], self.mask_token)]
+
+    def loss(self, feats: list[torch.Tensor], prep: dict) -> torch.Tensor:
+        """L1 reconstruction of masked patches. feats [(B, 1 + N, C)] tokens at block ``layer`` (not normed)."""
+        view, mask = prep["view"], prep["mask"]
+        x = (self.encoder.norm if self.norm is None else self.norm)(feats[0])
+        pred = self.decoder(x[:, 1:])  # (B, N, p*p*3)
         target = patchify(view, self.encoder.patch)  # (B, N, p*p*3)
         per_patch = F.l1_loss(pred.float(), target.float(), reduction="none").mean(-1)  # (B, N)
         w = mask.to(per_patch.dtype)
         return (per_patch * w).sum() / w.sum().clamp(min=1.0)
-
-    def forward(self, batch: dict) -> dict:
-        """Standalone SimMIM step: {"loss": L1 on masked patches}."""
-        view, mask = self.inputs(batch["images"], self.draws(batch))
-        h = self.encoder.embed(view, mask, self.mask_token)
-        return {"loss": self.loss(run_blocks(self.encoder, h, self.layer), view, mask)}
