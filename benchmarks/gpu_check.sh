@@ -13,3 +13,6 @@ timeout 300 python3 benchmarks/step_throughput.py $args --compile --only plain,h
 timeout 150 python3 benchmarks/step_throughput.py $args --json "$out/eager.json" 2>&1 | tee "$out/eager.log"
 timeout 240 python3 benchmarks/step_throughput.py $args --compile --only plain,simmim,mocov3 \
   --json "$out/compiled_rest.json" 2>&1 | tee "$out/compiled_rest.log"
+# MAE (encoder on 25% of the tokens: well above SimMIM's images/s) and DINO (2 global + 8 local crops), bf16 eager
+timeout 240 python3 benchmarks/step_throughput.py $args --only plain,simmim,mae,dino \
+  --json "$out/mae_dino.json" 2>&1 | tee "$out/mae_dino.log"

@@ -1,5 +1,6 @@
-"""The paper's claims on a finished sweep, as Markdown for benchmarks/RESULTS.md: the claims table at the last
-probed step, the verdict of every claim at every probed step (the smallest training budget at which each direction
+"""The paper's claims on a finished sweep, as Markdown for benchmarks/RESULTS.md: per-layer probes per group
+beside the untrained encoder, the claims table at the last probed step (with pure SimMIM and pure MoCo v3
+trials), the verdict of every claim at every probed step (the smallest training budget at which each direction
 shows), the last-layer linear probe at matched steps and matched training FLOPs, and, where the trials ran them,
 the evaluations (fine-tuning, noise robustness per band, CKA with the untrained encoder) and where each trial's
 time went.
@@ -21,6 +22,7 @@ from orchestrator.compare import (
     fmt_mean_se,
     group_axes,
     group_name,
+    layer_table,
     matched_table,
     mean_se,
     noise_drops,
@@ -28,6 +30,7 @@ from orchestrator.compare import (
 )
 from orchestrator.layout import find_sweep, results_root
 from orchestrator.results import connect
+from orchestrator.scaling import with_mix
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -48,13 +51,23 @@ def main() -> None:
     names = [find_sweep(n, root).name for n in args.sweeps]
     con = connect(root)
     keep = f"t.sweep IN ({', '.join('?' * len(names))}) AND t.status = 'TERMINATED' AND ({args.where})"
-    trials = con.execute(f"SELECT * FROM trials t WHERE {keep}", names).df()
+    trials = with_mix(con.execute(f"SELECT * FROM trials t WHERE {keep}", names).df())
     layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
                          f"WHERE {keep} AND l.head IS NULL", names).df()
     untrained = layers[layers.step == 0]
     steps = sorted(int(s) for s in layers.step.unique() if s > 0)
     print(f"{len(trials)} finished trials; probed steps {steps}\n")
     final = layers[layers.step == steps[-1]]
+    for metric in ("linear_top1_gap", "linear_top1_cls", "attn_distance", "attn_nmi", "fourier_dlogamp_pi"):
+        table = layer_table(final, untrained, trials, metric)
+        if len(table):
+            print(f"## {metric} per layer (L0 = patch embedding): trained at step {steps[-1]} and untrained "
+                  "(step 0), mean ± SE over seeds\n")
+            print(markdown(table) + "\n")
+    if not {0.0, 1.0} <= set(trials.lam.dropna()):
+        evaluations(trials, layers, con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) "
+                                                f"WHERE {keep}", names).df())
+        return
     claims = paper_claims(final, untrained, trials)
     print("## claims at the last step\n")
     print(markdown(claims.drop(columns="key")))

@@ -1,6 +1,6 @@
 """Training-step throughput of each objective against a plain supervised timm step, in one run.
 
-For MoCo v3 (lam = 1), SimMIM (lam = 0) and the hybrid (lam = 0.5) this runs the real trainer
+For MoCo v3 (lam = 1), SimMIM (lam = 0), the hybrid (lam = 0.5), MAE and DINO this runs the real trainer
 (``trainables.trainer.train``: on-device augmentation, masking, momentum update, schedules) on the synthetic set
 and reads images/s from its last log interval; the plain step is a timm ``VisionTransformer`` with a 1000-class
 head, cross-entropy and AdamW on the same model size and batch. FLOPs per image are counted with
@@ -36,7 +36,8 @@ from trainables.objectives import build_objective, train_flops_per_image  # noqa
 from trainables.scale import MLP_RATIO, parse_variant  # noqa: E402
 from trainables.trainer import train  # noqa: E402
 
-OBJECTIVES = {"mocov3": 1.0, "simmim": 0.0, "hybrid": 0.5}
+OBJECTIVES = {"mocov3": {"mocov3": 1.0}, "simmim": {"simmim": 1.0}, "hybrid": {"simmim": 0.5, "mocov3": 0.5},
+              "mae": {"mae": 1.0}, "dino": {"dino": 1.0}}  # objective.weights of each step measured
 
 
 def sync(device):
@@ -106,13 +107,13 @@ def counted_flops(cfg, device, autocast) -> float:
     return fc.get_total_flops() / 8
 
 
-def bench_objective(args, lam, device, autocast, blocks: bool = False) -> float:
+def bench_objective(args, weights, device, autocast, blocks: bool = False) -> float:
     """images/s of the real trainer over its log intervals after the first. ``blocks``: compile per block."""
     steps = args.warmup + args.steps
     cfg = load_config({
         "model": {"variant": args.variant, "img_size": args.img_size},
         "data": {"batch_size": args.batch, "train_size": max(args.batch * 2, 256), "eval_size": 64},
-        "objective": {"lam": lam},
+        "objective": {"weights": weights},
         "optim": {"steps": steps},
         "eval": {"samples": 64},
         "run": {"log_every": args.warmup, "compile": args.compile, "device": device.type,
@@ -175,10 +176,11 @@ def main():
             emit({"step": "plain supervised", "images_per_s": ips, "gflop_per_image": fpi / 1e9})
             continue
         base_name, _, mode = name_.partition("@")
-        lam = OBJECTIVES[base_name]
-        cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size}, "objective": {"lam": lam}})
+        weights = OBJECTIVES[base_name]
+        cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size},
+                           "objective": {"weights": weights}})
         fpi = counted_flops(cfg, device, autocast)
-        ips = bench_objective(args, lam, device, autocast, blocks=mode == "blocks")
+        ips = bench_objective(args, weights, device, autocast, blocks=mode == "blocks")
         emit({"step": name_, "images_per_s": ips, "gflop_per_image": fpi / 1e9,
               "analytic_gflop_per_image": train_flops_per_image(cfg) / 1e9})
     if args.json:

@@ -37,7 +37,9 @@ def cmd_train(args) -> int:
         cfg.run.out_dir = args.out
     elif cfg.run.out_dir is None:
         cfg.run.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    print(f"clmim train: {cfg.model.variant} on {cfg.data.dataset}, lam={cfg.objective.lam}, "
+    from trainables.vocab import LOSS_KEY, objective_label
+
+    print(f"clmim train: {cfg.model.variant} on {cfg.data.dataset}, {objective_label(cfg.objective.mix())}, "
           f"out={cfg.run.out_dir}", flush=True)
     from orchestrator.console import duration
     from trainables.trainer import train
@@ -52,7 +54,7 @@ def cmd_train(args) -> int:
         if total and step:
             elapsed = time.time() - t0
             head += f" ({100 * step / total:.0f}%, ETA {duration(elapsed * (total - step) / step)})"
-        keys = [k for k in ("loss", "loss_mim", "loss_cl", "lr", "images_per_s", "finetune_loss", "finetune_lr",
+        keys = [k for k in ("loss", *LOSS_KEY.values(), "lr", "images_per_s", "finetune_loss", "finetune_lr",
                             "finetune_top1") if k in metrics]
         line = "  ".join([head] + [f"{k}={_fmt(metrics[k])}" for k in keys])
         if checkpoint:
@@ -222,6 +224,8 @@ def cmd_analyze(args) -> int:
                         "loads weights only (weights_only=True) and never runs code from a file") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
         raise UserError(f"checkpoint: {str(path)!r} is not a torch file ({type(e).__name__})") from None
+    from trainables.vocab import objective_label
+
     overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint
         cfg = load_config(ckpt["config"], overrides)
@@ -232,7 +236,9 @@ def cmd_analyze(args) -> int:
         if any(k.startswith("encoder.") for k in missing):
             raise UserError(f"checkpoint: its encoder does not fit the config it carries (missing {missing[0]})")
         encoder = objective.encoder
+        trained = f"trained as {objective_label(cfg.objective.mix())}, "
     else:  # timm VisionTransformer weights
+        trained = ""
         if not args.variant:
             raise UserError("--variant: needed for plain timm weights (e.g. --variant B/16 --img-size 224)")
         cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size}}, overrides)
@@ -244,7 +250,7 @@ def cmd_analyze(args) -> int:
                             f"(missing {missing[0]})")
     if cfg.run.threads:  # the trial's thread count: the same numbers as the trial recorded
         torch.set_num_threads(cfg.run.threads)
-    print(f"clmim analyze: {path} ({cfg.model.variant}, data {cfg.data.dataset})", flush=True)
+    print(f"clmim analyze: {path} ({cfg.model.variant}, {trained}data {cfg.data.dataset})", flush=True)
     rows, summary = run_probes(encoder, build_data(cfg), cfg)
     df = pd.DataFrame([r for r in rows if r[1] is None], columns=["layer", "head", "metric", "value"])
     table = df.pivot_table(index="layer", columns="metric", values="value").reset_index()

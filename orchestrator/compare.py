@@ -62,6 +62,22 @@ def probe_history(layers: pd.DataFrame, trials: pd.DataFrame, metric: str = "lin
                    on="trial")
 
 
+def layer_table(layers: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``metric`` per layer, two rows per group: its trials at the end (mean ± SE over seeds) and the same trials'
+    untrained encoder (step 0, mean ± SE), one column per layer (L0 = the patch embedding). Head-averaged rows."""
+    axes = group_axes(trials)
+    rows = []
+    for key, g in trials.groupby(axes, dropna=False, sort=True):
+        for kind, d in (("trained", layers), ("untrained", untrained)):
+            d = d[(d.metric == metric) & d["head"].isna() & d.trial.isin(g.trial)]
+            if d.empty:
+                continue
+            per = d.groupby(["layer", "trial"]).value.mean().groupby("layer")
+            rows.append({"group": group_name(key, axes), "encoder": kind,
+                         **{f"L{int(k)}": fmt_mean_se(*mean_se(v)[:2]) for k, v in per}})
+    return pd.DataFrame(rows)
+
+
 def at_matched(history: pd.DataFrame, by: str) -> tuple[pd.DataFrame, float]:
     """Each trial's value at the common budget of ``by`` ("step" or "flops"): the largest budget every trial
     reached, and per trial its last probe at or below it. Returns (per-trial rows, the common budget)."""

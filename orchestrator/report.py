@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from trainables.vocab import objective_label  # noqa: E402
+from trainables.vocab import LAYER_KEY  # noqa: E402
 
 from .compare import (  # noqa: E402
     eval_claims,
@@ -46,7 +47,7 @@ from .compare import (  # noqa: E402
 )
 from .layout import SweepLayout  # noqa: E402
 from .results import QueryError, connect  # noqa: E402
-from .scaling import chance_level  # noqa: E402
+from .scaling import chance_level, with_mix  # noqa: E402
 
 # (metric, panel title, y-axis label with units)
 LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)"),
@@ -80,6 +81,21 @@ def lam_color(lam: float):
     return plt.get_cmap("viridis")(0.85 * float(lam))
 
 
+# Objectives off the SimMIM / MoCo v3 line: MAE and DINO in colours the viridis line never takes; other mixes from
+# a palette, the same colour for the same mix in every figure.
+MIX_COLORS = {"MAE": "#d62728", "DINO": "#1f77b4"}
+PALETTE = ("#8c564b", "#e377c2", "#ff7f0e", "#17becf", "#bcbd22", "#7f7f7f")
+
+
+def group_color(g: pd.DataFrame):
+    """The colour of a group's rows: by lam on the SimMIM / MoCo v3 line, else by its mix (``MIX_COLORS``)."""
+    lam, mix = g.lam.iloc[0], g["mix"].iloc[0] if "mix" in g else None
+    if pd.notna(lam):
+        return lam_color(lam)
+    label = str(mix)
+    return MIX_COLORS.get(label, PALETTE[zlib.crc32(label.encode()) % len(PALETTE)])
+
+
 def _seed_curve(d: pd.DataFrame, x: str) -> pd.DataFrame:
     """mean and standard error of ``value`` over trials (seeds) at each ``x``."""
     g = d.groupby(x).value
@@ -90,15 +106,14 @@ def layer_figure(layers: pd.DataFrame, chance: float | None = None,
                  untrained: pd.DataFrame | None = None, axes_cols: list[str] | None = None) -> bytes:
     """Per-layer curves, one line per group (lam and the other varied axes) with ± 1 SE over seeds, one panel per
     metric; the untrained encoder (step 0, mean over trials) as a dashed grey line."""
-    axes_cols = axes_cols or ["lam"]
+    axes_cols = axes_cols or ["mix"]
     metrics = [m for m in LAYER_METRICS if (layers.metric == m[0]).any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, (metric, title, ylabel) in zip(axes[0], metrics, strict=True):
         d = layers[layers.metric == metric]
         for key, g in d.groupby(axes_cols, dropna=False):
             c = _seed_curve(g.groupby(["trial", "layer"]).value.mean().reset_index(), "layer")
-            lam = g.lam.iloc[0]
-            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=lam_color(lam),
+            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=group_color(g),
                         label=group_name(key, axes_cols))
         if untrained is not None and not untrained.empty:
             u = untrained[untrained.metric == metric].groupby("layer").value.mean()
@@ -112,7 +127,8 @@ def layer_figure(layers: pd.DataFrame, chance: float | None = None,
     fig.tight_layout()
     handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels, never over a curve
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 6),
-               fontsize=8, title="MIM (lam 0) … CL (lam 1); bars: ± 1 SE over seeds", title_fontsize=8)
+               fontsize=8, title="MIM (lam 0) … CL (lam 1), MAE, DINO, mixes; bars: ± 1 SE over seeds",
+               title_fontsize=8)
     return _png(fig)
 
 
@@ -128,7 +144,7 @@ def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | No
             for key, g in hist.dropna(subset=[x]).groupby(axes_cols, dropna=False):
                 c = _seed_curve(g, x)  # a group's seeds share their config, so their FLOPs per step too
                 ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2,
-                            color=lam_color(g.lam.iloc[0]), label=group_name(key, axes_cols))
+                            color=group_color(g), label=group_name(key, axes_cols))
             ax.set_xlabel(xlabel)
             # no chance line here: it would squeeze the differences this figure is for into a sliver
             where = f", chance {chance:.3g}" if chance is not None else ""
@@ -140,13 +156,14 @@ def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | No
 
 
 def loss_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> bytes:
-    """Training loss against step, one line per trial, coloured by lam."""
+    """Training loss against step, one line per trial, coloured by its objective (lam or mix)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    lam = dict(zip(trials.trial, trials.lam, strict=True))
+    by_trial = trials.set_index("trial")
     for trial, g in curves.groupby("trial"):
         g = g.sort_values("step")
-        ax.plot(g.step, g.value, color=lam_color(lam.get(trial, 0.5)), lw=1.2, alpha=0.85,
-                label=f"{trial[-5:]} (lam={lam.get(trial, float('nan')):g})")
+        t = by_trial.loc[[trial]] if trial in by_trial.index else None
+        ax.plot(g.step, g.value, color=group_color(t) if t is not None else "black", lw=1.2, alpha=0.85,
+                label=f"{trial[-5:]} ({t['mix'].iloc[0] if t is not None else '?'})")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss (objective's own units)")
     ax.grid(alpha=0.3)
@@ -166,7 +183,7 @@ def lam_figure(trials: pd.DataFrame, chance: float | None = None) -> bytes:
         values = pd.to_numeric(trials[metric], errors="coerce")
         if values.isna().all():
             continue
-        g = values.groupby(trials.lam).agg(["mean", "sem"]).fillna({"sem": 0.0})
+        g = values.groupby(trials.lam).agg(["mean", "sem"]).fillna({"sem": 0.0})  # NaN lam (off the line) left out
         ax.errorbar(g.index, g["mean"], yerr=g["sem"], marker="o", ms=3, capsize=2, label=metric)
     _chance_line(ax, chance)
     ax.set_xlabel("lam  (0 = SimMIM, 1 = MoCo v3)")
@@ -181,7 +198,7 @@ def noise_figure(drops: pd.DataFrame, trials: pd.DataFrame) -> bytes:
     one panel per classifier (fine-tuned model, linear probe); the untrained encoder's linear probe dashed in the
     linear probe's panel."""
     axes_cols = group_axes(trials)
-    d = drops.merge(trials[["trial", *[c for c in axes_cols if c != "lam"], "lam"]], on="trial")
+    d = drops.merge(trials[["trial", *{*axes_cols, "lam"}]], on="trial")
     d = d.assign(freq=(d.freq_lo + d.freq_hi) / 2 / np.pi)
     classifiers = sorted(d.classifier.unique(), reverse=True)  # finetune first
     fig, axes = plt.subplots(1, len(classifiers), figsize=(5.2 * len(classifiers), 3.6), squeeze=False)
@@ -189,7 +206,7 @@ def noise_figure(drops: pd.DataFrame, trials: pd.DataFrame) -> bytes:
         g_all = d[d.classifier == clf]
         for key, g in g_all.groupby(axes_cols, dropna=False):
             c = _seed_curve(g.rename(columns={"drop": "value"}), "freq")
-            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=lam_color(g.lam.iloc[0]),
+            ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=group_color(g),
                         label=group_name(key, axes_cols))
         u = d.groupby("freq").untrained.mean().dropna()
         if len(u) and clf == "linear":  # the untrained baseline is a linear probe's: drawn with its own kind
@@ -207,13 +224,13 @@ def noise_figure(drops: pd.DataFrame, trials: pd.DataFrame) -> bytes:
 def scaling_figure(trials: pd.DataFrame, fits: pd.DataFrame) -> bytes:
     """Error against parameters per objective group, with the fitted power law."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for lam, g in trials.groupby("lam"):
-        ax.scatter(g.params, 1 - g.linear_top1, color=lam_color(lam), s=14, label=f"lam={lam:g}")
-        f = fits[fits.lam == lam] if "b" in fits else fits.iloc[0:0]
+    for mix, g in trials.groupby("mix"):
+        ax.scatter(g.params, 1 - g.linear_top1, color=group_color(g), s=14, label=mix)
+        f = fits[fits["mix"] == mix] if "b" in fits and "mix" in fits else fits.iloc[0:0]
         if len(f) and pd.notna(f.b.iloc[0]):
             xs = np.logspace(np.log10(g.params.min()), np.log10(g.params.max()), 50)
             row = f.iloc[0]
-            ax.plot(xs, row.a * xs**row.b + (row.c or 0), color=lam_color(lam),
+            ax.plot(xs, row.a * xs**row.b + (row.c or 0), color=group_color(g),
                     label=f"b={row.b:.3f} [{row.b_low:.3f}, {row.b_high:.3f}]")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -235,11 +252,11 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
     carry."""
     parts = []
     last = layers[layers.layer == layers.layer.max()] if not layers.empty else layers
-    for lam, g in done.groupby("lam"):
-        att = last[(last.lam == lam)] if not last.empty else last
+    for mix, g in done.groupby("mix"):
+        att = last[last.trial.isin(g.trial)] if not last.empty else last
         dist = att[att.metric == "attn_distance"].value if not att.empty else pd.Series(dtype=float)
         nmi = att[att.metric == "attn_nmi"].value if not att.empty else pd.Series(dtype=float)
-        parts.append(f"{objective_label(lam)}, {len(g)} trial(s): linear top-1 {_mean_se(g.linear_top1)}, "
+        parts.append(f"{mix}, {len(g)} trial(s): linear top-1 {_mean_se(g.linear_top1)}, "
                      f"kNN top-1 {_mean_se(g.knn_top1)}, last-layer attention distance {_mean_se(dist)} px, "
                      f"NMI {_mean_se(nmi)}")
     text = "Per objective (mean ± standard error over trials where there are several): " + "; ".join(parts) + "."
@@ -249,14 +266,14 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
                  f"{u.get('linear_top1_gap', u.get('linear_top1', np.nan)):.3g},"
                  f" last-layer attention distance {u.get('attn_distance', np.nan):.3g} px, NMI "
                  f"{u.get('attn_nmi', np.nan):.3g}: a probe value means something only against these.")
-    means = done.groupby("lam").linear_top1.mean().dropna()
+    means = done.groupby("mix").linear_top1.mean().dropna()
     if len(means) > 1:
         hi, lo = means.idxmax(), means.idxmin()
-        text += (f" Highest mean linear top-1: {objective_label(hi)} ({means[hi]:.3g}), "
-                 f"{means[hi] - means[lo]:.3g} above the lowest, {objective_label(lo)} ({means[lo]:.3g}).")
+        text += (f" Highest mean linear top-1: {hi} ({means[hi]:.3g}), "
+                 f"{means[hi] - means[lo]:.3g} above the lowest, {lo} ({means[lo]:.3g}).")
     if chance is not None:
         text += f" Chance level is {chance:.3g}."
-    if done.groupby("lam").size().max() < 3:
+    if done.groupby("mix").size().max() < 3:
         text += (" With fewer than 3 trials (seeds) per objective there is no usable spread: treat differences as "
                  "unconfirmed.")
     return text
@@ -281,15 +298,17 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     """Write ``report.html`` and its PNG figures for a sweep; return the HTML path and every file written."""
     name = layout.name
     con = connect(layout.root)
-    trials = con.execute("SELECT * FROM trials WHERE sweep = ?", [name]).df()
+    trials = with_mix(con.execute("SELECT * FROM trials WHERE sweep = ?", [name]).df())
     if trials.empty:
         raise QueryError(f"sweep {name!r} has no results yet (try `clmim results rebuild {name}`)")
     done = trials[trials.status == "TERMINATED"]
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
+    axes_cols = group_axes(done)
     all_layers = con.execute(  # every probed step: step 0, each eval.every, the end
-        "SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
+        "SELECT l.* FROM layers l JOIN trials t USING (sweep, trial) "
         "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df()
+    all_layers = all_layers.merge(done[["trial", *{*axes_cols, "lam"}]], on="trial")
     layers, untrained = split_baseline(all_layers)
     curves = con.execute("SELECT trial, step, value FROM curves WHERE sweep = ? AND metric = 'loss'", [name]).df()
     out = Path(out) if out else layout.report_dir / "report.html"
@@ -297,7 +316,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         raise QueryError(f"--out: {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
     out.parent.mkdir(parents=True, exist_ok=True)
     chance = chance_level(done)
-    axes_cols = group_axes(done)
 
     figures: list[tuple[str, str, bytes]] = []
     if not curves.empty:
@@ -336,7 +354,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
 
     status = trials.groupby("status").size().reset_index(name="trials")
     failed = trials[trials.status != "TERMINATED"][["trial", "status", "error"]]
-    axes_cols = [c for c in ("lam", "variant", "objective.placement.mim_layer", "objective.placement.cl_layer",
+    axes_cols = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in LAYER_KEY.values()),
                              "objective.placement.graft_layer", "optim.steps", "run.seed") if c in done]
     best = done.sort_values("linear_top1", ascending=False).head(10)[
         ["trial", *axes_cols, "linear_top1", "knn_top1", "shape_bias", "params", "wall_time_s"]]

@@ -42,7 +42,18 @@ import pyarrow.parquet as pq
 from trainables.config import flatten, to_dict
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
-from trainables.vocab import FINAL_KEYS, NOISE_METRIC, STATIC_KEYS, TUNE_KEYS, is_table_key, objective_group
+from trainables.vocab import (
+    FINAL_KEYS,
+    NOISE_METRIC,
+    OBJECTIVES,
+    STATIC_KEYS,
+    TUNE_KEYS,
+    is_table_key,
+    mix_lam,
+    objective_group,
+    objective_label,
+    weights_of,
+)
 
 from .layout import SweepLayout, check_root, list_sweeps, stored_storage
 
@@ -197,15 +208,17 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
     """The one-row summary of a trial attempt: ids, status, flattened config, size, final metrics.
     A config value the trial's config does not hold is null, never a default."""
     flat = flatten(config)
-    lam = _num(flat.get("objective.lam"))
+    weights = weights_of(flat)
     step = int(final["step"]) if _num(final.get("step")) is not None else None
     batch = flat.get("data.batch_size")
     samples = step * int(batch) if step is not None and _num(batch) is not None else None
     flops_per_image = _num(final.get("train_flops_per_image"))
     row = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt,
            "written_at": time.time_ns(), "status": status, "error": error,
-           "variant": flat.get("model.variant"), "lam": lam,
-           "objective": objective_group(lam) if lam is not None else None,
+           "variant": flat.get("model.variant"), "lam": mix_lam(weights) if weights else None,
+           "objective": objective_group(weights) if weights else None,
+           "mix": objective_label(weights) if weights else None,
+           **{f"w_{k}": (weights or {}).get(k, 0.0) if weights else None for k in OBJECTIVES},
            "params": final.get("params"), "train_flops_per_image": flops_per_image, "samples_seen": samples,
            "train_images": _num(final.get("train_images")),
            "train_flops": flops_per_image * samples if flops_per_image and samples is not None else None,
@@ -579,6 +592,7 @@ def _comparisons(done, layers, robustness=None) -> list[tuple[str, object]]:
         fmt_mean_se,
         group_axes,
         group_name,
+        layer_table,
         matched_table,
         mean_se,
         paper_claims,
@@ -607,6 +621,12 @@ def _comparisons(done, layers, robustness=None) -> list[tuple[str, object]]:
             matched["value"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
             out.append(("last-layer linear probe at matched steps and matched training FLOPs",
                         matched[["group", "metric", "matched", "budget", "read_at_step", "value", "seeds"]]))
+    if "step" in layers and (layers.step == 0).any():
+        for metric in ("linear_top1_gap", "attn_distance", "attn_nmi", "fourier_dlogamp_pi"):
+            table = layer_table(*split_baseline(layers), done, metric)
+            if len(table):
+                out.append((f"{metric} per layer (L0: patch embedding), trained and untrained (step 0): mean ± SE "
+                            "over seeds", table))
     if {0.0, 1.0} <= set(done.lam) and "step" in layers:
         claims = paper_claims(*split_baseline(layers), done)
         out.append(("the paper's claims (pure MIM vs pure CL)",
@@ -659,12 +679,15 @@ def show(layout: SweepLayout) -> list[tuple[str, object]]:
     cols = {r[0] for r in con.execute("DESCRIBE trials").fetchall()}
     metric = "linear_top1" if "linear_top1" in cols else "loss"
     order = "DESC" if metric != "loss" else "ASC"
+    by = "mix" if "mix" in cols else "objective"  # mix: one group per weight vector (tables since weights)
     out.append((f"best {metric} per objective and variant", con.execute(f"""
-        SELECT objective, variant, lam, trial, {metric}, knn_top1, step, wall_time_s FROM (
-          SELECT *, row_number() OVER (PARTITION BY objective, variant ORDER BY {metric} {order} NULLS LAST) AS r
-          FROM trials WHERE sweep = ? AND status = 'TERMINATED') WHERE r = 1 ORDER BY variant, lam""",
+        SELECT {by}, variant, lam, trial, {metric}, knn_top1, step, wall_time_s FROM (
+          SELECT *, row_number() OVER (PARTITION BY {by}, variant ORDER BY {metric} {order} NULLS LAST) AS r
+          FROM trials WHERE sweep = ? AND status = 'TERMINATED') WHERE r = 1 ORDER BY variant, {by}""",
                                                                    [name]).df()))
-    done = con.execute("SELECT * FROM trials WHERE sweep = ? AND status = 'TERMINATED'", [name]).df()
+    from .scaling import with_mix
+
+    done = with_mix(con.execute("SELECT * FROM trials WHERE sweep = ? AND status = 'TERMINATED'", [name]).df())
     if len(done):
         layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
                              "WHERE l.sweep = ? AND t.status = 'TERMINATED' AND l.head IS NULL", [name]).df()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainables.vocab import objective_label
+from trainables.vocab import STEP_METRICS, objective_label
 
 from .results import QueryError, _write_atomic, query
 
@@ -31,7 +31,8 @@ X_AXES = {"params": {"model.variant"},
           "flops": {"model.variant", "optim.steps", "optim.epochs", "optim.flops_budget"},
           "samples": {"optim.steps", "optim.epochs", "optim.flops_budget"},
           "data": {"data.fraction", "data.train_size"}}
-NOT_AXES = {"run.seed", "run.out_dir", "run.resume", "run.threads", "run.log_every", "run.ckpt_every", "lam"}
+NOT_AXES = {"run.seed", "run.out_dir", "run.resume", "run.threads", "run.log_every", "run.ckpt_every", "lam",
+            "objective.lam"}
 CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # data sets whose class count is fixed
 
 
@@ -47,23 +48,37 @@ def chance_level(trials: pd.DataFrame) -> float | None:
 
 def varied_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[str]:
     """Config columns (dotted names) that take more than one value across ``trials``, besides ``exclude``, the
-    seed and bookkeeping; ``objective.lam`` comes first when it varies."""
-    cols = [c for c in trials.columns if "." in c and c not in exclude and c not in NOT_AXES]
-    varied = [c for c in cols if trials[c].astype(str).nunique(dropna=False) > 1]
-    return sorted(varied, key=lambda c: (c != "objective.lam", c))
+    seed, bookkeeping and the mixing coefficients (``objective.lam`` / ``objective.weights.*``: the ``mix``)."""
+    cols = [c for c in trials.columns if "." in c and c not in exclude and c not in NOT_AXES
+            and not c.startswith("objective.weights.")]
+    return sorted(c for c in cols if trials[c].astype(str).nunique(dropna=False) > 1)
+
+
+def with_mix(trials: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with its ``mix`` column (the objective label per weight vector); tables written before weights
+    existed get it from lam."""
+    if "mix" in trials and trials["mix"].notna().all():
+        return trials
+    from_lam = [objective_label(lam) if lam is not None and lam == lam else None for lam in trials.lam]
+    return trials.assign(mix=trials["mix"].fillna(pd.Series(from_lam, index=trials.index)) if "mix" in trials
+                         else from_lam)
 
 
 def group_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[str]:
-    """The axes that tell groups apart: ``lam`` plus every other varied config axis (besides ``exclude`` and the
-    seed), leaving out those that only follow lam (a per-objective recipe default splits nothing lam does not)."""
-    axes = [a for a in varied_axes(trials, exclude) if a != "objective.lam"]
-    return ["lam", *[a for a in axes if (trials.groupby("lam")[a].nunique(dropna=False) > 1).any()]]
+    """The axes that tell groups apart: ``mix`` (the objective and its weights) plus every other varied config axis
+    (besides ``exclude`` and the seed), leaving out those that only follow the mix (a per-objective recipe default
+    splits nothing the mix does not). A frame without ``mix`` (see ``with_mix``) is grouped by ``lam``."""
+    key = "mix" if "mix" in trials else "lam"
+    axes = varied_axes(trials, exclude)
+    return [key, *[a for a in axes if (trials.groupby(key)[a].nunique(dropna=False) > 1).any()]]
 
 
 def group_name(key, axes: list[str]) -> str:
-    """'hybrid lam=0.5, optim.steps=400' from a groupby ``key`` over ``axes`` (``lam`` among them)."""
+    """'hybrid lam=0.5, optim.steps=400' or 'MAE, model.variant=nano/4' from a groupby ``key`` over ``axes``
+    (``mix`` among them)."""
     values = dict(zip(axes, key if isinstance(key, tuple) else (key,), strict=True))
-    return ", ".join([objective_label(values["lam"]), *(f"{a}={values[a]}" for a in axes if a != "lam")])
+    label = str(values["mix"]) if "mix" in values else objective_label(values["lam"])
+    return ", ".join([label, *(f"{a}={values[a]}" for a in axes if a not in ("mix", "lam"))])
 
 
 def fit_power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> tuple[float, float, float]:
@@ -119,12 +134,11 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
         raise QueryError(f"sweep {name!r} not found under {root}")
     cols = set(query("SELECT * FROM trials LIMIT 0", root).columns)
     if y not in cols:
-        metrics = sorted(c for c in cols if c in ("loss", "knn_top1", "linear_top1", "shape_bias", "loss_mim",
-                                                    "loss_cl"))
+        metrics = sorted(c for c in cols if c in ("loss", "knn_top1", "linear_top1", "shape_bias", *STEP_METRICS))
         raise QueryError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
     xcol = X_COLUMNS[x]
-    df = query(f'SELECT *, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
-               f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL', root, [name])
+    df = with_mix(query(f'SELECT *, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
+                        f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL', root, [name]))
     if df.empty:
         raise QueryError(f"sweep {name!r} has no finished trials with {xcol} and {y}")
     is_acc = y.endswith("top1")
@@ -143,7 +157,7 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
             dropped, g = int((~above).sum()), g[above]
         n_x = g.x.nunique()
         need = 4 if offset else 3
-        row = {"group": group_name(key, axes), **values, "points": len(g), "distinct_x": n_x}
+        row = {"group": group_name(key, axes), **values, "lam": g.lam.iloc[0], "points": len(g), "distinct_x": n_x}
         if dropped:
             row["at_chance"] = dropped
         if n_x < need or (g.t <= 0).any():

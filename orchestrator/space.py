@@ -21,7 +21,12 @@ A space file::
     max_trials: 10000                 # a larger space is an error unless raised here on purpose
 
 Spec kinds: ``grid`` and ``choice`` (lists), ``uniform``, ``loguniform`` ([lo, hi]), ``randint`` ([lo, hi),
-hi exclusive). Any problem raises ``SpaceError`` naming the key, before Ray starts.
+hi exclusive). For ``objective.weights`` (loss mixing over any set of objectives) also ``simplex`` (a grid on the
+simplex: ``{objectives: [simmim, mae, dino], step: 0.5}``: every mix whose weights are multiples of ``step``) and
+``dirichlet`` (``{objectives: [...], alpha: 1.0, samples: 8}``: that many mixes drawn from a Dirichlet(alpha)
+with ``search.seed``); both become a ``grid`` of weight mappings when the space is read, so a dry run lists them.
+A ``grid`` of mappings works too: ``objective.weights: {grid: [{simmim: 1}, {mae: 0.5, dino: 0.5}]}``.
+Any problem raises ``SpaceError`` naming the key, before Ray starts.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from typing import Any
 
 from trainables.config import Config, ConfigError, load_config, read_yaml
 from trainables.errors import UserError, excerpt
-from trainables.vocab import PROBE_METRICS, STEP_METRICS, is_known_metric, reports_metric
+from trainables.vocab import OBJECTIVES, PROBE_METRICS, STEP_METRICS, is_known_metric, reports_metric
 
-SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "simplex", "dirichlet")
+SIMPLEX_KINDS = ("simplex", "dirichlet")  # expanded into a grid of objective.weights mappings
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
             "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
 SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
@@ -126,6 +132,9 @@ def _check_spec(key: str, spec: Any) -> None:
     if not _is_spec(spec):
         return
     kind, vals = next(iter(spec.items()))
+    if kind in SIMPLEX_KINDS:
+        _check_simplex(where, key, kind, vals)
+        return
     if kind in ("grid", "choice"):
         if not isinstance(vals, list):
             raise SpaceError(f"{where}.{kind}: expected a list, got {vals!r}")
@@ -144,6 +153,46 @@ def _check_spec(key: str, spec: Any) -> None:
         raise SpaceError(f"{where}.loguniform: low must be > 0, got {vals[0]}")
     if kind == "randint" and not all(isinstance(v, int) for v in vals):
         raise SpaceError(f"{where}.randint: bounds must be integers, got {vals!r}")
+
+
+def _check_simplex(where: str, key: str, kind: str, vals) -> None:
+    if key != "objective.weights":
+        raise SpaceError(f"{where}.{kind}: samples objective.weights only (mixing coefficients on the simplex)")
+    allowed = {"simplex": {"objectives", "step"}, "dirichlet": {"objectives", "alpha", "samples"}}[kind]
+    _check_keys(f"{where}.{kind}", vals, allowed)
+    objs = vals.get("objectives")
+    if not (isinstance(objs, list) and len(objs) >= 2 and len(set(objs)) == len(objs)
+            and all(o in OBJECTIVES for o in objs)):
+        raise SpaceError(f"{where}.{kind}.objectives: expected a list of two or more distinct objectives of "
+                         f"{', '.join(OBJECTIVES)}, got {excerpt(objs, 60)}")
+    if kind == "simplex":
+        step = vals.get("step")
+        ok = isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1
+        if not ok or abs(1 / step - round(1 / step)) > 1e-9:
+            raise SpaceError(f"{where}.simplex.step: expected 1/k for a whole k (e.g. 0.5, 0.25, 0.1), got "
+                             f"{excerpt(step, 20)}")
+        return
+    _int(f"{where}.dirichlet.samples", vals.get("samples"), 1)
+    _number(f"{where}.dirichlet.alpha", vals.get("alpha", 1.0), 0, strict=True)
+
+
+def simplex_points(kind: str, vals: dict, seed: int = 0) -> list[dict[str, float]]:
+    """The weight mappings a ``simplex`` or ``dirichlet`` spec stands for (zero weights left out). Dirichlet draws
+    are rounded to 4 decimals, the last weight taking the rest so every point sums to 1."""
+    objs = vals["objectives"]
+    if kind == "simplex":
+        k = round(1 / vals["step"])
+        points = [c for c in itertools.product(range(k + 1), repeat=len(objs)) if sum(c) == k]
+        return [{o: round(n / k, 10) for o, n in zip(objs, c, strict=True) if n} for c in sorted(points, reverse=True)]
+    import numpy as np
+
+    draws = np.random.default_rng(seed).dirichlet([float(vals.get("alpha", 1.0))] * len(objs), vals["samples"])
+    out = []
+    for d in draws:
+        w = [round(float(x), 4) for x in d[:-1]]
+        w.append(round(1.0 - sum(w), 4))
+        out.append({o: x for o, x in zip(objs, w, strict=True) if x})
+    return out
 
 
 def _corners(kind: str, vals) -> list:
@@ -187,9 +236,13 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         if "run.seed" in space:
             raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
         space["run.seed"] = {"grid": list(range(n_seeds))}
+    search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **(raw.get("search") or {})}
     for key, spec in space.items():
         _check_spec(key, spec)
-    search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **(raw.get("search") or {})}
+        if _is_spec(spec) and next(iter(spec)) in SIMPLEX_KINDS:
+            kind, vals = next(iter(spec.items()))
+            seed = search["seed"] if isinstance(search.get("seed"), int) else 0
+            space[key] = {"grid": simplex_points(kind, vals, seed)}
     _check_keys("search", search, SEARCH_KEYS)
     if search["algorithm"] not in ("grid", "random", "optuna"):
         raise SpaceError(f"search.algorithm: {search['algorithm']!r} is not one of grid, random, optuna")
@@ -348,8 +401,9 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if metric == "finetune_top1" and not cfg.eval.finetune.enabled:
         raise SpaceError(f"search.metric: finetune_top1 needs fine-tuning, but {where} has no eval.finetune.steps "
                          "or eval.finetune.epochs")
-    if not reports_metric(metric, cfg.objective.lam):
-        raise SpaceError(f"search.metric: {where} has objective.lam={cfg.objective.lam:g} and reports no {metric}")
+    if not reports_metric(metric, cfg.objective.mix()):
+        shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
+        raise SpaceError(f"search.metric: {where} mixes {{{shown}}} and reports no {metric}")
     if space.scheduler["type"] == "asha" and metric not in STEP_METRICS and not cfg.eval.every:
         raise SpaceError(f"scheduler.type: asha compares trials on {metric} every epoch, but the probes run only "
                          "at the end of a trial; set eval.every (e.g. --set eval.every=1) or search.metric: loss")

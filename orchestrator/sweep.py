@@ -401,7 +401,9 @@ def summarize(layout: SweepLayout, space: Space) -> dict:
     for tid in sorted(set(saved) | set(ended)):
         if tid in ended:
             r = ended[tid]
-            row = {"trial": tid, "status": r["status"], **{k: r.get(k) for k in axes},
+            # a section axis (objective.weights) is shown as its table column (mix: the objective's label)
+            row = {"trial": tid, "status": r["status"],
+                   **{k: r.get("mix") if k == "objective.weights" else r.get(k) for k in axes},
                    **{k: r.get(k) for k in SUMMARY_METRICS}}
             if r.get("error"):
                 row["error"] = str(r["error"])[:200]

@@ -20,7 +20,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
-from trainables.vocab import HIGHER_IS_BETTER, TUNE_KEYS
+from trainables.vocab import HIGHER_IS_BETTER, TUNE_KEYS, objective_label
 
 from .layout import SweepLayout
 from .results import COMPACT_BATCH, compact, read_error, read_result_json, stored_config, write_trial_tables
@@ -40,10 +40,13 @@ def _metric_items(result: dict) -> dict[str, float]:
 
 
 def trial_label(space: Space, values: dict) -> str:
-    """What distinguishes a trial, for people: ``lam=0.25 micro/4 seed=0`` plus any other varied axis."""
+    """What distinguishes a trial, for people: ``lam=0.25 micro/4 seed=0`` (``MAE micro/4 seed=0``, ``mix 0.5 MAE +
+    0.5 DINO ...``) plus any other varied axis."""
     cfg = trial_config(space, values)
-    label = f"lam={cfg.objective.lam:g} {cfg.model.variant} seed={cfg.run.seed}"
-    shown = {"objective.lam", "model.variant", "run.seed"}
+    o = cfg.objective
+    what = f"lam={o.lam:g}" if o.lam is not None else objective_label(o.mix())
+    label = f"{what} {cfg.model.variant} seed={cfg.run.seed}"
+    shown = {"objective.lam", "objective.weights", "model.variant", "run.seed"}
     extra = [f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
              for k, v in values.items() if k not in shown]
     return " ".join([label, *extra])
