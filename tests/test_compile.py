@@ -17,13 +17,19 @@ def losses(over: list[str]) -> list[float]:
     return logs
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_step_is_one_graph_without_recompiles_and_matches_eager(backend, monkeypatch):
-    # nano/4 keeps the CPU compile short; lam = 0.5 compiles every part (both views, masking, momentum encoder).
+@pytest.mark.parametrize("backend,mix", [
+    ("aot_eager", "objective.lam=0.5"), ("aot_eager", "objective.weights={mae: 0.5, dino: 0.5}"),
+    pytest.param("inductor", "objective.lam=0.5", marks=pytest.mark.slow)])
+def test_compiled_step_is_one_graph_without_recompiles_and_matches_eager(backend, mix, monkeypatch):
+    # nano/4 keeps the CPU compile short; lam = 0.5 compiles every part (both views, masking, momentum encoder);
+    # MAE + DINO: visible-token gathers, the decoder, multi-crop at two sizes, the centre's in-place EMA and the
+    # per-step teacher temperature and last-layer freeze (tensor inputs: a new value must not recompile).
     # aot_eager traces forward and backward exactly as inductor gets them but skips code generation (minutes on
     # two CPU cores); the slow run uses the real inductor backend.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
-    over = ["model.variant=nano/4", "objective.lam=0.5", "optim.steps=4", "run.log_every=1"]
+    over = ["model.variant=nano/4", mix, "optim.steps=4", "run.log_every=1", "objective.dino.local_crops=2",
+            "objective.dino.freeze_last_layer_frac=0.5", "objective.dino.teacher_temp_warmup_frac=0.5",
+            "objective.dino.warmup_teacher_temp=0.02"]
     eager = losses(over)
     torch._dynamo.reset()
     counters.clear()

@@ -13,7 +13,8 @@ def err(tree=None, overrides=None) -> str:
 def test_empty_config_is_the_small_cpu_run():
     cfg = load_config({})
     assert cfg.model.variant == "micro/4" and cfg.data.dataset == "synthetic"
-    assert resolve_placement(cfg) == (6, 6, None)
+    assert resolve_placement(cfg) == ({"simmim": 6, "mocov3": 6}, None)
+    assert cfg.objective.lam == 0.5 and cfg.objective.mix() == {"simmim": 0.5, "mocov3": 0.5}
 
 
 def test_unknown_key_names_dotted_path_and_allowed_keys():
@@ -48,7 +49,7 @@ def test_layer_beyond_depth_and_placement_rules():
     assert err(overrides=["objective.placement.graft_layer=3", "objective.placement.cl_layer=3"]).startswith(
         "objective.placement.cl_layer")
     cfg = load_config({}, ["objective.placement.graft_layer=3"])
-    assert resolve_placement(cfg) == (3, 6, 3)
+    assert resolve_placement(cfg) == ({"simmim": 3, "mocov3": 6}, 3)
 
 
 def test_a_placement_that_leaves_a_block_untrained_is_an_error_naming_the_keys():
@@ -108,3 +109,54 @@ def test_overrides_leave_the_source_mapping_unchanged():
     source = {"optim": {"steps": 4}, "run": {"seed": 1}}
     load_config(source, ["run.resume=auto", "optim.steps=8"])
     assert source == {"optim": {"steps": 4}, "run": {"seed": 1}}
+
+
+def test_weights_mix_any_set_on_the_simplex_and_lam_is_their_shorthand():
+    from trainables.config import recipe
+
+    cfg = load_config({}, ["objective.weights={mae: 0.5, dino: 0.25, simmim: 0.25}"])
+    assert cfg.objective.mix() == {"simmim": 0.25, "mae": 0.5, "dino": 0.25} and cfg.objective.lam is None
+    assert cfg.objective.weights.mocov3 == 0.0  # resolved: every objective, 0 where unset
+    assert load_config(to_dict(cfg)).objective == cfg.objective  # the saved config loads back as it ran
+    lam = load_config({}, ["objective.lam=0.25"])
+    assert lam.objective.mix() == {"simmim": 0.75, "mocov3": 0.25}
+    assert load_config({}, ["objective.weights={simmim: 0.75, mocov3: 0.25}"]).objective == lam.objective
+    assert load_config(to_dict(lam)).objective == lam.objective  # lam and weights saved together agree
+    msg = err(overrides=["objective.weights={simmim: 0.5, mae: 0.4}"])
+    assert msg.startswith("objective.weights:") and "sum to 0.9" in msg and "simplex" in msg
+    assert err(overrides=["objective.weights={simmim: -0.5, mae: 1.5}"]).startswith("objective.weights.simmim:")
+    msg = err(overrides=["objective.weights={simclr: 1}"])
+    assert msg.startswith("objective.weights.simclr: unknown key") and "dino, mae, mocov3, simmim" in msg
+    msg = err(overrides=["objective.lam=0.5", "objective.weights={mae: 1}"])
+    assert msg.startswith("objective.lam:") and "disagrees" in msg
+    # each objective's own recipe; a mix interpolates (blr geometrically) and clips at its smallest clipping
+    assert recipe({"simmim": 1.0}) == recipe(0.0) and recipe({"mocov3": 1.0}) == recipe(1.0)
+    r = recipe({"mae": 0.5, "dino": 0.5})
+    assert r["blr"] == pytest.approx((1.5e-4 * 5e-4) ** 0.5, rel=1e-3) and r["clip_grad"] == 3.0
+    dino = load_config({}, ["objective.weights.dino=1"])
+    assert (dino.optim.weight_decay, dino.optim.weight_decay_end, dino.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert load_config({}, ["objective.weights.dino=1", "optim.weight_decay=0.1"]).optim.weight_decay_end is None
+    mae = load_config({}, ["objective.weights.mae=1"])
+    assert (mae.model.pos_embed, mae.model.patch_embed, mae.model.drop_path) == ("sincos", "trained", 0.0)
+
+
+def test_placement_per_objective_and_the_graft_over_families():
+    cfg = load_config({}, ["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.mae_layer=4"])
+    assert resolve_placement(cfg) == ({"mae": 4, "dino": 6}, None)
+    msg = err(overrides=["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.mim_layer=4"])
+    assert msg.startswith("objective.placement.mim_layer: set, but SimMIM is not in the mix")
+    msg = err(overrides=["objective.weights.mae=1", "objective.placement.mae_layer=4"])
+    assert msg.startswith("objective.placement.mae_layer = 4") and "blocks 5..6 would get no gradient" in msg
+    cfg = load_config({}, ["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.graft_layer=3"])
+    assert resolve_placement(cfg) == ({"mae": 3, "dino": 6}, 3)  # MIM reads the graft, CL the last block
+    msg = err(overrides=["objective.weights={mae: 0.5, simmim: 0.5}", "objective.placement.graft_layer=3"])
+    assert msg.startswith("objective.placement.graft_layer: needs a MIM objective") and "MAE" in msg
+    msg = err(overrides=["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.graft_layer=3",
+                         "objective.placement.dino_layer=3"])
+    assert msg.startswith("objective.placement.dino_layer: 3 is at or below graft_layer 3")
+    assert err(overrides=["objective.weights.mae=1", "objective.mae.mask_ratio=0.99"]).startswith(
+        "objective.mae.mask_ratio:")
+    assert err(overrides=["objective.weights.mae=1", "objective.mae.decoder_heads=5"]).startswith(
+        "objective.mae.decoder_heads:")
+    assert err(overrides=["objective.weights.dino=1", "objective.dino.local_size=10"]).startswith(
+        "objective.dino.local_size:")

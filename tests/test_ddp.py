@@ -32,8 +32,8 @@ def _worker(rank, world, port, tree, out):
 
         real, real_noise = tr.evaluate, tr.finetune_noise_accuracy
 
-        def grab(run, step, final=False):  # capture the trained encoder's weights on every rank
-            captured.update({k: v.detach().clone() for k, v in run.objective.encoder.state_dict().items()})
+        def grab(run, step, final=False):  # capture the trained objective (encoder, heads, EMA copies, DINO's centre)
+            captured.update({k: v.detach().clone() for k, v in run.objective.state_dict().items()})
             return real(run, step, final)
 
         def grab_tuned(model, data, cfg):  # and the fine-tuned classifier's
@@ -47,9 +47,11 @@ def _worker(rank, world, port, tree, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("lam", [0.0, 1.0])  # lam = 1: MoCo v3's heads normalise over both ranks' rows
-def test_two_rank_ddp_keeps_replicas_identical(tmp_path, lam):
-    tree = tiny(**{"objective__lam": lam, "optim__steps": 4, "eval__finetune__steps": 2, "eval__noise__bands": 2})
+# lam = 1: MoCo v3's heads normalise over both ranks' rows; MAE + DINO: DINO's centre averages both ranks' teachers
+@pytest.mark.parametrize("mix", [{"lam": 0.0}, {"lam": 1.0}, {"weights": {"mae": 0.5, "dino": 0.5}}])
+def test_two_rank_ddp_keeps_replicas_identical(tmp_path, mix):
+    tree = tiny(**{f"objective__{k}": v for k, v in mix.items()}, optim__steps=4, eval__finetune__steps=2,
+                eval__noise__bands=2, objective__dino__local_crops=2)
     mp.spawn(_worker, args=(2, _free_port(), tree, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
@@ -61,7 +63,9 @@ def test_two_rank_ddp_keeps_replicas_identical(tmp_path, lam):
     from trainables.objectives import build_objective
 
     init = build_objective(load_config(tree)).encoder.state_dict()
-    assert any(not torch.equal(init[k], r0[k]) for k in init)
+    assert any(not torch.equal(init[k], r0[f"encoder.{k}"]) for k in init)
+    if "weights" in mix:
+        assert r0["dino.center"].abs().sum() > 0  # the centre moved, identically on both ranks (above)
 
 
 def _bn_worker(rank, world, port, out):

@@ -149,14 +149,19 @@ def test_momentum_update_moves_towards_online():
         for p in hybrid.encoder.parameters():
             p.add_(1.0)
     before = [p.clone() for p in hybrid.cl.momentum.parameters()]
-    hybrid.momentum_update(0.9)
+    hybrid.momentum_update({"momentum": 0.9, "teacher_momentum": 0.5})
     online = hybrid.cl.online_params()
     for b, a, o in zip(before, hybrid.cl.momentum.parameters(), online, strict=True):
         torch.testing.assert_close(a, 0.9 * b + 0.1 * o)
 
 
-@pytest.mark.parametrize("over", [["objective.lam=0"], ["objective.lam=1"], ["objective.lam=0.5"],
-                                  ["objective.placement.graft_layer=2"]])
+@pytest.mark.parametrize("over", [
+    ["objective.lam=0"], ["objective.lam=1"], ["objective.lam=0.5"], ["objective.placement.graft_layer=2"],
+    ["objective.weights.mae=1"], ["objective.weights.dino=1"],
+    ["objective.weights={simmim: 0.25, mocov3: 0.25, mae: 0.25, dino: 0.25}", "objective.placement.mae_layer=4"],
+    ["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.graft_layer=3", "model.patch_embed=frozen"],
+    ["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.graft_layer=3",
+     "objective.placement.graft_lr_ratio=0.1", "objective.dino.local_crops=2", "objective.dino.local_size=16"]])
 def test_analytic_training_flops_match_flop_counter(over):
     cfg, hybrid = make(over)
     batch = batch_of(cfg, n=8)
@@ -181,3 +186,119 @@ def test_mask_ratio_unit_and_patchify():
     p = patchify(x, 4)
     assert p.shape == (2, 4, 48)
     assert torch.equal(p[0, 1].view(4, 4, 3)[..., 0], x[0, 0, :4, 4:])  # patch (0, 1), red channel
+
+
+# ------------------------------------------------------------------------------------------- MAE, DINO, mixes
+# DINO over a few dozen steps: from a zero centre the loss first rises while the centre's EMA warms up (as in the
+# official code), and a teacher at momentum 0.996 barely moves in 40 steps. Its tests start the centre warm
+# (center_momentum 0: the batch mean from the first step) and let the teacher follow (momentum 0.9), so what they
+# test is that the student learns to match its teacher.
+DINO_FAST = "objective.dino={center_momentum: 0.0, momentum: 0.9}"
+
+
+@pytest.mark.parametrize("weights,seed,extra", [
+    ("{mae: 1}", 0, None), ("{mae: 1}", 1, None), ("{dino: 1}", 0, DINO_FAST), ("{dino: 1}", 1, DINO_FAST),
+    ("{simmim: 0.34, mae: 0.33, dino: 0.33}", 0, DINO_FAST)])
+def test_mae_dino_and_a_mix_lose_loss_within_a_few_dozen_steps(weights, seed, extra):
+    logs = []
+    train(load_config(tiny(), [f"objective.weights={weights}", "optim.steps=40", "run.log_every=1",
+                               "optim.blr=5e-3", "data.train_size=512", f"run.seed={seed}", "eval.cka=false",
+                               "eval.noise.bands=0", "eval.dense_images=0", *([extra] if extra else [])]),
+          lambda m, checkpoint=None: logs.append(m["loss"]) if "knn_top1" not in m else None)
+    assert len(logs) == 40
+    first, last = sum(logs[:8]) / 8, sum(logs[-8:]) / 8
+    assert last < 0.95 * first, logs
+
+
+@pytest.mark.parametrize("name", ["simmim", "mocov3", "mae", "dino"])
+def test_a_weight_of_one_is_that_objective_alone(name):
+    import copy
+
+    cfg, hybrid = make([f"objective.weights.{name}=1", "model.drop_path=0"])
+    assert list(hybrid.heads) == [name] and hybrid.weights == {name: 1.0}
+    batch = batch_of(cfg)
+    alone = copy.deepcopy(hybrid.heads[name])  # DINO's centre moves with every call: start both from one state
+    alone._encoder = (copy.deepcopy(hybrid.encoder),)
+    torch.testing.assert_close(hybrid.draws(batch)[name], alone.draws(batch), rtol=0, atol=0)  # the same draws
+    out, solo = hybrid(batch), alone(batch)
+    assert torch.equal(out["loss"], solo["loss"])  # the same loss, bit for bit
+    if name in ("simmim", "mocov3"):  # lam's shorthand resolves to the same config
+        assert load_config(tiny(), [f"objective.lam={1.0 if name == 'mocov3' else 0.0}"]).objective == cfg.objective
+
+
+def test_routed_mix_of_all_four_equals_each_objective_alone():
+    import copy
+
+    cfg, hybrid = make(["objective.weights={simmim: 0.1, mocov3: 0.2, mae: 0.3, dino: 0.4}", "model.drop_path=0",
+                        "objective.placement.mim_layer=3", "objective.placement.mae_layer=5"])
+    batch = batch_of(cfg, n=8)
+    alone = {n: copy.deepcopy(hybrid).heads[n] for n in hybrid.heads}
+    out = hybrid(batch)
+    for name, key in (("simmim", "loss_mim"), ("mocov3", "loss_cl"), ("mae", "loss_mae"), ("dino", "loss_dino")):
+        torch.testing.assert_close(out[key], alone[name](batch)["loss"])
+    torch.testing.assert_close(out["loss"], 0.1 * out["loss_mim"] + 0.2 * out["loss_cl"] + 0.3 * out["loss_mae"]
+                               + 0.4 * out["loss_dino"])
+    grads = _grad_blocks(hybrid, out["loss_mim"])
+    assert grads == [True] * 3 + [False] * 3  # SimMIM's rows left after block 3
+
+
+def test_mae_encoder_sees_only_visible_tokens_and_its_loss_ignores_visible_patches():
+    cfg, hybrid = make(["objective.weights.mae=1"])
+    mae, batch = hybrid.mae, batch_of(cfg, n=4)
+    seen = []
+    hybrid.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    preds = []
+
+    def keep(module, inputs, out):  # the decoder's patch predictions (B, N, p*p*3), with their gradient
+        out.retain_grad()
+        preds.append(out)
+
+    mae.decoder_pred.register_forward_hook(keep)
+    prep = mae.prepare(batch["images"], mae.draws(batch))
+    loss = hybrid(batch)["loss"]
+    keep = int(64 * (1 - 0.75))
+    assert seen == [(4, 1 + keep, 96)]  # (B, 1 + visible, C): 16 of 64 patches and the CLS token
+    loss.backward()
+    grad = preds[0].grad.abs().sum(-1)  # (B, N) over the decoder's patch predictions
+    mask = prep["mask"].bool()
+    assert (mask.sum(1) == 64 - keep).all()
+    assert (grad[~mask] == 0).all() and (grad[mask] > 0).all()
+
+
+def test_dino_teacher_gets_no_gradient_and_its_centre_is_an_ema():
+    import torch.nn.functional as F
+
+    cfg, hybrid = make(["objective.weights.dino=1", "objective.dino.local_crops=2"])
+    dino, batch = hybrid.dino, batch_of(cfg, n=8)
+    with torch.no_grad():
+        dino.center.normal_()  # a non-zero centre, so the EMA's old term counts
+    before = dino.center.clone()
+    prep = dino.prepare(batch["images"], dino.draws(batch))
+    with torch.no_grad():
+        t = dino.teacher["encoder"]
+        t_out = dino.teacher["head"](t.norm(run_blocks_(t, prep["global"]))[:, 0])  # (2B, K)
+    hybrid(batch)["loss"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in dino.teacher.parameters())
+    assert any(p.grad is not None for p in dino.head.parameters())
+    torch.testing.assert_close(dino.center, 0.9 * before + 0.1 * t_out.mean(0, keepdim=True))
+    # the last layer frozen (the first epoch): no gradient reaches it, the rest of the head trains
+    hybrid.zero_grad(set_to_none=True)
+    hybrid({**batch, "freeze_last_layer": 1.0})["loss"].backward()
+    assert dino.head.last_layer.weight.grad.abs().sum() == 0 and dino.head.mlp[0].weight.grad.abs().sum() > 0
+    # the teacher EMA follows its own schedule key, and the local crops are smaller
+    assert prep["local"].shape == (16, 3, 12, 12) and prep["global"].shape == (16, 3, 32, 32)
+    with torch.no_grad():
+        for p in hybrid.encoder.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in dino.teacher.parameters()]
+    hybrid.momentum_update({"momentum": 0.0, "teacher_momentum": 0.75})
+    for o, new, s in zip(old, dino.teacher.parameters(), dino.student_params(), strict=True):
+        torch.testing.assert_close(new, 0.75 * o + 0.25 * s)
+    assert F.normalize(dino.head.last_layer.weight, dim=1).norm(dim=1).allclose(torch.ones(1))
+
+
+def run_blocks_(enc, images):
+    h = enc.embed(images)
+    for blk in enc.blocks:
+        h = blk(h)
+    return h

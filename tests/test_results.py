@@ -148,3 +148,20 @@ def test_compaction_keeps_every_row_once(tmp_path):
     assert [len(list((sweep / t).glob("*.parquet"))) for t in tables] == [1, 1, 1, 1]
     unchanged()
     assert query("SELECT linear_top1 FROM trials WHERE trial = 't0'", tmp_path).linear_top1[0] == 0.9
+
+
+def test_trials_name_the_objective_mix_and_weights(tmp_path):
+    from trainables.config import load_config, to_dict
+
+    sweep = tmp_path / "s1"
+    for trial, over in (("t1", ["objective.weights.mae=1"]), ("t2", ["objective.lam=0.25"]),
+                        ("t3", ["objective.weights={simmim: 0.5, dino: 0.5}"])):
+        write_trial_tables(sweep, trial, "TERMINATED", to_dict(load_config({}, over)), reports(3, 0.5))
+    write_trial_tables(sweep, "t4", "TERMINATED", cfg(1.0), reports(3, 0.5))  # a config from before weights
+    df = query("SELECT trial, objective, mix, lam, w_simmim, w_mocov3, w_mae, w_dino FROM trials ORDER BY trial",
+               tmp_path)
+    assert list(df.objective) == ["mae", "hybrid", "mix", "cl"]
+    assert list(df["mix"]) == ["MAE", "hybrid lam=0.25", "mix 0.5 SimMIM + 0.5 DINO", "CL (lam=1)"]
+    assert df.lam.isna().tolist() == [True, False, True, False] and df.lam[1] == 0.25
+    assert df.w_mae.tolist() == [1.0, 0.0, 0.0, 0.0] and df.w_simmim.tolist() == [0.0, 0.75, 0.5, 0.0]
+    assert df.w_dino.tolist() == [0.0, 0.0, 0.5, 0.0] and df.w_mocov3.tolist() == [0.0, 0.25, 0.0, 1.0]

@@ -139,3 +139,22 @@ def test_scaling_fits_against_data_set_size(tmp_path):
     assert len(by) == 2, table  # data.fraction is x, not a grouping axis
     got = sorted(by.values())
     assert abs(got[0] + 0.4) < 0.05 and abs(got[1] + 0.2) < 0.05, table
+
+
+def test_scaling_fits_one_group_per_objective_mix(tmp_path):
+    rng = np.random.default_rng(2)
+    exponents = {"objective.weights.mae=1": -0.35, "objective.weights.dino=1": -0.15,
+                 "objective.weights={simmim: 0.5, dino: 0.5}": -0.25}
+    for i, (mix, b) in enumerate(exponents.items()):
+        for v in VARIANTS:
+            for seed in range(2):
+                cfg = to_dict(load_config({}, [mix, f"model.variant={v}", f"run.seed={seed}"]))
+                params = [7e4, 6.8e5, 2e6, 5.5e6, 2.2e7][VARIANTS[v]]
+                err = 2.0 * params ** b * np.exp(rng.normal(0, 0.02))
+                write_trial_tables(tmp_path / "mx", f"{v.replace('/', '_')}-{i}-{seed}", "TERMINATED", cfg,
+                                   [{"step": 10, "params": params, "linear_top1": 1 - err, "done": True}])
+    table, _ = scaling_table("mx", tmp_path, n_boot=200)
+    by = table.set_index("group")
+    assert set(by.index) == {"MAE", "DINO", "mix 0.5 SimMIM + 0.5 DINO"}  # weights are the group, not axes
+    for group, b in (("MAE", -0.35), ("DINO", -0.15), ("mix 0.5 SimMIM + 0.5 DINO", -0.25)):
+        assert by.loc[group, "b_low"] < b < by.loc[group, "b_high"]

@@ -4,7 +4,7 @@ import yaml
 from orchestrator.space import SpaceError, load_space, sample_table
 from orchestrator.sweep import check_schedulable, trial_bundles
 
-SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "paper", "repro"]
+SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "paper", "repro", "objectives"]
 
 
 def space_file(tmp_path, **over):
@@ -64,7 +64,8 @@ def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
     from trainables.trainer import train
     from trainables.vocab import LAYER_METRIC, PROBE_METRICS, STEP_METRICS
 
-    final = train(load_config(tiny(), ["optim.steps=2", "objective.lam=0.5", "eval.finetune.steps=2"]))
+    final = train(load_config(tiny(), ["optim.steps=2", "eval.finetune.steps=2",  # every objective: every loss
+                                       "objective.weights={simmim: 0.25, mocov3: 0.25, mae: 0.25, dino: 0.25}"]))
     reported = {k for k in final if k in STEP_METRICS + PROBE_METRICS or k.startswith("layer/")}
     assert set(STEP_METRICS + PROBE_METRICS) <= reported
     assert all(LAYER_METRIC.fullmatch(k) for k in reported if k.startswith("layer/"))
@@ -108,3 +109,34 @@ def test_unschedulable_resources_named(tmp_path):
     split = load_space(space_file(tmp_path, resources={"workers": 1, "cpus_per_worker": 3}))
     with pytest.raises(SpaceError, match="on one node"):
         check_schedulable(split, [{"CPU": 2.0}, {"CPU": 2.0}])
+
+
+def test_weight_spaces_grid_simplex_and_dirichlet(tmp_path):
+    from orchestrator.space import trial_config
+
+    sp = load_space(space_file(tmp_path, space={"objective.weights": {"simplex": {"objectives": ["simmim", "mae",
+                                                                                                  "dino"],
+                                                                                   "step": 0.5}}}))
+    kind, points = sp.axes()["objective.weights"]
+    assert kind == "grid" and len(points) == 6 and sp.n_trials() == 6  # (2 + 2 choose 2) points on the simplex
+    assert {"simmim": 0.5, "dino": 0.5} in points and {"mae": 1.0} in points
+    assert all(abs(sum(p.values()) - 1) < 1e-9 for p in points)
+    assert trial_config(sp, {"objective.weights": points[1]}).objective.mix() == points[1]
+    d = {"objective.weights": {"dirichlet": {"objectives": ["simmim", "mocov3", "mae", "dino"], "alpha": 1.0,
+                                             "samples": 5}}}
+    one, two = load_space(space_file(tmp_path, space=d)), load_space(space_file(tmp_path, space=d))
+    draws = one.axes()["objective.weights"][1]
+    assert len(draws) == 5 and draws == two.axes()["objective.weights"][1]  # seeded by search.seed
+    assert all(abs(sum(p.values()) - 1) < 1e-6 for p in draws)
+    other = load_space(space_file(tmp_path, space=d, search={"seed": 1})).axes()["objective.weights"][1]
+    assert other != draws
+    msg = err(tmp_path, space={"objective.weights": {"grid": [{"simmim": 1.0}, {"mae": 0.5, "dino": 0.4}]}})
+    assert msg.startswith("space.objective.weights:") and "sum to 0.9" in msg
+    msg = err(tmp_path, space={"objective.weights": {"simplex": {"objectives": ["simmim", "byol"], "step": 0.5}}})
+    assert msg.startswith("space.objective.weights.simplex.objectives:")
+    msg = err(tmp_path, space={"objective.weights": {"simplex": {"objectives": ["simmim", "mae"], "step": 0.3}}})
+    assert msg.startswith("space.objective.weights.simplex.step:")
+    msg = err(tmp_path, space={"optim.blr": {"simplex": {"objectives": ["simmim", "mae"], "step": 0.5}}})
+    assert msg.startswith("space.optim.blr.simplex:") and "objective.weights only" in msg
+    msg = err(tmp_path, space={"objective.weights": {"grid": [{"mae": 1.0}]}}, search={"metric": "loss_cl"})
+    assert msg.startswith("search.metric:") and "reports no loss_cl" in msg
