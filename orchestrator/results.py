@@ -622,8 +622,9 @@ def _comparisons(done, layers, robustness=None) -> list[tuple[str, object]]:
             out.append(("last-layer linear probe at matched steps and matched training FLOPs",
                         matched[["group", "metric", "matched", "budget", "read_at_step", "value", "seeds"]]))
     if "step" in layers and (layers.step == 0).any():
+        final, untrained = split_baseline(layers)
         for metric in ("linear_top1_gap", "attn_distance", "attn_nmi", "fourier_dlogamp_pi"):
-            table = layer_table(*split_baseline(layers), done, metric)
+            table = layer_table(final, untrained, done, metric)
             if len(table):
                 out.append((f"{metric} per layer (L0: patch embedding), trained and untrained (step 0): mean ± SE "
                             "over seeds", table))

@@ -59,9 +59,8 @@ def with_mix(trials: pd.DataFrame) -> pd.DataFrame:
     existed get it from lam."""
     if "mix" in trials and trials["mix"].notna().all():
         return trials
-    from_lam = [objective_label(lam) if lam is not None and lam == lam else None for lam in trials.lam]
-    return trials.assign(mix=trials["mix"].fillna(pd.Series(from_lam, index=trials.index)) if "mix" in trials
-                         else from_lam)
+    from_lam = trials.lam.map(lambda lam: objective_label(lam) if pd.notna(lam) else None)
+    return trials.assign(mix=trials["mix"].fillna(from_lam) if "mix" in trials else from_lam)
 
 
 def group_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[str]:

@@ -317,6 +317,8 @@ class TrainRun:
     autocast: object
     stream: object
     info: dict  # static facts reported at the end (sizes, FLOPs, world size)
+    # STEP_INPUTS' schedules as device tensors: a step reads its values without a host-to-device copy (a sync)
+    step_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     resumed: Path | None = None  # the checkpoint the run continues from
     initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
     untrained: dict | None = None  # its GAP features per layer on the eval subset (``untrained_features``)
@@ -382,10 +384,11 @@ def build_run(cfg: Config) -> TrainRun:
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     finetuning = finetune_steps(cfg, len(data.train))
     per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size)
+    sched = schedules(cfg, total, per_epoch)
     return TrainRun(
         cfg=cfg, rank=rank, world=world, device=device, out_dir=out_dir, data=data, objective=objective,
-        model=model, opt=opt, sched=schedules(cfg, total, per_epoch), total=total, steps_per_epoch=per_epoch,
-        start=start,
+        model=model, opt=opt, sched=sched, total=total, steps_per_epoch=per_epoch, start=start,
+        step_inputs={k: torch.as_tensor(sched[k], dtype=torch.float32, device=device) for k in STEP_INPUTS},
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, min(start, total), rank, world, device),
         info={**model_stats(cfg), "total_steps": total + finetuning, "world_size": world, "device": device.type,
@@ -433,7 +436,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
             g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
         with run.autocast:
             out = run.model({"images": images, "seed": r.seed * 1_000_003 + step * 1009 + run.rank,
-                             **{k: float(run.sched[k][step]) for k in STEP_INPUTS}})
+                             **{k: v[step].clone() for k, v in run.step_inputs.items()}})
         out["loss"].backward()
         nonfinite |= ~torch.isfinite(out["loss"].detach())
         if o.clip_grad:  # 0: off

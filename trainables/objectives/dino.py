@@ -93,15 +93,16 @@ class DINO(Head):
 
     def draws(self, batch: dict) -> dict[str, torch.Tensor]:
         """"crops" (2 + local_crops, B, MOCO_DRAWS) uniforms, and this step's teacher temperature and last-layer
-        freeze (0-d tensors from the trainer's schedules, ``batch["teacher_temp"]`` / ``["freeze_last_layer"]``;
-        standalone: the final temperature, not frozen)."""
+        freeze (0-d tensors, from the trainer's schedules already on the device, ``batch["teacher_temp"]`` /
+        ``["freeze_last_layer"]``; standalone: the final temperature, not frozen)."""
         images = batch["images"]
         dev = images.device
         crops = torch.rand(2 + self.local_crops, images.shape[0], MOCO_DRAWS, generator=self.generator(batch),
                            device=dev)
         return {"crops": crops,
-                "teacher_temp": torch.tensor(float(batch.get("teacher_temp", self.teacher_temp)), device=dev),
-                "freeze": torch.tensor(float(batch.get("freeze_last_layer", 0.0)), device=dev)}
+                "teacher_temp": torch.as_tensor(batch.get("teacher_temp", self.teacher_temp), dtype=torch.float32,
+                                                device=dev),
+                "freeze": torch.as_tensor(batch.get("freeze_last_layer", 0.0), dtype=torch.float32, device=dev)}
 
     def prepare(self, images: torch.Tensor, draws: dict) -> dict:
         """{"global" (2B, 3, S, S), "local" (nB, 3, s, s) crops, "teacher_temp", "freeze"}."""

@@ -62,7 +62,6 @@ class Hybrid(nn.Module):
         o = cfg.objective
         self.encoder = encoder
         self.weights = o.mix()  # {name: weight > 0}
-        self.lam = o.lam
         self.layers, self.graft_layer = resolve_placement(cfg)
         self.detach_below_graft = self.graft_layer is not None and o.placement.graft_lr_ratio is None
         self.heads: dict[str, nn.Module] = {}
@@ -153,8 +152,8 @@ class Hybrid(nn.Module):
         feats = self._route(segments)
         out, loss = {}, 0.0
         for name, head in self.heads.items():
-            n_batches = sum(1 for key in feats if key[0] == name)
-            out[LOSS_KEY[name]] = head.loss([feats[(name, i)] for i in range(n_batches)], prep[name])
+            mine = sorted((key[1], t) for key, t in feats.items() if key[0] == name)  # in the head's tokens() order
+            out[LOSS_KEY[name]] = head.loss([t for _, t in mine], prep[name])
             loss = loss + self.weights[name] * out[LOSS_KEY[name]]
         out["loss"] = loss
         return out
