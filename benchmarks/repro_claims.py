@@ -31,6 +31,7 @@ from orchestrator.compare import (
 from orchestrator.layout import find_sweep, results_root
 from orchestrator.results import connect
 from orchestrator.scaling import with_mix
+from trainables.errors import UserError
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -48,14 +49,26 @@ def main() -> None:
     ap.add_argument("--where", default="true", help="an SQL condition on the trials table")
     args = ap.parse_args()
     root = results_root(args.results)
-    names = [find_sweep(n, root).name for n in args.sweeps]
+    try:
+        names = [find_sweep(n, root).name for n in args.sweeps]
+    except UserError as e:
+        raise SystemExit(f"repro_claims: {e}") from None
     con = connect(root)
     keep = f"t.sweep IN ({', '.join('?' * len(names))}) AND t.status = 'TERMINATED' AND ({args.where})"
-    trials = with_mix(con.execute(f"SELECT * FROM trials t WHERE {keep}", names).df())
+    trials = con.execute(f"SELECT * FROM trials t WHERE {keep}", names).df()
+    if trials.empty:
+        raise SystemExit(f"repro_claims: {', '.join(names)} has no finished trials yet (see: clmim results show "
+                         f"{names[0]})")
+    trials = with_mix(trials)
     layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
                          f"WHERE {keep} AND l.head IS NULL", names).df()
+    if layers.empty:
+        raise SystemExit(f"repro_claims: {', '.join(names)} has no finished trials with probes yet ({len(trials)} "
+                         "finished; see: clmim results show NAME)")
     untrained = layers[layers.step == 0]
     steps = sorted(int(s) for s in layers.step.unique() if s > 0)
+    if not steps:
+        raise SystemExit(f"repro_claims: {', '.join(names)} has only the untrained encoder's probes (step 0)")
     print(f"{len(trials)} finished trials; probed steps {steps}\n")
     final = layers[layers.step == steps[-1]]
     for metric in ("linear_top1_gap", "linear_top1_cls", "attn_distance", "attn_nmi", "fourier_dlogamp_pi"):

@@ -127,7 +127,7 @@ def cmd_results_query(args) -> int:
     from .layout import results_root
     from .results import query
 
-    df = query(args.sql, results_root(args.results))
+    df = query(args.sql, results_root(args.results), timeout=args.timeout or None)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
@@ -282,7 +282,7 @@ def cmd_data_prepare(args) -> int:
     from .prepare import prepare
 
     prepare(args.source, args.dest, args.size, shard_mb=args.shard_mb, overrides=args.set or [],
-            endpoint=args.storage_endpoint, address=args.address)
+            endpoint=args.storage_endpoint, address=args.address, verify=args.verify)
     return 0
 
 
@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="data.* setting of a built-in SOURCE")
     dp.add_argument("--storage-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     dp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    dp.add_argument("--verify", action="store_true", help="then check every shard against the index (shapes, "
+                    "labels, sha256), also when the store was already prepared")
     dp.set_defaults(fn=cmd_data_prepare)
 
     sc = sub.add_parser("scaling", help="power-law fits of a metric per objective group")
@@ -408,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("sql")
     q.add_argument("--results", help="results root")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop a query running longer than this (default 60; 0: no limit)")
     q.set_defaults(fn=cmd_results_query)
     ls = rsub.add_parser("list", help="every sweep: status counts, start date, storage size")
     ls.add_argument("--results", help="results root")

@@ -10,6 +10,7 @@ from collections import Counter
 from trainables.vocab import HIGHER_IS_BETTER
 
 from .layout import SweepLayout
+from .records import trial_id_of
 
 
 def fmt(v) -> str:
@@ -78,9 +79,11 @@ def progress_line(statuses: list[str], fractions: list[float], elapsed: float, p
     return " | ".join(parts)
 
 
-def make_reporter(labels: dict[str, str] | None = None):
+def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[str, str] | None = None):
     """A Ray Tune progress reporter printing ``progress_line`` when something changed (at most every 10 s) and
-    at least every 60 s while trials run. ``labels`` maps trial ids to short descriptions."""
+    at least every 60 s while trials run. ``total``: the sweep's trials; ``ended``: statuses of those that ended
+    before this Tune run (a resume); trials Tune has not created yet count as pending. ``labels`` maps trial ids to
+    short descriptions."""
     from ray.tune import ProgressReporter
 
     class LineReporter(ProgressReporter):
@@ -104,13 +107,13 @@ def make_reporter(labels: dict[str, str] | None = None):
             for t in trials:  # most reports are log steps without probes: remember each trial's last probe
                 r = t.last_result or {}
                 if isinstance(r.get(metric), (int, float)) and r.get("step") != 0:  # step 0: the untrained encoder
-                    self._seen[t.trial_id] = (float(r[metric]), t)
+                    self._seen[t.trial_id] = (float(r[metric]), trial_id_of(t.config, t.trial_id))
             vals = list(self._seen.values())
             if not vals:
                 return None
             higher = self._mode == "max" if self._mode else metric in HIGHER_IS_BETTER
-            v, t = (max if higher else min)(vals, key=lambda x: x[0])
-            return metric, float(v), (labels or {}).get(t.trial_id, t.trial_id)
+            v, tid = (max if higher else min)(vals, key=lambda x: x[0])
+            return metric, float(v), (labels or {}).get(tid, tid)
 
         def should_report(self, trials, done=False):
             state = tuple(sorted((t.trial_id, t.status, (t.last_result or {}).get("step")) for t in trials))
@@ -124,11 +127,14 @@ def make_reporter(labels: dict[str, str] | None = None):
         def report(self, trials, done, *sys_info):
             if not trials:
                 return
-            statuses = [t.status for t in trials]
+            statuses = [t.status for t in trials] + list(ended or [])
             for t in trials:
                 self._done[t.trial_id] = max(self._done.get(t.trial_id, 0.0),
                                              trial_progress(t.status, t.last_result or {}))
-            fractions = [self._done[t.trial_id] for t in trials]
+            fractions = [self._done[t.trial_id] for t in trials] + [1.0] * len(ended or [])
+            waiting = max(0, total - len(statuses))  # not created by Tune yet
+            statuses += ["PENDING"] * waiting
+            fractions += [0.0] * waiting
             if self._p0 is None:
                 self._p0 = sum(fractions) / len(fractions)
             self._last_print = time.time()

@@ -43,24 +43,48 @@ def decode(path: str, size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- sources
-def _folder_items(root: Path) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
-    """{split: [(path, label)]} and the class names of an ImageFolder tree (sorted, so the same every run)."""
+def _folder_items(root: Path) -> tuple[dict[str, list[tuple[str, int]]], list[str], list[tuple[str, str]]]:
+    """{split: [(path, label)]}, the class names of an ImageFolder tree (sorted, so the same every run) and the
+    entries left out with the reason: hidden class folders (``.name``), and image names that are not regular files
+    (a FIFO would block its reader, a device or socket is no image). A class name with a control character (a
+    newline) is an error naming it."""
+    skipped: list[tuple[str, str]] = []
+
     def listing(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-        return [(str(f), i) for i, c in enumerate(classes) for f in sorted((folder / c).rglob("*"))
-                if f.suffix.lower() in IMAGE_EXTS and f.is_file()]
+        out = []
+        for i, c in enumerate(classes):
+            for f in sorted((folder / c).rglob("*")):
+                if f.suffix.lower() not in IMAGE_EXTS:
+                    continue
+                if f.is_symlink() or not f.is_file():
+                    if not f.is_dir():
+                        skipped.append((str(f), "not a regular file"))
+                    continue
+                out.append((str(f), i))
+        return out
 
     base = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    classes = []
+    for d in sorted(base.iterdir()):
+        if not d.is_dir():
+            continue
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in d.name):
+            raise UserError(f"SOURCE: class folder {d.name!r} in {str(base)!r} has a control character in its name; "
+                            "rename it")
+        if d.name.startswith("."):
+            skipped.append((str(d), "hidden folder, not a class"))
+            continue
+        classes.append(d.name)
     if not classes:
         raise UserError(f"SOURCE: {str(root)!r} has no class folders (expected ImageFolder: CLASS/IMAGE files, "
                         "optionally under train/ and val/)")
     train = listing(base, classes)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return {"train": train, "eval": listing(root / "val", classes)}, classes
+        return {"train": train, "eval": listing(root / "val", classes)}, classes, skipped
     perm = np.random.default_rng(12345).permutation(len(train))  # a fixed tenth for eval, as imagefolder does
     n_eval = max(1, len(train) // 10)
     return ({"train": [train[i] for i in sorted(perm[n_eval:])], "eval": [train[i] for i in sorted(perm[:n_eval])]},
-            classes)
+            classes, skipped)
 
 
 def _builtin_arrays(name: str, size: int, overrides: list[str]) -> tuple[dict[str, tuple], list[str]]:
@@ -128,8 +152,38 @@ def _write_unit(unit: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- prepare
 def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides: list[str] | None = None,
-            endpoint: str | None = None, address: str | None = None) -> dict:
-    """Prepare the store (see the module docstring); return its index."""
+            endpoint: str | None = None, address: str | None = None, verify: bool = False) -> dict:
+    """Prepare the store (see the module docstring); return its index. ``verify``: then check every shard against
+    the index (shapes, types, labels, checksums), also when the store was already there."""
+    index = _prepare(source, dest, size, shard_mb, overrides, endpoint, address)
+    if verify:
+        verify_store(dest, endpoint)
+    return index
+
+
+def verify_store(dest: str, endpoint: str | None = None) -> None:
+    """Every shard of the store at ``dest`` against its index; a one-line ``UserError`` naming the shard."""
+    import os
+
+    from trainables.config import ConfigError
+    from trainables.store import SPLITS, local_copy, open_split, read_index, verify_checksums
+
+    if endpoint:
+        os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
+    try:
+        root = local_copy(dest)
+        index = read_index(root)
+        for split in SPLITS:
+            open_split(root, index, split)
+        verify_checksums(root, index)
+    except ConfigError as e:
+        raise UserError(str(e).replace("data.path: ", "DEST: ", 1)) from None
+    print(f"clmim data prepare: verified {index.get('n_images')} images in "
+          f"{sum(len(index['splits'][s]['shards']) for s in SPLITS)} shard(s) against {INDEX}", flush=True)
+
+
+def _prepare(source: str, dest: str, size: int, shard_mb: float, overrides: list[str] | None,
+             endpoint: str | None, address: str | None) -> dict:
     if not 8 <= size <= 1024:
         raise UserError(f"--size: {size} is not an image side in 8..1024 pixels")
     if not 0 < shard_mb <= 4096:
@@ -138,6 +192,7 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
     builtin = source in BUILTINS
     if not builtin and not Path(source).expanduser().is_dir():
         raise UserError(f"SOURCE: {source!r} is neither a folder nor one of {', '.join(BUILTINS)}")
+    skipped: list[tuple[str, str]] = []
     if builtin:
         arrays, classes = _builtin_arrays(source, size, overrides or [])
         fingerprint = hashlib.sha256(b"".join(a[0].tobytes()[:1 << 20] for a in arrays.values())).hexdigest()
@@ -145,7 +200,7 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
     else:
         if overrides:
             raise UserError("--set: only for a built-in SOURCE (an ImageFolder has no data.* settings)")
-        items, classes = _folder_items(Path(source).expanduser().resolve())
+        items, classes, skipped = _folder_items(Path(source).expanduser().resolve())
         fingerprint = hashlib.sha256("\n".join(p for v in items.values() for p, _ in v).encode()).hexdigest()
         n_items = {k: len(v) for k, v in items.items()}
     args = {"source": source if builtin else str(Path(source).expanduser().resolve()), "size": size,
@@ -191,6 +246,7 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
         splits[split] = {"n": sum(r["n"] for r in recs),
                          "shards": [{"name": r["name"], "n": r["n"], "sha256": r["sha256"]} for r in recs]}
         unreadable += [u for r in recs for u in r.get("unreadable", [])]
+    unreadable += [list(x) for x in skipped]
     index = {"format": FORMAT, "size": size, "classes": classes, "splits": splits, "spec": spec, "args": args,
              "n_images": sum(s["n"] for s in splits.values()), "unreadable": unreadable}
     st.write_text(st.path(INDEX), json.dumps(index, indent=1))
@@ -199,7 +255,8 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
           f"{splits['eval']['n']:,} eval, {len(classes)} classes) in {len(records)} shard(s)"
           + (f", {skipped} already there from an interrupted run" if skipped else ""), flush=True)
     if unreadable:
-        print(f"clmim data prepare: {len(unreadable)} unreadable image(s) left out, listed in {INDEX}:", flush=True)
+        print(f"clmim data prepare: {len(unreadable)} unreadable image(s) or folder(s) left out, listed in "
+              f"{INDEX}:", flush=True)
         for path, why in unreadable[:20]:
-            print(f"  {path}: {why}", flush=True)
+            print(f"  {path!r}: {why}", flush=True)
     return index

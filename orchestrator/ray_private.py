@@ -3,6 +3,18 @@ moves one breaks one file. Each function says what public behaviour it stands in
 
 from __future__ import annotations
 
+from ray.exceptions import OutOfMemoryError, RayActorError
+
+
+class TrialOutOfMemory(RayActorError):
+    """A trial's process killed by Ray's memory monitor (``oom_is_a_lost_trial``)."""
+
+    def __init__(self, message: str):
+        super().__init__(error_msg=f"OutOfMemoryError: {message}")
+
+    def __str__(self) -> str:
+        return self.error_msg
+
 
 def keep_cluster_on_loopback() -> None:
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; if it already was, set its constant too,
@@ -30,7 +42,30 @@ STORAGE_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execut
 """Loggers that print "Checkpoint successfully created at: ..." for every checkpoint of every trial."""
 
 
-def use_callbacks(tuner, callbacks: list) -> None:
-    """``Tuner.restore`` brings back the callbacks pickled with the experiment: an earlier driver's results root and
-    MLflow URI. A resumed sweep must record where this driver says (a fresh machine, another ``--mlflow-uri``)."""
-    tuner._local_tuner._run_config.callbacks = list(callbacks)
+def oom_is_a_lost_trial() -> None:
+    """Ray 2.60's Tune raises ``RuntimeError: Caught unexpected exception`` out of ``tuner.fit()`` when Ray's memory
+    monitor kills a trial's process: the pending call on the trial's actor fails with ``OutOfMemoryError``, which is
+    neither an actor nor a task error to Tune's actor manager, and the whole sweep died. Hand Tune what it is, a lost
+    actor (``TrialOutOfMemory``, a ``RayActorError`` carrying Ray's message and memory figures): Tune retries the
+    trial from its checkpoint (``failure.max_failures``) or ends it as ERROR, and the sweep goes on."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    original = RayActorManager._actor_task_failed
+    if getattr(original, "_clmim", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, OutOfMemoryError):
+            exception = TrialOutOfMemory(str(exception))
+        return original(self, tracked_actor_task, exception)
+
+    _actor_task_failed._clmim = True
+    RayActorManager._actor_task_failed = _actor_task_failed
+
+
+def refresh_auth_mode() -> None:
+    """Ray caches its settings, RAY_AUTH_MODE included, when it is imported: after the variable is set in an
+    already-importing process, re-read them (what Ray's own ``_enable_token_auth`` does)."""
+    from ray._private.authentication.authentication_token_setup import Config
+
+    Config.initialize("")

@@ -26,9 +26,9 @@ loads, configuration locked; paths never go into SQL text.
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -55,7 +55,9 @@ from trainables.vocab import (
     weights_of,
 )
 
+from . import records
 from .layout import SweepLayout, check_root, list_sweeps, stored_storage
+from .space import resolve_config, space_from_dict
 
 SCHEMA_VERSION = 2  # 2: layers has a step column (0 = the untrained encoder)
 READABLE_VERSIONS = (b"1", b"2")  # files of these versions are read (a v1 layers file has step null)
@@ -64,7 +66,7 @@ GRACE_S = 60.0  # merged-away files stay readable this long after they leave the
 MERGED_PREFIX = "_merged."
 COMPACT_BATCH = 64  # per-attempt files merged at a time while a sweep runs (~sqrt of a big sweep)
 # <trial>.<attempt>.parquet or _merged.<attempt>.parquet; attempt = 20-digit ns time, '-', 8 hex digits
-FILE_NAME = re.compile(r"(?:_merged|[A-Za-z0-9_-]+)\.\d{20}-[0-9a-f]{8}\.parquet")
+FILE_NAME = re.compile(r"(?P<trial>_merged|[A-Za-z0-9_-][A-Za-z0-9_.-]*)\.\d{20}-[0-9a-f]{8}\.parquet")
 
 CURVE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
@@ -116,49 +118,121 @@ def _locked(sweep_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _is_product_file(path: Path) -> bool:
-    """A name the product writes and a Parquet footer carrying our schema version."""
+def _plain_schema(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
+    return [(f.name, f.type) for f in schema]
+
+
+LAYER_SCHEMA_V1 = pa.schema([f for f in LAYER_SCHEMA if f.name != "step"])
+LONG_SCHEMAS = {"curves": [CURVE_SCHEMA], "layers": [LAYER_SCHEMA, LAYER_SCHEMA_V1], "robustness": [NOISE_SCHEMA]}
+# the trials table's own columns and their types (config columns vary with the config)
+TRIAL_TYPES = {"schema_version": (pa.int32(), pa.int64()), "sweep": (pa.string(),), "trial": (pa.string(),),
+               "attempt": (pa.string(),), "status": (pa.string(),)}
+TRIAL_NUMERIC = ("lam", "params", "train_flops_per_image", "samples_seen", "train_images", "train_flops",
+                 "wall_time_s", "step", "epoch", *FINAL_KEYS)
+
+
+def _is_product_file(path: Path, table: str | None = None, sweep: str | None = None) -> bool:
+    """A name the product writes and a Parquet footer carrying our schema version; given ``table`` and ``sweep``
+    (a sweep read without a valid manifest, so without its list of files), also the table's schema, and rows of
+    that sweep only (and of the trial the file is named for)."""
     if not FILE_NAME.fullmatch(path.name):
         return False
     try:
-        meta = pq.read_schema(path).metadata or {}
+        schema = pq.read_schema(path)
     except Exception:  # noqa: BLE001 - not Parquet, truncated, unreadable
         return False
-    return meta.get(b"clmim_schema_version") in READABLE_VERSIONS
+    if (schema.metadata or {}).get(b"clmim_schema_version") not in READABLE_VERSIONS:
+        return False
+    if table is None:
+        return True
+    if table in LONG_SCHEMAS:
+        if _plain_schema(schema) not in [_plain_schema(x) for x in LONG_SCHEMAS[table]]:
+            return False
+    else:
+        types = {f.name: f.type for f in schema}
+        if any(types.get(k) not in ok for k, ok in TRIAL_TYPES.items()):
+            return False
+        if any(k in types and not (pa.types.is_floating(types[k]) or pa.types.is_integer(types[k])
+                                   or pa.types.is_null(types[k])) for k in TRIAL_NUMERIC):
+            return False
+    try:
+        ids = pq.read_table(path, columns=["sweep", "trial"])
+    except Exception:  # noqa: BLE001
+        return False
+    if set(ids.column("sweep").to_pylist()) - {sweep}:
+        return False
+    named = FILE_NAME.fullmatch(path.name).group("trial")
+    return path.name.startswith(MERGED_PREFIX) or not set(ids.column("trial").to_pylist()) - {named}
 
 
 def _scan(sweep_dir: Path) -> dict:
-    """A manifest built from what is on disk (a sweep written before manifests, or with a damaged one)."""
+    """A manifest built from what is on disk (a sweep written before manifests, or with a damaged one): only files
+    named, typed and filled as the product writes them; each other file is skipped with a warning naming it."""
     current = {}
     for t in TABLES:
         d = sweep_dir / t
-        current[t] = sorted(f.name for f in d.glob("*.parquet") if _is_product_file(f)) if d.is_dir() else []
-    return {"schema_version": SCHEMA_VERSION, "current": current, "retired": {}}
+        current[t] = []
+        for f in sorted(d.glob("*.parquet")) if d.is_dir() else []:
+            if _is_product_file(f, t, sweep_dir.name):
+                current[t].append(f.name)
+            elif not f.name.startswith(MERGED_PREFIX):  # (a merge interrupted before it was listed: harmless)
+                warnings.warn(f"skipped {f}: not a clmim results file of sweep {sweep_dir.name}", ResultsWarning,
+                              stacklevel=3)
+    return {"schema_version": SCHEMA_VERSION, "current": current, "retired": {}, "scanned": True}
+
+
+def _entry_ok(table: str, name) -> bool:
+    """A manifest entry is a plain file name of the product's pattern inside its table folder; nothing else is ever
+    read or deleted (a listed ``../x`` or ``/abs/x`` could reach any file)."""
+    return table in TABLES and isinstance(name, str) and FILE_NAME.fullmatch(name) is not None
 
 
 def read_manifest(sweep_dir: Path) -> dict | None:
-    """The sweep's manifest ({"current": {table: [file names]}, "retired": {name: time}}), or None."""
+    """The sweep's manifest ({"current": {table: [file names]}, "retired": {"table/name": time}}), or None (missing
+    or not a manifest: read the files on disk). Entries that are not plain product file names inside their table
+    folder are dropped with a warning naming them."""
+    path = Path(sweep_dir) / "manifest.json"
     try:
-        m = read_json(Path(sweep_dir) / "manifest.json")
+        m = read_json(path)
     except DamagedFile as e:
         warnings.warn(f"{e}; reading the files on disk instead", ResultsWarning, stacklevel=2)
         return None
     if m is None:
         return None
     if not (isinstance(m, dict) and isinstance(m.get("current"), dict)
-            and all(isinstance(m["current"].get(t, []), list) for t in TABLES)):
-        warnings.warn(f"{sweep_dir / 'manifest.json'}: not a clmim manifest; reading the files on disk instead",
-                      ResultsWarning, stacklevel=2)
+            and all(isinstance(m["current"].get(t, []), list) for t in TABLES)
+            and isinstance(m.get("retired", {}), dict)):
+        warnings.warn(f"{path}: not a clmim manifest; reading the files on disk instead", ResultsWarning,
+                      stacklevel=2)
         return None
-    m.setdefault("retired", {})
-    return m
+    bad = []
+    current = {}
+    for t, names in m["current"].items():
+        if t not in TABLES:
+            bad.append(repr(t))
+            continue
+        current[t] = [n for n in names if _entry_ok(t, n)]
+        bad += [repr(n) for n in names if not _entry_ok(t, n)]
+    retired = {}
+    for key, when in m.get("retired", {}).items():
+        t, _, n = key.partition("/") if isinstance(key, str) else ("", "", "")
+        if _entry_ok(t, n) and isinstance(when, (int, float)):
+            retired[key] = when
+        else:
+            bad.append(repr(key))
+    if bad:
+        warnings.warn(f"{path}: ignored {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} that are not clmim file "
+                      f"names in their table folder ({', '.join(b[:60] for b in bad[:3])})", ResultsWarning,
+                      stacklevel=2)
+    return {"schema_version": m.get("schema_version"), "current": current, "retired": retired}
 
 
 def _change_manifest(sweep_dir: Path, add: dict[str, list[str]] | None = None,
                      retire: dict[str, list[str]] | None = None) -> dict:
-    """Add files to and retire files from the manifest, atomically; delete files retired over GRACE_S ago.
-    Call with the lock held."""
+    """Add files to and retire files from the manifest, atomically; delete files retired over GRACE_S ago, and
+    merged files no manifest lists (a merge killed before it listed its file). Call with the lock held."""
     m = read_manifest(sweep_dir) or _scan(sweep_dir)
+    m.pop("scanned", None)
     now = time.time()
     for t, names in (add or {}).items():
         cur = m["current"].setdefault(t, [])
@@ -169,8 +243,18 @@ def _change_manifest(sweep_dir: Path, add: dict[str, list[str]] | None = None,
         m["retired"].update({f"{t}/{n}": now for n in names})
     for key, when in list(m["retired"].items()):
         if now - when > GRACE_S:
-            (sweep_dir / key).unlink(missing_ok=True)
+            (sweep_dir / key).unlink(missing_ok=True)  # (a validated table/name: see read_manifest)
             del m["retired"][key]
+    known = {f"{t}/{n}" for t in TABLES for n in m["current"].get(t, [])} | set(m["retired"])
+    for t in TABLES:
+        d = sweep_dir / t
+        for f in d.glob("*.parquet") if d.is_dir() else []:
+            if f"{t}/{f.name}" in known or not FILE_NAME.fullmatch(f.name):
+                continue
+            # left by a write killed before it listed its files: merges run under this lock (nobody is writing
+            # one now); an attempt's writer lists its files within seconds
+            if f.name.startswith(MERGED_PREFIX) or now - f.stat().st_mtime > GRACE_S:
+                f.unlink(missing_ok=True)
     write_json_atomic(sweep_dir / "manifest.json", m)
     return m
 
@@ -179,20 +263,42 @@ def snapshot(root: Path) -> dict[str, list[Path]]:
     """Current Parquet files of each table over every sweep under ``root``: one manifest read per sweep.
 
     Files in a table folder that are neither current, retired nor temporary are not the product's: each is
-    skipped with a ``ResultsWarning`` naming it."""
+    skipped with a ``ResultsWarning`` naming it. A listed file that is missing (deleted by hand) is skipped with a
+    warning naming the sweep and the file; the other files and sweeps still answer."""
     files: dict[str, list[Path]] = {t: [] for t in TABLES}
     for sweep_dir in list_sweeps(root):
         m = read_manifest(sweep_dir)
         if m is None:
             m = _scan(sweep_dir)
         known = {f"{t}/{n}" for t in TABLES for n in m["current"].get(t, [])} | set(m["retired"])
+        missing, unlisted = [], []
         for t in TABLES:
-            files[t] += [sweep_dir / t / n for n in m["current"].get(t, [])]
+            for n in m["current"].get(t, []):
+                f = sweep_dir / t / n
+                if f.is_file():
+                    files[t].append(f)
+                else:
+                    missing.append(f"{t}/{n}")
             d = sweep_dir / t
-            for f in (d.iterdir() if d.is_dir() else []):
+            for f in (d.iterdir() if d.is_dir() and not m.get("scanned") else []):
                 if f.name.startswith(".") or f"{t}/{f.name}" in known:
                     continue
+                if FILE_NAME.fullmatch(f.name) and _is_product_file(f):
+                    # being written (listed within seconds), or left by a write that was killed: never read; the
+                    # next change of the sweep's tables removes it
+                    if f.name.startswith(MERGED_PREFIX) or time.time() - f.stat().st_mtime <= GRACE_S:
+                        continue
+                    unlisted.append(f"{t}/{f.name}")
+                    continue
                 warnings.warn(f"skipped {f}: not a clmim results file", ResultsWarning, stacklevel=2)
+        if unlisted:
+            warnings.warn(f"sweep {sweep_dir.name}: skipped {len(unlisted)} file(s) a killed write left unlisted "
+                          f"({', '.join(unlisted[:2])}); `clmim results rebuild {sweep_dir.name}` removes them",
+                          ResultsWarning, stacklevel=2)
+        if missing:
+            warnings.warn(f"sweep {sweep_dir.name}: {len(missing)} listed file(s) missing ({', '.join(missing[:3])}); "
+                          f"their rows are left out (restore them, or run: clmim results rebuild {sweep_dir.name})",
+                          ResultsWarning, stacklevel=2)
     return files
 
 
@@ -327,54 +433,6 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     return attempt
 
 
-def read_result_json(layout: SweepLayout, trial: str) -> list[dict]:
-    """Tune's per-trial results in the storage (one JSON object per report); torn or damaged lines are skipped."""
-    out = []
-    try:
-        text = layout.store.read_text(f"{layout.trial_path(trial)}/result.json") or ""
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict):
-            out.append(r)
-    return out
-
-
-UNREADABLE_ERROR = "unreadable error file"
-
-
-def read_error(layout: SweepLayout, trial: str) -> str | None:
-    """"Type: message" of the error a trial recorded in its ``error.json``; None if there is none; a damaged
-    file (empty after a full disk, truncated) counts as an error: ``"unreadable error file"``."""
-    text = layout.store.read_text(layout.error_path(trial))
-    if text is None:
-        return None
-    try:
-        err = json.loads(text)
-    except ValueError:
-        return UNREADABLE_ERROR
-    if not (isinstance(err, dict) and isinstance(err.get("type"), str)):
-        return UNREADABLE_ERROR
-    return f"{err['type']}: {err.get('message', '')}"
-
-
-def stored_config(layout: SweepLayout, trial: str) -> dict | None:
-    """The resolved config the trial wrote (``run/config.yaml`` in the storage) before it trained; None if it
-    never did (it failed before, or the file is damaged)."""
-    import yaml
-
-    try:
-        text = layout.store.read_text(f"{layout.run_path(trial)}/config.yaml")
-        cfg = yaml.safe_load(text) if text is not None else None
-    except (OSError, yaml.YAMLError):
-        return None
-    return cfg if isinstance(cfg, dict) else None
-
-
 def recorded_trials(layout: SweepLayout) -> set[str]:
     """Ids of the sweep's trials the ``trials`` table already holds."""
     try:
@@ -383,48 +441,44 @@ def recorded_trials(layout: SweepLayout) -> set[str]:
         return set()
 
 
-def tune_trials(layout: SweepLayout) -> dict:
-    """Tune's saved trials by id, from the storage ({} if its experiment state is missing or unreadable)."""
-    try:
-        from ray.tune import ExperimentAnalysis
-
-        return {t.trial_id: t for t in ExperimentAnalysis(layout.tune_path, storage_filesystem=layout.store.fs).trials}
-    except Exception:  # noqa: BLE001 - no state saved yet (a crash before the first snapshot)
-        return {}
-
-
 def rebuild(layout: SweepLayout) -> int:
-    """Rebuild the Parquet tables of a sweep from its trial folders in the storage; return the number of trials.
+    """Rebuild the Parquet tables of a sweep from its own records in the storage (``records.py``; Tune's saved
+    state, pickles, is never read); return the number of trials.
 
-    Status comes from Tune's saved experiment state when present; a trial with an ``error.json`` is ERROR. A
-    trial's config is the one it wrote, else the one its sampled values resolve to in the sweep's space (from
-    sweep.json); a value neither holds stays null."""
-    from .space import resolve_config
-
+    A trial's status is how it ended (its ``status.json``, ``error.json`` or final metrics), else PENDING (a resume
+    runs it); its reports are its own log (or, for a sweep older than logs, Tune's ``result.json`` as JSON); its
+    config is the one it wrote, else the one its sampled values resolve to in the sweep's space (from sweep.json);
+    a value neither holds stays null."""
     sweep_dir = layout.sweep_dir
-    if not layout.store.exists(layout.tune_path):
-        raise UserError(f"sweep {layout.name!r}: no Tune experiment in {layout.store.display(layout.tune_path)}")
-    trials = tune_trials(layout)
+    if not (layout.store.exists(layout.tune_path) or layout.store.exists(records.plan_path(layout))):
+        raise UserError(f"sweep {layout.name!r}: no trials in {layout.store.display(layout.experiment_path)}")
     space = None
     try:
-        from .space import space_from_dict
-
         info = read_json(layout.sweep_json, {}) or {}
         space = space_from_dict(info["space"], Path(info.get("space_path") or "space.yaml"))
     except Exception:  # noqa: BLE001 - no usable record: configs come from the trials' own files only
         pass
+    try:
+        plan = records.read_plan(layout)
+    except records.RecordError as e:
+        warnings.warn(f"{e}; reading the trial folders only", ResultsWarning, stacklevel=2)
+        plan = None
     n = 0
-    for tid in layout.trials():
-        results, err = read_result_json(layout, tid), read_error(layout, tid)
-        if not results and not err:
+    for tid, rec in records.scan(layout, plan).items():
+        results = records.read_reports(layout, tid)
+        if not results and rec.error is None:
             continue
-        done = any(r.get("done") for r in results)
-        t = trials.get(tid)
-        status = "ERROR" if err else (t.status if t else "TERMINATED" if done else "PENDING")
-        cfg = stored_config(layout, tid)
-        if cfg is None and space is not None and t is not None:
-            cfg = to_dict(resolve_config(space.base, space.fixed(), dict(t.config)))
-        write_trial_tables(sweep_dir, tid, status, cfg or {}, results, error=err)
+        cfg = records.stored_config(layout, tid)
+        if cfg is None and space is not None and rec.values is not None:
+            try:
+                cfg = to_dict(resolve_config(space.base, space.fixed(), rec.values))
+            except UserError:
+                cfg = None
+        # (Tune's "done" flag: a trial of a sweep older than status records that finished)
+        status = rec.status or (records.Status.TERMINATED if any(r.get("done") is True for r in results)
+                                else records.Status.PENDING)
+        status = status.value
+        write_trial_tables(sweep_dir, tid, status, cfg or {}, results, error=rec.error)
         n += 1
     compact(sweep_dir)
     return n
@@ -477,31 +531,36 @@ TRIALS_EMPTY = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
 
 
 def connect(root: str | Path):
-    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers`` over every sweep under
-    ``root``, reading one consistent snapshot of the files (see the module docstring)."""
+    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness`` over every
+    sweep under ``root``, reading one consistent snapshot of the files (see the module docstring)."""
     import duckdb
 
     root = check_root(Path(root))
     files = snapshot(root)
+    # no temp directory: DuckDB would otherwise allow reading its default one (<cwd>/.tmp) whatever the settings
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False})
-    if files["trials"]:
-        con.read_parquet([str(f) for f in files["trials"]], union_by_name=True).create_view("trials_all")
-        con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
-              SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
-              FROM trials_all) WHERE rn = 1""")
-    else:
-        _empty_view(con, "trials", TRIALS_EMPTY)
-    for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
-        if files[t] and files["trials"]:
-            con.read_parquet([str(f) for f in files[t]]).create_view(f"{t}_all")
-            con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
-                JOIN (SELECT sweep, trial, attempt FROM trials) USING (sweep, trial, attempt)""")
+                                             "autoload_known_extensions": False, "temp_directory": ""})
+    try:
+        if files["trials"]:
+            con.read_parquet([str(f) for f in files["trials"]], union_by_name=True).create_view("trials_all")
+            con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
+                  SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
+                  FROM trials_all) WHERE rn = 1""")
         else:
-            _empty_view(con, t, schema)
+            _empty_view(con, "trials", TRIALS_EMPTY)
+        for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
+            if files[t] and files["trials"]:
+                con.read_parquet([str(f) for f in files[t]]).create_view(f"{t}_all")
+                con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
+                    JOIN (SELECT sweep, trial, attempt FROM trials) USING (sweep, trial, attempt)""")
+            else:
+                _empty_view(con, t, schema)
+    except duckdb.Error as e:  # a file that vanished or broke after the snapshot was taken
+        raise QueryError(f"results: cannot read the tables under {root} ({str(e).splitlines()[0][:300]}); "
+                         "try again, or run: clmim results rebuild SWEEP") from None
     # From here on, DuckDB may read only the table folders of these sweeps: no other file, no network, no
     # extension, and the settings cannot be changed back by a query.
-    dirs = sorted({str(f.parent) + "/" for fs in files.values() for f in fs})
+    dirs = sorted({str(f.parent) + "/" for fs in files.values() for f in fs})  # (validated names: table folders)
     con.execute("SET allowed_directories = ?", [dirs])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -512,9 +571,12 @@ def _duck(t: pa.DataType) -> str:
     return {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}.get(t, "VARCHAR")
 
 
-def query(sql: str, root: str | Path, params: list | None = None):
+QUERY_TIMEOUT_S = 60.0  # `clmim results query --timeout` raises it
+
+
+def query(sql: str, root: str | Path, params: list | None = None, timeout: float | None = QUERY_TIMEOUT_S):
     """Run one read-only SQL statement over the views (``?`` placeholders bound to ``params``); return a pandas
-    DataFrame."""
+    DataFrame. A query still running after ``timeout`` seconds (None: no limit) is stopped: a ``QueryError``."""
     import duckdb
 
     con = connect(root)
@@ -524,10 +586,20 @@ def query(sql: str, root: str | Path, params: list | None = None):
         raise QueryError(f"query: {str(e).splitlines()[0]}") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise QueryError("query: only a single SELECT statement is allowed (results are read-only)")
+    timer = threading.Timer(timeout, con.interrupt) if timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         return con.execute(sql, params).df()
+    except duckdb.InterruptException:
+        raise QueryError(f"query: stopped after {timeout:g} s (raise the limit with --timeout SECONDS)") from None
     except duckdb.Error as e:
         raise QueryError(f"query: {str(e).splitlines()[0]}") from None
+    finally:
+        if timer is not None:  # joined: a daemon thread still holding the connection at exit aborts the process
+            timer.cancel()
+            timer.join()
 
 
 def relation(table: str, root: str | Path):

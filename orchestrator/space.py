@@ -236,7 +236,7 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         if "run.seed" in space:
             raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
         space["run.seed"] = {"grid": list(range(n_seeds))}
-    search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **(raw.get("search") or {})}
+    search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **_section(raw, "search")}
     for key, spec in space.items():
         _check_spec(key, spec)
         if _is_spec(spec) and next(iter(spec)) in SIMPLEX_KINDS:
@@ -258,11 +258,11 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                          f"{', '.join(STEP_METRICS + PROBE_METRICS)} or layer/<L>/<probe metric>")
     if search["mode"] not in ("min", "max"):
         raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
-    scheduler = {"type": "fifo", **(raw.get("scheduler") or {})}
+    scheduler = {"type": "fifo", **_section(raw, "scheduler")}
     _check_keys("scheduler", scheduler, SCHEDULER_KEYS)
     if scheduler["type"] not in ("fifo", "asha"):
         raise SpaceError(f"scheduler.type: {scheduler['type']!r} is not one of fifo, asha")
-    res_raw = raw.get("resources") or {}
+    res_raw = _section(raw, "resources")
     _check_keys("resources", res_raw, RESOURCE_KEYS)
     res = Resources(**res_raw)
     _int("resources.workers", res.workers, 1)
@@ -276,11 +276,11 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     max_conc = raw.get("max_concurrent")
     if max_conc is not None:
         _int("max_concurrent", max_conc, 1)
-    failure = raw.get("failure") or {}
+    failure = _section(raw, "failure")
     _check_keys("failure", failure, {"max_failures"})
     max_failures = _int("failure.max_failures", failure.get("max_failures", 2), 0)
     max_trials = _int("max_trials", raw.get("max_trials", MAX_TRIALS), 1)
-    ckpts = raw.get("checkpoints") or {}
+    ckpts = _section(raw, "checkpoints")
     _check_keys("checkpoints", ckpts, {"keep"})
     keep = _int("checkpoints.keep", ckpts.get("keep", 0), 0)
     name = raw.get("name") or p.stem
@@ -307,6 +307,16 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                          "mean it")
     validate_space(sp)
     return sp
+
+
+def _section(raw: dict, key: str) -> dict:
+    """A top-level section of a space file: a mapping (empty if absent); else a ``SpaceError`` naming it."""
+    v = raw.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise SpaceError(f"{key}: expected a mapping of settings, got {excerpt(v, 60)}")
+    return v
 
 
 def _grid_shape(sp: Space) -> str:
@@ -417,22 +427,56 @@ def _check_trial_resources(space: Space, cfg: Config) -> None:
         raise SpaceError("resources.gpus_per_worker: run.device is cuda but the trials ask for no GPU")
 
 
-def sample_table(space: Space, limit: int | None = None) -> list[dict[str, Any]]:
-    """The trials a dry run shows: every grid point x num_samples (the first ``limit``); random axes shown as
-    their distribution."""
+def iter_plan(space: Space):
+    """Every trial's sampled values, in order, for grid and random search: each grid point x ``num_samples``, the
+    random axes drawn from ``search.seed`` (the same plan every time the space is read). Optuna has no plan: its
+    searcher proposes trials as results come in."""
+    import numpy as np
+
     axes = space.axes()
     grid_keys = [k for k, (kind, _) in axes.items() if kind == "grid"]
-    rows = []
+    rng = np.random.default_rng(space.search["seed"])
     for combo in itertools.product(*[axes[k][1] for k in grid_keys]):
+        point = dict(zip(grid_keys, combo, strict=True))
+        for _ in range(space.num_samples):
+            yield {k: point[k] if k in point else _draw(kind, vals, rng) for k, (kind, vals) in axes.items()}
+
+
+def _draw(kind: str, vals, rng) -> Any:
+    """One value of a random axis (plain Python types, so a plan is JSON)."""
+    if kind == "choice":
+        return vals[int(rng.integers(len(vals)))]
+    if kind == "randint":
+        return int(rng.integers(int(vals[0]), int(vals[1])))
+    lo, hi = float(vals[0]), float(vals[1])
+    if kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return float(rng.uniform(lo, hi))
+
+
+def plan_values(space: Space) -> list[dict] | None:
+    """``iter_plan`` as a list; None for a searched (optuna) sweep."""
+    return None if space.search["algorithm"] == "optuna" else list(iter_plan(space))
+
+
+def sample_table(space: Space, limit: int | None = None) -> list[dict[str, Any]]:
+    """The trials a dry run shows, the first ``limit``: the planned values (random axes as drawn), or for optuna
+    every grid point x num_samples with the searched axes shown as their distribution."""
+    axes = space.axes()
+    if space.search["algorithm"] != "optuna":
+        rows = []
+        for i, values in enumerate(itertools.islice(iter_plan(space), limit)):
+            rows.append({"#": i + 1, **values, **({"sample": i % space.num_samples} if space.num_samples > 1
+                                                   else {})})
+        return rows
+    rows = []
+    for s in range(space.num_samples):
         if limit is not None and len(rows) >= limit:
             break
-        for s in range(space.num_samples):
-            row = {"#": len(rows) + 1}
-            row.update(dict(zip(grid_keys, combo, strict=True)))
-            for k, (kind, vals) in axes.items():
-                if kind != "grid":
-                    row[k] = f"{kind}{list(vals)}"
-            if space.num_samples > 1:
-                row["sample"] = s
-            rows.append(row)
+        row = {"#": len(rows) + 1}
+        for k, (kind, vals) in axes.items():
+            row[k] = f"{kind}{list(vals)}"
+        if space.num_samples > 1:
+            row["sample"] = s
+        rows.append(row)
     return rows

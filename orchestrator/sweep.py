@@ -19,6 +19,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from trainables.vocab import SUMMARY_METRICS
 
 from .console import print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
-from .space import Space, SpaceError, space_from_dict
+from .records import DriverLease, Plan, Status, plan_path, read_final, read_plan, scan, trial_record, write_plan
+from .space import Space, SpaceError, plan_values, space_from_dict
 
 TRIAL_CPU_SLIVER = 0.01
 
@@ -105,12 +107,31 @@ def ray_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+class ClusterError(UserError):
+    """Ray could not be started or reached: one line saying what happened and what to do (exit code 2)."""
+
+
+def auth_token_source() -> str:
+    """Where this driver's Ray token comes from, as Ray looks for it: $RAY_AUTH_TOKEN, the file
+    $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "$RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
+def _has_token() -> bool:
+    src = auth_token_source()
+    return src == "$RAY_AUTH_TOKEN" or Path(src).is_file()
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` / $RAY_ADDRESS, or start a private local instance (dashboard on, everything on
     127.0.0.1), never silently joining a cluster that happens to run on this host.
 
     Token authentication stays on: a local instance creates ~/.ray/auth_token, and a driver connecting to a
-    cluster sends that token (RAY_AUTH_MODE=token) when the file exists.
+    cluster sends its token (``auth_token_source``; RAY_AUTH_MODE=token, set before Ray reads its settings) when
+    it has one. A refused token, a cluster that does not answer or a local instance that does not start is a
+    one-line ``ClusterError``.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic output path, which takes our progress reporter
@@ -120,25 +141,76 @@ def init_ray(address: str | None) -> None:
         # A one-machine cluster: keep node addresses on the loopback interface. Ray reads this when it is
         # imported; if it already was, set its constant too, or "127.0.0.1" resolves to the machine's address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    set_auth = bool(address) and "RAY_AUTH_MODE" not in os.environ and _has_token()
+    if set_auth:  # before Ray reads its settings (on import); `ray start` clusters keep token auth on
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
-    if loopback and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        from .ray_private import keep_cluster_on_loopback
+    from .ray_private import keep_cluster_on_loopback, refresh_auth_mode
 
+    if set_auth:
+        refresh_auth_mode()  # (Ray was imported earlier in this process: its cached settings must see the mode)
+    if loopback and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
         keep_cluster_on_loopback()
     if ray.is_initialized():
         return
+    with _stderr_held() as held:  # Ray's C++ client logs a line per retry while it is refused: kept if it fails
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                # address="local": a new instance even when `ray start` left a cluster running here (plain
+                # ray.init() would join that one, and then reject num_cpus).
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True,
+                         dashboard_host="127.0.0.1", log_to_driver=True)
+        except Exception as e:  # noqa: BLE001 - whatever Ray raised, the user gets one line and what to do
+            held.failed = True
+            raise _cluster_error(address, e, held.text()) from None
+    print(f"Ray: connected to the cluster at {address}" if address else
+          "Ray: started a private local instance (pass --address to use a cluster)", flush=True)
+
+
+class _stderr_held:
+    """Holds what is written to file descriptor 2 (Ray's C++ core writes there directly) while Ray starts; written
+    out afterwards unless the start failed (``failed``), when ``text()`` is read instead."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.failed = False
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def text(self) -> str:
+        sys.stderr.flush()
+        self._file.seek(0)
+        return self._file.read().decode(errors="replace")
+
+    def __exit__(self, *exc):
+        text = self.text()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.close()
+        if not self.failed and text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
+def _cluster_error(address: str | None, e: BaseException, logged: str = "") -> ClusterError:
+    text = " ".join(str(e).split())
+    why = f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    refused = "InvalidAuthToken" in logged or "auth" in text.lower() or "token" in text.lower()
+    if address and refused:
+        return ClusterError(f"--address {address}: the cluster refused this driver's Ray token (read from "
+                            f"{auth_token_source()}, RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}); "
+                            f"copy the head node's ~/.ray/auth_token here or set RAY_AUTH_TOKEN_PATH ({why})")
     if address:
-        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
-            os.environ["RAY_AUTH_MODE"] = "token"
-        ray.init(address=address, log_to_driver=True)
-        print(f"Ray: connected to the cluster at {address}", flush=True)
-    else:
-        # address="local": a new instance even when `ray start` left a cluster running here (plain ray.init()
-        # would join that one, and then reject num_cpus).
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
-        print("Ray: started a private local instance (pass --address to use a cluster)", flush=True)
+        return ClusterError(f"--address {address}: cannot connect to the Ray cluster ({why}); check the address "
+                            "(`ray status` on the head node) and that it is running")
+    return ClusterError(f"Ray: the local instance did not start ({why}); the machine may be overloaded: try again, "
+                        "or start Ray once with `ray start --head --node-ip-address 127.0.0.1` and pass "
+                        "--address 127.0.0.1:6379")
 
 
 class _NoTuneRestoreHint(logging.Filter):
@@ -150,10 +222,37 @@ class _NoTuneRestoreHint(logging.Filter):
         return "Tuner.restore" not in msg and "Trials did not complete" not in msg
 
 
+class _OneLine(logging.Filter):
+    """Tune's failure messages, as one line each: a failed trial (its error and traceback are in its error.json),
+    a failed sync of the storage (an S3 endpoint down for two minutes printed 26 multi-line tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            first = next((line for line in str(e).splitlines() if line.strip()), "")
+            msg = f"{msg.rstrip(': ')} ({type(e).__name__}: {first[:300]})"
+        elif "Traceback (most recent call last)" in msg:
+            head, _, tb = msg.partition("Traceback (most recent call last)")
+            last = next((line for line in reversed(tb.splitlines()) if line.strip()), "")
+            msg = f"{head.strip()} {last.strip()[:300]}"
+        record.msg, record.args = " ".join(msg.split()), ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+TUNE_FAILURE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
+                        "ray.train._internal.syncer")
+
+
 def _quiet_tune() -> None:
     logger = logging.getLogger("ray.tune.tune")
     if not any(isinstance(f, _NoTuneRestoreHint) for f in logger.filters):
         logger.addFilter(_NoTuneRestoreHint())
+    for name in TUNE_FAILURE_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _OneLine) for f in lg.filters):
+            lg.addFilter(_OneLine())
 
 
 # ------------------------------------------------------------------------------------------- tuner
@@ -175,45 +274,41 @@ def _trainable(space: Space, layout: SweepLayout):
     return tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec.from_space(space, layout)), resources)
 
 
-def _run_config(space: Space, layout: SweepLayout, mlflow_uri: str):
+def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: list[str]):
     from ray import tune
 
     from .console import make_reporter
-    from .tracking import ResultsCallback
 
     # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
                           failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                          progress_reporter=make_reporter(), verbose=1,
-                          callbacks=[ResultsCallback(layout, space, mlflow_uri)])
+                          progress_reporter=make_reporter(total, ended), verbose=1, callbacks=[callback])
 
 
-def _tune_config(space: Space, max_concurrent: int | None):
+def _tune_config(space: Space, searcher, max_concurrent: int | None):
+    """Tune's settings: the sweep's ``TrialSearcher`` (capped at ``max_concurrent`` live trials when given), the
+    scheduler, and trial folders named by clmim trial ids."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search import ConcurrencyLimiter
 
-    s, sch = space.search, space.scheduler
-    conc = max_concurrent or space.max_concurrent
-    if s["algorithm"] == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+    from .records import trial_id_of
 
-        alg = OptunaSearch(seed=s["seed"])
-        if conc:
-            alg = ConcurrencyLimiter(alg, max_concurrent=conc)
-    else:
-        # max_concurrent_trials is ignored for a BasicVariantGenerator: give the cap to the generator itself
-        alg = BasicVariantGenerator(max_concurrent=conc or 0, random_state=s["seed"])
+    sch = space.scheduler
+    total = searcher.total
+    alg = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
+    # Tune keeps one trial pending at a time for a custom searcher unless told otherwise; as many as could start
+    # at once (as for its own grid search) keeps a big cluster busy
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, min(total, 1000))))
     if sch["type"] == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=sch.get("max_t", 1000),
                                   grace_period=sch.get("grace_period", 1),
                                   reduction_factor=sch.get("reduction_factor", 2))
     else:
         scheduler = FIFOScheduler()
-    return tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=alg, scheduler=scheduler,
-                           num_samples=space.num_samples,
-                           reuse_actors=space.resources.in_process,
-                           trial_dirname_creator=lambda t: t.trial_id)
+    return tune.TuneConfig(metric=space.search["metric"], mode=space.search["mode"], search_alg=alg,
+                           scheduler=scheduler, num_samples=total, reuse_actors=space.resources.in_process,
+                           trial_dirname_creator=lambda t: trial_id_of(t.config, t.trial_id))
 
 
 def _write_sweep_json(layout: SweepLayout, space: Space, overrides: list[str], cli_args: dict) -> None:
@@ -242,6 +337,19 @@ def parse_storage(storage: str | None, endpoint: str | None, root: Path) -> Stor
     return st
 
 
+RESERVED_NAMES = ("mlflow.db", "mlartifacts")  # files of the results root itself
+
+
+def check_sweep_name_free(root: Path, name: str) -> None:
+    """A new sweep's folder must not be a file of the results root (``mlflow.db``) or something else already there;
+    a ``UserError`` before Ray starts."""
+    d = root / name
+    if name in RESERVED_NAMES or name.endswith((".db", ".db-journal", ".db-wal")):
+        raise UserError(f"--name: {name!r} is reserved for the results root's own files; pick another --name")
+    if d.exists() and not d.is_dir():
+        raise UserError(f"--name: {str(d)!r} is a file, not a sweep folder; pick another --name")
+
+
 def run_sweep(space: Space, name: str | None = None, results: str | None = None, address: str | None = None,
               max_concurrent: int | None = None, overrides: list[str] | None = None,
               cli_args: dict | None = None, mlflow_uri: str | None = None, storage: str | None = None,
@@ -252,27 +360,67 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     root = results_root(results)
     sweep_name = validate_sweep_name(name or space.name, "--name" if name else "name")
     check_results_root(root)
+    check_sweep_name_free(root, sweep_name)
     layout = SweepLayout(root, sweep_name, parse_storage(storage, storage_endpoint, root))
-    if layout.store.exists(layout.tune_path):  # (a sweep.json alone: a start that failed before any trial)
-        where = root if not layout.storage else f"{root} or {layout.storage.uri}"
-        raise UserError(f"--name: sweep {layout.name!r} already exists in {where}; "
-                        f"continue it with `clmim resume {layout.name}` or pick another --name")
+    _refuse_existing(layout)
     from .tracking import default_mlflow_uri
 
     uri = default_mlflow_uri(root, mlflow_uri)
-    init_ray(address)
-    check_schedulable(space, ray_nodes())
-    _write_sweep_json(layout, space, overrides or [], cli_args or {})
+    with DriverLease(layout, "clmim sweep"):
+        _refuse_existing(layout)  # (another driver may have started it while this one waited for the lease)
+        init_ray(address)
+        check_schedulable(space, ray_nodes())
+        _write_sweep_json(layout, space, overrides or [], cli_args or {})
+        plan = Plan.new(plan_values(space))
+        write_plan(layout, plan)
+        return _drive(layout, space, uri, plan, queue=list(plan.trials.items()),
+                      extra=space.num_samples if plan.searched else 0, max_concurrent=max_concurrent
+                      or space.max_concurrent)
+
+
+def _refuse_existing(layout: SweepLayout) -> None:
+    # (a sweep.json alone: a start that failed before it planned any trial)
+    if layout.store.exists(layout.tune_path) or layout.store.exists(plan_path(layout)):
+        where = layout.root if not layout.storage else f"{layout.root} or {layout.storage.uri}"
+        raise UserError(f"--name: sweep {layout.name!r} already exists in {where}; "
+                        f"continue it with `clmim resume {layout.name}` or pick another --name")
+
+
+def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[str, dict]], extra: int,
+           max_concurrent: int | None, evaluated: list | None = None, ended: list[str] | None = None) -> dict:
+    """The one start path of a sweep and of its resume: the callback (checked against MLflow before any trial),
+    the header, Tune over ``queue`` (id, values) and ``extra`` searched trials, then the summary. ``ended``:
+    statuses of the trials that ended before (a resume)."""
     from ray import tune
 
+    from .ray_private import oom_is_a_lost_trial
+    from .searcher import TrialSearcher
+    from .tracking import ResultsCallback
+
     _quiet_tune()
-    run_config = _run_config(space, layout, uri)
-    check_tracking(run_config.callbacks[0], uri)
-    print_header(layout, space.n_trials(), uri)
-    tuner = tune.Tuner(_trainable(space, layout), param_space=_param_space(space),
-                       tune_config=_tune_config(space, max_concurrent), run_config=run_config)
-    tuner.fit()
-    return summarize(layout, space)
+    oom_is_a_lost_trial()
+    callback = ResultsCallback(layout, space, uri)
+    check_tracking(callback, uri)
+    resumed = ended is not None
+    if resumed:
+        backfill(callback, layout, plan)
+    print_header(layout, space.n_trials(), uri, resumed=resumed)
+    inner = None
+    if extra:
+        from ray.tune.search.optuna import OptunaSearch
+
+        inner = OptunaSearch(seed=space.search["seed"])
+    searcher = TrialSearcher(queue, space.search["metric"], space.search["mode"], inner=inner, extra=extra,
+                             prefix=plan.prefix, next_index=plan.next_index({t for t, _ in queue} |
+                                                                             set(layout.trials())),
+                             evaluated=evaluated)
+    if searcher.total:
+        tuner = tune.Tuner(_trainable(space, layout), param_space=_param_space(space) if inner else {},
+                           tune_config=_tune_config(space, searcher, max_concurrent),
+                           run_config=_run_config(space, layout, callback, len(ended or []) + searcher.total,
+                                                  list(ended or [])))
+        tuner.fit()
+    return summarize(layout, space, callback.last_results())
 
 
 def check_tracking(callback, uri: str) -> None:
@@ -302,13 +450,9 @@ def load_sweep_space(layout: SweepLayout) -> tuple[Space, dict]:
 def retire_errors(layout: SweepLayout) -> list[str]:
     """Move each trial's ``error.json`` aside (``error.prev.json``) so a retried trial really runs again;
     return the trial ids."""
-    moved = []
-    for trial in layout.trials():
-        f = layout.error_path(trial)
-        if layout.store.exists(f):
-            layout.store.rename(f, f.rsplit("/", 1)[0] + "/error.prev.json")
-            moved.append(trial)
-    return moved
+    from .records import retire_error
+
+    return [t for t in layout.trials() if retire_error(layout, t)]
 
 
 def _adopt_stored_sweep(layout: SweepLayout) -> None:
@@ -329,52 +473,79 @@ def _adopt_stored_sweep(layout: SweepLayout) -> None:
     write_json_atomic(layout.sweep_json, info, indent=2)
 
 
+def sweep_plan(layout: SweepLayout, space: Space):
+    """The sweep's plan; for a sweep started before plans were recorded, one rebuilt from its space with the ids its
+    trials already have (matched by their sampled values; their Tune ``params.json`` is plain JSON)."""
+    plan = read_plan(layout)
+    if plan is not None:
+        return plan
+    fresh = Plan.new(plan_values(space))
+    have = {t: trial_record(layout, t, None).values for t in layout.trials()}
+    trials: dict[str, dict] = {t: v for t, v in have.items() if v is not None}
+    unmatched = list(fresh.trials.values())
+    for v in have.values():
+        if v in unmatched:
+            unmatched.remove(v)
+    prefix = next(iter(trials), f"{fresh.prefix}_0").rsplit("_", 1)[0]
+    plan = Plan(prefix, trials, fresh.searched)
+    n = plan.next_index(set(trials))
+    for i, v in enumerate(unmatched):
+        plan.trials[f"{prefix}_{n + i:05d}"] = v
+    return plan
+
+
 def resume_sweep(name: str, results: str | None = None, address: str | None = None,
                  retry_errored: bool = False, mlflow_uri: str | None = None, storage: str | None = None,
-                 storage_endpoint: str | None = None) -> dict:
-    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from their checkpoints;
-    with ``retry_errored`` errored trials run again too (from their last checkpoint). Trials that ended while no
-    driver was recording (or before this results root knew the sweep) are written to the tables and MLflow first.
-    """
+                 storage_endpoint: str | None = None, max_concurrent: int | None = None) -> dict:
+    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from their checkpoints, planned
+    ones that never started start; with ``retry_errored`` errored trials run again too (from their last
+    checkpoint). Trials that ended while no driver was recording (or before this results root knew the sweep) are
+    written to the tables and MLflow first. A new Tune run does it: Tune's saved state (pickles) is never read."""
     root = results_root(results)
     st = Storage.parse(storage, storage_endpoint, root) if storage else None
     layout = find_sweep(name, root, need="tune", storage=st)
+    if st is not None:
+        st.check_writable()
     _adopt_stored_sweep(layout)
     space, info = load_sweep_space(layout)
+    cli = info.get("cli_args") or {}
     from .tracking import default_mlflow_uri
 
-    uri = default_mlflow_uri(layout.root, mlflow_uri or (info.get("cli_args") or {}).get("mlflow_uri"))
-    init_ray(address)
-    check_schedulable(space, ray_nodes())
-    if retry_errored:
-        retire_errors(layout)
-    from ray import tune
+    uri = default_mlflow_uri(layout.root, mlflow_uri or cli.get("mlflow_uri"))
+    with DriverLease(layout, "clmim resume"):
+        plan = sweep_plan(layout, space)  # (a damaged record is an error before Ray starts)
+        scan(layout, plan)
+        init_ray(address)
+        check_schedulable(space, ray_nodes())
+        if retry_errored:
+            retire_errors(layout)
+        write_plan(layout, plan)
+        recs = scan(layout, plan)
+        queue = [(t, r.values) for t, r in recs.items() if r.status is None and r.values is not None]
+        metric = space.search["metric"]
+        evaluated = []
+        if plan.searched:
+            for t, r in recs.items():
+                final = read_final(layout, t) if r.status == Status.TERMINATED else None
+                if final is not None and isinstance(final.get(metric), (int, float)) and r.values is not None:
+                    evaluated.append((r.values, float(final[metric])))
+        extra = max(0, space.num_samples - len(recs)) if plan.searched else 0
+        return _drive(layout, space, uri, plan, queue, extra, max_concurrent or cli.get("max_concurrent")
+                      or space.max_concurrent, evaluated=evaluated,
+                      ended=[r.status.value for r in recs.values() if r.status is not None])
 
-    _quiet_tune()
-    print_header(layout, space.n_trials(), uri, resumed=True)
-    run_config = _run_config(space, layout, uri)
-    backfill(run_config.callbacks[0], layout, skip_errored=retry_errored)
-    tuner = tune.Tuner.restore(layout.tune_path, trainable=_trainable(space, layout), resume_unfinished=True,
-                               resume_errored=retry_errored, storage_filesystem=layout.store.fs)
-    from .ray_private import use_callbacks
 
-    use_callbacks(tuner, run_config.callbacks)
-    tuner.fit()
-    return summarize(layout, space)
-
-
-def backfill(callback, layout: SweepLayout, skip_errored: bool = False) -> int:
-    """Record every trial Tune's saved state says has ended but the ``trials`` table lacks (it ended while the
-    driver was dead, or this results root is new); return how many. Errored ones are left to a retry when
-    ``skip_errored``."""
-    from .results import recorded_trials, tune_trials
+def backfill(callback, layout: SweepLayout, plan) -> int:
+    """Record every trial the storage says has ended but the ``trials`` table lacks (it ended while the driver was
+    dead, or this results root is new); return how many."""
+    from .results import recorded_trials
 
     have = recorded_trials(layout)
     n = 0
-    for tid, t in tune_trials(layout).items():
-        if tid in have or t.status not in ("TERMINATED", "ERROR") or (skip_errored and t.status == "ERROR"):
+    for tid, r in scan(layout, plan).items():
+        if tid in have or r.status is None:
             continue
-        callback.record_ended(t, t.status)
+        callback.record_ended(tid, r.values or {}, r.status.value)
         n += 1
     if n:
         print(f"recorded {n} trial(s) that ended while no driver was recording", flush=True)
@@ -382,23 +553,26 @@ def backfill(callback, layout: SweepLayout, skip_errored: bool = False) -> int:
 
 
 # ------------------------------------------------------------------------------------------- summary
-def summarize(layout: SweepLayout, space: Space) -> dict:
+def summarize(layout: SweepLayout, space: Space, last: dict[str, dict] | None = None) -> dict:
     """One row per trial: id, status, sampled values, final (or latest) metrics, error reason.
 
-    Ended trials come from the ``trials`` table (the record every other view uses); trials that have not ended
-    from Tune's saved state (PENDING: a resume will run them)."""
-    from .results import query, tune_trials
+    Ended trials come from the ``trials`` table (the record every other view uses); the others from the sweep's
+    records (PENDING: a resume will run them), with the last metrics this driver received (``last``)."""
+    from .results import query
 
     axes = list(space.axes())
-    saved = tune_trials(layout)
     ended = {}
     try:
         df = query("SELECT * FROM trials WHERE sweep = ?", layout.root, [layout.name])
-        ended = {r["trial"]: r for r in df.to_dict(orient="records")}
+        ended = {r["trial"]: r for r in df.to_dict(orient="records") if r["status"] in ("TERMINATED", "ERROR")}
     except UserError:
         pass
+    try:
+        recs = scan(layout, read_plan(layout))
+    except (UserError, OSError):
+        recs = {}
     rows = []
-    for tid in sorted(set(saved) | set(ended)):
+    for tid in sorted(set(recs) | set(ended)):
         if tid in ended:
             r = ended[tid]
             # a section axis (objective.weights) is shown as its table column (mix: the objective's label)
@@ -408,11 +582,12 @@ def summarize(layout: SweepLayout, space: Space) -> dict:
             if r.get("error"):
                 row["error"] = str(r["error"])[:200]
         else:
-            t = saved[tid]
-            last = t.last_result or {}
-            row = {"trial": tid, "status": "RUNNING" if t.status == "RUNNING" else "PENDING",
-                   **{k: (t.config or {}).get(k) for k in axes}, **{k: last.get(k) for k in SUMMARY_METRICS}}
+            values = recs[tid].values or {}
+            got = (last or {}).get(tid, {})
+            row = {"trial": tid, "status": "PENDING", **{k: values.get(k) for k in axes},
+                   **{k: got.get(k) for k in SUMMARY_METRICS}}
         rows.append(row)
-    interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows)
+    finished = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
+    interrupted = finished < max(len(rows), space.n_trials())
     errored = sum(r["status"] == "ERROR" for r in rows)
     return {"rows": rows, "interrupted": interrupted, "errored": errored, "layout": layout}

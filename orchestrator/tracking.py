@@ -13,6 +13,8 @@ trial with what to run after fixing it (``clmim results rebuild NAME``); Tune's 
 
 from __future__ import annotations
 
+import re
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -22,8 +24,10 @@ from ray.tune import Callback
 from trainables.config import flatten, to_dict
 from trainables.vocab import HIGHER_IS_BETTER, TUNE_KEYS, objective_label
 
+from . import records
 from .layout import SweepLayout
-from .results import COMPACT_BATCH, compact, read_error, read_result_json, stored_config, write_trial_tables
+from .records import Status, merge_reports, read_reports, sampled_values, stored_config, trial_id_of
+from .results import COMPACT_BATCH, compact, query, write_trial_tables
 from .space import Space, trial_config
 
 
@@ -52,8 +56,72 @@ def trial_label(space: Space, values: dict) -> str:
     return " ".join([label, *extra])
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cgroup_dir() -> Path | None:
+    """This process's memory cgroup folder (v2: the unified hierarchy; v1: the ``memory`` controller's)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and (CGROUP / path.lstrip("/") / "memory.events").is_file():
+            return CGROUP / path.lstrip("/")
+        if "memory" in controllers.split(",") and (CGROUP / "memory" / path.lstrip("/")).is_dir():
+            return CGROUP / "memory" / path.lstrip("/")
+    return CGROUP if (CGROUP / "memory.events").is_file() else None
+
+
+def cgroup_memory() -> tuple[int, str] | None:
+    """(the kernel's OOM kills so far, "limit X GB, peak Y GB") of this machine's memory cgroup; None if unknown."""
+    d = _cgroup_dir()
+    if d is None:
+        return None
+
+    def read(*names):
+        for n in names:
+            try:
+                return (d / n).read_text()
+            except OSError:
+                continue
+        return ""
+
+    events = read("memory.events", "memory.oom_control")
+    kills = re.search(r"^oom_kill (\d+)$", events, re.M)
+    if kills is None:
+        return None
+
+    def gb(text):
+        text = text.strip()
+        return f"{int(text) / 2**30:.2f} GB" if text.isdigit() and int(text) < 2**60 else "none"
+
+    return int(kills.group(1)), (f"cgroup limit {gb(read('memory.max', 'memory.limit_in_bytes'))}, peak "
+                                 f"{gb(read('memory.peak', 'memory.max_usage_in_bytes'))}")
+
+
+def lost_reason(error_text: str | None, max_failures: int, kernel_oom: str | None = None) -> str:
+    """Why a trial whose process was lost (out of retries) ended: out of memory, with Ray's memory figures, when
+    Ray's memory monitor killed it, or with the cgroup's (``kernel_oom``) when the kernel's OOM killer did; else
+    Ray's last line."""
+    text = (error_text or "").strip()
+    head = f"retries exhausted (failure.max_failures={max_failures})"
+    if kernel_oom:
+        return f"{head}: out of memory (the kernel's OOM killer; {kernel_oom})"
+    if "running low on memory" in text or "OutOfMemoryError" in text:
+        used = re.search(r"was ([\d.]+\s*[KMGT]?B\s*/\s*[\d.]+\s*[KMGT]?B\s*\([\d.]+\))", text)
+        limit = re.search(r"threshold of ([\d.]+)", text)
+        figures = (f": node memory {used.group(1)}" if used else "") + (
+            f", above Ray's memory threshold {limit.group(1)}" if limit else "")
+        return f"{head}: out of memory (Ray's memory monitor killed the trial process{figures})"
+    lines = text.splitlines()
+    return f"{head}: {lines[-1][:400] if lines else 'trial process lost'}"
+
+
 class ResultsCallback(Callback):
-    """Logs trials to MLflow as they report and writes their Parquet tables when they end."""
+    """Logs trials to MLflow as they report and writes their Parquet tables when they end. Trials are known by
+    their clmim ids (``records.trial_id_of``), never by Tune's, which change with every Tune run of a sweep."""
 
     def __init__(self, layout: SweepLayout, space: Space, mlflow_uri: str):
         self.layout = layout
@@ -65,12 +133,19 @@ class ResultsCallback(Callback):
         self._parent: str | None = None
         self._experiment: str | None = None
         self._results: dict[str, list[dict]] = {}
-        self._logged: dict[tuple[str, str], int] = {}  # (run id, metric) -> last step logged
+        self._last: dict[str, dict] = {}  # trial -> the last result received
+        self._logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps logged
         self._fresh: set[str] = set()  # runs this driver created: nothing logged before it
         self._warned: set[str] = set()
+        self._oom = cgroup_memory()  # the kernel's OOM kills on this machine so far, to tell a lost trial's cause
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
-        return {**self.__dict__, "_client": None, "_results": {}, "_logged": {}, "_fresh": set(), "_warned": set()}
+        return {**self.__dict__, "_client": None, "_results": {}, "_last": {}, "_logged": {}, "_fresh": set(),
+                "_warned": set()}
+
+    def last_results(self) -> dict[str, dict]:
+        """The last result this driver received from each trial."""
+        return dict(self._last)
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
@@ -132,12 +207,10 @@ class ResultsCallback(Callback):
                 self.client.update_run(self._parent, status="RUNNING")
         return self._parent
 
-    def child_run(self, trial) -> str:
-        tid = trial.trial_id
+    def child_run(self, tid: str, values: dict) -> str:
         if tid not in self._runs:
             run_id = self._find_run("clmim.trial_id", tid)
             if run_id is None:
-                values = dict(trial.config)
                 run = self.client.create_run(self._experiment_id(), run_name=trial_label(self.space, values), tags={
                     "mlflow.parentRunId": self.parent_run(), "clmim.trial_id": tid,
                     "clmim.sweep": self.layout.name, "clmim.role": "trial"})
@@ -150,15 +223,30 @@ class ResultsCallback(Callback):
             self._runs[tid] = run_id
         return self._runs[tid]
 
-    def _last_step(self, run_id: str, key: str) -> int:
-        """The last step of ``key`` logged to the run (from MLflow the first time, for a run an earlier driver
-        created: one query per metric of a resumed run, none for a new run)."""
-        if (run_id, key) not in self._logged and run_id in self._fresh:
-            return -1
+    def _logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps of ``key`` logged to the run (from MLflow the first time, for a run an earlier driver created:
+        one query per metric of a resumed run, none for a new run)."""
         if (run_id, key) not in self._logged:
-            history = self.client.get_metric_history(run_id, key)
-            self._logged[(run_id, key)] = max((m.step for m in history), default=-1)
+            history = [] if run_id in self._fresh else self.client.get_metric_history(run_id, key)
+            self._logged[(run_id, key)] = {m.step for m in history}
         return self._logged[(run_id, key)]
+
+    def _log_reports(self, run_id: str, reports: list[dict]) -> None:
+        """Log every metric of ``reports`` at a step the run does not have yet (a resumed trial repeats the steps
+        after its checkpoint: those are logged once)."""
+        from mlflow.entities import Metric
+
+        metrics = []
+        for result in reports:
+            step = int(result.get("step", result.get("training_iteration", 0)))
+            ts = int((result.get("timestamp") or 0) * 1000)
+            for k, v in _metric_items(result).items():
+                steps = self._logged_steps(run_id, k)
+                if step not in steps:
+                    metrics.append(Metric(k, v, ts, step))
+                    steps.add(step)
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
     def _warn(self, trial_id: str, what: str, e: BaseException) -> None:
         if trial_id in self._warned:
@@ -173,89 +261,84 @@ class ResultsCallback(Callback):
         self.parent_run()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        tid = trial_id_of(trial.config, trial.trial_id)
         try:
-            self.child_run(trial)
+            self.child_run(tid, sampled_values(trial.config))
         except Exception as e:  # noqa: BLE001 - tracking must not stop the sweep
-            self._warn(trial.trial_id, "create its MLflow run", e)
+            self._warn(tid, "create its MLflow run", e)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
-        self._results.setdefault(trial.trial_id, []).append(dict(result))
+        tid = trial_id_of(trial.config, trial.trial_id)
+        result = dict(result)
+        self._results.setdefault(tid, []).append(result)
+        self._last[tid] = result
         try:
-            run_id = self.child_run(trial)
-            step = int(result.get("step", result.get("training_iteration", 0)))
-            ts = int(result.get("timestamp", 0) * 1000)
-            metrics = []
-            for k, v in _metric_items(result).items():
-                if step > self._last_step(run_id, k):
-                    metrics.append(Metric(k, v, ts, step))
-                    self._logged[(run_id, k)] = step
-            for i in range(0, len(metrics), 1000):
-                self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            self._log_reports(self.child_run(tid, sampled_values(trial.config)), [result])
         except Exception as e:  # noqa: BLE001
-            self._warn(trial.trial_id, "log metrics to MLflow", e)
+            self._warn(tid, "log metrics to MLflow", e)
 
-    def _finish(self, trial, status: str):
-        """Record an ended trial: its tables (from the storage's result.json and what this driver received), its
-        config as the trial wrote it, its error; its MLflow run's end; its checkpoints beyond the kept ones."""
-        layout, tid = self.layout, trial.trial_id
-        # result.json holds what earlier drivers saw (a resumed sweep); the latest reports may not be synced to it
-        # yet, so add the ones this driver received.
-        results, seen = [], set()
-        for r in read_result_json(layout, tid) + self._results.pop(tid, []):
-            key = json_dumps(r)
-            if key not in seen:
-                seen.add(key)
-                results.append(r)
-        if status == "TERMINATED" and not any("resumed_from" in r for r in results):
-            # its final report is in no result.json this driver can read (the driver that received it died before
-            # syncing it): the trial's own record of it
-            final = layout.store.read_text(f"{layout.run_path(tid)}/final_metrics.json")
-            if final is not None:
-                import json
-
-                results.append(json.loads(final))
+    def _finish(self, tid: str, values: dict, status: str, lost: str | None = None):
+        """Record an ended trial: how it ended (first: a resume then never runs it again), its tables (every report
+        in its own log, and what this driver received after its last checkpoint), its config as the trial wrote
+        it, its error; every report in its MLflow run and the run's end; its checkpoints beyond the kept ones.
+        ``lost``: Tune's error text of a trial whose process was lost (no ``error.json`` of its own)."""
+        layout = self.layout
         err = None
-        if status == "ERROR":
-            err = read_error(layout, tid)
-            if err is None:  # a lost process out of retries: Tune's reason, recorded so a resume does not rerun it
-                lines = (trial.get_error() or "").strip().splitlines()
-                err = (f"retries exhausted (failure.max_failures={self.space.max_failures}): "
-                       f"{lines[-1][:400] if lines else 'trial process lost'}")
-                layout.store.write_text(layout.error_path(tid), json_dumps(
-                    {"type": "TrialLost", "message": err, "traceback": trial.get_error() or ""}))
+        if status == Status.ERROR:
+            err = records.read_error(layout, tid)
+            if err is None:  # a lost process out of retries: recorded so a resume does not rerun it
+                err = lost_reason(lost, self.space.max_failures, self._kernel_oom(tid))
+                records.record_error(layout, tid, "TrialLost", err, lost or "")
+        records.write_status(layout, tid, Status(status))
+        results = merge_reports(read_reports(layout, tid), self._results.pop(tid, []))
+        if status == Status.TERMINATED and not any("resumed_from" in r for r in results):
+            final = records.read_final(layout, tid)  # (a log lost with its folder: the trial's final record)
+            if final is not None:
+                results.append(final)
         # the config the trial wrote before training; if it never got that far, the same function resolves it
         # from the sweep's space and the trial's sampled values (never defaults for what the space fixed)
         stored = stored_config(layout, tid)
-        cfg = stored if stored is not None else to_dict(trial_config(self.space, dict(trial.config)))
+        cfg = stored if stored is not None else to_dict(trial_config(self.space, values))
         write_trial_tables(self.sweep_dir, tid, status, cfg, results, error=err)
         compact(self.sweep_dir, batch=COMPACT_BATCH)  # keeps queries over a running sweep fast
-        if status == "TERMINATED":
+        if status == Status.TERMINATED:
             prune_checkpoints(layout, tid, self.space.keep_checkpoints)
-        run_id = self.child_run(trial)
+        run_id = self.child_run(tid, values)
+        self._log_reports(run_id, results)
         if stored is not None:
             self.client.log_dict(run_id, stored, "config.yaml")
         if err:
             self.client.set_tag(run_id, "clmim.error", err[:5000])
         elif "clmim.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt failed; this one did not
             self.client.delete_tag(run_id, "clmim.error")
-        self.client.set_terminated(run_id, status="FINISHED" if status == "TERMINATED" else "FAILED")
+        self.client.set_terminated(run_id, status="FINISHED" if status == Status.TERMINATED else "FAILED")
+        self._logged = {k: v for k, v in self._logged.items() if k[0] != run_id}  # memory stays flat
 
-    def record_ended(self, trial, status: str):
+    def _kernel_oom(self, tid: str) -> str | None:
+        """The cgroup's figures if the kernel's OOM killer killed a process here since this driver last looked and
+        the trial ran on this machine (Ray cannot tell that from a ``kill -9``)."""
+        now = cgroup_memory()
+        before, self._oom = self._oom, now
+        here = (self._last.get(tid) or {}).get("hostname") in (None, socket.gethostname())
+        if now is None or before is None or now[0] <= before[0] or not here:
+            return None
+        return f"{now[0] - before[0]} process(es) killed in this machine's memory cgroup; {now[1]}"
+
+    def record_ended(self, tid: str, values: dict, status: str, lost: str | None = None):
         """Record an ended trial (``_finish``); a failure is reported, never raised (the sweep goes on)."""
         try:
-            self._finish(trial, status)
+            self._finish(tid, values, status, lost)
         except Exception as e:  # noqa: BLE001 - a full disk or a lost server must not kill the driver
-            self._warn(trial.trial_id, "record the result", e)
+            self._warn(tid, "record the result", e)
             if not isinstance(e, OSError):  # not the disk or the network: a bug worth its traceback
                 traceback.print_exc(limit=5, file=sys.stderr)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.record_ended(trial, "TERMINATED")
+        self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config), "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.record_ended(trial, "ERROR")
+        self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config), "ERROR",
+                          trial.get_error())
 
     def on_experiment_end(self, trials, **info):
         try:
@@ -265,23 +348,33 @@ class ResultsCallback(Callback):
             self._warn("(sweep)", "write the sweep summary", e)
 
     def _summarize_parent(self, trials) -> None:
-        """The parent run carries the sweep's outcome: trial counts, the best value of the search metric and
-        which trial reached it (tags ``clmim.best_trial``, ``clmim.best_label``)."""
+        """The parent run carries the sweep's outcome: trial counts (every run of the sweep: the tables), the best
+        value of the search metric and which trial reached it (tags ``clmim.best_trial``, ``clmim.best_label``)."""
         parent = self.parent_run()
-        counts = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "ERROR")}
-        self.client.log_metric(parent, "trials_total", len(trials))
+        df = query("SELECT * FROM trials WHERE sweep = ?", self.layout.root, [self.layout.name])
+        counts = {s: int((df.status == s).sum()) for s in ("TERMINATED", "ERROR")} if len(df) else {
+            "TERMINATED": 0, "ERROR": 0}
+        total = max(self.space.n_trials(), len(df))
+        self.client.log_metric(parent, "trials_total", total)
         self.client.log_metric(parent, "trials_terminated", counts["TERMINATED"])
         self.client.log_metric(parent, "trials_error", counts["ERROR"])
         metric, mode = self.space.search["metric"], self.space.search["mode"]
-        done = [(t.last_result.get(metric), t) for t in trials if t.status == "TERMINATED"
-                and isinstance((t.last_result or {}).get(metric), (int, float))]
+        higher = mode == "max" if mode else metric in HIGHER_IS_BETTER
+        done = []
+        if metric in df:
+            ok = df[(df.status == "TERMINATED") & df[metric].notna()]
+            done = [(float(v), t) for v, t in zip(ok[metric], ok.trial, strict=True)]
+        else:  # a per-layer metric: what this run's trials reported last
+            done = [(float(t.last_result[metric]), trial_id_of(t.config, t.trial_id)) for t in trials
+                    if t.status == "TERMINATED" and isinstance((t.last_result or {}).get(metric), (int, float))]
         if done:
-            higher = mode == "max" if mode else metric in HIGHER_IS_BETTER
             value, best = (max if higher else min)(done, key=lambda x: x[0])
             self.client.log_metric(parent, f"best_{metric}", float(value))
-            self.client.set_tag(parent, "clmim.best_trial", best.trial_id)
-            self.client.set_tag(parent, "clmim.best_label", trial_label(self.space, dict(best.config)))
-        finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+            self.client.set_tag(parent, "clmim.best_trial", best)
+            run = self._find_run("clmim.trial_id", best)
+            if run is not None:
+                self.client.set_tag(parent, "clmim.best_label", self.client.get_run(run).info.run_name)
+        finished = counts["TERMINATED"] + counts["ERROR"] >= total
         self.client.set_terminated(parent, status="FINISHED" if finished else "KILLED")
 
 

@@ -19,6 +19,12 @@ the trial, or by Ray Train for multi-worker trials) and the local copy deleted, 
 resolved config is written to ``run/config.yaml`` in the storage before training; at the end the run files
 (``final_metrics.json``, and ``model.pt``, the final encoder weights for ``clmim analyze``) are copied there too.
 
+A trial's id is the one the sweep planned (``records.TRIAL_KEY`` in its config), so a resumed sweep's new Tune run
+finds the trial's folder and checkpoints again. The trial keeps its own log of every report (``records.REPORTS``),
+copied into each checkpoint before it is stored and into ``run/`` at the end: a trial resumed from a checkpoint
+continues that log, so the tables never lose a step reported before (Tune's ``result.json`` is rewritten by each
+Tune run and is not read).
+
 A trial that raises (a config problem, a non-finite loss) writes ``error.json`` in its storage folder; a retry of
 that trial re-raises the same error at once instead of training again, so only lost processes are retried.
 """
@@ -28,7 +34,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +44,9 @@ from pathlib import Path
 from trainables.config import Config, to_dict
 from trainables.trainer import export_weights, load_weights, train
 
+from . import records
 from .layout import SweepLayout
+from .records import REPORTS, RecordError, sampled_values, trial_id_of
 from .space import Space, resolve_config
 
 
@@ -78,8 +88,7 @@ class TrialSpec:
 # ------------------------------------------------------------------------------------------- errors
 def record_error(layout: SweepLayout, trial: str, exc: BaseException) -> None:
     kind, message = describe_error(exc)
-    layout.store.write_text(layout.error_path(trial), json.dumps(
-        {"type": kind, "message": message, "traceback": traceback.format_exc()}))
+    records.record_error(layout, trial, kind, message, traceback.format_exc())
 
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
@@ -95,15 +104,9 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
 
 def raise_recorded(layout: SweepLayout, trial: str) -> None:
     """Raise ``TrialError`` if the trial recorded a deterministic error (a retry must not train again)."""
-    text = layout.store.read_text(layout.error_path(trial))
-    if text is None:
-        return
-    try:
-        err = json.loads(text)
-    except ValueError:
-        raise TrialError("unreadable error file") from None
-    raise TrialError(f"{err.get('type', 'Error')}: {err.get('message', '')}" if isinstance(err, dict)
-                     else "unreadable error file")
+    err = records.read_error(layout, trial)
+    if err is not None:
+        raise TrialError(err)
 
 
 def is_lost_worker(e: BaseException) -> bool:
@@ -124,17 +127,21 @@ def is_lost_worker(e: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- the trainable
-def run_trial(values: dict, spec: TrialSpec) -> None:
+def run_trial(config: dict, spec: TrialSpec) -> None:
     """Tune function trainable (see the module docstring)."""
     from ray import tune
 
     _quiet_ray_storage()
-    trial = tune.get_context().get_trial_id()
+    trial = trial_id_of(config, tune.get_context().get_trial_id())
+    values = sampled_values(config)
     raise_recorded(spec.layout, trial)
-    final = spec.layout.store.read_text(f"{spec.layout.run_path(trial)}/final_metrics.json")
+    try:
+        final = records.read_final(spec.layout, trial)
+    except RecordError:
+        final = None  # damaged: it resumes from its last checkpoint and writes it again
     if final is not None:
-        # it finished under a driver that died before its saved state caught up: report, do not train again
-        tune.report(_clean(json.loads(final)))
+        # it finished under a driver that died before recording it: report, do not train again
+        tune.report(_clean(final))
         return
     try:
         if spec.in_process:
@@ -170,6 +177,26 @@ def _clean(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+class ReportLog:
+    """The trial's own record of every report (``records.REPORTS``, one JSON object per line): appended as the trial
+    reports, copied into each checkpoint before the checkpoint is stored, and into ``run/`` at the end. Each entry
+    carries ``time_total_s``, the trial's seconds over all its attempts."""
+
+    def __init__(self, path: Path, prior: list[dict]):
+        self.path = path
+        self._before = max((float(r.get("time_total_s") or 0) for r in prior), default=0.0)
+        self._t0 = time.time()
+        path.write_text("".join(json.dumps(r) + "\n" for r in prior))
+
+    def append(self, metrics: dict) -> None:
+        entry = {**metrics, "time_total_s": self._before + time.time() - self._t0}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def copy_to(self, folder: Path) -> None:
+        shutil.copyfile(self.path, Path(folder) / REPORTS)
+
+
 def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_process: bool) -> None:
     """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
     process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
@@ -186,22 +213,33 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
             cfg.run.resume = resume_point(layout, trial, scratch / "resume")
         elif (ckpt := api.get_checkpoint()) is not None:
             cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
+        resumed = Path(cfg.run.resume).parent if cfg.run.resume else None
+        prior = records.parse_reports((resumed / REPORTS).read_text()) if resumed and (resumed / REPORTS).is_file() \
+            else []
+        log = ReportLog(scratch / REPORTS, prior)
         if rank == 0:
             import yaml
 
             # before training: the driver reads the trial's true config from here, whatever happens next
             store.write_text(f"{layout.run_path(trial)}/config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            records.write_values(layout, trial, values)
             store.write_text(f"{layout.trial_path(trial)}/pid", str(os.getpid()))
-        last: dict[str, Path] = {}
+        # the newest checkpoint: the final weights are exported from it (a trial resumed at its last step has it
+        # from the start)
+        last: dict[str, Path] = {"dir": resumed} if resumed else {}
 
         def report(metrics: dict, checkpoint=None) -> None:
+            clean = _clean(metrics)
+            log.append(clean)
+            if checkpoint:
+                log.copy_to(checkpoint)  # the checkpoint carries every report up to it
             if checkpoint and in_process:  # into the storage first, then older ones beyond the kept count go
                 stored = f"{layout.trial_path(trial)}/checkpoint_{int(metrics['step']):07d}"
                 store.upload(Path(checkpoint), stored)
                 older = [p for p in layout.checkpoint_paths(trial) if p != stored]
                 for old in older[:max(0, len(older) - (max(1, spec.keep_checkpoints) - 1))]:
                     store.delete(old)
-            api.report(_clean(metrics), checkpoint=api.Checkpoint.from_directory(str(checkpoint))
+            api.report(clean, checkpoint=api.Checkpoint.from_directory(str(checkpoint))
                        if checkpoint and not in_process else None)
             if checkpoint:  # the storage holds it now: that copy is the only one kept
                 if "dir" in last:
@@ -214,6 +252,7 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
             if "dir" in last:
                 export_weights(last["dir"] / "checkpoint.pt", run / "model.pt")
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            log.copy_to(run)
             store.upload(run, layout.run_path(trial))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -221,19 +260,26 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
 
 def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
     """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest one in the
-    trial's storage folder that loads (a copy torn by a killed process is skipped for the one before), else None
-    (a fresh start)."""
+    trial's storage folder that loads, else None (a fresh start). A damaged one (torn by a killed process, truncated)
+    is skipped with a one-line warning naming it and the step the trial falls back to."""
     store = layout.store
     prefix = layout.trial_path(trial) + "/"
+    damaged: list[tuple[str, str]] = []
+    found, step = None, 0
     for path in reversed([p for p in layout.checkpoint_paths(trial) if p.startswith(prefix)]):
         name = path.rsplit("/", 1)[-1]
         f = store.download(path, local / name) / "checkpoint.pt"
         try:
-            load_weights(f)
-            return str(f)
-        except Exception:  # noqa: BLE001 - torn or missing: try the one before
+            step = int(load_weights(f)["step"])
+            found = str(f)
+            break
+        except Exception as e:  # noqa: BLE001 - torn, truncated or missing: try the one before
+            damaged.append((store.display(f"{path}/checkpoint.pt"), type(e).__name__))
             shutil.rmtree(local / name, ignore_errors=True)
-    return None
+    for where, why in damaged:
+        print(f"clmim: warning: trial {trial}: checkpoint {where} is damaged ({why}); resuming from "
+              + (f"step {step}" if found else "step 0 (no other checkpoint loads)"), file=sys.stderr, flush=True)
+    return found
 
 
 def _train_worker(loop_config: dict) -> None:

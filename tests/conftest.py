@@ -26,6 +26,11 @@ def tiny(**over) -> dict:
     return cfg
 
 
+# The evaluation settings of training tests that are not about evaluations: the probes, on few images, without the
+# dense probe, CKA and the noise bands (they cost most of a tiny trial's time).
+CHEAP_EVAL = {"eval__probe_images": 8, "eval__dense_images": 0, "eval__cka": False, "eval__noise__bands": 0}
+
+
 @pytest.fixture
 def tiny_cfg():
     return tiny

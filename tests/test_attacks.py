@@ -17,7 +17,8 @@ from conftest import tiny
 
 from orchestrator.cli import main
 from orchestrator.layout import SweepLayout
-from orchestrator.results import QueryError, query, read_error, write_trial_tables
+from orchestrator.records import read_error
+from orchestrator.results import QueryError, query, write_trial_tables
 from trainables.config import load_config, to_dict
 from trainables.errors import UserError
 
@@ -254,7 +255,7 @@ def test_exhausted_retries_are_recorded_so_resume_does_not_rerun_them(tmp_path):
         raise_recorded(SweepLayout(tmp_path, "s"), "t1")
     row = query("SELECT status, error FROM trials", tmp_path).iloc[0]
     assert row.status == "ERROR" and "failure.max_failures=1" in row.error
-    run = cb.client.get_run(cb.child_run(trial))
+    run = cb.client.get_run(cb.child_run("t1", {}))
     assert run.info.status == "FAILED" and "retries exhausted" in run.data.tags["clmim.error"]
 
 
@@ -266,7 +267,7 @@ def test_mlflow_never_logs_a_step_twice_and_drops_a_stale_error_tag(tmp_path):
     cb2 = _callback(tmp_path)  # a new driver after a kill: the resumed trial repeats steps after its checkpoint
     for step in (5, 10, 15):
         cb2.on_trial_result(0, [], trial, {"step": step, "loss": 2.0 / step})
-    run_id = cb2.child_run(trial)
+    run_id = cb2.child_run("t1", {})
     assert [m.step for m in cb2.client.get_metric_history(run_id, "loss")] == [5, 10, 15]
     cb2.client.set_tag(run_id, "clmim.error", "from an earlier attempt")
     cb2.on_trial_complete(0, [], trial)

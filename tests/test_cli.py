@@ -71,3 +71,59 @@ def test_progress_does_not_go_back_on_a_probe_report(capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if "trials" in x]
     assert len(lines) == 2
     assert reporter._done["t"] == 0.5
+
+
+def test_a_sweep_name_that_is_a_file_of_the_results_root_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    import orchestrator.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "init_ray", lambda address: (_ for _ in ()).throw(AssertionError("Ray started")))
+    (tmp_path / "notes.txt").write_text("x")
+    for name in ("mlflow.db", "mlartifacts", "notes.txt"):
+        assert main(["sweep", "search_spaces/quickstart.yaml", "--name", name, "--results", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--name" in err, err
+
+
+def test_ray_that_does_not_start_is_one_line_saying_what_to_do(monkeypatch):
+    import pytest
+    import ray
+
+    from orchestrator.sweep import ClusterError, init_ray
+
+    def slow(**kw):
+        raise TimeoutError("Timed out after 60 seconds waiting for node info.\nmore lines")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow)
+    with pytest.raises(ClusterError, match=r"did not start \(TimeoutError: Timed out after 60 s.*ray start --head"):
+        init_ray(None)
+    with pytest.raises(ClusterError, match=r"--address 10.9.9.9:6379: cannot connect"):
+        init_ray("10.9.9.9:6379")
+
+
+def test_tune_failures_are_logged_as_one_line(caplog):
+    import logging
+
+    from orchestrator.sweep import TUNE_FAILURE_LOGGERS, _quiet_tune
+
+    _quiet_tune()
+    for name in TUNE_FAILURE_LOGGERS:
+        log = logging.getLogger(name)
+        try:
+            raise OSError("When uploading to s3://b/x: AWS Error NETWORK_CONNECTION\ndetails")
+        except OSError:
+            log.error("Saving experiment state to storage at 's3://b' failed with exception: ", exc_info=True)
+        log.warning("Last sync command failed with the following error:\nTraceback (most recent call last):\n"
+                    "  File x\nOSError: endpoint down")
+    assert len(caplog.records) == 2 * len(TUNE_FAILURE_LOGGERS)
+    for r in caplog.records:
+        text = r.getMessage()
+        assert "\n" not in text and r.exc_info is None and ("NETWORK_CONNECTION" in text or "endpoint down" in text)
+
+
+def test_repro_claims_says_a_sweep_has_no_finished_trials(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text("{}")
+    r = subprocess.run([sys.executable, "benchmarks/repro_claims.py", "s", "--results", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no finished trials" in r.stderr, r.stderr

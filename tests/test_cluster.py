@@ -207,7 +207,9 @@ def test_b_lost_worker_node_retries_the_trial_on_the_other_node_from_its_checkpo
             return None
         t = trials[0]
         pid = store.read_text(f"{BUCKET}/node/tune/{t}/pid")
-        ckpt = any(d.startswith("checkpoint_") for d in store.listdir(f"{BUCKET}/node/tune/{t}"))
+        # a complete copy: its files are uploaded in name order, reports.jsonl after checkpoint.pt
+        ckpt = any(d.startswith("checkpoint_") and store.exists(f"{BUCKET}/node/tune/{t}/{d}/reports.jsonl")
+                   for d in store.listdir(f"{BUCKET}/node/tune/{t}"))
         return pid and ckpt and (t, int(pid))
 
     trial, pid = wait_for(running_with_checkpoint, 300, "a running trial with a checkpoint")

@@ -165,3 +165,121 @@ def test_trials_name_the_objective_mix_and_weights(tmp_path):
     assert df.lam.isna().tolist() == [True, False, True, False] and df.lam[1] == 0.25
     assert df.w_mae.tolist() == [1.0, 0.0, 0.0, 0.0] and df.w_simmim.tolist() == [0.0, 0.75, 0.5, 0.0]
     assert df.w_dino.tolist() == [0.0, 0.0, 0.5, 0.0] and df.w_mocov3.tolist() == [0.0, 0.25, 0.0, 1.0]
+
+
+# ------------------------------------------------------------------------ a shared results root (issue 23, 2-4, 11)
+def _forge(path, table, sweep, trial, **cols):
+    """A Parquet file named and tagged like the product's (an attacker can copy both)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.table({"schema_version": pa.array([SCHEMA_VERSION], pa.int32()), "sweep": [sweep], "trial": [trial],
+                  "attempt": ["99999999999999999999-ffffffff"], "status": ["TERMINATED"], **cols})
+    pq.write_table(t.replace_schema_metadata({"clmim_schema_version": str(SCHEMA_VERSION)}), path)
+
+
+def test_manifest_entries_outside_their_table_folder_are_never_followed(tmp_path):
+    from orchestrator.results import ResultsWarning, compact
+
+    root = tmp_path / "results"
+    write_trial_tables(root / "s", "t1", "TERMINATED", cfg(), reports())
+    victims = [tmp_path / "VICTIM.txt", tmp_path / "abs" / "VICTIM"]
+    for v in victims:
+        v.parent.mkdir(exist_ok=True)
+        v.write_text("keep me")
+    secret = tmp_path / "secretdir"
+    secret.mkdir()
+    (secret / "token").write_text("s3cret")
+    _forge(secret / "any.parquet", "trials", "s", "t1")
+    m = json.loads((root / "s" / "manifest.json").read_text())
+    m["retired"].update({"../../VICTIM.txt": 0, str(victims[1]): 0, "trials/../../../VICTIM.txt": 0})
+    m["current"]["trials"].append("../../../secretdir/any.parquet")
+    (root / "s" / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(ResultsWarning, match="not clmim file names"):
+        write_trial_tables(root / "s", "t2", "TERMINATED", cfg(), reports())  # changes the manifest
+        compact(root / "s")
+    assert all(v.read_text() == "keep me" for v in victims)
+    m = json.loads((root / "s" / "manifest.json").read_text())
+    assert not any(".." in k or k.startswith("/") for k in [*m["retired"], *m["current"]["trials"]])
+    with pytest.raises(QueryError):
+        query(f"SELECT * FROM read_text('{secret / 'token'}')", root)
+    assert len(query("SELECT * FROM trials", root)) == 2
+
+
+def test_duckdb_reads_only_the_table_folders_and_no_temp_directory(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    write_trial_tables(root / "s", "t1", "TERMINATED", cfg(), reports())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "secret.txt").write_text("s3cret")  # DuckDB's default temp directory: <cwd>/.tmp
+    for sql in ("SELECT * FROM read_text('.tmp/secret.txt')", f"SELECT * FROM read_text('{tmp_path}/.tmp/*')",
+                f"SELECT * FROM read_text('{root}/s/manifest.json')"):
+        with pytest.raises(QueryError):
+            query(sql, root)
+    assert len(query("SELECT * FROM curves", root)) > 0
+
+
+def test_a_query_has_a_time_limit_the_user_can_raise(tmp_path, capsys):
+    import time
+
+    from orchestrator.cli import main
+
+    write_trial_tables(tmp_path / "s", "t1", "TERMINATED", cfg(), reports())
+    t = time.time()
+    with pytest.raises(QueryError, match="stopped after 1 s"):
+        query("SELECT count(*) FROM range(100000000000000)", tmp_path, timeout=1)
+    assert time.time() - t < 10
+    assert main(["results", "query", "SELECT count(*) AS n FROM range(10)", "--results", str(tmp_path),
+                 "--timeout", "5", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "10"]
+
+
+def test_without_a_manifest_only_the_products_files_of_that_sweep_are_read(tmp_path):
+    from orchestrator.results import ResultsWarning
+
+    write_trial_tables(tmp_path / "s", "t0", "TERMINATED", cfg(), reports(final=0.4))
+    for manifest in ("", "{garbage"):
+        (tmp_path / "s" / "manifest.json").write_text(manifest) if manifest else (
+            tmp_path / "s" / "manifest.json").unlink(missing_ok=True)
+        # forged: our name pattern and footer, a later attempt id, but a text `loss` / another sweep's rows
+        _forge(tmp_path / "s" / "trials" / "t0.99999999999999999999-ffffffff.parquet", "trials", "s", "t0",
+               loss=["boom"])
+        _forge(tmp_path / "s" / "trials" / "t7.99999999999999999999-ffffffff.parquet", "trials", "other", "t7",
+               loss=[0.1])
+        with pytest.warns(ResultsWarning):
+            df = query("SELECT trial, loss, linear_top1 FROM trials", tmp_path)
+        assert list(df.trial) == ["t0"] and list(df.linear_top1) == [0.4] and str(df.loss.dtype) == "float64"
+
+
+def test_a_missing_listed_file_is_named_and_the_other_sweeps_still_answer(tmp_path, capsys):
+    from orchestrator.cli import main
+    from orchestrator.results import ResultsWarning
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps({"name": name, "n_trials": 1}))
+        write_trial_tables(tmp_path / name, "t1", "TERMINATED", cfg(), reports())
+    gone = next((tmp_path / "a" / "trials").glob("t1.*.parquet"))
+    gone.unlink()
+    with pytest.warns(ResultsWarning, match=rf"sweep a: 1 listed file\(s\) missing \(trials/{gone.name}\)"):
+        df = query("SELECT sweep FROM trials", tmp_path)
+    assert list(df.sweep) == ["b"]
+    assert main(["results", "list", "--results", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "b" in captured.out
+
+
+def test_a_merge_killed_before_it_listed_its_file_is_cleaned_up_silently(tmp_path):
+    import warnings
+
+    from orchestrator.results import compact
+
+    write_trial_tables(tmp_path / "s", "t1", "TERMINATED", cfg(), reports())
+    orphan = tmp_path / "s" / "trials" / "_merged.00000000000000000001-00000000.parquet"
+    orphan.write_bytes(next((tmp_path / "s" / "trials").glob("t1.*")).read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on every query
+        assert len(query("SELECT * FROM trials", tmp_path)) == 1
+    write_trial_tables(tmp_path / "s", "t2", "TERMINATED", cfg(), reports())
+    compact(tmp_path / "s", batch=64)
+    assert not orphan.exists()

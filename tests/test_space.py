@@ -140,3 +140,30 @@ def test_weight_spaces_grid_simplex_and_dirichlet(tmp_path):
     assert msg.startswith("space.optim.blr.simplex:") and "objective.weights only" in msg
     msg = err(tmp_path, space={"objective.weights": {"grid": [{"mae": 1.0}]}}, search={"metric": "loss_cl"})
     assert msg.startswith("search.metric:") and "reports no loss_cl" in msg
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_and_errors_never_build_a_huge_repr(tmp_path):
+    import time
+
+    from trainables.errors import excerpt
+
+    lines = ["space:", "  objective.lam: &a0 [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]"]
+    lines += [f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    t = time.time()
+    with pytest.raises(SpaceError, match=r"holds 490,329,066 values once its YAML aliases are expanded"):
+        load_space(p)
+    p.write_text("space: &a {objective.lam: *a}\n")
+    with pytest.raises(SpaceError, match="refers to itself"):
+        load_space(p)
+    nested = [0.5] * 9
+    for _ in range(9):
+        nested = [nested] * 9
+    assert len(excerpt(nested, 60)) < 80
+    assert time.time() - t < 5
+
+
+def test_sections_of_the_wrong_type_are_one_line_errors(tmp_path):
+    for key in ("search", "scheduler", "resources", "failure", "checkpoints"):
+        assert err(tmp_path, **{key: [1, 2]}).startswith(f"{key}: expected a mapping")

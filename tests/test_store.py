@@ -51,7 +51,7 @@ def test_prepare_writes_shards_and_lists_the_corrupt_file(store):
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8
     from orchestrator.prepare import _folder_items, decode
 
-    items, _ = _folder_items(root / "src")  # the store keeps source order (unreadable files left out)
+    items, _, _ = _folder_items(root / "src")  # the store keeps source order (unreadable files left out)
     first, label = items["train"][0]
     assert torch.equal(x[0], torch.from_numpy(decode(first, 32))) and split.labels[0] == label
 
@@ -150,7 +150,7 @@ def test_a_trial_reads_a_store_in_s3(store, tmp_path, monkeypatch):
                                    "optim.steps=2", "eval.samples=32", "data.batch_size=16"])
         final = train(cfg)
         assert final["step"] == 2 and 0 <= final["linear_top1"] <= 1
-        cached = list((tmp_path / "cache").iterdir())
+        cached = [c for c in (tmp_path / "cache").iterdir() if not c.name.startswith(".")]
         assert any((c / "index.json").is_file() for c in cached)  # one local copy per node, reused
         assert json.loads(next(c for c in cached if c.is_dir()).joinpath("index.json").read_text())["size"] == 32
     finally:
@@ -195,3 +195,85 @@ def test_prepare_train_resume_equals_a_straight_run(store, tmp_path):
     a, b = (torch.load(find_checkpoint(d), weights_only=True)["model"] for d in (straight, resumed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------------------ a damaged or lying store (issue 23, 9)
+def small_store(root: Path) -> dict:
+    """A store of 2 + 1 shards written without Ray (what `clmim data prepare` writes), and its index."""
+    from trainables.store import FORMAT, INDEX, write_shard
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, counts in (("train", (5, 3)), ("eval", (4,))):
+        shards = []
+        for k, n in enumerate(counts):
+            rec = write_shard(root / split, f"shard-{k:05d}", rng.integers(0, 255, (n, 3, 16, 16), dtype=np.uint8),
+                              rng.integers(0, 3, n), {"spec": "x"})
+            shards.append({"name": rec["name"], "n": rec["n"], "sha256": rec["sha256"]})
+        splits[split] = {"n": sum(counts), "shards": shards}
+    index = {"format": FORMAT, "size": 16, "classes": ["a", "b", "c"], "splits": splits, "n_images": 12}
+    (root / INDEX).write_text(json.dumps(index))
+    return index
+
+
+@pytest.mark.parametrize("lie,match", [
+    (lambda ix, r: ix["splits"]["train"]["shards"][0].update(n=2), "images are uint8 .5, 3, 16, 16., the index says"),
+    (lambda ix, r: ix["splits"]["train"]["shards"][0].update(n=-1), "count -1 is not a whole number"),
+    (lambda ix, r: ix["splits"]["train"]["shards"][0].update(n="5"), "count '5' is not a whole number"),
+    (lambda ix, r: ix["splits"]["train"]["shards"][0].update(name="../../etc/x"), "name '../../etc/x' is not shard"),
+    (lambda ix, r: ix["splits"]["train"]["shards"][0].update(name="/abs/x"), "name '/abs/x' is not shard"),
+    (lambda ix, r: np.save(r / "train" / "shard-00000.npy", np.zeros((5, 3, 16, 16))), "images are float64"),
+    (lambda ix, r: np.save(r / "train" / "shard-00001.labels.npy", np.array([0, 1, 7])), r"labels outside 0\.\.2"),
+    (lambda ix, r: np.save(r / "train" / "shard-00001.labels.npy", np.array([0, 1])), r"labels are int64 \(2,\)"),
+    (lambda ix, r: ix.update(size="16"), "size .16. is not an image side"),
+])
+def test_a_store_index_that_lies_is_a_one_line_error_naming_the_shard(tmp_path, lie, match):
+    from trainables.config import ConfigError
+    from trainables.store import INDEX, open_split
+
+    index = small_store(tmp_path)
+    lie(index, tmp_path)
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=match) as e:
+        for split in ("train", "eval"):
+            open_split(tmp_path, read_index(tmp_path), split)
+    assert "\n" not in str(e.value)
+
+
+def test_a_stores_checksums_are_checked_on_first_use_on_a_node_and_by_verify(tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import main
+    from trainables.config import ConfigError
+
+    monkeypatch.setenv("CLMIM_STORE_CACHE", str(tmp_path / "cache"))
+    small_store(tmp_path / "st")
+    cfg = load_config(tiny(), ["data.dataset=store", f"data.path={tmp_path / 'st'}", "model.img_size=16",
+                               "model.variant=micro/4"])
+    assert len(build_data(cfg).train) == 8  # verified once, then remembered
+    arr = np.load(tmp_path / "st" / "train" / "shard-00001.npy")
+    arr[0, 0, 0, 0] ^= 1  # one flipped bit, same shape and type
+    np.save(tmp_path / "st" / "train" / "shard-00001.npy", arr)
+    with pytest.raises(ConfigError, match="shard train/shard-00001: its images do not match the checksum"):
+        build_data(cfg)  # the file changed: this node checks again
+    (tmp_path / "src").mkdir()
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir()
+    assert main(["data", "prepare", "synthetic", str(tmp_path / "st"), "--size", "16", "--verify"]) == 2
+    assert "holds a different store" in capsys.readouterr().err
+
+
+def test_prepare_refuses_control_characters_and_reports_hidden_folders_and_fifos(tmp_path):
+    import os
+
+    from orchestrator.prepare import _folder_items
+    from trainables.errors import UserError
+
+    jpegs(tmp_path / "src", 6, classes=2)
+    (tmp_path / "src" / "..dots").mkdir()
+    os.mkfifo(tmp_path / "src" / "class0" / "pipe.jpg")
+    items, classes, skipped = _folder_items(tmp_path / "src")
+    assert classes == ["class0", "class1"] and len(items["train"]) + len(items["eval"]) == 6
+    assert {(Path(p).name, why) for p, why in skipped} == {("..dots", "hidden folder, not a class"),
+                                                          ("pipe.jpg", "not a regular file")}
+    (tmp_path / "src" / "bad\nname").mkdir()
+    with pytest.raises(UserError, match="control character"):
+        _folder_items(tmp_path / "src")

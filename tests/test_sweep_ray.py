@@ -26,7 +26,8 @@ SMALL = ["optim.steps=8", "data.train_size=256", "data.eval_size=64", "data.batc
 
 def write_space(tmp_path, name="s", **over):
     raw = {"name": name,
-           "base": {"data": {"train_size": 256, "eval_size": 64, "batch_size": 32}, "eval": {"samples": 64},
+           "base": {"data": {"train_size": 256, "eval_size": 64, "batch_size": 32},
+                    "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False, "noise": {"bands": 0}},
                     "optim": {"steps": 8}, "run": {"log_every": 4, "ckpt_every": 4}},
            "space": {"objective.lam": {"grid": [0.0, 1.0]}},
            "resources": {"workers": 1, "cpus_per_worker": 1}}
@@ -70,7 +71,8 @@ def test_quickstart_sweep_completes(ray_address, tmp_path, capsys):
     # every trial (reused actors too) keeps its run files inside the sweep; each ended trial keeps one copy of
     # its weights (the encoder export), no full checkpoint (checkpoints.keep: 0) and nothing in a scratch folder
     for d in trial_dirs(tmp_path / "quickstart"):
-        assert {p.name for p in (d / "run").iterdir()} == {"config.yaml", "final_metrics.json", "model.pt"}, d
+        assert {p.name for p in (d / "run").iterdir()} == {"config.yaml", "final_metrics.json", "model.pt",
+                                                           "reports.jsonl"}, d
         assert not list(d.glob("checkpoint_*")), d
         assert set(torch.load(d / "run" / "model.pt", weights_only=True)) == {"step", "config", "model"}
     assert not list((Path(tempfile.gettempdir()) / "clmim" / "quickstart").glob("*/*"))
@@ -376,3 +378,60 @@ def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_addre
     gcs = r.stdout.split("GCS ")[1].split()[0]
     assert gcs != ray_address and gcs.startswith("127.0.0.1:"), r.stdout
     assert "private local instance" in r.stdout
+
+
+def test_a_killed_driver_loses_no_step_and_resume_runs_no_code_from_tunes_files(ray_address, tmp_path):
+    """SIGKILL of the driver mid-trial, pickles planted in Tune's files, then `clmim resume`: nothing planted runs,
+    and the interrupted trial has every step in the tables and in MLflow, as the trial that was not interrupted."""
+    from test_records import plant_tune_pickles
+
+    p = write_space(tmp_path, "k9", space={"objective.lam": {"grid": [0.0, 1.0]}, "optim.steps": 20,
+                                          "run.ckpt_every": 5, "run.log_every": 5}, max_concurrent=1)
+    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    sweep_dir = tmp_path / "k9"
+    first = wait_for(lambda: next((d for d in trial_dirs(sweep_dir) if (d / "checkpoint_0000010").is_dir()
+                                   and not (d / "run" / "final_metrics.json").exists()), None), 240,
+                     "a trial checkpointed at step 10")
+    proc.kill()
+    proc.communicate(timeout=60)
+    marker = tmp_path / "pwned"
+    plant_tune_pickles(sweep_dir / "tune", marker)
+    for d in trial_dirs(sweep_dir):
+        (d / "params.pkl").write_bytes((sweep_dir / "tune" / "tuner.pkl").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "k9", "--results", str(tmp_path),
+                        "--address", ray_address], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not marker.exists()
+    final = json.loads((first / "run" / "final_metrics.json").read_text())
+    assert final["resumed_from"] >= 10  # continued from its checkpoint
+    steps = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM curves WHERE metric = 'loss' "
+                  "GROUP BY trial", tmp_path)
+    layers = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM layers GROUP BY trial", tmp_path)
+    assert len(steps) == 2 and all(list(s) == [5, 10, 15, 20] for s in steps.s), steps
+    assert len(layers) == 2 and all(list(s) == [0, 20] for s in layers.s), layers  # the untrained baseline too
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clmim/k9")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'trial'")
+    assert len(children) == 2
+    for run in children:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [5, 10, 15, 20]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "layer/6/attn_nmi")) == [0, 20]
+
+
+def test_address_sends_the_clusters_token_and_a_wrong_one_is_one_line(ray_address, tmp_path):
+    """A `ray start` cluster keeps token auth on: --address works without RAY_AUTH_MODE in the environment (it used
+    to fail with ~20 lines of InvalidAuthToken), and a wrong token is one line naming the file it came from."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    code = ("import sys; from orchestrator.sweep import init_ray; init_ray(sys.argv[1]); import ray; "
+            "print('nodes', len(ray.nodes())); ray.shutdown()")
+    r = subprocess.run([sys.executable, "-c", code, ray_address], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0 and "nodes 1" in r.stdout, r.stderr[-3000:]
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 32)
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "search_spaces/quickstart.yaml",
+                        "--results", str(tmp_path), "--address", ray_address], capture_output=True, text=True,
+                       timeout=180, env={**env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    err = [line for line in r.stderr.splitlines() if line.startswith("clmim")]
+    assert r.returncode == 2 and len(err) == 1 and str(wrong) in err[0] and "refused" in err[0], r.stderr[-3000:]

@@ -220,12 +220,13 @@ def _imagefolder(cfg: Config) -> DataBundle:
 
 def _store(cfg: Config) -> DataBundle:
     """A prepared store: labels in memory, images read per batch (``store.StoreSplit``)."""
-    from .store import local_copy, open_split, read_index
+    from .store import INDEX, local_copy, open_split, read_index, verified_once
 
     if not cfg.data.path:
         raise ConfigError("data.path: data.dataset store needs the store's folder or s3:// URI")
     root = local_copy(cfg.data.path)
     index = read_index(root)
+    verified_once(root, (root / INDEX).read_text())  # checksums, the first time this node reads the store
     if index["size"] < cfg.model.img_size:
         raise ConfigError(f"data.path: the store is stored at {index['size']} px, smaller than model.img_size "
                           f"{cfg.model.img_size}; prepare it with --size >= {cfg.model.img_size}")

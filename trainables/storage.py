@@ -156,6 +156,16 @@ class Storage:
         except FileNotFoundError:
             pass
 
+    def delete_file(self, path: str) -> None:
+        """Remove one file (nothing if it does not exist)."""
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if "does not exist" not in str(e) and "NoSuchKey" not in str(e):
+                raise
+
     def rename(self, src: str, dst: str) -> None:
         """Move one file (S3: copy then delete)."""
         self.fs.move(src, dst)

@@ -19,11 +19,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import excerpt
 
 FORMAT = 1
 INDEX = "index.json"
@@ -156,20 +159,114 @@ def read_index(root: Path) -> dict:
     return index
 
 
+SHARD_NAME = re.compile(r"shard-\d{5}")
+
+
+def _bad(root: Path, what: str):
+    from .config import ConfigError
+
+    return ConfigError(f"data.path: store {str(root)!r}: {what}")
+
+
+def check_index(root: Path, index: dict) -> None:
+    """The index's own shape: a size, class names, and per split a list of shards, each a plain shard name (never a
+    path: ``../x`` or ``/abs`` would read files outside the store) with a non-negative whole count and a checksum;
+    a ``ConfigError`` naming what is wrong."""
+    size, classes = index.get("size"), index.get("classes")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 4096):
+        raise _bad(root, f"size {size!r} is not an image side in pixels")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise _bad(root, "classes is not a list of class names")
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or set(SPLITS) - set(splits):
+        raise _bad(root, f"splits must hold {' and '.join(SPLITS)}")
+    for split in SPLITS:
+        shards = splits[split].get("shards") if isinstance(splits[split], dict) else None
+        if not isinstance(shards, list):
+            raise _bad(root, f"splits.{split}.shards is not a list")
+        for i, sh in enumerate(shards):
+            name = sh.get("name") if isinstance(sh, dict) else None
+            if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
+                raise _bad(root, f"{split} shard #{i}: name {excerpt(name, 60)} is not shard-NNNNN")
+            n = sh.get("n")
+            if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+                raise _bad(root, f"shard {split}/{name}: count {excerpt(n, 30)} is not a whole number >= 0")
+            if not (isinstance(sh.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", sh["sha256"])):
+                raise _bad(root, f"shard {split}/{name}: no sha256 of its images")
+
+
 def open_split(root: Path, index: dict, split: str) -> StoreSplit:
-    """A split of a local store (labels loaded, images on demand)."""
+    """A split of a local store (labels loaded, images on demand). Every shard is checked against the index before
+    a byte is read: uint8 images (n, 3, size, size), int64 labels (n,) inside the class range, n as the index says;
+    a ``ConfigError`` naming the shard otherwise."""
+    check_index(root, index)
+    size, n_classes = index["size"], len(index["classes"])
     shards = index["splits"][split]["shards"]
     files = [root / split / f"{s['name']}.npy" for s in shards]
-    offsets, shape = [], None
-    for f in files:
-        off, sh = _npy_header(f)
-        offsets.append(off)
-        shape = sh[1:]
-    labels = [np.load(root / split / f"{s['name']}.labels.npy") for s in shards]
+    offsets, labels = [], []
+    for sh, f in zip(shards, files, strict=True):
+        where = f"shard {split}/{sh['name']}"
+        try:
+            m = np.load(f, mmap_mode="r")  # reads the header only
+            lab = np.load(root / split / f"{sh['name']}.labels.npy", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise _bad(root, f"{where}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        if m.dtype != np.uint8 or m.shape[1:] != (3, size, size) or m.shape[0] != sh["n"]:
+            raise _bad(root, f"{where}: images are {m.dtype} {tuple(m.shape)}, the index says uint8 "
+                             f"({sh['n']}, 3, {size}, {size})")
+        if not np.issubdtype(lab.dtype, np.integer) or lab.shape != (sh["n"],):
+            raise _bad(root, f"{where}: labels are {lab.dtype} {tuple(lab.shape)}, expected ({sh['n']},) integers")
+        if len(lab) and (lab.min() < 0 or lab.max() >= n_classes):
+            raise _bad(root, f"{where}: labels outside 0..{n_classes - 1} (the store has {n_classes} classes)")
+        offsets.append(m.offset)
+        labels.append(lab.astype(np.int64))
+        del m
     counts = [s["n"] for s in shards]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return StoreSplit(files, starts, offsets, tuple(shape) if shape else (3, index["size"], index["size"]),
+    return StoreSplit(files, starts, offsets, (3, size, size),
                       torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, np.int64)))
+
+
+def verify_checksums(root: Path, index: dict) -> None:
+    """Every shard's images against the sha256 the index recorded (the bytes after the .npy header, read in 8 MB
+    pieces); a ``ConfigError`` naming the first shard that differs."""
+    check_index(root, index)
+    for split in SPLITS:
+        for sh in index["splits"][split]["shards"]:
+            f = root / split / f"{sh['name']}.npy"
+            offset, _ = _npy_header(f)
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                fh.seek(offset)
+                while chunk := fh.read(1 << 23):
+                    h.update(chunk)
+            if h.hexdigest() != sh["sha256"]:
+                raise _bad(root, f"shard {split}/{sh['name']}: its images do not match the checksum in {INDEX} "
+                                 "(damaged or replaced; prepare the store again)")
+
+
+def verified_once(root: Path, index_text: str) -> None:
+    """``verify_checksums`` the first time this node uses the store (a marker per store, its index and its shards'
+    sizes and times, under the store cache; concurrent trials wait for one check)."""
+    import fcntl
+
+    index = json.loads(index_text)
+    check_index(root, index)
+    stamp = [index_text] + [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for split in SPLITS
+                            for sh in index["splits"][split]["shards"]
+                            for f in [root / split / f"{sh['name']}.npy"] if f.is_file()]
+    key = hashlib.sha256(f"{Path(root).resolve()}\n".encode() + "\n".join(stamp).encode()).hexdigest()[:16]
+    d = cache_root() / ".verified"  # (beside the cached copies of S3 stores, which are named by their key)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (d / key).is_file():
+            verify_checksums(root, index)
+            (d / key).write_text(str(root))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CLMIM_STORE_CACHE") or Path.home() / ".cache" / "clmim" / "stores")
 
 
 def local_copy(path: str) -> Path:
@@ -188,7 +285,7 @@ def local_copy(path: str) -> Path:
 
         raise ConfigError(f"data.path: {path!r} is not a prepared store (no {INDEX} there)")
     key = hashlib.sha256(f"{path}\n{index_text}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("CLMIM_STORE_CACHE") or Path.home() / ".cache" / "clmim" / "stores") / key
+    cache = cache_root() / key
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(cache.parent / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node, the other trials wait for it

@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -197,9 +198,30 @@ def find_checkpoint(path: str | Path, weights: bool = False) -> Path | None:
     return p / "model.pt" if weights and (p / "model.pt").is_file() else None
 
 
-def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | None) -> int:
-    """Restore model, optimiser and RNG state; return the step to continue from. A file holding anything but
-    tensors and plain values is refused (``ConfigError``), never unpickled."""
+def newest_loadable(out_dir: Path) -> Path | None:
+    """The newest checkpoint under ``out_dir/checkpoints`` that loads (``run.resume: auto``); a damaged newer one
+    (truncated, torn by a killed process) is skipped with a one-line warning naming it and the step the run falls
+    back to."""
+    damaged = []
+    for f in sorted(Path(out_dir).glob("checkpoints/step_*/checkpoint.pt"), reverse=True):
+        try:
+            step = int(load_weights(f)["step"])
+        except Exception as e:  # noqa: BLE001 - any unloadable file: the one before
+            damaged.append(f"{f} ({type(e).__name__})")
+            continue
+        for d in damaged:
+            print(f"clmim: warning: checkpoint {d} is damaged; resuming from step {step}", file=sys.stderr, flush=True)
+        return f
+    for d in damaged:
+        print(f"clmim: warning: checkpoint {d} is damaged; starting from step 0 (no other checkpoint loads)",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | None) -> tuple[int, dict]:
+    """Restore model, optimiser and RNG state; return the step to continue from and the last log step's metrics
+    (what the run reports as its final loss if it resumes at its last step). A file holding anything but tensors
+    and plain values is refused (``ConfigError``), never unpickled."""
     try:
         ckpt = load_weights(path)
     except pickle.UnpicklingError:
@@ -212,7 +234,8 @@ def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | 
         if opt is not None:
             opt.load_state_dict(ckpt["optimizer"])
     _set_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
+    log = ckpt.get("log")
+    return int(ckpt["step"]), dict(log) if isinstance(log, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -320,6 +343,7 @@ class TrainRun:
     # STEP_INPUTS' schedules as device tensors: a step reads its values without a host-to-device copy (a sync)
     step_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     resumed: Path | None = None  # the checkpoint the run continues from
+    last_log: dict = field(default_factory=dict)  # the last log step's metrics before the resumed checkpoint
     initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
     untrained: dict | None = None  # its GAP features per layer on the eval subset (``untrained_features``)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(("probes", "dense", "cka", "noise"), 0.0))
@@ -366,13 +390,14 @@ def build_run(cfg: Config) -> TrainRun:
     total = total_steps(cfg, len(data.train))
     opt = torch.optim.AdamW(_param_groups(objective, cfg), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             fused=device.type == "cuda")
-    start, ckpt, initial = 0, None, None
+    start, ckpt, initial, last_log = 0, None, None, {}
     if cfg.run.resume:
-        ckpt = find_checkpoint(out_dir if cfg.run.resume == "auto" and out_dir else cfg.run.resume)
+        auto = cfg.run.resume == "auto" and out_dir is not None
+        ckpt = newest_loadable(out_dir) if auto else find_checkpoint(cfg.run.resume)
         if ckpt is not None:
             if cfg.eval.cka:  # CKA against the untrained encoder needs its weights, about to be overwritten
                 initial = copy.deepcopy(objective.encoder).cpu()
-            start = load_checkpoint(ckpt, objective, opt)
+            start, last_log = load_checkpoint(ckpt, objective, opt)
         elif cfg.run.resume != "auto":
             raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
     if cfg.run.compile:
@@ -393,7 +418,7 @@ def build_run(cfg: Config) -> TrainRun:
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, min(start, total), rank, world, device),
         info={**model_stats(cfg), "total_steps": total + finetuning, "world_size": world, "device": device.type,
               "train_images": len(data.train)},
-        resumed=ckpt, initial_encoder=initial)
+        resumed=ckpt, last_log=last_log, initial_encoder=initial)
 
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
@@ -428,7 +453,8 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     if run.start == 0:  # the untrained baseline every probe is read against (the same encoder for any lam)
         report({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
     t_train, evaluated = time.perf_counter(), sum(run.seconds.values())  # step 0's evaluation is not training
-    t_log, n_log, metrics = time.perf_counter(), 0, {}  # after the baseline: images_per_s counts training only
+    # after the baseline: images_per_s counts training only
+    t_log, n_log, metrics = time.perf_counter(), 0, dict(run.last_log)
     for step in range(run.start, run.total):
         images, _ = next(run.stream)
         for g in run.opt.param_groups:
@@ -447,13 +473,17 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         n_log += 1
         done = step + 1
         ckpt_due = run.ckpt_due(done, run.total)
+        if cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total:
+            # before this step's checkpoint, so the checkpoint's record of reports holds it (a run resumed from the
+            # checkpoint does not evaluate this step again); its time is not training time
+            t_eval = time.perf_counter()
+            report({"step": done, "epoch": done / run.steps_per_epoch, **evaluate(run, done)})
+            t_log += time.perf_counter() - t_eval
         if done % r.log_every == 0 or done == run.total or ckpt_due:
             metrics = _log_metrics(run, out, nonfinite, step, done, n_log * cfg.data.batch_size,
                                    time.perf_counter() - t_log)
-            report(metrics, checkpoint=run.save(done, run.objective, run.opt) if ckpt_due else None)
+            report(metrics, checkpoint=run.save(done, run.objective, run.opt, {"log": metrics}) if ckpt_due else None)
             t_log, n_log = time.perf_counter(), 0
-        if cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total:
-            report({"step": done, "epoch": done / run.steps_per_epoch, **evaluate(run, done)})
     seconds_train = time.perf_counter() - t_train - (sum(run.seconds.values()) - evaluated)
 
     ft_resume = load_weights(run.resumed) if run.start > run.total else None

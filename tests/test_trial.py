@@ -1,0 +1,114 @@
+"""orchestrator/trial.py without Ray: a trial's own log of reports, its export, resume from any checkpoint (issue 24
+item 2, issue 23 items 5 and 8). ``train_reporting_to`` runs with a stand-in for ``ray.tune``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from conftest import CHEAP_EVAL, tiny
+
+from orchestrator.layout import SweepLayout
+from orchestrator.records import REPORTS, parse_reports
+from orchestrator.results import curves_from_results, layers_from_results, trial_row
+from orchestrator.trial import TrialSpec, resume_point, train_reporting_to
+
+
+class FakeTune:
+    """What ``train_reporting_to`` uses of ``ray.tune``: report, Checkpoint, get_checkpoint."""
+
+    class Checkpoint:
+        @staticmethod
+        def from_directory(d):
+            return d
+
+    def __init__(self):
+        self.reports = []
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append(metrics)
+
+    def get_checkpoint(self):
+        return None
+
+
+def run(layout, keep=1):
+    base = tiny(optim__steps=8, run__log_every=2, run__ckpt_every=4, **CHEAP_EVAL)
+    spec = TrialSpec(layout=layout, base=base, fixed={}, keep_checkpoints=keep)
+    api = FakeTune()
+    train_reporting_to(api, {"objective.lam": 0.5}, spec, "t1", in_process=True)
+    return api.reports
+
+
+def keys(reports):
+    return {(step, metric) for step, _, metric, _ in curves_from_results(reports)}
+
+
+def test_a_trial_resumed_at_any_checkpoint_has_its_export_every_report_and_the_same_tables(tmp_path):
+    # the uninterrupted trial, keeping every checkpoint so that each can be a resume point below
+    straight = SweepLayout(tmp_path / "a", "s")
+    run(straight, keep=10)
+    trial = Path(straight.trial_path("t1"))
+    full = parse_reports((trial / "run" / REPORTS).read_text())
+    assert sorted({s for s, _ in keys(full)}) == [0, 2, 4, 6, 8]
+    assert sorted(c.name for c in trial.glob("checkpoint_*")) == ["checkpoint_0000004", "checkpoint_0000008"]
+    final_weights = torch.load(trial / "run" / "model.pt", weights_only=True)["model"]
+    for resume_at in (8, 4):  # interrupted at its last step (the old bug: no export, no loss rows), and mid-run
+        layout = SweepLayout(tmp_path / f"at{resume_at}", "s")
+        shutil.copytree(trial.parent.parent, Path(layout.sweep_dir))
+        t = Path(layout.trial_path("t1"))
+        shutil.rmtree(t / "run")  # what a kill before the trial's end leaves: checkpoints up to resume_at
+        for c in t.glob("checkpoint_*"):
+            if int(c.name.split("_")[1]) > resume_at:
+                shutil.rmtree(c)
+        reports = run(layout)
+        assert reports[-1]["resumed_from"] == resume_at and reports[0]["step"] > 0  # continued, not started again
+        log = parse_reports((t / "run" / REPORTS).read_text())
+        assert keys(log) == keys(full), resume_at
+        got = {(s, m): v for s, _, m, v in curves_from_results(log)}
+        want = {(s, m): v for s, _, m, v in curves_from_results(full)}
+        assert all(got[k] == want[k] for k in want if k[1].startswith("loss")), resume_at  # exact resume
+        assert {r[:2] + r[3:4] for r in layers_from_results(log)} == {r[:2] + r[3:4] for r in layers_from_results(full)}
+        row, ref = trial_row("s", "t1", "a", "TERMINATED", {}, _final(log)), trial_row("s", "t1", "a", "TERMINATED",
+                                                                                      {}, _final(full))
+        assert row["loss"] == ref["loss"] and row["step"] == ref["step"] == 8
+        weights = torch.load(t / "run" / "model.pt", weights_only=True)["model"]
+        assert all(torch.equal(weights[k], final_weights[k]) for k in final_weights)
+        assert json.loads((t / "run" / "final_metrics.json").read_text())["loss"] == ref["loss"]
+
+
+def _final(reports):
+    out = {}
+    for r in reports:
+        out.update({k: v for k, v in r.items() if v is not None})
+    return out
+
+
+def test_a_damaged_checkpoint_is_skipped_with_a_warning_naming_it_and_the_fallback(tmp_path, capsys):
+    layout = SweepLayout(tmp_path, "s")
+    run(layout, keep=10)
+    t = Path(layout.trial_path("t1"))
+    newest = t / "checkpoint_0000008" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    got = resume_point(layout, "t1", tmp_path / "local")
+    assert got is not None and "checkpoint_0000004" in got
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(newest) in err[0] and "resuming from step 4" in err[0], err
+    (t / "checkpoint_0000004" / "checkpoint.pt").write_bytes(b"")
+    assert resume_point(layout, "t1", tmp_path / "local2") is None
+    assert "step 0" in capsys.readouterr().err
+
+
+def test_train_resume_auto_skips_a_truncated_checkpoint_with_a_warning(tmp_path, capsys):
+    from trainables.config import load_config
+    from trainables.trainer import train
+
+    out = tmp_path / "run"
+    cfg = tiny(optim__steps=4, run__log_every=2, run__ckpt_every=2, run__out_dir=str(out), **CHEAP_EVAL)
+    train(load_config(cfg))
+    newest = out / "checkpoints" / "step_0000004" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    final = train(load_config(cfg, ["run.resume=auto"]))
+    assert final["resumed_from"] == 2
+    err = capsys.readouterr().err
+    assert str(newest) in err and "resuming from step 2" in err
