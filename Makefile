@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo test test-fast test-slow test-all lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Tiers: test-fast (units: no Ray, no servers), test (everything but the slow tier: < 12 min on 2 cores),
+# test-slow (kills and resumes, Ray Train, multi-node clusters, Ray Data, a tracking server), test-all (both; CI).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow and not ray" --timeout 600
+
 test: lint
-	$(PY) -m pytest -q -m "not slow" --timeout 900
+	$(PY) -m pytest -q -m "not slow" --timeout 900 --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --timeout 1800 --durations=15
 
 test-all: lint
 	$(PY) -m pytest -q --timeout 1800

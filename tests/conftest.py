@@ -3,13 +3,24 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest-xdist workers: the Ray tests on one (they mostly wait on processes), everything else
+# on the other; each worker's torch gets its share of the cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 # Ray reads these when first imported (by any test): loopback node addresses, token authentication on.
 os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AIR_NEW_OUTPUT="0")
 
 
+# The evaluation settings of training tests that are not about evaluations: the probes, on few images, without the
+# dense probe, CKA and the noise bands (they cost most of a tiny trial's time).
+CHEAP_EVAL = {"eval__probe_images": 8, "eval__dense_images": 0, "eval__cka": False, "eval__noise__bands": 0}
+# What an evaluation test turns back on (the product's defaults).
+FULL_EVAL = {"eval__probe_images": 64, "eval__dense_images": 64, "eval__cka": True, "eval__noise__bands": 8}
+
+
 def tiny(**over) -> dict:
-    """A small, fast config tree for tests (micro/4 at 32 px, small synthetic set)."""
+    """A small, fast config tree for tests (micro/4 at 32 px, small synthetic set, ``CHEAP_EVAL``; a test of the
+    evaluations passes ``**FULL_EVAL`` or the keys it needs)."""
     cfg = {
         "model": {"variant": "micro/4", "img_size": 32},
         "data": {"batch_size": 32, "train_size": 256, "eval_size": 64},
@@ -17,18 +28,13 @@ def tiny(**over) -> dict:
         "eval": {"samples": 64},
         "run": {"log_every": 2},
     }
-    for dotted, value in over.items():
+    for dotted, value in {**CHEAP_EVAL, **over}.items():
         node = cfg
         keys = dotted.split("__")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return cfg
-
-
-# The evaluation settings of training tests that are not about evaluations: the probes, on few images, without the
-# dense probe, CKA and the noise bands (they cost most of a tiny trial's time).
-CHEAP_EVAL = {"eval__probe_images": 8, "eval__dense_images": 0, "eval__cka": False, "eval__noise__bands": 0}
 
 
 @pytest.fixture
@@ -102,3 +108,11 @@ def ray_address(tmp_path_factory):
             ray.shutdown()
         kill_tree(head)
         os.environ.pop("RAY_ADDRESS", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test marked ``ray`` (a Ray head, or a cluster of nodes) runs on one xdist worker, in file order: one Ray
+    instance per test session, and a cluster never beside another."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))

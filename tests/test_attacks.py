@@ -401,7 +401,7 @@ def _read(root: str, seconds: float, out) -> None:
 def test_readers_see_one_consistent_snapshot_while_files_merge(tmp_path):
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    seconds = 20
+    seconds = 8
     writer = ctx.Process(target=_churn, args=(str(tmp_path), seconds))
     readers = [ctx.Process(target=_read, args=(str(tmp_path), seconds, out)) for _ in range(3)]
     write_trial_tables(tmp_path / "s", "seed", "TERMINATED", cfg(), reports())

@@ -1,4 +1,4 @@
-"""The sharded store: prepare (Ray Data), stream, resume, subsets, S3, damaged input."""
+"""The sharded store: prepare (Ray Data: marked slow and ray), stream, resume, subsets, S3, damaged input."""
 
 import json
 import subprocess
@@ -14,8 +14,6 @@ from trainables.config import load_config
 from trainables.data import batch_stream, build_data
 from trainables.store import fraction_indices, open_split, read_index
 
-pytestmark = pytest.mark.ray
-
 
 def jpegs(root: Path, n: int, classes: int = 3, size: int = 40) -> None:
     from PIL import Image
@@ -28,8 +26,8 @@ def jpegs(root: Path, n: int, classes: int = 3, size: int = 40) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(ray_address, tmp_path_factory):
-    """An ImageFolder of 60 JPEGs (one of them corrupt) prepared at 32 px in shards of ~8 images."""
+def prepared(ray_address, tmp_path_factory):
+    """An ImageFolder of 60 JPEGs (one of them corrupt) prepared at 32 px in shards of ~8 images (on Ray Data)."""
     from orchestrator.prepare import prepare
 
     root = tmp_path_factory.mktemp("data")
@@ -39,8 +37,33 @@ def store(ray_address, tmp_path_factory):
     return root, index
 
 
-def test_prepare_writes_shards_and_lists_the_corrupt_file(store):
-    root, index = store
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store as `clmim data prepare` writes it (53 train images in shards of 8, 6 eval, 3 classes, 32 px), written
+    here without Ray: what the readers' tests need (prepare's own tests use ``prepared``)."""
+    from trainables.store import FORMAT, INDEX, write_shard
+
+    root = tmp_path_factory.mktemp("written")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n_images in (("train", 53), ("eval", 6)):
+        shards = []
+        for k, lo in enumerate(range(0, n_images, 8)):
+            n = min(8, n_images - lo)
+            images = rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8)
+            rec = write_shard(root / "store" / split, f"shard-{k:05d}", images, rng.integers(0, 3, n), {"spec": "x"})
+            shards.append({"name": rec["name"], "n": rec["n"], "sha256": rec["sha256"]})
+        splits[split] = {"n": n_images, "shards": shards}
+    index = {"format": FORMAT, "size": 32, "classes": ["class0", "class1", "class2"], "splits": splits,
+             "n_images": 59}
+    (root / "store" / INDEX).write_text(json.dumps(index))
+    return root, index
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_prepare_writes_shards_and_lists_the_corrupt_file(prepared):
+    root, index = prepared
     assert index["splits"]["train"]["n"] + index["splits"]["eval"]["n"] == 60
     assert index["classes"] == ["class0", "class1", "class2"] and index["size"] == 32
     assert len(index["splits"]["train"]["shards"]) >= 6  # ~8 images a shard
@@ -56,11 +79,13 @@ def test_prepare_writes_shards_and_lists_the_corrupt_file(store):
     assert torch.equal(x[0], torch.from_numpy(decode(first, 32))) and split.labels[0] == label
 
 
-def test_prepare_again_is_a_no_op_and_a_different_store_is_refused(store, capsys):
+@pytest.mark.slow
+@pytest.mark.ray
+def test_prepare_again_is_a_no_op_and_a_different_store_is_refused(prepared, capsys):
     from orchestrator.prepare import prepare
     from trainables.errors import UserError
 
-    root, index = store
+    root, index = prepared
     mtimes = {f: f.stat().st_mtime_ns for f in (root / "store").rglob("*")}
     again = prepare(str(root / "src"), str(root / "store"), 32, shard_mb=8 * 3 * 32 * 32 / 1e6)
     assert again == index and "nothing to do" in capsys.readouterr().out
@@ -69,12 +94,14 @@ def test_prepare_again_is_a_no_op_and_a_different_store_is_refused(store, capsys
         prepare(str(root / "src"), str(root / "store"), 24)
 
 
-def test_interrupted_prepare_redoes_only_missing_shards(store, capsys):
+@pytest.mark.slow
+@pytest.mark.ray
+def test_interrupted_prepare_redoes_only_missing_shards(prepared, capsys):
     import shutil
 
     from orchestrator.prepare import prepare
 
-    root, index = store
+    root, index = prepared
     part = root / "partial"
     shutil.copytree(root / "store", part)
     (part / "index.json").unlink()  # it stopped before the index ...
@@ -167,6 +194,8 @@ def test_store_config_errors_name_the_problem(store, tmp_path):
         build_data(load_config(tiny(), ["data.dataset=store", f"data.path={root / 'store'}", "model.img_size=64"]))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_builtin_sets_go_through_the_same_path(ray_address, tmp_path):
     from orchestrator.prepare import prepare
 

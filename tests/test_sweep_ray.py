@@ -1,4 +1,5 @@
-"""Integration tests on a real Ray head (started once per session by the `ray_address` fixture)."""
+"""Integration tests on a real Ray head (started once per session by the `ray_address` fixture). The longest (kills,
+resumes, Ray Train, a tracking server) are marked slow: `make test-slow` runs them, and CI runs both tiers."""
 
 import json
 import os
@@ -147,6 +148,7 @@ def check_mlflow(uri, sweep, n_trials):
     assert parent["tags.clmim.best_trial"] in set(children["tags.clmim.trial_id"])
 
 
+@pytest.mark.slow
 def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
 
     from conftest import _free_port
@@ -161,23 +163,14 @@ def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
         uri = f"http://127.0.0.1:{port}"
 
         wait_http(f"{uri}/health", 120, "the MLflow server")
-        p = write_space(tmp_path, "mlf")
+        p = write_space(tmp_path, "mlf", space={"objective.lam": 0.5})
         summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address, mlflow_uri=uri)
         assert all(r["status"] == "TERMINATED" for r in summary["rows"])
-        check_mlflow(uri, "mlf", 2)
+        check_mlflow(uri, "mlf", 1)
         assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def test_two_worker_ddp_trial_keeps_replicas_identical(ray_address, tmp_path):
-    p = write_space(tmp_path, "ddp", space={"objective.lam": 0.5},
-                    resources={"workers": 2, "cpus_per_worker": 0.5, "mode": "train"})
-    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
-    assert [r["status"] for r in summary["rows"]] == ["TERMINATED"]
-    final = [m for m in results_lines(trial_dirs(tmp_path / "ddp")[0]) if "resumed_from" in m]
-    assert final and final[-1]["world_size"] == 2 and final[-1]["replicas_in_sync"] is True
 
 
 def test_unschedulable_space_fails_fast(ray_address, tmp_path):
@@ -189,76 +182,141 @@ def test_unschedulable_space_fails_fast(ray_address, tmp_path):
     assert not (tmp_path / "big" / "tune").exists()
 
 
-def test_erroring_trial_is_recorded_and_sweep_goes_on(ray_address, tmp_path):
-    # an existing but empty image folder passes validation and fails inside the trial
-    empty = tmp_path / "empty"
-    empty.mkdir()
+@pytest.mark.slow
+def test_an_erroring_trial_is_recorded_the_sweep_goes_on_and_retry_errored_runs_it_again(ray_address, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.sweep import resume_sweep
+
+    folder = tmp_path / "imgs"  # an existing but empty image folder passes validation and fails inside the trial
+    folder.mkdir()
     p = write_space(tmp_path, "err", space={"data.dataset": {"grid": ["synthetic", "imagefolder"]},
-                                           "data.path": str(empty), "objective.lam": 0.0})
+                                           "data.path": str(folder), "objective.lam": 0.0, "data.workers": 0})
     summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
     by = {r["data.dataset"]: r for r in summary["rows"]}
     assert by["synthetic"]["status"] == "TERMINATED"
     assert by["imagefolder"]["status"] == "ERROR" and "not an image folder" in by["imagefolder"]["error"]
+    done = by["synthetic"]["trial"]
+    pid = (tmp_path / "err" / "tune" / done / "pid").read_text()
+    rng = np.random.default_rng(0)  # fix the cause: a real image folder
+    for c in ("a", "b"):
+        (folder / c).mkdir()
+        for i in range(80):
+            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    summary = resume_sweep("err", results=str(tmp_path), address=ray_address, retry_errored=True)
+    by = {r["data.dataset"]: r for r in summary["rows"]}
+    assert by["imagefolder"]["status"] == "TERMINATED" and by["imagefolder"]["step"] == 8, by
+    assert (tmp_path / "err" / "tune" / by["imagefolder"]["trial"] / "error.prev.json").is_file()
+    assert (tmp_path / "err" / "tune" / done / "pid").read_text() == pid  # the finished one did not run again
 
 
-def test_erroring_multi_worker_trial_reports_the_workers_error(ray_address, tmp_path):
+@pytest.mark.slow
+def test_a_two_worker_trial_killed_on_rank_0_resumes_in_sync_and_a_failing_one_names_its_workers_error(
+        ray_address, tmp_path):
+    """Ray Train trials (DDP over two gloo ranks, a hybrid): SIGKILL of rank 0's process is a lost worker, Tune
+    reruns the trial and its new TorchTrainer resumes from the Ray Train checkpoint with every replica identical;
+    a trial whose workers raise ends ERROR with the lowest rank's own error, not Ray Train's wrapper."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    p = write_space(tmp_path, "err2", space={"data.dataset": "imagefolder", "data.path": str(empty),
-                                            "objective.lam": 0.0},
-                    resources={"workers": 2, "cpus_per_worker": 0.5, "mode": "train"})
-    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
-    [row] = summary["rows"]
-    assert row["status"] == "ERROR" and "not an image folder" in row["error"], row["error"]
-    recorded = json.loads(next((tmp_path / "err2" / "tune").glob("*/error.json")).read_text())
-    assert recorded["type"] == "ConfigError" and "not an image folder" in recorded["message"]
-
-
-@pytest.mark.parametrize("resources", [{"workers": 1, "cpus_per_worker": 1},
-                                       {"workers": 2, "cpus_per_worker": 0.5, "mode": "train"}],
-                         ids=["in-process", "ray-train-2-workers"])
-def test_killed_trial_process_is_retried_from_checkpoint(ray_address, tmp_path, resources):
-    # Multi-worker: SIGKILL of rank 0's process is a lost worker; Tune reruns the trial and its new TorchTrainer
-    # resumes from the Ray Train checkpoint in the sweep's storage.
-    p = write_space(tmp_path, "kill", space={"objective.lam": 1.0, "optim.steps": 40, "run.ckpt_every": 5,
-                                            "run.log_every": 5}, resources=resources)
+    p = write_space(tmp_path, "ddp", space={"objective.lam": 0.5, "optim.steps": 20, "run.ckpt_every": 5,
+                                           "run.log_every": 5, "data.path": str(empty),
+                                           "data.dataset": {"grid": ["synthetic", "imagefolder"]}},
+                    resources={"workers": 2, "cpus_per_worker": 0.5, "mode": "train"}, max_concurrent=1)
     proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
-    sweep_dir = tmp_path / "kill"
+    sweep_dir = tmp_path / "ddp"
 
-    def checkpointed():
+    def checkpointed():  # Ray Train has registered a checkpoint of the first (synthetic) trial in its storage
         dirs = trial_dirs(sweep_dir)
         if not (dirs and (dirs[0] / "pid").is_file()):
             return None
-        if resources["workers"] > 1:  # Ray Train has registered a checkpoint in its storage
-            train_dir = sweep_dir / "train" / dirs[0].name
-            registered = (train_dir / "checkpoint_manager_snapshot.json").is_file() and any(
-                train_dir.glob("checkpoint_*/checkpoint.pt"))
-        else:  # the trial has copied a checkpoint into its storage folder
-            registered = any(dirs[0].glob("checkpoint_*/checkpoint.pt"))
+        train_dir = sweep_dir / "train" / dirs[0].name
+        registered = (train_dir / "checkpoint_manager_snapshot.json").is_file() and any(
+            train_dir.glob("checkpoint_*/checkpoint.pt"))
         return registered and dirs[0]
 
-    trial = wait_for(checkpointed, 120, "a first checkpoint")
+    trial = wait_for(checkpointed, 180, "a first checkpoint")
     os.kill(int((trial / "pid").read_text()), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    final = [m for m in results_lines(trial) if "resumed_from" in m]
-    assert len(final) == 1 and final[0]["step"] == 40 and final[0]["resumed_from"] >= 5, final
+    assert proc.returncode == 1, out[-3000:]  # one trial ended in ERROR
+    final = json.loads((trial / "run" / "final_metrics.json").read_text())
+    assert final["step"] == 20 and final["resumed_from"] >= 5, final
+    assert final["world_size"] == 2 and final["replicas_in_sync"] is True
+    [failed] = [d for d in trial_dirs(sweep_dir) if d != trial]
+    recorded = json.loads((failed / "error.json").read_text())
+    assert recorded["type"] == "ConfigError" and "not an image folder" in recorded["message"]
+    row = query("SELECT status, error FROM trials WHERE trial = ?", tmp_path, [failed.name]).iloc[0]
+    assert row.status == "ERROR" and "not an image folder" in row.error
 
 
-def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path):
-    p = write_space(tmp_path, "intr", space={"objective.lam": {"grid": [0.0, 0.5, 1.0]}, "optim.steps": 40},
-                    max_concurrent=1)
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_from_its_checkpoint_and_out_of_retries_ends_as_error_everywhere(
+        ray_address, tmp_path):
+    """failure.max_failures: 1. Trial A's process is killed once: retried from its checkpoint, it finishes. Trial B's
+    is killed twice: ERROR in the summary, the tables and MLflow ("retries exhausted"), exit code 1, and a resume
+    does not run it again."""
+    p = write_space(tmp_path, "lost", space={"objective.lam": {"grid": [0.0, 1.0]}, "optim.steps": 40,
+                                            "run.ckpt_every": 5, "run.log_every": 5},
+                    resources={"workers": 1, "cpus_per_worker": 0.5}, failure={"max_failures": 1})
+    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    sweep_dir = tmp_path / "lost"
+
+    def running(d, not_pid=None):
+        pid = (d / "pid").read_text() if (d / "pid").is_file() else None
+        return pid and pid != not_pid and any(d.glob("checkpoint_*/reports.jsonl")) and int(pid)
+
+    def both_running():
+        dirs = trial_dirs(sweep_dir)
+        return len(dirs) == 2 and all(running(d) for d in dirs) and dirs
+
+    a, b = wait_for(both_running, 180, "two running trials with checkpoints")
+    pid_a, pid_b = running(a), running(b)
+    os.kill(pid_a, signal.SIGKILL)
+    os.kill(pid_b, signal.SIGKILL)
+    second = wait_for(lambda: running(b, str(pid_b)), 120, "trial B running again")
+    os.kill(second, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert "was interrupted" not in out and "stopped before every trial ended" not in out
+    final = json.loads((a / "run" / "final_metrics.json").read_text())
+    assert final["step"] == 40 and final["resumed_from"] >= 5, final  # A: continued from its checkpoint
+    row = query("SELECT status, error FROM trials WHERE trial = ?", tmp_path, [b.name]).iloc[0]
+    assert row.status == "ERROR" and "retries exhausted (failure.max_failures=1)" in row.error
+    pid = (b / "pid").read_text()
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "lost", "--results", str(tmp_path),
+                        "--address", ray_address], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (b / "pid").read_text() == pid  # not run past its retry limit
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clmim/lost")
+    [child] = client.search_runs([exp.experiment_id], filter_string=f"tags.`clmim.trial_id` = '{b.name}'")
+    assert child.info.status == "FAILED" and "retries exhausted" in child.data.tags["clmim.error"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_a_killed_driver_resume_each_trial_once_lose_no_step_and_run_no_planted_code(ray_address,
+                                                                                              tmp_path):
+    """Ctrl-C while one trial has finished and one has a checkpoint: exit 130, one line naming `clmim resume`.
+    The resumed driver is then SIGKILLed mid-trial and pickles are planted in Tune's files; a second resume runs
+    nothing planted, each trial once (finished ones are not run again), each continuing from its checkpoint, with
+    every reported step in the tables and in MLflow."""
+    from test_records import plant_tune_pickles
+
+    p = write_space(tmp_path, "intr", space={"objective.lam": {"grid": [0.0, 0.5, 1.0]}, "optim.steps": 20,
+                                            "run.ckpt_every": 5, "run.log_every": 5}, max_concurrent=1)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(p), "--results", str(tmp_path),
                              "--address", ray_address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sweep_dir = tmp_path / "intr"
 
     def finished(d):
-        return any("resumed_from" in m for m in results_lines(d))
+        return (d / "run" / "final_metrics.json").is_file()
 
     def one_finished_one_checkpointed():  # Ctrl-C while a trial has a checkpoint and is still training
         dirs = trial_dirs(sweep_dir)
         done = [d for d in dirs if finished(d)]
-        mid = [d for d in dirs if not finished(d) and any(d.glob("checkpoint_*/checkpoint.pt"))]
+        mid = [d for d in dirs if not finished(d) and any(d.glob("checkpoint_*/reports.jsonl"))]
         return done and mid and (done, mid[0])
 
     done_before, interrupted = wait_for(one_finished_one_checkpointed, 240, "a finished and a checkpointed trial")
@@ -267,33 +325,51 @@ def test_interrupted_sweep_resumes_each_trial_exactly_once(ray_address, tmp_path
     assert proc.returncode == 130, (out + err)[-3000:]
     hint = [line for line in err.splitlines() if "clmim resume" in line]
     assert len(hint) == 1 and hint[0].endswith(f"clmim resume intr --results {tmp_path}"), err[-2000:]
-    # no traceback from the driver (the old summary crashed); trial processes that Ray stops may print their own
-    # shutdown noise, forwarded with a "(run_trial pid=...)" prefix
+    # no traceback from the driver; trial processes that Ray stops may print their own shutdown noise, forwarded
+    # with a "(run_trial pid=...)" prefix
     assert "Tuner.restore" not in out + err, err[-3000:]
     assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]
-    lines_before = {d.name: len(results_lines(d)) for d in done_before}
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "intr", "--results", str(tmp_path),
-                        "--address", ray_address], capture_output=True, text=True, timeout=300)
+    pids = {d.name: (d / "pid").read_text() for d in done_before}
+    resume = [sys.executable, "-m", "orchestrator.cli", "resume", "intr", "--results", str(tmp_path), "--address",
+              ray_address]
+    proc = subprocess.Popen(resume, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = wait_for(lambda: next((d for d in trial_dirs(sweep_dir) if not finished(d) and d != interrupted
+                                  and (d / "checkpoint_0000010" / "reports.jsonl").is_file()), None), 240,
+                    "the last trial checkpointed at step 10")
+    proc.kill()  # the driver's machine is gone: no clean shutdown
+    proc.communicate(timeout=60)
+    marker = tmp_path / "pwned"
+    plant_tune_pickles(sweep_dir / "tune", marker)
+    for d in trial_dirs(sweep_dir):
+        (d / "params.pkl").write_bytes((sweep_dir / "tune" / "tuner.pkl").read_bytes())
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    dirs = trial_dirs(sweep_dir)
-    assert len(dirs) == 3
-    for d in dirs:
-        finals = [m for m in results_lines(d) if "resumed_from" in m]
-        assert len(finals) == 1, (d.name, finals)
-    for name, n in lines_before.items():  # finished trials were not run again
-        assert len(results_lines(sweep_dir / "tune" / name)) == n
-    final = [m for m in results_lines(interrupted) if "resumed_from" in m][-1]
-    assert final["resumed_from"] >= 4, final  # continued from its checkpoint, not from step 0
+    assert not marker.exists()
     assert "3 terminated" in r.stdout
-    # every view has each trial exactly once (and no step twice)
+    dirs = trial_dirs(sweep_dir)
+    assert len(dirs) == 3 and all(finished(d) for d in dirs)
+    for name, pid in pids.items():  # finished trials were not run again (a new attempt writes a new pid)
+        assert (sweep_dir / "tune" / name / "pid").read_text() == pid
+    assert json.loads((interrupted / "run" / "final_metrics.json").read_text())["resumed_from"] >= 5
+    assert json.loads((last / "run" / "final_metrics.json").read_text())["resumed_from"] >= 10
+    # every view has each trial exactly once, every step of each, no step twice
     assert len(query("SELECT * FROM trials WHERE sweep = 'intr'", tmp_path)) == 3
-    dup = query("SELECT trial, step, metric, count(*) AS n FROM curves GROUP BY ALL HAVING n > 1", tmp_path)
-    assert len(dup) == 0
-    dup = query("SELECT trial, step, layer, head, metric, count(*) AS n FROM layers GROUP BY ALL HAVING n > 1",
-                tmp_path)
-    assert len(dup) == 0
-    assert query("SELECT count(DISTINCT trial) AS n FROM curves", tmp_path).n[0] == 3
+    for table, keys in (("curves", "step, metric"), ("layers", "step, layer, head, metric")):
+        dup = query(f"SELECT trial, {keys}, count(*) AS n FROM {table} GROUP BY ALL HAVING n > 1", tmp_path)
+        assert len(dup) == 0, table
+    steps = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM curves WHERE metric = 'loss' "
+                  "GROUP BY trial", tmp_path)
+    layers = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM layers GROUP BY trial", tmp_path)
+    assert len(steps) == 3 and all(list(s) == [5, 10, 15, 20] for s in steps.s), steps
+    assert len(layers) == 3 and all(list(s) == [0, 20] for s in layers.s), layers  # the untrained baseline too
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "intr", 3)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clmim/intr")
+    for run in client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'trial'"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [5, 10, 15, 20]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "layer/6/attn_nmi")) == [0, 20]
 
 
 def test_lost_worker_vs_training_error_classification():
@@ -318,57 +394,6 @@ def test_lost_worker_vs_training_error_classification():
     assert _describe_error(ValueError("bad\nmore")) == ("ValueError", "bad")
 
 
-def test_exhausted_retries_end_as_error_everywhere(ray_address, tmp_path):
-    """A lost trial process with no retries left is ERROR in the summary, the tables and MLflow; the exit code
-    says so; a resume does not run it again."""
-    p = write_space(tmp_path, "lost", space={"objective.lam": 1.0, "optim.steps": 60, "run.ckpt_every": 5,
-                                            "run.log_every": 5}, failure={"max_failures": 0})
-    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
-    sweep_dir = tmp_path / "lost"
-    trial = wait_for(lambda: next((d for d in trial_dirs(sweep_dir) if (d / "pid").is_file()
-                                   and results_lines(d)), None), 120, "a running trial")
-    os.kill(int((trial / "pid").read_text()), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, out[-3000:]
-    assert "was interrupted" not in out and "stopped before every trial ended" not in out
-    row = query("SELECT status, error FROM trials WHERE sweep = 'lost'", tmp_path).iloc[0]
-    assert row.status == "ERROR" and "retries exhausted" in row.error
-    n = len(results_lines(trial))
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "lost", "--results", str(tmp_path),
-                        "--address", ray_address], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert len(results_lines(trial)) == n  # not run past its retry limit
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("clmim/lost")
-    [child] = client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'trial'")
-    assert child.info.status == "FAILED" and "retries exhausted" in child.data.tags["clmim.error"]
-
-
-def test_retry_errored_really_runs_the_trial_again(ray_address, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    p = write_space(tmp_path, "retry", space={"data.dataset": "imagefolder", "data.path": str(folder),
-                                             "objective.lam": 0.0, "data.workers": 0})
-    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
-    assert summary["rows"][0]["status"] == "ERROR"
-    rng = np.random.default_rng(0)  # fix the cause: a real image folder
-    for c in ("a", "b"):
-        (folder / c).mkdir()
-        for i in range(80):
-            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
-    from orchestrator.sweep import resume_sweep
-
-    summary = resume_sweep("retry", results=str(tmp_path), address=ray_address, retry_errored=True)
-    [row] = summary["rows"]
-    assert row["status"] == "TERMINATED" and row["step"] == 8, row
-    assert next((tmp_path / "retry" / "tune").glob("*/error.prev.json")).is_file()
-
-
 def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_address):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     code = ("from orchestrator.sweep import init_ray; init_ray(None); import ray; "
@@ -378,46 +403,6 @@ def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_addre
     gcs = r.stdout.split("GCS ")[1].split()[0]
     assert gcs != ray_address and gcs.startswith("127.0.0.1:"), r.stdout
     assert "private local instance" in r.stdout
-
-
-def test_a_killed_driver_loses_no_step_and_resume_runs_no_code_from_tunes_files(ray_address, tmp_path):
-    """SIGKILL of the driver mid-trial, pickles planted in Tune's files, then `clmim resume`: nothing planted runs,
-    and the interrupted trial has every step in the tables and in MLflow, as the trial that was not interrupted."""
-    from test_records import plant_tune_pickles
-
-    p = write_space(tmp_path, "k9", space={"objective.lam": {"grid": [0.0, 1.0]}, "optim.steps": 20,
-                                          "run.ckpt_every": 5, "run.log_every": 5}, max_concurrent=1)
-    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
-    sweep_dir = tmp_path / "k9"
-    first = wait_for(lambda: next((d for d in trial_dirs(sweep_dir) if (d / "checkpoint_0000010").is_dir()
-                                   and not (d / "run" / "final_metrics.json").exists()), None), 240,
-                     "a trial checkpointed at step 10")
-    proc.kill()
-    proc.communicate(timeout=60)
-    marker = tmp_path / "pwned"
-    plant_tune_pickles(sweep_dir / "tune", marker)
-    for d in trial_dirs(sweep_dir):
-        (d / "params.pkl").write_bytes((sweep_dir / "tune" / "tuner.pkl").read_bytes())
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "k9", "--results", str(tmp_path),
-                        "--address", ray_address], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert not marker.exists()
-    final = json.loads((first / "run" / "final_metrics.json").read_text())
-    assert final["resumed_from"] >= 10  # continued from its checkpoint
-    steps = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM curves WHERE metric = 'loss' "
-                  "GROUP BY trial", tmp_path)
-    layers = query("SELECT trial, list(DISTINCT step ORDER BY step) AS s FROM layers GROUP BY trial", tmp_path)
-    assert len(steps) == 2 and all(list(s) == [5, 10, 15, 20] for s in steps.s), steps
-    assert len(layers) == 2 and all(list(s) == [0, 20] for s in layers.s), layers  # the untrained baseline too
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("clmim/k9")
-    children = client.search_runs([exp.experiment_id], filter_string="tags.`clmim.role` = 'trial'")
-    assert len(children) == 2
-    for run in children:
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [5, 10, 15, 20]
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "layer/6/attn_nmi")) == [0, 20]
 
 
 def test_address_sends_the_clusters_token_and_a_wrong_one_is_one_line(ray_address, tmp_path):
