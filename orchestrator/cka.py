@@ -112,7 +112,9 @@ def compare(spec_a: str, spec_b: str | None, root: Path, samples: int = 512) -> 
         name, label_b = f"{ta}__untrained", f"{ta} (untrained)"
     else:
         lb, tb = parse_trial(spec_b, root)
-        name, label_b = f"{ta}__{lb.name}.{tb}", f"{lb.name}/{tb}"
+        # both sides named the same way: bare trial ids within one sweep, <sweep>.<trial> across sweeps
+        name = f"{ta}__{tb}" if lb.name == la.name else f"{la.name}.{ta}__{lb.name}.{tb}"
+        label_b = f"{lb.name}/{tb}"
     table = trial_cka(la, ta, lb, tb, samples)
     out = la.sweep_dir / "cka"
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ interrupted (resumable).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 from trainables.errors import UserError
 
 from .console import fmt as _fmt
+from .console import program
 
 
 def _positive_int(text: str) -> int:
@@ -41,19 +43,40 @@ def cmd_train(args) -> int:
 
     print(f"clmim train: {cfg.model.variant} on {cfg.data.dataset}, {objective_label(cfg.objective.mix())}, "
           f"out={cfg.run.out_dir}", flush=True)
+    o, e = cfg.optim, cfg.eval
+    length = (f"{o.steps} steps" if o.steps else f"{o.epochs:g} epochs" if o.epochs else
+              f"{o.flops_budget:.3g} training FLOPs" if o.flops_budget else "the recipe's length")
+    evals = "step 0 (untrained)" + (f", every {e.every} epochs" if e.every else "") + " and the end"
+    print(f"plan: {length}, batch {cfg.data.batch_size}; loss every {cfg.run.log_every} steps; probes at {evals}"
+          + (f"; checkpoints every {cfg.run.ckpt_every} steps" if cfg.run.ckpt_every else "; a checkpoint at the end")
+          + (f"; resuming from {cfg.run.resume}" if cfg.run.resume else ""), flush=True)
+    if not cfg.run.resume:
+        print("building the data and model, then probing the untrained encoder (step 0) ...", flush=True)
     from orchestrator.console import duration
     from trainables.trainer import train
 
     t0 = time.time()
+    clock: dict[str, float] = {}  # the step-0 evaluation's duration; when and at which step the first log came
 
     def report(metrics, checkpoint=None):
         step, total = metrics.get("step"), metrics.get("total_steps")
+        now = time.time()
+        if step == 0:
+            clock["eval"] = now - t0
         if "knn_top1" in metrics:  # a probe report (eval.every, or the final one): printed once at the end
+            if step == 0:
+                print(f"step 0 probed in {duration(now - t0)}; training ...", flush=True)
             return
         head = f"step {step}/{total}" if total else f"step {step}"
         if total and step:
-            elapsed = time.time() - t0
-            head += f" ({100 * step / total:.0f}%, ETA {duration(elapsed * (total - step) / step)})"
+            # seconds per step: from step 1's end on; at step 1 from its own throughput. The end's evaluation is
+            # taken to cost what step 0's did.
+            if "first" not in clock:  # step 1 (or a resume's first log step)
+                clock["first"], clock["first_step"] = now, step
+                sps = cfg.data.batch_size / metrics["images_per_s"] if metrics.get("images_per_s") else 0.0
+            else:
+                sps = (now - clock["first"]) / (step - clock["first_step"])
+            head += f" ({100 * step / total:.0f}%, ETA {duration((total - step) * sps + clock.get('eval', 0.0))})"
         keys = [k for k in ("loss", *LOSS_KEY.values(), "lr", "images_per_s", "finetune_loss", "finetune_lr",
                             "finetune_top1") if k in metrics]
         line = "  ".join([head] + [f"{k}={_fmt(metrics[k])}" for k in keys])
@@ -91,26 +114,23 @@ def cmd_sweep(args) -> int:
     summary = run_sweep(space, name=name, results=args.results, address=args.address,
                         max_concurrent=args.max_concurrent, overrides=args.set or [], cli_args=cli_args,
                         mlflow_uri=args.mlflow_uri, storage=args.storage, storage_endpoint=args.storage_endpoint)
-    return _finish(summary, args.results)
+    return _finish(summary, args.results, args.address)
 
 
-def _finish(summary: dict, results_arg: str | None) -> int:
-    """Print the summary and what to do next; the exit code says how the sweep ended."""
-    from .console import print_next_steps, print_summary
+def _finish(summary: dict, results_arg: str | None, address: str | None) -> int:
+    """Print the summary and what to do next (commands that run as printed); the exit code says how it ended."""
+    from .console import print_next_steps, print_summary, resume_command
 
     layout = summary["layout"]
     print_summary(summary, f"sweep {layout.name}")
+    resume = resume_command(layout, results_arg, address)
     if summary["interrupted"]:
-        extra = f" --results {results_arg}" if results_arg else ""
-        if layout.storage:  # (read from the sweep's record; needed only on a machine without that record)
-            extra += f" --storage {layout.storage.uri}"
-        print(f"sweep {layout.name} stopped before every trial ended; continue it with: clmim resume "
-              f"{layout.name}{extra}", file=sys.stderr)
+        print(f"sweep {layout.name} stopped before every trial ended; continue it with: {resume}", file=sys.stderr)
         return 130
     print_next_steps(layout, results_arg)
     if summary["errored"]:
         print(f"sweep {layout.name}: {summary['errored']} trial(s) ended in ERROR (reasons above); after fixing the "
-              f"cause: clmim resume {layout.name} --retry-errored", file=sys.stderr)
+              f"cause: {resume} --retry-errored", file=sys.stderr)
         return 1
     return 0
 
@@ -120,7 +140,7 @@ def cmd_resume(args) -> int:
 
     return _finish(resume_sweep(args.name, results=args.results, address=args.address,
                                 retry_errored=args.retry_errored, storage=args.storage,
-                                storage_endpoint=args.storage_endpoint), args.results)
+                                storage_endpoint=args.storage_endpoint), args.results, args.address)
 
 
 def cmd_results_query(args) -> int:
@@ -132,6 +152,8 @@ def cmd_results_query(args) -> int:
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
         print(df.to_json(orient="records", indent=2))
+    elif df.empty:  # a table of nothing renders as a blank line
+        print(f"0 rows (columns: {', '.join(map(str, df.columns))})")
     else:
         _print_frame(df)
     return 0
@@ -154,7 +176,7 @@ def cmd_results_list(args) -> int:
     if df.empty:
         print(f"no sweeps under {root} yet (start one: clmim sweep search_spaces/quickstart.yaml)")
         return 0
-    _print_frame(df, f"sweeps under {root} (oldest first; `latest` names the last one)")
+    _print_frame(df, f"sweeps under {root} (oldest first; `latest`: the newest with finished trials)")
     return 0
 
 
@@ -440,9 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clmim {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = f"; continue it with: clmim resume {args.name}" if args.command == "resume" else (
-            "; continue it with: clmim resume NAME (clmim results list shows the name)"
-            if args.command == "sweep" else "")
+        flags = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("results", getattr(args, "results", None)),
+                                                                 ("address", getattr(args, "address", None))) if v)
+        name = args.name if args.command == "resume" else getattr(args, "name", None) or "NAME"
+        hint = f"; continue it with: {program()} resume {name}{flags}" + (
+            " (clmim results list shows the name)" if name == "NAME" else "") if args.command in (
+            "resume", "sweep") else ""
         print(f"clmim {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -3,9 +3,16 @@ table, and the commands to run next. Lines are plain text, so a log file reads a
 
 from __future__ import annotations
 
+import heapq
+import json
+import os
+import shlex
+import shutil
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 from trainables.vocab import HIGHER_IS_BETTER
 
@@ -32,29 +39,169 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def print_header(layout: SweepLayout, n_trials: int, mlflow_uri: str, resumed: bool = False) -> None:
-    """Where this sweep's results go and how to look at them while it runs."""
+def program(name: str = "clmim") -> str:
+    """How to run ``name`` (``clmim``, ``mlflow``) verbatim from this shell: the bare name if that is on PATH and is
+    this installation's, else its path beside this Python (``.venv/bin/clmim`` after ``make demo``, which does not
+    put the virtual environment on PATH), relative to the current folder when it is inside it."""
+    here = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return name
+    if not here.exists():
+        return name if name != "clmim" else f"{shlex.quote(sys.executable)} -m orchestrator.cli"
+    rel = os.path.relpath(here, Path.cwd())
+    return shlex.quote(rel if not rel.startswith("..") else str(here))
+
+
+def sweep_flags(layout: SweepLayout, results_arg: str | None, address: str | None = None,
+                storage: bool = False) -> str:
+    """The flags that find this sweep again from another shell: its results root (when given), and for a resume
+    the cluster (``--address``: without it a resume starts a private Ray) and the storage."""
+    out = f" --results {shlex.quote(results_arg)}" if results_arg else ""
+    if address:
+        out += f" --address {shlex.quote(address)}"
+    if storage and layout.storage:
+        out += f" --storage {shlex.quote(layout.storage.uri)}"
+        if layout.storage.endpoint:
+            out += f" --storage-endpoint {shlex.quote(layout.storage.endpoint)}"
+    return out
+
+
+def resume_command(layout: SweepLayout, results_arg: str | None, address: str | None) -> str:
+    return f"{program()} resume {layout.name}{sweep_flags(layout, results_arg, address, storage=True)}"
+
+
+def mlflow_ui(uri: str, experiment_id: str | None) -> str:
+    """The MLflow UI command for a local store (one worker: MLflow's default four did not serve on a loaded
+    machine) and where the runs are; for a tracking server, its address."""
+    if uri.startswith(("http://", "https://")):
+        at = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs" if experiment_id else uri
+        return f"open {at}"
+    where = f" then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs" if experiment_id else ""
+    return f"{program('mlflow')} ui --backend-store-uri {shlex.quote(uri)} --workers 1{where}"
+
+
+def print_header(layout: SweepLayout, n_trials: int, mlflow_uri: str, resumed: bool = False,
+                 results_arg: str | None = None, address: str | None = None,
+                 experiment_id: str | None = None) -> None:
+    """Where this sweep's results go and how to look at them while it runs; every command runs as printed."""
     verb = "resuming" if resumed else "starting"
     print(f"clmim: {verb} sweep {layout.name} ({n_trials} trial(s))", flush=True)
     print(f"  results: {layout.sweep_dir}", flush=True)
     if layout.storage:
         print(f"  storage: {layout.store.display(layout.experiment_path)}  (trial files and checkpoints)", flush=True)
-    print(f"  MLflow:  {mlflow_uri}  (browse: mlflow ui --backend-store-uri {mlflow_uri})", flush=True)
-    print(f"  Ctrl-C stops cleanly; `clmim resume {layout.name}` continues.", flush=True)
+    print(f"  MLflow:  {mlflow_uri}", flush=True)
+    print(f"    browse: {mlflow_ui(mlflow_uri, experiment_id)}", flush=True)
+    print(f"  Ctrl-C stops cleanly; continue with: {resume_command(layout, results_arg, address)}", flush=True)
 
 
 def print_next_steps(layout: SweepLayout, results_arg: str | None) -> None:
-    """The commands that look at a finished sweep."""
-    extra = f" --results {results_arg}" if results_arg else ""
+    """The commands that look at a finished sweep, runnable as printed."""
+    extra = sweep_flags(layout, results_arg)
+    clmim = program()
     print("next:", flush=True)
-    for cmd in (f"clmim results show {layout.name}{extra}", f"clmim report {layout.name}{extra}",
-                f"clmim results query \"SELECT * FROM trials WHERE sweep = '{layout.name}'\"{extra}"):
+    for cmd in (f"{clmim} results show {layout.name}{extra}", f"{clmim} report {layout.name}{extra}",
+                f"{clmim} results query \"SELECT * FROM trials WHERE sweep = '{layout.name}'\"{extra}"):
         print(f"  {cmd}", flush=True)
+
+
+ENDED = ("TERMINATED", "ERROR")
+CHANGED_EVERY_S = 10.0  # a changed progress line is printed at most this often
+UNCHANGED_EVERY_S = 300.0  # an unchanged one (only the clock moved) at most this often, as a heartbeat
+
+
+@dataclass
+class _TrialClock:
+    """What the progress reports showed of one trial, with the driver's clock (seconds)."""
+
+    start: float  # first seen running
+    total: int | None = None  # its total_steps (a probe report lacks it: kept from a log report)
+    first: tuple[float, int] | None = None  # (when, step) the first step > 0 was seen
+    last: tuple[float, int] | None = None  # (when, step) the newest step was first seen
+    at_total: float | None = None  # when its last step was first seen (the final evaluation starts)
+    end: float | None = None
+
+    def sec_per_step(self) -> float | None:
+        if self.first and self.last and self.last[1] > self.first[1]:
+            return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+        return None
+
+
+class SweepClock:
+    """The sweep's ETA from measured rates: each trial's start-up and untrained-encoder evaluation (``head``: from
+    when it runs to its first step, less those steps), its seconds per step, and its final evaluation and export
+    (``tail``: from its last step to its end; until one trial has ended, taken equal to the head). A running trial
+    needs its remaining steps at its own rate plus a tail; a pending one a whole trial (head + steps + tail); trials
+    fill as many slots as ran at once. No ETA until one step rate is measured."""
+
+    def __init__(self, total: int, ended_before: int = 0):
+        self.total = total
+        self.ended_before = ended_before
+        self.trials: dict[str, _TrialClock] = {}
+        self.slots = 1
+
+    def observe(self, now: float, trials) -> None:
+        """``trials``: (id, status, step, total_steps) of every trial of this run, as the reports show them now."""
+        running = 0
+        for tid, status, step, total in trials:
+            c = self.trials.get(tid)
+            if c is None:
+                if status != "RUNNING" and status not in ENDED:
+                    continue  # not started
+                c = self.trials[tid] = _TrialClock(start=now)
+            running += status == "RUNNING"
+            if isinstance(total, (int, float)) and total > 0:
+                c.total = int(total)
+            if isinstance(step, (int, float)) and step > 0 and (c.last is None or step > c.last[1]):
+                c.last = (now, int(step))
+                c.first = c.first or c.last
+                if c.total and step >= c.total and c.at_total is None:
+                    c.at_total = now
+            if status in ENDED and c.end is None:
+                c.end = now
+        self.slots = max(self.slots, running)
+
+    def _head(self) -> float | None:
+        heads = []
+        for c in self.trials.values():
+            sps = c.sec_per_step()
+            if c.first and sps is not None:
+                heads.append(max(0.0, c.first[0] - c.start - c.first[1] * sps))
+        return sum(heads) / len(heads) if heads else None
+
+    def eta(self, now: float) -> float | None:
+        rates = [r for c in self.trials.values() if (r := c.sec_per_step()) is not None]
+        head = self._head()
+        if not rates or head is None:
+            return None
+        sps = sum(rates) / len(rates)
+        tails = [c.end - (c.at_total or c.last[0]) for c in self.trials.values() if c.end and c.last]
+        tail = sum(tails) / len(tails) if tails else head
+        totals = [c.total for c in self.trials.values() if c.total]
+        steps = sum(totals) / len(totals) if totals else 0
+        left = []
+        for c in self.trials.values():
+            if c.end is not None:
+                continue
+            n = c.total or steps
+            if c.last is None:  # starting, evaluating the untrained encoder, or before its first log step
+                left.append(max(0.0, head + n * sps + tail - (now - c.start)))
+            elif c.last[1] < n:
+                own = c.sec_per_step() or sps
+                left.append(max(0.0, (n - c.last[1]) * own - (now - c.last[0])) + tail)
+            else:  # its final evaluation
+                left.append(max(0.0, tail - (now - (c.at_total or c.last[0]))))
+        ended = self.ended_before + sum(c.end is not None for c in self.trials.values())
+        pending = max(0, self.total - ended - len(left))
+        slots = sorted(left + [0.0] * max(0, self.slots - len(left)))
+        for _ in range(pending):  # each pending trial takes the slot that frees first
+            heapq.heapreplace(slots, slots[0] + head + steps * sps + tail)
+        return max(slots) if slots else 0.0
 
 
 def trial_progress(status: str, last: dict) -> float:
     """Fraction of a trial done: 1 once it ended, else step / total_steps of its last report."""
-    if status in ("TERMINATED", "ERROR"):
+    if status in ENDED:
         return 1.0
     step, total = last.get("step"), last.get("total_steps")
     if isinstance(step, (int, float)) and isinstance(total, (int, float)) and total > 0:
@@ -62,84 +209,111 @@ def trial_progress(status: str, last: dict) -> float:
     return 0.0
 
 
-def progress_line(statuses: list[str], fractions: list[float], elapsed: float, p0: float,
-                  best: tuple[str, float, str] | None) -> str:
-    """``trials 2/4 done (0 errored), 1 running, 1 pending | best linear_top1 0.44 (trial x) | 1m10s, ETA 1m05s``.
-    ``p0`` is the fraction done when this process started (a resume), so the ETA uses this run's pace only."""
+def progress_line(statuses: list[str], fractions: list[float], best: tuple[str, float, str] | None) -> str:
+    """``trials 2/4 done (0 errored), 1 running (56% of its steps), 1 pending | best linear_top1 0.44 (trial x)``:
+    the part of a progress line that changes only when the sweep moves (the clock is added by ``with_clock``)."""
     n = len(statuses)
     by = Counter(statuses)
     finished = by["TERMINATED"] + by["ERROR"]
-    parts = [f"trials {finished}/{n} done ({by['ERROR']} errored), {by['RUNNING']} running, "
-             f"{n - finished - by['RUNNING']} pending"]
+    running = [f for s, f in zip(statuses, fractions, strict=True) if s == "RUNNING"]
+    share = f" ({100 * sum(running) / len(running):.0f}% of {'its' if len(running) == 1 else 'their'} steps)" \
+        if running else ""
+    parts = [f"trials {finished}/{n} done ({by['ERROR']} errored), {len(running)} running{share}, "
+             f"{n - finished - len(running)} pending"]
     if best is not None:
         parts.append(f"best {best[0]} {fmt(best[1])} ({best[2]})")
-    p = sum(fractions) / n if n else 0.0
-    eta = f", ETA {duration(elapsed * (1 - p) / (p - p0))}" if p > p0 and p < 1 else ""
-    parts.append(f"{duration(elapsed)} elapsed{eta}")
     return " | ".join(parts)
 
 
+def with_clock(line: str, elapsed: float, eta: float | None) -> str:
+    return f"{line} | {duration(elapsed)} elapsed" + (f", ETA {duration(eta)}" if eta is not None else "")
+
+
+class ProgressPrinter:
+    """Turns snapshots of the sweep's trials into progress lines: a changed line at most every
+    ``CHANGED_EVERY_S``, an unchanged one (only elapsed and ETA moved) at most every ``UNCHANGED_EVERY_S``.
+    Independent of Ray, so a recorded trace replays through it (``CLMIM_PROGRESS_TRACE``: a JSON-lines file of
+    the snapshots, written when set)."""
+
+    def __init__(self, total: int = 0, ended: list[str] | None = None, labels: dict[str, str] | None = None,
+                 metric: str | None = None, mode: str | None = None, start: float | None = None):
+        self.total, self.ended, self.labels = total, list(ended or []), labels or {}
+        self.metric, self.mode = metric, mode
+        self.start = time.time() if start is None else start
+        self.clock = SweepClock(total, len(self.ended))
+        self._done: dict[str, float] = {}  # trial -> largest fraction done seen (a probe report has no total)
+        self._seen: dict[str, tuple[float, str]] = {}  # trial -> latest probed value of the metric (step > 0)
+        self._printed: tuple[str | None, float] = (None, -1e18)  # (content, when)
+        trace = os.environ.get("CLMIM_PROGRESS_TRACE")
+        self._trace = open(trace, "a") if trace else None  # noqa: SIM115 - kept open for the sweep
+        self._traced = None
+
+    def _best(self, snapshot) -> tuple[str, float, str] | None:
+        if not self.metric:
+            return None
+        for tid, label, _, last in snapshot:
+            if isinstance(last.get(self.metric), (int, float)) and last.get("step") != 0:  # 0: untrained
+                self._seen[tid] = (float(last[self.metric]), label)
+        if not self._seen:
+            return None
+        higher = self.mode == "max" if self.mode else self.metric in HIGHER_IS_BETTER
+        v, label = (max if higher else min)(self._seen.values(), key=lambda x: x[0])
+        return self.metric, v, self.labels.get(label, label)
+
+    def update(self, snapshot, now: float | None = None, force: bool = False) -> str | None:
+        """``snapshot``: (Tune id, clmim id, status, last result) per trial of this run. Returns the line to print
+        now, or None."""
+        now = time.time() if now is None else now
+        obs = [(tid, status, last.get("step"), last.get("total_steps")) for tid, _, status, last in snapshot]
+        self.clock.observe(now, obs)
+        if self._trace and obs != self._traced:  # (Tune asks many times a second; write changes only)
+            self._traced = obs
+            self._trace.write(json.dumps({"t": round(now - self.start, 3), "trials": [list(o) for o in obs]}) + "\n")
+            self._trace.flush()
+        for tid, _, status, last in snapshot:
+            self._done[tid] = max(self._done.get(tid, 0.0), trial_progress(status, last))
+        statuses = [status for _, _, status, _ in snapshot] + self.ended
+        fractions = [self._done[tid] for tid, *_ in snapshot] + [1.0] * len(self.ended)
+        waiting = max(0, self.total - len(statuses))  # not created by Tune yet
+        content = progress_line(statuses + ["PENDING"] * waiting, fractions + [0.0] * waiting,
+                                self._best([(tid, cid, status, last) for tid, cid, status, last in snapshot]))
+        last_content, last_when = self._printed
+        wait = CHANGED_EVERY_S if content != last_content else UNCHANGED_EVERY_S
+        if not force and now - last_when < wait:
+            return None
+        self._printed = (content, now)
+        return with_clock(content, now - self.start, self.clock.eta(now))
+
+
 def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[str, str] | None = None):
-    """A Ray Tune progress reporter printing ``progress_line`` when something changed (at most every 10 s) and
-    at least every 60 s while trials run. ``total``: the sweep's trials; ``ended``: statuses of those that ended
-    before this Tune run (a resume); trials Tune has not created yet count as pending. ``labels`` maps trial ids to
-    short descriptions."""
+    """A Ray Tune progress reporter printing ``ProgressPrinter``'s lines. ``total``: the sweep's trials; ``ended``:
+    statuses of those that ended before this Tune run (a resume); trials Tune has not created yet count as
+    pending. ``labels`` maps clmim trial ids to short descriptions."""
     from ray.tune import ProgressReporter
 
     class LineReporter(ProgressReporter):
         def __init__(self):
-            self._start = time.time()
-            self._last_print = 0.0
-            self._last_state = None
-            self._p0 = None
-            self._metric, self._mode = None, None
-            self._seen: dict = {}  # trial_id -> its latest probed value of the metric (a trained step)
-            self._done: dict = {}  # trial_id -> the largest fraction done seen (a probe report has no total_steps)
+            self.printer = ProgressPrinter(total, ended, labels)
+            self._line: str | None = None
 
         def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
-            self._start = time.time()
-            self._metric, self._mode = metric, mode
+            self.printer.metric, self.printer.mode = metric, mode
 
-        def _best(self, trials):
-            metric = self._metric
-            if not metric:
-                return None
-            for t in trials:  # most reports are log steps without probes: remember each trial's last probe
-                r = t.last_result or {}
-                if isinstance(r.get(metric), (int, float)) and r.get("step") != 0:  # step 0: the untrained encoder
-                    self._seen[t.trial_id] = (float(r[metric]), trial_id_of(t.config, t.trial_id))
-            vals = list(self._seen.values())
-            if not vals:
-                return None
-            higher = self._mode == "max" if self._mode else metric in HIGHER_IS_BETTER
-            v, tid = (max if higher else min)(vals, key=lambda x: x[0])
-            return metric, float(v), (labels or {}).get(tid, tid)
+        @staticmethod
+        def _snapshot(trials):
+            return [(t.trial_id, trial_id_of(t.config, t.trial_id), t.status, t.last_result or {}) for t in trials]
 
         def should_report(self, trials, done=False):
-            state = tuple(sorted((t.trial_id, t.status, (t.last_result or {}).get("step")) for t in trials))
-            now = time.time()
-            changed = state != self._last_state
-            if done or (changed and now - self._last_print >= 10) or now - self._last_print >= 60:
-                self._last_state = state
-                return True
-            return False
+            if trials:
+                self._line = self.printer.update(self._snapshot(trials), force=done)
+            return self._line is not None
 
         def report(self, trials, done, *sys_info):
-            if not trials:
-                return
-            statuses = [t.status for t in trials] + list(ended or [])
-            for t in trials:
-                self._done[t.trial_id] = max(self._done.get(t.trial_id, 0.0),
-                                             trial_progress(t.status, t.last_result or {}))
-            fractions = [self._done[t.trial_id] for t in trials] + [1.0] * len(ended or [])
-            waiting = max(0, total - len(statuses))  # not created by Tune yet
-            statuses += ["PENDING"] * waiting
-            fractions += [0.0] * waiting
-            if self._p0 is None:
-                self._p0 = sum(fractions) / len(fractions)
-            self._last_print = time.time()
-            line = progress_line(statuses, fractions, self._last_print - self._start, self._p0, self._best(trials))
-            print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stdout, flush=True)
+            line, self._line = self._line, None
+            if line is None and trials:
+                line = self.printer.update(self._snapshot(trials), force=True)
+            if line:
+                print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stdout, flush=True)
 
     return LineReporter()
 

@@ -19,8 +19,10 @@ Every path a trial, the driver, the tables or MLflow use comes from ``SweepLayou
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,9 @@ from trainables.storage import Storage
 
 # A sweep name is one plain path component: it names a folder under the results root and an MLflow experiment.
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-LATEST = "latest"  # `clmim results show latest`: the most recently started sweep
+# `clmim results show latest`: the most recently started sweep with finished trials (one still running, or
+# interrupted before any trial ended, has nothing to show); `clmim resume latest`: the most recently started one.
+LATEST = "latest"
 
 
 def results_root(arg: str | None = None) -> Path:
@@ -139,6 +143,37 @@ def list_sweeps(root: Path) -> list[Path]:
     return sorted((d for d in root.iterdir() if _is_sweep(d)), key=started)
 
 
+def has_results(d: Path) -> bool:
+    """True if the sweep folder ``d`` has rows in its trials table (its manifest lists a trials file, or without a
+    manifest a trials file is on disk): at least one trial has ended."""
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+        return bool(isinstance(m, dict) and isinstance(m.get("current"), dict) and m["current"].get("trials"))
+    except FileNotFoundError:
+        return any((d / "trials").glob("*.parquet"))
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_latest(root: Path, with_results: bool) -> tuple[str, str | None]:
+    """The sweep ``latest`` names: the newest started (``with_results`` False) or the newest with finished trials;
+    and a note saying which and why when that is not simply the newest folder (None otherwise)."""
+    sweeps = list_sweeps(root)
+    if not sweeps:
+        raise UserError(f"sweep {LATEST!r}: no sweeps under {root}")
+    if not with_results:
+        return sweeps[-1].name, None
+    done = [d for d in sweeps if has_results(d)]
+    if not done:
+        raise UserError(f"sweep {LATEST!r}: no sweep under {root} has finished trials yet (newest: "
+                        f"{sweeps[-1].name}; see clmim results list)")
+    newer = [d.name for d in sweeps[sweeps.index(done[-1]) + 1:]]
+    if not newer:
+        return done[-1].name, None
+    return done[-1].name, (f"latest: {done[-1].name}, the newest sweep with finished trials (newer, with none yet: "
+                           f"{', '.join(newer[-3:])}; see clmim results list)")
+
+
 def check_root(root: Path) -> Path:
     """``root`` if it is an existing folder; else a ``UserError`` (a query over nothing is a mistake)."""
     if not root.exists():
@@ -151,8 +186,6 @@ def check_root(root: Path) -> Path:
 
 def stored_storage(sweep_dir: Path) -> Storage | None:
     """The storage a sweep was started with (its sweep.json's ``storage``); None if not recorded."""
-    import json
-
     try:
         info = json.loads((sweep_dir / "sweep.json").read_text())
         st = info.get("storage") if isinstance(info, dict) else None
@@ -162,7 +195,8 @@ def stored_storage(sweep_dir: Path) -> Storage | None:
 
 
 def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage | None = None) -> SweepLayout:
-    """The layout of an existing sweep ``name`` (or ``latest``); a ``UserError`` that lists the closest names.
+    """The layout of an existing sweep ``name`` (or ``latest``: see ``LATEST``; a note on stderr says which when
+    it is not the newest folder); a ``UserError`` that lists the closest names.
 
     The layout's storage is ``storage`` if given, else the one the sweep recorded. A sweep this results root has
     never seen is found in ``storage`` (``clmim resume NAME --storage URI`` on a fresh machine). ``need`` names a
@@ -171,9 +205,9 @@ def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage 
         check_root(root)
     sweeps = list_sweeps(root)
     if name == LATEST:
-        if not sweeps:
-            raise UserError(f"sweep {LATEST!r}: no sweeps under {root}")
-        name = sweeps[-1].name
+        name, note = resolve_latest(root, with_results=need != "tune")
+        if note:
+            print(note, file=sys.stderr)
     else:
         validate_sweep_name(name, "sweep")
     layout = SweepLayout(root, name, storage or stored_storage(root / name))

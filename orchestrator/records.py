@@ -398,3 +398,53 @@ class DriverLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------------------- the sweep's state
+@dataclass
+class SweepState:
+    """Where a sweep stands: ``state`` is "running" (a live driver holds its lease), "finished" (every planned
+    trial ended), "interrupted (resumable)" (no driver, trials left: ``clmim resume``) or "unknown" (storage
+    unreadable or a sweep without records); ``ended`` / ``planned`` count its trials (``planned`` None: unknown)."""
+
+    state: str
+    ended: int
+    planned: int | None
+    driver: dict | None = None
+
+    def describe(self, name: str) -> str:
+        """One line for a user: the state, the counts, and what to do."""
+        counts = f"{self.ended} of {self.planned if self.planned is not None else '?'} trials ended"
+        if self.state == "running":
+            d = self.driver or {}
+            return (f"sweep {name!r} is running ({counts}; driver pid {d.get('pid', '?')} on {d.get('host', '?')}): "
+                    "its results appear as trials end")
+        if self.state.startswith("interrupted"):
+            return f"sweep {name!r} was interrupted ({counts}); continue it with: clmim resume {name}"
+        return f"sweep {name!r}: {self.state} ({counts})"
+
+
+def sweep_state(layout: SweepLayout, planned: int | None = None) -> SweepState:
+    """The state of a sweep from its records (``planned``: the trial count its sweep.json recorded, for sweeps
+    whose plan a searcher extends as it goes)."""
+    try:
+        lease = _read_json(layout, layout.store.path(layout.name, "driver.json"))
+    except (RecordError, OSError):
+        lease = None
+    try:
+        plan = read_plan(layout)
+        recs = scan(layout, plan)
+    except (RecordError, OSError):
+        return SweepState("unknown", 0, planned, lease if lease and DriverLease.alive(lease) else None)
+    ended = sum(r.status is not None for r in recs.values())
+    if plan is not None and not plan.searched:
+        planned = len(plan.trials)
+    if lease is not None and DriverLease.alive(lease):
+        return SweepState("running", ended, planned, lease)
+    if plan is None and not recs:
+        return SweepState("unknown", ended, planned)
+    if planned is None:  # a searched sweep of unknown size: finished only if nothing is left running
+        return SweepState("finished" if ended == len(recs) else "unknown", ended, planned)
+    if planned is not None and ended >= planned:
+        return SweepState("finished", ended, planned)
+    return SweepState("interrupted (resumable)", ended, planned)

@@ -46,7 +46,7 @@ from .compare import (  # noqa: E402
     tuned_table,
 )
 from .layout import SweepLayout  # noqa: E402
-from .results import QueryError, connect  # noqa: E402
+from .results import QueryError, connect, no_results  # noqa: E402
 from .scaling import chance_level, with_mix  # noqa: E402
 
 # (metric, panel title, y-axis label with units)
@@ -72,7 +72,11 @@ def _png(fig) -> bytes:
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
+    """A table in its own horizontally scrolling box (a wide table never widens the page), without its empty
+    columns (e.g. the placement keys of a sweep that grafts nothing)."""
+    df = df.dropna(axis=1, how="all")
+    table = df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
+    return f'<div class="scroll">{table}</div>'
 
 
 def lam_color(lam: float):
@@ -102,34 +106,62 @@ def _seed_curve(d: pd.DataFrame, x: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": g.mean(), "se": g.std(ddof=1) / np.sqrt(g.count())}).fillna({"se": 0.0})
 
 
+PANELS_PER_ROW = 3  # at the page's 1,400 px, ~450 px a panel: axis labels stay readable
+
+
+def _untrained_lines(untrained: pd.DataFrame, metric: str, axes_cols: list[str]) -> list[tuple[str, pd.Series, str]]:
+    """The untrained encoder's curve of ``metric`` (mean over trials per layer): one grey line when every group's
+    is the same, else one per group in the group's colour (groups that differ in architecture or seed start from
+    different encoders)."""
+    u = untrained[untrained.metric == metric]
+    if u.empty:
+        return []
+    per = [(group_name(k, axes_cols), g.groupby("layer").value.mean(), group_color(g))
+           for k, g in u.groupby(axes_cols, dropna=False)]
+    first = per[0][1]
+    if all(len(c) == len(first) and np.allclose(c.values, first.values, rtol=1e-6, atol=1e-9) for _, c, _ in per):
+        return [("untrained (step 0)", first, "grey")]
+    return [(f"untrained: {name}", c, color) for name, c, color in per]
+
+
 def layer_figure(layers: pd.DataFrame, chance: float | None = None,
-                 untrained: pd.DataFrame | None = None, axes_cols: list[str] | None = None) -> bytes:
+                 untrained: pd.DataFrame | None = None, axes_cols: list[str] | None = None) -> tuple[bytes, int]:
     """Per-layer curves, one line per group (lam and the other varied axes) with ± 1 SE over seeds, one panel per
-    metric; the untrained encoder (step 0, mean over trials) as a dashed grey line."""
+    metric in a grid of ``PANELS_PER_ROW``; the untrained encoder (step 0) dashed (``_untrained_lines``). Returns
+    the PNG and its panels per row."""
     axes_cols = axes_cols or ["mix"]
     metrics = [m for m in LAYER_METRICS if (layers.metric == m[0]).any()]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for ax, (metric, title, ylabel) in zip(axes[0], metrics, strict=True):
+    cols = min(PANELS_PER_ROW, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, (metric, title, ylabel) in zip(flat, metrics, strict=False):
         d = layers[layers.metric == metric]
         for key, g in d.groupby(axes_cols, dropna=False):
             c = _seed_curve(g.groupby(["trial", "layer"]).value.mean().reset_index(), "layer")
             ax.errorbar(c.index, c["mean"], yerr=c["se"], marker="o", ms=3, capsize=2, color=group_color(g),
                         label=group_name(key, axes_cols))
         if untrained is not None and not untrained.empty:
-            u = untrained[untrained.metric == metric].groupby("layer").value.mean()
-            ax.plot(u.index, u.values, color="grey", ls="--", lw=1.2, label="untrained (step 0)")
+            for label, u, color in _untrained_lines(untrained, metric, axes_cols):
+                ax.plot(u.index, u.values, color=color, ls="--", lw=1.2, label=label)
         if metric in ACCURACY:
             _chance_line(ax, chance)
         ax.set_xlabel("layer (0 = patch embedding)")
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels, never over a curve
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 6),
-               fontsize=8, title="MIM (lam 0) … CL (lam 1), MAE, DINO, mixes; bars: ± 1 SE over seeds",
-               title_fontsize=8)
-    return _png(fig)
+    handles, labels = {}, {}
+    for ax in flat[:len(metrics)]:  # every panel's entries once (an untrained line per group may be in some only)
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    labels = list(handles)
+    fig.legend([handles[lab] for lab in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(labels), 4), fontsize=9,
+               title="MIM (lam 0) … CL (lam 1), MAE, DINO, mixes; bars: ± 1 SE over seeds", title_fontsize=9)
+    return _png(fig), cols
 
 
 def budget_figure(layers: pd.DataFrame, trials: pd.DataFrame, chance: float | None = None) -> bytes:
@@ -300,7 +332,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     con = connect(layout.root)
     trials = with_mix(con.execute("SELECT * FROM trials WHERE sweep = ?", [name]).df())
     if trials.empty:
-        raise QueryError(f"sweep {name!r} has no results yet (try `clmim results rebuild {name}`)")
+        raise no_results(layout)
     done = trials[trials.status == "TERMINATED"]
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
@@ -318,11 +350,14 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     chance = chance_level(done)
 
     figures: list[tuple[str, str, bytes]] = []
+    panels: dict[str, int] = {}  # figure -> panels per row (the browser test checks each panel's rendered width)
     if not curves.empty:
         figures.append(("loss", "Training loss per trial", loss_figure(curves, trials)))
     if not layers.empty:
+        png, per_row = layer_figure(layers, chance, untrained, axes_cols)
+        panels["layers"] = per_row
         figures.append(("layers", "Per-layer probes by objective (mean over heads, ± 1 SE over seeds; dashed: "
-                                  "untrained encoder)", layer_figure(layers, chance, untrained, axes_cols)))
+                                  "untrained encoder)", png))
         if (all_layers.metric == "linear_top1_gap").any():
             figures.append(("budget", "Linear probe at matched optimiser steps (left) and matched training FLOPs "
                                       "(right)", budget_figure(all_layers, done, chance)))
@@ -384,30 +419,42 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         matched = matched_table(all_layers, done)
         if len(matched):
             matched["mean ± SE"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
+            step0 = (matched.read_at_step == 0).any()
             parts += ["<h2>Matched budgets</h2>",
                       "<p>Last-layer linear probe at the largest optimiser step (and the largest training-FLOPs "
                       "budget) every trial reached; each trial is read at its last probe within the budget.</p>",
+                      *(["<p class=note><b>Note:</b> some rows read step 0, the untrained encoder: this sweep "
+                         "probes only at step 0 and at each trial's end (no <code>eval.every</code>), so a budget "
+                         "below a trial's end falls back to its untrained probe. Set <code>eval.every</code> to "
+                         "compare trained models at matched budgets.</p>"] if step0 else []),
                       _table_html(matched[["group", "metric", "matched", "budget", "read_at_step", "mean ± SE",
                                            "seeds"]])]
     if len(failed):
         parts += ["<h2>Failed or unfinished trials</h2>", _table_html(failed)]
     for key, title, png in figures:
         b64 = base64.b64encode(png).decode()
+        per_row = f' data-panels-per-row="{panels[key]}"' if key in panels else ""
         parts += [f"<h2>{html.escape(title)}</h2>",
-                  f'<img class="fig" alt="{key}" src="data:image/png;base64,{b64}">']
+                  f'<img class="fig" alt="{key}"{per_row} src="data:image/png;base64,{b64}">']
     if len(fits):
         parts += ["<h2>Power-law fits</h2>", _table_html(fits)]
     parts += ["<h2>Best configurations</h2>", _table_html(best)]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>clmim {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img.fig{{max-width:100%}}
 table.t{{border-collapse:collapse;font-size:13px}} table.t td,table.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
-p.summary{{max-width:1000px;line-height:1.4}}
+p.summary{{max-width:1000px;line-height:1.4}} div.scroll{{overflow-x:auto;max-width:100%}}
+p.note{{background:#fff6d5;padding:4px 8px;max-width:1000px}}
 </style></head><body>{''.join(parts)}
 <script>
-// lets a headless browser check that every figure decoded: <body data-figures="loaded/total">
+// lets a headless browser check the page: every figure decoded (data-figures="loaded/total"), the rendered
+// width of one panel of each grid figure (data-panel-px), and that nothing widens the page (data-page-px)
 window.addEventListener("load", () => {{
   const imgs = [...document.images];
-  document.body.dataset.figures = imgs.filter(i => i.complete && i.naturalWidth > 0).length + "/" + imgs.length;
+  const b = document.body.dataset;
+  b.figures = imgs.filter(i => i.complete && i.naturalWidth > 0).length + "/" + imgs.length;
+  b.panelPx = imgs.filter(i => i.dataset.panelsPerRow)
+    .map(i => i.alt + ":" + Math.round(i.clientWidth / Number(i.dataset.panelsPerRow))).join(",");
+  b.pagePx = document.documentElement.scrollWidth;
 }});
 </script></body></html>"""
     write_text_atomic(out, page)

@@ -633,7 +633,8 @@ def _total_bytes(layout: SweepLayout) -> int:
 
 
 def list_table(root: str | Path):
-    """One row per sweep under ``root``: name, started, planned trials, status counts, storage bytes."""
+    """One row per sweep under ``root``: name, started, planned trials, its state (running, finished, interrupted
+    (resumable): ``records.sweep_state``), status counts in the tables, storage bytes."""
     import pandas as pd
 
     root = check_root(Path(root))
@@ -646,10 +647,13 @@ def list_table(root: str | Path):
             info = {}
         c = counts[counts.sweep == d.name]
         by = dict(zip(c.status, c.n, strict=True))
-        rows.append({"sweep": d.name, "started": info.get("created", "?"), "planned": info.get("n_trials"),
+        layout = SweepLayout(root, d.name, stored_storage(d))
+        planned = info.get("n_trials") if isinstance(info.get("n_trials"), int) else None
+        rows.append({"sweep": d.name, "started": info.get("created", "?"), "planned": planned,
+                     "state": records.sweep_state(layout, planned).state,
                      "terminated": int(by.get("TERMINATED", 0)), "error": int(by.get("ERROR", 0)),
                      "other": int(sum(v for k, v in by.items() if k not in ("TERMINATED", "ERROR"))),
-                     "storage_mb": round(_total_bytes(SweepLayout(root, d.name, stored_storage(d))) / 1e6, 1)})
+                     "storage_mb": round(_total_bytes(layout) / 1e6, 1)})
     return pd.DataFrame(rows)
 
 
@@ -691,7 +695,9 @@ def _comparisons(done, layers, robustness=None) -> list[tuple[str, object]]:
         matched = matched_table(layers, done)
         if len(matched):
             matched["value"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
-            out.append(("last-layer linear probe at matched steps and matched training FLOPs",
+            note = (" (read_at_step 0 is the untrained encoder: without eval.every a budget below a trial's end "
+                    "falls back to step 0)" if (matched.read_at_step == 0).any() else "")
+            out.append((f"last-layer linear probe at matched steps and matched training FLOPs{note}",
                         matched[["group", "metric", "matched", "budget", "read_at_step", "value", "seeds"]]))
     if "step" in layers and (layers.step == 0).any():
         final, untrained = split_baseline(layers)
@@ -738,6 +744,18 @@ def time_shares(done):
     return pd.DataFrame(rows)
 
 
+def no_results(layout: SweepLayout) -> QueryError:
+    """The error for a sweep without rows: running, interrupted before any trial ended, or tables to rebuild."""
+    try:
+        info = read_json(layout.sweep_json, {}) or {}
+    except DamagedFile:
+        info = {}
+    state = records.sweep_state(layout, info.get("n_trials") if isinstance(info.get("n_trials"), int) else None)
+    if state.state == "running" or (state.state.startswith("interrupted") and not state.ended):
+        return QueryError(state.describe(layout.name))
+    return QueryError(f"sweep {layout.name!r} has no results yet (try `clmim results rebuild {layout.name}`)")
+
+
 def show(layout: SweepLayout) -> list[tuple[str, object]]:
     """Summary tables of one sweep: status counts, best trial per objective and variant, per-group mean ± SE over
     seeds, matched-budget and paper-claim tables, failed trials, storage."""
@@ -746,7 +764,7 @@ def show(layout: SweepLayout) -> list[tuple[str, object]]:
     name, root = layout.name, layout.root
     con = connect(root)
     if not con.execute("SELECT count(*) FROM trials WHERE sweep = ?", [name]).fetchone()[0]:
-        raise QueryError(f"sweep {name!r} has no results yet (try `clmim results rebuild {name}`)")
+        raise no_results(layout)
     out = [("status", con.execute("SELECT status, count(*) AS trials FROM trials WHERE sweep = ? "
                                   "GROUP BY status ORDER BY status", [name]).df())]
     cols = {r[0] for r in con.execute("DESCRIBE trials").fetchall()}

@@ -375,7 +375,7 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
         write_plan(layout, plan)
         return _drive(layout, space, uri, plan, queue=list(plan.trials.items()),
                       extra=space.num_samples if plan.searched else 0, max_concurrent=max_concurrent
-                      or space.max_concurrent)
+                      or space.max_concurrent, results_arg=results, address=address)
 
 
 def _refuse_existing(layout: SweepLayout) -> None:
@@ -387,7 +387,8 @@ def _refuse_existing(layout: SweepLayout) -> None:
 
 
 def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[str, dict]], extra: int,
-           max_concurrent: int | None, evaluated: list | None = None, ended: list[str] | None = None) -> dict:
+           max_concurrent: int | None, evaluated: list | None = None, ended: list[str] | None = None,
+           results_arg: str | None = None, address: str | None = None) -> dict:
     """The one start path of a sweep and of its resume: the callback (checked against MLflow before any trial),
     the header, Tune over ``queue`` (id, values) and ``extra`` searched trials, then the summary. ``ended``:
     statuses of the trials that ended before (a resume)."""
@@ -404,7 +405,8 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     resumed = ended is not None
     if resumed:
         backfill(callback, layout, plan)
-    print_header(layout, space.n_trials(), uri, resumed=resumed)
+    print_header(layout, space.n_trials(), uri, resumed=resumed, results_arg=results_arg, address=address,
+                 experiment_id=callback.experiment_id())
     inner = None
     if extra:
         from ray.tune.search.optuna import OptunaSearch
@@ -532,7 +534,8 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
         extra = max(0, space.num_samples - len(recs)) if plan.searched else 0
         return _drive(layout, space, uri, plan, queue, extra, max_concurrent or cli.get("max_concurrent")
                       or space.max_concurrent, evaluated=evaluated,
-                      ended=[r.status.value for r in recs.values() if r.status is not None])
+                      ended=[r.status.value for r in recs.values() if r.status is not None],
+                      results_arg=results, address=address)
 
 
 def backfill(callback, layout: SweepLayout, plan) -> int:

@@ -161,20 +161,22 @@ class ResultsCallback(Callback):
             self._client = MlflowClient(tracking_uri=self.mlflow_uri)
         return self._client
 
-    def _experiment_id(self) -> str:
+    def experiment_id(self) -> str:
         if self._experiment is None:
             name = f"clmim/{self.layout.name}"
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 local = not self.mlflow_uri.startswith(("http://", "https://", "databricks"))
                 where = self.layout.mlflow_artifacts.as_uri() if local else None
-                self._experiment = self.client.create_experiment(name, artifact_location=where)
+                # MLflow 3's UI opens a GenAI overview ("Traces 0") unless the experiment says it trains models
+                self._experiment = self.client.create_experiment(
+                    name, artifact_location=where, tags={"mlflow.experimentKind": "custom_model_development"})
             else:
                 self._experiment = exp.experiment_id
         return self._experiment
 
     def _find_run(self, tag: str, value: str) -> str | None:
-        runs = self.client.search_runs([self._experiment_id()], filter_string=f"tags.`{tag}` = '{value}'",
+        runs = self.client.search_runs([self.experiment_id()], filter_string=f"tags.`{tag}` = '{value}'",
                                        max_results=1)
         return runs[0].info.run_id if runs else None
 
@@ -191,7 +193,7 @@ class ResultsCallback(Callback):
             if self._parent is None:
                 from trainables.files import read_json
 
-                run = self.client.create_run(self._experiment_id(), run_name=self.layout.name,
+                run = self.client.create_run(self.experiment_id(), run_name=self.layout.name,
                                              tags={"clmim.role": "sweep", "clmim.sweep": self.layout.name})
                 self._parent = run.info.run_id
                 info = read_json(self.layout.sweep_json, {})
@@ -211,7 +213,7 @@ class ResultsCallback(Callback):
         if tid not in self._runs:
             run_id = self._find_run("clmim.trial_id", tid)
             if run_id is None:
-                run = self.client.create_run(self._experiment_id(), run_name=trial_label(self.space, values), tags={
+                run = self.client.create_run(self.experiment_id(), run_name=trial_label(self.space, values), tags={
                     "mlflow.parentRunId": self.parent_run(), "clmim.trial_id": tid,
                     "clmim.sweep": self.layout.name, "clmim.role": "trial"})
                 run_id = run.info.run_id

@@ -29,12 +29,12 @@ def require_chromium() -> str:
 
 
 def render(page: Path, workdir: Path) -> tuple[Path, str]:
-    """(screenshot PNG, DOM after the load event) of a local HTML file."""
+    """(screenshot PNG, DOM after the load event) of a local HTML file, in a 1,400-px-wide window."""
     chromium = require_chromium()
     png = workdir / "shot.png"
     common = [chromium, *FLAGS, f"--user-data-dir={workdir / 'profile'}"]
     subprocess.run([*common, f"--screenshot={png}", "--window-size=1400,1600", page.as_uri()],
                    check=True, capture_output=True, timeout=180)
-    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=180).stdout
+    dom = subprocess.run([*common, "--dump-dom", "--window-size=1400,1600", page.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=180).stdout
     return png, dom

@@ -25,11 +25,11 @@ def test_compare_two_trials_and_a_trial_with_its_untrained_encoder(tmp_path, cap
     r = str(tmp_path)
     assert main(["compare", "s/t0", "s/t1", "--results", r, "--samples", "64"]) == 0
     assert "linear CKA" in capsys.readouterr().out
-    t = pd.read_parquet(tmp_path / "s" / "cka" / "t0__s.t1.parquet")
+    t = pd.read_parquet(tmp_path / "s" / "cka" / "t0__t1.parquet")
     assert len(t) == 6 * 6 and t.cka.between(-0.1, 1.0 + 1e-9).all()
-    assert (tmp_path / "s" / "cka" / "t0__s.t1.png").stat().st_size > 1000
+    assert (tmp_path / "s" / "cka" / "t0__t1.png").stat().st_size > 1000
     assert main(["compare", "s/t0", "s/t0", "--results", r, "--samples", "64"]) == 0
-    same = pd.read_parquet(tmp_path / "s" / "cka" / "t0__s.t0.parquet")
+    same = pd.read_parquet(tmp_path / "s" / "cka" / "t0__t0.parquet")
     assert (same[same.layer_a == same.layer_b].cka - 1).abs().max() < 1e-6
     assert main(["compare", "s/t0", "--untrained", "--results", r, "--samples", "64"]) == 0
     moved = pd.read_parquet(tmp_path / "s" / "cka" / "t0__untrained.parquet")

@@ -64,13 +64,13 @@ def test_progress_does_not_go_back_on_a_probe_report(capsys):
     from orchestrator.console import make_reporter
 
     reporter = make_reporter()
-    trial = SimpleNamespace(trial_id="t", status="RUNNING", last_result={"step": 50, "total_steps": 100})
+    trial = SimpleNamespace(trial_id="t", config={}, status="RUNNING", last_result={"step": 50, "total_steps": 100})
     reporter.report([trial], False)
     trial.last_result = {"step": 50, "linear_top1": 0.5}
     reporter.report([trial], False)
     lines = [x for x in capsys.readouterr().out.splitlines() if "trials" in x]
     assert len(lines) == 2
-    assert reporter._done["t"] == 0.5
+    assert reporter.printer._done["t"] == 0.5
 
 
 def test_a_sweep_name_that_is_a_file_of_the_results_root_is_refused_before_ray(tmp_path, capsys, monkeypatch):

@@ -89,6 +89,59 @@ def test_quickstart_sweep_completes(ray_address, tmp_path, capsys):
     # the default MLflow store: SQLite under the results root, one parent and one child per trial
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", 4)
     check_report(tmp_path)
+    check_printed_commands(tmp_path, summary, out, ray_address, capsys)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_printed_commands(root: Path, summary: dict, header: str, address: str, capsys) -> None:
+    """Every command the sweep prints and the README's post-demo block runs verbatim from the repository root (the
+    virtual environment is not on PATH after `make demo`); the MLflow UI command serves the runs it points at."""
+    import re
+    import shlex
+    import urllib.request
+
+    from orchestrator.cli import _finish
+    from orchestrator.console import program
+
+    if not (REPO / ".venv" / "bin" / "clmim").exists():
+        pytest.skip("needs the repository's .venv (make test creates it)")
+    assert _finish(summary, str(root), address) == 0
+    printed = capsys.readouterr().out.split("next:\n", 1)[1]
+    commands = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
+    readme = (REPO / "README.md").read_text()
+    after_demo = readme.split("After `make demo`", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    repro = readme.split("## A CPU reproduction", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands += [line.split("#")[0].strip() for line in after_demo.splitlines() if line.strip()]
+    commands += [line.split("#")[0].strip() for line in repro.splitlines() if "repro_claims" in line]
+    assert len(commands) == 7 and all(c.startswith((program(), ".venv/bin/")) for c in commands), commands
+    env = {**os.environ, "CLMIM_RESULTS": str(root)}
+    procs = [(c, subprocess.Popen(c, shell=True, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)) for c in commands]
+    for c, proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip(), (c, err[-2000:])
+    # the header's resume command finds this sweep again: its results root and the cluster
+    resume = re.search(r"continue with: (.*)", header).group(1)
+    assert resume == f"{program()} resume quickstart --results {root} --address {address}", resume
+    # the MLflow UI command, verbatim: it serves, and the page it names lists the sweep's runs
+    browse = re.search(r"browse: (.*) then open (http://\S+)", header)
+    ui, page = browse.group(1), browse.group(2)
+    assert ui.startswith(f"{program('mlflow')} ui ") and "--workers 1" in ui
+    exp_id = re.search(r"#/experiments/(\w+)/runs$", page).group(1)
+    server = subprocess.Popen(shlex.split(ui), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:5000/ajax-api/2.0/mlflow/experiments/get?experiment_id={exp_id}"
+        wait_http(api, 90, "mlflow ui")
+        exp = json.loads(urllib.request.urlopen(api, timeout=10).read())["experiment"]
+        assert exp["name"] == "clmim/quickstart"
+        # MLflow 3 opens a model-training experiment on its runs, not on the GenAI overview
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def check_report(root):
@@ -110,6 +163,11 @@ def check_report(root):
     assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 2, dom[-500:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and plots, not a blank page
+    # readable at 1,400 px: each per-layer panel renders at least 400 px wide (7 panels in one row were ~190), and
+    # no table widens the page (wide ones scroll inside their own box)
+    panels = dict(kv.split(":") for kv in re.search(r'data-panel-px="([^"]*)"', dom).group(1).split(","))
+    assert int(panels["layers"]) >= 400, panels
+    assert int(re.search(r'data-page-px="(\d+)"', dom).group(1)) <= 1400
 
     client_uri = f"sqlite:///{root / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient

@@ -159,6 +159,49 @@ def test_results_list_and_not_found_names_the_closest_sweeps(tmp_path, capsys):
     assert "lambda" in capsys.readouterr().out
 
 
+def test_latest_is_the_newest_sweep_with_results_and_a_running_or_interrupted_one_says_so(tmp_path, capsys):
+    """A second sweep started after the demo has no rows yet: ``latest`` still names the demo (with a note saying
+    so), ``results list`` shows each sweep's state, and asking for the running sweep says it runs, not "rebuild"."""
+    import os
+    import socket
+
+    from orchestrator.layout import SweepLayout
+    from orchestrator.records import Plan, write_plan
+
+    make_sweep(tmp_path, "demo", n=2)
+    write_plan(SweepLayout(tmp_path, "demo"), Plan("t", {"t0": {}, "t1": {}}))
+    for t in ("t0", "t1"):  # both ended: the driver wrote their status
+        (tmp_path / "demo" / "tune" / t).mkdir(parents=True)
+        (tmp_path / "demo" / "tune" / t / "status.json").write_text('{"status": "TERMINATED"}')
+    for name, alive in (("second", True), ("third", False)):
+        time.sleep(0.01)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps({"name": name, "created": "x", "n_trials": 2}))
+        write_plan(SweepLayout(tmp_path, name), Plan("u", {"u0": {}, "u1": {}}))
+        if alive:  # a driver holds its lease: this process, renewed now
+            (tmp_path / name / "driver.json").write_text(json.dumps(
+                {"token": "x", "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}))
+    assert main(["results", "show", "latest", "--results", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert "latest: demo, the newest sweep with finished trials" in cap.err and "third" in cap.err
+    assert main(["results", "list", "--results", str(tmp_path)]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    assert "finished" in rows["demo"] and "running" in rows["second"]
+    assert "interrupted (resumable)" in rows["third"]
+    assert main(["results", "show", "second", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is running (0 of 2 trials ended" in err and "rebuild" not in err
+    assert main(["report", "third", "--results", str(tmp_path)]) == 2
+    assert "clmim resume third" in capsys.readouterr().err
+
+
+def test_a_query_without_rows_says_0_rows(tmp_path, capsys):
+    make_sweep(tmp_path, "s", n=1)
+    assert main(["results", "query", "SELECT trial, status FROM trials WHERE false", "--results",
+                 str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "0 rows (columns: trial, status)"
+
+
 def test_readme_commands_after_make_demo_name_sweeps_that_exist():
     """After `make demo` the README's follow-up commands use `latest` (the demo's name carries a timestamp)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -180,25 +223,33 @@ def test_browser_helper_skips_outside_ci_and_fails_under_ci(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- 6. console
-def test_progress_line_counts_best_and_eta():
-    from orchestrator.console import progress_line, trial_progress
+def test_progress_line_counts_best_and_running_share():
+    from orchestrator.console import progress_line, trial_progress, with_clock
 
     statuses = ["TERMINATED", "ERROR", "RUNNING", "PENDING"]
     fractions = [trial_progress(s, r) for s, r in zip(statuses, [{}, {}, {"step": 5, "total_steps": 10}, {}],
                                                       strict=True)]
-    line = progress_line(statuses, fractions, elapsed=100.0, p0=0.0, best=("linear_top1", 0.4453, "lam=0.25"))
-    assert line.startswith("trials 2/4 done (1 errored), 1 running, 1 pending")
-    assert "best linear_top1 0.4453 (lam=0.25)" in line and "ETA 1m00s" in line  # 62.5% done in 100 s
+    line = progress_line(statuses, fractions, best=("linear_top1", 0.4453, "lam=0.25"))
+    assert line.startswith("trials 2/4 done (1 errored), 1 running (50% of its steps), 1 pending")
+    assert "best linear_top1 0.4453 (lam=0.25)" in line
+    assert with_clock(line, 100.0, 60.0).endswith("| 1m40s elapsed, ETA 1m00s")
 
 
-def test_train_prints_step_of_total_with_eta_and_a_short_final_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--set", "optim.steps=4",
-                        "--set", "run.log_every=2", "--set", "data.train_size=128", "--set", "eval.samples=32",
-                        "--set", "data.eval_size=32", "--set", "data.batch_size=32", "--set", "eval.probe_images=8",
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+def test_train_prints_its_plan_at_once_the_first_steps_rate_and_a_short_final_line(tmp_path):
+    """`clmim train` was silent until step 10 (minutes with defaults): the plan and the step-0 evaluation are
+    announced before any work, step 1 reports its rate and an ETA, then every log step."""
+    cheap = ["eval.dense_images=0", "eval.cka=false", "eval.noise.bands=0", "eval.probe_images=8"]
+    sets = [a for kv in ["optim.steps=4", "run.log_every=2", "data.train_size=128", "eval.samples=32",
+                         "data.eval_size=32", "data.batch_size=32", *cheap] for a in ("--set", kv)]
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", *sets, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert any(re.match(r"step 2/4 \(50%, ETA (\d+m)?\d+s\)", ln) for ln in lines), lines  # 1m05s under load
+    assert lines[1].startswith("plan: 4 steps, batch 32; loss every 2 steps; probes at step 0 (untrained) and the end")
+    assert lines[2].startswith("building the data and model, then probing the untrained encoder (step 0)")
+    assert lines[3].startswith("step 0 probed in ")
+    assert re.match(r"step 1/4 \(25%, ETA (\d+m)?\d+s\)  loss=", lines[4]), lines
+    assert re.match(r"step 2/4 \(50%, ETA (\d+m)?\d+s\)", lines[5]), lines
     assert max(len(ln) for ln in lines) < 300 and lines[-2].startswith("final: ")
 
 

@@ -479,7 +479,8 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
             t_eval = time.perf_counter()
             report({"step": done, "epoch": done / run.steps_per_epoch, **evaluate(run, done)})
             t_log += time.perf_counter() - t_eval
-        if done % r.log_every == 0 or done == run.total or ckpt_due:
+        # step 1 too: its rate is the first a user sees (a run's first log_every steps can take minutes)
+        if done % r.log_every == 0 or done == 1 or done == run.total or ckpt_due:
             metrics = _log_metrics(run, out, nonfinite, step, done, n_log * cfg.data.batch_size,
                                    time.perf_counter() - t_log)
             report(metrics, checkpoint=run.save(done, run.objective, run.opt, {"log": metrics}) if ckpt_due else None)
