@@ -244,8 +244,7 @@ class ProgressPrinter:
         self._done: dict[str, float] = {}  # trial -> largest fraction done seen (a probe report has no total)
         self._seen: dict[str, tuple[float, str]] = {}  # trial -> latest probed value of the metric (step > 0)
         self._printed: tuple[str | None, float] = (None, -1e18)  # (content, when)
-        trace = os.environ.get("CLMIM_PROGRESS_TRACE")
-        self._trace = open(trace, "a") if trace else None  # noqa: SIM115 - kept open for the sweep
+        self._trace = os.environ.get("CLMIM_PROGRESS_TRACE")  # a path (Tune pickles the reporter: no open file)
         self._traced = None
 
     def _best(self, snapshot) -> tuple[str, float, str] | None:
@@ -268,8 +267,8 @@ class ProgressPrinter:
         self.clock.observe(now, obs)
         if self._trace and obs != self._traced:  # (Tune asks many times a second; write changes only)
             self._traced = obs
-            self._trace.write(json.dumps({"t": round(now - self.start, 3), "trials": [list(o) for o in obs]}) + "\n")
-            self._trace.flush()
+            with open(self._trace, "a") as f:
+                f.write(json.dumps({"t": round(now - self.start, 3), "trials": [list(o) for o in obs]}) + "\n")
         for tid, _, status, last in snapshot:
             self._done[tid] = max(self._done.get(tid, 0.0), trial_progress(status, last))
         statuses = [status for _, _, status, _ in snapshot] + self.ended
