@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize
 
 from .augment import eval_view
 
@@ -201,8 +202,6 @@ def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, w
     loss (checked on real features: within 0.2%) at a third to a tenth of the cost; torch's was Python overhead on
     these small problems, 90% of an evaluation's time. Its line search differs, so accuracies of a fit that has not
     converged in ``iters`` iterations can differ from the earlier implementation's by a test image or two."""
-    from scipy.optimize import minimize
-
     x = train_x.double().cpu().numpy()
     mean, std = x.mean(0), x.std(0, ddof=1) + 1e-6
     x = (x - mean) / std
