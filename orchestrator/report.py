@@ -402,8 +402,12 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         claims = paper_claims(layers, untrained, done).drop(columns="key")
         parts += ["<h2>Paper claims</h2>",
                   "<p>Each claim of Park et al. (ICLR 2023) read on this sweep's pure MIM (lam = 0) and pure CL "
-                  "(lam = 1) trials: mean ± standard error over seeds, the untrained encoder (step 0) beside them; "
-                  "a claim holds when the difference in its direction exceeds 2 standard errors.</p>",
+                  "(lam = 1) trials, one table per group of the sweep's other varied axes: mean ± standard error "
+                  "over seeds (n counts seeds), the untrained encoder (step 0) and each side's move from it with a "
+                  "95 % interval; the difference in the claim's direction with its 95 % interval, Welch's t test "
+                  "and Holm's correction over the group's claims. A claim holds (or is opposite) when its "
+                  "Holm-adjusted p is below 0.05 in its direction (or the other); a claim that holds although "
+                  "CL did not move from its untrained encoder says so.</p>",
                   _table_html(claims)]
         evals = eval_claims(done, robustness)
         evals = evals[evals["verdict"] != "not measured"].drop(columns="key")

@@ -51,7 +51,7 @@ def test_non_finite_loss_stops_with_clear_error(monkeypatch):
         return out
 
     monkeypatch.setattr(Hybrid, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss by step 2"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss by step 1"):  # step 1 is a log step
         train(load_config(tiny()))
 
 
@@ -59,7 +59,7 @@ def test_reports_and_final_metrics():
     logs = []
     final = train(load_config(tiny(**{"objective__lam": 0.0})), lambda m, checkpoint=None: logs.append(m))
     steps = [m["step"] for m in logs if "loss" in m and "knn_top1" not in m]
-    assert steps == [2, 4, 6]
+    assert steps == [1, 2, 4, 6]  # step 1 (its rate is the first a user sees), then every log_every
     assert {"loss", "loss_mim", "lr", "images_per_s", "knn_top1", "linear_top1", "shape_bias",
             "train_flops_per_image"} <= set(final)
 
