@@ -21,7 +21,8 @@ def test_cli_unknown_key_and_missing_file(capsys, tmp_path):
 def test_cli_train_runs_and_saves_resolved_config(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"train_size": 128, "eval_size": 32, "batch_size": 32},
-                                   "eval": {"samples": 32}}))
+                                   "eval": {"samples": 32, "probe_images": 8, "dense_images": 0, "cka": False,
+                                            "noise": {"bands": 0}}}))
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg), "--set", "optim.steps=2",
                         "--set", "objective.lam=0.2", "--out", str(out)], capture_output=True, text=True)

@@ -463,6 +463,7 @@ def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_addre
     assert "private local instance" in r.stdout
 
 
+@pytest.mark.slow  # a cluster of its own (~25 s): in the slow tier with the other clusters
 def test_address_sends_the_clusters_token_and_a_wrong_one_is_one_line(ray_address, tmp_path):
     """A `ray start` cluster keeps token auth on: --address works without RAY_AUTH_MODE in the environment (it used
     to fail with ~20 lines of InvalidAuthToken), and a wrong token is one line naming the file it came from."""
