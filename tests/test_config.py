@@ -160,3 +160,19 @@ def test_placement_per_objective_and_the_graft_over_families():
         "objective.mae.decoder_heads:")
     assert err(overrides=["objective.weights.dino=1", "objective.dino.local_size=10"]).startswith(
         "objective.dino.local_size:")
+
+
+def test_adamw_beta2_follows_each_objectives_recipe_and_a_mix_interpolates():
+    """MAE's official AdamW uses betas (0.9, 0.95); SimMIM, MoCo v3 and DINO PyTorch's 0.999 (clmim used 0.999
+    for every objective)."""
+    beta2 = {w: load_config({}, [f"objective.weights={w}"]).optim.beta2
+             for w in ("{mae: 1}", "{dino: 1}", "{simmim: 1}", "{mocov3: 1}", "{mae: 0.5, dino: 0.5}")}
+    assert list(beta2.values()) == [0.95, 0.999, 0.999, 0.999, 0.9745]
+    assert load_config({}, ["objective.lam=0.5"]).optim.beta2 == 0.999
+    assert load_config({}, ["objective.weights={mae: 1}", "optim.beta2=0.99"]).optim.beta2 == 0.99  # set: kept
+
+
+def test_a_graft_lr_ratio_of_0_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"objective.placement.graft_lr_ratio: 0 leaves the embedding"):
+        load_config({}, ["objective.lam=0.5", "objective.placement.graft_layer=2",
+                         "objective.placement.graft_lr_ratio=0"])

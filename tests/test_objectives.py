@@ -303,3 +303,21 @@ def run_blocks_(enc, images):
     for blk in enc.blocks:
         h = blk(h)
     return h
+
+
+@pytest.mark.parametrize("weights,target", [("{simmim: 0.5, mocov3: 0.5}", "mocov3"), ("{dino: 1}", "dino")])
+def test_target_networks_have_no_stochastic_depth(weights, target):
+    """MoCo v3's momentum encoder was a train-mode deepcopy keeping drop path (two calls on one input differed);
+    neither official target network drops blocks."""
+    cfg, hybrid = make([f"objective.weights={weights}", "model.drop_path=0.2", "model.variant=nano/4"])
+    hybrid.train()
+    head = hybrid.heads[target]
+    enc = head.momentum["encoder"] if target == "mocov3" else head.teacher["encoder"]
+    x = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        a, b = enc.embed(x), enc.embed(x)
+        for blk in enc.blocks:
+            a, b = blk(a), blk(b)
+    assert torch.equal(a, b)
+    student = hybrid.encoder  # the online / student encoder keeps its stochastic depth
+    assert any(not isinstance(blk.drop_path1, torch.nn.Identity) for blk in student.blocks)

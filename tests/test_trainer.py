@@ -117,3 +117,30 @@ def test_step_0_probes_the_untrained_encoder_the_same_for_every_objective(tmp_pa
                      JOIN layers u USING (trial, layer, head, metric)
                      WHERE f.step = 6 AND u.step = 0 AND f.metric = 'attn_distance'""", tmp_path).d[0]
     assert moved > 0  # "trained minus untrained" is one self-join away
+
+
+def test_dino_clips_each_parameters_gradient_on_its_own_as_its_official_code():
+    """DINO's utils.clip_gradients scales each tensor whose gradient norm exceeds 3.0 to 3.0 and leaves the rest;
+    clmim clipped the global norm (every gradient scaled by one factor). SimMIM keeps its global clip_grad_norm_."""
+    from trainables.trainer import clip_gradients
+
+    assert load_config(tiny(), ["objective.weights={dino: 1}"]).optim.clip_mode == "per_tensor"
+    assert load_config(tiny(), ["objective.lam=0"]).optim.clip_mode == "global"
+    assert load_config(tiny(), ["objective.weights={simmim: 0.5, dino: 0.5}"]).optim.clip_grad == 3.0
+
+    def model_with_grads():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        for i, p in enumerate(m.parameters()):
+            p.grad = torch.randn_like(p) * (0.1 if i % 2 else 10.0)  # weights' gradients large, biases' small
+        return m
+
+    m = model_with_grads()
+    before = [p.grad.clone() for p in m.parameters()]
+    clip_gradients(m, 3.0, "per_tensor")
+    for b, p in zip(before, m.parameters(), strict=True):  # the official loop, on the saved gradients
+        coef = 3.0 / (b.norm(2) + 1e-6)
+        torch.testing.assert_close(p.grad, b * coef if coef < 1 else b)
+    g = model_with_grads()
+    clip_gradients(g, 3.0, "global")
+    assert torch.cat([p.grad.flatten() for p in g.parameters()]).norm() == pytest.approx(3.0, rel=1e-4)

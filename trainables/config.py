@@ -159,8 +159,12 @@ class OptimConfig:
     weight_decay: float | None = _f(None, lo=0.0, hi=10.0, doc="default: the objective's recipe")
     weight_decay_end: float | None = _f(None, lo=0.0, hi=10.0, doc="cosine wd schedule end (default: constant)")
     beta1: float = _f(0.9, lo=0.0, hi=0.99999)
-    beta2: float = _f(0.999, lo=0.0, hi=0.99999)
+    beta2: float | None = _f(None, lo=0.0, hi=0.99999, doc="AdamW's beta2 (default: the objective's recipe)")
     clip_grad: float | None = _f(None, lo=0.0, doc="max gradient norm, 0 = off (default: the objective's recipe)")
+    clip_mode: str | None = _f(None, choices=["global", "per_tensor"],
+                               doc="clip_grad on the norm of all gradients together (SimMIM) or of each parameter "
+                                   "tensor's gradient alone (DINO's clip_gradients); default: the recipe whose "
+                                   "clip_grad the mix uses")
 
 
 @dataclass
@@ -242,17 +246,20 @@ class Config:
 # DROP_PATH_RATE 0.1. MoCo v3 (main_moco.py, ViT): blr 1.5e-4, 40 of 300 warmup epochs, wd 0.1, no clipping, no
 # drop path. MAE (main_pretrain.py, PRETRAIN.md): blr 1.5e-4, 40 of 800 warmup epochs, wd 0.05, no clipping, no
 # drop path. DINO (main_dino.py): lr 5e-4 per 256, 10 of 100 warmup epochs, wd 0.04 -> 0.4 (cosine), clip 3.0,
-# drop path 0.1. A mix interpolates with its weights: blr geometrically (lrs compare on a log scale), wd / warmup /
-# drop path linearly, and clips at the smallest clipping any of its objectives uses (at lam < 1, SimMIM's).
+# drop path 0.1. AdamW's beta2: 0.95 in MAE (main_pretrain.py), PyTorch's 0.999 in the others. Clipping: SimMIM's
+# clip_grad_norm_ over all parameters together; DINO's utils.clip_gradients each parameter tensor on its own. A mix
+# interpolates with its weights: blr geometrically (lrs compare on a log scale), wd / warmup / drop path / beta2
+# linearly, and clips at the smallest clipping any of its objectives uses, in that objective's mode (at lam < 1,
+# SimMIM's; with DINO, DINO's per-tensor 3.0).
 RECIPES: dict[str, dict[str, float]] = {
     "simmim": {"blr": 5e-5, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 10 / 800,
-               "clip_grad": 5.0, "drop_path": 0.1},
+               "clip_grad": 5.0, "clip_mode": "global", "drop_path": 0.1, "beta2": 0.999},
     "mocov3": {"blr": 1.5e-4, "weight_decay": 0.1, "weight_decay_end": 0.1, "warmup_frac": 40 / 300,
-               "clip_grad": 0.0, "drop_path": 0.0},
+               "clip_grad": 0.0, "drop_path": 0.0, "beta2": 0.999},
     "mae": {"blr": 1.5e-4, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 40 / 800,
-            "clip_grad": 0.0, "drop_path": 0.0},
+            "clip_grad": 0.0, "drop_path": 0.0, "beta2": 0.95},
     "dino": {"blr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_frac": 10 / 100,
-             "clip_grad": 3.0, "drop_path": 0.1},
+             "clip_grad": 3.0, "clip_mode": "per_tensor", "drop_path": 0.1, "beta2": 0.999},
 }
 
 
@@ -262,10 +269,11 @@ def recipe(mix: dict[str, float] | float) -> dict[str, float]:
         mix = {"simmim": 1.0 - mix, "mocov3": mix}
     mix = {k: w for k, w in mix.items() if w}
     out = {k: sum(w * RECIPES[o][k] for o, w in mix.items())
-           for k in ("weight_decay", "weight_decay_end", "warmup_frac", "drop_path")}
+           for k in ("weight_decay", "weight_decay_end", "warmup_frac", "drop_path", "beta2")}
+    out["beta2"] = round(out["beta2"], 6)  # (0.5 * 0.999 + 0.5 * 0.999 is 0.9990000000000001)
     out["blr"] = float(f'{math.exp(sum(w * math.log(RECIPES[o]["blr"]) for o, w in mix.items())):.4g}')
-    clips = [RECIPES[o]["clip_grad"] for o in mix if RECIPES[o]["clip_grad"] > 0]
-    out["clip_grad"] = min(clips) if clips else 0.0
+    clips = sorted((RECIPES[o]["clip_grad"], RECIPES[o]["clip_mode"]) for o in mix if RECIPES[o]["clip_grad"] > 0)
+    out["clip_grad"], out["clip_mode"] = clips[0] if clips else (0.0, "global")
     return out
 
 
@@ -303,7 +311,7 @@ def _resolve_defaults(cfg: Config) -> None:
             r["weight_decay_end"] != r["weight_decay"]:
         cfg.optim.weight_decay_end = r["weight_decay_end"]  # DINO's rising wd, unless the user set a wd
     for section, key in (("optim", "blr"), ("optim", "weight_decay"), ("optim", "warmup_frac"),
-                         ("optim", "clip_grad"), ("model", "drop_path")):
+                         ("optim", "clip_grad"), ("optim", "clip_mode"), ("optim", "beta2"), ("model", "drop_path")):
         node = getattr(cfg, section)
         if getattr(node, key) is None:
             setattr(node, key, r[key])
@@ -494,6 +502,10 @@ def _check_placement(cfg: Config, depth: int) -> None:
     if p.graft_lr_ratio is not None and p.graft_layer is None:
         raise ConfigError("objective.placement.graft_lr_ratio: set, but objective.placement.graft_layer is not "
                           "(the ratio applies to blocks 1..graft_layer)")
+    if p.graft_lr_ratio == 0:
+        raise ConfigError("objective.placement.graft_lr_ratio: 0 leaves the embedding and blocks 1..graft_layer "
+                          "untrained; give a ratio in (0, 1], or drop it for hard grafting (those blocks from MIM "
+                          "only)")
 
 
 def _check_every_block_trained(cfg: Config, depth: int) -> None:

@@ -439,6 +439,19 @@ def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, d
             "epoch": done / run.steps_per_epoch, "lr": lr, "images_per_s": images / seconds}
 
 
+def clip_gradients(model: torch.nn.Module, max_norm: float, mode: str) -> None:
+    """Clip gradients in place without a host sync: ``global`` scales all of them by one factor so their joint
+    norm is at most ``max_norm`` (SimMIM); ``per_tensor`` scales each parameter's gradient so its own norm is
+    (DINO's ``utils.clip_gradients``: coefficient max_norm / (norm + 1e-6), applied where below 1)."""
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in torch._foreach_norm(grads)]
+        torch._foreach_mul_(grads, coefs)
+
+
 def train(config: Config | dict | str, report: Report | None = None) -> dict:
     """Train one model as configured and return its final metrics.
 
@@ -466,7 +479,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         out["loss"].backward()
         nonfinite |= ~torch.isfinite(out["loss"].detach())
         if o.clip_grad:  # 0: off
-            torch.nn.utils.clip_grad_norm_(run.objective.parameters(), o.clip_grad)
+            clip_gradients(run.objective, o.clip_grad, o.clip_mode)
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)
         run.objective.momentum_update({k: float(v[step]) for k, v in run.sched.items()})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,6 +27,16 @@ def head_norm(encoder, layer: int) -> nn.LayerNorm | None:
     """The LayerNorm of a head reading block ``layer``: None (use the encoder's final norm) for the last block,
     a head-owned one for an intermediate block, so heads reading different depths never share a norm."""
     return None if layer == encoder.depth else nn.LayerNorm(encoder.width, eps=1e-6)
+
+
+def target_encoder(encoder) -> nn.Module:
+    """An EMA target's copy of ``encoder`` (MoCo v3's momentum encoder, DINO's teacher) without stochastic depth:
+    the official targets have none (DINO builds its teacher with drop_path_rate 0; MoCo v3 uses no drop path at
+    all), and a target in train mode would otherwise drop blocks at random, two calls on one input differing."""
+    target = copy.deepcopy(encoder)
+    for blk in target.blocks:
+        blk.drop_path1, blk.drop_path2 = nn.Identity(), nn.Identity()
+    return target
 
 
 class Head(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import MOCO_DRAWS, dino_views
-from .common import Head, head_norm, run_blocks
+from .common import Head, head_norm, run_blocks, target_encoder
 
 
 def default_local_size(img_size: int, patch: int) -> int:
@@ -72,11 +72,9 @@ class DINO(Head):
         out_dim = out_dim or default_out_dim(encoder.width)
         self.norm = head_norm(encoder, layer)
         self.head = DINOHead(encoder.width, out_dim, hidden or min(2048, 8 * encoder.width), bottleneck)
-        teacher = {"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)}
+        teacher = {"encoder": target_encoder(encoder), "head": copy.deepcopy(self.head)}
         if self.norm is not None:
             teacher["norm"] = copy.deepcopy(self.norm)
-        for blk in teacher["encoder"].blocks:  # the official teacher is built without stochastic depth
-            blk.drop_path1, blk.drop_path2 = nn.Identity(), nn.Identity()
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, out_dim))

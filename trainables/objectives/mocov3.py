@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import moco_draws, moco_views
-from .common import GlobalBatchNorm1d, Head, head_norm, run_blocks
+from .common import GlobalBatchNorm1d, Head, head_norm, run_blocks, target_encoder
 
 
 def build_mlp(layers: int, d_in: int, d_hidden: int, d_out: int, last_bn: bool = True) -> nn.Sequential:
@@ -70,7 +70,7 @@ class MoCoV3(Head):
         self.norm = head_norm(encoder, layer)
         self.projector = build_mlp(3, encoder.width, hidden, proj_dim)
         self.predictor = build_mlp(2, proj_dim, hidden, proj_dim)
-        momentum = {"encoder": copy.deepcopy(encoder), "projector": copy.deepcopy(self.projector)}
+        momentum = {"encoder": target_encoder(encoder), "projector": copy.deepcopy(self.projector)}
         if self.norm is not None:
             momentum["norm"] = copy.deepcopy(self.norm)
         self.momentum = nn.ModuleDict(momentum)
