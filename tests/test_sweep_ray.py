@@ -382,7 +382,9 @@ def test_ctrl_c_then_a_killed_driver_resume_each_trial_once_lose_no_step_and_run
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out + err)[-3000:]
     hint = [line for line in err.splitlines() if "clmim resume" in line]
-    assert len(hint) == 1 and hint[0].endswith(f"clmim resume intr --results {tmp_path}"), err[-2000:]
+    # the hint runs as printed: this cluster's address too (without it a resume would start a private Ray)
+    assert len(hint) == 1 and hint[0].endswith(f"clmim resume intr --results {tmp_path} --address {ray_address}"), \
+        err[-2000:]
     # no traceback from the driver; trial processes that Ray stops may print their own shutdown noise, forwarded
     # with a "(run_trial pid=...)" prefix
     assert "Tuner.restore" not in out + err, err[-3000:]
