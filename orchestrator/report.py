@@ -3,11 +3,11 @@ figures as PNG files beside it, and the page attached to the sweep's MLflow pare
 
 Sections: a numbers-only summary of what differed between objectives; the paper's claims checked against the
 sweep (when it has pure MIM and pure CL); status and failures; training loss per trial; per-layer curves per
-group (attention distance, attention NMI, Fourier delta log amplitude at pi, linear-probe accuracy vs depth for
-GAP and CLS features, as in the paper's figures) with the untrained encoder beside them; the linear probe against
-optimiser steps and against training FLOPs, and a table of both at matched budgets; the lam curve (fine-tuning
-top-1 beside the probes); the accuracy drop under frequency-filtered noise per band; the dense probe and CKA with
-the untrained encoder per layer; scaling curves
+group (attention distance, attention NMI, Fourier delta log amplitude at the highest frequency, linear-probe
+accuracy vs depth for GAP and CLS features, as in the paper's figures) with the untrained encoder beside them;
+the linear probe against optimiser steps and against training FLOPs, and a table of both at matched budgets; the
+lam curve (fine-tuning top-1 beside the probes); the accuracy drop under frequency-filtered noise per band; the
+dense probe and CKA with the untrained encoder per layer; scaling curves
 with fitted power laws and exponent intervals (when the sweep varies model size); the best configurations.
 Curves are means over seeds with ± 1 standard error bars; accuracy axes carry the chance level of the data set.
 
@@ -52,7 +52,7 @@ from .scaling import chance_level, with_mix  # noqa: E402
 # (metric, panel title, y-axis label with units)
 LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)"),
                  ("attn_nmi", "attention NMI", "NMI (0 = uniform, 1 = one-to-one)"),
-                 ("fourier_dlogamp_pi", "Δ log amplitude at π", "Δ log amplitude (high − zero freq.)"),
+                 ("fourier_dlogamp_pi", "Δ log amplitude, highest frequency", "Δ log amplitude (π − 2π/side vs 0)"),
                  ("linear_top1_gap", "linear probe top-1, GAP", "top-1 accuracy (fraction)"),
                  ("linear_top1_cls", "linear probe top-1, CLS", "top-1 accuracy (fraction)"),
                  ("dense_miou", "dense probe (per patch)", "mIoU (fraction)"),

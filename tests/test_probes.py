@@ -180,3 +180,21 @@ def test_linear_cka_invariances_and_reference():
     ref = _reference_hsic(a @ a.T, b @ b.T) / np.sqrt(_reference_hsic(a @ a.T, a @ a.T)
                                                         * _reference_hsic(b @ b.T, b @ b.T))
     assert abs(linear_cka(torch.from_numpy(a), torch.from_numpy(b), batch=12) - ref) < 1e-12
+
+
+def test_fourier_last_point_reads_pi_minus_two_pi_over_side_not_pi():
+    """On 8 x 8 tokens the half-diagonal ends at 3 pi / 4 per axis: energy there lifts the last point, energy at the
+    Nyquist pi (the other side of the rolled spectrum) does not. The claim and the README name that frequency."""
+    from orchestrator.compare import CLAIMS
+
+    side = 8
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+    def tokens_at(freq: float) -> torch.Tensor:
+        wave = torch.cos(freq * (yy + xx)).float().reshape(1, side * side, 1)  # (1, n, 1) one plane wave
+        return wave + 1e-3 * torch.randn(1, side * side, 1, generator=torch.Generator().manual_seed(0))
+
+    at_3pi4 = fourier_delta_log_amplitude(tokens_at(3 * math.pi / 4))[-1]
+    at_pi = fourier_delta_log_amplitude(tokens_at(math.pi))[-1]
+    assert at_3pi4 > 5 and at_pi < 0
+    assert any("π − 2π/side" in claim for _, claim, *_ in CLAIMS)

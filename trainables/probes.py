@@ -61,7 +61,9 @@ def attention_nmi(attn: torch.Tensor) -> torch.Tensor:
 
 
 def fourier_delta_log_amplitude(tokens: torch.Tensor) -> torch.Tensor:
-    """Relative log amplitude of the token map's spectrum along the half-diagonal, frequency 0 to pi.
+    """Relative log amplitude of the token map's spectrum along the half-diagonal, from frequency 0 to the highest
+    the diagonal reaches from the centre: pi - 2 pi / side per axis (3 pi / 4 on 8 x 8 tokens; the Nyquist pi sits
+    on the other side of the rolled spectrum). The last value is ``fourier_dlogamp_pi`` (the paper's name for it).
 
     tokens (B, n, C) patch tokens (CLS dropped) -> (side // 2 + side % 2,) curve, first value 0. Follows the
     paper's notebook: log(|FFT2| + 1e-6), roll the zero frequency to the centre, mean over batch and channels,
@@ -311,8 +313,8 @@ def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
 
 @torch.no_grad()
 def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
-    """Fourier delta log amplitude at pi per layer (0..depth), and token cosine similarity and effective rank of
-    the centred tokens (``center_tokens``)."""
+    """Fourier delta log amplitude at the highest half-diagonal frequency (``fourier_delta_log_amplitude``) per
+    layer (0..depth), and token cosine similarity and effective rank of the centred tokens (``center_tokens``)."""
     with eval_mode(encoder) as device:
         states = encoder.intermediates(eval_view(images.to(device), img_size))
     rows: list[Row] = []
