@@ -101,7 +101,7 @@ def main() -> None:
 
 def evaluations(trials: pd.DataFrame, layers: pd.DataFrame, robustness: pd.DataFrame) -> None:
     """The evaluation tables: claims, per-group values, noise drop per band, CKA per layer, time shares."""
-    from orchestrator.results import time_shares
+    from orchestrator.summary import time_shares
 
     claims = eval_claims(trials, robustness)
     claims = claims[claims.verdict != "not measured"]

@@ -31,8 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainables import trainer as trainer_module  # noqa: E402
-from trainables.config import load_config  # noqa: E402
-from trainables.objectives import build_objective, train_flops_per_image  # noqa: E402
+from trainables.config import (
+    load_config,  # noqa: E402
+    train_flops_per_image,  # noqa: E402
+)
+from trainables.objectives import build_objective  # noqa: E402
 from trainables.scale import MLP_RATIO, parse_variant  # noqa: E402
 from trainables.trainer import train  # noqa: E402
 

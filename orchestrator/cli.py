@@ -182,7 +182,7 @@ def cmd_results_list(args) -> int:
 
 def cmd_results_show(args) -> int:
     from .layout import find_sweep, results_root
-    from .results import show
+    from .summary import show
 
     for title, df in show(find_sweep(args.name, results_root(args.results))):
         _print_frame(df, title)

@@ -244,7 +244,8 @@ def test_report_and_results_show_the_evaluations(tmp_path):
     from orchestrator.compare import eval_claims, noise_drops
     from orchestrator.layout import SweepLayout
     from orchestrator.report import build_report
-    from orchestrator.results import connect, show
+    from orchestrator.results import connect
+    from orchestrator.summary import show
 
     _eval_sweep(tmp_path, seeds=3)
     con = connect(tmp_path)

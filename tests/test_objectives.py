@@ -6,9 +6,9 @@ from conftest import tiny
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainables.config import load_config
+from trainables.config import load_config, train_flops_per_image
 from trainables.data import build_data
-from trainables.objectives import build_objective, train_flops_per_image
+from trainables.objectives import build_objective
 from trainables.objectives.simmim import default_mask_unit, patchify
 from trainables.trainer import train
 

@@ -15,9 +15,9 @@ from orchestrator.results import (
     read_manifest,
     rebuild,
     relation,
-    show,
     write_trial_tables,
 )
+from orchestrator.summary import show
 from trainables.config import load_config, to_dict
 from trainables.errors import UserError
 

@@ -74,7 +74,7 @@ def test_schedules_warmup_cosine_and_momentum():
 
 
 def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
-    from trainables.objectives import train_flops_per_image
+    from trainables.config import train_flops_per_image
 
     budget = 3e11
     spent = {}

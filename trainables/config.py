@@ -20,7 +20,17 @@ from typing import Any
 import yaml
 
 from .errors import UserError, excerpt
-from .scale import default_mask_unit, parse_variant
+from .scale import (
+    block_flops,
+    decoder_shape,
+    default_local_size,
+    default_mask_unit,
+    default_out_dim,
+    embed_flops,
+    mlp_head_flops,
+    parse_variant,
+    tokens_block_flops,
+)
 from .vocab import FAMILY, LAYER_KEY, NAMES, OBJECTIVES
 
 
@@ -664,12 +674,61 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
     return cfg
 
 
+def train_flops_per_image(cfg: Config) -> float:
+    """The training cost of a config (here, beside the config, so that ``optim.flops_budget`` is checked when the config
+    loads, before torch or any objective is imported). Matmul FLOPs of one training step per image (forward +
+    backward of every objective in the mix, the momentum encoder's / teacher's forward), counted as
+    ``torch.utils.flop_counter`` does: backward costs twice the forward, except the patch embedding whose input (the
+    image) needs no gradient, and none at all when it is frozen, and blocks below a hard graft_layer, which the CL
+    rows only run forward."""
+    spec = parse_variant(cfg.model.variant)
+    size, o = cfg.model.img_size, cfg.objective
+    c, p = spec.width, spec.patch
+    fe, fb = embed_flops(spec, size), block_flops(spec, size)
+    layers, g = resolve_placement(cfg)
+    n = (size // p) ** 2
+    frozen_patch = cfg.model.patch_embed == "frozen"
+    hard = g is not None and o.placement.graft_lr_ratio is None
+
+    def view(layer: int, block: float, embed: float, head: float, cl: bool) -> float:
+        """One view with gradient: embedding (+ its weight gradient unless frozen), blocks 1..layer and head at 3x
+        the forward; CL rows run blocks 1..g of a hard graft forward only (and send no gradient to the embedding)."""
+        frozen = g if hard and cl else 0
+        wgrad = 0.0 if frozen or frozen_patch else embed
+        return embed + wgrad + frozen * block + 3 * ((layer - frozen) * block + head)
+
+    total = 0.0
+    if "simmim" in layers:
+        total += view(layers["simmim"], fb, fe, 2.0 * n * c * p * p * 3, False)
+    if "mocov3" in layers:
+        hidden = o.proj_hidden or min(4096, 8 * c)
+        proj = mlp_head_flops([c, hidden, hidden, o.proj_dim])
+        pred = mlp_head_flops([o.proj_dim, hidden, o.proj_dim])
+        L = layers["mocov3"]
+        total += 2 * view(L, fb, fe, proj + pred, True) + 2 * (fe + L * fb + proj)  # momentum encoder: forward
+    if "mae" in layers:
+        m = o.mae
+        keep = int(n * (1 - m.mask_ratio))
+        dw, _ = decoder_shape(c, m.decoder_width, m.decoder_heads)
+        dec = (2.0 * (1 + keep) * c * dw + m.decoder_depth * tokens_block_flops(dw, 1 + n)
+               + 2.0 * n * dw * p * p * 3)
+        total += view(layers["mae"], tokens_block_flops(c, 1 + keep), fe, dec, False)
+    if "dino" in layers:
+        d = o.dino
+        hidden = d.hidden or min(2048, 8 * c)
+        head = mlp_head_flops([c, hidden, hidden, d.bottleneck, d.out_dim or default_out_dim(c)])
+        L = layers["dino"]
+        local = d.local_size or default_local_size(size, p)
+        fe_l, fb_l = embed_flops(spec, local), tokens_block_flops(c, 1 + (local // p) ** 2)
+        total += 2 * view(L, fb, fe, head, True) + 2 * (fe + L * fb + head)  # teacher: forward on the globals
+        total += d.local_crops * view(L, fb_l, fe_l, head, True)
+    return total
+
+
 def _check_flops_budget(cfg: Config) -> None:
     """optim.flops_budget must buy at least one step (checked here, before any data or model is built)."""
     if cfg.optim.flops_budget is None:
         return
-    from .objectives.hybrid import train_flops_per_image  # the objectives import this module
-
     per_step = train_flops_per_image(cfg) * cfg.data.batch_size
     if cfg.optim.flops_budget < per_step:
         raise ConfigError(f"optim.flops_budget: {cfg.optim.flops_budget:.3g} FLOPs is less than one step "

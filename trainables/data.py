@@ -25,31 +25,8 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-
-
-@dataclass
-class Split:
-    """An in-memory labelled split: uint8 images (N, 3, S, S) and int64 labels (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    masks: torch.Tensor | None = None  # uint8 (N, S, S): 1 + class on the object's pixels, 0 on the background
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def _take(self, t: torch.Tensor) -> Split:
-        return Split(self.images[t], self.labels[t], None if self.masks is None else self.masks[t])
-
-    def select(self, idx: np.ndarray) -> Split:
-        """The items at ``idx``."""
-        return self._take(torch.from_numpy(np.asarray(idx, dtype=np.int64)))
-
-    def subset(self, n: int, seed: int) -> Split:
-        """A fixed, seeded subset of at most n items (the same for every trial with the same seed)."""
-        if n >= len(self):
-            return self
-        return self._take(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n])
+from .split import Split
+from .store import INDEX, StoreSplit, fraction_indices, local_copy, open_split, read_index, verified_once
 
 
 @dataclass
@@ -220,7 +197,6 @@ def _imagefolder(cfg: Config) -> DataBundle:
 
 def _store(cfg: Config) -> DataBundle:
     """A prepared store: labels in memory, images read per batch (``store.StoreSplit``)."""
-    from .store import INDEX, local_copy, open_split, read_index, verified_once
 
     if not cfg.data.path:
         raise ConfigError("data.path: data.dataset store needs the store's folder or s3:// URI")
@@ -239,7 +215,6 @@ def build_data(cfg: Config) -> DataBundle:
     data = {"synthetic": _synthetic, "digits": _digits, "cifar10": _cifar, "cifar100": _cifar,
             "imagefolder": _imagefolder, "store": _store}[cfg.data.dataset](cfg)
     if cfg.data.fraction < 1.0:
-        from .store import fraction_indices
 
         idx = fraction_indices(data.train.labels.numpy(), cfg.data.fraction)
         data.train = data.train.select(idx)
@@ -258,7 +233,6 @@ def batch_stream(split: Split, global_batch: int, seed: int, start_step: int, ra
     share of that global batch. Resuming at step N therefore yields exactly the batches a straight run sees.
     The split is moved to ``device`` once, so batches are sliced there without host copies.
     """
-    from .store import StoreSplit
 
     per_rank = global_batch // world
     spe = steps_per_epoch(len(split), global_batch)

@@ -33,3 +33,7 @@ def excerpt(value, limit: int = 80) -> str:
         return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
     text = _SHORT.repr(value)
     return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""

@@ -26,8 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .augment import crop_scale, eval_view, normalize, random_resized_crop, to_float
 from .config import Config
 from .data import batch_stream, steps_per_epoch
+from .errors import NonFiniteLossError
 from .model import ViT, no_weight_decay_names
 from .probes import pool_tokens
+from .rng import set_rng_state
 
 
 class Classifier(nn.Module):
@@ -124,11 +126,9 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
                             fused=run.device.type == "cuda")
     start = 0
     if resume:
-        from .trainer import _set_rng_state
-
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        _set_rng_state(resume["rng"])  # again: building the classifier drew from the global RNG (drop path uses it)
+        set_rng_state(resume["rng"])  # again: building the classifier drew from the global RNG (drop path uses it)
         start = int(resume["step"]) - run.total
     total = finetune_steps(cfg, len(run.data.train))
     lr = lr_schedule(cfg, total)
@@ -163,8 +163,6 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
                 loss_sum /= run.world
             value = float(loss_sum) / n
             if not math.isfinite(value):
-                from .trainer import NonFiniteLossError
-
                 raise NonFiniteLossError(f"non-finite fine-tuning loss by fine-tuning step {done}; try a lower "
                                          "eval.finetune.blr")
             metrics = {"finetune_loss": value, "finetune_lr": float(lr[j])}

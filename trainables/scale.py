@@ -93,3 +93,22 @@ def default_mask_unit(img_size: int, patch: int) -> int | None:
     target = img_size / (7 * patch)
     ks = [k for k in range(MIN_UNIT_PATCHES, grid) if grid % k == 0]
     return min(ks, key=lambda k: (abs(k - target), k)) * patch if ks else None
+
+
+# Per-objective sizes that scale with the model: defaults of objective.dino / objective.mae, read by the heads
+# and by the FLOPs model (config.train_flops_per_image)
+def default_local_size(img_size: int, patch: int) -> int:
+    """DINO's local crop side (96 of 224 px) scaled to ``img_size``, in whole patches, at least 2 x 2."""
+    return max(2, round(img_size * 96 / 224 / patch)) * patch
+
+
+def default_out_dim(width: int) -> int:
+    """DINO's 65536 prototypes at ViT-S (width 384), scaled with width^2 for narrower encoders (at least 1024): the
+    head's last layer costs width-independent FLOPs per crop, which would dominate a small CPU model."""
+    return max(1024, min(65536, 65536 * width * width // (384 * 384)))
+
+
+def decoder_shape(width: int, decoder_width: int | None, decoder_heads: int | None) -> tuple[int, int]:
+    """(decoder width, heads): MAE's 512 wide and 16 heads (32 per head), no wider than the encoder by default."""
+    w = decoder_width or min(512, width)
+    return w, decoder_heads or max(1, w // 32)

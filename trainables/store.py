@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import excerpt
+from .split import Split
 
 FORMAT = 1
 INDEX = "index.json"
@@ -119,8 +120,6 @@ class StoreSplit:
 
     def subset(self, n: int, seed: int):
         """A fixed, seeded subset of at most n images, read into memory (an in-memory ``data.Split``)."""
-        from .data import Split
-
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].numpy()
         idx.sort()
         return Split(self.take(idx), self.labels[idx])

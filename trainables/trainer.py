@@ -27,22 +27,20 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import Config, ConfigError, load_config, save_config, to_dict
+from .config import Config, ConfigError, load_config, save_config, to_dict, train_flops_per_image
 from .data import DataBundle, batch_stream, build_data, steps_per_epoch
+from .errors import NonFiniteLossError
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import no_weight_decay_names
-from .objectives import Hybrid, build_objective, train_flops_per_image
+from .objectives import Hybrid, build_objective
 from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
+from .rng import rng_state, set_rng_state
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .scale import encoder_params, parse_variant
 
 Report = Callable[..., None]
 KEEP_CHECKPOINTS = 2
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 STEP_INPUTS = ("teacher_temp", "freeze_last_layer")  # per-step schedule values the objective's forward reads
@@ -113,27 +111,6 @@ def _param_groups(objective: Hybrid, cfg: Config) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    """Every RNG state as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 def load_weights(path: str | Path):
     """``torch.load`` that never runs code from the file (``weights_only=True``): tensors and plain values only.
     A file that needs more (a pickle with arbitrary objects) raises ``pickle.UnpicklingError``."""
@@ -154,7 +131,7 @@ def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: t
         "model": objective.state_dict(),
         "optimizer": opt.state_dict(),
         "config": to_dict(cfg),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         **(extra or {}),
     }, tmp / "checkpoint.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -233,7 +210,7 @@ def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | 
         objective.load_state_dict(ckpt["model"])
         if opt is not None:
             opt.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     log = ckpt.get("log")
     return int(ckpt["step"]), dict(log) if isinstance(log, dict) else {}
 

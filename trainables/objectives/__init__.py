@@ -7,9 +7,9 @@ non-zero weight in ``objective.weights`` (lam = 0 is pure SimMIM, lam = 1 pure M
 """
 
 from .dino import DINO
-from .hybrid import Hybrid, build_objective, train_flops_per_image
+from .hybrid import Hybrid, build_objective
 from .mae import MAE
 from .mocov3 import MoCoV3
 from .simmim import SimMIM
 
-__all__ = ["DINO", "MAE", "Hybrid", "MoCoV3", "SimMIM", "build_objective", "train_flops_per_image"]
+__all__ = ["DINO", "MAE", "Hybrid", "MoCoV3", "SimMIM", "build_objective"]

@@ -16,18 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import MOCO_DRAWS, dino_views
+from ..scale import default_local_size, default_out_dim
 from .common import Head, head_norm, run_blocks, target_encoder
-
-
-def default_local_size(img_size: int, patch: int) -> int:
-    """DINO's local crop side (96 of 224 px) scaled to ``img_size``, in whole patches, at least 2 x 2."""
-    return max(2, round(img_size * 96 / 224 / patch)) * patch
-
-
-def default_out_dim(width: int) -> int:
-    """DINO's 65536 prototypes at ViT-S (width 384), scaled with width^2 for narrower encoders (at least 1024): the
-    head's last layer costs width-independent FLOPs per crop, which would dominate a small CPU model."""
-    return max(1024, min(65536, 65536 * width * width // (384 * 384)))
 
 
 class DINOHead(nn.Module):

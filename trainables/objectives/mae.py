@@ -13,14 +13,9 @@ from torch import nn
 
 from ..augment import mae_view
 from ..model import sincos_pos_embed
+from ..scale import decoder_shape
 from .common import Head, head_norm
 from .simmim import patchify
-
-
-def decoder_shape(width: int, decoder_width: int | None, decoder_heads: int | None) -> tuple[int, int]:
-    """(decoder width, heads): MAE's 512 wide and 16 heads (32 per head), no wider than the encoder by default."""
-    w = decoder_width or min(512, width)
-    return w, decoder_heads or max(1, w // 32)
 
 
 class MAE(Head):
