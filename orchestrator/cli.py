@@ -9,7 +9,6 @@ interrupted (resumable).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 import warnings
@@ -18,7 +17,7 @@ from pathlib import Path
 from trainables.errors import UserError
 
 from .console import fmt as _fmt
-from .console import program
+from .console import print_next_steps, print_summary, resume_command
 
 
 def _positive_int(text: str) -> int:
@@ -99,8 +98,6 @@ def cmd_sweep(args) -> int:
     space = load_space(args.space, args.set)  # trial configs are validated here, before Ray starts
     name = args.name or space.name
     if args.dry_run:
-        from .console import print_summary
-
         limit = 50
         rows = sample_table(space, limit=limit)
         n = space.n_trials()
@@ -119,11 +116,9 @@ def cmd_sweep(args) -> int:
 
 def _finish(summary: dict, results_arg: str | None, address: str | None) -> int:
     """Print the summary and what to do next (commands that run as printed); the exit code says how it ended."""
-    from .console import print_next_steps, print_summary, resume_command
-
     layout = summary["layout"]
     print_summary(summary, f"sweep {layout.name}")
-    resume = resume_command(layout, results_arg, address)
+    resume = resume_command(layout.name, results_arg, address, layout.storage)
     if summary["interrupted"]:
         print(f"sweep {layout.name} stopped before every trial ended; continue it with: {resume}", file=sys.stderr)
         return 130
@@ -160,8 +155,6 @@ def cmd_results_query(args) -> int:
 
 
 def _print_frame(df, title: str | None = None) -> None:
-    from .console import print_summary
-
     rows = [{k: (None if v != v else v) if isinstance(v, float) else v for k, v in r.items()}
             for r in df.to_dict(orient="records")]
     print_summary({"rows": rows}, title or f"{len(rows)} row(s)", counts=False)
@@ -462,10 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clmim {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        flags = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("results", getattr(args, "results", None)),
-                                                                 ("address", getattr(args, "address", None))) if v)
         name = args.name if args.command == "resume" else getattr(args, "name", None) or "NAME"
-        hint = f"; continue it with: {program()} resume {name}{flags}" + (
+        resume = resume_command(name, getattr(args, "results", None), getattr(args, "address", None))
+        hint = f"; continue it with: {resume}" + (
             " (clmim results list shows the name)" if name == "NAME" else "") if args.command in (
             "resume", "sweep") else ""
         print(f"clmim {args.command}: interrupted{hint}", file=sys.stderr)

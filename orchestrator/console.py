@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainables.storage import Storage
 from trainables.vocab import HIGHER_IS_BETTER
 
 from .layout import SweepLayout
@@ -53,22 +54,21 @@ def program(name: str = "clmim") -> str:
     return shlex.quote(rel if not rel.startswith("..") else str(here))
 
 
-def sweep_flags(layout: SweepLayout, results_arg: str | None, address: str | None = None,
-                storage: bool = False) -> str:
-    """The flags that find this sweep again from another shell: its results root (when given), and for a resume
-    the cluster (``--address``: without it a resume starts a private Ray) and the storage."""
+def sweep_flags(results_arg: str | None, address: str | None = None, storage: Storage | None = None) -> str:
+    """The flags that find a sweep again from another shell: its results root (when given), and for a resume the
+    cluster (``--address``: without it a resume starts a private Ray) and the storage."""
     out = f" --results {shlex.quote(results_arg)}" if results_arg else ""
     if address:
         out += f" --address {shlex.quote(address)}"
-    if storage and layout.storage:
-        out += f" --storage {shlex.quote(layout.storage.uri)}"
-        if layout.storage.endpoint:
-            out += f" --storage-endpoint {shlex.quote(layout.storage.endpoint)}"
+    if storage is not None:
+        out += f" --storage {shlex.quote(storage.uri)}"
+        if storage.endpoint:
+            out += f" --storage-endpoint {shlex.quote(storage.endpoint)}"
     return out
 
 
-def resume_command(layout: SweepLayout, results_arg: str | None, address: str | None) -> str:
-    return f"{program()} resume {layout.name}{sweep_flags(layout, results_arg, address, storage=True)}"
+def resume_command(name: str, results_arg: str | None, address: str | None, storage: Storage | None = None) -> str:
+    return f"{program()} resume {name}{sweep_flags(results_arg, address, storage)}"
 
 
 def mlflow_ui(uri: str, experiment_id: str | None) -> str:
@@ -92,12 +92,13 @@ def print_header(layout: SweepLayout, n_trials: int, mlflow_uri: str, resumed: b
         print(f"  storage: {layout.store.display(layout.experiment_path)}  (trial files and checkpoints)", flush=True)
     print(f"  MLflow:  {mlflow_uri}", flush=True)
     print(f"    browse: {mlflow_ui(mlflow_uri, experiment_id)}", flush=True)
-    print(f"  Ctrl-C stops cleanly; continue with: {resume_command(layout, results_arg, address)}", flush=True)
+    resume = resume_command(layout.name, results_arg, address, layout.storage)
+    print(f"  Ctrl-C stops cleanly; continue with: {resume}", flush=True)
 
 
 def print_next_steps(layout: SweepLayout, results_arg: str | None) -> None:
     """The commands that look at a finished sweep, runnable as printed."""
-    extra = sweep_flags(layout, results_arg)
+    extra = sweep_flags(results_arg)
     clmim = program()
     print("next:", flush=True)
     for cmd in (f"{clmim} results show {layout.name}{extra}", f"{clmim} report {layout.name}{extra}",
@@ -250,7 +251,7 @@ class ProgressPrinter:
     def _best(self, snapshot) -> tuple[str, float, str] | None:
         if not self.metric:
             return None
-        for tid, label, _, last in snapshot:
+        for tid, label, _, last in snapshot:  # (Tune id, clmim id, status, last result)
             if isinstance(last.get(self.metric), (int, float)) and last.get("step") != 0:  # 0: untrained
                 self._seen[tid] = (float(last[self.metric]), label)
         if not self._seen:
@@ -275,7 +276,7 @@ class ProgressPrinter:
         fractions = [self._done[tid] for tid, *_ in snapshot] + [1.0] * len(self.ended)
         waiting = max(0, self.total - len(statuses))  # not created by Tune yet
         content = progress_line(statuses + ["PENDING"] * waiting, fractions + [0.0] * waiting,
-                                self._best([(tid, cid, status, last) for tid, cid, status, last in snapshot]))
+                                self._best(snapshot))
         last_content, last_when = self._printed
         wait = CHANGED_EVERY_S if content != last_content else UNCHANGED_EVERY_S
         if not force and now - last_when < wait:
