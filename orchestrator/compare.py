@@ -5,18 +5,23 @@ Everything here is pandas over the results tables (``trials`` and ``layers``); t
 show`` and ``benchmarks/RESULTS.md`` read the same functions. A "group" is one objective (lam) with the other
 axes the sweep varies (besides the seed) held fixed; its spread is over the seeds.
 
-A claim compares pure MIM with pure CL inside one group of every other varied axis (``claim_axes``): Welch's t
-over seeds (n counts seeds), a 95 % interval for the difference, Holm's correction over one table's claims, and
-each side's move from its untrained encoder beside it.
+A claim compares a pure CL objective with a pure MIM objective (every pair the sweep has: MoCo v3 or DINO against
+SimMIM or MAE) inside one group of every other varied axis (``claim_axes``): Welch's t over seeds (n counts seeds),
+a 95 % interval for the difference, Holm's correction over one table's claims (one group, one pair), and each
+side's move from its untrained encoder beside it. Claims about the inside of the network read the late layers
+(the last third of the blocks, ``late_layers``); claims about what a downstream head reads, the last layer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import special
+
+from trainables.vocab import NAMES, weights_of
 
 from .scaling import group_axes, group_name
 
@@ -122,15 +127,20 @@ def matched_table(layers: pd.DataFrame, trials: pd.DataFrame,
 
 # ------------------------------------------------------------------------------------------- paper claims
 # (key, claim, metric, where, sign, the paper's statement for ViT-B/16 on ImageNet). ``sign`` +1: the claim holds
-# when CL's value exceeds MIM's; -1: when it is below. ``where``: "last" layer, or "peak" (MIM's best earlier
-# layer minus its last layer, a within-objective claim).
+# when CL's value exceeds MIM's; -1: when it is below. ``where``: "late" (the mean over the late layers,
+# ``late_layers``: what happens inside the network), "last" (the encoder's output, as a linear or dense probe reads
+# it), "peak" (MIM's best earlier layer minus its last, a within-MIM claim) or "cl_moved" (CL's late layers
+# against its own untrained encoder, a within-CL claim).
 CLAIMS = [
-    ("attn_distance", "late-layer attention distance: CL > MIM", "attn_distance", "last", +1,
+    ("attn_distance", "late-layer attention distance: CL > MIM", "attn_distance", "late", +1,
      "CL's later-layer attention reaches further (global); MIM's stays local"),
-    ("attn_nmi", "late-layer attention NMI: CL < MIM", "attn_nmi", "last", -1,
+    ("attn_nmi", "late-layer attention NMI: CL < MIM", "attn_nmi", "late", -1,
      "CL's later-layer attention collapses to the same map for every query (low NMI)"),
-    ("fourier", "Δ log amplitude at the highest frequency read, π − 2π/side (last layer): MIM > CL",
-     "fourier_dlogamp_pi", "last", -1,
+    ("attn_collapse", "CL's late-layer attention is concentrated, not uniform: entropy below its untrained "
+     "encoder's", "attn_entropy", "cl_moved", -1,
+     "the collapse is onto a few salient tokens (uniform, untrained attention also has a low NMI)"),
+    ("fourier", "late-layer Δ log amplitude at the highest frequency read, π − 2π/side: MIM > CL",
+     "fourier_dlogamp_pi", "late", -1,
      "CL suppresses high frequencies (low-pass); MIM keeps them"),
     ("linear_gap", "last-layer linear probe (GAP): CL > MIM", "linear_top1_gap", "last", +1,
      "CL linearly separates images better (MoCo v3 ViT-B/16: 76.7% linear top-1)"),
@@ -240,22 +250,49 @@ def _verdict(test: Welch, p_adj: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the claims
+# The pairs a claim compares, each CL objective against each MIM objective (the paper's is MoCo v3 vs SimMIM).
+PAIRS = tuple((cl, mim) for cl in ("mocov3", "dino") for mim in ("simmim", "mae"))
+
+
+def late_layers(depth: int) -> list[int]:
+    """The late layers every "late-layer" claim reads: the last third of the blocks, ceil(depth / 3) of them
+    (9..12 of ViT-B's 12, 5..6 of 6, 3..4 of 4). One block alone is noisy: on the CPU reproduction the NMI verdict
+    changed between reading the last block and the last two."""
+    return list(range(depth - math.ceil(depth / 3) + 1, depth + 1))
+
+
 def claim_axes(trials: pd.DataFrame) -> list[str]:
     """The axes that split claims into groups: every varied axis of the sweep (``group_axes``) except the
-    objective and the seed; within a group pure MIM and pure CL differ only in the objective."""
+    objective and the seed; within a group the two sides of a pair differ only in the objective."""
     return [a for a in group_axes(trials) if a not in OBJECTIVE_AXES]
 
 
+def pure_objective(trials: pd.DataFrame) -> pd.Series:
+    """Per trial (indexed by trial), the one objective it trains alone (``OBJECTIVES``), or None for a mix: from
+    its weights (``objective.weights.*``), else its lam (0: SimMIM, 1: MoCo v3)."""
+    def one(row) -> str | None:
+        w = weights_of(row)
+        if w is None and isinstance(row.get("lam"), (int, float)) and row["lam"] == row["lam"]:
+            w = weights_of({"objective.lam": row["lam"]})
+        return next(iter(w)) if w and len(w) == 1 else None
+    t = trials.set_index("trial")
+    return pd.Series([one(r) for r in t.to_dict("records")], index=t.index, dtype=object)
+
+
 def _claim_groups(trials: pd.DataFrame):
-    """(group name, its trials) per combination of ``claim_axes`` that has pure MIM and pure CL trials."""
+    """(group name, pair name, {"cl": trials, "mim": trials}) per combination of ``claim_axes`` and per (CL, MIM)
+    pair of objectives that has pure runs of both."""
     axes = claim_axes(trials)
-    pure = trials[trials.lam.isin([0.0, 1.0])]
-    if not axes:
-        yield "all trials", pure
-        return
-    for key, g in pure.groupby(axes, dropna=False, sort=True):
+    pure = pure_objective(trials)
+    trials = trials.assign(_pure=trials.trial.map(pure))
+    groups = trials.groupby(axes, dropna=False, sort=True) if axes else [((), trials)]
+    for key, g in groups:
         values = key if isinstance(key, tuple) else (key,)
-        yield ", ".join(f"{a}={v}" for a, v in zip(axes, values, strict=True)), g
+        name = ", ".join(f"{a}={v}" for a, v in zip(axes, values, strict=True)) or "all trials"
+        for cl, mim in PAIRS:
+            sides = {"cl": g[g._pure == cl].drop(columns="_pure"), "mim": g[g._pure == mim].drop(columns="_pure")}
+            if len(sides["cl"]) and len(sides["mim"]):
+                yield name, f"{NAMES[cl]} vs {NAMES[mim]}", sides
 
 
 def _per_seed(values: pd.Series, seed: pd.Series) -> pd.Series:
@@ -282,43 +319,51 @@ def _peak_per_seed(d: pd.DataFrame, seed: pd.Series) -> pd.Series:
     return pd.Series(out, dtype=float)
 
 
-def _per_trial(final: pd.DataFrame, metric: str) -> pd.Series:
-    """The last layer's ``metric`` per trial (head-averaged rows)."""
-    d = final[(final.metric == metric) & final["head"].isna()]
+def _per_trial(rows: pd.DataFrame, metric: str, where: str = "last") -> pd.Series:
+    """Per trial, ``metric`` at its last layer (``where`` "last") or averaged over its late layers (any other
+    ``where``; ``late_layers`` of the trial's depth, its largest layer), head-averaged rows."""
+    d = rows[(rows.metric == metric) & rows["head"].isna()]
     if d.empty:
         return pd.Series(dtype=float)
     depth = d.groupby("trial").layer.transform("max")
-    return d[d.layer == depth].set_index("trial").value
+    if where == "last":
+        return d[d.layer == depth].set_index("trial").value
+    first_late = depth.map(lambda k: late_layers(int(k))[0])
+    return d[d.layer >= first_late].groupby("trial").value.mean()
 
 
 def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims, one table per group of the sweep's other varied axes (``claim_axes``; the ``group``
-    column), reading pure MIM (lam = 0) against pure CL (lam = 1) over seeds. Per claim: each side's mean ± SE and
-    n (seeds), the untrained encoder (step 0) and each side's trained − untrained with its 95 % interval (paired
-    per seed), the difference in the claim's direction with its 95 % interval, Welch's t with its degrees of
-    freedom and p, the Holm-adjusted p over the group's claims, and the verdict (holds / opposite at a
-    family-wise 5 %; unclear otherwise), flagged when the side the claim is about did not move from the untrained
-    encoder. ``final`` / ``untrained``: per-layer rows of the last probe and of step 0."""
+    column) and per (CL, MIM) pair with pure runs of both (``PAIRS``; the ``pair`` column), over seeds. Per claim:
+    each side's mean ± SE and n (seeds), the untrained encoder (step 0) and each side's trained − untrained with
+    its 95 % interval (paired per seed), the difference in the claim's direction with its 95 % interval, Welch's
+    t with its degrees of freedom and p, the Holm-adjusted p over the table's claims, and the verdict (holds /
+    opposite at a family-wise 5 %; unclear otherwise), flagged when the side the claim is about did not move from
+    the untrained encoder. ``final`` / ``untrained``: per-layer rows of the last probe and of step 0."""
     seed = _seeds(trials)
     out = []
-    for group, g in _claim_groups(trials):
+    for group, pair, sides in _claim_groups(trials):
+        g = pd.concat([sides["mim"], sides["cl"]])
+        mine = final[final.trial.isin(g.trial)]
+        base = untrained[untrained.trial.isin(g.trial)]
         rows = []
-        shared = _shared(g)
         for key, claim, metric, where, sign, paper in CLAIMS:
-            mine = final[final.trial.isin(g.trial)]
-            base = untrained[untrained.trial.isin(g.trial)]
             if where == "peak":
-                mim = g[g.lam == 0].trial
-                rows.append(_peak_row(key, claim, paper, mine[mine.trial.isin(mim) & (mine.metric == metric)
-                                                              & mine["head"].isna()], seed))
-                continue
-            rows.append(_claim_row(key, claim, paper, _per_trial(mine, metric), _per_trial(base, metric), g, seed,
-                                   shared, sign))
-        out += _adjust(rows, group)
+                d = mine[mine.trial.isin(sides["mim"].trial) & (mine.metric == metric) & mine["head"].isna()]
+                rows.append(_one_sided_row(key, claim, paper, Welch.of(_peak_per_seed(d, seed)), "MIM"))
+            elif where == "cl_moved":
+                cl = sides["cl"].trial
+                moved = (_per_trial(mine, metric, where) - _per_trial(base, metric, where)).dropna()
+                test = Welch.of(sign * _per_seed(moved[moved.index.isin(cl)], seed))
+                rows.append(_one_sided_row(key, claim, paper, test, "CL − untrained", sign))
+            else:
+                rows.append(_claim_row(key, claim, paper, _per_trial(mine, metric, where),
+                                       _per_trial(base, metric, where), sides, seed, _shared(g), sign))
+        out += _adjust(rows, group, pair)
     return pd.DataFrame(out, columns=CLAIM_COLUMNS)
 
 
-CLAIM_COLUMNS = ["group", "claim", "paper (ViT-B/16, ImageNet)", "MIM (lam=0)", "CL (lam=1)", "untrained",
+CLAIM_COLUMNS = ["group", "pair", "claim", "paper (ViT-B/16, ImageNet)", "MIM", "CL", "untrained",
                  "MIM − untrained", "CL − untrained", "difference [95% CI]", "t (df)", "p", "p (Holm)", "verdict",
                  "key"]
 
@@ -329,13 +374,13 @@ def _seeds(trials: pd.DataFrame) -> pd.Series:
 
 
 def _shared(g: pd.DataFrame) -> bool:
-    """Whether pure MIM and pure CL of group ``g`` share one architecture (one untrained encoder per seed)."""
+    """Whether both sides of group ``g`` share one architecture (one untrained encoder per seed)."""
     arch = [c for c in ARCHITECTURE if c in g]
     return not arch or g[arch].astype(str).drop_duplicates().shape[0] <= 1
 
 
-def _adjust(rows: list[dict], group: str) -> list[dict]:
-    """Holm over the group's tested claims; the verdicts from the adjusted p-values."""
+def _adjust(rows: list[dict], group: str, pair: str) -> list[dict]:
+    """Holm over the table's tested claims; the verdicts from the adjusted p-values."""
     adjusted = holm([r["_test"].p for r in rows])
     for r, p_adj in zip(rows, adjusted, strict=True):
         test = r.pop("_test")
@@ -344,44 +389,48 @@ def _adjust(rows: list[dict], group: str) -> list[dict]:
         if verdict == "holds" and moved is not None and not moved[0]:
             verdict += (", but only MIM moved from its untrained encoder (CL did not)" if moved[1] else
                         ", but neither side moved significantly from its untrained encoder")
-        r.update({"group": group, "p (Holm)": f"{p_adj:.3g}" if p_adj == p_adj else "–", "verdict": verdict})
+        r.update({"group": group, "pair": pair, "p (Holm)": f"{p_adj:.3g}" if p_adj == p_adj else "–",
+                  "verdict": verdict})
     return rows
 
 
-def _claim_row(key: str, claim: str, paper: str, per: pd.Series, base: pd.Series, g: pd.DataFrame,
-               seed: pd.Series, shared: bool, sign: int, paired: bool = True) -> dict:
-    """One claim's row (before the group's Holm adjustment): per-trial values ``per`` and their untrained
-    baselines ``base`` (indexed by trial), averaged per seed, pure MIM against pure CL. ``paired``: the baseline is
-    the same measurement of the untrained encoder, so trained − untrained means something (not so when the trained
-    value comes from another classifier, e.g. a fine-tuned model against the untrained linear probe)."""
-    lam = g.set_index("trial").lam
-    side = {v: per[per.index.isin(lam[lam == v].index)] for v in (0.0, 1.0)}
-    mim, cl = (_per_seed(side[v], seed) for v in (0.0, 1.0))
+def _claim_row(key: str, claim: str, paper: str, per: pd.Series, base: pd.Series, sides: dict, seed: pd.Series,
+               shared: bool, sign: int, paired: bool = True) -> dict:
+    """One claim's row (before the table's Holm adjustment): per-trial values ``per`` and their untrained
+    baselines ``base`` (indexed by trial), averaged per seed, the pair's MIM side against its CL side. ``paired``:
+    the baseline is the same measurement of the untrained encoder, so trained − untrained means something (not so
+    when the trained value comes from another classifier, e.g. a fine-tuned model against the untrained linear
+    probe)."""
+    ids = {k: set(v.trial) for k, v in sides.items()}
+    mim, cl = (_per_seed(per[per.index.isin(ids[k])], seed) for k in ("mim", "cl"))
     test = Welch.of(sign * cl, sign * mim)
     moved = (per - base).dropna() if paired else per.iloc[0:0]  # each trial against its own step-0 encoder
-    move = {v: Welch.of(_per_seed(moved[moved.index.isin(lam[lam == v].index)], seed)) for v in (0.0, 1.0)}
+    move = {k: Welch.of(_per_seed(moved[moved.index.isin(ids[k])], seed)) for k in ("mim", "cl")}
     if base.empty:
         untrained_text = "–"
     elif shared:  # one architecture: a seed's untrained encoder is the same for both sides; count it once
         untrained_text = fmt_mean_se(*mean_se(base.groupby(base.index.map(seed)).first())[:2])
-    else:  # e.g. MoCo v3's frozen patch projection at lam = 1 only: each side's own untrained encoder
-        u = {v: mean_se(_per_seed(base[base.index.isin(lam[lam == v].index)], seed)) for v in (0.0, 1.0)}
-        untrained_text = f"MIM {fmt_mean_se(*u[0.0][:2])} / CL {fmt_mean_se(*u[1.0][:2])}"
+    else:  # e.g. MoCo v3's frozen patch projection on the CL side only: each side's own untrained encoder
+        u = {k: mean_se(_per_seed(base[base.index.isin(ids[k])], seed)) for k in ("mim", "cl")}
+        untrained_text = f"MIM {fmt_mean_se(*u['mim'][:2])} / CL {fmt_mean_se(*u['cl'][:2])}"
     return {"claim": claim, "paper (ViT-B/16, ImageNet)": paper,
-            "MIM (lam=0)": fmt_mean_se(*mean_se(mim)), "CL (lam=1)": fmt_mean_se(*mean_se(cl)),
-            "untrained": untrained_text,
-            "MIM − untrained": move[0.0].interval if paired else "–",
-            "CL − untrained": move[1.0].interval if paired else "–",
+            "MIM": fmt_mean_se(*mean_se(mim)), "CL": fmt_mean_se(*mean_se(cl)), "untrained": untrained_text,
+            "MIM − untrained": move["mim"].interval if paired else "–",
+            "CL − untrained": move["cl"].interval if paired else "–",
             "difference [95% CI]": test.interval, "t (df)": _t_text(test),
             "p": f"{test.p:.3g}" if test.p == test.p else "–", "key": key, "_test": test,
             # a CL-above-MIM difference can come from MIM moving alone: say which side moved the claim's way
-            "_moved": (move[1.0].moved == sign, move[0.0].moved == -sign) if paired and base.size else None}
+            "_moved": (move["cl"].moved == sign, move["mim"].moved == -sign) if paired and base.size else None}
 
 
-def _peak_row(key: str, claim: str, paper: str, d: pd.DataFrame, seed: pd.Series) -> dict:
-    test = Welch.of(_peak_per_seed(d, seed))
-    return {"claim": claim, "paper (ViT-B/16, ImageNet)": paper, "MIM (lam=0)": test.interval, "CL (lam=1)": "–",
-            "untrained": "–", "MIM − untrained": "–", "CL − untrained": "–",
+def _one_sided_row(key: str, claim: str, paper: str, test: Welch, column: str, sign: int = 1) -> dict:
+    """A within-objective claim's row: one side's statistic per seed, in the claim's direction (``test``, against
+    0), shown as measured (``sign`` times it) in ``column``."""
+    shown = test if sign > 0 else Welch(-test.diff, -test.hi, -test.lo, -test.t, test.df, test.p, test.n_a,
+                                        test.n_b)
+    cells = {"MIM": "–", "CL": "–", "untrained": "–", "MIM − untrained": "–", "CL − untrained": "–"}
+    cells[column] = shown.interval
+    return {"claim": claim, "paper (ViT-B/16, ImageNet)": paper, **cells,
             "difference [95% CI]": test.interval, "t (df)": _t_text(test),
             "p": f"{test.p:.3g}" if test.p == test.p else "–", "key": key, "_test": test}
 
@@ -410,13 +459,14 @@ def noise_drops(robustness: pd.DataFrame, every_classifier: bool = False) -> pd.
 
 
 def eval_claims(trials: pd.DataFrame, robustness: pd.DataFrame) -> pd.DataFrame:
-    """``EVAL_CLAIMS`` read as ``paper_claims`` reads the per-layer ones: per group, Welch's t over seeds, Holm over
-    the group's claims (rows with nothing measured say so)."""
+    """``EVAL_CLAIMS`` read as ``paper_claims`` reads the per-layer ones: per group and pair, Welch's t over seeds,
+    Holm over the table's claims (rows with nothing measured say so)."""
     seed = _seeds(trials)
     t = trials.set_index("trial")
     drops = noise_drops(robustness)
     out = []
-    for group, g in _claim_groups(trials):
+    for group, pair, sides in _claim_groups(trials):
+        g = pd.concat([sides["mim"], sides["cl"]])
         rows = []
         for key, claim, what, sign, paper in EVAL_CLAIMS:
             if isinstance(what, tuple):
@@ -429,8 +479,8 @@ def eval_claims(trials: pd.DataFrame, robustness: pd.DataFrame) -> pd.DataFrame:
                 per = pd.to_numeric(t.loc[t.index.isin(g.trial), what], errors="coerce").dropna() if what in t \
                     else pd.Series(dtype=float)
                 base, paired, label = pd.Series(dtype=float), False, claim  # no fine-tuning of an untrained encoder
-            rows.append(_claim_row(key, label, paper, per, base, g, seed, _shared(g), sign, paired=paired))
-        out += _adjust(rows, group)
+            rows.append(_claim_row(key, label, paper, per, base, sides, seed, _shared(g), sign, paired=paired))
+        out += _adjust(rows, group, pair)
     return pd.DataFrame(out, columns=CLAIM_COLUMNS)
 
 

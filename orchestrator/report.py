@@ -52,6 +52,7 @@ from .scaling import chance_level, with_mix  # noqa: E402
 # (metric, panel title, y-axis label with units)
 LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)"),
                  ("attn_nmi", "attention NMI", "NMI (0 = uniform, 1 = one-to-one)"),
+                 ("attn_entropy", "attention entropy", "entropy / log n (1 = uniform)"),
                  ("fourier_dlogamp_pi", "Δ log amplitude, highest frequency", "Δ log amplitude (π − 2π/side vs 0)"),
                  ("linear_top1_gap", "linear probe top-1, GAP", "top-1 accuracy (fraction)"),
                  ("linear_top1_cls", "linear probe top-1, CLS", "top-1 accuracy (fraction)"),
@@ -398,16 +399,17 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
              "<h2>What differed between objectives</h2>",
              f"<p class=summary>{html.escape(summary_text(done, layers, chance, untrained))}</p>",
              "<h2>Status</h2>", _table_html(status)]
-    if {0.0, 1.0} <= set(done.lam):
-        claims = paper_claims(layers, untrained, done).drop(columns="key")
+    claims = paper_claims(layers, untrained, done).drop(columns="key")
+    if len(claims):
         parts += ["<h2>Paper claims</h2>",
-                  "<p>Each claim of Park et al. (ICLR 2023) read on this sweep's pure MIM (lam = 0) and pure CL "
-                  "(lam = 1) trials, one table per group of the sweep's other varied axes: mean ± standard error "
-                  "over seeds (n counts seeds), the untrained encoder (step 0) and each side's move from it with a "
-                  "95 % interval; the difference in the claim's direction with its 95 % interval, Welch's t test "
-                  "and Holm's correction over the group's claims. A claim holds (or is opposite) when its "
-                  "Holm-adjusted p is below 0.05 in its direction (or the other); a claim that holds although "
-                  "CL did not move from its untrained encoder says so.</p>",
+                  "<p>Each claim of Park et al. (ICLR 2023) read on this sweep's pure runs, one table per pair of a "
+                  "CL objective (MoCo v3, DINO) and a MIM objective (SimMIM, MAE) and per group of the sweep's "
+                  "other varied axes: mean ± standard error over seeds (n counts seeds), the untrained encoder "
+                  "(step 0) and each side's move from it with a 95 % interval; the difference in the claim's "
+                  "direction with its 95 % interval, Welch's t test and Holm's correction over the table's claims. "
+                  "A claim holds (or is opposite) when its Holm-adjusted p is below 0.05 in its direction (or the "
+                  "other); a claim that holds although CL did not move from its untrained encoder says so. Late "
+                  "layers: the mean over the last third of the blocks.</p>",
                   _table_html(claims)]
         evals = eval_claims(done, robustness)
         evals = evals[evals["verdict"] != "not measured"].drop(columns="key")

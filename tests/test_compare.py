@@ -72,7 +72,7 @@ def test_paper_claims_verdicts_follow_the_difference_and_its_standard_error():
     assert claims.loc["mim_peak", "verdict"] == "holds"
     assert claims.loc["fourier", "verdict"] == "not measured"
     assert claims.loc["attn_distance", "untrained"] == "0 ± 0"
-    assert claims.loc["attn_distance", "CL (lam=1)"].startswith("20.1 ± ")
+    assert claims.loc["attn_distance", "CL"].startswith("20.1 ± ")
 
 
 def test_mean_se():
@@ -142,7 +142,7 @@ def test_claims_compare_inside_each_group_of_the_other_axes_and_count_seeds():
     claims = paper_claims(final, final.assign(step=0, value=0.1), trials)
     gap = claims[claims.key == "linear_gap"].set_index("group")
     assert list(gap.index) == ["model.variant=micro/4", "model.variant=nano/4"]
-    assert (gap.verdict == "holds").all() and gap["CL (lam=1)"].str.endswith("(n=3)").all()
+    assert (gap.verdict == "holds").all() and gap["CL"].str.endswith("(n=3)").all()
     assert all(abs(float(d.split()[0]) - 0.05) < 0.004 for d in gap["difference [95% CI]"]), gap
 
 
@@ -202,3 +202,73 @@ def test_mim_peak_claim_is_unbiased_when_every_layer_is_equally_good(n_seeds):
         biased += old.mean() > 2 * old.std(ddof=1) / np.sqrt(n_seeds)
     print(f"false 'holds' of MIM's peak, {n_seeds} seeds: {holds / sims:.4f} (the old statistic: {biased / sims:.3f})")
     assert holds / sims <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / sims) and biased / sims > 0.3
+
+
+# ------------------------------------------------------------------------------------------- pairs and layers
+def four_objective_sweep(seeds=3, depth=6):
+    """Pure runs of all four objectives (weights columns, no lam): each CL objective's last-layer linear probe
+    0.1 above each MIM objective's; DINO's above MoCo v3's by 0.05, MAE's above SimMIM's by 0.02."""
+    level = {"simmim": 0.30, "mae": 0.32, "mocov3": 0.40, "dino": 0.45}
+    trials, rows = [], []
+    rng = np.random.default_rng(1)
+    for obj, v in level.items():
+        for seed in range(seeds):
+            t = f"{obj}-{seed}"
+            trials.append({"trial": t, "run.seed": seed, "lam": 0.0 if obj == "simmim" else 1.0 if obj == "mocov3"
+                           else None, **{f"objective.weights.{k}": float(k == obj) for k in level}})
+            for layer in range(depth + 1):
+                rows.append({"trial": t, "step": 100, "layer": layer, "head": None, "metric": "linear_top1_gap",
+                             "value": v + rng.normal(0, 0.002)})
+    return pd.DataFrame(trials), pd.DataFrame(rows)
+
+
+def test_claims_cover_every_cl_mim_pair_the_sweep_ran_and_name_it():
+    trials, final = four_objective_sweep()
+    claims = paper_claims(final, final.assign(step=0, value=0.1), trials)
+    gap = claims[claims.key == "linear_gap"].set_index("pair")
+    assert sorted(gap.index) == ["DINO vs MAE", "DINO vs SimMIM", "MoCo v3 vs MAE", "MoCo v3 vs SimMIM"]
+    assert (gap.verdict == "holds").all()
+    diff = {p: float(gap.loc[p, "difference [95% CI]"].split()[0]) for p in gap.index}
+    assert diff["DINO vs SimMIM"] == pytest.approx(0.15, abs=0.01) and diff["MoCo v3 vs MAE"] == pytest.approx(
+        0.08, abs=0.01)
+    assert gap.loc["DINO vs MAE", "CL"].endswith("(n=3)")
+    # a sweep with only DINO and MAE has one table, for that pair
+    only = trials[trials.trial.str.startswith(("dino", "mae"))]
+    assert set(paper_claims(final, final.assign(step=0, value=0.1), only).pair) == {"DINO vs MAE"}
+
+
+def test_late_layer_claims_read_the_last_third_of_the_blocks():
+    from orchestrator.compare import late_layers
+
+    assert late_layers(12) == [9, 10, 11, 12] and late_layers(6) == [5, 6] and late_layers(4) == [3, 4]
+    trials = trials_frame()
+    rows = []
+    for _, t in trials.iterrows():  # depth 6: CL's distance above MIM's in block 5, equal in block 6
+        for layer in range(1, 7):
+            v = 10.0 + 0.1 * t["run.seed"] + (8.0 if t.lam == 1 and layer == 5 else 0.0)
+            rows.append({"trial": t.trial, "step": 100, "layer": layer, "head": None, "metric": "attn_distance",
+                         "value": v})
+    final = pd.DataFrame(rows)
+    claims = paper_claims(final, final.assign(step=0, value=10.0), trials).set_index("key")
+    assert claims.loc["attn_distance", "verdict"] == "holds"  # the last block alone: no difference at all
+    assert claims.loc["attn_distance", "CL"].startswith("14.1 ± ")  # (10.1 + 18.1) / 2
+
+
+def test_collapse_claim_reads_cl_attention_entropy_against_its_untrained_encoder():
+    trials = trials_frame()
+
+    def entropy_rows(cl_value):
+        rows = []
+        for _, t in trials.iterrows():
+            for layer in (1, 2):
+                v = (cl_value if t.lam == 1 else 0.9) + 0.01 * t["run.seed"]
+                rows.append({"trial": t.trial, "step": 100, "layer": layer, "head": None,
+                             "metric": "attn_entropy", "value": v})
+        return pd.DataFrame(rows)
+
+    untrained = entropy_rows(0.98).assign(step=0, value=0.98)
+    concentrated = paper_claims(entropy_rows(0.6), untrained, trials).set_index("key")
+    assert concentrated.loc["attn_collapse", "verdict"] == "holds"
+    assert concentrated.loc["attn_collapse", "CL − untrained"].startswith("-0.37")
+    uniform = paper_claims(entropy_rows(0.98), untrained, trials).set_index("key")  # CL's attention stayed uniform
+    assert uniform.loc["attn_collapse", "verdict"] == "unclear"

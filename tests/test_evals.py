@@ -261,7 +261,7 @@ def test_report_and_results_show_the_evaluations(tmp_path):
     tables = dict(show(SweepLayout(tmp_path, "ev")))
     shares = tables["where a trial's time went (share of its wall time, mean over the group's trials)"]
     assert list(shares.evaluations) == [0.28, 0.28] and list(shares.train) == [0.6, 0.6]
-    assert "evaluations (pure MIM vs pure CL)" in tables
+    assert "evaluations (pure CL vs pure MIM)" in tables
     page, files = build_report(SweepLayout(tmp_path, "ev"))
     text = page.read_text()
     assert {f.name for f in files} >= {"noise.png", "layers.png"}

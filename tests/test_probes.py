@@ -9,6 +9,7 @@ from trainables.data import build_data
 from trainables.objectives import build_objective
 from trainables.probes import (
     attention_distance,
+    attention_entropy,
     attention_nmi,
     center_tokens,
     cue_match,
@@ -69,6 +70,20 @@ def test_attention_on_one_key_at_known_offset():
     per_query = attention_distance(with_cls(b), P)
     assert abs(per_query.item() - grid_distances()[:, SIDE + 2].mean().item()) < 1e-3
     assert abs(grid_distances()[0, SIDE + 2].item() - P * math.sqrt(5)) < 1e-4
+
+
+def test_attention_entropy_tells_collapse_from_uniform_where_nmi_cannot():
+    uniform = with_cls(torch.full((1, 1, N, N), 1 / N))
+    collapsed = torch.full((1, 1, N, N), 1e-3)  # every query attends to the same two keys
+    collapsed[..., [3, 9]] = 1.0
+    collapsed = with_cls(collapsed / collapsed.sum(-1, keepdim=True))
+    one_to_one = with_cls(torch.eye(N).expand(1, 1, N, N))
+    # NMI is ~0 for both uniform and collapsed attention; entropy separates them
+    assert attention_nmi(uniform).item() < 1e-6 and attention_nmi(collapsed).item() < 1e-3
+    assert attention_entropy(uniform).item() == pytest.approx(1.0, abs=1e-5)
+    assert attention_entropy(collapsed).item() < 0.35  # two keys of 16: about log 2 / log 16 = 0.25
+    assert attention_entropy(one_to_one).item() < 0.01
+    assert attention_entropy(with_cls(torch.rand(2, 3, N, N).softmax(-1))).shape == (2, 3)
 
 
 def test_fourier_constant_map_vs_white_noise():

@@ -60,6 +60,18 @@ def attention_nmi(attn: torch.Tensor) -> torch.Tensor:
     return (mi / (h_q * h_k).sqrt()).clamp(0.0, 1.0)
 
 
+def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of each query's attention over the patch tokens, averaged over queries, (B, H), from
+    attention (B, H, 1+n, 1+n): mean_q H(A[q, :]) / log n. 1 = every query attends uniformly (an untrained
+    encoder is close to it), 0 = every query attends to one token.
+
+    NMI and distance alone cannot tell the paper's collapse (every query attends to the same few salient tokens:
+    low NMI, low entropy) from uniform attention that learned nothing (low NMI, entropy 1); entropy can."""
+    a = _patch_attention(attn)
+    n = a.shape[-1]
+    return (-(a * a.log()).sum(-1) / math.log(n)).mean(-1)
+
+
 def fourier_delta_log_amplitude(tokens: torch.Tensor) -> torch.Tensor:
     """Relative log amplitude of the token map's spectrum along the half-diagonal, from frequency 0 to the highest
     the diagonal reaches from the centre: pi - 2 pi / side per axis (3 pi / 4 on 8 x 8 tokens; the Nyquist pi sits
@@ -298,12 +310,13 @@ Row = tuple[int, int | None, str, float]  # (layer, head or None, metric, value)
 
 @torch.no_grad()
 def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
-    """Attention distance and NMI per block (layer 1..depth), per head and averaged over heads."""
+    """Attention distance, NMI and entropy per block (layer 1..depth), per head and averaged over heads."""
     with eval_mode(encoder) as device:
         maps = encoder.attention_maps(eval_view(images.to(device), img_size))
     rows: list[Row] = []
     for k, attn in enumerate(maps, 1):
-        probes = (("attn_distance", attention_distance(attn, encoder.patch)), ("attn_nmi", attention_nmi(attn)))
+        probes = (("attn_distance", attention_distance(attn, encoder.patch)), ("attn_nmi", attention_nmi(attn)),
+                  ("attn_entropy", attention_entropy(attn)))
         for name, per in probes:
             per_head = per.mean(0).cpu()  # (H,) mean over images
             rows += [(k, h, name, float(v)) for h, v in enumerate(per_head)]

@@ -35,7 +35,7 @@ POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
 PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias",
                  *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS), "finetune_top1")
-LAYER_PROBES = ("attn_distance", "attn_nmi", "fourier_dlogamp_pi", "token_cossim", "effective_rank",
+LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "fourier_dlogamp_pi", "token_cossim", "effective_rank",
                 *(f"{m}_{p}" for m in ("knn_top1", "linear_top1") for p in POOLS), "dense_miou", "cka_untrained")
 LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 NOISE_CLASSIFIERS = ("linear", "finetune")  # the last layer's linear probe; the fine-tuned model
