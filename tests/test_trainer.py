@@ -144,3 +144,39 @@ def test_dino_clips_each_parameters_gradient_on_its_own_as_its_official_code():
     g = model_with_grads()
     clip_gradients(g, 3.0, "global")
     assert torch.cat([p.grad.flatten() for p in g.parameters()]).norm() == pytest.approx(3.0, rel=1e-4)
+
+
+def test_dino_is_probed_exported_and_fine_tuned_from_its_teacher(monkeypatch, tmp_path):
+    """DINO's eval_linear / eval_knn read the teacher (checkpoint_key "teacher"); clmim read the student. Now the
+    teacher by default where the mix has DINO, ``eval.encoder`` choosing otherwise, recorded in the config."""
+    from trainables import trainer
+    from trainables.config import to_dict
+
+    assert load_config(tiny(), ["objective.weights={dino: 1}"]).eval.encoder == "teacher"
+    assert load_config(tiny(), ["objective.weights={simmim: 0.5, dino: 0.5}"]).eval.encoder == "teacher"
+    assert load_config(tiny(), ["objective.lam=0.5"]).eval.encoder == "student"
+    assert load_config(tiny(), ["objective.lam=1", "eval.encoder=momentum"]).eval.encoder == "momentum"
+    with pytest.raises(ConfigError, match=r"^eval.encoder: teacher needs dino in the mix"):
+        load_config(tiny(), ["objective.lam=0", "eval.encoder=teacher"])
+
+    cfg = load_config(tiny(), ["objective.weights={dino: 1}"])
+    run = trainer.build_run(cfg)
+    teacher = run.objective.heads["dino"].teacher["encoder"]
+    with torch.no_grad():  # the teacher moved away from the student (as its EMA lags behind it)
+        for p in teacher.parameters():
+            p.add_(0.01)
+    seen = []
+    monkeypatch.setattr(trainer, "run_probes", lambda enc, data, c, keep=None: (seen.append(enc), ([], {}))[1])
+    trainer.evaluate(run, 1)
+    assert seen == [teacher]
+    ckpt = {"model": run.objective.state_dict(), "optimizer": {}, "config": to_dict(cfg), "step": 1}
+    read = trainer.pretrained_encoder(ckpt)
+    assert torch.equal(read["encoder.vit.cls_token"], teacher.vit.cls_token)
+    assert not torch.equal(read["encoder.vit.cls_token"], run.objective.encoder.vit.cls_token)
+    torch.save(ckpt, tmp_path / "checkpoint.pt")  # the export keeps only that encoder, and reads as it
+    exported = torch.load(trainer.export_weights(tmp_path / "checkpoint.pt", tmp_path / "model.pt"),
+                          weights_only=True)
+    assert torch.equal(trainer.pretrained_encoder(exported)["encoder.vit.cls_token"], teacher.vit.cls_token)
+    student = to_dict(load_config(tiny(), ["objective.weights={dino: 1}", "eval.encoder=student"]))
+    read = trainer.pretrained_encoder({**ckpt, "config": student})
+    assert torch.equal(read["encoder.vit.cls_token"], run.objective.encoder.vit.cls_token)

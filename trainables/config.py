@@ -224,6 +224,10 @@ class EvalConfig:
     dense_images: int = _f(64, lo=0, hi=100_000, doc="images (train and eval each) of the per-layer dense probe "
                                                        "(synthetic set only; 0: off)")
     cka: bool = _f(True, doc="per-layer linear CKA of the encoder against its untrained self (cka_untrained)")
+    encoder: str = _f("auto", choices=["auto", "student", "teacher", "momentum"],
+                      doc="the encoder every evaluation, export and fine-tuning reads: student (the trained one), "
+                          "teacher (DINO's EMA teacher) or momentum (MoCo v3's momentum encoder); auto: the teacher "
+                          "when the mix has DINO (as DINO's own evaluations read it), else the student")
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -329,6 +333,8 @@ def _resolve_defaults(cfg: Config) -> None:
         cfg.model.pos_embed = "sincos" if set(mix) <= {"mocov3", "mae"} else "learned"
     if cfg.model.patch_embed == "auto":
         cfg.model.patch_embed = "frozen" if set(mix) == {"mocov3"} else "trained"
+    if cfg.eval.encoder == "auto":
+        cfg.eval.encoder = "teacher" if "dino" in mix else "student"
 
 
 def _type_name(tp) -> str:
@@ -419,6 +425,10 @@ def _validate(cfg: Config) -> None:
         )
     depth = spec.depth
     _check_placement(cfg, depth)
+    owner = {"teacher": "dino", "momentum": "mocov3"}.get(cfg.eval.encoder)
+    if owner and owner not in cfg.objective.mix():
+        raise ConfigError(f"eval.encoder: {cfg.eval.encoder} needs {owner} in the mix, which trains "
+                          f"{', '.join(cfg.objective.mix())}")
     _check_every_block_trained(cfg, depth)
     mix = cfg.objective.mix()
     if cfg.objective.mask_unit is not None:

@@ -113,14 +113,15 @@ def top1(model: nn.Module, split, size: int, batch_size: int = 256) -> float:
 
 
 def finetune(run, report, resume: dict | None = None, extra: dict | None = None) -> tuple[Classifier, dict]:
-    """Fine-tune ``run.objective.encoder`` (or continue the fine-tuning checkpoint ``resume``); return the
-    fine-tuned classifier and ``{"finetune_top1", "finetune_steps", "seconds_finetune"}``. ``run`` is the
-    trainer's ``TrainRun``; checkpoints go through ``run.save`` at the run's checkpoint steps and carry ``extra``
-    (the pre-training's final metrics and step) and the pre-trained encoder."""
+    """Fine-tune the pre-trained encoder ``eval.encoder`` names (or continue the fine-tuning checkpoint
+    ``resume``); return the fine-tuned classifier and ``{"finetune_top1", "finetune_steps", "seconds_finetune"}``.
+    ``run`` is the trainer's ``TrainRun``; checkpoints go through ``run.save`` at the run's checkpoint steps and
+    carry ``extra`` (the pre-training's final metrics and step) and the pre-trained encoder."""
     cfg, f = run.cfg, run.cfg.eval.finetune
     t0 = time.perf_counter()
+    start_from = run.objective.eval_encoder(cfg.eval.encoder)  # DINO's teacher by default, as DINO fine-tunes
     pretrained = resume["pretrained"] if resume else {k: v.detach().cpu().clone()
-                                                      for k, v in run.objective.encoder.state_dict().items()}
+                                                      for k, v in start_from.state_dict().items()}
     model = build_classifier(cfg, pretrained, run.data.num_classes).to(run.device)
     opt = torch.optim.AdamW(layer_decay_groups(model, f.weight_decay, f.layer_decay), lr=0.0,
                             fused=run.device.type == "cuda")

@@ -142,23 +142,34 @@ def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: t
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:
-    """Write the encoder's weights of a full checkpoint (no heads, momentum encoder, optimiser or RNG state) with
-    its step and config to ``out``: what ``clmim analyze`` reads, a fraction of the checkpoint's size."""
+    """Write the weights of the encoder a full checkpoint's evaluations read (``eval.encoder``: DINO's teacher by
+    default; no heads, other encoders, optimiser or RNG state) with its step and config to ``out``: what ``clmim
+    analyze`` reads, a fraction of the checkpoint's size."""
     ckpt = load_weights(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save({"step": ckpt.get("pretrain_step", ckpt["step"]), "config": ckpt["config"],
-                "model": pretrained_encoder(ckpt)}, tmp)
+                "model": pretrained_encoder(ckpt)}, tmp)  # the encoder the config's eval.encoder names
     os.replace(tmp, out)
     return out
 
 
+# Where each ``eval.encoder`` lives in a pre-training checkpoint's state dict (``Hybrid``'s submodule names).
+ENCODER_PREFIX = {"student": "encoder.", "teacher": "dino.teacher.encoder.", "momentum": "cl.momentum.encoder."}
+
+
 def pretrained_encoder(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The pre-trained encoder's weights (objective names, ``encoder.*``) of any clmim checkpoint: a pre-training
-    checkpoint's encoder, or the pre-trained encoder a fine-tuning checkpoint carries (never the fine-tuned one)."""
+    """The weights (objective names, ``encoder.*``) of the encoder a clmim file's evaluations read
+    (``eval.encoder`` of its config: DINO's teacher by default): from a pre-training checkpoint, the pre-trained
+    encoder a fine-tuning checkpoint carries (never the fine-tuned one), or an export (``export_weights``: only
+    that encoder, no optimiser state)."""
     if ckpt.get("phase") == "finetune":
         return {f"encoder.{k}": v for k, v in ckpt["pretrained"].items()}
-    return {k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    prefix = ENCODER_PREFIX["student"]
+    if "optimizer" in ckpt:  # a full checkpoint holds every encoder; an export, only the one it exported
+        which = load_config(ckpt["config"]).eval.encoder
+        prefix = ENCODER_PREFIX[which]
+    return {f"encoder.{k[len(prefix):]}": v for k, v in ckpt["model"].items() if k.startswith(prefix)}
 
 
 def find_checkpoint(path: str | Path, weights: bool = False) -> Path | None:
@@ -228,7 +239,7 @@ def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
 
 
 def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
-    cfg, enc, e = run.cfg, run.objective.encoder, run.cfg.eval
+    cfg, enc, e = run.cfg, run.objective.eval_encoder(run.cfg.eval.encoder), run.cfg.eval
     clock = time.perf_counter
     t = clock()
     keep: dict = {}  # the eval subset's features and the fitted linear probe, reused below

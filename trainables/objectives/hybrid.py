@@ -68,6 +68,15 @@ class Hybrid(nn.Module):
             self.heads[name] = build_head(name, encoder, cfg, layer)
             setattr(self, ATTR[name], self.heads[name])  # registered as a submodule under its checkpoint name
 
+    def eval_encoder(self, which: str) -> ViT:
+        """The encoder evaluations read (``eval.encoder``): the trained one (student), DINO's EMA teacher, or MoCo
+        v3's momentum encoder (both copies of the whole encoder, without stochastic depth)."""
+        if which == "teacher":
+            return self.heads["dino"].teacher["encoder"]
+        if which == "momentum":
+            return self.heads["mocov3"].momentum["encoder"]
+        return self.encoder
+
     @property
     def mim(self) -> SimMIM | None:
         """SimMIM's head (None outside the mix)."""
