@@ -35,6 +35,32 @@ def test_band_noise_energy_is_in_its_band_at_the_requested_rms(size, bands):
         assert band * math.pi / bands - 1e-9 <= centroid <= (band + 1) * math.pi / bands + 1e-9
 
 
+def test_fixed_amplitude_noise_carries_more_energy_in_the_high_bands_as_park_and_kim_add_it():
+    """Park & Kim add white noise of one std in normalised space, band-passed and not rescaled: a band's RMS is the
+    std times the square root of its share of the frequencies, where the
+    default convention gives every band one RMS (on 32 px, 8 bands: the highest ~6x the lowest)."""
+    size, bands, std = 32, 8, 0.5
+    gen = torch.Generator().manual_seed(0)
+    rms = []
+    for band in range(bands):
+        noise = band_noise((64, 3, size, size), band, bands, std, gen, amplitude="fixed")
+        rms.append(float(noise.double().pow(2).mean().sqrt()))
+        share = float(band_mask(size, band, bands).double().mean())
+        assert rms[-1] == pytest.approx(std * math.sqrt(share), rel=0.05)
+    assert rms[-1] / rms[0] > 4
+    cfg = load_config(tiny(), ["eval.noise.amplitude=fixed", "eval.noise.scale=0.5"])
+    assert (cfg.eval.noise.amplitude, cfg.eval.noise.scale) == ("fixed", 0.5)
+    with pytest.raises(ConfigError, match="eval.noise.amplitude"):
+        load_config(tiny(), ["eval.noise.amplitude=loud"])
+    # added in normalised space: a classifier of normalised inputs sees exactly the band-passed noise
+    images = torch.full((4, 3, size, size), 128, dtype=torch.uint8)
+    seen = []
+    noise_accuracy(lambda x: (seen.append(x), torch.zeros(len(x), dtype=torch.long))[1], images,
+                   torch.zeros(4, dtype=torch.long), size, bands, std, seed=0, prefix="p", amplitude="fixed")
+    clean, noisy_top = seen[0], seen[-1]
+    assert float((noisy_top - clean).pow(2).mean().sqrt()) == pytest.approx(rms[-1], rel=0.1)
+
+
 def test_bands_tile_the_spectrum_and_too_many_bands_are_refused():
     masks = torch.stack([band_mask(32, b, 8) for b in range(8)])
     assert bool((masks.sum(0) == 1).all())  # every frequency in exactly one band

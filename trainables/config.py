@@ -206,10 +206,16 @@ class FinetuneConfig:
 @dataclass
 class NoiseConfig:
     """Robustness to frequency-filtered noise: Gaussian noise band-passed to ``bands`` equal-width rings of
-    frequency (L-infinity radius, 0 to pi) and added to eval images at RMS ``rms`` (of the [0, 1] pixel range)."""
+    frequency (L-infinity radius, 0 to pi) and added to eval images, at RMS ``rms`` (of the [0, 1] pixel range) in
+    every band, or (``amplitude: fixed``, Park & Kim's convention) as white noise of standard deviation ``scale``
+    in the normalised input space, band-passed and not rescaled (``trainables/robustness.py``)."""
 
     bands: int = _f(8, lo=0, hi=64, doc="frequency bands (0: off)")
+    amplitude: str = _f("rms", choices=["rms", "fixed"],
+                        doc="rms: every band at RMS eval.noise.rms in pixel space; fixed: Park & Kim's white noise "
+                            "of std eval.noise.scale in normalised space, band-passed (high bands carry more)")
     rms: float = _f(0.1, lo=0.0, hi=10.0, doc="noise RMS per image, in units of the [0, 1] pixel range")
+    scale: float = _f(0.1, lo=0.0, hi=10.0, doc="amplitude fixed: the white noise's std, normalised units")
     images: int = _f(128, lo=1, hi=100_000, doc="a fixed, seeded N of the eval subset (eval.samples)")
 
 
