@@ -73,6 +73,20 @@ def test_schedules_warmup_cosine_and_momentum():
     assert s["momentum"][0] == pytest.approx(0.99) and s["momentum"][-1] > 0.9999
 
 
+def test_simmim_keeps_its_multistep_schedule_and_mixes_take_cosine():
+    """SimMIM's ViT-B recipe: warmup, the peak lr until epoch 700 of 800, then x 0.1 (MultiStepLR); clmim decayed
+    it by cosine as the others. A mix takes cosine (one schedule; SimMIM's only where it trains alone)."""
+    cfg = load_config(tiny(), ["objective.lam=0", "optim.warmup_frac=0.1", "optim.blr=2.56e-3",
+                               "data.batch_size=100"])
+    assert cfg.optim.schedule == "multistep"
+    lr, peak = schedules(cfg, 800)["lr"], 2.56e-3 * 100 / 256
+    assert lr[79] == pytest.approx(peak) and lr[699] == pytest.approx(peak) and lr[700] == pytest.approx(peak / 10)
+    assert lr[-1] == pytest.approx(peak / 10)
+    assert load_config(tiny(), ["objective.lam=0.25"]).optim.schedule == "cosine"
+    assert load_config(tiny(), ["objective.weights={mae: 1}"]).optim.schedule == "cosine"
+    assert load_config(tiny(), ["objective.lam=0", "optim.schedule=cosine"]).optim.schedule == "cosine"
+
+
 def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
     from trainables.config import train_flops_per_image
 

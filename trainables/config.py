@@ -165,6 +165,13 @@ class OptimConfig:
     lr_scale: float = _f(1.0, lo=0.0, hi=1e4, doc="multiplies blr; sweep it to tune lr per objective around each "
                                                    "objective's own recipe")
     min_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0)
+    schedule: str | None = _f(None, choices=["cosine", "multistep"],
+                              doc="lr after warmup: cosine decay (MoCo v3, MAE, DINO) or multistep (SimMIM: constant, "
+                                  "then x decay_gamma from decay_at of the run); default: the recipe's, multistep "
+                                  "only where every objective of the mix uses it (pure SimMIM)")
+    decay_at: float = _f(700 / 800, lo=0.0, hi=1.0, doc="multistep: the share of the run at which the lr drops "
+                                                         "(SimMIM's ViT-B: epoch 700 of 800)")
+    decay_gamma: float = _f(0.1, lo=0.0, hi=1.0, doc="multistep: the lr's factor after decay_at (SimMIM: 0.1)")
     warmup_frac: float | None = _f(None, lo=0.0, hi=0.9, doc="default: the objective's recipe")
     weight_decay: float | None = _f(None, lo=0.0, hi=10.0, doc="default: the objective's recipe")
     weight_decay_end: float | None = _f(None, lo=0.0, hi=10.0, doc="cosine wd schedule end (default: constant)")
@@ -266,14 +273,15 @@ class Config:
 # DROP_PATH_RATE 0.1. MoCo v3 (main_moco.py, ViT): blr 1.5e-4, 40 of 300 warmup epochs, wd 0.1, no clipping, no
 # drop path. MAE (main_pretrain.py, PRETRAIN.md): blr 1.5e-4, 40 of 800 warmup epochs, wd 0.05, no clipping, no
 # drop path. DINO (main_dino.py): lr 5e-4 per 256, 10 of 100 warmup epochs, wd 0.04 -> 0.4 (cosine), clip 3.0,
-# drop path 0.1. AdamW's beta2: 0.95 in MAE (main_pretrain.py), PyTorch's 0.999 in the others. Clipping: SimMIM's
+# drop path 0.1; SimMIM's ViT lr schedule is multistep (MULTISTEPS [700] of 800 epochs, GAMMA 0.1), the others'
+# cosine. AdamW's beta2: 0.95 in MAE (main_pretrain.py), PyTorch's 0.999 in the others. Clipping: SimMIM's
 # clip_grad_norm_ over all parameters together; DINO's utils.clip_gradients each parameter tensor on its own. A mix
 # interpolates with its weights: blr geometrically (lrs compare on a log scale), wd / warmup / drop path / beta2
 # linearly, and clips at the smallest clipping any of its objectives uses, in that objective's mode (at lam < 1,
 # SimMIM's; with DINO, DINO's per-tensor 3.0).
 RECIPES: dict[str, dict[str, float]] = {
     "simmim": {"blr": 5e-5, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 10 / 800,
-               "clip_grad": 5.0, "clip_mode": "global", "drop_path": 0.1, "beta2": 0.999},
+               "clip_grad": 5.0, "clip_mode": "global", "drop_path": 0.1, "beta2": 0.999, "schedule": "multistep"},
     "mocov3": {"blr": 1.5e-4, "weight_decay": 0.1, "weight_decay_end": 0.1, "warmup_frac": 40 / 300,
                "clip_grad": 0.0, "drop_path": 0.0, "beta2": 0.999},
     "mae": {"blr": 1.5e-4, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 40 / 800,
@@ -294,6 +302,8 @@ def recipe(mix: dict[str, float] | float) -> dict[str, float]:
     out["blr"] = float(f'{math.exp(sum(w * math.log(RECIPES[o]["blr"]) for o, w in mix.items())):.4g}')
     clips = sorted((RECIPES[o]["clip_grad"], RECIPES[o]["clip_mode"]) for o in mix if RECIPES[o]["clip_grad"] > 0)
     out["clip_grad"], out["clip_mode"] = clips[0] if clips else (0.0, "global")
+    schedules = {RECIPES[o].get("schedule", "cosine") for o in mix}  # one schedule: SimMIM's only if it is alone
+    out["schedule"] = schedules.pop() if len(schedules) == 1 else "cosine"
     return out
 
 
@@ -331,7 +341,8 @@ def _resolve_defaults(cfg: Config) -> None:
             r["weight_decay_end"] != r["weight_decay"]:
         cfg.optim.weight_decay_end = r["weight_decay_end"]  # DINO's rising wd, unless the user set a wd
     for section, key in (("optim", "blr"), ("optim", "weight_decay"), ("optim", "warmup_frac"),
-                         ("optim", "clip_grad"), ("optim", "clip_mode"), ("optim", "beta2"), ("model", "drop_path")):
+                         ("optim", "clip_grad"), ("optim", "clip_mode"), ("optim", "beta2"), ("optim", "schedule"),
+                         ("model", "drop_path")):
         node = getattr(cfg, section)
         if getattr(node, key) is None:
             setattr(node, key, r[key])

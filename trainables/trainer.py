@@ -47,7 +47,8 @@ STEP_INPUTS = ("teacher_temp", "freeze_last_layer")  # per-step schedule values 
 
 
 def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
-    """Per-step lr (linear warmup, cosine decay), weight decay (cosine), EMA momentum of MoCo v3's momentum
+    """Per-step lr (linear warmup, then ``optim.schedule``: cosine decay to ``min_lr_ratio``, or multistep: the
+    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), EMA momentum of MoCo v3's momentum
     encoder and of DINO's teacher (cosine to 1), DINO's teacher temperature (linear warmup) and last-layer freeze
     (1.0 while frozen: ``freeze_last_layer_frac`` of the run, default one epoch of ``per_epoch`` steps)."""
     o = cfg.optim
@@ -55,8 +56,11 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
     steps = np.arange(total, dtype=np.float64)
     warm = int(round(o.warmup_frac * total))
     progress = np.clip((steps - warm) / max(1, total - warm), 0, 1)
-    cosine = 0.5 * (1 + np.cos(np.pi * progress))  # 1 -> 0
-    lr = peak * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
+    if o.schedule == "multistep":  # SimMIM's MultiStepLR, stepped by step instead of by epoch
+        lr = np.where(steps < int(round(o.decay_at * total)), peak, peak * o.decay_gamma)
+    else:
+        cosine = 0.5 * (1 + np.cos(np.pi * progress))  # 1 -> 0
+        lr = peak * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
     if warm:
         lr[:warm] = peak * (steps[:warm] + 1) / warm
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
