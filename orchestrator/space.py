@@ -40,13 +40,23 @@ from typing import Any
 
 from trainables.config import Config, ConfigError, load_config, read_yaml
 from trainables.errors import UserError, excerpt
-from trainables.vocab import OBJECTIVES, PROBE_METRICS, STEP_METRICS, is_known_metric, reports_metric
+from trainables.vocab import (
+    OBJECTIVES,
+    PROBE_METRICS,
+    STEP_METRICS,
+    VAL_METRICS,
+    is_known_metric,
+    reports_metric,
+)
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "simplex", "dirichlet")
 SIMPLEX_KINDS = ("simplex", "dirichlet")  # expanded into a grid of objective.weights mappings
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
             "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
 SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
+# Metrics with labels read on the evaluation split (the last layer's and every layer's kNN / linear probes,
+# fine-tuning): what the claims report, so never what a search selects on.
+EVAL_SPLIT = re.compile(r"(layer/\d+/)?(knn|linear)_top1(_gap|_cls)?|finetune_top1")
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
 RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
 MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
@@ -256,6 +266,10 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     if not is_known_metric(metric):
         raise SpaceError(f"search.metric: {excerpt(metric, 60)} is not a metric trials report; choose one of "
                          f"{', '.join(STEP_METRICS + PROBE_METRICS)} or layer/<L>/<probe metric>")
+    if EVAL_SPLIT.fullmatch(metric):  # a selection never reads the split the claims and reported accuracies use
+        suggest = f"val_{metric}" if f"val_{metric}" in VAL_METRICS else "val_linear_top1"
+        raise SpaceError(f"search.metric: {metric} is read on the evaluation split the claims are read on; select "
+                         f"on the validation split: {suggest}")
     if search["mode"] not in ("min", "max"):
         raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
     scheduler = {"type": "fifo", **_section(raw, "scheduler")}
@@ -408,9 +422,12 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if metric == "shape_bias" and cfg.data.dataset != "synthetic":
         raise SpaceError(f"search.metric: shape_bias needs the synthetic set's cue-conflict split, but {where} "
                          f"trains on {cfg.data.dataset}")
-    if metric == "finetune_top1" and not cfg.eval.finetune.enabled:
-        raise SpaceError(f"search.metric: finetune_top1 needs fine-tuning, but {where} has no eval.finetune.steps "
+    if metric == "val_finetune_top1" and not cfg.eval.finetune.enabled:
+        raise SpaceError(f"search.metric: {metric} needs fine-tuning, but {where} has no eval.finetune.steps "
                          "or eval.finetune.epochs")
+    if metric in VAL_METRICS and not cfg.eval.val_samples:
+        raise SpaceError(f"search.metric: {metric} is read on the validation split, but {where} has "
+                         "eval.val_samples: 0 (none held out)")
     if not reports_metric(metric, cfg.objective.mix()):
         shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
         raise SpaceError(f"search.metric: {where} mixes {{{shown}}} and reports no {metric}")

@@ -94,7 +94,24 @@ def test_lr_tuned_per_objective_picks_each_objectives_best_mean():
     assert table.loc["MIM (lam=0)", "best optim.lr_scale"] == 30
     assert table.loc["CL (lam=1)", "best optim.lr_scale"] == 10
     assert table.loc["CL (lam=1)", "linear_top1"].startswith("0.605 ± ")
+    assert table.loc["CL (lam=1)", "selected on"].startswith("linear_top1 (evaluation split: these trials have no")
     assert tuned_table(pd.DataFrame(rows).assign(**{"optim.lr_scale": 1})).empty
+
+
+def test_the_best_lr_is_chosen_on_the_validation_split_and_reported_on_the_evaluation_split():
+    """The evaluation split favours lr 10 by chance, the validation split lr 30: the choice follows the validation
+    split, and the accuracy shown for it is the evaluation split's (not the winner's own selection score)."""
+    from orchestrator.compare import tuned_table
+
+    rows = []
+    for lr in (10, 30):
+        for seed in range(2):
+            rows.append({"trial": f"{lr}-{seed}", "lam": 0.0, "objective.lam": 0.0, "optim.lr_scale": lr,
+                         "run.seed": seed, "linear_top1": 0.7 if lr == 10 else 0.6,
+                         "val_linear_top1": 0.5 if lr == 10 else 0.55})
+    row = tuned_table(pd.DataFrame(rows)).iloc[0]
+    assert row["best optim.lr_scale"] == 30 and row["linear_top1"].startswith("0.6")
+    assert row["selected on"] == "val_linear_top1 (validation split)"
 
 
 def test_claims_show_trained_minus_untrained_paired_per_trial():

@@ -70,3 +70,23 @@ def test_augmentations_are_seeded_and_shaped():
     crop = random_resized_crop(to_float(images), 32, u, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     torch.testing.assert_close(crop[2:], to_float(images)[2:], atol=1e-5, rtol=0)
     torch.testing.assert_close(crop[:2], to_float(images)[:2].flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "digits"])
+def test_validation_split_is_held_out_of_the_training_labels_and_apart_from_the_eval_split(dataset):
+    """Every selection reads the validation split: a fixed draw from the training split (the same for every seed),
+    never fit on (the probes and fine-tuning use ``labelled``, the rest), never the evaluation split."""
+    cfg = load_config(tiny(**{"data__dataset": dataset, "eval__val_samples": 48}))
+    data = build_data(cfg)
+    n = len(data.train)
+    assert len(data.val) == min(48, n // 4) and len(data.val) + len(data.labelled) == n
+    def key(split):
+        return {x.numpy().tobytes() for x in split.images}
+
+    val, labelled, ev = key(data.val), key(data.labelled), key(data.eval)
+    assert not val & labelled and not val & ev
+    other = build_data(load_config(tiny(**{"data__dataset": dataset, "eval__val_samples": 48, "run__seed": 3})))
+    if dataset == "digits":  # a fixed data set: one validation split for every seed
+        assert torch.equal(other.val.images, data.val.images)
+    none = build_data(load_config(tiny(**{"data__dataset": dataset, "eval__val_samples": 0})))
+    assert none.val is None and none.labelled is none.train

@@ -160,6 +160,9 @@ def test_probe_suite_rows_cover_every_layer():
     assert summary["linear_top1"] == summary["linear_top1_gap"]
     assert summary["shape_bias"] == summary["shape_bias_gap"]
     assert 0 < summary["cue_match_cls"] <= 1
+    # the last layer's probes read on the validation split too (what selections use), beside the eval split's
+    assert {"val_linear_top1", "val_knn_top1", "val_linear_top1_cls", "val_knn_top1_gap"} <= set(summary)
+    assert summary["val_linear_top1"] == summary["val_linear_top1_gap"]
     flat = rows_to_metrics(rows)
     assert "layer/3/h1/attn_nmi" in flat and "layer/0/fourier_dlogamp_pi" in flat
 

@@ -45,16 +45,29 @@ def test_bad_spaces_are_rejected_naming_the_key(tmp_path):
 def test_search_metric_must_be_reported(tmp_path):
     assert err(tmp_path, search={"metric": "linear_acc"}).startswith("search.metric: 'linear_acc' is not a metric")
     load_space(space_file(tmp_path, search={"metric": "layer/3/attn_distance", "mode": "max"}))
-    assert "asha" in err(tmp_path, search={"metric": "linear_top1", "mode": "max"}, scheduler={"type": "asha"})
-    load_space(space_file(tmp_path, search={"metric": "linear_top1", "mode": "max"}, scheduler={"type": "asha"}),
+    assert "asha" in err(tmp_path, search={"metric": "val_linear_top1", "mode": "max"}, scheduler={"type": "asha"})
+    load_space(space_file(tmp_path, search={"metric": "val_linear_top1", "mode": "max"}, scheduler={"type": "asha"}),
                ["eval.every=1"])
     load_space(space_file(tmp_path, scheduler={"type": "asha"}))  # loss is reported at every log step
     msg = err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.0]}}, search={"metric": "loss_cl"})
     assert msg.startswith("search.metric:") and "objective.lam=0" in msg
     msg = err(tmp_path, base={"data": {"dataset": "digits"}}, search={"metric": "shape_bias", "mode": "max"})
     assert "cue-conflict" in msg
-    msg = err(tmp_path, search={"metric": "finetune_top1", "mode": "max"})
+    msg = err(tmp_path, search={"metric": "val_finetune_top1", "mode": "max"})
     assert msg.startswith("search.metric:") and "eval.finetune.steps" in msg
+    msg = err(tmp_path, search={"metric": "val_linear_top1", "mode": "max"}, base={"eval": {"val_samples": 0}})
+    assert msg.startswith("search.metric: val_linear_top1 is read on the validation split") and "val_samples" in msg
+
+
+@pytest.mark.parametrize("metric,suggested", [("linear_top1", "val_linear_top1"), ("knn_top1_cls", "val_knn_top1_cls"),
+                                              ("finetune_top1", "val_finetune_top1"),
+                                              ("layer/3/linear_top1_gap", "val_linear_top1")])
+def test_a_search_never_selects_on_the_evaluation_split_the_claims_read(tmp_path, metric, suggested):
+    """Selecting on the split the claims and reported accuracies come from biases both; every selection reads the
+    validation split, held out of the training labels."""
+    assert err(tmp_path, search={"metric": metric, "mode": "max"}) == (
+        f"search.metric: {metric} is read on the evaluation split the claims are read on; select on the "
+        f"validation split: {suggested}")
 
 
 def test_every_reported_metric_is_a_valid_search_metric(tmp_path):

@@ -230,6 +230,9 @@ class NoiseConfig:
 class EvalConfig:
     every: int | None = _f(None, lo=1, doc="run the probes every N epochs (always at the end)")
     samples: int = _f(512, lo=16, hi=1_000_000, doc="fixed, seeded eval subset size")
+    val_samples: int = _f(512, lo=0, hi=1_000_000,
+                          doc="validation images held out of the training split's labels (at most a quarter of "
+                              "it; 0: none) for the val_* metrics every selection reads")
     probe_images: int = _f(64, lo=2, hi=4096, doc="images of that subset for the attention / token probes")
     pool: str = _f("gap", choices=["gap", "cls"],
                    doc="pooling of the unsuffixed linear_top1 / knn_top1 / shape_bias (both are always measured)")

@@ -11,6 +11,12 @@
 
 ``data.fraction`` keeps a nested, class-balanced share of the training split (``store.fraction_indices``).
 
+The validation split (``DataBundle.val``) is held out of the training split's labels: ``eval.val_samples`` images (at
+most a quarter of the split), a fixed draw (``VAL_SEED``, the same for every trial). Every selection reads it (the
+``val_*`` metrics: the search metric, ASHA, the best lr per objective); no classifier is ever fit on its labels
+(the probes and fine-tuning fit on ``DataBundle.labelled``, the rest), and the claims and reported accuracies read the
+evaluation split only. Pre-training, which uses no labels, still sees every training image.
+
 Images are kept as uint8 (N, 3, S, S) tensors; augmentation happens on the device (``augment.py``).
 """
 
@@ -28,14 +34,30 @@ from .config import Config, ConfigError
 from .split import Split
 from .store import INDEX, StoreSplit, fraction_indices, local_copy, open_split, read_index, verified_once
 
+VAL_SEED = 271828  # the validation split's draw: one for every trial, so selections compare on the same images
+
 
 @dataclass
 class DataBundle:
-    train: Split
-    eval: Split
+    train: Split  # pre-training's images (labels unused)
+    eval: Split  # what the claims and reported accuracies are read on
     num_classes: int
     cue_conflict: Split | None = None  # labels = shape class
     cue_texture: torch.Tensor | None = None  # texture class of each cue-conflict image
+    val: Split | None = None  # held out of ``train``'s labels, read by every selection (``hold_out``)
+    labelled: Split | None = None  # ``train`` without ``val``: what probes and fine-tuning fit on
+
+    def __post_init__(self) -> None:
+        if self.labelled is None:  # no validation split (yet): every training label may be fit on
+            self.labelled = self.train
+
+    def hold_out(self, n: int) -> None:
+        """Split ``n`` images (at most a quarter of ``train``, a fixed draw) off the training split's labels as the
+        validation split; the rest is ``labelled``."""
+        n = min(n, len(self.train) // 4)
+        perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(VAL_SEED)).numpy()
+        self.val = self.train.select(np.sort(perm[:n])) if n else None
+        self.labelled = self.train.select(np.sort(perm[n:])) if n else self.train
 
 
 # ---------------------------------------------------------------- synthetic shapes x textures
@@ -211,13 +233,15 @@ def _store(cfg: Config) -> DataBundle:
 
 def build_data(cfg: Config) -> DataBundle:
     """Load the configured data set; a missing local path is a ``ConfigError``, never a download. With
-    ``data.fraction`` < 1 the training split is its nested, class-balanced subset."""
+    ``data.fraction`` < 1 the training split is its nested, class-balanced subset; the validation split is held
+    out of it (``DataBundle.hold_out``)."""
     data = {"synthetic": _synthetic, "digits": _digits, "cifar10": _cifar, "cifar100": _cifar,
             "imagefolder": _imagefolder, "store": _store}[cfg.data.dataset](cfg)
     if cfg.data.fraction < 1.0:
 
         idx = fraction_indices(data.train.labels.numpy(), cfg.data.fraction)
         data.train = data.train.select(idx)
+    data.hold_out(cfg.eval.val_samples)
     return data
 
 

@@ -131,11 +131,12 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
         opt.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"])  # again: building the classifier drew from the global RNG (drop path uses it)
         start = int(resume["step"]) - run.total
-    total = finetune_steps(cfg, len(run.data.train))
+    total = finetune_steps(cfg, len(run.data.labelled))
     lr = lr_schedule(cfg, total)
     ddp = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None) if run.world > 1 else model
     batch = (f.batch_size or cfg.data.batch_size)
-    stream = batch_stream(run.data.train, batch, cfg.run.seed + 1, start, run.rank, run.world, run.device)
+    # the labelled images only: the validation split's labels are never fit on
+    stream = batch_stream(run.data.labelled, batch, cfg.run.seed + 1, start, run.rank, run.world, run.device)
     size, r = cfg.model.img_size, cfg.run
     crop = (f.crop_min, 1.0) if f.crop_min is not None else crop_scale(size)
     loss_sum = torch.zeros((), device=run.device)  # summed between log steps without host syncs
@@ -178,5 +179,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
             report(metrics, checkpoint=run.save(step + 1, model, opt, state) if ckpt else None)
     if "finetune_top1" not in out:  # resumed at the very end
         out["finetune_top1"] = top1(model, run.data.eval, size)
+    if run.data.val is not None:  # what a selection on fine-tuning reads
+        out["val_finetune_top1"] = top1(model, run.data.val, size)
     out |= {"finetune_steps": total, "seconds_finetune": time.perf_counter() - t0}
     return model, out

@@ -285,9 +285,9 @@ def dense_rows(encoder, data, cfg) -> list[Row]:
     patch's class (``patch_labels``: background or the shape's class), fit on ``eval.dense_images`` training images
     and read as mIoU (``dense_miou``) on as many eval images. Only for data with segmentation masks (synthetic)."""
     n, seed, size = cfg.eval.dense_images, cfg.run.seed, cfg.model.img_size
-    if not n or data.train.masks is None or data.eval.masks is None:
+    if not n or data.labelled.masks is None or data.eval.masks is None:
         return []
-    train, test = data.train.subset(n, seed), data.eval.subset(n, seed)
+    train, test = data.labelled.subset(n, seed), data.eval.subset(n, seed)
     classes = data.num_classes + 1
     y_train, y_test = (patch_labels(s.masks, encoder.patch).flatten() for s in (train, test))  # (N * n,)
     tr, te = extract_tokens(encoder, train.images, size), extract_tokens(encoder, test.images, size)
@@ -344,18 +344,22 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
     """Per-layer kNN and linear-probe accuracy on frozen features of both poolings (``knn_top1_gap``,
     ``linear_top1_cls``, ...); shape bias and cue-match fraction of the last layer's linear probe.
 
-    The summary holds the last layer's values per pooling, and unsuffixed ``knn_top1`` / ``linear_top1`` /
-    ``shape_bias`` for ``eval.pool``. ``keep``, if given, receives what later evaluations reuse instead of
-    computing again: ``eval_gap`` (GAP features of the eval subset per layer) and ``predict`` (the last layer's
-    fitted linear probe per pooling)."""
+    Probes are fit on the labelled training images (``DataBundle.labelled``, never the validation split) and read
+    on the evaluation subset. The summary holds the last layer's values per pooling, and unsuffixed ``knn_top1`` /
+    ``linear_top1`` / ``shape_bias`` for ``eval.pool``; the same last-layer kNN and linear probe read on the
+    validation split as ``val_knn_top1[_pool]`` / ``val_linear_top1[_pool]`` (what selections read). ``keep``, if
+    given, receives what later evaluations reuse instead of computing again: ``eval_gap`` (GAP features of the eval
+    subset per layer) and ``predict`` (the last layer's fitted linear probe per pooling)."""
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
-    train, test = data.train.subset(e.samples, seed), data.eval.subset(e.samples, seed)
+    train, test = data.labelled.subset(e.samples, seed), data.eval.subset(e.samples, seed)
     layers = list(range(encoder.depth + 1))
     last = encoder.depth
     tr = extract_features(encoder, train.images, size, layers=layers)
     te = extract_features(encoder, test.images, size, layers=layers)
     cc = (extract_features(encoder, data.cue_conflict.images, size, layers=[last])
           if data.cue_conflict is not None else None)
+    val = data.val.subset(len(data.val), seed) if data.val is not None else None  # in memory (a store reads here)
+    va = extract_features(encoder, val.images, size, layers=[last]) if val is not None else None
     rows: list[Row] = []
     summary: dict[str, float] = {}
     for pool in POOLS:
@@ -365,13 +369,17 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
             linear = (predict(te[pool][k]) == test.labels).float().mean().item()
             rows += [(k, None, f"knn_top1_{pool}", knn), (k, None, f"linear_top1_{pool}", linear)]
         summary |= {f"knn_top1_{pool}": knn, f"linear_top1_{pool}": linear}  # the last layer's
+        if va is not None:  # the same last-layer probes on the validation split
+            summary[f"val_knn_top1_{pool}"] = knn_accuracy(tr[pool][last], train.labels, va[pool][last],
+                                                           val.labels, e.knn_k)
+            summary[f"val_linear_top1_{pool}"] = (predict(va[pool][last]) == val.labels).float().mean().item()
         if keep is not None:
             keep.setdefault("predict", {})[pool] = predict
         if cc is not None:  # the last layer's linear probe (the one fit above) on cue-conflict images
             decided = predict(cc[pool][last])
             summary[f"shape_bias_{pool}"] = shape_bias(decided, data.cue_conflict.labels, data.cue_texture)
             summary[f"cue_match_{pool}"] = cue_match(decided, data.cue_conflict.labels, data.cue_texture)
-    for name in ("knn_top1", "linear_top1", "shape_bias"):
+    for name in ("knn_top1", "linear_top1", "shape_bias", "val_knn_top1", "val_linear_top1"):
         if f"{name}_{e.pool}" in summary:
             summary[name] = summary[f"{name}_{e.pool}"]
     if keep is not None:

@@ -101,7 +101,7 @@ def linear_noise_accuracy(encoder, data, cfg, predict=None) -> dict[str, float]:
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
     test = noise_split(data, cfg)
     if predict is None:
-        train = data.train.subset(e.samples, seed)
+        train = data.labelled.subset(e.samples, seed)
         predict = fit_linear(extract_features(encoder, train.images, size)[e.pool][encoder.depth], train.labels,
                              data.num_classes)
     with eval_mode(encoder) as device:

@@ -48,9 +48,9 @@ STEP_INPUTS = ("teacher_temp", "freeze_last_layer")  # per-step schedule values 
 
 def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
     """Per-step lr (linear warmup, then ``optim.schedule``: cosine decay to ``min_lr_ratio``, or multistep: the
-    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), EMA momentum of MoCo v3's momentum
-    encoder and of DINO's teacher (cosine to 1), DINO's teacher temperature (linear warmup) and last-layer freeze
-    (1.0 while frozen: ``freeze_last_layer_frac`` of the run, default one epoch of ``per_epoch`` steps)."""
+    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), EMA momentum of MoCo v3's
+    momentum encoder and of DINO's teacher (cosine to 1), DINO's teacher temperature (linear warmup) and last-layer
+    freeze (1.0 while frozen: ``freeze_last_layer_frac`` of the run, default one epoch of ``per_epoch`` steps)."""
     o = cfg.optim
     peak = o.blr * o.lr_scale * cfg.data.batch_size / 256
     steps = np.arange(total, dtype=np.float64)
@@ -399,7 +399,7 @@ def build_run(cfg: Config) -> TrainRun:
         model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=objective.has_unused_params())
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
-    finetuning = finetune_steps(cfg, len(data.train))
+    finetuning = finetune_steps(cfg, len(data.labelled))
     per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size)
     sched = schedules(cfg, total, per_epoch)
     return TrainRun(

@@ -33,8 +33,12 @@ STEP_METRICS = ("loss", *LOSS_KEY.values())
 POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
 # Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
+# The validation split's (``val_``): the last layer's kNN / linear probe per pooling and fine-tuning, what every
+# selection (search metric, scheduler, best lr per objective) reads; the unprefixed are the evaluation split's.
+VAL_METRICS = ("val_linear_top1", "val_knn_top1", *(f"val_{m}_{p}" for m in ("linear_top1", "knn_top1")
+                                                     for p in POOLS), "val_finetune_top1")
 PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias",
-                 *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS), "finetune_top1")
+                 *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS), "finetune_top1", *VAL_METRICS)
 LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "fourier_dlogamp_pi", "token_cossim", "effective_rank",
                 *(f"{m}_{p}" for m in ("knn_top1", "linear_top1") for p in POOLS), "dense_miou", "cka_untrained")
 LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
