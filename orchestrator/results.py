@@ -25,7 +25,9 @@ loads, configuration locked; paths never go into SQL text.
 
 from __future__ import annotations
 
+import bisect
 import fcntl
+import itertools
 import math
 import re
 import threading
@@ -39,11 +41,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainables.config import flatten, to_dict
+from trainables.config import ConfigError, flatten, load_config, to_dict, train_flops_per_image
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
 from trainables.vocab import (
     FINAL_KEYS,
+    NAMES,
     NOISE_METRIC,
     OBJECTIVES,
     STATIC_KEYS,
@@ -59,8 +62,8 @@ from . import records
 from .layout import SweepLayout, check_root, list_sweeps, stored_storage
 from .space import resolve_config, space_from_dict
 
-SCHEMA_VERSION = 2  # 2: layers has a step column (0 = the untrained encoder)
-READABLE_VERSIONS = (b"1", b"2")  # files of these versions are read (a v1 layers file has step null)
+SCHEMA_VERSION = 3  # 2: layers has a step column (0 = the untrained encoder); 3: the long tables have a stage column
+READABLE_VERSIONS = (b"1", b"2", b"3")  # files of these versions are read (v1 layers: step null; v1-2: stage null)
 TABLES = ("trials", "curves", "layers", "robustness")
 GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
 MERGED_PREFIX = "_merged."
@@ -70,14 +73,14 @@ FILE_NAME = re.compile(r"(?P<trial>_merged|[A-Za-z0-9_-][A-Za-z0-9_.-]*)\.\d{20}
 
 CURVE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
-                          ("metric", pa.string()), ("value", pa.float64())])
+                          ("metric", pa.string()), ("value", pa.float64()), ("stage", pa.int32())])
 LAYER_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("layer", pa.int32()), ("head", pa.int32()),
-                          ("metric", pa.string()), ("value", pa.float64())])
+                          ("metric", pa.string()), ("value", pa.float64()), ("stage", pa.int32())])
 NOISE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("band", pa.int32()),
                           ("freq_lo", pa.float64()), ("freq_hi", pa.float64()), ("metric", pa.string()),
-                          ("value", pa.float64())])
+                          ("value", pa.float64()), ("stage", pa.int32())])
 
 
 class QueryError(UserError):
@@ -122,8 +125,14 @@ def _plain_schema(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
     return [(f.name, f.type) for f in schema]
 
 
-LAYER_SCHEMA_V1 = pa.schema([f for f in LAYER_SCHEMA if f.name != "step"])
-LONG_SCHEMAS = {"curves": [CURVE_SCHEMA], "layers": [LAYER_SCHEMA, LAYER_SCHEMA_V1], "robustness": [NOISE_SCHEMA]}
+def _without(schema: pa.Schema, *names: str) -> pa.Schema:
+    return pa.schema([f for f in schema if f.name not in names])
+
+
+# Earlier versions' long tables: v2 without the stage column, v1 layers also without step.
+LONG_SCHEMAS = {"curves": [CURVE_SCHEMA, _without(CURVE_SCHEMA, "stage")],
+                "layers": [LAYER_SCHEMA, _without(LAYER_SCHEMA, "stage"), _without(LAYER_SCHEMA, "stage", "step")],
+                "robustness": [NOISE_SCHEMA, _without(NOISE_SCHEMA, "stage")]}
 # the trials table's own columns and their types (config columns vary with the config)
 TRIAL_TYPES = {"schema_version": (pa.int32(), pa.int64()), "sweep": (pa.string(),), "trial": (pa.string(),),
                "attempt": (pa.string(),), "status": (pa.string(),)}
@@ -319,11 +328,14 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
     batch = flat.get("data.batch_size")
     samples = step * int(batch) if step is not None and _num(batch) is not None else None
     flops_per_image = _num(final.get("train_flops_per_image"))
+    staged = config.get("stages") if isinstance(config, dict) else None
+    if staged:  # a staged run is none of its stages' objectives: its own group, its FLOPs those of every stage
+        weights, flops_per_image = None, _staged_flops_per_image(staged)
     row = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt,
            "written_at": time.time_ns(), "status": status, "error": error,
            "variant": flat.get("model.variant"), "lam": mix_lam(weights) if weights else None,
-           "objective": objective_group(weights) if weights else None,
-           "mix": objective_label(weights) if weights else None,
+           "objective": "staged" if staged else objective_group(weights) if weights else None,
+           "mix": staged_label(staged) if staged else objective_label(weights) if weights else None,
            **{f"w_{k}": (weights or {}).get(k, 0.0) if weights else None for k in OBJECTIVES},
            "params": final.get("params"), "train_flops_per_image": flops_per_image, "samples_seen": samples,
            "train_images": _num(final.get("train_images")),
@@ -334,6 +346,25 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
     for k, v in flat.items():
         row[k] = None if v is None else str(v) if isinstance(v, (list, dict)) else v
     return row
+
+
+def staged_label(stages: list[dict]) -> str:
+    """'staged: MAE 400 → MoCo v3 200': each stage's name (or objective) and steps, in order."""
+    def one(s: dict) -> str:
+        w = weights_of(flatten((s.get("resolved") or {}).get("objective") or {}, "objective"))
+        if s.get("name") or not w:
+            return s.get("name") or "?"
+        return NAMES[next(iter(w))] if len(w) == 1 else objective_label(w)
+    return "staged: " + " → ".join(f"{one(s)} {s.get('steps')}" for s in stages)
+
+
+def _staged_flops_per_image(stages: list[dict]) -> float | None:
+    """Training FLOPs per image of a staged run, averaged over its steps (each stage's own cost)."""
+    try:
+        costs = [(train_flops_per_image(load_config(s["resolved"])), int(s["steps"])) for s in stages]
+    except (ConfigError, KeyError, TypeError):  # a config from another version: unknown rather than wrong
+        return None
+    return sum(c * n for c, n in costs) / sum(n for _, n in costs)
 
 
 def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, str, float]]:
@@ -394,6 +425,21 @@ def noise_from_results(results: list[dict], bands: int | None) -> list[tuple[int
     return sorted(seen.values(), key=lambda t: (t[0], t[1], t[4]))
 
 
+def with_stage(config: dict):
+    """A function adding each long-table row's stage (its first value is the step) of a staged run
+    (``config["stages"]``): the stage whose steps hold it, a stage's last step its own, step 0 (the untrained
+    encoder) stage 0's, fine-tuning's steps none; every row's stage is None for an unstaged run."""
+    stages = config.get("stages") if isinstance(config, dict) else None
+    ends = list(itertools.accumulate(int(s["steps"]) for s in stages)) if isinstance(stages, list) else []
+
+    def stage_of(step) -> int | None:
+        if not ends or step is None or step > ends[-1]:
+            return None
+        return bisect.bisect_left(ends, step)  # the first stage whose end is at or after the step
+
+    return lambda rows: [(*r, stage_of(r[0])) for r in rows]
+
+
 def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
     """A long table: the id columns repeated on every row, then one column per tuple position."""
     n = len(rows)
@@ -421,11 +467,12 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     row = trial_row(sweep, trial, attempt, status, config, final, error, wall_time_s)
     name = f"{trial}.{attempt}.parquet"
     ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt}
-    _write_atomic(_long_table(CURVE_SCHEMA, ids, curves_from_results(results)), sweep_dir / "curves" / name)
-    _write_atomic(_long_table(LAYER_SCHEMA, ids, layers_from_results(results)), sweep_dir / "layers" / name)
+    staged = with_stage(config)
+    _write_atomic(_long_table(CURVE_SCHEMA, ids, staged(curves_from_results(results))), sweep_dir / "curves" / name)
+    _write_atomic(_long_table(LAYER_SCHEMA, ids, staged(layers_from_results(results))), sweep_dir / "layers" / name)
     bands = flatten(config).get("eval.noise.bands")
     noise = noise_from_results(results, bands if isinstance(bands, int) else None)
-    _write_atomic(_long_table(NOISE_SCHEMA, ids, noise), sweep_dir / "robustness" / name)
+    _write_atomic(_long_table(NOISE_SCHEMA, ids, staged(noise)), sweep_dir / "robustness" / name)
     # A config key that is null in this one-row table is typed by DuckDB from the attempts that set it.
     _write_atomic(pa.Table.from_pylist([row]), sweep_dir / "trials" / name)
     with _locked(sweep_dir):  # readers see every file of the attempt, or none

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +196,74 @@ def test_dino_is_probed_exported_and_fine_tuned_from_its_teacher(monkeypatch, tm
     student = to_dict(load_config(tiny(), ["objective.weights={dino: 1}", "eval.encoder=student"]))
     read = trainer.pretrained_encoder({**ckpt, "config": student})
     assert torch.equal(read["encoder.vit.cls_token"], run.objective.encoder.vit.cls_token)
+
+
+# ------------------------------------------------------------------------------------------- staged runs
+GRAFTED = {"stages": [
+    {"steps": 4, "set": {"objective.weights": {"mae": 1.0}}},
+    {"steps": 4, "set": {"objective.weights": {"mocov3": 1.0}, "objective.placement.graft_layer": 3,
+                         "objective.placement.graft_lr_ratio": 0.1}}]}
+
+
+def grafted(**over):
+    cfg = tiny(**{"run__ckpt_every": 2, "model__drop_path": 0.0, **over})
+    cfg.pop("optim")  # a staged run's length is its stages'
+    return {**cfg, **GRAFTED}
+
+
+def test_staged_config_resolves_each_stage_with_its_own_recipe_and_refuses_what_a_stage_cannot_set():
+    cfg = load_config(grafted())
+    first, second = (load_config(s.resolved) for s in cfg.stages)
+    assert cfg.optim.steps == 8 and first.optim.steps == 4 and second.optim.steps == 4
+    assert first.optim.beta2 == 0.95 and second.optim.beta2 == 0.999  # MAE's recipe, then MoCo v3's
+    assert second.objective.placement.graft_lr_ratio == 0.1 and cfg.objective.mix() == {"mocov3": 1.0}
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.set\.model\.variant: a stage may set"):
+        load_config({**grafted(), "stages": [GRAFTED["stages"][0], {"steps": 2, "set": {"model.variant": "nano/4"}}]})
+    with pytest.raises(ConfigError, match=r"^optim\.steps: a staged run is as long as its stages"):
+        load_config({**grafted(), "optim": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.set: objective\.placement\.graft_layer"):
+        load_config({**grafted(), "stages": [{"steps": 2, "set": {"objective.weights": {"mae": 1.0},
+                                                                    "objective.placement.graft_layer": 2}}]})
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.steps: required"):
+        load_config({**grafted(), "stages": [{"set": {}}]})
+
+
+def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_resumable_in_any_stage(tmp_path):
+    """Stage 1 is exactly an MAE run; stage 2 starts MoCo v3 (online and momentum encoder) from its encoder with
+    blocks 1..3 and the embedding at 0.1 x lr; steps count globally; a run resumed inside a stage or at the
+    boundary ends with the straight run's weights; the tables hold one trial with a stage column."""
+    from orchestrator.results import query, write_trial_tables
+    from trainables.config import to_dict
+
+    kept, reports = tmp_path / "kept", []
+
+    def keep(metrics, checkpoint=None):
+        reports.append(dict(metrics))
+        if checkpoint is not None:  # keep every checkpoint (a run keeps its last two)
+            shutil.copytree(checkpoint, kept / Path(checkpoint).name)
+
+    straight = tmp_path / "straight"
+    cfg = load_config(grafted(), [f"run.out_dir={straight}"])
+    train(cfg, keep)
+    steps = [r["step"] for r in reports if "step" in r]
+    assert steps == sorted(steps) and max(steps) == 8
+    alone = tmp_path / "mae"
+    train(load_config(tiny(**{"run__ckpt_every": 2, "model__drop_path": 0.0, "optim__steps": 4}),
+                      ["objective.weights={mae: 1}", f"run.out_dir={alone}"]))
+    boundary = weights(kept / "step_0000004" / "checkpoint.pt")
+    mae = weights(find_checkpoint(alone))
+    for k in mae:  # stage 1 is the MAE run itself
+        torch.testing.assert_close(boundary[k], mae[k], rtol=0, atol=0, msg=k)
+    end = weights(find_checkpoint(straight))
+    assert any(k.startswith("cl.momentum.encoder.") for k in end) and not any(k.startswith("mae.") for k in end)
+    for start in ("step_0000004", "step_0000006"):  # at the boundary, and inside stage 2
+        resumed = tmp_path / start
+        train(load_config(grafted(), [f"run.out_dir={resumed}", f"run.resume={kept / start}"]))
+        got = weights(find_checkpoint(resumed))
+        for k in end:
+            torch.testing.assert_close(got[k], end[k], rtol=0, atol=0, msg=f"{start}: {k}")
+    write_trial_tables(tmp_path / "res" / "s", "t", "TERMINATED", to_dict(cfg), reports)
+    stages = query("SELECT step, any_value(stage) AS stage FROM layers GROUP BY step ORDER BY step", tmp_path / "res")
+    assert list(stages.step) == [0, 4, 8] and list(stages.stage) == [0, 0, 1]
+    trial = query("SELECT mix, objective FROM trials", tmp_path / "res").iloc[0]
+    assert (trial.mix, trial.objective) == ("staged: MAE 4 → MoCo v3 4", "staged")

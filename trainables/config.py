@@ -261,6 +261,26 @@ class RunConfig:
     threads: int | None = _f(None, lo=1, hi=512, doc="torch CPU threads")
 
 
+# What a stage may set (``StageConfig.set``); the model's architecture, the data, the evaluations and the run are
+# the trial's, so one encoder carries over from stage to stage and every stage is read the same way.
+STAGE_KEYS = ("objective.", "optim.", "model.drop_path", "eval.encoder")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged run (``stages``): its own objective mix, placement and optimiser settings on the
+    trial's model and data for ``steps`` steps, starting from the previous stage's encoder (the one its
+    ``eval.encoder`` names) with new heads and a new optimiser and lr schedule; its recipe defaults follow its own
+    mix. Layer Grafted Pre-training: MAE on the whole network, then MoCo v3 with blocks 1..g at a lower lr."""
+
+    steps: int | None = _f(None, lo=1, doc="this stage's optimiser steps")
+    name: str | None = _f(None, doc="a label (default: its objective's)")
+    set: dict = field(default_factory=dict, metadata={"doc": "dotted keys of objective.*, optim.*, "
+                                                             "model.drop_path or eval.encoder for this stage"})
+    resolved: dict | None = field(default=None, metadata={"doc": "filled when the config loads: the stage's whole "
+                                                                 "resolved config (what it ran)"})
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -269,6 +289,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    stages: list[StageConfig] = field(default_factory=list, metadata={
+        "doc": "a staged run: each stage's mix, placement and optimiser in turn, on one encoder (empty: one stage)"})
 
 
 # Each pure objective's ViT pre-training recipe, from the official code. blr is per 256 images.
@@ -398,6 +420,12 @@ def _coerce(value: Any, tp, path: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+    elif origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        if isinstance(value, list):
+            return [_build(typing.get_args(tp)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {excerpt(value, 60)} ({type(value).__name__})")
 
 
@@ -524,10 +552,12 @@ def _check_placement(cfg: Config, depth: int) -> None:
         if g >= depth:
             raise ConfigError(f"objective.placement.graft_layer: {g} leaves no block for CL (must be < {depth})")
         families = {FAMILY[o] for o in mix}
-        if families != {"mim", "cl"}:
+        staged_cl = families == {"cl"} and p.graft_lr_ratio is not None  # Layer Grafting's CL stage, after MIM's
+        if families != {"mim", "cl"} and not staged_cl:
             raise ConfigError(
                 f"objective.placement.graft_layer: needs a MIM objective (SimMIM, MAE) and a CL objective (MoCo v3, "
-                f"DINO), but the mix is {', '.join(NAMES[o] for o in mix)} (with lam: use 0 < lam < 1)"
+                f"DINO), but the mix is {', '.join(NAMES[o] for o in mix)} (with lam: use 0 < lam < 1; a CL "
+                f"objective alone takes it with graft_lr_ratio, as Layer Grafting's CL stage after a MIM stage)"
             )
         for o in mix:
             v = getattr(p, LAYER_KEY[o])
@@ -559,7 +589,7 @@ def _check_every_block_trained(cfg: Config, depth: int) -> None:
         blocks = f"block {depth}" if top + 1 == depth else f"blocks {top + 1}..{depth}"
         raise ConfigError(f"{' and '.join(keys)}: {blocks} would get no gradient from any objective "
                           f"(they would stay random); let one objective read block {depth}")
-    mim = max(v for o, v in layers.items() if FAMILY[o] == "mim") if g is not None else None
+    mim = max((v for o, v in layers.items() if FAMILY[o] == "mim"), default=None) if g is not None else None
     if g is not None and p.graft_lr_ratio is None and mim < g:
         keys = " and ".join(f"objective.placement.{LAYER_KEY[o]} = {v}" for o, v in layers.items()
                             if FAMILY[o] == "mim")
@@ -696,12 +726,67 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         set_dotted(tree, key, value)
+    if tree.get("stages"):
+        _resolve_stages(tree)
     cfg = _build(Config, tree, "")
     _resolve_weights(cfg)
     _validate(cfg)
     _resolve_defaults(cfg)
     _check_flops_budget(cfg)
     return cfg
+
+
+def _resolve_stages(tree: dict) -> None:
+    """Resolve a staged run in place: each stage's whole config (the trial's tree, its ``set`` keys and its steps,
+    with the recipe defaults of its own mix) into ``stages[i].resolved``; the run's length is the sum of the
+    stages' steps and its objective the last stage's (what it ends as). Errors name ``stages[i]``."""
+    stages = tree["stages"]
+    if not isinstance(stages, list):
+        raise ConfigError(f"stages: expected a list of stages, got {excerpt(stages, 60)}")
+    base = {k: v for k, v in tree.items() if k != "stages"}
+    for key in ("steps", "epochs", "flops_budget"):
+        if (base.get("optim") or {}).get(key) is not None:
+            raise ConfigError(f"optim.{key}: a staged run is as long as its stages' steps together; set "
+                              "stages[i].steps instead")
+    resolved = []
+    for i, raw in enumerate(stages):
+        stage = _build(StageConfig, raw, f"stages[{i}]")
+        if stage.steps is None:
+            raise ConfigError(f"stages[{i}].steps: required (each stage's optimiser steps)")
+        t = copy.deepcopy(base)
+        for key, value in stage.set.items():
+            if key in ("optim.steps", "optim.epochs", "optim.flops_budget"):
+                raise ConfigError(f"stages[{i}].set.{key}: a stage's length is stages[{i}].steps")
+            if not key.startswith(STAGE_KEYS):
+                raise ConfigError(f"stages[{i}].set.{key}: a stage may set objective.*, optim.*, model.drop_path "
+                                  "and eval.encoder; the model, data, evaluations and run are the trial's")
+            set_dotted(t, key, value)
+        set_dotted(t, "optim.steps", stage.steps)
+        try:
+            done = to_dict(load_config(t))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}].set: {e}") from None
+        del done["stages"]
+        resolved.append({"steps": stage.steps, "name": stage.name, "set": stage.set, "resolved": done})
+    tree["stages"] = resolved
+    set_dotted(tree, "optim.steps", sum(s["steps"] for s in resolved))
+    last = resolved[-1]["resolved"]
+    tree["objective"] = copy.deepcopy(last["objective"])  # the trial is labelled by what it ends as
+    set_dotted(tree, "eval.encoder", last["eval"]["encoder"])
+
+
+def stage_bounds(cfg: Config) -> list[int]:
+    """The global step at which each stage starts, and the end: [0, s1, s1 + s2, ..., total]."""
+    bounds = [0]
+    for s in cfg.stages:
+        bounds.append(bounds[-1] + s.steps)
+    return bounds
+
+
+def stage_config(cfg: Config, i: int) -> Config:
+    """Stage ``i``'s config: its resolved config with the trial's run section (out_dir, resume, device, ... as the
+    trial sets them at run time)."""
+    return load_config({**cfg.stages[i].resolved, "run": dataclasses.asdict(cfg.run)})
 
 
 def train_flops_per_image(cfg: Config) -> float:

@@ -118,6 +118,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
     ``run`` is the trainer's ``TrainRun``; checkpoints go through ``run.save`` at the run's checkpoint steps and
     carry ``extra`` (the pre-training's final metrics and step) and the pre-trained encoder."""
     cfg, f = run.cfg, run.cfg.eval.finetune
+    end = run.offset + run.total  # the global step pre-training ended at (after a staged run's last stage)
     t0 = time.perf_counter()
     start_from = run.objective.eval_encoder(cfg.eval.encoder)  # DINO's teacher by default, as DINO fine-tunes
     pretrained = resume["pretrained"] if resume else {k: v.detach().cpu().clone()
@@ -130,7 +131,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"])  # again: building the classifier drew from the global RNG (drop path uses it)
-        start = int(resume["step"]) - run.total
+        start = int(resume["step"]) - end
     total = finetune_steps(cfg, len(run.data.labelled))
     lr = lr_schedule(cfg, total)
     ddp = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None) if run.world > 1 else model
@@ -143,7 +144,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
     n = 0
     out: dict = {}
     for j in range(start, total):
-        step = run.total + j  # the run's step count
+        step = end + j  # the run's step count
         images, labels = next(stream)
         gen = torch.Generator(device=run.device).manual_seed(r.seed * 1_000_003 + step * 1009 + run.rank)
         u = torch.rand(len(images), 5, generator=gen, device=run.device)  # crop (4) and flip (1) per image
@@ -172,9 +173,9 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
             n = 0
         if (f.eval_every and done % f.eval_every == 0) or done == total:
             metrics["finetune_top1"] = out["finetune_top1"] = top1(model, run.data.eval, size)
-        ckpt = run.ckpt_due(step + 1, run.total + total)
+        ckpt = run.ckpt_due(step + 1, end + total)
         if metrics or ckpt:
-            metrics |= {"step": step + 1, "total_steps": run.total + total}
+            metrics |= {"step": step + 1, "total_steps": end + total}
             state = {"phase": "finetune", "pretrained": pretrained, **(extra or {})}
             report(metrics, checkpoint=run.save(step + 1, model, opt, state) if ckpt else None)
     if "finetune_top1" not in out:  # resumed at the very end

@@ -27,7 +27,16 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import Config, ConfigError, load_config, save_config, to_dict, train_flops_per_image
+from .config import (
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    stage_bounds,
+    stage_config,
+    to_dict,
+    train_flops_per_image,
+)
 from .data import DataBundle, batch_stream, build_data, steps_per_epoch
 from .errors import NonFiniteLossError
 from .files import write_json_atomic
@@ -326,7 +335,7 @@ class TrainRun:
     model: torch.nn.Module  # what the step calls: the objective, or its DDP wrapper
     opt: torch.optim.Optimizer
     sched: dict[str, np.ndarray]
-    total: int  # pre-training optimiser steps (fine-tuning steps come after)
+    total: int  # pre-training optimiser steps of this stage (fine-tuning steps come after the last stage's)
     steps_per_epoch: int
     start: int  # first step to run (> 0 after a resume; > total: resuming fine-tuning)
     autocast: object
@@ -339,6 +348,8 @@ class TrainRun:
     initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
     untrained: dict | None = None  # its GAP features per layer on the eval subset (``untrained_features``)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(("probes", "dense", "cka", "noise"), 0.0))
+    offset: int = 0  # the global step this stage starts at (a staged run; 0 otherwise): steps and checkpoints count
+    # globally, so a staged run is one sequence of reports and checkpoints
 
     def ckpt_due(self, done: int, last: int) -> bool:
         """True if the run saves a checkpoint after step ``done`` (every ``run.ckpt_every`` and at ``last``)."""
@@ -354,9 +365,21 @@ class TrainRun:
         return path
 
 
-def build_run(cfg: Config) -> TrainRun:
-    """Seed, load data, build the objective and optimiser, resume from a checkpoint if asked, compile, wrap in
-    DDP when a process group exists."""
+@dataclass
+class Stage:
+    """Where a stage of a staged run (``config.stages``) sits; the default is an unstaged run."""
+
+    index: int = 0
+    offset: int = 0  # the global step it starts at
+    last: bool = True
+    init: dict | None = None  # the encoder (``ViT`` state dict) it starts from: the previous stage's
+    ends: int | None = None  # the global step the whole run's pre-training ends at (default: this stage's end)
+
+
+def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
+    """Seed, load data, build the objective and optimiser, resume from a checkpoint if asked (or start from the
+    previous stage's encoder), compile, wrap in DDP when a process group exists."""
+    stage = stage or Stage()
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.data.batch_size % world:
@@ -372,7 +395,8 @@ def build_run(cfg: Config) -> TrainRun:
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     if out_dir and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+        if not cfg.stages and stage.offset == 0 and stage.last:  # a staged run saves its whole config itself
+            save_config(cfg, out_dir / "config.yaml")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     np.random.seed(cfg.run.seed)
@@ -390,8 +414,11 @@ def build_run(cfg: Config) -> TrainRun:
             if cfg.eval.cka:  # CKA against the untrained encoder needs its weights, about to be overwritten
                 initial = copy.deepcopy(objective.encoder).cpu()
             start, last_log = load_checkpoint(ckpt, objective, opt)
+            start -= stage.offset  # checkpoints count global steps
         elif cfg.run.resume != "auto":
             raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
+    if ckpt is None and stage.init is not None:
+        objective.load_encoder(stage.init)
     if cfg.run.compile:
         compile_objective(objective, world)
     model = objective
@@ -407,10 +434,11 @@ def build_run(cfg: Config) -> TrainRun:
         model=model, opt=opt, sched=sched, total=total, steps_per_epoch=per_epoch, start=start,
         step_inputs={k: torch.as_tensor(sched[k], dtype=torch.float32, device=device) for k in STEP_INPUTS},
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
-        stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed, min(start, total), rank, world, device),
-        info={**model_stats(cfg), "total_steps": total + finetuning, "world_size": world, "device": device.type,
-              "train_images": len(data.train)},
-        resumed=ckpt, last_log=last_log, initial_encoder=initial)
+        stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed + 104_729 * stage.index, min(start, total),
+                            rank, world, device),
+        info={**model_stats(cfg), "total_steps": (stage.ends or stage.offset + total) + finetuning,
+              "world_size": world, "device": device.type, "train_images": len(data.train)},
+        resumed=ckpt, last_log=last_log, initial_encoder=initial, offset=stage.offset)
 
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
@@ -427,8 +455,9 @@ def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, d
     if vals[-1] > 0 or not all(math.isfinite(v) for v in vals[:-1]):
         raise NonFiniteLossError(f"non-finite loss by step {done} (loss={vals[keys.index('loss')]}, lr={lr:.3g}); "
                                  "try a lower optim.blr or set optim.clip_grad")
-    return {**dict(zip(keys, vals[:-1], strict=True)), "step": done, "total_steps": run.info["total_steps"],
-            "epoch": done / run.steps_per_epoch, "lr": lr, "images_per_s": images / seconds}
+    return {**dict(zip(keys, vals[:-1], strict=True)), "step": run.offset + done,
+            "total_steps": run.info["total_steps"], "epoch": (run.offset + done) / run.steps_per_epoch, "lr": lr,
+            "images_per_s": images / seconds}
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float, mode: str) -> None:
@@ -448,14 +477,63 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
     """Train one model as configured and return its final metrics.
 
     ``report(metrics: dict, checkpoint: Path | None = None)`` receives the logged scalars. Raises
-    ``NonFiniteLossError`` if the loss becomes NaN or infinite.
-    """
+    ``NonFiniteLossError`` if the loss becomes NaN or infinite. A staged run (``stages``) trains its stages in turn
+    on one encoder (``train_stages``)."""
     cfg = config if isinstance(config, Config) else load_config(config)
     report = report or (lambda metrics, checkpoint=None: None)
-    run = build_run(cfg)
+    if cfg.stages:
+        return train_stages(cfg, report)
+    return _train(cfg, report, Stage())[0]
+
+
+def train_stages(cfg: Config, report: Report) -> dict:
+    """A staged run: each stage (``config.stage_config``) trains from the previous one's encoder with its own
+    heads, optimiser and schedule; steps, reports and checkpoints count globally, so the run is one trial and
+    resumes inside any stage (a checkpoint at a stage's last step starts the next stage from its encoder). Only
+    the untrained encoder (step 0), each stage's end and the last stage's evaluations are probed; fine-tuning
+    follows the last stage."""
+    bounds = stage_bounds(cfg)
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    first, init = 0, None
+    if cfg.run.resume:
+        auto = cfg.run.resume == "auto" and out_dir is not None
+        ckpt = newest_loadable(out_dir) if auto else find_checkpoint(cfg.run.resume)
+        if ckpt is None and cfg.run.resume != "auto":
+            raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
+        if ckpt is not None:
+            saved = load_weights(ckpt)
+            step = int(saved.get("pretrain_step", saved["step"]))
+            first = max(i for i in range(len(cfg.stages)) if bounds[i] <= step)
+            if step == bounds[first] and first > 0:  # the previous stage's end: this stage starts from its encoder
+                init = {k[len("encoder."):]: v for k, v in pretrained_encoder(saved).items()}
+                cfg = _without_resume(cfg)
+    final: dict = {}
+    for i in range(first, len(cfg.stages)):
+        stage = Stage(index=i, offset=bounds[i], last=i == len(cfg.stages) - 1, init=init, ends=bounds[-1])
+        sc = stage_config(cfg, i)
+        if i > first or init is not None:
+            sc.run.resume = None  # a later stage starts from the previous one's encoder, not a checkpoint
+        final, init = _train(sc, report, stage)
+    return final
+
+
+def _without_resume(cfg: Config) -> Config:
+    out = copy.deepcopy(cfg)
+    out.run.resume = None
+    return out
+
+
+def _train(cfg: Config, report: Report, stage: Stage) -> tuple[dict, dict | None]:
+    """One stage's pre-training (the whole run's when unstaged), then for the last stage the final evaluations and
+    fine-tuning: the final metrics; for an earlier stage, (its end's probe report, the encoder the next starts
+    from)."""
+    run = build_run(cfg, stage)
     o, r = cfg.optim, cfg.run
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs
-    if run.start == 0:  # the untrained baseline every probe is read against (the same encoder for any lam)
+    if run.start == 0 and stage.offset == 0:  # the untrained baseline every probe is read against
         report({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
     t_train, evaluated = time.perf_counter(), sum(run.seconds.values())  # step 0's evaluation is not training
     # after the baseline: images_per_s counts training only
@@ -466,7 +544,7 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
             g["lr"] = float(run.sched["lr"][step]) * g["lr_mult"]
             g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
         with run.autocast:
-            out = run.model({"images": images, "seed": r.seed * 1_000_003 + step * 1009 + run.rank,
+            out = run.model({"images": images, "seed": r.seed * 1_000_003 + (run.offset + step) * 1009 + run.rank,
                              **{k: v[step].clone() for k, v in run.step_inputs.items()}})
         out["loss"].backward()
         nonfinite |= ~torch.isfinite(out["loss"].detach())
@@ -477,40 +555,47 @@ def train(config: Config | dict | str, report: Report | None = None) -> dict:
         run.objective.momentum_update({k: float(v[step]) for k, v in run.sched.items()})
         n_log += 1
         done = step + 1
-        ckpt_due = run.ckpt_due(done, run.total)
-        if cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total:
+        ckpt_due = run.ckpt_due(run.offset + done, run.offset + run.total)
+        every = cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total
+        if every or (done == run.total and not stage.last):  # (an earlier stage's end is probed here)
             # before this step's checkpoint, so the checkpoint's record of reports holds it (a run resumed from the
             # checkpoint does not evaluate this step again); its time is not training time
             t_eval = time.perf_counter()
-            report({"step": done, "epoch": done / run.steps_per_epoch, **evaluate(run, done)})
+            at = run.offset + done
+            report({"step": at, "epoch": at / run.steps_per_epoch, **evaluate(run, at)})
             t_log += time.perf_counter() - t_eval
         # step 1 too: its rate is the first a user sees (a run's first log_every steps can take minutes)
         if done % r.log_every == 0 or done == 1 or done == run.total or ckpt_due:
             metrics = _log_metrics(run, out, nonfinite, step, done, n_log * cfg.data.batch_size,
                                    time.perf_counter() - t_log)
-            report(metrics, checkpoint=run.save(done, run.objective, run.opt, {"log": metrics}) if ckpt_due else None)
+            report(metrics, checkpoint=run.save(run.offset + done, run.objective, run.opt, {"log": metrics})
+                   if ckpt_due else None)
             t_log, n_log = time.perf_counter(), 0
     seconds_train = time.perf_counter() - t_train - (sum(run.seconds.values()) - evaluated)
+    end = run.offset + run.total
+    if not stage.last:  # the stage's end (probed in the loop): its encoder goes to the next stage
+        encoder = run.objective.eval_encoder(cfg.eval.encoder)
+        return {}, {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
 
     ft_resume = load_weights(run.resumed) if run.start > run.total else None
     if ft_resume is None:  # the pre-training's final metrics
-        final = {**run.info, **metrics, "step": run.total, "resumed_from": run.start, "seconds_train": seconds_train,
-                 **evaluate(run, run.total, final=True)}
+        final = {**run.info, **metrics, "step": end, "resumed_from": run.offset + run.start,
+                 "seconds_train": seconds_train, **evaluate(run, end, final=True)}
         final |= {f"seconds_{k}": v for k, v in run.seconds.items()}
     else:  # resumed during fine-tuning: pre-training's final metrics are in the checkpoint
         final = dict(ft_resume["pretrain_metrics"])
     if cfg.eval.finetune.enabled:
-        extra = {"pretrain_metrics": final, "pretrain_step": run.total}
+        extra = {"pretrain_metrics": final, "pretrain_step": end}
         classifier, tuned = finetune(run, report, ft_resume, extra)
         final |= tuned
         if cfg.eval.noise.bands:
             t = time.perf_counter()
             final |= finetune_noise_accuracy(classifier, run.data, cfg)
             final["seconds_noise"] = final.get("seconds_noise", 0.0) + time.perf_counter() - t
-    final["resumed_from"] = run.start
+    final["resumed_from"] = run.offset + run.start
     if run.world > 1:
         final["replicas_in_sync"] = replicas_in_sync(run.objective)
     if run.out_dir and run.rank == 0:
         write_json_atomic(run.out_dir / "final_metrics.json", final, indent=2)
     report(final)
-    return final
+    return final, None

@@ -68,6 +68,14 @@ class Hybrid(nn.Module):
             self.heads[name] = build_head(name, encoder, cfg, layer)
             setattr(self, ATTR[name], self.heads[name])  # registered as a submodule under its checkpoint name
 
+    def load_encoder(self, state: dict) -> None:
+        """Start from another run's encoder (``ViT`` state dict; a staged run's previous stage): the encoder and
+        every EMA target copy of it (MoCo v3's momentum encoder, DINO's teacher start equal to it, as when built)."""
+        self.encoder.load_state_dict(state)
+        for name in ("mocov3", "dino"):
+            if name in self.heads:
+                self.eval_encoder("momentum" if name == "mocov3" else "teacher").load_state_dict(state)
+
     def eval_encoder(self, which: str) -> ViT:
         """The encoder evaluations read (``eval.encoder``): the trained one (student), DINO's EMA teacher, or MoCo
         v3's momentum encoder (both copies of the whole encoder, without stochastic depth)."""
