@@ -119,8 +119,9 @@ def test_dense_probe_reaches_one_when_the_input_holds_the_mask_and_chance_on_ran
     cfg = load_config(tiny(**{"data__train_size": 128, "data__eval_size": 128, "eval__dense_images": 64}))
     data = build_data(cfg)
     k, p = data.num_classes + 1, 4
-    # images that show the mask: channel 0 = label * 20 (what the encoder "sees")
-    for s in (data.train, data.eval):
+    # images that show the mask: channel 0 = label * 20 (what the encoder "sees"); the probe fits on the labelled
+    # training images (the training split less the validation split)
+    for s in (data.train, data.labelled, data.eval):
         s.images = (s.masks.long() * 20).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
 
     def sees_mask(x):  # normalised images -> per patch, the histogram of mask labels (B, n, K)
