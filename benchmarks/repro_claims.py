@@ -71,21 +71,22 @@ def main() -> None:
         raise SystemExit(f"repro_claims: {', '.join(names)} has only the untrained encoder's probes (step 0)")
     print(f"{len(trials)} finished trials; probed steps {steps}\n")
     final = layers[layers.step == steps[-1]]
-    for metric in ("linear_top1_gap", "linear_top1_cls", "attn_distance", "attn_nmi", "fourier_dlogamp_pi"):
+    for metric in ("linear_top1_gap", "linear_top1_cls", "attn_distance", "attn_nmi", "attn_entropy",
+                   "fourier_dlogamp_pi"):
         table = layer_table(final, untrained, trials, metric)
         if len(table):
             print(f"## {metric} per layer (L0 = patch embedding): trained at step {steps[-1]} and untrained "
                   "(step 0), mean ± SE over seeds\n")
             print(markdown(table) + "\n")
-    if not {0.0, 1.0} <= set(trials.lam.dropna()):
+    claims = paper_claims(final, untrained, trials)
+    if claims.empty:  # no pair of a pure CL and a pure MIM objective
         evaluations(trials, layers, con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) "
                                                 f"WHERE {keep}", names).df())
         return
-    claims = paper_claims(final, untrained, trials)
     print("## claims at the last step\n")
     print(markdown(claims.drop(columns="key")))
     print("\n## verdict per probed step\n")
-    per_step = {"claim": list(claims.claim)}
+    per_step = {"group": list(claims.group), "pair": list(claims.pair), "claim": list(claims.claim)}
     for s in steps:
         per_step[f"step {s}"] = list(paper_claims(layers[layers.step == s], untrained, trials).verdict)
     print(markdown(pd.DataFrame(per_step)))
