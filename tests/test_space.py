@@ -4,7 +4,8 @@ import yaml
 from orchestrator.space import SpaceError, load_space, sample_table
 from orchestrator.sweep import check_schedulable, trial_bundles
 
-SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "paper", "repro", "repro_lr", "objectives", "dino_mae"]
+SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "paper", "repro", "repro_lr", "objectives",
+           "dino_mae"]
 
 
 def space_file(tmp_path, **over):

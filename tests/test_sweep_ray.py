@@ -220,7 +220,7 @@ def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
     try:
         uri = f"http://127.0.0.1:{port}"
 
-        wait_http(f"{uri}/health", 120, "the MLflow server")
+        wait_http(f"{uri}/health", 300, "the MLflow server")  # its start-up takes minutes on a loaded machine
         p = write_space(tmp_path, "mlf", space={"objective.lam": 0.5})
         summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address, mlflow_uri=uri)
         assert all(r["status"] == "TERMINATED" for r in summary["rows"])
