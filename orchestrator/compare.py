@@ -390,8 +390,8 @@ def _adjust(rows: list[dict], group: str, pair: str) -> list[dict]:
         verdict = _verdict(test, p_adj)
         moved = r.pop("_moved", None)  # (CL moved in the claim's direction, MIM moved against it)
         if verdict == "holds" and moved is not None and not moved[0]:
-            verdict += (", but only MIM moved from its untrained encoder (CL did not)" if moved[1] else
-                        ", but neither side moved significantly from its untrained encoder")
+            verdict += (", but only MIM moved the claim's way from its untrained encoder (CL did not)" if moved[1] else
+                        ", but neither side moved the claim's way significantly from its untrained encoder")
         r.update({"group": group, "pair": pair, "p (Holm)": f"{p_adj:.3g}" if p_adj == p_adj else "–",
                   "verdict": verdict})
     return rows
