@@ -271,8 +271,7 @@ def pure_objective(trials: pd.DataFrame) -> pd.Series:
     """Per trial (indexed by trial), the one objective it trains alone (``OBJECTIVES``), or None for a mix or a
     staged run: from its weights (``objective.weights.*``), else its lam (0: SimMIM, 1: MoCo v3)."""
     def one(row) -> str | None:
-        if row.get("objective") == "staged" or row.get("stages") not in (None, "[]", []) and row["stages"] == \
-                row["stages"]:  # a staged run trains several objectives in turn: pure in none of them
+        if row.get("objective") == "staged":  # several objectives in turn: pure in none of them
             return None
         w = weights_of(row)
         if w is None and isinstance(row.get("lam"), (int, float)) and row["lam"] == row["lam"]:

@@ -41,7 +41,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainables.config import ConfigError, flatten, load_config, to_dict, train_flops_per_image
+from trainables.config import flatten, to_dict
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
 from trainables.vocab import (
@@ -329,8 +329,8 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
     samples = step * int(batch) if step is not None and _num(batch) is not None else None
     flops_per_image = _num(final.get("train_flops_per_image"))
     staged = config.get("stages") if isinstance(config, dict) else None
-    if staged:  # a staged run is none of its stages' objectives: its own group, its FLOPs those of every stage
-        weights, flops_per_image = None, _staged_flops_per_image(staged)
+    if staged:  # a staged run is none of its stages' objectives: its own group
+        weights = None
     row = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt,
            "written_at": time.time_ns(), "status": status, "error": error,
            "variant": flat.get("model.variant"), "lam": mix_lam(weights) if weights else None,
@@ -356,15 +356,6 @@ def staged_label(stages: list[dict]) -> str:
             return s.get("name") or "?"
         return NAMES[next(iter(w))] if len(w) == 1 else objective_label(w)
     return "staged: " + " → ".join(f"{one(s)} {s.get('steps')}" for s in stages)
-
-
-def _staged_flops_per_image(stages: list[dict]) -> float | None:
-    """Training FLOPs per image of a staged run, averaged over its steps (each stage's own cost)."""
-    try:
-        costs = [(train_flops_per_image(load_config(s["resolved"])), int(s["steps"])) for s in stages]
-    except (ConfigError, KeyError, TypeError):  # a config from another version: unknown rather than wrong
-        return None
-    return sum(c * n for c, n in costs) / sum(n for _, n in costs)
 
 
 def curves_from_results(results: list[dict]) -> list[tuple[int, float | None, str, float]]:

@@ -31,7 +31,7 @@ from .scale import (
     parse_variant,
     tokens_block_flops,
 )
-from .vocab import FAMILY, LAYER_KEY, NAMES, OBJECTIVES
+from .vocab import FAMILY, LAYER_KEY, NAMES, OBJECTIVES, TARGET_ENCODERS
 
 
 class ConfigError(UserError):
@@ -473,7 +473,7 @@ def _validate(cfg: Config) -> None:
         )
     depth = spec.depth
     _check_placement(cfg, depth)
-    owner = {"teacher": "dino", "momentum": "mocov3"}.get(cfg.eval.encoder)
+    owner = TARGET_ENCODERS.get(cfg.eval.encoder)
     if owner and owner not in cfg.objective.mix():
         raise ConfigError(f"eval.encoder: {cfg.eval.encoder} needs {owner} in the mix, which trains "
                           f"{', '.join(cfg.objective.mix())}")
@@ -795,7 +795,10 @@ def train_flops_per_image(cfg: Config) -> float:
     backward of every objective in the mix, the momentum encoder's / teacher's forward), counted as
     ``torch.utils.flop_counter`` does: backward costs twice the forward, except the patch embedding whose input (the
     image) needs no gradient, and none at all when it is frozen, and blocks below a hard graft_layer, which the CL
-    rows only run forward."""
+    rows only run forward. A staged run's: each stage's own, averaged over the run's steps."""
+    if cfg.stages:
+        costs = [(train_flops_per_image(load_config(s.resolved)), s.steps) for s in cfg.stages]
+        return sum(c * n for c, n in costs) / sum(n for _, n in costs)
     spec = parse_variant(cfg.model.variant)
     size, o = cfg.model.img_size, cfg.objective
     c, p = spec.width, spec.patch

@@ -373,7 +373,7 @@ class Stage:
     offset: int = 0  # the global step it starts at
     last: bool = True
     init: dict | None = None  # the encoder (``ViT`` state dict) it starts from: the previous stage's
-    ends: int | None = None  # the global step the whole run's pre-training ends at (default: this stage's end)
+    whole: Config | None = None  # the staged run's own config (its length, FLOPs, saved config); None: unstaged
 
 
 def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
@@ -395,8 +395,7 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     if out_dir and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.stages and stage.offset == 0 and stage.last:  # a staged run saves its whole config itself
-            save_config(cfg, out_dir / "config.yaml")
+        save_config(stage.whole or cfg, out_dir / "config.yaml")  # a staged run's whole config, not a stage's
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     np.random.seed(cfg.run.seed)
@@ -436,7 +435,9 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed + 104_729 * stage.index, min(start, total),
                             rank, world, device),
-        info={**model_stats(cfg), "total_steps": (stage.ends or stage.offset + total) + finetuning,
+        # the whole run's facts: a staged run's length is its stages' together, its FLOPs every stage's
+        info={**model_stats(stage.whole or cfg),
+              "total_steps": (stage.whole.optim.steps if stage.whole else total) + finetuning,
               "world_size": world, "device": device.type, "train_images": len(data.train)},
         resumed=ckpt, last_log=last_log, initial_encoder=initial, offset=stage.offset)
 
@@ -494,9 +495,6 @@ def train_stages(cfg: Config, report: Report) -> dict:
     follows the last stage."""
     bounds = stage_bounds(cfg)
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     first, init = 0, None
     if cfg.run.resume:
         auto = cfg.run.resume == "auto" and out_dir is not None
@@ -509,10 +507,9 @@ def train_stages(cfg: Config, report: Report) -> dict:
             first = max(i for i in range(len(cfg.stages)) if bounds[i] <= step)
             if step == bounds[first] and first > 0:  # the previous stage's end: this stage starts from its encoder
                 init = {k[len("encoder."):]: v for k, v in pretrained_encoder(saved).items()}
-                cfg = _without_resume(cfg)
     final: dict = {}
     for i in range(first, len(cfg.stages)):
-        stage = Stage(index=i, offset=bounds[i], last=i == len(cfg.stages) - 1, init=init, ends=bounds[-1])
+        stage = Stage(index=i, offset=bounds[i], last=i == len(cfg.stages) - 1, init=init, whole=cfg)
         sc = stage_config(cfg, i)
         if i > first or init is not None:
             sc.run.resume = None  # a later stage starts from the previous one's encoder, not a checkpoint
@@ -520,16 +517,10 @@ def train_stages(cfg: Config, report: Report) -> dict:
     return final
 
 
-def _without_resume(cfg: Config) -> Config:
-    out = copy.deepcopy(cfg)
-    out.run.resume = None
-    return out
-
-
 def _train(cfg: Config, report: Report, stage: Stage) -> tuple[dict, dict | None]:
     """One stage's pre-training (the whole run's when unstaged), then for the last stage the final evaluations and
-    fine-tuning: the final metrics; for an earlier stage, (its end's probe report, the encoder the next starts
-    from)."""
+    fine-tuning: (the final metrics, None); for an earlier stage (its end is probed in the loop): ({}, the encoder
+    the next stage starts from)."""
     run = build_run(cfg, stage)
     o, r = cfg.optim, cfg.run
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs

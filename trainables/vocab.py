@@ -30,6 +30,9 @@ NAMES = {"simmim": "SimMIM", "mocov3": "MoCo v3", "mae": "MAE", "dino": "DINO"}
 LOSS_KEY = {"simmim": "loss_mim", "mocov3": "loss_cl", "mae": "loss_mae", "dino": "loss_dino"}
 LAYER_KEY = {"simmim": "mim_layer", "mocov3": "cl_layer", "mae": "mae_layer", "dino": "dino_layer"}
 STEP_METRICS = ("loss", *LOSS_KEY.values())
+# The EMA copies of the encoder an evaluation may read instead of the trained one (``eval.encoder``), and the
+# objective that owns each: MoCo v3's momentum encoder, DINO's teacher.
+TARGET_ENCODERS = {"momentum": "mocov3", "teacher": "dino"}
 POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
 # Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")

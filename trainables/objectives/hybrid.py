@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import Config, resolve_placement
 from ..model import ViT
-from ..vocab import FAMILY, LOSS_KEY
+from ..vocab import FAMILY, LOSS_KEY, TARGET_ENCODERS
 from .dino import DINO
 from .mae import MAE
 from .mocov3 import MoCoV3
@@ -72,18 +72,16 @@ class Hybrid(nn.Module):
         """Start from another run's encoder (``ViT`` state dict; a staged run's previous stage): the encoder and
         every EMA target copy of it (MoCo v3's momentum encoder, DINO's teacher start equal to it, as when built)."""
         self.encoder.load_state_dict(state)
-        for name in ("mocov3", "dino"):
-            if name in self.heads:
-                self.eval_encoder("momentum" if name == "mocov3" else "teacher").load_state_dict(state)
+        for which, owner in TARGET_ENCODERS.items():
+            if owner in self.heads:
+                self.eval_encoder(which).load_state_dict(state)
 
     def eval_encoder(self, which: str) -> ViT:
         """The encoder evaluations read (``eval.encoder``): the trained one (student), DINO's EMA teacher, or MoCo
         v3's momentum encoder (both copies of the whole encoder, without stochastic depth)."""
-        if which == "teacher":
-            return self.heads["dino"].teacher["encoder"]
-        if which == "momentum":
-            return self.heads["mocov3"].momentum["encoder"]
-        return self.encoder
+        if which == "student":
+            return self.encoder
+        return getattr(self.heads[TARGET_ENCODERS[which]], which)["encoder"]  # MoCoV3.momentum, DINO.teacher
 
     @property
     def mim(self) -> SimMIM | None:
