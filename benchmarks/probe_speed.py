@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainables.config import load_config  # noqa: E402
 from trainables.data import build_data  # noqa: E402
-from trainables.objectives import build_objective  # noqa: E402
+from trainables.objectives.mixture import build_objective  # noqa: E402
 from trainables.probes import (  # noqa: E402
     attention_distance,
     attention_nmi,

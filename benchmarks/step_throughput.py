@@ -35,7 +35,7 @@ from trainables.config import (
     load_config,  # noqa: E402
     train_flops_per_image,  # noqa: E402
 )
-from trainables.objectives import build_objective  # noqa: E402
+from trainables.objectives.mixture import build_objective  # noqa: E402
 from trainables.scale import MLP_RATIO, parse_variant  # noqa: E402
 from trainables.trainer import train  # noqa: E402
 

@@ -43,7 +43,7 @@ def computed(variant: str, img_size: int, lam: float) -> None:
     import torch
 
     from trainables.config import load_config
-    from trainables.objectives import build_objective
+    from trainables.objectives.mixture import build_objective
 
     cfg = load_config({"model": {"variant": variant, "img_size": img_size}, "objective": {"lam": lam}})
     with torch.device("meta"):  # sizes only: no memory for the weights

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from trainables import migrate
 from trainables.errors import UserError
 
 from .layout import SweepLayout, find_sweep
@@ -40,12 +41,12 @@ def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
 
     from trainables.config import load_config
     from trainables.data import build_data
-    from trainables.objectives import build_objective
+    from trainables.objectives.mixture import build_objective
 
     data = layout.store.read_bytes(f"{layout.run_path(trial)}/model.pt")
     if data is None:
         raise UserError(f"trial: {layout.name}/{trial} has no final weights (run/model.pt): it has not finished")
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    ckpt = migrate.checkpoint(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     cfg = load_config(ckpt["config"], ["run.device=cpu"])
     if untrained:  # the trial's own initial weights: as build_run, seeds, then data, then the objective
         torch.manual_seed(cfg.run.seed)

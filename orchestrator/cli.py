@@ -38,7 +38,7 @@ def cmd_train(args) -> int:
         cfg.run.out_dir = args.out
     elif cfg.run.out_dir is None:
         cfg.run.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    from trainables.vocab import LOSS_KEY, objective_label
+    from trainables.vocab import loss_keys, objective_label
 
     print(f"clmim train: {cfg.model.variant} on {cfg.data.dataset}, {objective_label(cfg.objective.mix())}, "
           f"out={cfg.run.out_dir}", flush=True)
@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
             else:
                 sps = (now - clock["first"]) / (step - clock["first_step"])
             head += f" ({100 * step / total:.0f}%, ETA {duration((total - step) * sps + clock.get('eval', 0.0))})"
-        keys = [k for k in ("loss", *LOSS_KEY.values(), "lr", "images_per_s", "finetune_loss", "finetune_lr",
+        keys = [k for k in ("loss", *loss_keys().values(), "lr", "images_per_s", "finetune_loss", "finetune_lr",
                             "finetune_top1") if k in metrics]
         line = "  ".join([head] + [f"{k}={_fmt(metrics[k])}" for k in keys])
         if checkpoint:
@@ -225,7 +225,7 @@ def cmd_analyze(args) -> int:
     from trainables.config import load_config
     from trainables.data import build_data
     from trainables.model import ViT
-    from trainables.objectives import build_objective
+    from trainables.objectives.mixture import build_objective
     from trainables.probes import run_probes
     from trainables.trainer import find_checkpoint, load_weights, pretrained_encoder
 

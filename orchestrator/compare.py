@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from trainables.vocab import NAMES, weights_of
+from trainables.vocab import family, label, objective_names, weights_of
 
 from .scaling import group_axes, group_name
 
@@ -251,7 +251,11 @@ def _verdict(test: Welch, p_adj: float) -> str:
 
 # ------------------------------------------------------------------------------------------- the claims
 # The pairs a claim compares, each CL objective against each MIM objective (the paper's is MoCo v3 vs SimMIM).
-PAIRS = tuple((cl, mim) for cl in ("mocov3", "dino") for mim in ("simmim", "mae"))
+def pairs() -> tuple[tuple[str, str], ...]:
+    """Every (CL objective, MIM objective) pair of the registry (MoCo v3 or DINO against SimMIM or MAE, and any
+    registered objective in its family), in registration order."""
+    names = objective_names()
+    return tuple((cl, mim) for cl in names if family(cl) == "cl" for mim in names if family(mim) == "mim")
 
 
 def late_layers(depth: int) -> list[int]:
@@ -268,7 +272,7 @@ def claim_axes(trials: pd.DataFrame) -> list[str]:
 
 
 def pure_objective(trials: pd.DataFrame) -> pd.Series:
-    """Per trial (indexed by trial), the one objective it trains alone (``OBJECTIVES``), or None for a mix or a
+    """Per trial (indexed by trial), the one objective it trains alone (a registered objective), or None for a mix or a
     staged run: from its weights (``objective.weights.*``), else its lam (0: SimMIM, 1: MoCo v3)."""
     def one(row) -> str | None:
         if row.get("objective") == "staged":  # several objectives in turn: pure in none of them
@@ -291,10 +295,10 @@ def _claim_groups(trials: pd.DataFrame):
     for key, g in groups:
         values = key if isinstance(key, tuple) else (key,)
         name = ", ".join(f"{a}={v}" for a, v in zip(axes, values, strict=True)) or "all trials"
-        for cl, mim in PAIRS:
+        for cl, mim in pairs():
             sides = {"cl": g[g._pure == cl].drop(columns="_pure"), "mim": g[g._pure == mim].drop(columns="_pure")}
             if len(sides["cl"]) and len(sides["mim"]):
-                yield name, f"{NAMES[cl]} vs {NAMES[mim]}", sides
+                yield name, f"{label(cl)} vs {label(mim)}", sides
 
 
 def _per_seed(values: pd.Series, seed: pd.Series) -> pd.Series:
@@ -336,7 +340,7 @@ def _per_trial(rows: pd.DataFrame, metric: str, where: str = "last") -> pd.Serie
 
 def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims, one table per group of the sweep's other varied axes (``claim_axes``; the ``group``
-    column) and per (CL, MIM) pair with pure runs of both (``PAIRS``; the ``pair`` column), over seeds. Per claim:
+    column) and per (CL, MIM) pair with pure runs of both (``pairs``; the ``pair`` column), over seeds. Per claim:
     each side's mean ± SE and n (seeds), the untrained encoder (step 0) and each side's trained − untrained with
     its 95 % interval (paired per seed), the difference in the claim's direction with its 95 % interval, Welch's
     t with its degrees of freedom and p, the Holm-adjusted p over the table's claims, and the verdict (holds /

@@ -30,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from trainables.vocab import LAYER_KEY  # noqa: E402
+from trainables.objectives import objectives  # noqa: E402
+from trainables.vocab import layer_keys  # noqa: E402
 
 from .compare import (  # noqa: E402
     eval_claims,
@@ -86,19 +87,20 @@ def lam_color(lam: float):
     return plt.get_cmap("viridis")(0.85 * float(lam))
 
 
-# Objectives off the SimMIM / MoCo v3 line: MAE and DINO in colours the viridis line never takes; other mixes from
-# a palette, the same colour for the same mix in every figure.
-MIX_COLORS = {"MAE": "#d62728", "DINO": "#1f77b4"}
+# Objectives off the SimMIM / MoCo v3 line in their own colours (each declaration's ``color``: MAE red, DINO blue,
+# none the viridis line takes); other mixes from a palette, the same colour for the same mix in every figure.
 PALETTE = ("#8c564b", "#e377c2", "#ff7f0e", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def group_color(g: pd.DataFrame):
-    """The colour of a group's rows: by lam on the SimMIM / MoCo v3 line, else by its mix (``MIX_COLORS``)."""
+    """The colour of a group's rows: by lam on the SimMIM / MoCo v3 line, else its objective's own colour when one
+    trains alone, else by its mix's label (``PALETTE``)."""
     lam, mix = g.lam.iloc[0], g["mix"].iloc[0] if "mix" in g else None
     if pd.notna(lam):
         return lam_color(lam)
     label = str(mix)
-    return MIX_COLORS.get(label, PALETTE[zlib.crc32(label.encode()) % len(PALETTE)])
+    own = {o.label: o.color for o in objectives()}
+    return own.get(label, PALETTE[zlib.crc32(label.encode()) % len(PALETTE)])
 
 
 def _seed_curve(d: pd.DataFrame, x: str) -> pd.DataFrame:
@@ -161,7 +163,7 @@ def layer_figure(layers: pd.DataFrame, chance: float | None = None,
     labels = list(handles)
     fig.legend([handles[lab] for lab in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(len(labels), 4), fontsize=9,
-               title="MIM (lam 0) … CL (lam 1), MAE, DINO, mixes; bars: ± 1 SE over seeds", title_fontsize=9)
+               title="SimMIM (lam 0) … MoCo v3 (lam 1), MAE, DINO, mixes; bars: ± 1 SE over seeds", title_fontsize=9)
     return _png(fig), cols
 
 
@@ -390,7 +392,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
 
     status = trials.groupby("status").size().reset_index(name="trials")
     failed = trials[trials.status != "TERMINATED"][["trial", "status", "error"]]
-    axes_cols = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in LAYER_KEY.values()),
+    axes_cols = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in layer_keys().values()),
                              "objective.placement.graft_layer", "optim.steps", "run.seed") if c in done]
     # ranked on the validation split where the trials have one; the accuracy shown is the evaluation split's
     rank = [c for c in ("val_linear_top1", "linear_top1") if c in done and done[c].notna().any()]

@@ -41,20 +41,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainables import migrate
 from trainables.config import flatten, to_dict
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
 from trainables.vocab import (
-    FINAL_KEYS,
-    NAMES,
     NOISE_METRIC,
-    OBJECTIVES,
     STATIC_KEYS,
     TUNE_KEYS,
+    final_keys,
     is_table_key,
     mix_lam,
     objective_group,
     objective_label,
+    objective_names,
     weights_of,
 )
 
@@ -62,8 +62,11 @@ from . import records
 from .layout import SweepLayout, check_root, list_sweeps, stored_storage
 from .space import resolve_config, space_from_dict
 
-SCHEMA_VERSION = 3  # 2: layers has a step column (0 = the untrained encoder); 3: the long tables have a stage column
-READABLE_VERSIONS = (b"1", b"2", b"3")  # files of these versions are read (v1 layers: step null; v1-2: stage null)
+# 2: layers has a step column (0 = the untrained encoder); 3: the long tables have a stage column; 4: one name per
+# objective (loss_simmim, objective.simmim.*, the objective column's 'simmim' / 'mix'; ``trainables/migrate.py``)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (b"1", b"2", b"3", b"4")  # files of these versions are read (v1 layers: step null; v1-2: stage
+# null; v1-3 through ``read_table``, which migrates them to today's vocabulary)
 TABLES = ("trials", "curves", "layers", "robustness")
 GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
 MERGED_PREFIX = "_merged."
@@ -137,7 +140,35 @@ LONG_SCHEMAS = {"curves": [CURVE_SCHEMA, _without(CURVE_SCHEMA, "stage")],
 TRIAL_TYPES = {"schema_version": (pa.int32(), pa.int64()), "sweep": (pa.string(),), "trial": (pa.string(),),
                "attempt": (pa.string(),), "status": (pa.string(),)}
 TRIAL_NUMERIC = ("lam", "params", "train_flops_per_image", "samples_seen", "train_images", "train_flops",
-                 "wall_time_s", "step", "epoch", *FINAL_KEYS)
+                 "wall_time_s", "step", "epoch")  # and vocab.final_keys()
+
+
+def file_version(path: Path) -> int:
+    """The schema version in a product file's Parquet footer."""
+    return int((pq.read_schema(path).metadata or {}).get(b"clmim_schema_version", b"0"))
+
+
+def migrate_table(table: str, t: pa.Table) -> pa.Table:
+    """An earlier version's table in today's vocabulary and columns (``trainables/migrate.py``): trials' columns
+    renamed and their objective / mix values mapped; a long table's metric names mapped and its columns those of
+    today's schema (a column it lacks is null)."""
+    if table == "trials":
+        rows = t.to_pylist()
+        for r in rows:
+            r["objective"] = migrate.objective_value(r.get("objective"))
+            r["mix"] = migrate.mix_label(r.get("mix"))
+        return pa.Table.from_pylist([{migrate.trial_column(k): v for k, v in r.items()} for r in rows])
+    schema = {"curves": CURVE_SCHEMA, "layers": LAYER_SCHEMA, "robustness": NOISE_SCHEMA}[table]
+    metric = pa.array([migrate.metric(m) for m in t.column("metric").to_pylist()], pa.string())
+    cols = {f.name: (metric if f.name == "metric" else t.column(f.name).cast(f.type) if f.name in t.column_names
+                     else pa.nulls(len(t), f.type)) for f in schema}
+    return pa.table(cols, schema=schema)
+
+
+def read_table(table: str, path: Path) -> pa.Table:
+    """One product file of ``table``, in today's vocabulary (an earlier version's migrated: ``migrate_table``)."""
+    t = pq.read_table(path)
+    return t if file_version(path) >= SCHEMA_VERSION else migrate_table(table, t)
 
 
 def _is_product_file(path: Path, table: str | None = None, sweep: str | None = None) -> bool:
@@ -162,7 +193,7 @@ def _is_product_file(path: Path, table: str | None = None, sweep: str | None = N
         if any(types.get(k) not in ok for k, ok in TRIAL_TYPES.items()):
             return False
         if any(k in types and not (pa.types.is_floating(types[k]) or pa.types.is_integer(types[k])
-                                   or pa.types.is_null(types[k])) for k in TRIAL_NUMERIC):
+                                   or pa.types.is_null(types[k])) for k in (*TRIAL_NUMERIC, *final_keys())):
             return False
     try:
         ids = pq.read_table(path, columns=["sweep", "trial"])
@@ -336,12 +367,12 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
            "variant": flat.get("model.variant"), "lam": mix_lam(weights) if weights else None,
            "objective": "staged" if staged else objective_group(weights) if weights else None,
            "mix": staged_label(staged) if staged else objective_label(weights) if weights else None,
-           **{f"w_{k}": (weights or {}).get(k, 0.0) if weights else None for k in OBJECTIVES},
+           **{f"w_{k}": (weights or {}).get(k, 0.0) if weights else None for k in objective_names()},
            "params": final.get("params"), "train_flops_per_image": flops_per_image, "samples_seen": samples,
            "train_images": _num(final.get("train_images")),
            "train_flops": flops_per_image * samples if flops_per_image and samples is not None else None,
            "wall_time_s": wall_time_s, "step": step, "epoch": _num(final.get("epoch"))}
-    for k in FINAL_KEYS:
+    for k in final_keys():
         row[k] = _num(final.get(k))
     for k, v in flat.items():
         row[k] = None if v is None else str(v) if isinstance(v, (list, dict)) else v
@@ -354,7 +385,7 @@ def staged_label(stages: list[dict]) -> str:
         w = weights_of(flatten((s.get("resolved") or {}).get("objective") or {}, "objective"))
         if s.get("name") or not w:
             return s.get("name") or "?"
-        return NAMES[next(iter(w))] if len(w) == 1 else objective_label(w)
+        return objective_label(w)
     return "staged: " + " → ".join(f"{one(s)} {s.get('steps')}" for s in stages)
 
 
@@ -450,6 +481,8 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     sweep_dir = Path(sweep_dir)
     sweep = sweep_dir.name
     attempt = attempt or new_attempt_id()
+    config = migrate.config_tree(config)  # (records an earlier version wrote: ``results rebuild``)
+    results = [migrate.report(r) for r in results]
     final: dict = {}
     for r in results:  # the latest value of every key
         final.update({k: v for k, v in r.items() if v is not None})
@@ -547,7 +580,7 @@ def compact(sweep_dir: Path, batch: int | None = None) -> int:
                 small = [f for f in files if not f.startswith(MERGED_PREFIX)]
                 groups = [small[i:i + batch] for i in range(0, len(small) - batch + 1, batch)]
             for group in groups:
-                merged = pa.concat_tables([pq.read_table(sweep_dir / table / f) for f in group],
+                merged = pa.concat_tables([read_table(table, sweep_dir / table / f) for f in group],
                                           promote_options="permissive")
                 name = f"{MERGED_PREFIX}{new_attempt_id()}.parquet"
                 _write_atomic(merged, sweep_dir / table / name)
@@ -580,7 +613,7 @@ def connect(root: str | Path):
                                              "autoload_known_extensions": False, "temp_directory": ""})
     try:
         if files["trials"]:
-            con.read_parquet([str(f) for f in files["trials"]], union_by_name=True).create_view("trials_all")
+            _view(con, "trials_all", "trials", files["trials"])
             con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
                   SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
                   FROM trials_all) WHERE rn = 1""")
@@ -588,7 +621,7 @@ def connect(root: str | Path):
             _empty_view(con, "trials", TRIALS_EMPTY)
         for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
             if files[t] and files["trials"]:
-                con.read_parquet([str(f) for f in files[t]]).create_view(f"{t}_all")
+                _view(con, f"{t}_all", t, files[t])
                 con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
                     JOIN (SELECT sweep, trial, attempt FROM trials) USING (sweep, trial, attempt)""")
             else:
@@ -603,6 +636,21 @@ def connect(root: str | Path):
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def _view(con, name: str, table: str, files: list[Path]) -> None:
+    """A view ``name`` over ``table``'s files: today's read by DuckDB as they are, an earlier version's migrated
+    (``read_table``) and read from memory."""
+    old = [f for f in files if file_version(f) < SCHEMA_VERSION]
+    new = [str(f) for f in files if f not in set(old)]
+    parts = []
+    if new:
+        con.read_parquet(new, union_by_name=table == "trials").create_view(f"{name}_new")
+        parts.append(f"SELECT * FROM {name}_new")
+    if old:
+        con.register(f"{name}_old", pa.concat_tables([read_table(table, f) for f in old], promote_options="permissive"))
+        parts.append(f"SELECT * FROM {name}_old")
+    con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(parts))
 
 
 def _duck(t: pa.DataType) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainables.vocab import STEP_METRICS, objective_label
+from trainables.vocab import objective_label, step_metrics
 
 from .results import QueryError, _write_atomic, query
 
@@ -73,7 +73,7 @@ def group_axes(trials: pd.DataFrame, exclude: set[str] = frozenset()) -> list[st
 
 
 def group_name(key, axes: list[str]) -> str:
-    """'hybrid lam=0.5, optim.steps=400' or 'MAE, model.variant=nano/4' from a groupby ``key`` over ``axes``
+    """'lam=0.5, optim.steps=400' or 'MAE, model.variant=nano/4' from a groupby ``key`` over ``axes``
     (``mix`` among them)."""
     values = dict(zip(axes, key if isinstance(key, tuple) else (key,), strict=True))
     label = str(values["mix"]) if "mix" in values else objective_label(values["lam"])
@@ -133,7 +133,7 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
         raise QueryError(f"sweep {name!r} not found under {root}")
     cols = set(query("SELECT * FROM trials LIMIT 0", root).columns)
     if y not in cols:
-        metrics = sorted(c for c in cols if c in ("loss", "knn_top1", "linear_top1", "shape_bias", *STEP_METRICS))
+        metrics = sorted(c for c in cols if c in ("loss", "knn_top1", "linear_top1", "shape_bias", *step_metrics()))
         raise QueryError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
     xcol = X_COLUMNS[x]
     df = with_mix(query(f'SELECT *, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '

@@ -38,15 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainables import migrate
 from trainables.config import Config, ConfigError, load_config, read_yaml
 from trainables.errors import UserError, excerpt
 from trainables.vocab import (
-    OBJECTIVES,
     PROBE_METRICS,
-    STEP_METRICS,
     VAL_METRICS,
     is_known_metric,
+    objective_names,
     reports_metric,
+    step_metrics,
 )
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "simplex", "dirichlet")
@@ -172,9 +173,9 @@ def _check_simplex(where: str, key: str, kind: str, vals) -> None:
     _check_keys(f"{where}.{kind}", vals, allowed)
     objs = vals.get("objectives")
     if not (isinstance(objs, list) and len(objs) >= 2 and len(set(objs)) == len(objs)
-            and all(o in OBJECTIVES for o in objs)):
+            and all(o in objective_names() for o in objs)):
         raise SpaceError(f"{where}.{kind}.objectives: expected a list of two or more distinct objectives of "
-                         f"{', '.join(OBJECTIVES)}, got {excerpt(objs, 60)}")
+                         f"{', '.join(objective_names())}, got {excerpt(objs, 60)}")
     if kind == "simplex":
         step = vals.get("step")
         ok = isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1
@@ -240,13 +241,16 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     space = raw.get("space") or {}
     if not isinstance(space, dict):
         raise SpaceError(f"space: expected a mapping of dotted keys, got {excerpt(space, 60)}")
-    space = dict(space)
+    space = {migrate.dotted_key(k) if isinstance(k, str) else k: v for k, v in space.items()}  # (earlier names)
+    base = migrate.config_tree(base)
     if raw.get("seeds") is not None:
         n_seeds = _int("seeds", raw["seeds"], 1)
         if "run.seed" in space:
             raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
         space["run.seed"] = {"grid": list(range(n_seeds))}
     search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **_section(raw, "search")}
+    if isinstance(search["metric"], str):
+        search["metric"] = migrate.metric(search["metric"])
     for key, spec in space.items():
         _check_spec(key, spec)
         if _is_spec(spec) and next(iter(spec)) in SIMPLEX_KINDS:
@@ -265,7 +269,7 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     metric = search["metric"]
     if not is_known_metric(metric):
         raise SpaceError(f"search.metric: {excerpt(metric, 60)} is not a metric trials report; choose one of "
-                         f"{', '.join(STEP_METRICS + PROBE_METRICS)} or layer/<L>/<probe metric>")
+                         f"{', '.join(step_metrics() + PROBE_METRICS)} or layer/<L>/<probe metric>")
     if EVAL_SPLIT.fullmatch(metric):  # a selection never reads the split the claims and reported accuracies use
         suggest = f"val_{metric}" if f"val_{metric}" in VAL_METRICS else "val_linear_top1"
         raise SpaceError(f"search.metric: {metric} is read on the evaluation split the claims are read on; select "
@@ -431,7 +435,7 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if not reports_metric(metric, cfg.objective.mix()):
         shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
         raise SpaceError(f"search.metric: {where} mixes {{{shown}}} and reports no {metric}")
-    if space.scheduler["type"] == "asha" and metric not in STEP_METRICS and not cfg.eval.every:
+    if space.scheduler["type"] == "asha" and metric not in step_metrics() and not cfg.eval.every:
         raise SpaceError(f"scheduler.type: asha compares trials on {metric} every epoch, but the probes run only "
                          "at the end of a trial; set eval.every (e.g. --set eval.every=1) or search.metric: loss")
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from trainables.errors import UserError
 from trainables.files import DamagedFile, read_json, write_json_atomic
+from trainables.objectives import PLUGINS_ENV
 from trainables.storage import Storage
 from trainables.vocab import SUMMARY_METRICS
 
@@ -157,17 +158,30 @@ def init_ray(address: str | None) -> None:
     with _stderr_held() as held:  # Ray's C++ client logs a line per retry while it is refused: kept if it fails
         try:
             if address:
-                ray.init(address=address, log_to_driver=True)
+                ray.init(address=address, log_to_driver=True, runtime_env=plugin_env())
             else:
                 # address="local": a new instance even when `ray start` left a cluster running here (plain
                 # ray.init() would join that one, and then reject num_cpus).
                 ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True,
-                         dashboard_host="127.0.0.1", log_to_driver=True)
+                         dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=plugin_env())
         except Exception as e:  # noqa: BLE001 - whatever Ray raised, the user gets one line and what to do
             held.failed = True
             raise _cluster_error(address, e, held.text()) from None
     print(f"Ray: connected to the cluster at {address}" if address else
           "Ray: started a private local instance (pass --address to use a cluster)", flush=True)
+
+
+def plugin_env() -> dict | None:
+    """The job's runtime environment when objectives come from modules named in ``CLMIM_OBJECTIVES`` (see
+    ``trainables/objectives``): that variable and the driver's PYTHONPATH, so that trials on any node register the
+    objectives the driver validated the space with (the modules must be importable there)."""
+    names = os.environ.get(PLUGINS_ENV)
+    if not names:
+        return None
+    env = {PLUGINS_ENV: names}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return {"env_vars": env}
 
 
 class _stderr_held:

@@ -299,7 +299,7 @@ def test_a_huge_grid_is_refused_fast_and_dry_run_summarises(tmp_path, capsys):
     ({"space": {"objective.lam": float("nan")}}, "objective.lam"),
     ({"space": {"objective.lam": {"grid": [0.5, float("nan")]}}}, "objective.lam"),
     ({"space": {"optim.blr": float("nan")}}, "optim.blr"),
-    ({"space": {"objective.temperature": float("nan")}}, "objective.temperature"),
+    ({"space": {"objective.mocov3.temperature": float("nan")}}, "objective.mocov3.temperature"),
     ({"resources": {"cpus_per_worker": float("nan")}}, "resources.cpus_per_worker"),
     ({"resources": {"workers": True}}, "resources.workers"),
     ({"failure": {"max_failures": "notanumber"}}, "failure.max_failures"),

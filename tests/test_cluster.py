@@ -127,7 +127,7 @@ def test_a_sweep_on_worker_nodes_lands_every_trial_once_with_its_true_config(clu
     df = query("SELECT trial, status, lam, objective, \"objective.placement.graft_layer\" AS g FROM trials "
                "WHERE sweep = 'mn' ORDER BY g", root)
     assert list(df.g) == [2, 4] and set(df.status) == {"TERMINATED"}
-    assert list(df.lam) == [0.5, 0.5] and set(df.objective) == {"hybrid"}
+    assert list(df.lam) == [0.5, 0.5] and set(df.objective) == {"mix"}
     for table in ("curves", "layers"):
         n = query(f"SELECT count(DISTINCT trial) AS n FROM {table} WHERE sweep = 'mn'", root).n[0]
         assert n == 2, table

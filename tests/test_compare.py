@@ -91,10 +91,10 @@ def test_lr_tuned_per_objective_picks_each_objectives_best_mean():
                 rows.append({"trial": f"{lam}-{lr}-{seed}", "lam": lam, "objective.lam": lam, "optim.lr_scale": lr,
                              "run.seed": seed, "linear_top1": (0.6 if lr == best else 0.5) + 0.01 * seed})
     table = tuned_table(pd.DataFrame(rows)).set_index("group")
-    assert table.loc["MIM (lam=0)", "best optim.lr_scale"] == 30
-    assert table.loc["CL (lam=1)", "best optim.lr_scale"] == 10
-    assert table.loc["CL (lam=1)", "linear_top1"].startswith("0.605 ± ")
-    assert table.loc["CL (lam=1)", "selected on"].startswith("linear_top1 (evaluation split: these trials have no")
+    assert table.loc["SimMIM", "best optim.lr_scale"] == 30
+    assert table.loc["MoCo v3", "best optim.lr_scale"] == 10
+    assert table.loc["MoCo v3", "linear_top1"].startswith("0.605 ± ")
+    assert table.loc["MoCo v3", "selected on"].startswith("linear_top1 (evaluation split: these trials have no")
     assert tuned_table(pd.DataFrame(rows).assign(**{"optim.lr_scale": 1})).empty
 
 

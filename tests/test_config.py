@@ -20,7 +20,7 @@ def test_empty_config_is_the_small_cpu_run():
 def test_unknown_key_names_dotted_path_and_allowed_keys():
     msg = err({"objective": {"placement": {"mim_layr": 2}}})
     assert msg.startswith("objective.placement.mim_layr: unknown key")
-    assert "mim_layer" in msg
+    assert "simmim_layer" in msg
     assert err({"modle": {}}).startswith("modle: unknown key")
 
 
@@ -40,30 +40,30 @@ def test_variant_and_patch_checks():
 
 
 def test_layer_beyond_depth_and_placement_rules():
-    assert err(overrides=["objective.placement.mim_layer=7"]).startswith("objective.placement.mim_layer")
+    assert err(overrides=["objective.placement.simmim_layer=7"]).startswith("objective.placement.simmim_layer")
     assert err(overrides=["objective.placement.graft_layer=6"]).startswith("objective.placement.graft_layer")
     assert err(overrides=["objective.lam=1", "objective.placement.graft_layer=3"]).startswith(
         "objective.placement.graft_layer")
-    assert err(overrides=["objective.placement.graft_layer=3", "objective.placement.mim_layer=4"]).startswith(
-        "objective.placement.mim_layer")
-    assert err(overrides=["objective.placement.graft_layer=3", "objective.placement.cl_layer=3"]).startswith(
-        "objective.placement.cl_layer")
+    assert err(overrides=["objective.placement.graft_layer=3", "objective.placement.simmim_layer=4"]).startswith(
+        "objective.placement.simmim_layer")
+    assert err(overrides=["objective.placement.graft_layer=3", "objective.placement.mocov3_layer=3"]).startswith(
+        "objective.placement.mocov3_layer")
     cfg = load_config({}, ["objective.placement.graft_layer=3"])
     assert resolve_placement(cfg) == ({"simmim": 3, "mocov3": 6}, 3)
 
 
 def test_a_placement_that_leaves_a_block_untrained_is_an_error_naming_the_keys():
-    msg = err(overrides=["objective.lam=0", "objective.placement.mim_layer=3"])
-    assert msg.startswith("objective.placement.mim_layer = 3") and "blocks 4..6 would get no gradient" in msg
-    msg = err(overrides=["objective.placement.mim_layer=2", "objective.placement.cl_layer=4"])
-    assert "objective.placement.mim_layer = 2 and objective.placement.cl_layer = 4" in msg and "5..6" in msg
-    msg = err(overrides=["objective.placement.graft_layer=3", "objective.placement.mim_layer=2"])
+    msg = err(overrides=["objective.lam=0", "objective.placement.simmim_layer=3"])
+    assert msg.startswith("objective.placement.simmim_layer = 3") and "blocks 4..6 would get no gradient" in msg
+    msg = err(overrides=["objective.placement.simmim_layer=2", "objective.placement.mocov3_layer=4"])
+    assert "objective.placement.simmim_layer = 2 and objective.placement.mocov3_layer = 4" in msg and "5..6" in msg
+    msg = err(overrides=["objective.placement.graft_layer=3", "objective.placement.simmim_layer=2"])
     assert "graft_layer = 3" in msg and "block 3 would get no gradient" in msg and "graft_lr_ratio" in msg
     assert err(overrides=["objective.placement.graft_lr_ratio=0.1"]).startswith(
         "objective.placement.graft_lr_ratio")
     # valid: each block reached by some objective
-    load_config({}, ["objective.placement.mim_layer=2"])  # CL reads block 6 and trains 1..6
-    load_config({}, ["objective.placement.graft_layer=3", "objective.placement.mim_layer=2",
+    load_config({}, ["objective.placement.simmim_layer=2"])  # CL reads block 6 and trains 1..6
+    load_config({}, ["objective.placement.graft_layer=3", "objective.placement.simmim_layer=2",
                      "objective.placement.graft_lr_ratio=0.1"])  # CL reaches 1..3 too
 
 
@@ -143,8 +143,8 @@ def test_weights_mix_any_set_on_the_simplex_and_lam_is_their_shorthand():
 def test_placement_per_objective_and_the_graft_over_families():
     cfg = load_config({}, ["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.mae_layer=4"])
     assert resolve_placement(cfg) == ({"mae": 4, "dino": 6}, None)
-    msg = err(overrides=["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.mim_layer=4"])
-    assert msg.startswith("objective.placement.mim_layer: set, but SimMIM is not in the mix")
+    msg = err(overrides=["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.simmim_layer=4"])
+    assert msg.startswith("objective.placement.simmim_layer: set, but SimMIM is not in the mix")
     msg = err(overrides=["objective.weights.mae=1", "objective.placement.mae_layer=4"])
     assert msg.startswith("objective.placement.mae_layer = 4") and "blocks 5..6 would get no gradient" in msg
     cfg = load_config({}, ["objective.weights={mae: 0.5, dino: 0.5}", "objective.placement.graft_layer=3"])

@@ -64,7 +64,7 @@ def test_two_rank_ddp_keeps_replicas_identical(tmp_path, mix):
         assert torch.equal(r0[k], r1[k]), k
     # and training moved them away from the common initialisation
     torch.manual_seed(0)
-    from trainables.objectives import build_objective
+    from trainables.objectives.mixture import build_objective
 
     init = build_objective(load_config(tree)).encoder.state_dict()
     assert any(not torch.equal(init[k], r0[f"encoder.{k}"]) for k in init)

@@ -12,7 +12,7 @@ from orchestrator.results import curves_from_results, noise_from_results, trial_
 from trainables.config import ConfigError, load_config
 from trainables.data import build_data
 from trainables.finetune import build_classifier, layer_decay_groups
-from trainables.objectives import build_objective
+from trainables.objectives.mixture import build_objective
 from trainables.probes import cka_rows, dense_rows, extract_features, mean_iou, patch_labels
 from trainables.robustness import band_mask, band_noise, noise_accuracy
 from trainables.trainer import export_weights, find_checkpoint, load_weights, train

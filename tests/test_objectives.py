@@ -8,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.config import load_config, train_flops_per_image
 from trainables.data import build_data
-from trainables.objectives import build_objective
-from trainables.objectives.simmim import default_mask_unit, patchify
+from trainables.objectives.mixture import build_objective
+from trainables.objectives.simmim.head import default_mask_unit, patchify
 from trainables.trainer import train
 
 
@@ -39,21 +39,21 @@ def test_loss_drops_within_a_few_dozen_steps(lam):
 def test_hybrid_at_lam_0_equals_simmim_and_at_lam_1_equals_mocov3():
     cfg, hybrid = make(["objective.lam=0", "model.drop_path=0"])  # stochastic depth would differ per call
     batch = batch_of(cfg)
-    assert hybrid.cl is None  # the unused branch is not even built
-    torch.testing.assert_close(hybrid(batch)["loss"], hybrid.mim(batch)["loss"])
+    assert "mocov3" not in hybrid.heads  # the unused branch is not even built
+    torch.testing.assert_close(hybrid(batch)["loss"], hybrid.simmim(batch)["loss"])
     cfg, hybrid = make(["objective.lam=1"])
-    assert hybrid.mim is None
-    torch.testing.assert_close(hybrid(batch)["loss"], hybrid.cl(batch)["loss"])
+    assert "simmim" not in hybrid.heads
+    torch.testing.assert_close(hybrid(batch)["loss"], hybrid.mocov3(batch)["loss"])
 
 
 def test_hybrid_mixes_the_two_losses_of_the_same_batch():
-    cfg, hybrid = make(["objective.lam=0.3", "objective.placement.mim_layer=2", "model.drop_path=0"])
+    cfg, hybrid = make(["objective.lam=0.3", "objective.placement.simmim_layer=2", "model.drop_path=0"])
     batch = batch_of(cfg)
     out = hybrid(batch)
-    torch.testing.assert_close(out["loss"], 0.7 * out["loss_mim"] + 0.3 * out["loss_cl"])
+    torch.testing.assert_close(out["loss"], 0.7 * out["loss_simmim"] + 0.3 * out["loss_mocov3"])
     # Routed (one 3B batch, rows split after their layer) equals each branch run on its own.
-    torch.testing.assert_close(out["loss_mim"], hybrid.mim(batch)["loss"])
-    torch.testing.assert_close(out["loss_cl"], hybrid.cl(batch)["loss"])
+    torch.testing.assert_close(out["loss_simmim"], hybrid.simmim(batch)["loss"])
+    torch.testing.assert_close(out["loss_mocov3"], hybrid.mocov3(batch)["loss"])
 
 
 def _grad_blocks(obj, loss):
@@ -67,22 +67,22 @@ def test_graft_layer_splits_gradients_between_objectives():
     g = 2
     cfg, hybrid = make([f"objective.placement.graft_layer={g}"])
     out = hybrid(batch_of(cfg))
-    cl_grads = _grad_blocks(hybrid, out["loss_cl"])
-    mim_grads = _grad_blocks(hybrid, out["loss_mim"])
+    cl_grads = _grad_blocks(hybrid, out["loss_mocov3"])
+    mim_grads = _grad_blocks(hybrid, out["loss_simmim"])
     depth = hybrid.encoder.depth
     assert cl_grads == [False] * g + [True] * (depth - g)
     assert mim_grads == [True] * g + [False] * (depth - g)
 
 
 def test_heads_reading_different_depths_have_their_own_norms_and_every_block_trains():
-    cfg, hybrid = make(["objective.placement.mim_layer=3"])  # lam 0.5: MIM reads block 3, CL the last block
+    cfg, hybrid = make(["objective.placement.simmim_layer=3"])  # lam 0.5: MIM reads block 3, CL the last block
     out = hybrid(batch_of(cfg))
-    assert _grad_blocks(hybrid, out["loss_mim"]) == [True] * 3 + [False] * 3
+    assert _grad_blocks(hybrid, out["loss_simmim"]) == [True] * 3 + [False] * 3
     assert _grad_blocks(hybrid, out["loss"]) == [True] * 6
-    assert hybrid.mim.norm is not None and hybrid.cl.norm is None  # MIM's own norm; CL uses the final norm
+    assert hybrid.simmim.norm is not None and hybrid.mocov3.norm is None  # MIM's own norm; CL uses the final norm
     hybrid.zero_grad()
-    out["loss_mim"].backward(retain_graph=True)
-    assert hybrid.encoder.norm.weight.grad is None and hybrid.mim.norm.weight.grad.abs().sum() > 0
+    out["loss_simmim"].backward(retain_graph=True)
+    assert hybrid.encoder.norm.weight.grad is None and hybrid.simmim.norm.weight.grad.abs().sum() > 0
     assert not hybrid.has_unused_params()
 
 
@@ -91,14 +91,14 @@ def test_graft_lr_ratio_lets_cl_reach_lower_blocks_at_a_lower_lr():
 
     cfg, hybrid = make(["objective.placement.graft_layer=2", "objective.placement.graft_lr_ratio=0.1"])
     out = hybrid(batch_of(cfg))
-    assert _grad_blocks(hybrid, out["loss_cl"]) == [True] * 6  # not detached below the graft
+    assert _grad_blocks(hybrid, out["loss_mocov3"]) == [True] * 6  # not detached below the graft
     groups = _param_groups(hybrid, cfg)
     slow = {id(p) for g in groups if g["lr_mult"] == 0.1 for p in g["params"]}
     lower = [*hybrid.encoder.blocks[0].parameters(), *hybrid.encoder.blocks[1].parameters(),
              hybrid.encoder.vit.cls_token]
     assert all(id(p) in slow for p in lower)
     assert not any(id(p) in slow for p in hybrid.encoder.blocks[2].parameters())
-    assert not any(id(p) in slow for p in hybrid.mim.parameters())
+    assert not any(id(p) in slow for p in hybrid.simmim.parameters())
     # the hard graft has no slow group
     cfg, hard = make(["objective.placement.graft_layer=2"])
     assert {g["lr_mult"] for g in _param_groups(hard, cfg)} == {1.0}
@@ -126,7 +126,7 @@ def test_mocov3_vit_recipe_frozen_patch_projection_and_fixed_sincos_stay_unchang
         assert torch.equal(before[k], after[k]), k
     assert not torch.equal(before["vit.blocks.0.attn.qkv.weight"], after["vit.blocks.0.attn.qkv.weight"])
     # the predictor ends in an affine-free BatchNorm, as the official MoCo_ViT
-    last = hybrid.cl.predictor[-1]
+    last = hybrid.mocov3.predictor[-1]
     assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
     # a hybrid keeps the learned embedding unless asked; asked, it gets the same fixed one
     assert load_config(tiny(), ["objective.lam=0.5"]).model.pos_embed == "learned"
@@ -148,10 +148,10 @@ def test_momentum_update_moves_towards_online():
     with torch.no_grad():
         for p in hybrid.encoder.parameters():
             p.add_(1.0)
-    before = [p.clone() for p in hybrid.cl.momentum.parameters()]
+    before = [p.clone() for p in hybrid.mocov3.momentum.parameters()]
     hybrid.momentum_update({"momentum": 0.9, "teacher_momentum": 0.5})
-    online = hybrid.cl.online_params()
-    for b, a, o in zip(before, hybrid.cl.momentum.parameters(), online, strict=True):
+    online = hybrid.mocov3.online_params()
+    for b, a, o in zip(before, hybrid.mocov3.momentum.parameters(), online, strict=True):
         torch.testing.assert_close(a, 0.9 * b + 0.1 * o)
 
 
@@ -177,7 +177,7 @@ def test_mask_ratio_unit_and_patchify():
     assert default_mask_unit(32, 4) == 8  # 2 x 2 patches at 32 px: never a single patch
     assert default_mask_unit(112, 16) is None  # a 7 x 7 grid has no unit of 2 x 2 patches or more
     cfg, hybrid = make(["objective.lam=0"])
-    mask = hybrid.mim.make_mask(torch.rand(5, 16))  # 4 x 4 mask units of 2 x 2 patches (8 px at 32 px)
+    mask = hybrid.simmim.make_mask(torch.rand(5, 16))  # 4 x 4 mask units of 2 x 2 patches (8 px at 32 px)
     assert mask.shape == (5, 64)
     assert (mask.sum(1) == 40).all()  # ceil(0.6 * 16) units of 4 patches
     g = mask.view(5, 8, 8)  # (B, grid, grid): each 2 x 2 block of patches is masked together
@@ -231,15 +231,15 @@ def test_routed_mix_of_all_four_equals_each_objective_alone():
     import copy
 
     cfg, hybrid = make(["objective.weights={simmim: 0.1, mocov3: 0.2, mae: 0.3, dino: 0.4}", "model.drop_path=0",
-                        "objective.placement.mim_layer=3", "objective.placement.mae_layer=5"])
+                        "objective.placement.simmim_layer=3", "objective.placement.mae_layer=5"])
     batch = batch_of(cfg, n=8)
     alone = {n: copy.deepcopy(hybrid).heads[n] for n in hybrid.heads}
     out = hybrid(batch)
-    for name, key in (("simmim", "loss_mim"), ("mocov3", "loss_cl"), ("mae", "loss_mae"), ("dino", "loss_dino")):
+    for name, key in (("simmim", "loss_simmim"), ("mocov3", "loss_mocov3"), ("mae", "loss_mae"), ("dino", "loss_dino")):
         torch.testing.assert_close(out[key], alone[name](batch)["loss"])
-    torch.testing.assert_close(out["loss"], 0.1 * out["loss_mim"] + 0.2 * out["loss_cl"] + 0.3 * out["loss_mae"]
+    torch.testing.assert_close(out["loss"], 0.1 * out["loss_simmim"] + 0.2 * out["loss_mocov3"] + 0.3 * out["loss_mae"]
                                + 0.4 * out["loss_dino"])
-    grads = _grad_blocks(hybrid, out["loss_mim"])
+    grads = _grad_blocks(hybrid, out["loss_simmim"])
     assert grads == [True] * 3 + [False] * 3  # SimMIM's rows left after block 3
 
 

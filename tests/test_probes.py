@@ -6,7 +6,7 @@ from conftest import tiny
 
 from trainables.config import load_config
 from trainables.data import build_data
-from trainables.objectives import build_objective
+from trainables.objectives.mixture import build_objective
 from trainables.probes import (
     attention_distance,
     attention_entropy,

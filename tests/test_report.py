@@ -37,7 +37,7 @@ def test_seven_layer_panels_come_in_rows_of_three():
 
 
 def test_tables_scroll_in_their_own_box_without_empty_columns():
-    df = pd.DataFrame({"trial": ["t0"], "objective.placement.mim_layers": [None], "linear_top1": [0.5]})
+    df = pd.DataFrame({"trial": ["t0"], "objective.placement.simmim_layers": [None], "linear_top1": [0.5]})
     html = _table_html(df)
     assert html.startswith('<div class="scroll">') and "placement" not in html and "linear_top1" in html
 

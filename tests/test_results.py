@@ -43,7 +43,7 @@ def test_views_hold_latest_attempt_once(tmp_path):
     df = query("SELECT trial, status, linear_top1, objective, \"objective.lam\", schema_version FROM trials "
                "ORDER BY trial", tmp_path)
     assert list(df.trial) == ["t1", "t2"] and list(df.status) == ["TERMINATED", "TERMINATED"]
-    assert list(df.linear_top1) == [0.4, 0.6] and list(df.objective) == ["mim", "cl"]
+    assert list(df.linear_top1) == [0.4, 0.6] and list(df.objective) == ["simmim", "mocov3"]
     assert (df.schema_version == SCHEMA_VERSION).all()
     curves = query("SELECT trial, step, metric, count(*) AS n FROM curves GROUP BY ALL HAVING n > 1", tmp_path)
     assert len(curves) == 0  # no duplicate (trial, step, metric)
@@ -160,8 +160,8 @@ def test_trials_name_the_objective_mix_and_weights(tmp_path):
     write_trial_tables(sweep, "t4", "TERMINATED", cfg(1.0), reports(3, 0.5))  # a config from before weights
     df = query("SELECT trial, objective, mix, lam, w_simmim, w_mocov3, w_mae, w_dino FROM trials ORDER BY trial",
                tmp_path)
-    assert list(df.objective) == ["mae", "hybrid", "mix", "cl"]
-    assert list(df["mix"]) == ["MAE", "hybrid lam=0.25", "mix 0.5 SimMIM + 0.5 DINO", "CL (lam=1)"]
+    assert list(df.objective) == ["mae", "mix", "mix", "mocov3"]
+    assert list(df["mix"]) == ["MAE", "lam=0.25", "mix 0.5 SimMIM + 0.5 DINO", "MoCo v3"]
     assert df.lam.isna().tolist() == [True, False, True, False] and df.lam[1] == 0.25
     assert df.w_mae.tolist() == [1.0, 0.0, 0.0, 0.0] and df.w_simmim.tolist() == [0.0, 0.75, 0.5, 0.0]
     assert df.w_dino.tolist() == [0.0, 0.0, 0.5, 0.0] and df.w_mocov3.tolist() == [0.0, 0.25, 0.0, 1.0]

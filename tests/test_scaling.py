@@ -76,7 +76,7 @@ def test_scaling_groups_by_every_other_varied_axis_and_fits_error_above_chance(t
     assert list(table["optim.steps"]) == [100, 400] and len(table) == 2
     for _, row in table.iterrows():
         assert row.b_low < -0.2 < row.b_high and abs(row.b + 0.2) < 0.02, row
-        assert row.group == f"MIM (lam=0), optim.steps={row['optim.steps']}"
+        assert row.group == f"SimMIM, optim.steps={row['optim.steps']}"
     assert table.set_index("optim.steps").at_chance.fillna(0).to_dict() == {100: 2, 400: 0}
 
 

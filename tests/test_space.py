@@ -33,8 +33,8 @@ def test_bad_spaces_are_rejected_naming_the_key(tmp_path):
     assert "unknown key" in err(tmp_path, space={"objective.lamda": {"grid": [0.5]}})
     assert err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.5]}}).startswith("space.objective.lam:")
     assert err(tmp_path, space={"objective.lam": {"uniform": [0.0, 2.0]}}).startswith("space.objective.lam:")
-    msg = err(tmp_path, space={"objective.placement.mim_layer": {"grid": [3, 9]}})
-    assert msg.startswith("space.objective.placement.mim_layer:") and "depth" in msg
+    msg = err(tmp_path, space={"objective.placement.simmim_layer": {"grid": [3, 9]}})
+    assert msg.startswith("space.objective.placement.simmim_layer:") and "depth" in msg
     msg = err(tmp_path, space={"model.variant": {"choice": ["micro/4", "micro/5"]}})
     assert msg.startswith("space.model.variant:") and "divisible" in msg
     assert err(tmp_path, space={"objective.lam": {"grid": []}}).startswith("space.objective.lam.grid: empty")
@@ -50,7 +50,7 @@ def test_search_metric_must_be_reported(tmp_path):
     load_space(space_file(tmp_path, search={"metric": "val_linear_top1", "mode": "max"}, scheduler={"type": "asha"}),
                ["eval.every=1"])
     load_space(space_file(tmp_path, scheduler={"type": "asha"}))  # loss is reported at every log step
-    msg = err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.0]}}, search={"metric": "loss_cl"})
+    msg = err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.0]}}, search={"metric": "loss_mocov3"})
     assert msg.startswith("search.metric:") and "objective.lam=0" in msg
     msg = err(tmp_path, base={"data": {"dataset": "digits"}}, search={"metric": "shape_bias", "mode": "max"})
     assert "cue-conflict" in msg
@@ -76,12 +76,12 @@ def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
 
     from trainables.config import load_config
     from trainables.trainer import train
-    from trainables.vocab import LAYER_METRIC, PROBE_METRICS, STEP_METRICS
+    from trainables.vocab import LAYER_METRIC, PROBE_METRICS, step_metrics
 
     final = train(load_config(tiny(), ["optim.steps=2", "eval.finetune.steps=2",  # every objective: every loss
                                        "objective.weights={simmim: 0.25, mocov3: 0.25, mae: 0.25, dino: 0.25}"]))
-    reported = {k for k in final if k in STEP_METRICS + PROBE_METRICS or k.startswith("layer/")}
-    assert set(STEP_METRICS + PROBE_METRICS) <= reported
+    reported = {k for k in final if k in step_metrics() + PROBE_METRICS or k.startswith("layer/")}
+    assert set(step_metrics() + PROBE_METRICS) <= reported
     assert all(LAYER_METRIC.fullmatch(k) for k in reported if k.startswith("layer/"))
 
 
@@ -152,8 +152,8 @@ def test_weight_spaces_grid_simplex_and_dirichlet(tmp_path):
     assert msg.startswith("space.objective.weights.simplex.step:")
     msg = err(tmp_path, space={"optim.blr": {"simplex": {"objectives": ["simmim", "mae"], "step": 0.5}}})
     assert msg.startswith("space.optim.blr.simplex:") and "objective.weights only" in msg
-    msg = err(tmp_path, space={"objective.weights": {"grid": [{"mae": 1.0}]}}, search={"metric": "loss_cl"})
-    assert msg.startswith("search.metric:") and "reports no loss_cl" in msg
+    msg = err(tmp_path, space={"objective.weights": {"grid": [{"mae": 1.0}]}}, search={"metric": "loss_mocov3"})
+    assert msg.startswith("search.metric:") and "reports no loss_mocov3" in msg
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once_and_errors_never_build_a_huge_repr(tmp_path):

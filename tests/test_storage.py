@@ -124,7 +124,7 @@ def test_a_trial_whose_files_are_not_on_the_drivers_disk_lands_with_its_true_con
         cb.on_trial_complete(0, [], Trial(tid))
     df = query("SELECT trial, lam, objective, \"objective.placement.graft_layer\" AS g, \"run.seed\" AS seed "
                "FROM trials ORDER BY trial", layout.root)
-    assert list(df.lam) == [0.5, 0.5] and list(df.objective) == ["hybrid", "hybrid"] and list(df.g) == [2, 4]
+    assert list(df.lam) == [0.5, 0.5] and list(df.objective) == ["mix", "mix"] and list(df.g) == [2, 4]
     assert list(df.seed) == [7, 0]  # t2's row is what t2 ran with (its own file), not a re-resolution
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny
 
 from trainables.config import ConfigError, load_config
-from trainables.objectives import Hybrid
+from trainables.objectives.mixture import Mixture
 from trainables.trainer import NonFiniteLossError, find_checkpoint, schedules, train
 
 
@@ -38,21 +38,21 @@ def test_checkpoint_is_complete_and_config_saved(tmp_path):
     ckpt = torch.load(find_checkpoint(out), map_location="cpu", weights_only=False)
     assert ckpt["step"] == 6
     assert {"model", "optimizer", "rng", "config"} <= set(ckpt)
-    assert any(k.startswith("cl.momentum.encoder.") for k in ckpt["model"])
+    assert any(k.startswith("mocov3.momentum.encoder.") for k in ckpt["model"])
     assert (out / "config.yaml").is_file()
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["step"] == 6 and 0 <= final["knn_top1"] <= 1 and final["params"] > 0
 
 
 def test_non_finite_loss_stops_with_clear_error(monkeypatch):
-    real = Hybrid.forward
+    real = Mixture.forward
 
     def poisoned(self, batch):
         out = real(self, batch)
         out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(Hybrid, "forward", poisoned)
+    monkeypatch.setattr(Mixture, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="non-finite loss by step 1"):  # step 1 is a log step
         train(load_config(tiny()))
 
@@ -62,7 +62,7 @@ def test_reports_and_final_metrics():
     final = train(load_config(tiny(**{"objective__lam": 0.0})), lambda m, checkpoint=None: logs.append(m))
     steps = [m["step"] for m in logs if "loss" in m and "knn_top1" not in m]
     assert steps == [1, 2, 4, 6]  # step 1 (its rate is the first a user sees), then every log_every
-    assert {"loss", "loss_mim", "lr", "images_per_s", "knn_top1", "linear_top1", "shape_bias",
+    assert {"loss", "loss_simmim", "lr", "images_per_s", "knn_top1", "linear_top1", "shape_bias",
             "train_flops_per_image"} <= set(final)
 
 
@@ -255,7 +255,7 @@ def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_res
     for k in mae:  # stage 1 is the MAE run itself
         torch.testing.assert_close(boundary[k], mae[k], rtol=0, atol=0, msg=k)
     end = weights(find_checkpoint(straight))
-    assert any(k.startswith("cl.momentum.encoder.") for k in end) and not any(k.startswith("mae.") for k in end)
+    assert any(k.startswith("mocov3.momentum.encoder.") for k in end) and not any(k.startswith("mae.") for k in end)
     for start in ("step_0000004", "step_0000006"):  # at the boundary, and inside stage 2
         resumed = tmp_path / start
         train(load_config(grafted(), [f"run.out_dir={resumed}", f"run.resume={kept / start}"]))

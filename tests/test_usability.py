@@ -113,7 +113,7 @@ def test_report_has_units_chance_line_loss_curves_and_a_summary(tmp_path):
     page, _ = build_report(SweepLayout(tmp_path, "rep"))
     text = page.read_text()
     assert "What differed between objectives" in text and "Chance level is 0.125" in text  # 8 synthetic classes
-    assert "MIM (lam=0), 2 trial(s): linear top-1 0.4 ± 0.1" in text  # mean ± SE of 0.3 and 0.5
+    assert "SimMIM, 2 trial(s): linear top-1 0.4 ± 0.1" in text  # mean ± SE of 0.3 and 0.5
     assert "fewer than 3 trials" in text
     assert ("untrained encoder (step 0, same seeds) gives linear top-1 (GAP) 0.125, last-layer attention distance "
             "16.5") in text
@@ -320,7 +320,7 @@ def test_results_show_gives_mean_and_se_per_group_matched_budgets_and_claims(tmp
     make_sweep(tmp_path, "cmp", n=4)  # lam 0 and 1, two seeds each
     assert main(["results", "show", "cmp", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "per group: mean ±" in out and "MIM (lam=0)" in out and "CL (lam=1)" in out
+    assert "per group: mean ±" in out and "SimMIM" in out and "MoCo v3" in out
     assert "0.4 ± 0.1" in out  # MIM's linear probe: mean ± SE of 0.3 and 0.5
     assert "linear probe at matched steps" in out
     assert "paper's" in out and "late-layer" in out  # rich wraps cells at the terminal's width

@@ -19,31 +19,15 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError, excerpt
-from .scale import (
-    block_flops,
-    decoder_shape,
-    default_local_size,
-    default_mask_unit,
-    default_out_dim,
-    embed_flops,
-    mlp_head_flops,
-    parse_variant,
-    tokens_block_flops,
-)
-from .vocab import FAMILY, LAYER_KEY, NAMES, OBJECTIVES, TARGET_ENCODERS
+from . import migrate
+from .errors import ConfigError, UserError, excerpt
+from .objectives import registry
+from .objectives.registry import FlopsView
+from .scale import block_flops, embed_flops, parse_variant
+from .settings import setting as _f
+from .vocab import family, label, layer_keys, objective_names, target_encoders
 
-
-class ConfigError(UserError):
-    """A config value is unknown, of the wrong type, out of range, or inconsistent with another one."""
-
-
-def _f(default, *, choices=None, lo=None, hi=None, doc=""):
-    """A dataclass field with validation metadata (allowed choices, inclusive numeric range)."""
-    meta = {"choices": choices, "lo": lo, "hi": hi, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+__all__ = ["Config", "ConfigError", "load_config", "parse_override", "resolve_placement", "to_dict"]
 
 
 @dataclass
@@ -71,86 +55,48 @@ class DataConfig:
                                                    "split (the same images for every trial)")
 
 
-@dataclass
-class PlacementConfig:
-    mim_layer: int | None = _f(None, lo=1, doc="block whose output feeds the MIM decoder (default: last)")
-    cl_layer: int | None = _f(None, lo=1, doc="block whose output feeds the CL projector (default: last)")
-    mae_layer: int | None = _f(None, lo=1, doc="block whose output feeds the MAE decoder (default: last)")
-    dino_layer: int | None = _f(None, lo=1, doc="block whose CLS output feeds the DINO head (default: last)")
-    graft_layer: int | None = _f(None, lo=1, doc="g: blocks 1..g learn only from MIM (SimMIM / MAE), g+1..depth "
-                                                 "only from CL (MoCo v3 / DINO)")
-    graft_lr_ratio: float | None = _f(None, lo=0.0, hi=1.0,
-                                      doc="with graft_layer: CL reaches every block and blocks 1..g (and the "
-                                          "embedding) train at this fraction of the lr (Layer Grafted Pre-training)")
+GRAFT_DOCS = {
+    "graft_layer": "g: blocks 1..g learn only from MIM (SimMIM / MAE), g+1..depth only from CL (MoCo v3 / DINO)",
+    "graft_lr_ratio": "with graft_layer: CL reaches every block and blocks 1..g (and the embedding) train at this "
+                      "fraction of the lr (Layer Grafted Pre-training)"}
 
 
-@dataclass
-class WeightsConfig:
-    """Loss mixing coefficients over the registered objectives, on the simplex: L = sum_k w_k L_k. Unset = 0."""
-
-    simmim: float | None = _f(None, lo=0.0, hi=1.0)
-    mocov3: float | None = _f(None, lo=0.0, hi=1.0)
-    mae: float | None = _f(None, lo=0.0, hi=1.0)
-    dino: float | None = _f(None, lo=0.0, hi=1.0)
+def _mix(self) -> dict[str, float]:
+    """The non-zero weights of the resolved config, in registration order."""
+    return {k: getattr(self.weights, k) for k in objective_names() if getattr(self.weights, k)}
 
 
-@dataclass
-class MAEConfig:
-    """MAE (He et al. 2022), defaults from the official ViT recipe: 75% random masking, the encoder on the visible
-    patches only, a light transformer decoder (8 blocks of width 512 and 16 heads at ViT-B / L / H; narrower for
-    narrower encoders), per-patch normalised pixel targets, loss on masked patches."""
-
-    mask_ratio: float = _f(0.75, lo=0.05, hi=0.95)
-    decoder_depth: int = _f(8, lo=1, hi=64)
-    decoder_width: int | None = _f(None, lo=8, hi=8192, doc="default: min(512, encoder width)")
-    decoder_heads: int | None = _f(None, lo=1, hi=128, doc="default: decoder width / 32")
-    norm_pix: bool = _f(True, doc="targets normalised per patch (mean 0, variance 1), as the recipe's best")
+_DERIVED: dict = {}
 
 
-@dataclass
-class DINOConfig:
-    """DINO (Caron et al. 2021), defaults from main_dino.py (ViT-S/16): 2 global crops (scale 0.4-1) and 8 local
-    crops (0.05-0.4, 96 of 224 px), a 3-layer MLP head with an L2-normalised bottleneck of 256 and a weight-
-    normalised last layer, teacher = EMA of the student (0.996 -> 1), centring (momentum 0.9) and sharpening
-    (student 0.1, teacher 0.04), last layer frozen during the first epoch."""
-
-    local_crops: int = _f(8, lo=0, hi=64)
-    local_size: int | None = _f(None, lo=4, doc="local crop side in px (default: 96 / 224 of model.img_size, "
-                                                 "whole patches, at least 2 x 2)")
-    out_dim: int | None = _f(None, lo=2, hi=262144, doc="prototypes (default: 65536 at ViT-S width 384, scaled "
-                                                         "with width^2 below, at least 1024)")
-    hidden: int | None = _f(None, lo=8, hi=65536, doc="default: min(2048, 8 * width)")
-    bottleneck: int = _f(256, lo=8, hi=65536)
-    student_temp: float = _f(0.1, lo=1e-3, hi=10.0)
-    teacher_temp: float = _f(0.04, lo=1e-3, hi=10.0, doc="after the warmup")
-    warmup_teacher_temp: float = _f(0.04, lo=1e-3, hi=10.0)
-    teacher_temp_warmup_frac: float = _f(0.0, lo=0.0, hi=1.0, doc="share of pre-training (main_dino: 0; its "
-                                                                   "recommended ViT-S/16 run: 30 of 100 epochs)")
-    momentum: float = _f(0.996, lo=0.0, hi=1.0, doc="initial teacher EMA momentum, cosine-scheduled to 1")
-    center_momentum: float = _f(0.9, lo=0.0, hi=1.0)
-    freeze_last_layer_frac: float | None = _f(None, lo=0.0, hi=1.0, doc="share of pre-training with the last "
-                                                                         "layer frozen (default: one epoch)")
-
-
-@dataclass
-class ObjectiveConfig:
-    weights: WeightsConfig = field(default_factory=WeightsConfig)
-    lam: float | None = _f(None, lo=0.0, hi=1.0, doc="shorthand for weights {simmim: 1 - lam, mocov3: lam}: "
-                                                      "L = (1 - lam) * L_MIM + lam * L_CL (default 0.5 without "
-                                                      "weights)")
-    placement: PlacementConfig = field(default_factory=PlacementConfig)
-    mask_ratio: float = _f(0.6, lo=0.05, hi=0.95, doc="SimMIM")
-    mask_unit: int | None = _f(None, lo=1, doc="SimMIM mask unit in pixels (default: scaled to the image size)")
-    temperature: float = _f(0.2, lo=1e-3, hi=10.0, doc="MoCo v3")
-    momentum: float = _f(0.99, lo=0.0, hi=1.0, doc="MoCo v3: initial EMA momentum, cosine-scheduled towards 1")
-    proj_dim: int = _f(256, lo=8, hi=65536, doc="MoCo v3")
-    proj_hidden: int | None = _f(None, lo=8, hi=65536, doc="MoCo v3; default: min(4096, 8 * width)")
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
-
-    def mix(self) -> dict[str, float]:
-        """The non-zero weights of the resolved config, in ``OBJECTIVES`` order."""
-        return {k: getattr(self.weights, k) for k in OBJECTIVES if getattr(self.weights, k)}
+def objective_config_class() -> type:
+    """The ``objective`` section's class, derived from the objective registry (rebuilt when it changes): ``weights``
+    (one weight per objective, on the simplex), ``lam`` (the SimMIM / MoCo v3 shorthand), ``placement`` (each
+    objective's ``<name>_layer``, ``graft_layer``, ``graft_lr_ratio``) and one settings section per objective
+    (``objective.<name>.*``, its declaration's dataclass)."""
+    if _DERIVED.get("version") == registry.version():
+        return _DERIVED["objective"]
+    objs = registry.objectives()
+    weights = dataclasses.make_dataclass("WeightsConfig", [
+        (o.name, float | None, _f(None, lo=0.0, hi=1.0, doc=f"{o.label}'s weight")) for o in objs])
+    weights.__doc__ = "Loss mixing coefficients over the registered objectives, on the simplex: L = sum_k w_k L_k."
+    reads = {"mim": "decoder", "cl": "head"}
+    placement = dataclasses.make_dataclass("PlacementConfig", [
+        *((o.layer_key, int | None, _f(None, lo=1, doc=f"block whose output feeds the {o.label} "
+                                                       f"{reads[o.family]} (default: last)")) for o in objs),
+        ("graft_layer", int | None, _f(None, lo=1, doc=GRAFT_DOCS["graft_layer"])),
+        ("graft_lr_ratio", float | None, _f(None, lo=0.0, hi=1.0, doc=GRAFT_DOCS["graft_lr_ratio"]))])
+    objective = dataclasses.make_dataclass("ObjectiveConfig", [
+        ("weights", weights, field(default_factory=weights)),
+        ("lam", float | None, _f(None, lo=0.0, hi=1.0, doc="shorthand for weights {simmim: 1 - lam, mocov3: lam}: "
+                                                            "L = (1 - lam) * L_SimMIM + lam * L_MoCoV3 (default 0.5 "
+                                                            "without weights)")),
+        ("placement", placement, field(default_factory=placement)),
+        *((o.name, o.settings, field(default_factory=o.settings)) for o in objs)], namespace={"mix": _mix})
+    for cls in (weights, placement, objective):
+        cls.__module__ = __name__
+    _DERIVED.update(version=registry.version(), objective=objective)
+    return objective
 
 
 @dataclass
@@ -240,7 +186,7 @@ class EvalConfig:
     dense_images: int = _f(64, lo=0, hi=100_000, doc="images (train and eval each) of the per-layer dense probe "
                                                        "(synthetic set only; 0: off)")
     cka: bool = _f(True, doc="per-layer linear CKA of the encoder against its untrained self (cka_untrained)")
-    encoder: str = _f("auto", choices=["auto", "student", "teacher", "momentum"],
+    encoder: str = _f("auto",
                       doc="the encoder every evaluation, export and fine-tuning reads: student (the trained one), "
                           "teacher (DINO's EMA teacher) or momentum (MoCo v3's momentum encoder); auto: the teacher "
                           "when the mix has DINO (as DINO's own evaluations read it), else the student")
@@ -285,7 +231,8 @@ class StageConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Any = field(default_factory=lambda: objective_config_class()(),
+                           metadata={"section": objective_config_class})
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -293,41 +240,25 @@ class Config:
         "doc": "a staged run: each stage's mix, placement and optimiser in turn, on one encoder (empty: one stage)"})
 
 
-# Each pure objective's ViT pre-training recipe, from the official code. blr is per 256 images.
-# SimMIM (configs/vit_base__800ep): BASE_LR 1e-4 per 512 images, 10 of 800 warmup epochs, wd 0.05, CLIP_GRAD 5.0,
-# DROP_PATH_RATE 0.1. MoCo v3 (main_moco.py, ViT): blr 1.5e-4, 40 of 300 warmup epochs, wd 0.1, no clipping, no
-# drop path. MAE (main_pretrain.py, PRETRAIN.md): blr 1.5e-4, 40 of 800 warmup epochs, wd 0.05, no clipping, no
-# drop path. DINO (main_dino.py): lr 5e-4 per 256, 10 of 100 warmup epochs, wd 0.04 -> 0.4 (cosine), clip 3.0,
-# drop path 0.1; SimMIM's ViT lr schedule is multistep (MULTISTEPS [700] of 800 epochs, GAMMA 0.1), the others'
-# cosine. AdamW's beta2: 0.95 in MAE (main_pretrain.py), PyTorch's 0.999 in the others. Clipping: SimMIM's
-# clip_grad_norm_ over all parameters together; DINO's utils.clip_gradients each parameter tensor on its own. A mix
-# interpolates with its weights: blr geometrically (lrs compare on a log scale), wd / warmup / drop path / beta2
-# linearly, and clips at the smallest clipping any of its objectives uses, in that objective's mode (at lam < 1,
-# SimMIM's; with DINO, DINO's per-tensor 3.0).
-RECIPES: dict[str, dict[str, float]] = {
-    "simmim": {"blr": 5e-5, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 10 / 800,
-               "clip_grad": 5.0, "clip_mode": "global", "drop_path": 0.1, "beta2": 0.999, "schedule": "multistep"},
-    "mocov3": {"blr": 1.5e-4, "weight_decay": 0.1, "weight_decay_end": 0.1, "warmup_frac": 40 / 300,
-               "clip_grad": 0.0, "drop_path": 0.0, "beta2": 0.999},
-    "mae": {"blr": 1.5e-4, "weight_decay": 0.05, "weight_decay_end": 0.05, "warmup_frac": 40 / 800,
-            "clip_grad": 0.0, "drop_path": 0.0, "beta2": 0.95},
-    "dino": {"blr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_frac": 10 / 100,
-             "clip_grad": 3.0, "clip_mode": "per_tensor", "drop_path": 0.1, "beta2": 0.999},
-}
-
-
+# A mix's optimiser defaults come from its objectives' official recipes (each declaration's ``recipe``: blr per 256
+# images, weight decay (start and end of its cosine schedule), warmup share, gradient clipping and its mode, drop
+# path, AdamW's beta2, the lr schedule). A mix interpolates with its weights: blr geometrically (lrs compare on a log
+# scale), wd / warmup / drop path / beta2 linearly, and clips at the smallest clipping any of its objectives uses, in
+# that objective's mode (at lam < 1, SimMIM's global 5.0; with DINO, DINO's per-tensor 3.0); the schedule is
+# multistep only where every objective of the mix uses it (pure SimMIM), else cosine.
 def recipe(mix: dict[str, float] | float) -> dict[str, float]:
     """The default optimiser settings and drop path of a mix (weights, or lam for the SimMIM / MoCo v3 line)."""
     if not isinstance(mix, dict):
         mix = {"simmim": 1.0 - mix, "mocov3": mix}
+    rec = {o: registry.get(o).recipe for o, w in mix.items() if w}
     mix = {k: w for k, w in mix.items() if w}
-    out = {k: sum(w * RECIPES[o][k] for o, w in mix.items())
+    out = {k: sum(w * rec[o][k] for o, w in mix.items())
            for k in ("weight_decay", "weight_decay_end", "warmup_frac", "drop_path", "beta2")}
     out["beta2"] = round(out["beta2"], 6)  # (0.5 * 0.999 + 0.5 * 0.999 is 0.9990000000000001)
-    out["blr"] = float(f'{math.exp(sum(w * math.log(RECIPES[o]["blr"]) for o, w in mix.items())):.4g}')
-    clips = sorted((RECIPES[o]["clip_grad"], RECIPES[o]["clip_mode"]) for o in mix if RECIPES[o]["clip_grad"] > 0)
+    out["blr"] = float(f'{math.exp(sum(w * math.log(rec[o]["blr"]) for o, w in mix.items())):.4g}')
+    clips = sorted((rec[o]["clip_grad"], rec[o].get("clip_mode", "global")) for o in mix if rec[o]["clip_grad"] > 0)
     out["clip_grad"], out["clip_mode"] = clips[0] if clips else (0.0, "global")
-    schedules = {RECIPES[o].get("schedule", "cosine") for o in mix}  # one schedule: SimMIM's only if it is alone
+    schedules = {rec[o].get("schedule", "cosine") for o in mix}  # one schedule: SimMIM's only if it is alone
     out["schedule"] = schedules.pop() if len(schedules) == 1 else "cosine"
     return out
 
@@ -336,7 +267,7 @@ def _resolve_weights(cfg: Config) -> None:
     """Fill ``objective.weights`` (every objective, 0 where unset) and ``objective.lam`` (MoCo v3's weight on the
     SimMIM / MoCo v3 line, else null) in place; weights must lie on the simplex."""
     o = cfg.objective
-    given = {k: getattr(o.weights, k) for k in OBJECTIVES if getattr(o.weights, k) is not None}
+    given = {k: getattr(o.weights, k) for k in objective_names() if getattr(o.weights, k) is not None}
     if not given:
         lam = 0.5 if o.lam is None else o.lam
         given = {"simmim": 1.0 - lam, "mocov3": lam}
@@ -352,7 +283,7 @@ def _resolve_weights(cfg: Config) -> None:
                     and abs(given.get("simmim", 0.0) - (1.0 - o.lam)) < 1e-9):
                 raise ConfigError(f"objective.lam: {o.lam:g} disagrees with objective.weights {{{shown}}}; give only "
                                   "one of them (lam is the shorthand for {simmim: 1 - lam, mocov3: lam})")
-    for k in OBJECTIVES:
+    for k in objective_names():
         setattr(o.weights, k, float(given.get(k, 0.0)))
     mix = o.mix()
     o.lam = mix.get("mocov3", 0.0) if set(mix) <= {"simmim", "mocov3"} else None
@@ -371,12 +302,14 @@ def _resolve_defaults(cfg: Config) -> None:
         node = getattr(cfg, section)
         if getattr(node, key) is None:
             setattr(node, key, r[key])
-    if cfg.model.pos_embed == "auto":  # fixed sin-cos: MoCo v3's and MAE's; learned: SimMIM's and DINO's
-        cfg.model.pos_embed = "sincos" if set(mix) <= {"mocov3", "mae"} else "learned"
-    if cfg.model.patch_embed == "auto":
-        cfg.model.patch_embed = "frozen" if set(mix) == {"mocov3"} else "trained"
-    if cfg.eval.encoder == "auto":
-        cfg.eval.encoder = "teacher" if "dino" in mix else "student"
+    objs = [registry.get(o) for o in mix]
+    if cfg.model.pos_embed == "auto":  # each recipe's: fixed sin-cos (MoCo v3, MAE) or learned (SimMIM, DINO)
+        cfg.model.pos_embed = "sincos" if all(o.pos_embed == "sincos" for o in objs) else "learned"
+    if cfg.model.patch_embed == "auto":  # frozen random (MoCo v3's) only where every objective of the mix freezes it
+        cfg.model.patch_embed = "frozen" if all(o.patch_embed == "frozen" for o in objs) else "trained"
+    if cfg.eval.encoder == "auto":  # an EMA teacher where the mix has one (DINO's evaluations read it)
+        cfg.eval.encoder = "teacher" if "teacher" in target_encoders() and target_encoders()["teacher"] in mix \
+            else "student"
 
 
 def _type_name(tp) -> str:
@@ -441,7 +374,7 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
+        tp = f.metadata["section"]() if "section" in f.metadata else hints[name]  # (derived from the registry)
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data.get(name) or {}, path)
             continue
@@ -473,45 +406,19 @@ def _validate(cfg: Config) -> None:
         )
     depth = spec.depth
     _check_placement(cfg, depth)
-    owner = TARGET_ENCODERS.get(cfg.eval.encoder)
+    targets = target_encoders()
+    if cfg.eval.encoder not in ("auto", "student", *targets):
+        raise ConfigError(f"eval.encoder: {cfg.eval.encoder!r} is not allowed; choose one of "
+                          f"{['auto', 'student', *targets]}")
+    owner = targets.get(cfg.eval.encoder)
     if owner and owner not in cfg.objective.mix():
         raise ConfigError(f"eval.encoder: {cfg.eval.encoder} needs {owner} in the mix, which trains "
                           f"{', '.join(cfg.objective.mix())}")
     _check_every_block_trained(cfg, depth)
     mix = cfg.objective.mix()
-    if cfg.objective.mask_unit is not None:
-        u = cfg.objective.mask_unit
-        if u % spec.patch or cfg.model.img_size % u:
-            raise ConfigError(
-                f"objective.mask_unit: {u} must be a multiple of the patch size {spec.patch} and divide "
-                f"model.img_size {cfg.model.img_size}"
-            )
-        if u < 2 * spec.patch:
-            raise ConfigError(f"objective.mask_unit: {u} px is less than 2 x 2 patches of {spec.patch} px; SimMIM "
-                              f"masks units of at least 2 x 2 patches (e.g. {2 * spec.patch})")
-    elif "simmim" in mix:
-        if default_mask_unit(cfg.model.img_size, spec.patch) is None:
-            raise ConfigError(f"objective.mask_unit: the {cfg.model.img_size // spec.patch} x "
-                              f"{cfg.model.img_size // spec.patch} patch grid of model.img_size "
-                              f"{cfg.model.img_size} has no mask unit of 2 x 2 patches or more that divides it; "
-                              "choose an image size with an even grid, or set objective.mask_unit")
-    n = (cfg.model.img_size // spec.patch) ** 2
-    if "mae" in mix and not 1 <= int(n * (1 - cfg.objective.mae.mask_ratio)) < n:
-        raise ConfigError(f"objective.mae.mask_ratio: {cfg.objective.mae.mask_ratio:g} of {n} patches leaves "
-                          f"{int(n * (1 - cfg.objective.mae.mask_ratio))} visible; MAE needs some visible and some "
-                          "masked")
-    if "mae" in mix:
-        width = cfg.objective.mae.decoder_width or min(512, spec.width)
-        heads = cfg.objective.mae.decoder_heads or max(1, width // 32)
-        if width % heads:
-            raise ConfigError(f"objective.mae.decoder_heads: {heads} heads do not divide the decoder width {width}")
-        if width % 4:
-            raise ConfigError(f"objective.mae.decoder_width: {width} is not divisible by 4 (the decoder's 2-D sin-cos "
-                              "position embedding)")
-    ls = cfg.objective.dino.local_size
-    if "dino" in mix and ls is not None and (ls % spec.patch or ls < 2 * spec.patch or ls > cfg.model.img_size):
-        raise ConfigError(f"objective.dino.local_size: {ls} px must be whole patches of {spec.patch} px, at least "
-                          f"2 x 2 of them and at most model.img_size {cfg.model.img_size}")
+    for o in registry.objectives():  # each objective's own checks (its settings against the model)
+        if o.validate is not None:
+            o.validate(cfg, spec, o.name in mix)
     if cfg.eval.noise.bands > cfg.model.img_size // 2:
         raise ConfigError(f"eval.noise.bands: {cfg.eval.noise.bands} bands of a {cfg.model.img_size}-pixel image "
                           f"leave some without a frequency (at most {cfg.model.img_size // 2})")
@@ -535,39 +442,39 @@ def _validate(cfg: Config) -> None:
 def _check_placement(cfg: Config, depth: int) -> None:
     """Layer indices within the depth, placement keys only for objectives in the mix, the graft's rules."""
     p, mix = cfg.objective.placement, cfg.objective.mix()
-    for name in (*LAYER_KEY.values(), "graft_layer"):
+    for name in (*layer_keys().values(), "graft_layer"):
         v = getattr(p, name)
         if v is not None and v > depth:
             raise ConfigError(
                 f"objective.placement.{name}: {v} is beyond the depth of {cfg.model.variant} (blocks 1..{depth})"
             )
-    for obj, key in LAYER_KEY.items():
+    for obj, key in layer_keys().items():
         if obj not in mix and getattr(p, key) is not None and getattr(p, key) != depth:
             lam = cfg.objective.lam
             how = f"objective.lam = {lam:g}" if lam is not None else f"objective.weights.{obj} is 0"
-            raise ConfigError(f"objective.placement.{key}: set, but {NAMES[obj]} is not in the mix ({how}), so no "
-                              f"{NAMES[obj]} loss is computed")
+            raise ConfigError(f"objective.placement.{key}: set, but {label(obj)} is not in the mix ({how}), so no "
+                              f"{label(obj)} loss is computed")
     if p.graft_layer is not None:
         g = p.graft_layer
         if g >= depth:
             raise ConfigError(f"objective.placement.graft_layer: {g} leaves no block for CL (must be < {depth})")
-        families = {FAMILY[o] for o in mix}
+        families = {family(o) for o in mix}
         staged_cl = families == {"cl"} and p.graft_lr_ratio is not None  # Layer Grafting's CL stage, after MIM's
         if families != {"mim", "cl"} and not staged_cl:
             raise ConfigError(
                 f"objective.placement.graft_layer: needs a MIM objective (SimMIM, MAE) and a CL objective (MoCo v3, "
-                f"DINO), but the mix is {', '.join(NAMES[o] for o in mix)} (with lam: use 0 < lam < 1; a CL "
+                f"DINO), but the mix is {', '.join(label(o) for o in mix)} (with lam: use 0 < lam < 1; a CL "
                 f"objective alone takes it with graft_lr_ratio, as Layer Grafting's CL stage after a MIM stage)"
             )
         for o in mix:
-            v = getattr(p, LAYER_KEY[o])
+            v = getattr(p, layer_keys()[o])
             if v is None:
                 continue
-            if FAMILY[o] == "mim" and v > g:
-                raise ConfigError(f"objective.placement.{LAYER_KEY[o]}: {v} is above graft_layer {g}; MIM may only "
+            if family(o) == "mim" and v > g:
+                raise ConfigError(f"objective.placement.{layer_keys()[o]}: {v} is above graft_layer {g}; MIM may only "
                                   f"read blocks 1..{g}")
-            if FAMILY[o] == "cl" and v <= g:
-                raise ConfigError(f"objective.placement.{LAYER_KEY[o]}: {v} is at or below graft_layer {g}; CL must "
+            if family(o) == "cl" and v <= g:
+                raise ConfigError(f"objective.placement.{layer_keys()[o]}: {v} is at or below graft_layer {g}; CL must "
                                   f"read a block in {g + 1}..{depth}")
     if p.graft_lr_ratio is not None and p.graft_layer is None:
         raise ConfigError("objective.placement.graft_lr_ratio: set, but objective.placement.graft_layer is not "
@@ -585,14 +492,15 @@ def _check_every_block_trained(cfg: Config, depth: int) -> None:
     layers, g = resolve_placement(cfg)
     top = max(layers.values())
     if top < depth:
-        keys = [f"objective.placement.{k} = {getattr(p, k)}" for k in LAYER_KEY.values() if getattr(p, k) is not None]
+        keys = [f"objective.placement.{k} = {getattr(p, k)}" for k in layer_keys().values()
+                if getattr(p, k) is not None]
         blocks = f"block {depth}" if top + 1 == depth else f"blocks {top + 1}..{depth}"
         raise ConfigError(f"{' and '.join(keys)}: {blocks} would get no gradient from any objective "
                           f"(they would stay random); let one objective read block {depth}")
-    mim = max((v for o, v in layers.items() if FAMILY[o] == "mim"), default=None) if g is not None else None
+    mim = max((v for o, v in layers.items() if family(o) == "mim"), default=None) if g is not None else None
     if g is not None and p.graft_lr_ratio is None and mim < g:
-        keys = " and ".join(f"objective.placement.{LAYER_KEY[o]} = {v}" for o, v in layers.items()
-                            if FAMILY[o] == "mim")
+        keys = " and ".join(f"objective.placement.{layer_keys()[o]} = {v}" for o, v in layers.items()
+                            if family(o) == "mim")
         blocks = f"block {g}" if mim + 1 == g else f"blocks {mim + 1}..{g}"
         raise ConfigError(f"{keys} and objective.placement.graft_layer = {g}: "
                           f"{blocks} would get no gradient (CL is detached below the graft, MIM reads block "
@@ -607,8 +515,8 @@ def resolve_placement(cfg: Config) -> tuple[dict[str, int], int | None]:
     g = p.graft_layer
     layers = {}
     for o in cfg.objective.mix():
-        v = getattr(p, LAYER_KEY[o])
-        layers[o] = v if v is not None else (g if g is not None and FAMILY[o] == "mim" else depth)
+        v = getattr(p, layer_keys()[o])
+        layers[o] = v if v is not None else (g if g is not None and family(o) == "mim" else depth)
     return layers, g
 
 
@@ -724,8 +632,9 @@ def load_config(source: dict | str | Path | None = None, overrides: list[str] | 
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(source)!r}: expected a mapping of sections, got {excerpt(tree, 60)}")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    tree = migrate.config_tree(tree)  # (a file an earlier version wrote)
     for key, value in items:
-        set_dotted(tree, key, value)
+        set_dotted(tree, migrate.dotted_key(key), value)
     if tree.get("stages"):
         _resolve_stages(tree)
     cfg = _build(Config, tree, "")
@@ -801,7 +710,7 @@ def train_flops_per_image(cfg: Config) -> float:
         return sum(c * n for c, n in costs) / sum(n for _, n in costs)
     spec = parse_variant(cfg.model.variant)
     size, o = cfg.model.img_size, cfg.objective
-    c, p = spec.width, spec.patch
+    p = spec.patch
     fe, fb = embed_flops(spec, size), block_flops(spec, size)
     layers, g = resolve_placement(cfg)
     n = (size // p) ** 2
@@ -815,32 +724,8 @@ def train_flops_per_image(cfg: Config) -> float:
         wgrad = 0.0 if frozen or frozen_patch else embed
         return embed + wgrad + frozen * block + 3 * ((layer - frozen) * block + head)
 
-    total = 0.0
-    if "simmim" in layers:
-        total += view(layers["simmim"], fb, fe, 2.0 * n * c * p * p * 3, False)
-    if "mocov3" in layers:
-        hidden = o.proj_hidden or min(4096, 8 * c)
-        proj = mlp_head_flops([c, hidden, hidden, o.proj_dim])
-        pred = mlp_head_flops([o.proj_dim, hidden, o.proj_dim])
-        L = layers["mocov3"]
-        total += 2 * view(L, fb, fe, proj + pred, True) + 2 * (fe + L * fb + proj)  # momentum encoder: forward
-    if "mae" in layers:
-        m = o.mae
-        keep = int(n * (1 - m.mask_ratio))
-        dw, _ = decoder_shape(c, m.decoder_width, m.decoder_heads)
-        dec = (2.0 * (1 + keep) * c * dw + m.decoder_depth * tokens_block_flops(dw, 1 + n)
-               + 2.0 * n * dw * p * p * 3)
-        total += view(layers["mae"], tokens_block_flops(c, 1 + keep), fe, dec, False)
-    if "dino" in layers:
-        d = o.dino
-        hidden = d.hidden or min(2048, 8 * c)
-        head = mlp_head_flops([c, hidden, hidden, d.bottleneck, d.out_dim or default_out_dim(c)])
-        L = layers["dino"]
-        local = d.local_size or default_local_size(size, p)
-        fe_l, fb_l = embed_flops(spec, local), tokens_block_flops(c, 1 + (local // p) ** 2)
-        total += 2 * view(L, fb, fe, head, True) + 2 * (fe + L * fb + head)  # teacher: forward on the globals
-        total += d.local_crops * view(L, fb_l, fe_l, head, True)
-    return total
+    return sum(registry.get(name).flops(getattr(o, name), FlopsView(spec, size, n, fe, fb, layer, view))
+               for name, layer in layers.items())
 
 
 def _check_flops_budget(cfg: Config) -> None:

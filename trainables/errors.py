@@ -15,6 +15,10 @@ class UserError(ValueError):
     """Bad input from the user: reported as one line, exit code 2, before any expensive work starts."""
 
 
+class ConfigError(UserError):
+    """A config value is unknown, of the wrong type, out of range, or inconsistent with another one."""
+
+
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 8, 8, 8, 8
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 200, 200, 200

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import migrate
 from .config import (
     Config,
     ConfigError,
@@ -42,24 +43,23 @@ from .errors import NonFiniteLossError
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import no_weight_decay_names
-from .objectives import Hybrid, build_objective
+from .objectives import registry
+from .objectives.mixture import Mixture, build_objective
 from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
 from .rng import rng_state, set_rng_state
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .scale import encoder_params, parse_variant
+from .vocab import target_encoders
 
 Report = Callable[..., None]
 KEEP_CHECKPOINTS = 2
 
 
-STEP_INPUTS = ("teacher_temp", "freeze_last_layer")  # per-step schedule values the objective's forward reads
-
-
 def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
     """Per-step lr (linear warmup, then ``optim.schedule``: cosine decay to ``min_lr_ratio``, or multistep: the
-    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), EMA momentum of MoCo v3's
-    momentum encoder and of DINO's teacher (cosine to 1), DINO's teacher temperature (linear warmup) and last-layer
-    freeze (1.0 while frozen: ``freeze_last_layer_frac`` of the run, default one epoch of ``per_epoch`` steps)."""
+    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), and each objective of the
+    mix's own (its declaration's ``schedules``: MoCo v3's and DINO's EMA momentum, cosine to 1; DINO's teacher
+    temperature and last-layer freeze, whose default length is one epoch of ``per_epoch`` steps)."""
     o = cfg.optim
     peak = o.blr * o.lr_scale * cfg.data.batch_size / 256
     steps = np.arange(total, dtype=np.float64)
@@ -75,14 +75,17 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
     to_one = 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))  # 1 -> 0 over the run
     wd = wd_end + (o.weight_decay - wd_end) * to_one
-    d = cfg.objective.dino
-    t_warm = int(round(d.teacher_temp_warmup_frac * total))
-    temp = np.full(total, d.teacher_temp)
-    temp[:t_warm] = np.linspace(d.warmup_teacher_temp, d.teacher_temp, t_warm)
-    frozen = per_epoch if d.freeze_last_layer_frac is None else int(round(d.freeze_last_layer_frac * total))
-    return {"lr": lr, "wd": wd, "momentum": 1 - (1 - cfg.objective.momentum) * to_one,
-            "teacher_momentum": 1 - (1 - d.momentum) * to_one, "teacher_temp": temp,
-            "freeze_last_layer": (steps < frozen).astype(np.float64)}
+    out = {"lr": lr, "wd": wd}
+    for name in cfg.objective.mix():
+        obj = registry.get(name)
+        if obj.schedules is not None:
+            out.update(obj.schedules(getattr(cfg.objective, name), total, to_one, per_epoch))
+    return out
+
+
+def schedule_inputs(cfg: Config) -> tuple[str, ...]:
+    """The schedule values the mix's heads read from each step's batch (their declarations' ``step_inputs``)."""
+    return tuple(k for name in cfg.objective.mix() for k in registry.get(name).step_inputs)
 
 
 def total_steps(cfg: Config, n_train: int) -> int:
@@ -109,7 +112,7 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _param_groups(objective: Hybrid, cfg: Config) -> list[dict]:
+def _param_groups(objective: Mixture, cfg: Config) -> list[dict]:
     """AdamW groups: with / without weight decay, each at lr x 1 or, for the lower blocks of the lr-ratio graft
     (``objective.lower_parameters``), at lr x ``graft_lr_ratio``. Frozen parameters are left out."""
     skip = no_weight_decay_names(objective)
@@ -126,8 +129,9 @@ def _param_groups(objective: Hybrid, cfg: Config) -> list[dict]:
 # ------------------------------------------------------------------------------------------- checkpoints
 def load_weights(path: str | Path):
     """``torch.load`` that never runs code from the file (``weights_only=True``): tensors and plain values only.
-    A file that needs more (a pickle with arbitrary objects) raises ``pickle.UnpicklingError``."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    A file that needs more (a pickle with arbitrary objects) raises ``pickle.UnpicklingError``. A file an earlier
+    version wrote comes back in today's vocabulary (``migrate.checkpoint``)."""
+    return migrate.checkpoint(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
@@ -167,8 +171,10 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-# Where each ``eval.encoder`` lives in a pre-training checkpoint's state dict (``Hybrid``'s submodule names).
-ENCODER_PREFIX = {"student": "encoder.", "teacher": "dino.teacher.encoder.", "momentum": "cl.momentum.encoder."}
+def encoder_prefix(which: str) -> str:
+    """Where an ``eval.encoder`` lives in a pre-training checkpoint's state dict (``Mixture``'s submodule names):
+    ``encoder.`` for the student, ``<objective>.<target>.encoder.`` for an EMA copy (``dino.teacher.encoder.``)."""
+    return "encoder." if which == "student" else f"{target_encoders()[which]}.{which}.encoder."
 
 
 def pretrained_encoder(ckpt: dict) -> dict[str, torch.Tensor]:
@@ -178,10 +184,10 @@ def pretrained_encoder(ckpt: dict) -> dict[str, torch.Tensor]:
     that encoder, no optimiser state)."""
     if ckpt.get("phase") == "finetune":
         return {f"encoder.{k}": v for k, v in ckpt["pretrained"].items()}
-    prefix = ENCODER_PREFIX["student"]
+    prefix = encoder_prefix("student")
     if "optimizer" in ckpt:  # a full checkpoint holds every encoder; an export, only the one it exported
         which = load_config(ckpt["config"]).eval.encoder
-        prefix = ENCODER_PREFIX[which]
+        prefix = encoder_prefix(which)
     return {f"encoder.{k[len(prefix):]}": v for k, v in ckpt["model"].items() if k.startswith(prefix)}
 
 
@@ -219,7 +225,7 @@ def newest_loadable(out_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, objective: Hybrid, opt: torch.optim.Optimizer | None) -> tuple[int, dict]:
+def load_checkpoint(path: Path, objective: Mixture, opt: torch.optim.Optimizer | None) -> tuple[int, dict]:
     """Restore model, optimiser and RNG state; return the step to continue from and the last log step's metrics
     (what the run reports as its final loss if it resumes at its last step). A file holding anything but tensors
     and plain values is refused (``ConfigError``), never unpickled."""
@@ -307,7 +313,7 @@ def compile_objective(objective: torch.nn.Module, world: int) -> None:
     own instead (online and momentum encoder), because one graph would produce every gradient at the end of its
     backward and leave DDP no all-reduce to overlap with compute.
     """
-    # All compiled modules share the cache of one code object (Module._call_impl; likewise every Hybrid's
+    # All compiled modules share the cache of one code object (Module._call_impl; likewise every Mixture's
     # ``step``), so earlier compiles in this process (another trial, a plain model) count against the recompile
     # limit: past it, code silently runs eager. Raise the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -331,7 +337,7 @@ class TrainRun:
     device: torch.device
     out_dir: Path | None
     data: DataBundle
-    objective: Hybrid  # the module that owns the weights (checkpoints, probes, EMA)
+    objective: Mixture  # the module that owns the weights (checkpoints, probes, EMA)
     model: torch.nn.Module  # what the step calls: the objective, or its DDP wrapper
     opt: torch.optim.Optimizer
     sched: dict[str, np.ndarray]
@@ -341,7 +347,7 @@ class TrainRun:
     autocast: object
     stream: object
     info: dict  # static facts reported at the end (sizes, FLOPs, world size)
-    # STEP_INPUTS' schedules as device tensors: a step reads its values without a host-to-device copy (a sync)
+    # schedule_inputs' schedules as device tensors: a step reads its values without a host-to-device copy (a sync)
     step_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     resumed: Path | None = None  # the checkpoint the run continues from
     last_log: dict = field(default_factory=dict)  # the last log step's metrics before the resumed checkpoint
@@ -431,7 +437,7 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
     return TrainRun(
         cfg=cfg, rank=rank, world=world, device=device, out_dir=out_dir, data=data, objective=objective,
         model=model, opt=opt, sched=sched, total=total, steps_per_epoch=per_epoch, start=start,
-        step_inputs={k: torch.as_tensor(sched[k], dtype=torch.float32, device=device) for k in STEP_INPUTS},
+        step_inputs={k: torch.as_tensor(sched[k], dtype=torch.float32, device=device) for k in schedule_inputs(cfg)},
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
         stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed + 104_729 * stage.index, min(start, total),
                             rank, world, device),

@@ -1,11 +1,12 @@
 """One vocabulary: the names of what trials report and the objective groups, used by the trainer, the space
 validator, the results tables, MLflow, the console and the report.
 
-- Objectives: ``OBJECTIVES`` (simmim, mocov3, mae, dino) in their families (``FAMILY``: MIM or CL); a trial's mix
-  (``objective.weights``) names its group: ``objective_group`` (the ``objective`` column) and ``objective_label``
-  (the ``mix`` column, one label per weight vector).
+- Objectives: the registry's (``objectives.registry``: simmim, mocov3, mae, dino and any other registered one), each
+  in its family (MIM or CL); a trial's mix (``objective.weights``) names its group: ``objective_group`` (the
+  ``objective`` column: the objective's name, or 'mix') and ``objective_label`` (the ``mix`` column, one label per
+  weight vector).
 - Step metrics are reported at every log step (and are the curves' main content): ``loss`` and each objective's
-  own (``LOSS_KEY``).
+  own (``loss_<name>``).
 - Probe metrics are the last layer's summary, reported at the end of a trial (and every ``eval.every`` epochs);
   per-layer probe rows are reported as ``layer/<L>/<metric>`` or ``layer/<L>/h<H>/<metric>``.
 - Fine-tuning (``eval.finetune``) reports ``finetune_loss`` at its log steps and ``finetune_top1`` (curves, at the
@@ -20,19 +21,50 @@ from __future__ import annotations
 
 import re
 
-# The registered objectives, in the order used everywhere (config, tables, labels). ``objective.weights`` mixes any
-# subset; ``objective.lam`` is the shorthand for {simmim: 1 - lam, mocov3: lam}.
-OBJECTIVES = ("simmim", "mocov3", "mae", "dino")
-FAMILY = {"simmim": "mim", "mae": "mim", "mocov3": "cl", "dino": "cl"}  # masked image modelling / contrastive
-NAMES = {"simmim": "SimMIM", "mocov3": "MoCo v3", "mae": "MAE", "dino": "DINO"}
-# Each objective's own loss at log steps, and its placement key (objective.placement.<key>); SimMIM's and MoCo v3's
-# keep the names they had when lam mixed exactly these two.
-LOSS_KEY = {"simmim": "loss_mim", "mocov3": "loss_cl", "mae": "loss_mae", "dino": "loss_dino"}
-LAYER_KEY = {"simmim": "mim_layer", "mocov3": "cl_layer", "mae": "mae_layer", "dino": "dino_layer"}
-STEP_METRICS = ("loss", *LOSS_KEY.values())
-# The EMA copies of the encoder an evaluation may read instead of the trained one (``eval.encoder``), and the
-# objective that owns each: MoCo v3's momentum encoder, DINO's teacher.
-TARGET_ENCODERS = {"momentum": "mocov3", "teacher": "dino"}
+from .objectives import registry
+
+# The objectives are the registry's (``objectives.registry``: the built-in SimMIM, MoCo v3, MAE, DINO and any other
+# registered one), in registration order, the order used everywhere (config, tables, labels); ``objective.weights``
+# mixes any subset; ``objective.lam`` is the shorthand for {simmim: 1 - lam, mocov3: lam}. They are read through
+# functions, not copied into constants, so an objective registered after this module loads is in every list.
+
+
+def objective_names() -> tuple[str, ...]:
+    """The registered objectives' names, in registration order."""
+    return registry.names()
+
+
+def family(name: str) -> str:
+    """'mim' (masked image modelling) or 'cl' (contrastive / self-distillation)."""
+    return registry.get(name).family
+
+
+def label(name: str) -> str:
+    """An objective's name for people ('MoCo v3')."""
+    return registry.get(name).label
+
+
+def loss_keys() -> dict[str, str]:
+    """{objective: its own loss's metric name at log steps} ('loss_<name>')."""
+    return {o.name: o.loss_key for o in registry.objectives()}
+
+
+def layer_keys() -> dict[str, str]:
+    """{objective: its placement key, objective.placement.<name>_layer}."""
+    return {o.name: o.layer_key for o in registry.objectives()}
+
+
+def target_encoders() -> dict[str, str]:
+    """The EMA copies of the encoder an evaluation may read instead of the trained one (``eval.encoder``) and the
+    objective that owns each: {"momentum": "mocov3", "teacher": "dino"}."""
+    return {o.target: o.name for o in registry.objectives() if o.target}
+
+
+def step_metrics() -> tuple[str, ...]:
+    """Reported at every log step: the loss and each objective's own."""
+    return ("loss", *loss_keys().values())
+
+
 POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
 # Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
@@ -48,9 +80,14 @@ LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 NOISE_CLASSIFIERS = ("linear", "finetune")  # the last layer's linear probe; the fine-tuned model
 NOISE_METRIC = re.compile(r"noise/(\d+)/((?:" + "|".join(NOISE_CLASSIFIERS) + r")_top1(?:_drop)?)")
 EVAL_PARTS = ("train", "probes", "dense", "cka", "noise", "finetune")  # seconds_<part>: where a trial's time went
-# Final scalars kept as columns of the trials table.
-FINAL_KEYS = (*STEP_METRICS, *PROBE_METRICS, "images_per_s", "finetune_steps",
-              *(f"{c}_top1_clean" for c in NOISE_CLASSIFIERS), *(f"seconds_{p}" for p in EVAL_PARTS))
+
+
+def final_keys() -> tuple[str, ...]:
+    """Final scalars kept as columns of the trials table."""
+    return (*step_metrics(), *PROBE_METRICS, "images_per_s", "finetune_steps",
+            *(f"{c}_top1_clean" for c in NOISE_CLASSIFIERS), *(f"seconds_{p}" for p in EVAL_PARTS))
+
+
 # Scalars a trial reports that are not curves (constant per trial or bookkeeping).
 STATIC_KEYS = frozenset({"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
                          "replicas_in_sync", "train_images", "finetune_steps",
@@ -67,10 +104,10 @@ HIGHER_IS_BETTER = frozenset(PROBE_METRICS)
 
 
 def _weights(mix) -> dict[str, float]:
-    """Non-zero weights in ``OBJECTIVES`` order from a weights mapping, or from lam (a number)."""
+    """Non-zero weights in registration order from a weights mapping, or from lam (a number)."""
     if not isinstance(mix, dict):
         mix = {"simmim": 1.0 - float(mix), "mocov3": float(mix)}
-    return {k: float(mix[k]) for k in OBJECTIVES if mix.get(k)}
+    return {k: float(mix[k]) for k in objective_names() if mix.get(k)}
 
 
 def mix_lam(mix) -> float | None:
@@ -80,29 +117,28 @@ def mix_lam(mix) -> float | None:
 
 
 def objective_group(mix) -> str:
-    """The objective column: 'mim' (pure SimMIM), 'cl' (pure MoCo v3), 'hybrid' (a SimMIM / MoCo v3 mix), 'mae',
-    'dino', or 'mix' (any other mix). ``mix``: a weights mapping or lam."""
-    lam, w = mix_lam(mix), _weights(mix)
-    if lam is not None:
-        return "mim" if lam == 0 else "cl" if lam == 1 else "hybrid"
+    """The objective column: the objective's name when one trains alone ('simmim', 'mocov3', 'mae', 'dino', ...),
+    'mix' for any mix of two or more. ``mix``: a weights mapping or lam."""
+    w = _weights(mix)
     return next(iter(w)) if len(w) == 1 else "mix"
 
 
 def objective_label(mix) -> str:
-    """A human label, unique per weight vector: 'MIM (lam=0)', 'CL (lam=1)', 'hybrid lam=0.25' on the SimMIM /
-    MoCo v3 line; 'MAE', 'DINO'; 'mix 0.5 SimMIM + 0.5 MAE' otherwise. ``mix``: a weights mapping or lam."""
+    """A human label, unique per weight vector: the objective's own ('SimMIM', 'MoCo v3', 'MAE', 'DINO') when one
+    trains alone; 'lam=0.25' on the SimMIM / MoCo v3 line (lam, MoCo v3's weight, is the documented shorthand);
+    'mix 0.5 SimMIM + 0.5 MAE' otherwise. ``mix``: a weights mapping or lam."""
     lam, w = mix_lam(mix), _weights(mix)
-    if lam is not None:
-        return "MIM (lam=0)" if lam == 0 else "CL (lam=1)" if lam == 1 else f"hybrid lam={lam:g}"
     if len(w) == 1:
-        return NAMES[next(iter(w))]
-    return "mix " + " + ".join(f"{v:.3g} {NAMES[k]}" for k, v in w.items())
+        return label(next(iter(w)))
+    if lam is not None:
+        return f"lam={lam:g}"
+    return "mix " + " + ".join(f"{v:.3g} {label(k)}" for k, v in w.items())
 
 
 def weights_of(flat: dict) -> dict[str, float] | None:
     """The weights of a flattened config: ``objective.weights.*`` where given, else from ``objective.lam`` (configs
     written before weights existed); None if it holds neither."""
-    given = {k: flat.get(f"objective.weights.{k}") for k in OBJECTIVES}
+    given = {k: flat.get(f"objective.weights.{k}") for k in objective_names()}
     if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given.values()):
         return _weights({k: float(v or 0.0) for k, v in given.items()})
     lam = flat.get("objective.lam")
@@ -112,12 +148,13 @@ def weights_of(flat: dict) -> dict[str, float] | None:
 def reports_metric(metric: str, mix) -> bool:
     """False if a trial with ``mix`` (weights or lam) never reports ``metric`` (its objective is not computed)."""
     w = _weights(mix)
-    return all(metric != LOSS_KEY[k] for k in OBJECTIVES if k not in w)
+    return all(metric != key for k, key in loss_keys().items() if k not in w)
 
 
 def is_known_metric(metric) -> bool:
     """True for a step metric, a probe summary metric, or a per-layer probe key."""
-    return isinstance(metric, str) and (metric in STEP_METRICS + PROBE_METRICS or bool(LAYER_METRIC.fullmatch(metric)))
+    return isinstance(metric, str) and (metric in step_metrics() + PROBE_METRICS
+                                        or bool(LAYER_METRIC.fullmatch(metric)))
 
 
 def is_table_key(key: str) -> bool:

@@ -40,13 +40,17 @@ def target_encoder(encoder) -> nn.Module:
 
 
 class Head(nn.Module):
-    """One objective's head on a shared encoder (the encoder belongs to ``Hybrid``, not to the head). The one
-    contract every objective file follows, so ``Hybrid`` routes any mix the same way:
+    """One objective's head on a shared encoder (the encoder belongs to ``Mixture``, not to the head). The one
+    contract every objective file follows, so ``Mixture`` routes any mix the same way:
 
     - ``draws(batch)``: every random number of the step, from the step's seeded generator (stream ``STREAM``);
     - ``prepare(images, draws)``: views, masks and whatever else the loss needs (pure tensor code);
     - ``tokens(prep)``: the embedded token batches (rows, T, C) the encoder runs through blocks 1..``layer``;
-    - ``loss(feats, prep)``: the loss from those batches' tokens at block ``layer`` (not normed).
+    - ``loss(feats, prep)``: the loss from those batches' tokens at block ``layer`` (not normed);
+    - ``from_config(encoder, cfg, layer)``: the head as a config's ``objective.<name>`` section sets it.
+
+    An EMA copy of the encoder that evaluations may read (its declaration's ``target``) is ``self.<target>
+    ["encoder"]``, and a head with one steps it in ``momentum_update(values)`` from its schedules' values.
     """
 
     STREAM = 0
@@ -59,6 +63,10 @@ class Head(nn.Module):
     @property
     def encoder(self):
         return self._encoder[0]
+
+    @classmethod
+    def from_config(cls, encoder, cfg, layer: int) -> Head:
+        raise NotImplementedError(f"{cls.__name__}.from_config")
 
     def generator(self, batch: dict) -> torch.Generator:
         """This step's generator for this objective (its own stream: draws do not depend on the mix)."""

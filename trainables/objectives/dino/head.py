@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import MOCO_DRAWS, dino_views
-from ..scale import default_local_size, default_out_dim
-from .common import Head, head_norm, run_blocks, target_encoder
+from ...augment import MOCO_DRAWS, dino_views
+from ...scale import default_local_size, default_out_dim
+from ..common import Head, head_norm, run_blocks, target_encoder
 
 
 class DINOHead(nn.Module):
@@ -68,6 +68,13 @@ class DINO(Head):
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @classmethod
+    def from_config(cls, encoder, cfg, layer: int) -> DINO:
+        """The head for ``cfg`` (its ``objective.dino`` section) reading block ``layer`` of ``encoder``."""
+        d = cfg.objective.dino
+        return cls(encoder, cfg.model.img_size, layer, d.local_crops, d.local_size, d.out_dim, d.hidden,
+                   d.bottleneck, d.student_temp, d.teacher_temp, d.center_momentum)
 
     def student_params(self) -> list[torch.Tensor]:
         """Student parameters in the order of ``self.teacher.parameters()``."""

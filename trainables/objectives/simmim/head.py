@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import simmim_view
-from ..scale import default_mask_unit
-from .common import Head, head_norm
+from ...augment import simmim_view
+from ...scale import default_mask_unit
+from ..common import Head, head_norm
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -20,7 +20,7 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class SimMIM(Head):
-    """MIM head: mask token and linear pixel decoder; the encoder is shared, not owned (see ``Hybrid``).
+    """MIM head: mask token and linear pixel decoder; the encoder is shared, not owned (see ``Mixture``).
 
     ``layer`` is the block whose output feeds the decoder (1..depth); reading an intermediate block, the head has
     its own LayerNorm.
@@ -37,6 +37,12 @@ class SimMIM(Head):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Linear(encoder.width, encoder.patch**2 * 3)
+
+    @classmethod
+    def from_config(cls, encoder, cfg, layer: int) -> SimMIM:
+        """The head for ``cfg`` (its ``objective.simmim`` section) reading block ``layer`` of ``encoder``."""
+        s = cfg.objective.simmim
+        return cls(encoder, cfg.model.img_size, layer, s.mask_ratio, s.mask_unit)
 
     def draws(self, batch: dict) -> dict[str, torch.Tensor]:
         """This step's random numbers (uniforms): "crop" (B, 5) for the view, "mask_noise" (B, U * U) for the mask."""

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import moco_draws, moco_views
-from .common import GlobalBatchNorm1d, Head, head_norm, run_blocks, target_encoder
+from ...augment import moco_draws, moco_views
+from ..common import GlobalBatchNorm1d, Head, head_norm, run_blocks, target_encoder
 
 
 def build_mlp(layers: int, d_in: int, d_hidden: int, d_out: int, last_bn: bool = True) -> nn.Sequential:
@@ -54,7 +54,7 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> to
 class MoCoV3(Head):
     """CL head: projector, predictor and the momentum copy of (encoder, projector).
 
-    The online encoder is shared, not owned (see ``Hybrid``). ``layer`` is the block whose CLS output feeds the
+    The online encoder is shared, not owned (see ``Mixture``). ``layer`` is the block whose CLS output feeds the
     projector (1..depth); the momentum encoder reads the same block. Reading an intermediate block, the head has
     its own LayerNorm (and its momentum copy).
     """
@@ -75,6 +75,12 @@ class MoCoV3(Head):
             momentum["norm"] = copy.deepcopy(self.norm)
         self.momentum = nn.ModuleDict(momentum)
         self.momentum.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, encoder, cfg, layer: int) -> MoCoV3:
+        """The head for ``cfg`` (its ``objective.mocov3`` section) reading block ``layer`` of ``encoder``."""
+        m = cfg.objective.mocov3
+        return cls(encoder, cfg.model.img_size, layer, m.proj_dim, m.proj_hidden, m.temperature)
 
     def online_params(self) -> list[torch.Tensor]:
         """Online parameters in the order of ``self.momentum.parameters()``."""

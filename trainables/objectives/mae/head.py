@@ -11,11 +11,11 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..augment import mae_view
-from ..model import sincos_pos_embed
-from ..scale import decoder_shape
-from .common import Head, head_norm
-from .simmim import patchify
+from ...augment import mae_view
+from ...model import sincos_pos_embed
+from ...scale import decoder_shape
+from ..common import Head, head_norm
+from ..simmim.head import patchify
 
 
 class MAE(Head):
@@ -46,6 +46,13 @@ class MAE(Head):
         for m in [self.decoder_embed, *self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             m.apply(_init)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    @classmethod
+    def from_config(cls, encoder, cfg, layer: int) -> MAE:
+        """The head for ``cfg`` (its ``objective.mae`` section) reading block ``layer`` of ``encoder``."""
+        m = cfg.objective.mae
+        return cls(encoder, cfg.model.img_size, layer, m.mask_ratio, m.decoder_depth, m.decoder_width,
+                   m.decoder_heads, m.norm_pix)
 
     def draws(self, batch: dict) -> dict[str, torch.Tensor]:
         """Uniforms: "crop" (B, 5) for the view, "noise" (B, N) whose argsort picks the visible patches."""

@@ -1,4 +1,4 @@
-"""The training objective: a mix ``L = sum_k w_k L_k`` of the registered objectives (``objective.weights``;
+"""The training objective: a mixture ``L = sum_k w_k L_k`` of the registered objectives (``objective.weights``;
 ``objective.lam`` is the shorthand for ``(1 - lam) * L_SimMIM + lam * L_MoCoV3``) with layer-wise placement.
 
 Every objective follows the ``Head`` contract (``common.py``). One routing runs each view through the shared
@@ -7,8 +7,8 @@ views and DINO's global crops: 1 + N tokens; MAE's visible patches and DINO's lo
 through the blocks as one batch, so every matmul is one big one, and an objective's rows leave the batch after the
 block its head reads:
 
-- ``<name>_layer`` (``mim_layer`` for SimMIM, ``cl_layer`` for MoCo v3, ``mae_layer``, ``dino_layer``): the block
-  whose output feeds that objective's head;
+- ``<name>_layer`` (``simmim_layer``, ``mocov3_layer``, ``mae_layer``, ``dino_layer``): the block whose output
+  feeds that objective's head;
 - ``graft_layer`` g (Layer Grafted Pre-training, Jiang et al. 2023): the CL rows (MoCo v3, DINO) are detached
   after block g, so blocks 1..g learn only from MIM (SimMIM, MAE); MIM reads block g, so blocks g+1..depth learn
   only from CL.
@@ -28,33 +28,13 @@ from torch import nn
 
 from ..config import Config, resolve_placement
 from ..model import ViT
-from ..vocab import FAMILY, LOSS_KEY, TARGET_ENCODERS
-from .dino import DINO
-from .mae import MAE
-from .mocov3 import MoCoV3
-from .simmim import SimMIM
-
-# Checkpoint names of each objective's head (SimMIM's and MoCo v3's from when lam mixed exactly these two).
-ATTR = {"simmim": "mim", "mocov3": "cl", "mae": "mae", "dino": "dino"}
+from ..vocab import family, target_encoders
+from . import registry
 
 
-def build_head(name: str, encoder: ViT, cfg: Config, layer: int) -> nn.Module:
-    """The head of objective ``name`` reading block ``layer`` of ``encoder``, as configured."""
-    o, size = cfg.objective, cfg.model.img_size
-    if name == "simmim":
-        return SimMIM(encoder, size, layer, o.mask_ratio, o.mask_unit)
-    if name == "mocov3":
-        return MoCoV3(encoder, size, layer, o.proj_dim, o.proj_hidden, o.temperature)
-    if name == "mae":
-        m = o.mae
-        return MAE(encoder, size, layer, m.mask_ratio, m.decoder_depth, m.decoder_width, m.decoder_heads, m.norm_pix)
-    d = o.dino
-    return DINO(encoder, size, layer, d.local_crops, d.local_size, d.out_dim, d.hidden, d.bottleneck,
-                d.student_temp, d.teacher_temp, d.center_momentum)
-
-
-class Hybrid(nn.Module):
-    """Owns the encoder and the heads of the mix's objectives; see the module docstring."""
+class Mixture(nn.Module):
+    """Owns the encoder and the heads of the mix's objectives (each registered as a submodule under its objective's
+    name: checkpoint keys ``<name>.*``); see the module docstring."""
 
     def __init__(self, encoder: ViT, cfg: Config):
         super().__init__()
@@ -65,14 +45,14 @@ class Hybrid(nn.Module):
         self.detach_below_graft = self.graft_layer is not None and o.placement.graft_lr_ratio is None
         self.heads: dict[str, nn.Module] = {}
         for name, layer in self.layers.items():
-            self.heads[name] = build_head(name, encoder, cfg, layer)
-            setattr(self, ATTR[name], self.heads[name])  # registered as a submodule under its checkpoint name
+            self.heads[name] = registry.get(name).head_class().from_config(encoder, cfg, layer)
+            setattr(self, name, self.heads[name])  # a submodule under the objective's name
 
     def load_encoder(self, state: dict) -> None:
         """Start from another run's encoder (``ViT`` state dict; a staged run's previous stage): the encoder and
         every EMA target copy of it (MoCo v3's momentum encoder, DINO's teacher start equal to it, as when built)."""
         self.encoder.load_state_dict(state)
-        for which, owner in TARGET_ENCODERS.items():
+        for which, owner in target_encoders().items():
             if owner in self.heads:
                 self.eval_encoder(which).load_state_dict(state)
 
@@ -81,17 +61,7 @@ class Hybrid(nn.Module):
         v3's momentum encoder (both copies of the whole encoder, without stochastic depth)."""
         if which == "student":
             return self.encoder
-        return getattr(self.heads[TARGET_ENCODERS[which]], which)["encoder"]  # MoCoV3.momentum, DINO.teacher
-
-    @property
-    def mim(self) -> SimMIM | None:
-        """SimMIM's head (None outside the mix)."""
-        return self.heads.get("simmim")
-
-    @property
-    def cl(self) -> MoCoV3 | None:
-        """MoCo v3's head (None outside the mix)."""
-        return self.heads.get("mocov3")
+        return getattr(self.heads[target_encoders()[which]], which)["encoder"]  # MoCoV3.momentum, DINO.teacher
 
     def momentum_update(self, values: dict[str, float]) -> None:
         """EMA steps of the momentum encoder / teacher (MoCo v3: ``values["momentum"]``, DINO:
@@ -142,7 +112,7 @@ class Hybrid(nn.Module):
         return {name: head.draws(batch) for name, head in self.heads.items()}
 
     def forward(self, batch: dict) -> dict:
-        """{"loss", and each objective's own loss (``vocab.LOSS_KEY``)}; per-objective losses keep their graph.
+        """{"loss", and each objective's own loss (``loss_<name>``)}; per-objective losses keep their graph.
 
         ``batch`` is {"images": uint8 (B, 3, S, S), "seed": int, ...}; the step is a pure function of the images
         and the seed's random draws.
@@ -154,7 +124,7 @@ class Hybrid(nn.Module):
         heads and losses. Pure tensor code without generators, so ``run.compile`` compiles it as one graph."""
         prep = {name: head.prepare(images, draws[name]) for name, head in self.heads.items()}
         segments, g = [], self.graft_layer
-        grafted = [n for n in self.heads if self.detach_below_graft and FAMILY[n] == "cl"]
+        grafted = [n for n in self.heads if self.detach_below_graft and family(n) == "cl"]
         if grafted:  # CL rows through blocks 1..g without autograd: no gradient, and no backward cost, below g
             with torch.no_grad():
                 low = self._route([((n, i), t, 0, g) for n in grafted
@@ -167,13 +137,14 @@ class Hybrid(nn.Module):
         out, loss = {}, 0.0
         for name, head in self.heads.items():
             mine = sorted((key[1], t) for key, t in feats.items() if key[0] == name)  # in the head's tokens() order
-            out[LOSS_KEY[name]] = head.loss([t for _, t in mine], prep[name])
-            loss = loss + self.weights[name] * out[LOSS_KEY[name]]
+            key = registry.get(name).loss_key
+            out[key] = head.loss([t for _, t in mine], prep[name])
+            loss = loss + self.weights[name] * out[key]
         out["loss"] = loss
         return out
 
 
-def build_objective(cfg: Config) -> Hybrid:
+def build_objective(cfg: Config) -> Mixture:
     """The encoder for ``cfg.model`` wrapped in the objective for ``cfg.objective``."""
     m = cfg.model
-    return Hybrid(ViT(m.variant, m.img_size, m.drop_path, m.pos_embed, m.patch_embed), cfg)
+    return Mixture(ViT(m.variant, m.img_size, m.drop_path, m.pos_embed, m.patch_embed), cfg)
