@@ -113,4 +113,4 @@ def test_a_toy_objective_from_outside_the_package_sweeps_into_every_table_and_th
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     html = out.read_text()
-    assert "Toy" in html and "loss_toy" in html
+    assert "<td>Toy</td>" in html and "<td>mix 0.5 SimMIM + 0.5 Toy</td>" in html  # its group in the report's tables
