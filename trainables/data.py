@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
+from .schedule import steps_per_epoch
 from .split import Split
 from .store import INDEX, StoreSplit, fraction_indices, local_copy, open_split, read_index, verified_once
 
@@ -243,10 +244,6 @@ def build_data(cfg: Config) -> DataBundle:
         data.train = data.train.select(idx)
     data.hold_out(cfg.eval.val_samples)
     return data
-
-
-def steps_per_epoch(n_train: int, global_batch: int) -> int:
-    return max(1, n_train // global_batch)
 
 
 def batch_stream(split: Split, global_batch: int, seed: int, start_step: int, rank: int = 0, world: int = 1,

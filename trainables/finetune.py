@@ -25,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .augment import crop_scale, eval_view, normalize, random_resized_crop, to_float
 from .config import Config
-from .data import batch_stream, steps_per_epoch
+from .data import batch_stream
 from .errors import NonFiniteLossError
 from .model import ViT, no_weight_decay_names
 from .probes import pool_tokens
 from .rng import set_rng_state
+from .schedule import lr_schedule, phase_steps, step_seed
 
 
 class Classifier(nn.Module):
@@ -76,23 +77,7 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
 def finetune_steps(cfg: Config, n_train: int) -> int:
     """Fine-tuning optimiser steps: ``eval.finetune.steps``, or its epochs at its global batch (0 when off)."""
     f = cfg.eval.finetune
-    if f.steps is not None:
-        return f.steps
-    if f.epochs is None:
-        return 0
-    return max(1, math.ceil(f.epochs * steps_per_epoch(n_train, f.batch_size or cfg.data.batch_size)))
-
-
-def lr_schedule(cfg: Config, total: int) -> np.ndarray:
-    """Per-step peak lr (blr x batch / 256): linear warmup, then cosine to 0."""
-    f = cfg.eval.finetune
-    peak = f.blr * (f.batch_size or cfg.data.batch_size) / 256
-    steps = np.arange(total, dtype=np.float64)
-    warm = int(round(f.warmup_frac * total))
-    lr = peak * 0.5 * (1 + np.cos(np.pi * np.clip((steps - warm) / max(1, total - warm), 0, 1)))
-    if warm:
-        lr[:warm] = peak * (steps[:warm] + 1) / warm
-    return lr
+    return phase_steps(f.steps, f.epochs, n_train, f.batch_size or cfg.data.batch_size) or 0
 
 
 @torch.no_grad()
@@ -133,7 +118,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
         set_rng_state(resume["rng"])  # again: building the classifier drew from the global RNG (drop path uses it)
         start = int(resume["step"]) - end
     total = finetune_steps(cfg, len(run.data.labelled))
-    lr = lr_schedule(cfg, total)
+    lr = lr_schedule(f.blr * (f.batch_size or cfg.data.batch_size) / 256, total, f.warmup_frac)  # warmup, cosine
     ddp = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None) if run.world > 1 else model
     batch = (f.batch_size or cfg.data.batch_size)
     # the labelled images only: the validation split's labels are never fit on
@@ -146,7 +131,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
     for j in range(start, total):
         step = end + j  # the run's step count
         images, labels = next(stream)
-        gen = torch.Generator(device=run.device).manual_seed(r.seed * 1_000_003 + step * 1009 + run.rank)
+        gen = torch.Generator(device=run.device).manual_seed(step_seed(r.seed, step, run.rank))
         u = torch.rand(len(images), 5, generator=gen, device=run.device)  # crop (4) and flip (1) per image
         x = normalize(random_resized_crop(to_float(images), size, u, scale=crop, flip_p=0.5 if f.flip else 0.0))
         for g in opt.param_groups:

@@ -38,7 +38,7 @@ from .config import (
     to_dict,
     train_flops_per_image,
 )
-from .data import DataBundle, batch_stream, build_data, steps_per_epoch
+from .data import DataBundle, batch_stream, build_data
 from .errors import NonFiniteLossError
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
@@ -49,6 +49,7 @@ from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run
 from .rng import rng_state, set_rng_state
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .scale import encoder_params, parse_variant
+from .schedule import lr_schedule, phase_steps, step_seed, steps_per_epoch
 from .vocab import target_encoders
 
 Report = Callable[..., None]
@@ -61,17 +62,9 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
     mix's own (its declaration's ``schedules``: MoCo v3's and DINO's EMA momentum, cosine to 1; DINO's teacher
     temperature and last-layer freeze, whose default length is one epoch of ``per_epoch`` steps)."""
     o = cfg.optim
-    peak = o.blr * o.lr_scale * cfg.data.batch_size / 256
+    lr = lr_schedule(o.blr * o.lr_scale * cfg.data.batch_size / 256, total, o.warmup_frac, o.schedule,
+                     o.min_lr_ratio, o.decay_at, o.decay_gamma)
     steps = np.arange(total, dtype=np.float64)
-    warm = int(round(o.warmup_frac * total))
-    progress = np.clip((steps - warm) / max(1, total - warm), 0, 1)
-    if o.schedule == "multistep":  # SimMIM's MultiStepLR, stepped by step instead of by epoch
-        lr = np.where(steps < int(round(o.decay_at * total)), peak, peak * o.decay_gamma)
-    else:
-        cosine = 0.5 * (1 + np.cos(np.pi * progress))  # 1 -> 0
-        lr = peak * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
-    if warm:
-        lr[:warm] = peak * (steps[:warm] + 1) / warm
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
     to_one = 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))  # 1 -> 0 over the run
     wd = wd_end + (o.weight_decay - wd_end) * to_one
@@ -95,9 +88,7 @@ def total_steps(cfg: Config, n_train: int) -> int:
         return cfg.optim.steps
     if cfg.optim.flops_budget is not None:
         return int(cfg.optim.flops_budget // (train_flops_per_image(cfg) * cfg.data.batch_size))  # >= 1: config
-    if cfg.optim.epochs is not None:
-        return max(1, math.ceil(cfg.optim.epochs * steps_per_epoch(n_train, cfg.data.batch_size)))
-    return 100
+    return phase_steps(None, cfg.optim.epochs, n_train, cfg.data.batch_size) or 100
 
 
 def model_stats(cfg: Config) -> dict[str, float]:
@@ -541,7 +532,7 @@ def _train(cfg: Config, report: Report, stage: Stage) -> tuple[dict, dict | None
             g["lr"] = float(run.sched["lr"][step]) * g["lr_mult"]
             g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
         with run.autocast:
-            out = run.model({"images": images, "seed": r.seed * 1_000_003 + (run.offset + step) * 1009 + run.rank,
+            out = run.model({"images": images, "seed": step_seed(r.seed, run.offset + step, run.rank),
                              **{k: v[step].clone() for k, v in run.step_inputs.items()}})
         out["loss"].backward()
         nonfinite |= ~torch.isfinite(out["loss"].detach())
