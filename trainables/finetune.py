@@ -27,7 +27,7 @@ from .augment import crop_scale, eval_view, normalize, random_resized_crop, to_f
 from .config import Config
 from .data import batch_stream
 from .errors import NonFiniteLossError
-from .model import ViT, no_weight_decay_names
+from .model import ViT, param_groups
 from .probes import pool_tokens
 from .rng import set_rng_state
 from .schedule import lr_schedule, phase_steps, step_seed
@@ -60,18 +60,17 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
     """AdamW groups of MAE's ``param_groups_lrd``: per (layer, decay or not), ``lr_mult`` = layer_decay^(D + 1 -
     layer) with layer 0 = embedding (patch embed, CLS token, position embedding), k = block k, D + 1 = the rest."""
     depth = model.encoder.depth
-    skip = no_weight_decay_names(model)
-    groups: dict[tuple[int, bool], list] = {}
-    for name, p in model.named_parameters():
+
+    def scale(name, p, decay):
         if name.startswith("encoder.vit.blocks."):
             layer = int(name.split(".")[3]) + 1
         elif name.startswith(("encoder.vit.patch_embed", "encoder.vit.cls_token", "encoder.vit.pos_embed")):
             layer = 0
         else:
             layer = depth + 1
-        groups.setdefault((layer, name not in skip), []).append(p)
-    return [{"params": ps, "lr_mult": layer_decay ** (depth + 1 - layer),
-             "weight_decay": weight_decay if decay else 0.0} for (layer, decay), ps in sorted(groups.items())]
+        return layer, layer_decay ** (depth + 1 - layer)
+
+    return param_groups(model, scale, weight_decay)
 
 
 def finetune_steps(cfg: Config, n_train: int) -> int:

@@ -174,6 +174,22 @@ class ViT(nn.Module):
         return maps
 
 
+def param_groups(module: nn.Module, scale, weight_decay: float = 0.0) -> list[dict]:
+    """The AdamW groups of every phase: the trainable parameters of ``module`` grouped by ``scale(name, param,
+    decay) -> (order, lr_mult)`` and by weight decay or not (``no_weight_decay_names``), in ``order``; each group
+    {"params", "decay", "lr_mult" (the trainer multiplies each step's lr by it), "weight_decay"}. Pre-training's
+    lr-ratio graft and fine-tuning's layer-wise lr decay are both such a scale."""
+    skip = no_weight_decay_names(module)
+    groups: dict = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            decay = name not in skip
+            order, mult = scale(name, p, decay)
+            groups.setdefault((order, decay), (mult, []))[1].append(p)
+    return [{"params": ps, "decay": decay, "lr_mult": mult, "weight_decay": weight_decay if decay else 0.0}
+            for (_, decay), (mult, ps) in sorted(groups.items(), key=lambda kv: kv[0])]
+
+
 def no_weight_decay_names(module: nn.Module) -> set[str]:
     """Parameter names that get no weight decay: biases, norms, tokens and position embeddings."""
     names = set()

@@ -42,7 +42,7 @@ from .data import DataBundle, batch_stream, build_data
 from .errors import NonFiniteLossError
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
-from .model import no_weight_decay_names
+from .model import param_groups
 from .objectives import registry
 from .objectives.mixture import Mixture, build_objective
 from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
@@ -105,16 +105,16 @@ def _device(cfg: Config) -> torch.device:
 
 def _param_groups(objective: Mixture, cfg: Config) -> list[dict]:
     """AdamW groups: with / without weight decay, each at lr x 1 or, for the lower blocks of the lr-ratio graft
-    (``objective.lower_parameters``), at lr x ``graft_lr_ratio``. Frozen parameters are left out."""
-    skip = no_weight_decay_names(objective)
+    (``objective.lower_parameters``), at lr x ``graft_lr_ratio``. Frozen parameters are left out. Order: with
+    decay first, then by lr multiple, larger first (the optimiser state's order in checkpoints)."""
     lower = objective.lower_parameters()
     ratio = cfg.objective.placement.graft_lr_ratio
-    groups: dict[tuple[bool, float], list] = {}
-    for name, p in objective.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((name not in skip, ratio if id(p) in lower else 1.0), []).append(p)
-    return [{"params": ps, "decay": decay, "lr_mult": mult, "weight_decay": 0.0}
-            for (decay, mult), ps in sorted(groups.items(), reverse=True)]
+
+    def scale(name, p, decay):
+        mult = ratio if id(p) in lower else 1.0
+        return (not decay, -mult), mult
+
+    return param_groups(objective, scale)  # (weight decay set per step from the schedule)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
