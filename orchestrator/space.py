@@ -31,6 +31,7 @@ Any problem raises ``SpaceError`` naming the key, before Ray starts.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -39,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from trainables import migrate
-from trainables.config import Config, ConfigError, load_config, read_yaml
+from trainables.config import Config, ConfigError, build_section, load_config, read_yaml
 from trainables.errors import UserError, excerpt
+from trainables.settings import setting as _f
 from trainables.vocab import (
     PROBE_METRICS,
     VAL_METRICS,
@@ -54,12 +56,9 @@ SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "simplex", "
 SIMPLEX_KINDS = ("simplex", "dirichlet")  # expanded into a grid of objective.weights mappings
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
             "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
-SEARCH_KEYS = {"algorithm", "metric", "mode", "seed"}
 # Metrics with labels read on the evaluation split (the last layer's and every layer's kNN / linear probes,
 # fine-tuning): what the claims report, so never what a search selects on.
 EVAL_SPLIT = re.compile(r"(layer/\d+/)?(knn|linear)_top1(_gap|_cls)?|finetune_top1")
-SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
-RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "mode"}
 MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
 MAX_TRIALS = 10_000  # default cap on a sweep's trials (``max_trials:`` in the space file raises it)
 
@@ -68,12 +67,41 @@ class SpaceError(UserError):
     """A search space is malformed or can produce an invalid trial config."""
 
 
+# The space file's sections, typed as the config's are (``trainables.config.build_section``: every key, type,
+# choice and range checked, errors naming the dotted key).
+@dataclass
+class SearchSection:
+    algorithm: str = _f("grid", choices=["grid", "random", "optuna"])
+    metric: str = _f("loss", doc="what trials report (a validation-split metric for probes)")
+    mode: str = _f("min", choices=["min", "max"])
+    seed: int = _f(0, lo=0, doc="seeds random search, optuna and Dirichlet draws")
+
+
+@dataclass
+class SchedulerSection:
+    type: str = _f("fifo", choices=["fifo", "asha"])
+    grace_period: int = _f(1, lo=1, doc="ASHA: epochs a trial runs before it may be stopped")
+    reduction_factor: float = _f(2.0, lo=1.01, hi=100.0, doc="ASHA: keep 1 / factor of the trials at each rung")
+    max_t: int = _f(1000, lo=1, doc="ASHA: epochs of the longest trial")
+
+
+@dataclass
+class FailureSection:
+    max_failures: int = _f(2, lo=0, doc="retries of a lost trial process, from its last checkpoint")
+
+
+@dataclass
+class CheckpointsSection:
+    keep: int = _f(0, lo=0, doc="full checkpoints kept once a trial ends (run/model.pt always stays)")
+
+
 @dataclass
 class Resources:
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    mode: str = "auto"  # auto: one-worker trials run in the Tune trial process; train: always Ray Train
+    workers: int = _f(1, lo=1)
+    cpus_per_worker: float = _f(1.0, lo=1e-6, doc="more than 0")
+    gpus_per_worker: float = _f(0.0, lo=0.0)
+    mode: str = _f("auto", choices=["auto", "inprocess", "train"],
+                   doc="auto: one-worker trials run in the Tune trial process; train: always Ray Train")
 
     @property
     def in_process(self) -> bool:
@@ -248,18 +276,13 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         if "run.seed" in space:
             raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
         space["run.seed"] = {"grid": list(range(n_seeds))}
-    search = {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0, **_section(raw, "search")}
-    if isinstance(search["metric"], str):
-        search["metric"] = migrate.metric(search["metric"])
+    search = dataclasses.asdict(_typed(SearchSection, raw, "search"))
+    search["metric"] = migrate.metric(search["metric"])
     for key, spec in space.items():
         _check_spec(key, spec)
         if _is_spec(spec) and next(iter(spec)) in SIMPLEX_KINDS:
             kind, vals = next(iter(spec.items()))
-            seed = search["seed"] if isinstance(search.get("seed"), int) else 0
-            space[key] = {"grid": simplex_points(kind, vals, seed)}
-    _check_keys("search", search, SEARCH_KEYS)
-    if search["algorithm"] not in ("grid", "random", "optuna"):
-        raise SpaceError(f"search.algorithm: {search['algorithm']!r} is not one of grid, random, optuna")
+            space[key] = {"grid": simplex_points(kind, vals, search["seed"])}
     if search["algorithm"] == "optuna":
         import importlib.util
 
@@ -274,33 +297,17 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         suggest = f"val_{metric}" if f"val_{metric}" in VAL_METRICS else "val_linear_top1"
         raise SpaceError(f"search.metric: {metric} is read on the evaluation split the claims are read on; select "
                          f"on the validation split: {suggest}")
-    if search["mode"] not in ("min", "max"):
-        raise SpaceError(f"search.mode: {search['mode']!r} is not min or max")
-    scheduler = {"type": "fifo", **_section(raw, "scheduler")}
-    _check_keys("scheduler", scheduler, SCHEDULER_KEYS)
-    if scheduler["type"] not in ("fifo", "asha"):
-        raise SpaceError(f"scheduler.type: {scheduler['type']!r} is not one of fifo, asha")
-    res_raw = _section(raw, "resources")
-    _check_keys("resources", res_raw, RESOURCE_KEYS)
-    res = Resources(**res_raw)
-    _int("resources.workers", res.workers, 1)
-    _number("resources.cpus_per_worker", res.cpus_per_worker, 0, strict=True)
-    _number("resources.gpus_per_worker", res.gpus_per_worker, 0)
-    if res.mode not in ("auto", "inprocess", "train"):
-        raise SpaceError(f"resources.mode: {res.mode!r} is not one of auto, inprocess, train")
+    scheduler = dataclasses.asdict(_typed(SchedulerSection, raw, "scheduler"))
+    res = _typed(Resources, raw, "resources")
     if res.mode == "inprocess" and res.workers > 1:
         raise SpaceError("resources.mode: inprocess runs one worker; use workers: 1 or mode: train")
     num_samples = _int("num_samples", raw.get("num_samples", 1), 1)
     max_conc = raw.get("max_concurrent")
     if max_conc is not None:
         _int("max_concurrent", max_conc, 1)
-    failure = _section(raw, "failure")
-    _check_keys("failure", failure, {"max_failures"})
-    max_failures = _int("failure.max_failures", failure.get("max_failures", 2), 0)
+    max_failures = _typed(FailureSection, raw, "failure").max_failures
     max_trials = _int("max_trials", raw.get("max_trials", MAX_TRIALS), 1)
-    ckpts = _section(raw, "checkpoints")
-    _check_keys("checkpoints", ckpts, {"keep"})
-    keep = _int("checkpoints.keep", ckpts.get("keep", 0), 0)
+    keep = _typed(CheckpointsSection, raw, "checkpoints").keep
     name = raw.get("name") or p.stem
     if not isinstance(name, str):
         raise SpaceError(f"name: expected a sweep name, got {excerpt(name, 40)}")
@@ -317,6 +324,7 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
             k, v = parse_override(o)
         except ConfigError as e:
             raise SpaceError(str(e)) from None
+        k = migrate.dotted_key(k)  # (an earlier name)
         sp.space[k] = v
         sp.overrides += (k,)
     if sp.n_trials() > sp.max_trials:
@@ -325,6 +333,15 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                          "mean it")
     validate_space(sp)
     return sp
+
+
+def _typed(cls, raw: dict, key: str):
+    """A top-level section of a space file as its typed dataclass (defaults where absent); a ``SpaceError``
+    naming the dotted key where a value is unknown, of the wrong type or out of range."""
+    try:
+        return build_section(cls, _section(raw, key), key)
+    except ConfigError as e:
+        raise SpaceError(str(e)) from None
 
 
 def _section(raw: dict, key: str) -> dict:

@@ -43,6 +43,23 @@ def test_bad_spaces_are_rejected_naming_the_key(tmp_path):
     assert err(tmp_path, search={"algorithm": "optuna"}).startswith("search.algorithm")
 
 
+def test_space_sections_are_typed_as_the_config_is(tmp_path):
+    """search, scheduler, resources, failure and checkpoints go through the config's typed loader: a wrong type,
+    a value out of range or an unknown key is an error naming its dotted key (an ASHA grace period of "2" reached
+    Ray before)."""
+    assert err(tmp_path, scheduler={"type": "asha", "grace_period": "2"}).startswith(
+        "scheduler.grace_period: expected int, got '2'")
+    assert err(tmp_path, scheduler={"type": "asha", "reduction_factor": 1}).startswith(
+        "scheduler.reduction_factor: 1.0 is out of range")
+    assert err(tmp_path, scheduler={"type": "hyperband"}).startswith("scheduler.type: 'hyperband' is not allowed")
+    assert err(tmp_path, search={"mode": "maximise"}).startswith("search.mode: 'maximise' is not allowed")
+    assert err(tmp_path, search={"seed": -1}).startswith("search.seed: -1 is out of range")
+    assert err(tmp_path, resources={"mode": "gpu"}).startswith("resources.mode: 'gpu' is not allowed")
+    assert err(tmp_path, resources={"cpus_per_worker": 0}).startswith("resources.cpus_per_worker: 0")
+    assert err(tmp_path, failure={"max_failure": 1}).startswith("failure.max_failure: unknown key")
+    assert err(tmp_path, checkpoints={"keep": 1.5}).startswith("checkpoints.keep: expected int")
+
+
 def test_search_metric_must_be_reported(tmp_path):
     assert err(tmp_path, search={"metric": "linear_acc"}).startswith("search.metric: 'linear_acc' is not a metric")
     load_space(space_file(tmp_path, search={"metric": "layer/3/attn_distance", "mode": "max"}))

@@ -362,6 +362,12 @@ def _coerce(value: Any, tp, path: str):
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {excerpt(value, 60)} ({type(value).__name__})")
 
 
+def build_section(cls, data: dict, prefix: str):
+    """A typed section (a dataclass of ``setting`` fields) from a mapping, every key, type, choice and range checked;
+    a ``ConfigError`` names the dotted key (``prefix.key``). The space loader reads its sections with it too."""
+    return _build(cls, data, prefix)
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {excerpt(data, 60)}")
