@@ -7,6 +7,7 @@ first trial's sweep: ``<results>/<sweep>/cka/<name>.{parquet,png}``.
 from __future__ import annotations
 
 import io
+import random
 import re
 from pathlib import Path
 
@@ -34,7 +35,6 @@ def parse_trial(spec: str, root: Path) -> tuple[SweepLayout, str]:
 def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
     """(encoder, config) of a finished trial from its final weights in the storage (``run/model.pt``); with
     ``untrained``, the encoder as the trial initialised it (same seed and construction order as the trainer)."""
-    import random
 
     import numpy as np
     import torch

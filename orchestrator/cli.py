@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +19,8 @@ from trainables.errors import UserError
 
 from .console import fmt as _fmt
 from .console import print_next_steps, print_summary, resume_command
+from .layout import find_sweep, results_root
+from .results import list_table, query, rebuild
 
 
 def _positive_int(text: str) -> int:
@@ -139,8 +142,6 @@ def cmd_resume(args) -> int:
 
 
 def cmd_results_query(args) -> int:
-    from .layout import results_root
-    from .results import query
 
     df = query(args.sql, results_root(args.results), timeout=args.timeout or None)
     if args.format == "csv":
@@ -161,8 +162,6 @@ def _print_frame(df, title: str | None = None) -> None:
 
 
 def cmd_results_list(args) -> int:
-    from .layout import results_root
-    from .results import list_table
 
     root = results_root(args.results)
     df = list_table(root)
@@ -174,7 +173,6 @@ def cmd_results_list(args) -> int:
 
 
 def cmd_results_show(args) -> int:
-    from .layout import find_sweep, results_root
     from .summary import show
 
     for title, df in show(find_sweep(args.name, results_root(args.results))):
@@ -183,8 +181,6 @@ def cmd_results_show(args) -> int:
 
 
 def cmd_results_rebuild(args) -> int:
-    from .layout import find_sweep, results_root
-    from .results import rebuild
 
     layout = find_sweep(args.name, results_root(args.results), need="tune")
     print(f"rebuilt the tables of {rebuild(layout)} trial(s) in {layout.sweep_dir}")
@@ -196,7 +192,6 @@ def _fetch(where: str) -> str:
     storage; endpoint from $AWS_ENDPOINT_URL) a downloaded copy in a temporary folder."""
     if not where.startswith("s3://"):
         return where
-    import tempfile
 
     import pyarrow.fs as pafs
 
@@ -279,7 +274,6 @@ def cmd_analyze(args) -> int:
 
 def cmd_compare(args) -> int:
     from .cka import compare
-    from .layout import results_root
 
     if (args.trial_b is None) == (not args.untrained):
         raise UserError("compare: give a second SWEEP/TRIAL, or --untrained to compare a trial with its untrained "
@@ -302,7 +296,6 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    from .layout import find_sweep, results_root
     from .scaling import scaling_table
 
     layout = find_sweep(args.name, results_root(args.results))
@@ -320,7 +313,6 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .layout import find_sweep, results_root
     from .report import attach_to_mlflow, build_report
     from .tracking import default_mlflow_uri
 

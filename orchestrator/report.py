@@ -25,6 +25,8 @@ from pathlib import Path
 
 import matplotlib
 
+from .scaling import scaling_table
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -368,7 +370,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         figures.append(("lam", "Accuracy against lam", lam_figure(done, chance)))
     fits = pd.DataFrame()
     if done.variant.nunique() > 2 and done.params.notna().all():
-        from .scaling import scaling_table
 
         fits, _ = scaling_table(name, layout.root, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))

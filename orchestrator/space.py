@@ -32,6 +32,7 @@ Any problem raises ``SpaceError`` naming the key, before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
 import re
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables import migrate
-from trainables.config import Config, ConfigError, build_section, load_config, read_yaml
+from trainables.config import Config, ConfigError, build_section, load_config, parse_override, read_yaml
 from trainables.errors import UserError, excerpt
 from trainables.settings import setting as _f
 from trainables.vocab import (
@@ -284,7 +285,6 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
             kind, vals = next(iter(spec.items()))
             space[key] = {"grid": simplex_points(kind, vals, search["seed"])}
     if search["algorithm"] == "optuna":
-        import importlib.util
 
         if importlib.util.find_spec("optuna") is None:
             raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
@@ -318,7 +318,6 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     if search["algorithm"] == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
         raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
     for o in overrides or []:
-        from trainables.config import parse_override
 
         try:
             k, v = parse_override(o)

@@ -14,6 +14,7 @@ Ray: with ``--address`` (or ``$RAY_ADDRESS``) the sweep connects to that cluster
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -31,9 +32,22 @@ from trainables.objectives import PLUGINS_ENV
 from trainables.storage import Storage
 from trainables.vocab import SUMMARY_METRICS
 
-from .console import print_header
+from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
-from .records import DriverLease, Plan, Status, plan_path, read_final, read_plan, scan, trial_record, write_plan
+from .records import (
+    DriverLease,
+    Plan,
+    Status,
+    plan_path,
+    read_final,
+    read_plan,
+    retire_error,
+    scan,
+    trial_id_of,
+    trial_record,
+    write_plan,
+)
+from .results import query, recorded_trials
 from .space import Space, SpaceError, plan_values, space_from_dict
 
 TRIAL_CPU_SLIVER = 0.01
@@ -291,7 +305,6 @@ def _trainable(space: Space, layout: SweepLayout):
 def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: list[str]):
     from ray import tune
 
-    from .console import make_reporter
 
     # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
@@ -306,7 +319,6 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from .records import trial_id_of
 
     sch = space.scheduler
     total = searcher.total
@@ -335,7 +347,6 @@ def _write_sweep_json(layout: SweepLayout, space: Space, overrides: list[str], c
             "storage": layout.storage.to_dict() if layout.storage else None}
     write_json_atomic(layout.sweep_json, info, indent=2)
     if layout.storage:
-        import json
 
         layout.store.write_text(layout.stored_sweep_json, json.dumps(info, indent=2))
 
@@ -466,7 +477,6 @@ def load_sweep_space(layout: SweepLayout) -> tuple[Space, dict]:
 def retire_errors(layout: SweepLayout) -> list[str]:
     """Move each trial's ``error.json`` aside (``error.prev.json``) so a retried trial really runs again;
     return the trial ids."""
-    from .records import retire_error
 
     return [t for t in layout.trials() if retire_error(layout, t)]
 
@@ -478,7 +488,6 @@ def _adopt_stored_sweep(layout: SweepLayout) -> None:
     text = layout.store.read_text(layout.stored_sweep_json)
     if text is None:
         return
-    import json
 
     try:
         info = json.loads(text)
@@ -555,7 +564,6 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
 def backfill(callback, layout: SweepLayout, plan) -> int:
     """Record every trial the storage says has ended but the ``trials`` table lacks (it ended while the driver was
     dead, or this results root is new); return how many."""
-    from .results import recorded_trials
 
     have = recorded_trials(layout)
     n = 0
@@ -575,7 +583,6 @@ def summarize(layout: SweepLayout, space: Space, last: dict[str, dict] | None = 
 
     Ended trials come from the ``trials`` table (the record every other view uses); the others from the sweep's
     records (PENDING: a resume will run them), with the last metrics this driver received (``last``)."""
-    from .results import query
 
     axes = list(space.axes())
     ended = {}

@@ -13,6 +13,8 @@ trial with what to run after fixing it (``clmim results rebuild NAME``); Tune's 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
 import sys
@@ -33,7 +35,6 @@ from .space import Space, trial_config
 
 def default_mlflow_uri(results_root: Path, uri: str | None = None) -> str:
     """--mlflow-uri, else $MLFLOW_TRACKING_URI, else an SQLite file under the results root."""
-    import os
 
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_root / 'mlflow.db'}"
 
@@ -151,7 +152,6 @@ class ResultsCallback(Callback):
     @property
     def client(self):
         if self._client is None:
-            import os
 
             from mlflow.tracking import MlflowClient
 
@@ -391,6 +391,5 @@ def prune_checkpoints(layout: SweepLayout, trial: str, keep: int) -> None:
 
 
 def json_dumps(v) -> str:
-    import json
 
     return json.dumps(v, sort_keys=True, default=str)

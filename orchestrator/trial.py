@@ -32,6 +32,7 @@ that trial re-raises the same error at once instead of training again, so only l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -157,7 +158,6 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 def _quiet_ray_storage() -> None:
     """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
     to the sweep's console; the progress line already says how trials advance."""
-    import logging
 
     from .ray_private import STORAGE_LOGGERS
 
@@ -284,7 +284,6 @@ def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
 
 def _train_worker(loop_config: dict) -> None:
     """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
-    import logging
 
     import ray.train
 

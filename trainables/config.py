@@ -21,6 +21,7 @@ import yaml
 
 from . import migrate
 from .errors import ConfigError, UserError, excerpt
+from .files import write_text_atomic
 from .objectives import registry
 from .objectives.registry import FlopsView
 from .scale import block_flops, embed_flops, parse_variant
@@ -763,6 +764,5 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from .files import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

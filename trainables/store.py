@@ -15,19 +15,22 @@ keyed by its index's checksum.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import excerpt
+from .errors import ConfigError, excerpt
 from .split import Split
+from .storage import Storage
 
 FORMAT = 1
 INDEX = "index.json"
@@ -144,7 +147,6 @@ class _Selected(StoreSplit):
 def read_index(root: Path) -> dict:
     """The store's index.json; a ``ConfigError`` naming the path if there is none (an unprepared or incomplete
     store) or it is not a store's."""
-    from .config import ConfigError
 
     try:
         index = json.loads((root / INDEX).read_text())
@@ -162,7 +164,6 @@ SHARD_NAME = re.compile(r"shard-\d{5}")
 
 
 def _bad(root: Path, what: str):
-    from .config import ConfigError
 
     return ConfigError(f"data.path: store {str(root)!r}: {what}")
 
@@ -247,7 +248,6 @@ def verify_checksums(root: Path, index: dict) -> None:
 def verified_once(root: Path, index_text: str) -> None:
     """``verify_checksums`` the first time this node uses the store (a marker per store, its index and its shards'
     sizes and times, under the store cache; concurrent trials wait for one check)."""
-    import fcntl
 
     index = json.loads(index_text)
     check_index(root, index)
@@ -273,14 +273,11 @@ def local_copy(path: str) -> Path:
     once, under a lock, keyed by the index's checksum; endpoint from $AWS_ENDPOINT_URL)."""
     if not path.startswith("s3://"):
         return Path(path).expanduser()
-    import fcntl
 
-    from .storage import Storage
 
     st = Storage.parse(path, None, Path.cwd())
     index_text = st.read_text(st.path(INDEX))
     if index_text is None:
-        from .config import ConfigError
 
         raise ConfigError(f"data.path: {path!r} is not a prepared store (no {INDEX} there)")
     key = hashlib.sha256(f"{path}\n{index_text}".encode()).hexdigest()[:16]
@@ -290,7 +287,6 @@ def local_copy(path: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node, the other trials wait for it
         if not (cache / INDEX).is_file():
             tmp = cache.with_name(f".{key}.tmp")
-            import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
             st.download(st.path(), tmp)
