@@ -20,7 +20,7 @@ from trainables.errors import UserError
 from .console import fmt as _fmt
 from .console import print_next_steps, print_summary, resume_command
 from .layout import find_sweep, results_root
-from .results import list_table, query, rebuild
+from .results import list_table, query, rebuild, write_scaling
 
 
 def _positive_int(text: str) -> int:
@@ -300,6 +300,7 @@ def cmd_scaling(args) -> int:
 
     layout = find_sweep(args.name, results_root(args.results))
     table, what = scaling_table(layout.name, layout.root, x=args.x, y=args.y, offset=args.offset)
+    write_scaling(layout.sweep_dir, table, args.x, args.y, what)
     _print_frame(table, f"power-law fits, {what}, 95% interval of b")
     fitted = table.dropna(subset=["b"]) if "b" in table else table.iloc[0:0]
     if len(fitted) >= 2:

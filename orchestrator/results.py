@@ -504,6 +504,13 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     return attempt
 
 
+def write_scaling(sweep_dir: Path, table: Any, x: str, y: str, fitted: str) -> Path:
+    """Save a sweep's power-law fits (``scaling.scaling_table``) as ``scaling_<x>_<y>.parquet`` beside its tables."""
+    path = Path(sweep_dir) / f"scaling_{x}_{y}.parquet"
+    _write_atomic(pa.Table.from_pandas(table.assign(x=x, y=y, fitted=fitted), preserve_index=False), path)
+    return path
+
+
 def recorded_trials(layout: SweepLayout) -> set[str]:
     """Ids of the sweep's trials the ``trials`` table already holds."""
     try:

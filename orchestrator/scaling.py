@@ -23,7 +23,7 @@ import pandas as pd
 
 from trainables.vocab import objective_label, step_metrics
 
-from .results import QueryError, _write_atomic, query
+from .results import QueryError, query
 
 X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen", "data": "train_images"}
 # Config columns that set x itself (so they are x, not a grouping axis), per x.
@@ -125,7 +125,9 @@ def exponent_interval(x, y, offset=False, n_boot=1000, seed=0, level=0.95) -> tu
 
 def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "linear_top1",
                   offset: bool = False, n_boot: int = 1000) -> tuple[pd.DataFrame, str]:
-    """Fit every objective group of sweep ``name``; return (table, description of what was fitted)."""
+    """Fit every objective group of sweep ``name``; return (table, description of what was fitted). Writes
+    nothing (``clmim scaling`` saves the table: ``results.write_scaling``), so a report that reads it has no side
+    effect."""
     root = Path(root)
     if x not in X_COLUMNS:
         raise QueryError(f"--x: {x!r} is not one of {', '.join(X_COLUMNS)}")
@@ -168,9 +170,4 @@ def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "line
             row.update({"a": a, "b": b, "b_low": lo, "b_high": hi, "interval": method, "c": c if offset else None,
                         "note": ""})
         rows.append(row)
-    table = pd.DataFrame(rows)
-    import pyarrow as pa
-
-    _write_atomic(pa.Table.from_pandas(table.assign(x=x, y=y, fitted=what), preserve_index=False),
-                  root / name / f"scaling_{x}_{y}.parquet")
-    return table, what
+    return pd.DataFrame(rows), what

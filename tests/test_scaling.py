@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from orchestrator.cli import main
@@ -54,7 +55,10 @@ def test_scaling_table_recovers_group_exponents(tmp_path):
     by = table.set_index("lam")
     for lam, b in {0.0: -0.3, 1.0: -0.1}.items():
         assert by.loc[lam, "b_low"] < b < by.loc[lam, "b_high"]
-    assert (tmp_path / "sc" / "scaling_params_linear_top1.parquet").is_file()
+    assert not list((tmp_path / "sc").glob("scaling_*"))  # fitting writes nothing (a report reads it)
+    assert main(["scaling", "sc", "--results", str(tmp_path)]) == 0  # the command saves what it printed
+    saved = pd.read_parquet(tmp_path / "sc" / "scaling_params_linear_top1.parquet")
+    assert np.allclose(saved.b, table.b, rtol=1e-9)
 
 
 def test_scaling_groups_by_every_other_varied_axis_and_fits_error_above_chance(tmp_path):
