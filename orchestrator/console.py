@@ -18,7 +18,7 @@ from trainables.storage import Storage
 from trainables.vocab import HIGHER_IS_BETTER
 
 from .layout import SweepLayout
-from .records import trial_id_of
+from .records import Status, trial_id_of
 
 
 def fmt(v) -> str:
@@ -106,7 +106,7 @@ def print_next_steps(layout: SweepLayout, results_arg: str | None) -> None:
         print(f"  {cmd}", flush=True)
 
 
-ENDED = ("TERMINATED", "ERROR")
+ENDED = (Status.TERMINATED, Status.ERROR)
 CHANGED_EVERY_S = 10.0  # a changed progress line is printed at most this often
 UNCHANGED_EVERY_S = 300.0  # an unchanged one (only the clock moved) at most this often, as a heartbeat
 
@@ -147,7 +147,7 @@ class SweepClock:
         for tid, status, step, total in trials:
             c = self.trials.get(tid)
             if c is None:
-                if status != "RUNNING" and status not in ENDED:
+                if status != Status.RUNNING and status not in ENDED:
                     continue  # not started
                 c = self.trials[tid] = _TrialClock(start=now)
             running += status == "RUNNING"
@@ -215,11 +215,11 @@ def progress_line(statuses: list[str], fractions: list[float], best: tuple[str, 
     the part of a progress line that changes only when the sweep moves (the clock is added by ``with_clock``)."""
     n = len(statuses)
     by = Counter(statuses)
-    finished = by["TERMINATED"] + by["ERROR"]
+    finished = by[Status.TERMINATED.value] + by[Status.ERROR.value]
     running = [f for s, f in zip(statuses, fractions, strict=True) if s == "RUNNING"]
     share = f" ({100 * sum(running) / len(running):.0f}% of {'its' if len(running) == 1 else 'their'} steps)" \
         if running else ""
-    parts = [f"trials {finished}/{n} done ({by['ERROR']} errored), {len(running)} running{share}, "
+    parts = [f"trials {finished}/{n} done ({by[Status.ERROR.value]} errored), {len(running)} running{share}, "
              f"{n - finished - len(running)} pending"]
     if best is not None:
         parts.append(f"best {best[0]} {fmt(best[1])} ({best[2]})")
@@ -275,7 +275,7 @@ class ProgressPrinter:
         statuses = [status for _, _, status, _ in snapshot] + self.ended
         fractions = [self._done[tid] for tid, *_ in snapshot] + [1.0] * len(self.ended)
         waiting = max(0, self.total - len(statuses))  # not created by Tune yet
-        content = progress_line(statuses + ["PENDING"] * waiting, fractions + [0.0] * waiting,
+        content = progress_line(statuses + [Status.PENDING] * waiting, fractions + [0.0] * waiting,
                                 self._best(snapshot))
         last_content, last_when = self._printed
         wait = CHANGED_EVERY_S if content != last_content else UNCHANGED_EVERY_S

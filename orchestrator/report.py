@@ -25,6 +25,7 @@ from pathlib import Path
 
 import matplotlib
 
+from .records import Status
 from .scaling import scaling_table
 
 matplotlib.use("Agg")
@@ -338,7 +339,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     trials = with_mix(con.execute("SELECT * FROM trials WHERE sweep = ?", [name]).df())
     if trials.empty:
         raise no_results(layout)
-    done = trials[trials.status == "TERMINATED"]
+    done = trials[trials.status == Status.TERMINATED]
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
     axes_cols = group_axes(done)
@@ -392,7 +393,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         written.append(f)
 
     status = trials.groupby("status").size().reset_index(name="trials")
-    failed = trials[trials.status != "TERMINATED"][["trial", "status", "error"]]
+    failed = trials[trials.status != Status.TERMINATED][["trial", "status", "error"]]
     axes_cols = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in layer_keys().values()),
                              "objective.placement.graft_layer", "optim.steps", "run.seed") if c in done]
     # ranked on the validation split where the trials have one; the accuracy shown is the evaluation split's

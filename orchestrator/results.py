@@ -742,10 +742,11 @@ def list_table(root: str | Path):
         by = dict(zip(c.status, c.n, strict=True))
         layout = SweepLayout(root, d.name, stored_storage(d))
         planned = info.get("n_trials") if isinstance(info.get("n_trials"), int) else None
+        done, failed = records.Status.TERMINATED.value, records.Status.ERROR.value
         rows.append({"sweep": d.name, "started": info.get("created", "?"), "planned": planned,
                      "state": records.sweep_state(layout, planned).state,
-                     "terminated": int(by.get("TERMINATED", 0)), "error": int(by.get("ERROR", 0)),
-                     "other": int(sum(v for k, v in by.items() if k not in ("TERMINATED", "ERROR"))),
+                     "terminated": int(by.get(done, 0)), "error": int(by.get(failed, 0)),
+                     "other": int(sum(v for k, v in by.items() if k not in (done, failed))),
                      "storage_mb": round(_total_bytes(layout) / 1e6, 1)})
     return pd.DataFrame(rows)
 

@@ -588,7 +588,7 @@ def summarize(layout: SweepLayout, space: Space, last: dict[str, dict] | None = 
     ended = {}
     try:
         df = query("SELECT * FROM trials WHERE sweep = ?", layout.root, [layout.name])
-        ended = {r["trial"]: r for r in df.to_dict(orient="records") if r["status"] in ("TERMINATED", "ERROR")}
+        ended = {r["trial"]: r for r in df.to_dict(orient="records") if Status(r["status"]).ended}
     except UserError:
         pass
     try:
@@ -608,10 +608,10 @@ def summarize(layout: SweepLayout, space: Space, last: dict[str, dict] | None = 
         else:
             values = recs[tid].values or {}
             got = (last or {}).get(tid, {})
-            row = {"trial": tid, "status": "PENDING", **{k: values.get(k) for k in axes},
+            row = {"trial": tid, "status": Status.PENDING.value, **{k: values.get(k) for k in axes},
                    **{k: got.get(k) for k in SUMMARY_METRICS}}
         rows.append(row)
-    finished = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
+    finished = sum(Status(r["status"]).ended for r in rows)
     interrupted = finished < max(len(rows), space.n_trials())
     errored = sum(r["status"] == "ERROR" for r in rows)
     return {"rows": rows, "interrupted": interrupted, "errored": errored, "layout": layout}
