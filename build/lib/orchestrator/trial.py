@@ -1,0 +1,321 @@
+"""One trial of a sweep under Ray Tune: the typed spec the driver hands each trial, and the Tune trainable.
+
+``run_trial(values, spec)`` is a Tune function trainable: ``values`` are the sampled dotted keys, ``spec`` (bound
+with ``tune.with_parameters``) a frozen ``TrialSpec``: the sweep's layout (so every path, in the storage every node
+reaches), the base config and fixed overrides, the resources.
+
+- One-worker trials run the trainer right in the Tune trial process (``resources.mode: auto``). The trial owns its
+  checkpoints: each is copied into its folder in the storage (``checkpoint_<step>``), the older one deleted after;
+  a (re)started trial continues from the newest one there that loads (``resume_point``). Tune is never handed a
+  checkpoint: its saved state, synced to the storage in the background, can lag the storage, and a state naming a
+  checkpoint already deleted made the restored trial fail in Tune before this code ran (seen when the driver
+  died). Tune's ``FailureConfig`` retries a lost process, on any node.
+- Multi-worker trials build a ``ray.train.torch.TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU) around the same
+  trainer; ``TuneReportCallback`` forwards rank 0's reports to Tune, checkpoints live in the storage under
+  ``train/<trial_id>``, and a restarted trial's TorchTrainer (same name, same storage) resumes from the latest.
+
+Files: the trainer writes into a scratch folder on its own node; each checkpoint is copied to the storage (by
+the trial, or by Ray Train for multi-worker trials) and the local copy deleted, so each checkpoint exists once. The
+resolved config is written to ``run/config.yaml`` in the storage before training; at the end the run files
+(``final_metrics.json``, and ``model.pt``, the final encoder weights for ``clmim analyze``) are copied there too.
+
+A trial's id is the one the sweep planned (``records.TRIAL_KEY`` in its config), so a resumed sweep's new Tune run
+finds the trial's folder and checkpoints again. The trial keeps its own log of every report (``records.REPORTS``),
+copied into each checkpoint before it is stored and into ``run/`` at the end: a trial resumed from a checkpoint
+continues that log, so the tables never lose a step reported before (Tune's ``result.json`` is rewritten by each
+Tune run and is not read).
+
+A trial that raises (a config problem, a non-finite loss) writes ``error.json`` in its storage folder; a retry of
+that trial re-raises the same error at once instead of training again, so only lost processes are retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainables.config import Config, to_dict
+from trainables.trainer import export_weights, load_weights, train
+
+from . import records
+from .layout import SweepLayout
+from .records import REPORTS, RecordError, sampled_values, trial_id_of
+from .space import Space, resolve_config
+
+
+class TrialError(RuntimeError):
+    """A deterministic trial failure (re-raised on retry without training again)."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of a sweep needs, passed once from the driver (pickled into each trial process)."""
+
+    layout: SweepLayout
+    base: dict
+    fixed: dict
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    in_process: bool = True
+    keep_checkpoints: int = 0
+
+    @classmethod
+    def from_space(cls, space: Space, layout: SweepLayout) -> TrialSpec:
+        r = space.resources
+        return cls(layout=layout, base=space.base, fixed=space.fixed(), workers=r.workers,
+                   cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, in_process=r.in_process,
+                   keep_checkpoints=space.keep_checkpoints)
+
+    def config(self, values: dict, out_dir: str | None = None) -> Config:
+        """The trial's typed config (``resolve_config``), with its run folder, threads from its CPU share, and
+        the CPU when it has no GPU."""
+        cfg = resolve_config(self.base, self.fixed, values)
+        cfg.run.out_dir = out_dir
+        cfg.run.threads = max(1, int(self.cpus_per_worker))
+        if self.gpus_per_worker <= 0:
+            cfg.run.device = "cpu"
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------- errors
+def record_error(layout: SweepLayout, trial: str, exc: BaseException) -> None:
+    kind, message = describe_error(exc)
+    records.record_error(layout, trial, kind, message, traceback.format_exc())
+
+
+def describe_error(exc: BaseException) -> tuple[str, str]:
+    """(type, first line of the message) of the exception the training code raised. For a Ray Train
+    ``WorkerGroupError`` that is the lowest failing rank's own exception (Ray Train keeps it in
+    ``worker_failures``), not the wrapper's "Training failed due to worker errors"."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    text = str(exc).strip()
+    return type(exc).__name__, text.splitlines()[0] if text else type(exc).__name__
+
+
+def raise_recorded(layout: SweepLayout, trial: str) -> None:
+    """Raise ``TrialError`` if the trial recorded a deterministic error (a retry must not train again)."""
+    err = records.read_error(layout, trial)
+    if err is not None:
+        raise TrialError(err)
+
+
+def is_lost_worker(e: BaseException) -> bool:
+    """True if a Ray Train trial failed because a worker process was lost (killed, out of memory, node gone) or
+    the worker group could not start: worth a retry from the last checkpoint. An exception raised by the training
+    code on any rank is deterministic: not retried. When one rank dies the others often fail with collateral
+    errors (a collective's peer vanished), so one lost worker makes the whole failure a lost worker (as Ray
+    Train decides for preemptions)."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from .ray_private import lost_worker_errors
+
+    lost = (RayActorError, *lost_worker_errors())
+    if isinstance(e, WorkerGroupError):
+        return any(isinstance(f, lost) for f in e.worker_failures.values())
+    return isinstance(e, (ControllerError, *lost))
+
+
+# ------------------------------------------------------------------------------------------- the trainable
+def run_trial(config: dict, spec: TrialSpec) -> None:
+    """Tune function trainable (see the module docstring)."""
+    from ray import tune
+
+    _quiet_ray_storage()
+    trial = trial_id_of(config, tune.get_context().get_trial_id())
+    values = sampled_values(config)
+    raise_recorded(spec.layout, trial)
+    try:
+        final = records.read_final(spec.layout, trial)
+    except RecordError:
+        final = None  # damaged: it resumes from its last checkpoint and writes it again
+    if final is not None:
+        # it finished under a driver that died before recording it: report, do not train again
+        tune.report(_clean(final))
+        return
+    try:
+        if spec.in_process:
+            train_reporting_to(tune, values, spec, trial, in_process=True)
+        else:
+            _run_with_train(values, spec, trial)
+    except Exception as e:
+        if not is_lost_worker(e):
+            record_error(spec.layout, trial, e)
+        raise
+
+
+def _quiet_ray_storage() -> None:
+    """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
+    to the sweep's console; the progress line already says how trials advance."""
+
+    from .ray_private import STORAGE_LOGGERS
+
+    for name in STORAGE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def scratch_dir(layout: SweepLayout, trial: str, rank: int) -> Path:
+    """This process's local working folder for the trial (on its own node; emptied at start and at the end)."""
+    d = Path(tempfile.gettempdir()) / "clmim" / layout.name / f"{trial}-rank{rank}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def _clean(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+class ReportLog:
+    """The trial's own record of every report (``records.REPORTS``, one JSON object per line): appended as the trial
+    reports, copied into each checkpoint before the checkpoint is stored, and into ``run/`` at the end. Each entry
+    carries ``time_total_s``, the trial's seconds over all its attempts."""
+
+    def __init__(self, path: Path, prior: list[dict]):
+        self.path = path
+        self._before = max((float(r.get("time_total_s") or 0) for r in prior), default=0.0)
+        self._t0 = time.time()
+        path.write_text("".join(json.dumps(r) + "\n" for r in prior))
+
+    def append(self, metrics: dict) -> None:
+        entry = {**metrics, "time_total_s": self._before + time.time() - self._t0}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def copy_to(self, folder: Path) -> None:
+        shutil.copyfile(self.path, Path(folder) / REPORTS)
+
+
+def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_process: bool) -> None:
+    """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
+    process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
+    A retried or resumed trial continues from its last checkpoint in the storage: in process, ``resume_point``;
+    in Ray Train, the one Ray Train hands every rank (all ranks must start from the same one)."""
+    layout, store = spec.layout, spec.layout.store
+    rank = 0 if in_process else api.get_context().get_world_rank()
+    scratch = scratch_dir(layout, trial, rank)
+    try:
+        # Every rank gets an out_dir (the trainer writes files from rank 0 only, but all ranks must agree on when
+        # checkpoints happen: saving one is a collective step).
+        cfg = spec.config(values, str(scratch / "run"))
+        if in_process:
+            cfg.run.resume = resume_point(layout, trial, scratch / "resume")
+        elif (ckpt := api.get_checkpoint()) is not None:
+            cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
+        resumed = Path(cfg.run.resume).parent if cfg.run.resume else None
+        prior = records.parse_reports((resumed / REPORTS).read_text()) if resumed and (resumed / REPORTS).is_file() \
+            else []
+        log = ReportLog(scratch / REPORTS, prior)
+        if rank == 0:
+            import yaml
+
+            # before training: the driver reads the trial's true config from here, whatever happens next
+            store.write_text(f"{layout.run_path(trial)}/config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            records.write_values(layout, trial, values)
+            store.write_text(f"{layout.trial_path(trial)}/pid", str(os.getpid()))
+        # the newest checkpoint: the final weights are exported from it (a trial resumed at its last step has it
+        # from the start)
+        last: dict[str, Path] = {"dir": resumed} if resumed else {}
+
+        def report(metrics: dict, checkpoint=None) -> None:
+            clean = _clean(metrics)
+            log.append(clean)
+            if checkpoint:
+                log.copy_to(checkpoint)  # the checkpoint carries every report up to it
+            if checkpoint and in_process:  # into the storage first, then older ones beyond the kept count go
+                stored = f"{layout.trial_path(trial)}/checkpoint_{int(metrics['step']):07d}"
+                store.upload(Path(checkpoint), stored)
+                older = [p for p in layout.checkpoint_paths(trial) if p != stored]
+                for old in older[:max(0, len(older) - (max(1, spec.keep_checkpoints) - 1))]:
+                    store.delete(old)
+            api.report(clean, checkpoint=api.Checkpoint.from_directory(str(checkpoint))
+                       if checkpoint and not in_process else None)
+            if checkpoint:  # the storage holds it now: that copy is the only one kept
+                if "dir" in last:
+                    shutil.rmtree(last["dir"], ignore_errors=True)
+                last["dir"] = Path(checkpoint)
+
+        train(cfg, report)
+        if rank == 0:
+            run = scratch / "run"
+            if "dir" in last:
+                export_weights(last["dir"] / "checkpoint.pt", run / "model.pt")
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            log.copy_to(run)
+            store.upload(run, layout.run_path(trial))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
+    """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest one in the
+    trial's storage folder that loads, else None (a fresh start). A damaged one (torn by a killed process, truncated)
+    is skipped with a one-line warning naming it and the step the trial falls back to."""
+    store = layout.store
+    prefix = layout.trial_path(trial) + "/"
+    damaged: list[tuple[str, str]] = []
+    found, step = None, 0
+    for path in reversed([p for p in layout.checkpoint_paths(trial) if p.startswith(prefix)]):
+        name = path.rsplit("/", 1)[-1]
+        f = store.download(path, local / name) / "checkpoint.pt"
+        try:
+            step = int(load_weights(f)["step"])
+            found = str(f)
+            break
+        except Exception as e:  # noqa: BLE001 - torn, truncated or missing: try the one before
+            damaged.append((store.display(f"{path}/checkpoint.pt"), type(e).__name__))
+            shutil.rmtree(local / name, ignore_errors=True)
+    for where, why in damaged:
+        print(f"clmim: warning: trial {trial}: checkpoint {where} is damaged ({why}); resuming from "
+              + (f"step {step}" if found else "step 0 (no other checkpoint loads)"), file=sys.stderr, flush=True)
+    return found
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
+
+    import ray.train
+
+    from .ray_private import train_report_logger_name
+
+    # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
+    logging.getLogger(train_report_logger_name()).setLevel(logging.WARNING)
+    _quiet_ray_storage()
+    train_reporting_to(ray.train, loop_config["values"], loop_config["spec"], loop_config["trial"], in_process=False)
+
+
+def _run_with_train(values: dict, spec: TrialSpec, trial: str) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = spec.gpus_per_worker > 0
+    per_worker = {"CPU": spec.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = spec.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"values": values, "spec": spec, "trial": trial},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=trial, storage_path=spec.layout.train_path, storage_filesystem=spec.layout.store.fs,
+            callbacks=[TuneReportCallback()],
+            # Ray Train would retry every worker failure, the training code's own exceptions included; Tune
+            # retries instead (this function again: a new TorchTrainer that resumes from the same storage), and
+            # only after a lost worker (``is_lost_worker``).
+            failure_config=FailureConfig(max_failures=0),
+            # one checkpoint is enough: Ray registers a new one only once it is completely in the storage
+            checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()

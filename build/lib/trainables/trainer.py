@@ -1,0 +1,589 @@
+"""The trainer: one plain function, ``train(config, report) -> final metrics``.
+
+It runs the same under pytest, ``clmim train`` and Ray Train: on CPU or GPU (bf16 autocast), with DDP when a
+``torch.distributed`` process group exists (the global batch is split across ranks), resuming from a complete
+checkpoint when asked. ``report(metrics, checkpoint=None)`` is called at log steps, checkpoint steps (with the
+checkpoint directory) and at the end, on every rank; launchers decide what to do with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.models.vision_transformer import Block
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import migrate
+from .config import (
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    stage_bounds,
+    stage_config,
+    to_dict,
+    train_flops_per_image,
+)
+from .data import DataBundle, batch_stream, build_data
+from .errors import NonFiniteLossError
+from .files import write_json_atomic
+from .finetune import finetune, finetune_steps
+from .model import param_groups
+from .objectives import registry
+from .objectives.mixture import Mixture, build_objective
+from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
+from .rng import rng_state, set_rng_state
+from .robustness import finetune_noise_accuracy, linear_noise_accuracy
+from .scale import encoder_params, parse_variant
+from .schedule import lr_schedule, phase_steps, step_seed, steps_per_epoch
+from .vocab import target_encoders
+
+Report = Callable[..., None]
+KEEP_CHECKPOINTS = 2
+
+
+def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
+    """Per-step lr (linear warmup, then ``optim.schedule``: cosine decay to ``min_lr_ratio``, or multistep: the
+    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), and each objective of the
+    mix's own (its declaration's ``schedules``: MoCo v3's and DINO's EMA momentum, cosine to 1; DINO's teacher
+    temperature and last-layer freeze, whose default length is one epoch of ``per_epoch`` steps)."""
+    o = cfg.optim
+    lr = lr_schedule(o.blr * o.lr_scale * cfg.data.batch_size / 256, total, o.warmup_frac, o.schedule,
+                     o.min_lr_ratio, o.decay_at, o.decay_gamma)
+    steps = np.arange(total, dtype=np.float64)
+    wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+    to_one = 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))  # 1 -> 0 over the run
+    wd = wd_end + (o.weight_decay - wd_end) * to_one
+    out = {"lr": lr, "wd": wd}
+    for name in cfg.objective.mix():
+        obj = registry.get(name)
+        if obj.schedules is not None:
+            out.update(obj.schedules(getattr(cfg.objective, name), total, to_one, per_epoch))
+    return out
+
+
+def schedule_inputs(cfg: Config) -> tuple[str, ...]:
+    """The schedule values the mix's heads read from each step's batch (their declarations' ``step_inputs``)."""
+    return tuple(k for name in cfg.objective.mix() for k in registry.get(name).step_inputs)
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    """optim.steps, optim.epochs converted with the global batch, or the steps that fit in optim.flops_budget
+    (training FLOPs of all images; see ``train_flops_per_image``); default: 100 steps."""
+    if cfg.optim.steps is not None:
+        return cfg.optim.steps
+    if cfg.optim.flops_budget is not None:
+        return int(cfg.optim.flops_budget // (train_flops_per_image(cfg) * cfg.data.batch_size))  # >= 1: config
+    return phase_steps(None, cfg.optim.epochs, n_train, cfg.data.batch_size) or 100
+
+
+def model_stats(cfg: Config) -> dict[str, float]:
+    """Encoder parameter count and training FLOPs per image (analytic; see ``scale.py``)."""
+    spec = parse_variant(cfg.model.variant)
+    return {"params": encoder_params(spec, cfg.model.img_size), "train_flops_per_image": train_flops_per_image(cfg)}
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _param_groups(objective: Mixture, cfg: Config) -> list[dict]:
+    """AdamW groups: with / without weight decay, each at lr x 1 or, for the lower blocks of the lr-ratio graft
+    (``objective.lower_parameters``), at lr x ``graft_lr_ratio``. Frozen parameters are left out. Order: with
+    decay first, then by lr multiple, larger first (the optimiser state's order in checkpoints)."""
+    lower = objective.lower_parameters()
+    ratio = cfg.objective.placement.graft_lr_ratio
+
+    def scale(name, p, decay):
+        mult = ratio if id(p) in lower else 1.0
+        return (not decay, -mult), mult
+
+    return param_groups(objective, scale)  # (weight decay set per step from the schedule)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def load_weights(path: str | Path):
+    """``torch.load`` that never runs code from the file (``weights_only=True``): tensors and plain values only.
+    A file that needs more (a pickle with arbitrary objects) raises ``pickle.UnpicklingError``. A file an earlier
+    version wrote comes back in today's vocabulary (``migrate.checkpoint``)."""
+    return migrate.checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
+                    extra: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically to out_dir/checkpoints/step_NNNNNNN/; keep the last two. ``extra``
+    (tensors and plain values) is stored beside (a fine-tuning checkpoint: its phase and the pre-trained encoder)."""
+    root = out_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({
+        "step": step,
+        "model": objective.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": to_dict(cfg),
+        "rng": rng_state(),
+        **(extra or {}),
+    }, tmp / "checkpoint.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def export_weights(checkpoint: Path, out: Path) -> Path:
+    """Write the weights of the encoder a full checkpoint's evaluations read (``eval.encoder``: DINO's teacher by
+    default; no heads, other encoders, optimiser or RNG state) with its step and config to ``out``: what ``clmim
+    analyze`` reads, a fraction of the checkpoint's size."""
+    ckpt = load_weights(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"step": ckpt.get("pretrain_step", ckpt["step"]), "config": ckpt["config"],
+                "model": pretrained_encoder(ckpt)}, tmp)  # the encoder the config's eval.encoder names
+    os.replace(tmp, out)
+    return out
+
+
+def encoder_prefix(which: str) -> str:
+    """Where an ``eval.encoder`` lives in a pre-training checkpoint's state dict (``Mixture``'s submodule names):
+    ``encoder.`` for the student, ``<objective>.<target>.encoder.`` for an EMA copy (``dino.teacher.encoder.``)."""
+    return "encoder." if which == "student" else f"{target_encoders()[which]}.{which}.encoder."
+
+
+def pretrained_encoder(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The weights (objective names, ``encoder.*``) of the encoder a clmim file's evaluations read
+    (``eval.encoder`` of its config: DINO's teacher by default): from a pre-training checkpoint, the pre-trained
+    encoder a fine-tuning checkpoint carries (never the fine-tuned one), or an export (``export_weights``: only
+    that encoder, no optimiser state)."""
+    if ckpt.get("phase") == "finetune":
+        return {f"encoder.{k}": v for k, v in ckpt["pretrained"].items()}
+    prefix = encoder_prefix("student")
+    if "optimizer" in ckpt:  # a full checkpoint holds every encoder; an export, only the one it exported
+        which = load_config(ckpt["config"]).eval.encoder
+        prefix = encoder_prefix(which)
+    return {f"encoder.{k[len(prefix):]}": v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def find_checkpoint(path: str | Path, weights: bool = False) -> Path | None:
+    """A checkpoint file from a file, a step directory, or a run directory (latest step; with ``weights``, else
+    the run's final weights export ``model.pt``, which cannot resume training)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / "checkpoint.pt").is_file():
+        return p / "checkpoint.pt"
+    steps = sorted((p / "checkpoints").glob("step_*/checkpoint.pt")) if p.is_dir() else []
+    if steps:
+        return steps[-1]
+    return p / "model.pt" if weights and (p / "model.pt").is_file() else None
+
+
+def newest_loadable(out_dir: Path) -> Path | None:
+    """The newest checkpoint under ``out_dir/checkpoints`` that loads (``run.resume: auto``); a damaged newer one
+    (truncated, torn by a killed process) is skipped with a one-line warning naming it and the step the run falls
+    back to."""
+    damaged = []
+    for f in sorted(Path(out_dir).glob("checkpoints/step_*/checkpoint.pt"), reverse=True):
+        try:
+            step = int(load_weights(f)["step"])
+        except Exception as e:  # noqa: BLE001 - any unloadable file: the one before
+            damaged.append(f"{f} ({type(e).__name__})")
+            continue
+        for d in damaged:
+            print(f"clmim: warning: checkpoint {d} is damaged; resuming from step {step}", file=sys.stderr, flush=True)
+        return f
+    for d in damaged:
+        print(f"clmim: warning: checkpoint {d} is damaged; starting from step 0 (no other checkpoint loads)",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def load_checkpoint(path: Path, objective: Mixture, opt: torch.optim.Optimizer | None) -> tuple[int, dict]:
+    """Restore model, optimiser and RNG state; return the step to continue from and the last log step's metrics
+    (what the run reports as its final loss if it resumes at its last step). A file holding anything but tensors
+    and plain values is refused (``ConfigError``), never unpickled."""
+    try:
+        ckpt = load_weights(path)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"run.resume: {str(path)!r} holds Python objects beyond tensors and plain values; "
+                          "refused (checkpoints load with weights_only=True)") from None
+    if ckpt.get("phase") == "finetune":  # pre-training is over: its encoder only (fine-tuning reloads the rest)
+        objective.encoder.load_state_dict(ckpt["pretrained"])
+    else:
+        objective.load_state_dict(ckpt["model"])
+        if opt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    log = ckpt.get("log")
+    return int(ckpt["step"]), dict(log) if isinstance(log, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
+    """Every probe of the pre-training's encoder at ``step``: ``probes.run_probes`` (last-layer kNN / linear / shape
+    bias plus ``layer/...`` rows), the dense probe, CKA against the untrained encoder, and (at step 0 and at the
+    end) the linear probe's accuracy under frequency-filtered noise. Seconds spent go to ``run.seconds``.
+
+    The global RNG is left as it was (``fork_rng``): training's draws (drop path) must not depend on which
+    evaluations ran, or how often."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        return _evaluate(run, step, final)
+
+
+def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
+    cfg, enc, e = run.cfg, run.objective.eval_encoder(run.cfg.eval.encoder), run.cfg.eval
+    clock = time.perf_counter
+    t = clock()
+    keep: dict = {}  # the eval subset's features and the fitted linear probe, reused below
+    rows, summary = run_probes(enc, run.data, cfg, keep)
+    run.seconds["probes"] += clock() - t
+    t = clock()
+    rows += dense_rows(enc, run.data, cfg)
+    run.seconds["dense"] += clock() - t
+    if e.cka:
+        t = clock()
+        if step == 0 and run.untrained is None and run.initial_encoder is None:
+            run.untrained = keep["eval_gap"]  # this encoder is the untrained one
+        rows += cka_rows(keep["eval_gap"], untrained_features(run, step))
+        run.seconds["cka"] += clock() - t
+    if e.noise.bands and (step == 0 or final):
+        t = clock()
+        summary |= linear_noise_accuracy(enc, run.data, cfg, keep["predict"][e.pool])
+        run.seconds["noise"] += clock() - t
+    return {**summary, **rows_to_metrics(rows)}
+
+
+def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:
+    """GAP features of every layer of the untrained encoder on the fixed eval subset, computed once:
+    at step 0 they are the probes' own (``evaluate``), after a resume from the copy ``build_run`` kept of the
+    initial weights."""
+    if run.untrained is None:
+        if run.initial_encoder is None:
+            raise RuntimeError("untrained features asked for after training started without an initial copy")
+        enc = run.initial_encoder.to(run.device)
+        layers = list(range(enc.depth + 1))
+        images = run.data.eval.subset(run.cfg.eval.samples, run.cfg.run.seed).images  # the probes' eval subset
+        run.untrained = extract_features(enc, images, run.cfg.model.img_size, layers=layers)["gap"]
+        run.initial_encoder = None
+    return run.untrained
+
+
+def replicas_in_sync(module: torch.nn.Module) -> bool:
+    """True if every DDP rank holds bit-identical parameters (max and min of a checksum agree across ranks)."""
+    total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(lo == hi)
+
+
+# ------------------------------------------------------------------------------------------- training
+def compile_objective(objective: torch.nn.Module, world: int) -> None:
+    """``run.compile``: torch.compile the objective in place; module and state-dict names stay as they are.
+
+    One process: the whole step (augmentation, masking, encoder, heads, losses: ``objective.step``) becomes one
+    graph, so the elementwise work between the matmuls fuses. Under DDP each transformer block is compiled on its
+    own instead (online and momentum encoder), because one graph would produce every gradient at the end of its
+    backward and leave DDP no all-reduce to overlap with compute.
+    """
+    # All compiled modules share the cache of one code object (Module._call_impl; likewise every Mixture's
+    # ``step``), so earlier compiles in this process (another trial, a plain model) count against the recompile
+    # limit: past it, code silently runs eager. Raise the limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if world == 1:
+        objective.step = torch.compile(objective.step, dynamic=False)
+        return
+    for m in objective.modules():
+        if isinstance(m, Block):
+            m.compile(dynamic=False)
+
+
+
+
+@dataclass
+class TrainRun:
+    """Everything the training loop needs, built once by ``build_run``."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: Path | None
+    data: DataBundle
+    objective: Mixture  # the module that owns the weights (checkpoints, probes, EMA)
+    model: torch.nn.Module  # what the step calls: the objective, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: dict[str, np.ndarray]
+    total: int  # pre-training optimiser steps of this stage (fine-tuning steps come after the last stage's)
+    steps_per_epoch: int
+    start: int  # first step to run (> 0 after a resume; > total: resuming fine-tuning)
+    autocast: object
+    stream: object
+    info: dict  # static facts reported at the end (sizes, FLOPs, world size)
+    # schedule_inputs' schedules as device tensors: a step reads its values without a host-to-device copy (a sync)
+    step_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    resumed: Path | None = None  # the checkpoint the run continues from
+    last_log: dict = field(default_factory=dict)  # the last log step's metrics before the resumed checkpoint
+    initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
+    untrained: dict | None = None  # its GAP features per layer on the eval subset (``untrained_features``)
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("probes", "dense", "cka", "noise"), 0.0))
+    offset: int = 0  # the global step this stage starts at (a staged run; 0 otherwise): steps and checkpoints count
+    # globally, so a staged run is one sequence of reports and checkpoints
+
+    def ckpt_due(self, done: int, last: int) -> bool:
+        """True if the run saves a checkpoint after step ``done`` (every ``run.ckpt_every`` and at ``last``)."""
+        r = self.cfg.run
+        return self.out_dir is not None and bool((r.ckpt_every and done % r.ckpt_every == 0) or done == last)
+
+    def save(self, done: int, module: torch.nn.Module, opt: torch.optim.Optimizer,
+             extra: dict | None = None) -> Path | None:
+        """Save a checkpoint from rank 0 (all ranks wait for it); its directory on rank 0, else None."""
+        path = save_checkpoint(self.out_dir, done, module, opt, self.cfg, extra) if self.rank == 0 else None
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+
+@dataclass
+class Stage:
+    """Where a stage of a staged run (``config.stages``) sits; the default is an unstaged run."""
+
+    index: int = 0
+    offset: int = 0  # the global step it starts at
+    last: bool = True
+    init: dict | None = None  # the encoder (``ViT`` state dict) it starts from: the previous stage's
+    whole: Config | None = None  # the staged run's own config (its length, FLOPs, saved config); None: unstaged
+
+
+def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
+    """Seed, load data, build the objective and optimiser, resume from a checkpoint if asked (or start from the
+    previous stage's encoder), compile, wrap in DDP when a process group exists."""
+    stage = stage or Stage()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by {world} workers")
+    if (cfg.eval.finetune.batch_size or world) % world:
+        raise ConfigError(f"eval.finetune.batch_size: {cfg.eval.finetune.batch_size} is not divisible by {world} "
+                          "workers")
+    device = _device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+    if out_dir and rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(stage.whole or cfg, out_dir / "config.yaml")  # a staged run's whole config, not a stage's
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    np.random.seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    data = build_data(cfg)
+    objective = build_objective(cfg).to(device)
+    total = total_steps(cfg, len(data.train))
+    opt = torch.optim.AdamW(_param_groups(objective, cfg), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            fused=device.type == "cuda")
+    start, ckpt, initial, last_log = 0, None, None, {}
+    if cfg.run.resume:
+        auto = cfg.run.resume == "auto" and out_dir is not None
+        ckpt = newest_loadable(out_dir) if auto else find_checkpoint(cfg.run.resume)
+        if ckpt is not None:
+            if cfg.eval.cka:  # CKA against the untrained encoder needs its weights, about to be overwritten
+                initial = copy.deepcopy(objective.encoder).cpu()
+            start, last_log = load_checkpoint(ckpt, objective, opt)
+            start -= stage.offset  # checkpoints count global steps
+        elif cfg.run.resume != "auto":
+            raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
+    if ckpt is None and stage.init is not None:
+        objective.load_encoder(stage.init)
+    if cfg.run.compile:
+        compile_objective(objective, world)
+    model = objective
+    if world > 1:
+        model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=objective.has_unused_params())
+    use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    finetuning = finetune_steps(cfg, len(data.labelled))
+    per_epoch = steps_per_epoch(len(data.train), cfg.data.batch_size)
+    sched = schedules(cfg, total, per_epoch)
+    return TrainRun(
+        cfg=cfg, rank=rank, world=world, device=device, out_dir=out_dir, data=data, objective=objective,
+        model=model, opt=opt, sched=sched, total=total, steps_per_epoch=per_epoch, start=start,
+        step_inputs={k: torch.as_tensor(sched[k], dtype=torch.float32, device=device) for k in schedule_inputs(cfg)},
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
+        stream=batch_stream(data.train, cfg.data.batch_size, cfg.run.seed + 104_729 * stage.index, min(start, total),
+                            rank, world, device),
+        # the whole run's facts: a staged run's length is its stages' together, its FLOPs every stage's
+        info={**model_stats(stage.whole or cfg),
+              "total_steps": (stage.whole.optim.steps if stage.whole else total) + finetuning,
+              "world_size": world, "device": device.type, "train_images": len(data.train)},
+        resumed=ckpt, last_log=last_log, initial_encoder=initial, offset=stage.offset)
+
+
+def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
+                 seconds: float) -> dict:
+    """The logged scalars of a log step (averaged over ranks): the one host sync of the step. Raises
+    ``NonFiniteLossError`` if any loss since the last log step was NaN or infinite."""
+    keys = sorted(out)
+    vals = torch.stack([out[k].detach().float() for k in keys] + [nonfinite.float()])
+    if run.world > 1:
+        dist.all_reduce(vals)
+        vals /= run.world
+    vals = vals.tolist()
+    lr = float(run.sched["lr"][step])
+    if vals[-1] > 0 or not all(math.isfinite(v) for v in vals[:-1]):
+        raise NonFiniteLossError(f"non-finite loss by step {done} (loss={vals[keys.index('loss')]}, lr={lr:.3g}); "
+                                 "try a lower optim.blr or set optim.clip_grad")
+    return {**dict(zip(keys, vals[:-1], strict=True)), "step": run.offset + done,
+            "total_steps": run.info["total_steps"], "epoch": (run.offset + done) / run.steps_per_epoch, "lr": lr,
+            "images_per_s": images / seconds}
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float, mode: str) -> None:
+    """Clip gradients in place without a host sync: ``global`` scales all of them by one factor so their joint
+    norm is at most ``max_norm`` (SimMIM); ``per_tensor`` scales each parameter's gradient so its own norm is
+    (DINO's ``utils.clip_gradients``: coefficient max_norm / (norm + 1e-6), applied where below 1)."""
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in torch._foreach_norm(grads)]
+        torch._foreach_mul_(grads, coefs)
+
+
+def train(config: Config | dict | str, report: Report | None = None) -> dict:
+    """Train one model as configured and return its final metrics.
+
+    ``report(metrics: dict, checkpoint: Path | None = None)`` receives the logged scalars. Raises
+    ``NonFiniteLossError`` if the loss becomes NaN or infinite. A staged run (``stages``) trains its stages in turn
+    on one encoder (``train_stages``)."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    report = report or (lambda metrics, checkpoint=None: None)
+    if cfg.stages:
+        return train_stages(cfg, report)
+    return _train(cfg, report, Stage())[0]
+
+
+def train_stages(cfg: Config, report: Report) -> dict:
+    """A staged run: each stage (``config.stage_config``) trains from the previous one's encoder with its own
+    heads, optimiser and schedule; steps, reports and checkpoints count globally, so the run is one trial and
+    resumes inside any stage (a checkpoint at a stage's last step starts the next stage from its encoder). Only
+    the untrained encoder (step 0), each stage's end and the last stage's evaluations are probed; fine-tuning
+    follows the last stage."""
+    bounds = stage_bounds(cfg)
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+    first, init = 0, None
+    if cfg.run.resume:
+        auto = cfg.run.resume == "auto" and out_dir is not None
+        ckpt = newest_loadable(out_dir) if auto else find_checkpoint(cfg.run.resume)
+        if ckpt is None and cfg.run.resume != "auto":
+            raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
+        if ckpt is not None:
+            saved = load_weights(ckpt)
+            step = int(saved.get("pretrain_step", saved["step"]))
+            first = max(i for i in range(len(cfg.stages)) if bounds[i] <= step)
+            if step == bounds[first] and first > 0:  # the previous stage's end: this stage starts from its encoder
+                init = {k[len("encoder."):]: v for k, v in pretrained_encoder(saved).items()}
+    final: dict = {}
+    for i in range(first, len(cfg.stages)):
+        stage = Stage(index=i, offset=bounds[i], last=i == len(cfg.stages) - 1, init=init, whole=cfg)
+        sc = stage_config(cfg, i)
+        if i > first or init is not None:
+            sc.run.resume = None  # a later stage starts from the previous one's encoder, not a checkpoint
+        final, init = _train(sc, report, stage)
+    return final
+
+
+def _train(cfg: Config, report: Report, stage: Stage) -> tuple[dict, dict | None]:
+    """One stage's pre-training (the whole run's when unstaged), then for the last stage the final evaluations and
+    fine-tuning: (the final metrics, None); for an earlier stage (its end is probed in the loop): ({}, the encoder
+    the next stage starts from)."""
+    run = build_run(cfg, stage)
+    o, r = cfg.optim, cfg.run
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # accumulated without host syncs
+    if run.start == 0 and stage.offset == 0:  # the untrained baseline every probe is read against
+        report({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
+    t_train, evaluated = time.perf_counter(), sum(run.seconds.values())  # step 0's evaluation is not training
+    # after the baseline: images_per_s counts training only
+    t_log, n_log, metrics = time.perf_counter(), 0, dict(run.last_log)
+    for step in range(run.start, run.total):
+        images, _ = next(run.stream)
+        for g in run.opt.param_groups:
+            g["lr"] = float(run.sched["lr"][step]) * g["lr_mult"]
+            g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
+        with run.autocast:
+            out = run.model({"images": images, "seed": step_seed(r.seed, run.offset + step, run.rank),
+                             **{k: v[step].clone() for k, v in run.step_inputs.items()}})
+        out["loss"].backward()
+        nonfinite |= ~torch.isfinite(out["loss"].detach())
+        if o.clip_grad:  # 0: off
+            clip_gradients(run.objective, o.clip_grad, o.clip_mode)
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        run.objective.momentum_update({k: float(v[step]) for k, v in run.sched.items()})
+        n_log += 1
+        done = step + 1
+        ckpt_due = run.ckpt_due(run.offset + done, run.offset + run.total)
+        every = cfg.eval.every and done % (cfg.eval.every * run.steps_per_epoch) == 0 and done != run.total
+        if every or (done == run.total and not stage.last):  # (an earlier stage's end is probed here)
+            # before this step's checkpoint, so the checkpoint's record of reports holds it (a run resumed from the
+            # checkpoint does not evaluate this step again); its time is not training time
+            t_eval = time.perf_counter()
+            at = run.offset + done
+            report({"step": at, "epoch": at / run.steps_per_epoch, **evaluate(run, at)})
+            t_log += time.perf_counter() - t_eval
+        # step 1 too: its rate is the first a user sees (a run's first log_every steps can take minutes)
+        if done % r.log_every == 0 or done == 1 or done == run.total or ckpt_due:
+            metrics = _log_metrics(run, out, nonfinite, step, done, n_log * cfg.data.batch_size,
+                                   time.perf_counter() - t_log)
+            report(metrics, checkpoint=run.save(run.offset + done, run.objective, run.opt, {"log": metrics})
+                   if ckpt_due else None)
+            t_log, n_log = time.perf_counter(), 0
+    seconds_train = time.perf_counter() - t_train - (sum(run.seconds.values()) - evaluated)
+    end = run.offset + run.total
+    if not stage.last:  # the stage's end (probed in the loop): its encoder goes to the next stage
+        encoder = run.objective.eval_encoder(cfg.eval.encoder)
+        return {}, {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+
+    ft_resume = load_weights(run.resumed) if run.start > run.total else None
+    if ft_resume is None:  # the pre-training's final metrics
+        final = {**run.info, **metrics, "step": end, "resumed_from": run.offset + run.start,
+                 "seconds_train": seconds_train, **evaluate(run, end, final=True)}
+        final |= {f"seconds_{k}": v for k, v in run.seconds.items()}
+    else:  # resumed during fine-tuning: pre-training's final metrics are in the checkpoint
+        final = dict(ft_resume["pretrain_metrics"])
+    if cfg.eval.finetune.enabled:
+        extra = {"pretrain_metrics": final, "pretrain_step": end}
+        classifier, tuned = finetune(run, report, ft_resume, extra)
+        final |= tuned
+        if cfg.eval.noise.bands:
+            t = time.perf_counter()
+            final |= finetune_noise_accuracy(classifier, run.data, cfg)
+            final["seconds_noise"] = final.get("seconds_noise", 0.0) + time.perf_counter() - t
+    final["resumed_from"] = run.offset + run.start
+    if run.world > 1:
+        final["replicas_in_sync"] = replicas_in_sync(run.objective)
+    if run.out_dir and run.rank == 0:
+        write_json_atomic(run.out_dir / "final_metrics.json", final, indent=2)
+    report(final)
+    return final, None
