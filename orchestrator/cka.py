@@ -35,7 +35,6 @@ def parse_trial(spec: str, root: Path) -> tuple[SweepLayout, str]:
 def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
     """(encoder, config) of a finished trial from its final weights in the storage (``run/model.pt``); with
     ``untrained``, the encoder as the trial initialised it (same seed and construction order as the trainer)."""
-
     import numpy as np
     import torch
 

@@ -142,7 +142,6 @@ def cmd_resume(args) -> int:
 
 
 def cmd_results_query(args) -> int:
-
     df = query(args.sql, results_root(args.results), timeout=args.timeout or None)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
@@ -162,7 +161,6 @@ def _print_frame(df, title: str | None = None) -> None:
 
 
 def cmd_results_list(args) -> int:
-
     root = results_root(args.results)
     df = list_table(root)
     if df.empty:
@@ -181,7 +179,6 @@ def cmd_results_show(args) -> int:
 
 
 def cmd_results_rebuild(args) -> int:
-
     layout = find_sweep(args.name, results_root(args.results), need="tune")
     print(f"rebuilt the tables of {rebuild(layout)} trial(s) in {layout.sweep_dir}")
     return 0

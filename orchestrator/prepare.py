@@ -164,7 +164,6 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
 
 def verify_store(dest: str, endpoint: str | None = None) -> None:
     """Every shard of the store at ``dest`` against its index; a one-line ``UserError`` naming the shard."""
-
     from trainables.config import ConfigError
     from trainables.store import SPLITS, local_copy, open_split, read_index, verify_checksums
 

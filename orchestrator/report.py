@@ -371,7 +371,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         figures.append(("lam", "Accuracy against lam", lam_figure(done, chance)))
     fits = pd.DataFrame()
     if done.variant.nunique() > 2 and done.params.notna().all():
-
         fits, _ = scaling_table(name, layout.root, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))
     robustness = con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) WHERE r.sweep = ? "

@@ -285,7 +285,6 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
             kind, vals = next(iter(spec.items()))
             space[key] = {"grid": simplex_points(kind, vals, search["seed"])}
     if search["algorithm"] == "optuna":
-
         if importlib.util.find_spec("optuna") is None:
             raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
                              "or use grid / random")
@@ -318,7 +317,6 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     if search["algorithm"] == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
         raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
     for o in overrides or []:
-
         try:
             k, v = parse_override(o)
         except ConfigError as e:

@@ -35,7 +35,6 @@ from .space import Space, trial_config
 
 def default_mlflow_uri(results_root: Path, uri: str | None = None) -> str:
     """--mlflow-uri, else $MLFLOW_TRACKING_URI, else an SQLite file under the results root."""
-
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_root / 'mlflow.db'}"
 
 
@@ -152,7 +151,6 @@ class ResultsCallback(Callback):
     @property
     def client(self):
         if self._client is None:
-
             from mlflow.tracking import MlflowClient
 
             # a dead tracking server should fail in seconds, not after minutes of retries
@@ -391,5 +389,4 @@ def prune_checkpoints(layout: SweepLayout, trial: str, keep: int) -> None:
 
 
 def json_dumps(v) -> str:
-
     return json.dumps(v, sort_keys=True, default=str)

@@ -158,7 +158,6 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 def _quiet_ray_storage() -> None:
     """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
     to the sweep's console; the progress line already says how trials advance."""
-
     from .ray_private import STORAGE_LOGGERS
 
     for name in STORAGE_LOGGERS:
@@ -284,7 +283,6 @@ def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
 
 def _train_worker(loop_config: dict) -> None:
     """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
-
     import ray.train
 
     from .ray_private import train_report_logger_name

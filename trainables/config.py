@@ -764,5 +764,4 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

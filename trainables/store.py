@@ -147,7 +147,6 @@ class _Selected(StoreSplit):
 def read_index(root: Path) -> dict:
     """The store's index.json; a ``ConfigError`` naming the path if there is none (an unprepared or incomplete
     store) or it is not a store's."""
-
     try:
         index = json.loads((root / INDEX).read_text())
     except FileNotFoundError:
@@ -164,7 +163,6 @@ SHARD_NAME = re.compile(r"shard-\d{5}")
 
 
 def _bad(root: Path, what: str):
-
     return ConfigError(f"data.path: store {str(root)!r}: {what}")
 
 
@@ -248,7 +246,6 @@ def verify_checksums(root: Path, index: dict) -> None:
 def verified_once(root: Path, index_text: str) -> None:
     """``verify_checksums`` the first time this node uses the store (a marker per store, its index and its shards'
     sizes and times, under the store cache; concurrent trials wait for one check)."""
-
     index = json.loads(index_text)
     check_index(root, index)
     stamp = [index_text] + [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for split in SPLITS
@@ -274,11 +271,9 @@ def local_copy(path: str) -> Path:
     if not path.startswith("s3://"):
         return Path(path).expanduser()
 
-
     st = Storage.parse(path, None, Path.cwd())
     index_text = st.read_text(st.path(INDEX))
     if index_text is None:
-
         raise ConfigError(f"data.path: {path!r} is not a prepared store (no {INDEX} there)")
     key = hashlib.sha256(f"{path}\n{index_text}".encode()).hexdigest()[:16]
     cache = cache_root() / key
