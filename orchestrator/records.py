@@ -32,6 +32,7 @@ from enum import Enum
 
 import yaml
 
+from trainables import migrate
 from trainables.errors import UserError
 
 from .layout import SweepLayout
@@ -163,8 +164,10 @@ def final_path(layout: SweepLayout, trial: str) -> str:
 
 
 def read_final(layout: SweepLayout, trial: str) -> dict | None:
-    """The trial's final metrics (it finished training); None if it has none."""
-    return _read_json(layout, final_path(layout, trial))
+    """The trial's final metrics (it finished training); None if it has none. In today's metric names
+    (``migrate.report``: a trial of an earlier version's sweep)."""
+    final = _read_json(layout, final_path(layout, trial))
+    return migrate.report(final) if isinstance(final, dict) else final
 
 
 UNREADABLE_ERROR = "unreadable error file"
@@ -200,19 +203,20 @@ def retire_error(layout: SweepLayout, trial: str) -> bool:
 
 
 def stored_config(layout: SweepLayout, trial: str) -> dict | None:
-    """The resolved config the trial wrote (``run/config.yaml``) before it trained; None if it never did (it failed
-    before, or the file is damaged)."""
+    """The resolved config the trial wrote (``run/config.yaml``) before it trained, in today's vocabulary
+    (``migrate.config_tree``); None if it never did (it failed before, or the file is damaged)."""
     try:
         text = layout.store.read_text(f"{layout.run_path(trial)}/config.yaml")
         cfg = yaml.safe_load(text) if text is not None else None
     except (OSError, yaml.YAMLError):
         return None
-    return cfg if isinstance(cfg, dict) else None
+    return migrate.config_tree(cfg) if isinstance(cfg, dict) else None
 
 
 # ------------------------------------------------------------------------------------------- reports
 def parse_reports(text: str | None) -> list[dict]:
-    """The JSON objects of a reports log, one per line; torn or damaged lines are skipped."""
+    """The JSON objects of a reports log, one per line, in today's metric names (``migrate.report``: a log an
+    earlier version wrote); torn or damaged lines are skipped."""
     out = []
     for line in (text or "").splitlines():
         try:
@@ -220,7 +224,7 @@ def parse_reports(text: str | None) -> list[dict]:
         except ValueError:
             continue
         if isinstance(r, dict):
-            out.append(r)
+            out.append(migrate.report(r))
     return out
 
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import functools
 import itertools
 import math
+import os
 import re
 import threading
 import time
@@ -144,7 +146,14 @@ TRIAL_NUMERIC = ("lam", "params", "train_flops_per_image", "samples_seen", "trai
 
 
 def file_version(path: Path) -> int:
-    """The schema version in a product file's Parquet footer."""
+    """The schema version in a product file's Parquet footer (read once per file: a file never changes once it is
+    renamed into place, so every later query reuses it)."""
+    st = os.stat(path)
+    return _footer_version(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _footer_version(path: str, mtime_ns: int, size: int) -> int:
     return int((pq.read_schema(path).metadata or {}).get(b"clmim_schema_version", b"0"))
 
 
@@ -481,8 +490,6 @@ def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, r
     sweep_dir = Path(sweep_dir)
     sweep = sweep_dir.name
     attempt = attempt or new_attempt_id()
-    config = migrate.config_tree(config)  # (records an earlier version wrote: ``results rebuild``)
-    results = [migrate.report(r) for r in results]
     final: dict = {}
     for r in results:  # the latest value of every key
         final.update({k: v for k, v in r.items() if v is not None})
@@ -649,7 +656,8 @@ def _view(con, name: str, table: str, files: list[Path]) -> None:
     """A view ``name`` over ``table``'s files: today's read by DuckDB as they are, an earlier version's migrated
     (``read_table``) and read from memory."""
     old = [f for f in files if file_version(f) < SCHEMA_VERSION]
-    new = [str(f) for f in files if f not in set(old)]
+    earlier = set(old)
+    new = [str(f) for f in files if f not in earlier]
     parts = []
     if new:
         con.read_parquet(new, union_by_name=table == "trials").create_view(f"{name}_new")
