@@ -305,7 +305,6 @@ def _trainable(space: Space, layout: SweepLayout):
 def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: list[str]):
     from ray import tune
 
-
     # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
                           failure_config=tune.FailureConfig(max_failures=space.max_failures),
@@ -319,7 +318,6 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-
     sch = space.scheduler
     total = searcher.total
     alg = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
@@ -327,9 +325,8 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
     # at once (as for its own grid search) keeps a big cluster busy
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, min(total, 1000))))
     if sch["type"] == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=sch.get("max_t", 1000),
-                                  grace_period=sch.get("grace_period", 1),
-                                  reduction_factor=sch.get("reduction_factor", 2))
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=sch["max_t"], grace_period=sch["grace_period"],
+                                  reduction_factor=sch["reduction_factor"])  # (defaults: space.SchedulerSection)
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(metric=space.search["metric"], mode=space.search["mode"], search_alg=alg,
@@ -347,7 +344,6 @@ def _write_sweep_json(layout: SweepLayout, space: Space, overrides: list[str], c
             "storage": layout.storage.to_dict() if layout.storage else None}
     write_json_atomic(layout.sweep_json, info, indent=2)
     if layout.storage:
-
         layout.store.write_text(layout.stored_sweep_json, json.dumps(info, indent=2))
 
 
@@ -477,7 +473,6 @@ def load_sweep_space(layout: SweepLayout) -> tuple[Space, dict]:
 def retire_errors(layout: SweepLayout) -> list[str]:
     """Move each trial's ``error.json`` aside (``error.prev.json``) so a retried trial really runs again;
     return the trial ids."""
-
     return [t for t in layout.trials() if retire_error(layout, t)]
 
 
@@ -564,7 +559,6 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
 def backfill(callback, layout: SweepLayout, plan) -> int:
     """Record every trial the storage says has ended but the ``trials`` table lacks (it ended while the driver was
     dead, or this results root is new); return how many."""
-
     have = recorded_trials(layout)
     n = 0
     for tid, r in scan(layout, plan).items():
@@ -583,7 +577,6 @@ def summarize(layout: SweepLayout, space: Space, last: dict[str, dict] | None = 
 
     Ended trials come from the ``trials`` table (the record every other view uses); the others from the sweep's
     records (PENDING: a resume will run them), with the last metrics this driver received (``last``)."""
-
     axes = list(space.axes())
     ended = {}
     try:

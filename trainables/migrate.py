@@ -6,7 +6,8 @@ losses ``loss_mim`` / ``loss_cl``, the head submodules ``mim.*`` / ``cl.*`` in c
 column's 'mim' / 'cl' / 'hybrid' (a family's name used as an objective's). Every reader of something an earlier
 version wrote passes it through here, as timm's ``checkpoint_filter_fn`` does for old weights: config trees and
 dotted keys (configs, spaces, ``--set``, checkpoints' configs), metric names, checkpoints' state dicts, and the rows
-of the results tables (``orchestrator/results.py`` applies ``trial_column`` / ``trial_value`` to older files).
+of the results tables (``orchestrator/results.py`` applies ``trial_column``, ``objective_value`` and ``mix_label`` to
+older files).
 Nothing else in the package knows the old names.
 """
 

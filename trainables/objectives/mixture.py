@@ -43,6 +43,9 @@ class Mixture(nn.Module):
         self.weights = o.mix()  # {name: weight > 0}
         self.layers, self.graft_layer = resolve_placement(cfg)
         self.detach_below_graft = self.graft_layer is not None and o.placement.graft_lr_ratio is None
+        # resolved once here, not looked up in the registry at every step
+        self.loss_keys = {name: registry.get(name).loss_key for name in self.layers}
+        self.grafted = [n for n in self.layers if self.detach_below_graft and family(n) == "cl"]
         self.heads: dict[str, nn.Module] = {}
         for name, layer in self.layers.items():
             self.heads[name] = registry.get(name).head_class().from_config(encoder, cfg, layer)
@@ -123,8 +126,7 @@ class Mixture(nn.Module):
         """The training step's forward from uint8 images and their random draws: augmentation, masking, encoder,
         heads and losses. Pure tensor code without generators, so ``run.compile`` compiles it as one graph."""
         prep = {name: head.prepare(images, draws[name]) for name, head in self.heads.items()}
-        segments, g = [], self.graft_layer
-        grafted = [n for n in self.heads if self.detach_below_graft and family(n) == "cl"]
+        segments, g, grafted = [], self.graft_layer, self.grafted
         if grafted:  # CL rows through blocks 1..g without autograd: no gradient, and no backward cost, below g
             with torch.no_grad():
                 low = self._route([((n, i), t, 0, g) for n in grafted
@@ -137,7 +139,7 @@ class Mixture(nn.Module):
         out, loss = {}, 0.0
         for name, head in self.heads.items():
             mine = sorted((key[1], t) for key, t in feats.items() if key[0] == name)  # in the head's tokens() order
-            key = registry.get(name).loss_key
+            key = self.loss_keys[name]
             out[key] = head.loss([t for _, t in mine], prep[name])
             loss = loss + self.weights[name] * out[key]
         out["loss"] = loss

@@ -14,7 +14,7 @@ import dataclasses
 import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("mim", "cl")  # masked image modelling, contrastive / self-distillation learning
@@ -46,7 +46,7 @@ class Objective:
     family: str  # "mim" or "cl" (FAMILIES)
     label: str  # for people: tables' mix column, legends, claims
     settings: type  # a dataclass of ``setting`` fields: objective.<name>.*
-    recipe: dict  # the official recipe's optimiser defaults (config.RECIPE_KEYS)
+    recipe: dict  # the official recipe's optimiser defaults (the keys ``config.recipe`` mixes)
     head: str | type  # "module:Class" (resolved when a model is built) or the class; Class.from_config(...)
     flops: Callable[[Any, FlopsView], float]  # (its settings, FlopsView) -> training FLOPs per image
     validate: Callable[[Any, Any, bool], None] | None = None  # (config, VariantSpec, in the mix) -> raise
@@ -56,7 +56,6 @@ class Objective:
     pos_embed: str = "learned"  # its recipe's position embedding: "sincos" or "learned"
     patch_embed: str = "trained"  # its recipe's patch projection: "frozen" or "trained"
     color: str = "#7f7f7f"  # its colour in the report's figures
-    extra: dict = field(default_factory=dict)
 
     @property
     def layer_key(self) -> str:
