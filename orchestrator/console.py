@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.storage import Storage
-from trainables.vocab import HIGHER_IS_BETTER
 
 from .layout import SweepLayout
 from .records import Status, trial_id_of
@@ -256,8 +255,7 @@ class ProgressPrinter:
                 self._seen[tid] = (float(last[self.metric]), label)
         if not self._seen:
             return None
-        higher = self.mode == "max" if self.mode else self.metric in HIGHER_IS_BETTER
-        v, label = (max if higher else min)(self._seen.values(), key=lambda x: x[0])
+        v, label = (max if self.mode == "max" else min)(self._seen.values(), key=lambda x: x[0])
         return self.metric, v, self.labels.get(label, label)
 
     def update(self, snapshot, now: float | None = None, force: bool = False) -> str | None:

@@ -48,6 +48,7 @@ from trainables.vocab import (
     PROBE_METRICS,
     VAL_METRICS,
     is_known_metric,
+    metric_mode,
     objective_names,
     reports_metric,
     step_metrics,
@@ -74,7 +75,8 @@ class SpaceError(UserError):
 class SearchSection:
     algorithm: str = _f("grid", choices=["grid", "random", "optuna"])
     metric: str = _f("loss", doc="what trials report (a validation-split metric for probes)")
-    mode: str = _f("min", choices=["min", "max"])
+    mode: str = _f("auto", choices=["auto", "min", "max"],
+                   doc="auto: max for accuracies and fractions, min for losses (decided here, once)")
     seed: int = _f(0, lo=0, doc="seeds random search, optuna and Dirichlet draws")
 
 
@@ -115,26 +117,24 @@ class Space:
     name: str
     base: dict
     space: dict[str, Any]
-    search: dict = field(default_factory=lambda: {"algorithm": "grid", "metric": "loss", "mode": "min", "seed": 0})
-    scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
+    search: SearchSection = field(default_factory=lambda: SearchSection(mode="min"))
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     num_samples: int = 1
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int | None = None
-    max_failures: int = 2
-    keep_checkpoints: int = 0  # full checkpoints kept after a trial ends (the weights-only export always stays)
+    failure: FailureSection = field(default_factory=FailureSection)
+    checkpoints: CheckpointsSection = field(default_factory=CheckpointsSection)
     description: str = ""
     max_trials: int = MAX_TRIALS
     overrides: tuple[str, ...] = ()  # keys fixed by --set (named as such in errors)
 
     def to_dict(self) -> dict:
         """The resolved space as a mapping ``space_from_dict`` accepts (base given as a tree)."""
-        r = self.resources
+        asdict = dataclasses.asdict
         return {"name": self.name, "description": self.description, "base": self.base, "space": self.space,
-                "search": self.search, "scheduler": self.scheduler, "num_samples": self.num_samples,
-                "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
-                              "gpus_per_worker": r.gpus_per_worker, "mode": r.mode},
-                "max_concurrent": self.max_concurrent, "failure": {"max_failures": self.max_failures},
-                "checkpoints": {"keep": self.keep_checkpoints},
+                "search": asdict(self.search), "scheduler": asdict(self.scheduler), "num_samples": self.num_samples,
+                "resources": asdict(self.resources), "max_concurrent": self.max_concurrent,
+                "failure": asdict(self.failure), "checkpoints": asdict(self.checkpoints),
                 "max_trials": self.max_trials}
 
     def axes(self) -> dict[str, tuple[str, Any]]:
@@ -277,18 +277,18 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         if "run.seed" in space:
             raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
         space["run.seed"] = {"grid": list(range(n_seeds))}
-    search = dataclasses.asdict(_typed(SearchSection, raw, "search"))
-    search["metric"] = migrate.metric(search["metric"])
+    search = _typed(SearchSection, raw, "search")
+    search.metric = migrate.metric(search.metric)
     for key, spec in space.items():
         _check_spec(key, spec)
         if _is_spec(spec) and next(iter(spec)) in SIMPLEX_KINDS:
             kind, vals = next(iter(spec.items()))
-            space[key] = {"grid": simplex_points(kind, vals, search["seed"])}
-    if search["algorithm"] == "optuna":
+            space[key] = {"grid": simplex_points(kind, vals, search.seed)}
+    if search.algorithm == "optuna":
         if importlib.util.find_spec("optuna") is None:
             raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
                              "or use grid / random")
-    metric = search["metric"]
+    metric = search.metric
     if not is_known_metric(metric):
         raise SpaceError(f"search.metric: {excerpt(metric, 60)} is not a metric trials report; choose one of "
                          f"{', '.join(step_metrics() + PROBE_METRICS)} or layer/<L>/<probe metric>")
@@ -296,7 +296,11 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         suggest = f"val_{metric}" if f"val_{metric}" in VAL_METRICS else "val_linear_top1"
         raise SpaceError(f"search.metric: {metric} is read on the evaluation split the claims are read on; select "
                          f"on the validation split: {suggest}")
-    scheduler = dataclasses.asdict(_typed(SchedulerSection, raw, "scheduler"))
+    if search.mode == "auto":  # the one place a metric's direction is decided
+        search.mode = metric_mode(metric)
+        if search.mode is None:
+            raise SpaceError(f"search.mode: {metric} has no better direction; say mode: min or mode: max")
+    scheduler = _typed(SchedulerSection, raw, "scheduler")
     res = _typed(Resources, raw, "resources")
     if res.mode == "inprocess" and res.workers > 1:
         raise SpaceError("resources.mode: inprocess runs one worker; use workers: 1 or mode: train")
@@ -304,17 +308,16 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     max_conc = raw.get("max_concurrent")
     if max_conc is not None:
         _int("max_concurrent", max_conc, 1)
-    max_failures = _typed(FailureSection, raw, "failure").max_failures
     max_trials = _int("max_trials", raw.get("max_trials", MAX_TRIALS), 1)
-    keep = _typed(CheckpointsSection, raw, "checkpoints").keep
     name = raw.get("name") or p.stem
     if not isinstance(name, str):
         raise SpaceError(f"name: expected a sweep name, got {excerpt(name, 40)}")
     sp = Space(path=str(p), name=name, base=base, space=dict(space), search=search,
                scheduler=scheduler, num_samples=num_samples, resources=res, max_concurrent=max_conc,
-               max_failures=max_failures, keep_checkpoints=keep, description=raw.get("description", ""),
+               failure=_typed(FailureSection, raw, "failure"),
+               checkpoints=_typed(CheckpointsSection, raw, "checkpoints"), description=raw.get("description", ""),
                max_trials=max_trials)
-    if search["algorithm"] == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
+    if search.algorithm == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
         raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
     for o in overrides or []:
         try:
@@ -436,7 +439,7 @@ def _which_trial(values: dict[str, Any]) -> str:
 
 def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) -> None:
     """The search metric must reach the searcher / scheduler for every trial, or they silently ignore it."""
-    metric, where = space.search["metric"], _which_trial(values)
+    metric, where = space.search.metric, _which_trial(values)
     if metric == "shape_bias" and cfg.data.dataset != "synthetic":
         raise SpaceError(f"search.metric: shape_bias needs the synthetic set's cue-conflict split, but {where} "
                          f"trains on {cfg.data.dataset}")
@@ -449,7 +452,7 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if not reports_metric(metric, cfg.objective.mix()):
         shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
         raise SpaceError(f"search.metric: {where} mixes {{{shown}}} and reports no {metric}")
-    if space.scheduler["type"] == "asha" and metric not in step_metrics() and not cfg.eval.every:
+    if space.scheduler.type == "asha" and metric not in step_metrics() and not cfg.eval.every:
         raise SpaceError(f"scheduler.type: asha compares trials on {metric} every epoch, but the probes run only "
                          "at the end of a trial; set eval.every (e.g. --set eval.every=1) or search.metric: loss")
 
@@ -470,7 +473,7 @@ def iter_plan(space: Space):
 
     axes = space.axes()
     grid_keys = [k for k, (kind, _) in axes.items() if kind == "grid"]
-    rng = np.random.default_rng(space.search["seed"])
+    rng = np.random.default_rng(space.search.seed)
     for combo in itertools.product(*[axes[k][1] for k in grid_keys]):
         point = dict(zip(grid_keys, combo, strict=True))
         for _ in range(space.num_samples):
@@ -491,14 +494,14 @@ def _draw(kind: str, vals, rng) -> Any:
 
 def plan_values(space: Space) -> list[dict] | None:
     """``iter_plan`` as a list; None for a searched (optuna) sweep."""
-    return None if space.search["algorithm"] == "optuna" else list(iter_plan(space))
+    return None if space.search.algorithm == "optuna" else list(iter_plan(space))
 
 
 def sample_table(space: Space, limit: int | None = None) -> list[dict[str, Any]]:
     """The trials a dry run shows, the first ``limit``: the planned values (random axes as drawn), or for optuna
     every grid point x num_samples with the searched axes shown as their distribution."""
     axes = space.axes()
-    if space.search["algorithm"] != "optuna":
+    if space.search.algorithm != "optuna":
         rows = []
         for i, values in enumerate(itertools.islice(iter_plan(space), limit)):
             rows.append({"#": i + 1, **values, **({"sample": i % space.num_samples} if space.num_samples > 1

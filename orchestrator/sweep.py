@@ -307,7 +307,7 @@ def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: 
 
     # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
-                          failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                          failure_config=tune.FailureConfig(max_failures=space.failure.max_failures),
                           progress_reporter=make_reporter(total, ended), verbose=1, callbacks=[callback])
 
 
@@ -324,12 +324,12 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
     # Tune keeps one trial pending at a time for a custom searcher unless told otherwise; as many as could start
     # at once (as for its own grid search) keeps a big cluster busy
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, min(total, 1000))))
-    if sch["type"] == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=sch["max_t"], grace_period=sch["grace_period"],
-                                  reduction_factor=sch["reduction_factor"])  # (defaults: space.SchedulerSection)
+    if sch.type == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=sch.max_t, grace_period=sch.grace_period,
+                                  reduction_factor=sch.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    return tune.TuneConfig(metric=space.search["metric"], mode=space.search["mode"], search_alg=alg,
+    return tune.TuneConfig(metric=space.search.metric, mode=space.search.mode, search_alg=alg,
                            scheduler=scheduler, num_samples=total, reuse_actors=space.resources.in_process,
                            trial_dirname_creator=lambda t: trial_id_of(t.config, t.trial_id))
 
@@ -432,8 +432,8 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     if extra:
         from ray.tune.search.optuna import OptunaSearch
 
-        inner = OptunaSearch(seed=space.search["seed"])
-    searcher = TrialSearcher(queue, space.search["metric"], space.search["mode"], inner=inner, extra=extra,
+        inner = OptunaSearch(seed=space.search.seed)
+    searcher = TrialSearcher(queue, space.search.metric, space.search.mode, inner=inner, extra=extra,
                              prefix=plan.prefix, next_index=plan.next_index({t for t, _ in queue} |
                                                                              set(layout.trials())),
                              evaluated=evaluated)
@@ -542,7 +542,7 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
         write_plan(layout, plan)
         recs = scan(layout, plan)
         queue = [(t, r.values) for t, r in recs.items() if r.status is None and r.values is not None]
-        metric = space.search["metric"]
+        metric = space.search.metric
         evaluated = []
         if plan.searched:
             for t, r in recs.items():

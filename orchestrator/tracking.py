@@ -13,6 +13,7 @@ trial with what to run after fixing it (``clmim results rebuild NAME``); Tune's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from trainables.config import flatten, to_dict
-from trainables.vocab import HIGHER_IS_BETTER, TUNE_KEYS, objective_label
+from trainables.vocab import TUNE_KEYS, objective_label
 
 from . import records
 from .layout import SweepLayout
@@ -197,8 +198,8 @@ class ResultsCallback(Callback):
                 info = read_json(self.layout.sweep_json, {})
                 params = {f"space.{k}": json_dumps(v) for k, v in self.space.space.items()}
                 params.update({f"cli.{k}": json_dumps(v) for k, v in (info.get("cli_args") or {}).items()})
-                params.update({"search": json_dumps(self.space.search),
-                               "scheduler": json_dumps(self.space.scheduler),
+                params.update({"search": json_dumps(dataclasses.asdict(self.space.search)),
+                               "scheduler": json_dumps(dataclasses.asdict(self.space.scheduler)),
                                "num_samples": str(self.space.num_samples),
                                "code_version": str(info.get("code_version"))})
                 self._log_params(self._parent, {k: v[:6000] for k, v in params.items()})
@@ -287,7 +288,7 @@ class ResultsCallback(Callback):
         if status == Status.ERROR:
             err = records.read_error(layout, tid)
             if err is None:  # a lost process out of retries: recorded so a resume does not rerun it
-                err = lost_reason(lost, self.space.max_failures, self._kernel_oom(tid))
+                err = lost_reason(lost, self.space.failure.max_failures, self._kernel_oom(tid))
                 records.record_error(layout, tid, "TrialLost", err, lost or "")
         records.write_status(layout, tid, Status(status))
         results = merge_reports(read_reports(layout, tid), self._results.pop(tid, []))
@@ -302,7 +303,7 @@ class ResultsCallback(Callback):
         write_trial_tables(self.sweep_dir, tid, status, cfg, results, error=err)
         compact(self.sweep_dir, batch=COMPACT_BATCH)  # keeps queries over a running sweep fast
         if status == Status.TERMINATED:
-            prune_checkpoints(layout, tid, self.space.keep_checkpoints)
+            prune_checkpoints(layout, tid, self.space.checkpoints.keep)
         run_id = self.child_run(tid, values)
         self._log_reports(run_id, results)
         if stored is not None:
@@ -358,8 +359,7 @@ class ResultsCallback(Callback):
         self.client.log_metric(parent, "trials_total", total)
         self.client.log_metric(parent, "trials_terminated", counts["TERMINATED"])
         self.client.log_metric(parent, "trials_error", counts["ERROR"])
-        metric, mode = self.space.search["metric"], self.space.search["mode"]
-        higher = mode == "max" if mode else metric in HIGHER_IS_BETTER
+        metric, higher = self.space.search.metric, self.space.search.mode == "max"
         done = []
         if metric in df:
             ok = df[(df.status == "TERMINATED") & df[metric].notna()]

@@ -73,7 +73,7 @@ class TrialSpec:
         r = space.resources
         return cls(layout=layout, base=space.base, fixed=space.fixed(), workers=r.workers,
                    cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, in_process=r.in_process,
-                   keep_checkpoints=space.keep_checkpoints)
+                   keep_checkpoints=space.checkpoints.keep)
 
     def config(self, values: dict, out_dir: str | None = None) -> Config:
         """The trial's typed config (``resolve_config``), with its run folder, threads from its CPU share, and

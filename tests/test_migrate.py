@@ -37,7 +37,7 @@ def test_a_lam_era_space_file_loads_with_todays_keys_and_metric():
     space = load_space(V3 / "space.yaml")
     assert set(space.axes()) == {"objective.lam", "objective.placement.simmim_layer"}
     assert space.fixed()["objective.mocov3.temperature"] == 0.3
-    assert space.search["metric"] == "loss_mocov3"
+    assert space.search.metric == "loss_mocov3"
     assert space.base["objective"]["simmim"]["mask_ratio"] == 0.5
 
 

@@ -60,6 +60,17 @@ def test_space_sections_are_typed_as_the_config_is(tmp_path):
     assert err(tmp_path, checkpoints={"keep": 1.5}).startswith("checkpoints.keep: expected int")
 
 
+def test_the_search_direction_is_decided_once_from_the_metric_unless_the_space_says(tmp_path):
+    """mode: auto (the default) maximises accuracies and minimises losses; a statistic without a better direction
+    needs the space to say which (an accuracy once defaulted to min, and a search minimised it)."""
+    assert load_space(space_file(tmp_path, search={"metric": "val_linear_top1"})).search.mode == "max"
+    assert load_space(space_file(tmp_path, search={"metric": "layer/3/dense_miou"})).search.mode == "max"
+    assert load_space(space_file(tmp_path)).search.mode == "min"  # loss
+    assert load_space(space_file(tmp_path, search={"metric": "val_linear_top1", "mode": "min"})).search.mode == "min"
+    assert err(tmp_path, search={"metric": "layer/3/attn_distance"}) == (
+        "search.mode: layer/3/attn_distance has no better direction; say mode: min or mode: max")
+
+
 def test_search_metric_must_be_reported(tmp_path):
     assert err(tmp_path, search={"metric": "linear_acc"}).startswith("search.metric: 'linear_acc' is not a metric")
     load_space(space_file(tmp_path, search={"metric": "layer/3/attn_distance", "mode": "max"}))

@@ -101,6 +101,16 @@ TUNE_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "done", "training_ite
 SUMMARY_METRICS = ("step", "loss", "knn_top1", "linear_top1", "shape_bias")
 # Metrics where larger is better (accuracies, fractions); the rest (losses) are minimised.
 HIGHER_IS_BETTER = frozenset(PROBE_METRICS)
+_LAYER_ACCURACY = re.compile(r"layer/\d+/(knn_top1|linear_top1)(_gap|_cls)?|layer/\d+/dense_miou")
+
+
+def metric_mode(metric: str) -> str | None:
+    """The direction a search takes on ``metric`` when its space says ``mode: auto``: ``max`` for accuracies
+    and fractions (a probe's top-1, shape bias, a layer's probe accuracy or mIoU), ``min`` for the step metrics
+    (losses); None for a per-layer statistic that has no better direction (attention distance, NMI, ...)."""
+    if metric in HIGHER_IS_BETTER or _LAYER_ACCURACY.fullmatch(metric):
+        return "max"
+    return "min" if metric in step_metrics() else None
 
 
 def _weights(mix) -> dict[str, float]:
