@@ -7,13 +7,11 @@ first trial's sweep: ``<results>/<sweep>/cka/<name>.{parquet,png}``.
 from __future__ import annotations
 
 import io
-import random
 import re
 from pathlib import Path
 
 import pandas as pd
 
-from trainables import migrate
 from trainables.errors import UserError
 
 from .layout import SweepLayout, find_sweep
@@ -35,27 +33,12 @@ def parse_trial(spec: str, root: Path) -> tuple[SweepLayout, str]:
 def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
     """(encoder, config) of a finished trial from its final weights in the storage (``run/model.pt``); with
     ``untrained``, the encoder as the trial initialised it (same seed and construction order as the trainer)."""
-    import numpy as np
-    import torch
-
-    from trainables.config import load_config
-    from trainables.data import build_data
-    from trainables.objectives.mixture import build_objective
+    from trainables.checkpoints import load_encoder, load_weights
 
     data = layout.store.read_bytes(f"{layout.run_path(trial)}/model.pt")
     if data is None:
         raise UserError(f"trial: {layout.name}/{trial} has no final weights (run/model.pt): it has not finished")
-    ckpt = migrate.checkpoint(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-    cfg = load_config(ckpt["config"], ["run.device=cpu"])
-    if untrained:  # the trial's own initial weights: as build_run, seeds, then data, then the objective
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed)
-        random.seed(cfg.run.seed)
-        build_data(cfg)
-    objective = build_objective(cfg)
-    if not untrained:
-        objective.load_state_dict(ckpt["model"], strict=False)
-    return objective.encoder, cfg
+    return load_encoder(load_weights(io.BytesIO(data)), ["run.device=cpu"], untrained=untrained)
 
 
 def cka_table(a, b, images, size_a: int, size_b: int) -> pd.DataFrame:

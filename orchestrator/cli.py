@@ -214,12 +214,11 @@ def cmd_analyze(args) -> int:
     import pandas as pd
     import torch
 
+    from trainables.checkpoints import find_checkpoint, load_encoder, load_weights
     from trainables.config import load_config
     from trainables.data import build_data
     from trainables.model import ViT
-    from trainables.objectives.mixture import build_objective
     from trainables.probes import run_probes
-    from trainables.trainer import find_checkpoint, load_weights, pretrained_encoder
 
     path = find_checkpoint(_fetch(args.checkpoint), weights=True)
     if path is None:
@@ -234,15 +233,8 @@ def cmd_analyze(args) -> int:
     from trainables.vocab import objective_label
 
     overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
-    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint
-        cfg = load_config(ckpt["config"], overrides)
-        objective = build_objective(cfg)
-        # only the encoder is analysed: heads of an older layout (e.g. before the predictor's last BatchNorm)
-        # may differ without harm
-        missing, _ = objective.load_state_dict(pretrained_encoder(ckpt), strict=False)  # never a fine-tuned one
-        if any(k.startswith("encoder.") for k in missing):
-            raise UserError(f"checkpoint: its encoder does not fit the config it carries (missing {missing[0]})")
-        encoder = objective.encoder
+    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint or export
+        encoder, cfg = load_encoder(ckpt, overrides)  # the pre-trained encoder, never a fine-tuned one
         trained = f"trained as {objective_label(cfg.objective.mix())}, "
     else:  # timm VisionTransformer weights
         trained = ""

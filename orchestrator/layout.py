@@ -29,6 +29,8 @@ from pathlib import Path
 from trainables.errors import UserError, excerpt
 from trainables.storage import Storage
 
+from . import sweep_record
+
 # A sweep name is one plain path component: it names a folder under the results root and an MLflow experiment.
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # `clmim results show latest`: the most recently started sweep with finished trials (one still running, or
@@ -67,10 +69,6 @@ class SweepLayout:
         return self.root / self.name
 
     @property
-    def sweep_json(self) -> Path:
-        return self.sweep_dir / "sweep.json"
-
-    @property
     def manifest(self) -> Path:
         return self.sweep_dir / "manifest.json"
 
@@ -91,10 +89,6 @@ class SweepLayout:
     def experiment_path(self) -> str:
         """The sweep's folder in its storage (Tune's ``storage_path``; the experiment is named ``tune``)."""
         return self.store.path(self.name)
-
-    @property
-    def stored_sweep_json(self) -> str:
-        return self.store.path(self.name, "sweep.json")
 
     @property
     def tune_path(self) -> str:
@@ -128,7 +122,7 @@ class SweepLayout:
 
 def _is_sweep(d: Path) -> bool:
     return d.is_dir() and SWEEP_NAME.fullmatch(d.name) is not None and (
-        (d / "sweep.json").is_file() or (d / "tune").is_dir() or (d / "trials").is_dir())
+        (d / sweep_record.FILE).is_file() or (d / "tune").is_dir() or (d / "trials").is_dir())
 
 
 def list_sweeps(root: Path) -> list[Path]:
@@ -136,11 +130,7 @@ def list_sweeps(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
 
-    def started(d: Path) -> float:
-        f = d / "sweep.json"
-        return (f if f.is_file() else d).stat().st_mtime
-
-    return sorted((d for d in root.iterdir() if _is_sweep(d)), key=started)
+    return sorted((d for d in root.iterdir() if _is_sweep(d)), key=sweep_record.started)
 
 
 def has_results(d: Path) -> bool:
@@ -184,16 +174,6 @@ def check_root(root: Path) -> Path:
     return root
 
 
-def stored_storage(sweep_dir: Path) -> Storage | None:
-    """The storage a sweep was started with (its sweep.json's ``storage``); None if not recorded."""
-    try:
-        info = json.loads((sweep_dir / "sweep.json").read_text())
-        st = info.get("storage") if isinstance(info, dict) else None
-        return Storage(st["uri"], st.get("endpoint")) if isinstance(st, dict) and st.get("uri") else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage | None = None) -> SweepLayout:
     """The layout of an existing sweep ``name`` (or ``latest``: see ``LATEST``; a note on stderr says which when
     it is not the newest folder); a ``UserError`` that lists the closest names.
@@ -210,7 +190,7 @@ def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage 
             print(note, file=sys.stderr)
     else:
         validate_sweep_name(name, "sweep")
-    layout = SweepLayout(root, name, storage or stored_storage(root / name))
+    layout = SweepLayout(root, name, storage or sweep_record.read(root / name).storage)
     if not _is_sweep(layout.sweep_dir) and not (storage and _stored_sweep(layout)):
         names = [d.name for d in sweeps]
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.4) or [
@@ -225,7 +205,7 @@ def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage 
     return layout
 
 
-def _stored_sweep(layout: SweepLayout, part: str = "sweep.json") -> bool:
+def _stored_sweep(layout: SweepLayout, part: str = sweep_record.FILE) -> bool:
     try:
         return layout.store.exists(layout.store.path(layout.name, part))
     except OSError as e:

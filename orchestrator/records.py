@@ -11,6 +11,8 @@ So no command reads Tune's state; each record below has this module as its one o
     <storage>/<sweep>/tune/<trial>/values.json     the trial's sampled values (the trial writes it when it starts)
     <storage>/<sweep>/tune/<trial>/status.json     how it ended (the driver writes it): TERMINATED or ERROR
     <storage>/<sweep>/tune/<trial>/error.json      why it failed: type, message, traceback
+    <storage>/<sweep>/tune/<trial>/run/config.yaml the resolved config (the trial writes it before training)
+    <storage>/<sweep>/tune/<trial>/run/final_metrics.json   the trainer's final metrics (read here only)
     <storage>/<sweep>/tune/<trial>/run/reports.jsonl         every report of the trial, in order (at its end)
     <storage>/<sweep>/.../checkpoint_<step>/reports.jsonl    every report up to that checkpoint: a resumed trial
                                                    continues from it, so no step reported before is ever lost
@@ -33,6 +35,7 @@ from enum import Enum
 import yaml
 
 from trainables import migrate
+from trainables.config import Config, config_yaml
 from trainables.errors import UserError
 
 from .layout import SweepLayout
@@ -202,11 +205,21 @@ def retire_error(layout: SweepLayout, trial: str) -> bool:
     return True
 
 
+def config_path(layout: SweepLayout, trial: str) -> str:
+    return f"{layout.run_path(trial)}/config.yaml"
+
+
+def write_config(layout: SweepLayout, trial: str, cfg: Config) -> None:
+    """The trial's resolved config, written before it trains: the driver reads its true config from here, whatever
+    happens next (the run folder uploaded at the end leaves this file to this function)."""
+    layout.store.write_text(config_path(layout, trial), config_yaml(cfg))
+
+
 def stored_config(layout: SweepLayout, trial: str) -> dict | None:
     """The resolved config the trial wrote (``run/config.yaml``) before it trained, in today's vocabulary
     (``migrate.config_tree``); None if it never did (it failed before, or the file is damaged)."""
     try:
-        text = layout.store.read_text(f"{layout.run_path(trial)}/config.yaml")
+        text = layout.store.read_text(config_path(layout, trial))
         cfg = yaml.safe_load(text) if text is not None else None
     except (OSError, yaml.YAMLError):
         return None

@@ -60,9 +60,9 @@ from trainables.vocab import (
     weights_of,
 )
 
-from . import records
-from .layout import SweepLayout, check_root, list_sweeps, stored_storage
-from .space import resolve_config, space_from_dict
+from . import records, sweep_record
+from .layout import SweepLayout, check_root, list_sweeps
+from .space import resolve_config
 
 # 2: layers has a step column (0 = the untrained encoder); 3: the long tables have a stage column; 4: one name per
 # objective (loss_simmim, objective.simmim.*, the objective column's 'simmim' / 'mix'; ``trainables/migrate.py``)
@@ -537,12 +537,10 @@ def rebuild(layout: SweepLayout) -> int:
     sweep_dir = layout.sweep_dir
     if not (layout.store.exists(layout.tune_path) or layout.store.exists(records.plan_path(layout))):
         raise UserError(f"sweep {layout.name!r}: no trials in {layout.store.display(layout.experiment_path)}")
-    space = None
     try:
-        info = read_json(layout.sweep_json, {}) or {}
-        space = space_from_dict(info["space"], Path(info.get("space_path") or "space.yaml"))
-    except Exception:  # noqa: BLE001 - no usable record: configs come from the trials' own files only
-        pass
+        space = sweep_record.read(sweep_dir).space()
+    except UserError:  # no usable record: configs come from the trials' own files only
+        space = None
     try:
         plan = records.read_plan(layout)
     except records.RecordError as e:
@@ -742,16 +740,13 @@ def list_table(root: str | Path):
     counts = query("SELECT sweep, status, count(*) AS n FROM trials GROUP BY ALL", root)
     rows = []
     for d in list_sweeps(root):
-        try:
-            info = read_json(d / "sweep.json", {}) or {}
-        except DamagedFile:
-            info = {}
+        record = sweep_record.read(d)
         c = counts[counts.sweep == d.name]
         by = dict(zip(c.status, c.n, strict=True))
-        layout = SweepLayout(root, d.name, stored_storage(d))
-        planned = info.get("n_trials") if isinstance(info.get("n_trials"), int) else None
+        layout = SweepLayout(root, d.name, record.storage)
+        planned = record.n_trials
         done, failed = records.Status.TERMINATED.value, records.Status.ERROR.value
-        rows.append({"sweep": d.name, "started": info.get("created", "?"), "planned": planned,
+        rows.append({"sweep": d.name, "started": record.created, "planned": planned,
                      "state": records.sweep_state(layout, planned).state,
                      "terminated": int(by.get(done, 0)), "error": int(by.get(failed, 0)),
                      "other": int(sum(v for k, v in by.items() if k not in (done, failed))),
@@ -761,11 +756,7 @@ def list_table(root: str | Path):
 
 def no_results(layout: SweepLayout) -> QueryError:
     """The error for a sweep without rows: running, interrupted before any trial ended, or tables to rebuild."""
-    try:
-        info = read_json(layout.sweep_json, {}) or {}
-    except DamagedFile:
-        info = {}
-    state = records.sweep_state(layout, info.get("n_trials") if isinstance(info.get("n_trials"), int) else None)
+    state = records.sweep_state(layout, sweep_record.read(layout.sweep_dir).n_trials)
     if state.state == "running" or (state.state.startswith("interrupted") and not state.ended):
         return QueryError(state.describe(layout.name))
     return QueryError(f"sweep {layout.name!r} has no results yet (try `clmim results rebuild {layout.name}`)")

@@ -14,24 +14,19 @@ Ray: with ``--address`` (or ``$RAY_ADDRESS``) the sweep connects to that cluster
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from trainables.errors import UserError
-from trainables.files import DamagedFile, read_json, write_json_atomic
 from trainables.objectives import PLUGINS_ENV
 from trainables.storage import Storage
 from trainables.vocab import SUMMARY_METRICS
 
+from . import sweep_record
 from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
 from .records import (
@@ -48,23 +43,9 @@ from .records import (
     write_plan,
 )
 from .results import query, recorded_trials
-from .space import Space, SpaceError, plan_values, space_from_dict
+from .space import Space, SpaceError, plan_values
 
 TRIAL_CPU_SLIVER = 0.01
-
-
-def code_version() -> str:
-    here = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    from importlib.metadata import version
-
-    return version("clmim")
 
 
 def check_results_root(root: Path) -> None:
@@ -334,19 +315,6 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
                            trial_dirname_creator=lambda t: trial_id_of(t.config, t.trial_id))
 
 
-def _write_sweep_json(layout: SweepLayout, space: Space, overrides: list[str], cli_args: dict) -> None:
-    """The sweep's record, under the results root and (when they differ) in its storage, so that ``clmim resume
-    NAME --storage URI`` works from any machine."""
-    info = {"name": layout.name, "space_path": space.path, "space_text": Path(space.path).read_text(),
-            "space": space.to_dict(), "overrides": overrides, "cli_args": cli_args, "code_version": code_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-            "python": platform.python_version(), "n_trials": space.n_trials(),
-            "storage": layout.storage.to_dict() if layout.storage else None}
-    write_json_atomic(layout.sweep_json, info, indent=2)
-    if layout.storage:
-        layout.store.write_text(layout.stored_sweep_json, json.dumps(info, indent=2))
-
-
 def parse_storage(storage: str | None, endpoint: str | None, root: Path) -> Storage | None:
     """``--storage`` / ``--storage-endpoint`` as a checked ``Storage``; None (the results root) when not given."""
     if not storage:
@@ -391,7 +359,7 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
         _refuse_existing(layout)  # (another driver may have started it while this one waited for the lease)
         init_ray(address)
         check_schedulable(space, ray_nodes())
-        _write_sweep_json(layout, space, overrides or [], cli_args or {})
+        sweep_record.write(layout.sweep_dir, space, overrides or [], cli_args or {}, layout.storage)
         plan = Plan.new(plan_values(space))
         write_plan(layout, plan)
         return _drive(layout, space, uri, plan, queue=list(plan.trials.items()),
@@ -455,42 +423,10 @@ def check_tracking(callback, uri: str) -> None:
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
-def load_sweep_space(layout: SweepLayout) -> tuple[Space, dict]:
-    """The space a sweep was started with (from its sweep.json), and that record; a damaged record is a
-    ``UserError`` naming the file."""
-    try:
-        info = read_json(layout.sweep_json)
-    except DamagedFile as e:
-        raise UserError(f"sweep {layout.name!r}: {e}; it cannot be resumed") from None
-    if info is None:
-        raise UserError(f"sweep {layout.name!r}: no sweep.json in {layout.sweep_dir}; it cannot be resumed")
-    if not (isinstance(info, dict) and isinstance(info.get("space"), dict) and info.get("space_path")):
-        raise UserError(f"sweep {layout.name!r}: {layout.sweep_json} lacks the sweep's space; it cannot be resumed")
-    space = space_from_dict(info["space"], Path(info["space_path"]))
-    return space, info
-
-
 def retire_errors(layout: SweepLayout) -> list[str]:
     """Move each trial's ``error.json`` aside (``error.prev.json``) so a retried trial really runs again;
     return the trial ids."""
     return [t for t in layout.trials() if retire_error(layout, t)]
-
-
-def _adopt_stored_sweep(layout: SweepLayout) -> None:
-    """A sweep this results root has not seen (resumed on a fresh machine): copy its record from the storage."""
-    if layout.sweep_json.exists():
-        return
-    text = layout.store.read_text(layout.stored_sweep_json)
-    if text is None:
-        return
-
-    try:
-        info = json.loads(text)
-    except ValueError:
-        raise UserError(f"sweep {layout.name!r}: {layout.store.display(layout.stored_sweep_json)} is damaged; "
-                        "it cannot be resumed") from None
-    check_results_root(layout.root)
-    write_json_atomic(layout.sweep_json, info, indent=2)
 
 
 def sweep_plan(layout: SweepLayout, space: Space):
@@ -522,13 +458,12 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
     checkpoint). Trials that ended while no driver was recording (or before this results root knew the sweep) are
     written to the tables and MLflow first. A new Tune run does it: Tune's saved state (pickles) is never read."""
     root = results_root(results)
-    st = Storage.parse(storage, storage_endpoint, root) if storage else None
-    layout = find_sweep(name, root, need="tune", storage=st)
-    if st is not None:
-        st.check_writable()
-    _adopt_stored_sweep(layout)
-    space, info = load_sweep_space(layout)
-    cli = info.get("cli_args") or {}
+    layout = find_sweep(name, root, need="tune", storage=parse_storage(storage, storage_endpoint, root))
+    if layout.storage:
+        check_results_root(layout.root)
+        sweep_record.adopt(layout.sweep_dir, layout.storage)
+    record = sweep_record.read(layout.sweep_dir)
+    space, cli = record.space(), record.cli_args
     from .tracking import default_mlflow_uri
 
     uri = default_mlflow_uri(layout.root, mlflow_uri or cli.get("mlflow_uri"))

@@ -27,7 +27,7 @@ from ray.tune import Callback
 from trainables.config import flatten, to_dict
 from trainables.vocab import TUNE_KEYS, objective_label
 
-from . import records
+from . import records, stored_checkpoints, sweep_record
 from .layout import SweepLayout
 from .records import Status, merge_reports, read_reports, sampled_values, stored_config, trial_id_of
 from .results import COMPACT_BATCH, compact, query, write_trial_tables
@@ -190,20 +190,18 @@ class ResultsCallback(Callback):
         if self._parent is None:
             self._parent = self._find_run("clmim.role", "sweep")
             if self._parent is None:
-                from trainables.files import read_json
-
                 run = self.client.create_run(self.experiment_id(), run_name=self.layout.name,
                                              tags={"clmim.role": "sweep", "clmim.sweep": self.layout.name})
                 self._parent = run.info.run_id
-                info = read_json(self.layout.sweep_json, {})
+                record = sweep_record.read(self.layout.sweep_dir)
                 params = {f"space.{k}": json_dumps(v) for k, v in self.space.space.items()}
-                params.update({f"cli.{k}": json_dumps(v) for k, v in (info.get("cli_args") or {}).items()})
+                params.update({f"cli.{k}": json_dumps(v) for k, v in record.cli_args.items()})
                 params.update({"search": json_dumps(dataclasses.asdict(self.space.search)),
                                "scheduler": json_dumps(dataclasses.asdict(self.space.scheduler)),
                                "num_samples": str(self.space.num_samples),
-                               "code_version": str(info.get("code_version"))})
+                               "code_version": record.code_version})
                 self._log_params(self._parent, {k: v[:6000] for k, v in params.items()})
-                self.client.log_artifact(self._parent, str(self.layout.sweep_json))
+                self.client.log_artifact(self._parent, str(self.layout.sweep_dir / sweep_record.FILE))
             else:
                 self.client.update_run(self._parent, status="RUNNING")
         return self._parent
@@ -303,7 +301,7 @@ class ResultsCallback(Callback):
         write_trial_tables(self.sweep_dir, tid, status, cfg, results, error=err)
         compact(self.sweep_dir, batch=COMPACT_BATCH)  # keeps queries over a running sweep fast
         if status == Status.TERMINATED:
-            prune_checkpoints(layout, tid, self.space.checkpoints.keep)
+            stored_checkpoints.prune(layout, tid, self.space.checkpoints.keep)
         run_id = self.child_run(tid, values)
         self._log_reports(run_id, results)
         if stored is not None:
@@ -376,16 +374,6 @@ class ResultsCallback(Callback):
                 self.client.set_tag(parent, "clmim.best_label", self.client.get_run(run).info.run_name)
         finished = counts["TERMINATED"] + counts["ERROR"] >= total
         self.client.set_terminated(parent, status="FINISHED" if finished else "KILLED")
-
-
-def prune_checkpoints(layout: SweepLayout, trial: str, keep: int) -> None:
-    """Delete an ended trial's full checkpoints beyond the newest ``keep``. Its final weights (``run/model.pt``)
-    stay; a trial without them (stopped early by a scheduler) keeps its last checkpoint whatever ``keep`` says."""
-    if not layout.store.exists(f"{layout.run_path(trial)}/model.pt"):
-        keep = max(keep, 1)
-    paths = layout.checkpoint_paths(trial)
-    for p in paths[:len(paths) - keep] if keep else paths:
-        layout.store.delete(p)
 
 
 def json_dumps(v) -> str:

@@ -5,8 +5,9 @@ import torch
 from conftest import tiny
 
 from orchestrator.cli import main
+from trainables.checkpoints import export_weights
 from trainables.config import load_config
-from trainables.trainer import export_weights, train
+from trainables.trainer import train
 
 
 def finished_trial(root, sweep, trial, lam):

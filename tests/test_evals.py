@@ -9,13 +9,14 @@ from conftest import FULL_EVAL, tiny
 from torch import nn
 
 from orchestrator.results import curves_from_results, noise_from_results, trial_row
+from trainables.checkpoints import export_weights, find_checkpoint, load_weights
 from trainables.config import ConfigError, load_config
 from trainables.data import build_data
 from trainables.finetune import build_classifier, layer_decay_groups
 from trainables.objectives.mixture import build_objective
 from trainables.probes import cka_rows, dense_rows, extract_features, mean_iou, patch_labels
 from trainables.robustness import band_mask, band_noise, noise_accuracy
-from trainables.trainer import export_weights, find_checkpoint, load_weights, train
+from trainables.trainer import train
 
 
 # ------------------------------------------------------------------------------------------- band-passed noise

@@ -10,9 +10,9 @@ import torch
 
 from orchestrator.results import SCHEMA_VERSION, compact, file_version, query
 from orchestrator.space import load_space
+from trainables.checkpoints import load_weights, pretrained_encoder
 from trainables.config import ConfigError, load_config, to_dict
 from trainables.objectives.mixture import build_objective
-from trainables.trainer import load_weights, pretrained_encoder
 
 V3 = Path(__file__).parent / "data" / "v3"
 

@@ -51,13 +51,13 @@ def plant_tune_pickles(tune_dir: Path, marker: Path) -> None:
 
 def sweep_with_records(root: Path, name="s") -> SweepLayout:
     """A sweep's records as a killed driver leaves them: a plan of three trials, one ended, one with reports."""
+    from orchestrator import sweep_record
     from orchestrator.space import load_space
-    from orchestrator.sweep import _write_sweep_json
     from search_spaces import __file__ as spaces
 
     layout = SweepLayout(root, name)
     space = load_space(Path(spaces).parent / "quickstart.yaml")
-    _write_sweep_json(layout, space, [], {})
+    sweep_record.write(layout.sweep_dir, space, [], {}, None)
     plan = Plan("abcde", {f"abcde_0000{i}": {"objective.lam": lam} for i, lam in enumerate((0.0, 0.25, 0.75))})
     write_plan(layout, plan)
     d0 = Path(layout.trial_path("abcde_00000"))

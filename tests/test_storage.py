@@ -149,7 +149,8 @@ def test_analyze_reads_a_trials_final_weights_from_the_object_store(tmp_path, s3
     from conftest import tiny
 
     from orchestrator.cli import main
-    from trainables.trainer import export_weights, train
+    from trainables.checkpoints import export_weights
+    from trainables.trainer import train
 
     run = tmp_path / "run"
     train(load_config(tiny(), [f"run.out_dir={run}", "optim.steps=2", "run.ckpt_every=2", "eval.probe_images=8"]))

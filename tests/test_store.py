@@ -211,7 +211,8 @@ def test_builtin_sets_go_through_the_same_path(ray_address, tmp_path):
 def test_prepare_train_resume_equals_a_straight_run(store, tmp_path):
     """Training from the store to 2N straight, and resuming from the step-N checkpoint to 2N: the same weights
     (so the same batches in the same order)."""
-    from trainables.trainer import find_checkpoint, train
+    from trainables.checkpoints import find_checkpoint
+    from trainables.trainer import train
 
     root, _ = store
     base = tiny(**{"objective__lam": 0.5, "optim__steps": 8, "run__ckpt_every": 4, "data__batch_size": 16,

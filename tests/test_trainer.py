@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import tiny
 
+from trainables import checkpoints
+from trainables.checkpoints import find_checkpoint
 from trainables.config import ConfigError, load_config
 from trainables.objectives.mixture import Mixture
-from trainables.trainer import NonFiniteLossError, find_checkpoint, schedules, train
+from trainables.trainer import NonFiniteLossError, schedules, train
 
 
 def weights(path):
@@ -186,15 +188,15 @@ def test_dino_is_probed_exported_and_fine_tuned_from_its_teacher(monkeypatch, tm
     trainer.evaluate(run, 1)
     assert seen == [teacher]
     ckpt = {"model": run.objective.state_dict(), "optimizer": {}, "config": to_dict(cfg), "step": 1}
-    read = trainer.pretrained_encoder(ckpt)
+    read = checkpoints.pretrained_encoder(ckpt)
     assert torch.equal(read["encoder.vit.cls_token"], teacher.vit.cls_token)
     assert not torch.equal(read["encoder.vit.cls_token"], run.objective.encoder.vit.cls_token)
     torch.save(ckpt, tmp_path / "checkpoint.pt")  # the export keeps only that encoder, and reads as it
-    exported = torch.load(trainer.export_weights(tmp_path / "checkpoint.pt", tmp_path / "model.pt"),
+    exported = torch.load(checkpoints.export_weights(tmp_path / "checkpoint.pt", tmp_path / "model.pt"),
                           weights_only=True)
-    assert torch.equal(trainer.pretrained_encoder(exported)["encoder.vit.cls_token"], teacher.vit.cls_token)
+    assert torch.equal(checkpoints.pretrained_encoder(exported)["encoder.vit.cls_token"], teacher.vit.cls_token)
     student = to_dict(load_config(tiny(), ["objective.weights={dino: 1}", "eval.encoder=student"]))
-    read = trainer.pretrained_encoder({**ckpt, "config": student})
+    read = checkpoints.pretrained_encoder({**ckpt, "config": student})
     assert torch.equal(read["encoder.vit.cls_token"], run.objective.encoder.vit.cls_token)
 
 

@@ -11,7 +11,8 @@ from conftest import CHEAP_EVAL, tiny
 from orchestrator.layout import SweepLayout
 from orchestrator.records import REPORTS, parse_reports
 from orchestrator.results import curves_from_results, layers_from_results, trial_row
-from orchestrator.trial import TrialSpec, resume_point, train_reporting_to
+from orchestrator.stored_checkpoints import resume_point
+from orchestrator.trial import TrialSpec, train_reporting_to
 
 
 class FakeTune:

@@ -63,7 +63,7 @@ def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
     import shutil
 
     from orchestrator.layout import SweepLayout
-    from orchestrator.trial import resume_point
+    from orchestrator.stored_checkpoints import resume_point
     from trainables.trainer import train
 
     run = tmp_path / "scratch" / "run"

@@ -762,6 +762,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as the YAML a run folder holds (``run/config.yaml``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, config_yaml(cfg))

@@ -11,10 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import pickle
-import random
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,7 +23,15 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import migrate
+from .checkpoints import (
+    find_checkpoint,
+    initial_state,
+    load_checkpoint,
+    load_weights,
+    newest_loadable,
+    pretrained_encoder,
+    save_checkpoint,
+)
 from .config import (
     Config,
     ConfigError,
@@ -35,25 +39,21 @@ from .config import (
     save_config,
     stage_bounds,
     stage_config,
-    to_dict,
     train_flops_per_image,
 )
-from .data import DataBundle, batch_stream, build_data
+from .data import DataBundle, batch_stream
 from .errors import NonFiniteLossError
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import param_groups
 from .objectives import registry
-from .objectives.mixture import Mixture, build_objective
+from .objectives.mixture import Mixture
 from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
-from .rng import rng_state, set_rng_state
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .scale import encoder_params, parse_variant
 from .schedule import lr_schedule, phase_steps, step_seed, steps_per_epoch
-from .vocab import target_encoders
 
 Report = Callable[..., None]
-KEEP_CHECKPOINTS = 2
 
 
 def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
@@ -115,125 +115,6 @@ def _param_groups(objective: Mixture, cfg: Config) -> list[dict]:
         return (not decay, -mult), mult
 
     return param_groups(objective, scale)  # (weight decay set per step from the schedule)
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-def load_weights(path: str | Path):
-    """``torch.load`` that never runs code from the file (``weights_only=True``): tensors and plain values only.
-    A file that needs more (a pickle with arbitrary objects) raises ``pickle.UnpicklingError``. A file an earlier
-    version wrote comes back in today's vocabulary (``migrate.checkpoint``)."""
-    return migrate.checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
-                    extra: dict | None = None) -> Path:
-    """Write a complete checkpoint atomically to out_dir/checkpoints/step_NNNNNNN/; keep the last two. ``extra``
-    (tensors and plain values) is stored beside (a fine-tuning checkpoint: its phase and the pre-trained encoder)."""
-    root = out_dir / "checkpoints"
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({
-        "step": step,
-        "model": objective.state_dict(),
-        "optimizer": opt.state_dict(),
-        "config": to_dict(cfg),
-        "rng": rng_state(),
-        **(extra or {}),
-    }, tmp / "checkpoint.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def export_weights(checkpoint: Path, out: Path) -> Path:
-    """Write the weights of the encoder a full checkpoint's evaluations read (``eval.encoder``: DINO's teacher by
-    default; no heads, other encoders, optimiser or RNG state) with its step and config to ``out``: what ``clmim
-    analyze`` reads, a fraction of the checkpoint's size."""
-    ckpt = load_weights(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"step": ckpt.get("pretrain_step", ckpt["step"]), "config": ckpt["config"],
-                "model": pretrained_encoder(ckpt)}, tmp)  # the encoder the config's eval.encoder names
-    os.replace(tmp, out)
-    return out
-
-
-def encoder_prefix(which: str) -> str:
-    """Where an ``eval.encoder`` lives in a pre-training checkpoint's state dict (``Mixture``'s submodule names):
-    ``encoder.`` for the student, ``<objective>.<target>.encoder.`` for an EMA copy (``dino.teacher.encoder.``)."""
-    return "encoder." if which == "student" else f"{target_encoders()[which]}.{which}.encoder."
-
-
-def pretrained_encoder(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The weights (objective names, ``encoder.*``) of the encoder a clmim file's evaluations read
-    (``eval.encoder`` of its config: DINO's teacher by default): from a pre-training checkpoint, the pre-trained
-    encoder a fine-tuning checkpoint carries (never the fine-tuned one), or an export (``export_weights``: only
-    that encoder, no optimiser state)."""
-    if ckpt.get("phase") == "finetune":
-        return {f"encoder.{k}": v for k, v in ckpt["pretrained"].items()}
-    prefix = encoder_prefix("student")
-    if "optimizer" in ckpt:  # a full checkpoint holds every encoder; an export, only the one it exported
-        which = load_config(ckpt["config"]).eval.encoder
-        prefix = encoder_prefix(which)
-    return {f"encoder.{k[len(prefix):]}": v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-
-
-def find_checkpoint(path: str | Path, weights: bool = False) -> Path | None:
-    """A checkpoint file from a file, a step directory, or a run directory (latest step; with ``weights``, else
-    the run's final weights export ``model.pt``, which cannot resume training)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if (p / "checkpoint.pt").is_file():
-        return p / "checkpoint.pt"
-    steps = sorted((p / "checkpoints").glob("step_*/checkpoint.pt")) if p.is_dir() else []
-    if steps:
-        return steps[-1]
-    return p / "model.pt" if weights and (p / "model.pt").is_file() else None
-
-
-def newest_loadable(out_dir: Path) -> Path | None:
-    """The newest checkpoint under ``out_dir/checkpoints`` that loads (``run.resume: auto``); a damaged newer one
-    (truncated, torn by a killed process) is skipped with a one-line warning naming it and the step the run falls
-    back to."""
-    damaged = []
-    for f in sorted(Path(out_dir).glob("checkpoints/step_*/checkpoint.pt"), reverse=True):
-        try:
-            step = int(load_weights(f)["step"])
-        except Exception as e:  # noqa: BLE001 - any unloadable file: the one before
-            damaged.append(f"{f} ({type(e).__name__})")
-            continue
-        for d in damaged:
-            print(f"clmim: warning: checkpoint {d} is damaged; resuming from step {step}", file=sys.stderr, flush=True)
-        return f
-    for d in damaged:
-        print(f"clmim: warning: checkpoint {d} is damaged; starting from step 0 (no other checkpoint loads)",
-              file=sys.stderr, flush=True)
-    return None
-
-
-def load_checkpoint(path: Path, objective: Mixture, opt: torch.optim.Optimizer | None) -> tuple[int, dict]:
-    """Restore model, optimiser and RNG state; return the step to continue from and the last log step's metrics
-    (what the run reports as its final loss if it resumes at its last step). A file holding anything but tensors
-    and plain values is refused (``ConfigError``), never unpickled."""
-    try:
-        ckpt = load_weights(path)
-    except pickle.UnpicklingError:
-        raise ConfigError(f"run.resume: {str(path)!r} holds Python objects beyond tensors and plain values; "
-                          "refused (checkpoints load with weights_only=True)") from None
-    if ckpt.get("phase") == "finetune":  # pre-training is over: its encoder only (fine-tuning reloads the rest)
-        objective.encoder.load_state_dict(ckpt["pretrained"])
-    else:
-        objective.load_state_dict(ckpt["model"])
-        if opt is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    log = ckpt.get("log")
-    return int(ckpt["step"]), dict(log) if isinstance(log, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -394,11 +275,8 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(stage.whole or cfg, out_dir / "config.yaml")  # a staged run's whole config, not a stage's
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    np.random.seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    data = build_data(cfg)
-    objective = build_objective(cfg).to(device)
+    data, objective = initial_state(cfg)  # identical initial weights on every rank
+    objective = objective.to(device)
     total = total_steps(cfg, len(data.train))
     opt = torch.optim.AdamW(_param_groups(objective, cfg), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             fused=device.type == "cuda")
