@@ -1,4 +1,5 @@
-"""A trial's checkpoints in its sweep's storage: the one module that stores, keeps, prunes and picks them.
+"""A trial's checkpoints in its sweep's storage: the one module that stores and prunes them (the trial picks the
+one it resumes from: ``trial.resume_point``). No torch here: the driver prunes.
 
 Retention, every policy in one place:
 - the trainer keeps its last ``trainables.checkpoints.KEEP_LOCAL`` in the trial's scratch folder;
@@ -10,11 +11,7 @@ Retention, every policy in one place:
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
-
-from trainables.checkpoints import load_weights
 
 from .layout import SweepLayout
 
@@ -37,28 +34,3 @@ def prune(layout: SweepLayout, trial: str, keep: int) -> None:
     paths = layout.checkpoint_paths(trial)
     for p in paths[:len(paths) - keep] if keep else paths:
         layout.store.delete(p)
-
-
-
-def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
-    """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest one in the
-    trial's storage folder that loads, else None (a fresh start). A damaged one (torn by a killed process, truncated)
-    is skipped with a one-line warning naming it and the step the trial falls back to."""
-    store = layout.store
-    prefix = layout.trial_path(trial) + "/"
-    damaged: list[tuple[str, str]] = []
-    found, step = None, 0
-    for path in reversed([p for p in layout.checkpoint_paths(trial) if p.startswith(prefix)]):
-        name = path.rsplit("/", 1)[-1]
-        f = store.download(path, local / name) / "checkpoint.pt"
-        try:
-            step = int(load_weights(f)["step"])
-            found = str(f)
-            break
-        except Exception as e:  # noqa: BLE001 - torn, truncated or missing: try the one before
-            damaged.append((store.display(f"{path}/checkpoint.pt"), type(e).__name__))
-            shutil.rmtree(local / name, ignore_errors=True)
-    for where, why in damaged:
-        print(f"clmim: warning: trial {trial}: checkpoint {where} is damaged ({why}); resuming from "
-              + (f"step {step}" if found else "step 0 (no other checkpoint loads)"), file=sys.stderr, flush=True)
-    return found

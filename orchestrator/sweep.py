@@ -383,19 +383,21 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     statuses of the trials that ended before (a resume)."""
     from ray import tune
 
+    from .callbacks import Retention, SweepCallback, Tables  # (Ray Tune and MLflow: a run's, not a dry run's)
     from .ray_private import oom_is_a_lost_trial
     from .searcher import TrialSearcher
-    from .tracking import ResultsCallback
+    from .tracking import MlflowLog
 
     _quiet_tune()
     oom_is_a_lost_trial()
-    callback = ResultsCallback(layout, space, uri)
-    check_tracking(callback, uri)
+    mlflow = MlflowLog(layout, space, uri)
+    check_tracking(mlflow, uri)
+    callback = SweepCallback(layout, space, [Tables(layout), mlflow, Retention(layout, space.checkpoints.keep)])
     resumed = ended is not None
     if resumed:
         backfill(callback, layout, plan)
     print_header(layout, space.n_trials(), uri, resumed=resumed, results_arg=results_arg, address=address,
-                 experiment_id=callback.experiment_id())
+                 experiment_id=mlflow.experiment_id())
     inner = None
     if extra:
         from ray.tune.search.optuna import OptunaSearch
@@ -414,10 +416,10 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     return summarize(layout, space, callback.last_results())
 
 
-def check_tracking(callback, uri: str) -> None:
+def check_tracking(mlflow, uri: str) -> None:
     """Create the sweep's MLflow parent run now, so an unreachable tracking server fails before any trial."""
     try:
-        callback.parent_run()
+        mlflow.start()
     except Exception as e:  # noqa: BLE001 - any tracking failure is a usage error here
         raise SpaceError(f"--mlflow-uri: cannot use MLflow at {uri} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

@@ -6,7 +6,7 @@ reaches), the base config and fixed overrides, the resources.
 
 - One-worker trials run the trainer right in the Tune trial process (``resources.mode: auto``). The trial owns its
   checkpoints: each is copied into its folder in the storage (``checkpoint_<step>``), the older one deleted after;
-  a (re)started trial continues from the newest one there that loads (``stored_checkpoints``). Tune is never handed
+  a (re)started trial continues from the newest one there that loads (``resume_point``). Tune is never handed
   a checkpoint: its saved state, synced to the storage in the background, can lag the storage, and a state naming a
   checkpoint already deleted made the restored trial fail in Tune before this code ran (seen when the driver
   died). Tune's ``FailureConfig`` retries a lost process, on any node.
@@ -35,13 +35,14 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainables.checkpoints import export_weights
+from trainables.checkpoints import export_weights, load_weights
 from trainables.config import Config
 from trainables.trainer import train
 
@@ -200,7 +201,7 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
     """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
     process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
     A retried or resumed trial continues from its last checkpoint in the storage: in process,
-    ``stored_checkpoints.resume_point``; in Ray Train, the one Ray Train hands every rank (all ranks must start
+    ``resume_point``; in Ray Train, the one Ray Train hands every rank (all ranks must start
     from the same one)."""
     layout, store = spec.layout, spec.layout.store
     rank = 0 if in_process else api.get_context().get_world_rank()
@@ -210,7 +211,7 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
         # checkpoints happen: saving one is a collective step).
         cfg = spec.config(values, str(scratch / "run"))
         if in_process:
-            cfg.run.resume = stored_checkpoints.resume_point(layout, trial, scratch / "resume")
+            cfg.run.resume = resume_point(layout, trial, scratch / "resume")
         elif (ckpt := api.get_checkpoint()) is not None:
             cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
         resumed = Path(cfg.run.resume).parent if cfg.run.resume else None
@@ -250,6 +251,30 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
             store.upload(run, layout.run_path(trial))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
+    """The checkpoint a (re)started one-worker trial continues from, downloaded to ``local``: the newest one in the
+    trial's storage folder that loads, else None (a fresh start). A damaged one (torn by a killed process, truncated)
+    is skipped with a one-line warning naming it and the step the trial falls back to."""
+    store = layout.store
+    prefix = layout.trial_path(trial) + "/"
+    damaged: list[tuple[str, str]] = []
+    found, step = None, 0
+    for path in reversed([p for p in layout.checkpoint_paths(trial) if p.startswith(prefix)]):
+        name = path.rsplit("/", 1)[-1]
+        f = store.download(path, local / name) / "checkpoint.pt"
+        try:
+            step = int(load_weights(f)["step"])
+            found = str(f)
+            break
+        except Exception as e:  # noqa: BLE001 - torn, truncated or missing: try the one before
+            damaged.append((store.display(f"{path}/checkpoint.pt"), type(e).__name__))
+            shutil.rmtree(local / name, ignore_errors=True)
+    for where, why in damaged:
+        print(f"clmim: warning: trial {trial}: checkpoint {where} is damaged ({why}); resuming from "
+              + (f"step {step}" if found else "step 0 (no other checkpoint loads)"), file=sys.stderr, flush=True)
+    return found
 
 
 def _train_worker(loop_config: dict) -> None:

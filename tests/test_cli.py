@@ -1,9 +1,18 @@
+import errno
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import yaml
+from conftest import tiny
+from sweeps import make_sweep
 
 from orchestrator.cli import main
+from trainables.config import load_config
+from trainables.errors import UserError
 
 
 def test_cli_bad_value_is_one_line_exit_2(capsys):
@@ -128,3 +137,149 @@ def test_repro_claims_says_a_sweep_has_no_finished_trials(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/repro_claims.py", "s", "--results", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no finished trials" in r.stderr, r.stderr
+
+
+def test_errors_quote_only_a_short_excerpt(tmp_path, capsys):
+    space = tmp_path / "s.yaml"
+    big = tmp_path / "big.txt"
+    big.write_text("root:x:0:0:root:/root:/bin/bash\n" * 50)
+    space.write_text(yaml.safe_dump({"base": str(big), "space": {"objective.lam": 0.5}}))
+    assert main(["sweep", str(space), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 400 and err.count("root:x:0") <= 1
+
+
+@pytest.mark.parametrize("space,key", [
+    ({"space": {"objective.lam": float("nan")}}, "objective.lam"),
+    ({"space": {"objective.lam": {"grid": [0.5, float("nan")]}}}, "objective.lam"),
+    ({"space": {"optim.blr": float("nan")}}, "optim.blr"),
+    ({"space": {"objective.mocov3.temperature": float("nan")}}, "objective.mocov3.temperature"),
+    ({"resources": {"cpus_per_worker": float("nan")}}, "resources.cpus_per_worker"),
+    ({"resources": {"workers": True}}, "resources.workers"),
+    ({"failure": {"max_failures": "notanumber"}}, "failure.max_failures"),
+    ({"failure": {"max_failures": -1}}, "failure.max_failures"),
+    ({"failure": {"max_failures": 2.7}}, "failure.max_failures"),
+    ({"num_samples": True}, "num_samples"),
+    ({"max_concurrent": True}, "max_concurrent"),
+])
+def test_bad_values_are_one_line_errors_before_ray(tmp_path, capsys, space, key):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(space))
+    assert main(["sweep", str(p), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and key in err, err
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written
+
+
+def test_more_bad_input_is_refused_before_ray(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["sweep", str(empty)]) == 2 and "is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "search_spaces/quickstart.yaml", "--max-concurrent", "-1"])
+    assert e.value.code == 2
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    t = time.time()
+    assert main(["sweep", "search_spaces/quickstart.yaml", "--results", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and time.time() - t < 10
+    assert main(["results", "query", "SELECT 1", "--results", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unwritable_results_root_is_refused_before_ray(tmp_path, monkeypatch):
+    from orchestrator import sweep as sweep_mod
+    from orchestrator.space import load_space
+
+    def read_only(*a, **k):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sweep_mod.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(sweep_mod, "init_ray", lambda address: pytest.fail("Ray started"))
+    with pytest.raises(UserError, match="cannot write to .*Read-only file system"):
+        sweep_mod.run_sweep(load_space("search_spaces/quickstart.yaml"), results=str(tmp_path))
+
+
+def test_analyze_is_deterministic_and_equals_what_the_trial_recorded(tmp_path, capsys):
+    from trainables.trainer import train
+
+    out = tmp_path / "run"
+    # big enough that a probe fit from a random start (the old defect) gave different numbers each time
+    final = train(load_config(tiny(), [f"run.out_dir={out}", "optim.steps=8", "eval.probe_images=8",
+                                       "data.train_size=512", "data.eval_size=256", "eval.samples=256"]))
+    got = []
+    for _ in range(3):
+        capsys.readouterr()
+        assert main(["analyze", str(out)]) == 0
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        got.append(dict(kv.split("=") for kv in last.split()))
+    assert got[0] == got[1] == got[2]
+    for k in ("linear_top1", "knn_top1", "shape_bias"):
+        assert float(got[0][k]) == pytest.approx(final[k], abs=1e-4), k
+
+
+def test_a_query_without_rows_says_0_rows(tmp_path, capsys):
+    make_sweep(tmp_path, "s", n=1)
+    assert main(["results", "query", "SELECT trial, status FROM trials WHERE false", "--results",
+                 str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "0 rows (columns: trial, status)"
+
+
+def test_readme_commands_after_make_demo_name_sweeps_that_exist():
+    """After `make demo` the README's follow-up commands use `latest` (the demo's name carries a timestamp)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    follow_up = re.findall(r"clmim (?:results show|report) (\S+)", readme.split("## Sweeps")[0])
+    assert follow_up and all(name == "latest" for name in follow_up), follow_up
+
+
+def test_train_prints_its_plan_at_once_the_first_steps_rate_and_a_short_final_line(tmp_path):
+    """`clmim train` was silent until step 10 (minutes with defaults): the plan and the step-0 evaluation are
+    announced before any work, step 1 reports its rate and an ETA, then every log step."""
+    cheap = ["eval.dense_images=0", "eval.cka=false", "eval.noise.bands=0", "eval.probe_images=8"]
+    sets = [a for kv in ["optim.steps=4", "run.log_every=2", "data.train_size=128", "eval.samples=32",
+                         "data.eval_size=32", "data.batch_size=32", *cheap] for a in ("--set", kv)]
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", *sets, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[1].startswith("plan: 4 steps, batch 32; loss every 2 steps; probes at step 0 (untrained) and the end")
+    assert lines[2].startswith("building the data and model, then probing the untrained encoder (step 0)")
+    assert lines[3].startswith("step 0 probed in ")
+    assert re.match(r"step 1/4 \(25%, ETA (\d+m)?\d+s\)  loss=", lines[4]), lines
+    assert re.match(r"step 2/4 \(50%, ETA (\d+m)?\d+s\)", lines[5]), lines
+    assert max(len(ln) for ln in lines) < 300 and lines[-2].startswith("final: ")
+
+
+def test_train_config_error_is_fast_and_imports_no_torch():
+    code = ("import sys; from orchestrator.cli import main; rc = main(['train', '--set', 'objective.lam=2']); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    t = time.time()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout.strip() == "False" and "objective.lam" in r.stderr
+    assert time.time() - t < 10
+
+
+@pytest.mark.parametrize("argv", [["results", "show", "nope"], ["report", "nope"], ["results", "rebuild", "nope"],
+                                  ["resume", "nope"], ["scaling", "nope"]])
+def test_sweep_not_found_is_one_error_type_everywhere(tmp_path, capsys, argv):
+    from orchestrator.layout import find_sweep
+    from trainables.errors import UserError
+
+    make_sweep(tmp_path, "there", n=1)
+    with pytest.raises(UserError):
+        find_sweep("nope", tmp_path)
+    assert main([*argv, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "sweep 'nope' not found" in err
+
+
+def test_only_user_errors_are_usage_errors(monkeypatch):
+    """A FileNotFoundError from inside the code is a bug to show, not a usage error (exit 2) to hide."""
+    import orchestrator.cli as cli
+
+    def boom(args):
+        raise FileNotFoundError("internal")
+
+    monkeypatch.setattr(cli, "cmd_results_list", boom)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["results", "list"])

@@ -1,6 +1,9 @@
+import re
+
 import pytest
 import yaml
 
+from orchestrator.cli import main
 from trainables.config import ConfigError, load_config, parse_override, resolve_placement, to_dict
 
 
@@ -176,3 +179,18 @@ def test_a_graft_lr_ratio_of_0_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"objective.placement.graft_lr_ratio: 0 leaves the embedding"):
         load_config({}, ["objective.lam=0.5", "objective.placement.graft_layer=2",
                          "objective.placement.graft_lr_ratio=0"])
+
+
+def test_yaml_errors_give_line_numbers(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nspace:\n  objective.lam: {grid: [0, 1]\nbase: {}\n")
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert re.search(r"line \d+, column \d+", capsys.readouterr().err)
+    assert main(["train", str(bad)]) == 2
+    assert re.search(r"line \d+, column \d+", capsys.readouterr().err)
+
+
+def test_set_typo_is_reported_as_the_key_the_user_typed(capsys):
+    assert main(["sweep", "search_spaces/quickstart.yaml", "--set", "objective.lamm=0.3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --set objective.lamm:" in err and "space.objective.lam:" not in err

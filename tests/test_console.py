@@ -85,3 +85,15 @@ def test_unchanged_lines_are_printed_at_most_every_few_minutes_and_changes_at_on
     assert printed[0] == 0 and all(b - a >= UNCHANGED_EVERY_S for a, b in zip(printed, printed[1:], strict=False))
     moved = [("a", "a", "RUNNING", {"step": 16, "total_steps": 48})]
     assert printer.update(moved, now=1211.0) and "33% of its steps" in printer.update(moved, now=1211.0, force=True)
+
+
+def test_progress_line_counts_best_and_running_share():
+    from orchestrator.console import progress_line, trial_progress, with_clock
+
+    statuses = ["TERMINATED", "ERROR", "RUNNING", "PENDING"]
+    fractions = [trial_progress(s, r) for s, r in zip(statuses, [{}, {}, {"step": 5, "total_steps": 10}, {}],
+                                                      strict=True)]
+    line = progress_line(statuses, fractions, best=("linear_top1", 0.4453, "lam=0.25"))
+    assert line.startswith("trials 2/4 done (1 errored), 1 running (50% of its steps), 1 pending")
+    assert "best linear_top1 0.4453 (lam=0.25)" in line
+    assert with_clock(line, 100.0, 60.0).endswith("| 1m40s elapsed, ETA 1m00s")

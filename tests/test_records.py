@@ -20,11 +20,13 @@ from orchestrator.records import (
     DriverLease,
     Plan,
     Status,
+    read_error,
     read_plan,
     scan,
     write_plan,
     write_status,
 )
+from orchestrator.results import query
 from trainables.errors import UserError
 
 
@@ -209,8 +211,8 @@ def test_a_trial_killed_for_memory_is_that_trials_failure_not_the_sweeps():
     from ray.air.execution._internal.tracked_actor_task import TrackedActorTask
     from ray.exceptions import OutOfMemoryError, RayActorError
 
+    from orchestrator.callbacks import lost_reason
     from orchestrator.ray_private import oom_is_a_lost_trial
-    from orchestrator.tracking import lost_reason
 
     oom_is_a_lost_trial()
     got = []
@@ -227,7 +229,7 @@ def test_a_trial_killed_for_memory_is_that_trials_failure_not_the_sweeps():
 
 
 def test_a_trial_the_kernel_killed_for_memory_says_so_with_the_cgroups_figures(tmp_path, monkeypatch):
-    from orchestrator import tracking
+    from orchestrator import callbacks
     from orchestrator.results import query
     from orchestrator.space import space_from_dict
 
@@ -236,12 +238,41 @@ def test_a_trial_the_kernel_killed_for_memory_says_so_with_the_cgroups_figures(t
     (cg / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
     (cg / "memory.max").write_text(str(2 * 2**30))
     (cg / "memory.peak").write_text(str(2 * 2**30 - 4096))
-    monkeypatch.setattr(tracking, "_cgroup_dir", lambda: cg)
+    monkeypatch.setattr(callbacks, "_cgroup_dir", lambda: cg)
     space = space_from_dict({"space": {"objective.lam": 0.5}, "failure": {"max_failures": 0}}, tmp_path / "s.yaml")
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text("{}")
-    cb = tracking.ResultsCallback(SweepLayout(tmp_path, "s"), space, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cb = callbacks.SweepCallback(SweepLayout(tmp_path, "s"), space, [callbacks.Tables(SweepLayout(tmp_path, "s"))])
     (cg / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 1\n")  # a trial process killed
     cb.record_ended("t1", {}, "ERROR", "Traceback ...\nRayActorError: The actor died unexpectedly")
     error = query("SELECT error FROM trials", tmp_path).error[0]
     assert "out of memory (the kernel's OOM killer; 1 process(es)" in error and "limit 2.00 GB, peak 2.00 GB" in error
+
+
+def test_damaged_error_file_counts_as_an_error(tmp_path):
+    from orchestrator.results import rebuild
+
+    d = tmp_path / "s" / "tune" / "t1"
+    d.mkdir(parents=True)
+    (d / "error.json").write_text("")  # what a full disk left
+    (d / "result.json").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    layout = SweepLayout(tmp_path, "s")
+    assert read_error(layout, "t1") == "unreadable error file"
+    assert rebuild(layout) == 1
+    df = query("SELECT status, error FROM trials", tmp_path)
+    assert list(df.status) == ["ERROR"] and df.error[0] == "unreadable error file"
+
+
+def test_retry_errored_moves_the_error_record_aside(tmp_path):
+    from orchestrator.sweep import retire_errors
+    from orchestrator.trial import TrialError, raise_recorded
+
+    layout = SweepLayout(tmp_path, "s")
+    d = Path(layout.trial_path("t1"))
+    d.mkdir(parents=True)
+    (d / "error.json").write_text(json.dumps({"type": "ConfigError", "message": "data.path"}))
+    with pytest.raises(TrialError):
+        raise_recorded(layout, "t1")
+    assert retire_errors(layout) == ["t1"]
+    raise_recorded(layout, "t1")  # a retried trial now really runs
+    assert (d / "error.prev.json").is_file()

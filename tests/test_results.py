@@ -1,10 +1,17 @@
 import json
 import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from sweeps import few_reports, table_cfg
 
+from orchestrator.cli import main
 from orchestrator.layout import SweepLayout, find_sweep
 from orchestrator.results import (
     SCHEMA_VERSION,
@@ -222,7 +229,6 @@ def test_duckdb_reads_only_the_table_folders_and_no_temp_directory(tmp_path, mon
 def test_a_query_has_a_time_limit_the_user_can_raise(tmp_path, capsys):
     import time
 
-    from orchestrator.cli import main
 
     write_trial_tables(tmp_path / "s", "t1", "TERMINATED", cfg(), reports())
     t = time.time()
@@ -252,7 +258,6 @@ def test_without_a_manifest_only_the_products_files_of_that_sweep_are_read(tmp_p
 
 
 def test_a_missing_listed_file_is_named_and_the_other_sweeps_still_answer(tmp_path, capsys):
-    from orchestrator.cli import main
     from orchestrator.results import ResultsWarning
 
     for name in ("a", "b"):
@@ -283,3 +288,136 @@ def test_a_merge_killed_before_it_listed_its_file_is_cleaned_up_silently(tmp_pat
     write_trial_tables(tmp_path / "s", "t2", "TERMINATED", cfg(), reports())
     compact(tmp_path / "s", batch=64)
     assert not orphan.exists()
+
+
+def test_queries_are_confined_to_the_results(tmp_path):
+    root = tmp_path / "results"
+    write_trial_tables(root / "s", "t", "TERMINATED", table_cfg(), few_reports())
+    (root / "mlflow.db").write_bytes(b"SQLite format 3\0secret")
+    secret = tmp_path / "home" / ".ray"
+    secret.mkdir(parents=True)
+    (secret / "auth_token").write_text("token-123")
+    attacks = [f"SELECT * FROM read_text('{secret / 'auth_token'}')", "SELECT * FROM read_text('/etc/shadow')",
+               "SELECT * FROM read_text('/proc/self/environ')", f"SELECT * FROM glob('{tmp_path / 'home'}/**')",
+               f"SELECT * FROM read_blob('{root / 'mlflow.db'}')",
+               f"SELECT * FROM sqlite_scan('{root / 'mlflow.db'}', 'x')",
+               "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+               "SELECT * FROM read_csv('/etc/passwd')", "INSTALL httpfs", "LOAD httpfs", "ATTACH '/tmp/x.db' AS x",
+               "SET enable_external_access = true"]
+    t = time.time()
+    for sql in attacks:
+        with pytest.raises(QueryError):
+            query(sql, root)
+    assert time.time() - t < 20  # nothing tried to download an extension
+    assert len(query("SELECT * FROM trials", root)) == 1  # the product's own files still read
+
+
+def test_a_results_root_with_a_quote_is_queried_as_data(tmp_path):
+    root = tmp_path / "it's here"
+    write_trial_tables(root / "s", "t", "TERMINATED", table_cfg(), few_reports())
+    assert len(query("SELECT * FROM trials", root)) == 1 and len(query("SELECT * FROM curves", root)) == 4
+
+
+DISK_FULL_SCRIPT = """
+import sys, errno
+sys.path.insert(0, {repo!r})
+from orchestrator.results import write_trial_tables, query
+from trainables.config import load_config, to_dict
+cfg = to_dict(load_config({{}}))
+rows = [{{"step": s, "loss": 1.0, **{{f"layer/{{l}}/h{{h}}/attn_nmi": 0.1 for l in range(12) for h in range(12)}}}}
+        for s in range(50)]
+ok = 0
+try:
+    for i in range(10000):
+        write_trial_tables(__import__("pathlib").Path({root!r}) / "s", f"t{{i}}", "TERMINATED", cfg, rows)
+        ok += 1
+except OSError as e:
+    assert e.errno == errno.ENOSPC, e
+print("written", ok)
+n = len(query("SELECT * FROM trials", {root!r}))
+print("readable", n)
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
+def test_a_full_disk_leaves_no_partial_file_and_readable_tables(tmp_path):
+    """On a real 2 MB tmpfs (private mount namespace): writing fails with ENOSPC, every table stays readable
+    and holds exactly the attempts whose write completed."""
+    root = tmp_path / "mnt"
+    root.mkdir()
+    script = tmp_path / "fill.py"
+    script.write_text(DISK_FULL_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1]), root=str(root)))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        f"mount -t tmpfs -o size=2m none {root} && {sys.executable} {script}"],
+                       capture_output=True, text=True, timeout=300)
+    if "mount" in r.stderr and r.returncode != 0 and "written" not in r.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = int(r.stdout.split("written")[1].split()[0])
+    assert written > 0 and f"readable {written}" in r.stdout
+
+
+def test_foreign_files_are_skipped_with_a_warning(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import ResultsWarning
+
+    write_trial_tables(tmp_path / "s", "t1", "TERMINATED", table_cfg(), few_reports(0.4))
+    write_trial_tables(tmp_path / "other", "t9", "TERMINATED", table_cfg(), few_reports(0.6))
+    (tmp_path / "s" / "trials" / "x.parquet").write_text("garbage")
+    # a foreign file named like ours with a later attempt id and a text `loss`
+    pq.write_table(pa.table({"sweep": ["s"], "trial": ["t1"], "attempt": ["99999999999999999999-ffffffff"],
+                             "status": ["TERMINATED"], "loss": ["boom"]}),
+                   tmp_path / "s" / "trials" / "t1.99999999999999999999-ffffffff.parquet")
+    with pytest.warns(ResultsWarning) as caught:
+        df = query("SELECT sweep, trial, loss, linear_top1 FROM trials ORDER BY sweep", tmp_path)
+    assert list(df.trial) == ["t9", "t1"] and list(df.linear_top1) == [0.6, 0.4]
+    assert str(df.loss.dtype) == "float64"
+    text = " ".join(str(w.message) for w in caught)
+    assert "x.parquet" in text and "t1.99999999999999999999-ffffffff.parquet" in text
+
+
+def _churn(root: str, seconds: float) -> None:
+    from orchestrator.results import compact
+
+    t, i = time.time(), 0
+    while time.time() - t < seconds:
+        write_trial_tables(Path(root) / "s", f"t{i:04d}", "TERMINATED", table_cfg(i % 2), few_reports(i / 1000))
+        if i % 3 == 0:
+            compact(Path(root) / "s", batch=4)
+        if i % 17 == 0:
+            compact(Path(root) / "s")
+        i += 1
+
+
+def _read(root: str, seconds: float, out) -> None:
+    t, failed, inconsistent, n = time.time(), 0, 0, 0
+    while time.time() - t < seconds:
+        try:
+            row = query("""SELECT (SELECT count(*) FROM trials) AS rows, (SELECT count(DISTINCT trial) FROM trials)
+                AS trials, (SELECT count(*) FROM curves) AS curves, (SELECT count(*) FROM layers) AS layers""",
+                        root).iloc[0]
+            n += 1
+            # every trial exactly once, with its 3 + 1 curve rows and 1 layer row
+            if not (row.rows == row.trials and row.curves == 4 * row.trials and row.layers == row.trials):
+                inconsistent += 1
+        except Exception:  # noqa: BLE001
+            failed += 1
+    out.put((n, failed, inconsistent))
+
+
+def test_readers_see_one_consistent_snapshot_while_files_merge(tmp_path):
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    seconds = 8
+    writer = ctx.Process(target=_churn, args=(str(tmp_path), seconds))
+    readers = [ctx.Process(target=_read, args=(str(tmp_path), seconds, out)) for _ in range(3)]
+    write_trial_tables(tmp_path / "s", "seed", "TERMINATED", table_cfg(), few_reports())
+    for p in [writer, *readers]:
+        p.start()
+    results = [out.get(timeout=seconds + 120) for _ in readers]
+    for p in [writer, *readers]:
+        p.join(timeout=60)
+    n = sum(r[0] for r in results)
+    assert n > 10 and sum(r[1] for r in results) == 0 and sum(r[2] for r in results) == 0, results

@@ -1,8 +1,14 @@
+import time
+
 import pytest
 import yaml
+from conftest import tiny
 
+from orchestrator.cli import main
 from orchestrator.space import SpaceError, load_space, sample_table
 from orchestrator.sweep import check_schedulable, trial_bundles
+from trainables.config import load_config
+from trainables.errors import UserError
 
 SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "paper", "repro", "repro_lr", "objectives",
            "dino_mae"]
@@ -100,9 +106,7 @@ def test_a_search_never_selects_on_the_evaluation_split_the_claims_read(tmp_path
 
 
 def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
-    from conftest import tiny
 
-    from trainables.config import load_config
     from trainables.trainer import train
     from trainables.vocab import LAYER_METRIC, PROBE_METRICS, step_metrics
 
@@ -209,3 +213,21 @@ def test_a_yaml_alias_bomb_is_refused_at_once_and_errors_never_build_a_huge_repr
 def test_sections_of_the_wrong_type_are_one_line_errors(tmp_path):
     for key in ("search", "scheduler", "resources", "failure", "checkpoints"):
         assert err(tmp_path, **{key: [1, 2]}).startswith(f"{key}: expected a mapping")
+
+
+def test_a_huge_grid_is_refused_fast_and_dry_run_summarises(tmp_path, capsys):
+    from orchestrator.space import load_space
+
+    axes = {"optim.blr": {"grid": [1e-4 * (i + 1) for i in range(100)]},
+            "optim.weight_decay": {"grid": [0.01 * i for i in range(100)]},
+            "run.seed": {"grid": list(range(100))}}
+    p = tmp_path / "big.yaml"
+    p.write_text(yaml.safe_dump({"space": axes}))
+    t = time.time()
+    with pytest.raises(UserError, match=r"1,000,000 trials .* max_trials"):
+        load_space(p)
+    p.write_text(yaml.safe_dump({"space": axes, "max_trials": 1_000_000_000}))
+    assert load_space(p).n_trials() == 1_000_000  # allowed on purpose: validated without enumerating
+    assert main(["sweep", str(p), "--dry-run"]) == 0
+    assert "1,000,000 trial(s), dry run (first 50 shown)" in capsys.readouterr().out
+    assert time.time() - t < 30

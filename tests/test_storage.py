@@ -95,8 +95,9 @@ def test_a_trial_whose_files_are_not_on_the_drivers_disk_lands_with_its_true_con
     """lam = 0.5 is fixed in the space's base; Tune's params.json on the driver holds only the sampled key. The old
     driver read run/config.yaml from its own disk, found none, fell back to params.json, and recorded the trial
     without lam (a default of 0 / "mim" before that)."""
+    from orchestrator.callbacks import SweepCallback, Tables
     from orchestrator.space import space_from_dict
-    from orchestrator.tracking import ResultsCallback
+    from orchestrator.tracking import MlflowLog
 
     space = space_from_dict({"base": {"objective": {"lam": 0.5}, "model": {"variant": "micro/4", "img_size": 32}},
                              "space": {"objective.placement.graft_layer": {"grid": [2, 4]}}}, tmp_path / "p.yaml")
@@ -118,7 +119,7 @@ def test_a_trial_whose_files_are_not_on_the_drivers_disk_lands_with_its_true_con
         def get_error(self):
             return None
 
-    cb = ResultsCallback(layout, space, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cb = SweepCallback(layout, space, [Tables(layout), MlflowLog(layout, space, f"sqlite:///{tmp_path / 'mlflow.db'}")])
     for tid in ("t2", "t4"):  # t4 never wrote its config: resolved from the space, as the trial would
         cb.on_trial_start(0, [], Trial(tid))
         cb.on_trial_complete(0, [], Trial(tid))

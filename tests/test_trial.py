@@ -11,8 +11,8 @@ from conftest import CHEAP_EVAL, tiny
 from orchestrator.layout import SweepLayout
 from orchestrator.records import REPORTS, parse_reports
 from orchestrator.results import curves_from_results, layers_from_results, trial_row
-from orchestrator.stored_checkpoints import resume_point
-from orchestrator.trial import TrialSpec, train_reporting_to
+from orchestrator.trial import TrialSpec, resume_point, train_reporting_to
+from trainables.config import load_config
 
 
 class FakeTune:
@@ -113,3 +113,27 @@ def test_train_resume_auto_skips_a_truncated_checkpoint_with_a_warning(tmp_path,
     assert final["resumed_from"] == 2
     err = capsys.readouterr().err
     assert str(newest) in err and "resuming from step 2" in err
+
+
+def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
+    """A (re)started trial continues from the newest checkpoint in its storage folder, whatever Tune's saved state
+    says (it can lag: on Ctrl-C, or when the driver dies); a torn newer one (a process killed mid-copy) is skipped."""
+    import shutil
+
+    from orchestrator.layout import SweepLayout
+    from orchestrator.trial import resume_point
+    from trainables.trainer import train
+
+    run = tmp_path / "scratch" / "run"
+    train(load_config(tiny(), [f"run.out_dir={run}", "optim.steps=4", "run.ckpt_every=2", "eval.probe_images=8"]))
+    layout = SweepLayout(tmp_path, "s")
+    trial = Path(layout.trial_path("t1"))
+    for i, step in enumerate(sorted((run / "checkpoints").glob("step_*"))):  # what Tune copied into the storage
+        shutil.copytree(step, trial / f"checkpoint_00000{i}")
+    (trial / "checkpoint_000002").mkdir()
+    (trial / "checkpoint_000002" / "checkpoint.pt").write_bytes(b"torn")
+
+    got = resume_point(layout, "t1", tmp_path / "local")
+    assert got == str(tmp_path / "local" / "checkpoint_000001" / "checkpoint.pt")
+    assert torch.load(got, weights_only=True)["step"] == 4
+    assert resume_point(layout, "fresh", tmp_path / "local2") is None
