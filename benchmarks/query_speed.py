@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.results import COMPACT_BATCH, compact, query, write_trial_tables  # noqa: E402
+from orchestrator.query import query
+from orchestrator.results import COMPACT_BATCH, compact, write_trial_tables
 
 VARIANTS = ["nano/4", "micro/4", "mini/4", "Ti/16", "S/16", "B/16"]
 LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]

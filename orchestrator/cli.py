@@ -20,7 +20,8 @@ from trainables.errors import UserError
 from .console import fmt as _fmt
 from .console import print_next_steps, print_summary, resume_command
 from .layout import find_sweep, results_root
-from .results import list_table, query, rebuild, write_scaling
+from .rebuild import rebuild
+from .results import write_scaling
 
 
 def _positive_int(text: str) -> int:
@@ -142,6 +143,8 @@ def cmd_resume(args) -> int:
 
 
 def cmd_results_query(args) -> int:
+    from .query import query  # (DuckDB: see show)
+
     df = query(args.sql, results_root(args.results), timeout=args.timeout or None)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
@@ -162,6 +165,8 @@ def _print_frame(df, title: str | None = None) -> None:
 
 def cmd_results_list(args) -> int:
     root = results_root(args.results)
+    from .query import list_table  # (DuckDB: see show)
+
     df = list_table(root)
     if df.empty:
         print(f"no sweeps under {root} yet (start one: clmim sweep search_spaces/quickstart.yaml)")
@@ -170,11 +175,40 @@ def cmd_results_list(args) -> int:
     return 0
 
 
-def cmd_results_show(args) -> int:
-    from .summary import show
+# The claims' columns a terminal shows (the HTML report and the Markdown show them all).
+CLAIM_COLUMNS = ["group", "pair", "claim", "MIM", "CL", "untrained", "MIM − untrained", "CL − untrained",
+                 "difference [95% CI]", "p (Holm)", "verdict"]
 
-    for title, df in show(find_sweep(args.name, results_root(args.results))):
-        _print_frame(df, title)
+
+def show(layout):
+    """What ``clmim results show`` prints for one sweep: ``summary.sections`` of its frames, the claims narrowed to
+    ``CLAIM_COLUMNS``, then what it stores where."""
+    # (DuckDB, pandas, scipy: only the commands that read results pay for them; test_cli.py checks start-up)
+    import pandas as pd
+
+    from .query import no_results, sweep_frames
+    from .results import storage_bytes
+    from .summary import Section, sections
+
+    frames = sweep_frames(layout.root, [layout.name])
+    if frames.trials.empty:
+        raise no_results(layout)
+    out = [Section(s.key, s.title, s.table[CLAIM_COLUMNS]) if s.key in ("claims", "evaluations") else s
+           for s in sections(frames)]
+    b = storage_bytes(layout)
+    n = max(1, b["trials"])
+    parts = [("results root (tables, reports" + ("" if layout.storage else ", trial files") + ")", b["driver"])]
+    if layout.storage:
+        parts.append((f"storage {layout.store.display(layout.experiment_path)}", b["storage"]))
+    parts.append(("  of which checkpoints and final weights", b["checkpoints"]))
+    storage = pd.DataFrame([{"sweep": layout.name, "part": p, "MB": round(v / 1e6, 1),
+                             "MB per trial": round(v / n / 1e6, 2)} for p, v in parts])
+    return out + [Section("storage", "storage", storage)]
+
+
+def cmd_results_show(args) -> int:
+    for section in show(find_sweep(args.name, results_root(args.results))):
+        _print_frame(section.table, section.title)
     return 0
 
 
@@ -285,10 +319,14 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_scaling(args) -> int:
+    from .query import no_results, sweep_frames  # (DuckDB: see show)
     from .scaling import scaling_table
 
     layout = find_sweep(args.name, results_root(args.results))
-    table, what = scaling_table(layout.name, layout.root, x=args.x, y=args.y, offset=args.offset)
+    frames = sweep_frames(layout.root, [layout.name])
+    if frames.trials.empty:
+        raise no_results(layout)
+    table, what = scaling_table(frames.done, x=args.x, y=args.y, offset=args.offset)
     write_scaling(layout.sweep_dir, table, args.x, args.y, what)
     _print_frame(table, f"power-law fits, {what}, 95% interval of b")
     fitted = table.dropna(subset=["b"]) if "b" in table else table.iloc[0:0]

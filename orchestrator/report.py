@@ -25,7 +25,6 @@ from pathlib import Path
 
 import matplotlib
 
-from .records import Status
 from .scaling import scaling_table
 
 matplotlib.use("Agg")
@@ -37,21 +36,18 @@ from trainables.objectives import objectives  # noqa: E402
 from trainables.vocab import layer_keys  # noqa: E402
 
 from .compare import (  # noqa: E402
-    eval_claims,
     fmt_mean_se,
     group_axes,
     group_name,
-    matched_table,
     mean_se,
     noise_drops,
-    paper_claims,
     probe_history,
     split_baseline,
-    tuned_table,
 )
 from .layout import SweepLayout  # noqa: E402
-from .results import QueryError, connect, no_results  # noqa: E402
+from .query import QueryError, no_results, sweep_frames  # noqa: E402
 from .scaling import chance_level, with_mix  # noqa: E402
+from .summary import sections  # noqa: E402
 
 # (metric, panel title, y-axis label with units)
 LAYER_METRICS = [("attn_distance", "mean attention distance", "distance (pixels)"),
@@ -335,20 +331,18 @@ def _pure_cka(layout: SweepLayout, done: pd.DataFrame) -> tuple[bytes, str, str]
 def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Path, list[Path]]:
     """Write ``report.html`` and its PNG figures for a sweep; return the HTML path and every file written."""
     name = layout.name
-    con = connect(layout.root)
-    trials = with_mix(con.execute("SELECT * FROM trials WHERE sweep = ?", [name]).df())
-    if trials.empty:
+    frames = sweep_frames(layout.root, [name])
+    if frames.trials.empty:
         raise no_results(layout)
-    done = trials[trials.status == Status.TERMINATED]
+    trials, done = with_mix(frames.trials), with_mix(frames.done)
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
     axes_cols = group_axes(done)
-    all_layers = con.execute(  # every probed step: step 0, each eval.every, the end
-        "SELECT l.* FROM layers l JOIN trials t USING (sweep, trial) "
-        "WHERE l.sweep = ? AND l.head IS NULL AND t.status = 'TERMINATED'", [name]).df()
-    all_layers = all_layers.merge(done[["trial", *{*axes_cols, "lam"}]], on="trial")
+    # every probed step (step 0, each eval.every, the end), with the group axes the figures colour by
+    all_layers = frames.layers.drop(columns="lam").merge(done[["trial", *{*axes_cols, "lam"}]], on="trial")
     layers, untrained = split_baseline(all_layers)
-    curves = con.execute("SELECT trial, step, value FROM curves WHERE sweep = ? AND metric = 'loss'", [name]).df()
+    curves = frames.curves
+    tables = {sec.key: sec.table for sec in sections(frames)}
     out = Path(out) if out else layout.report_dir / "report.html"
     if out.is_dir():
         raise QueryError(f"--out: {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
@@ -371,11 +365,9 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         figures.append(("lam", "Accuracy against lam", lam_figure(done, chance)))
     fits = pd.DataFrame()
     if done.variant.nunique() > 2 and done.params.notna().all():
-        fits, _ = scaling_table(name, layout.root, n_boot=300)
+        fits, _ = scaling_table(done, n_boot=300)
         figures.append(("scaling", "Scaling: error against parameters with power-law fits", scaling_figure(done, fits)))
-    robustness = con.execute("SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) WHERE r.sweep = ? "
-                             "AND t.status = 'TERMINATED'", [name]).df()
-    drops = noise_drops(robustness, every_classifier=True)
+    drops = noise_drops(frames.robustness, every_classifier=True)
     if not drops.empty:
         figures.append(("noise", "Accuracy drop under frequency-filtered noise (Gaussian noise band-passed to each "
                                  "band, fixed RMS)", noise_figure(drops, done)))
@@ -391,8 +383,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
         write_bytes_atomic(f, png)
         written.append(f)
 
-    status = trials.groupby("status").size().reset_index(name="trials")
-    failed = trials[trials.status != Status.TERMINATED][["trial", "status", "error"]]
     axes_cols = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in layer_keys().values()),
                              "objective.placement.graft_layer", "optim.steps", "run.seed") if c in done]
     # ranked on the validation split where the trials have one; the accuracy shown is the evaluation split's
@@ -406,9 +396,8 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
              f"<p>{len(trials)} trials; {html.escape(chosen)}.</p>",
              "<h2>What differed between objectives</h2>",
              f"<p class=summary>{html.escape(summary_text(done, layers, chance, untrained))}</p>",
-             "<h2>Status</h2>", _table_html(status)]
-    claims = paper_claims(layers, untrained, done).drop(columns="key")
-    if len(claims):
+             "<h2>Status</h2>", _table_html(tables["status"])]
+    if "claims" in tables:
         parts += ["<h2>Paper claims</h2>",
                   "<p>Each claim of Park et al. (ICLR 2023) read on this sweep's pure runs, one table per pair of a "
                   "CL objective (MoCo v3, DINO) and a MIM objective (SimMIM, MAE) and per group of the sweep's "
@@ -418,34 +407,30 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                   "A claim holds (or is opposite) when its Holm-adjusted p is below 0.05 in its direction (or the "
                   "other); a claim that holds although CL did not move from its untrained encoder says so. Late "
                   "layers: the mean over the last third of the blocks.</p>",
-                  _table_html(claims)]
-        evals = eval_claims(done, robustness)
-        evals = evals[evals["verdict"] != "not measured"].drop(columns="key")
-        if len(evals):
+                  _table_html(tables["claims"])]
+        if "claims_per_step" in tables:
+            parts += ["<h3>The claims' verdict at every probed step</h3>", _table_html(tables["claims_per_step"])]
+        if "evaluations" in tables:
             parts += ["<h3>Evaluations: fine-tuning and robustness to frequency-filtered noise</h3>",
-                      _table_html(evals)]
-    tuned = tuned_table(done)
-    if len(tuned):
+                      _table_html(tables["evaluations"])]
+    if "tuned" in tables:
         parts += ["<h2>lr tuned per objective</h2>",
                   "<p>Per group, the lr whose mean linear top-1 over seeds is best on the validation split, with its "
                   "linear top-1 on the evaluation split; compare objectives at their own best lr.</p>",
-                  _table_html(tuned)]
-    if not layers.empty and (layers.metric == "linear_top1_gap").any():
-        matched = matched_table(all_layers, done)
-        if len(matched):
-            matched["mean ± SE"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
-            step0 = (matched.read_at_step == 0).any()
-            parts += ["<h2>Matched budgets</h2>",
-                      "<p>Last-layer linear probe at the largest optimiser step (and the largest training-FLOPs "
-                      "budget) every trial reached; each trial is read at its last probe within the budget.</p>",
-                      *(["<p class=note><b>Note:</b> some rows read step 0, the untrained encoder: this sweep "
-                         "probes only at step 0 and at each trial's end (no <code>eval.every</code>), so a budget "
-                         "below a trial's end falls back to its untrained probe. Set <code>eval.every</code> to "
-                         "compare trained models at matched budgets.</p>"] if step0 else []),
-                      _table_html(matched[["group", "metric", "matched", "budget", "read_at_step", "mean ± SE",
-                                           "seeds"]])]
-    if len(failed):
-        parts += ["<h2>Failed or unfinished trials</h2>", _table_html(failed)]
+                  _table_html(tables["tuned"])]
+    if "matched" in tables:
+        matched = tables["matched"]
+        step0 = (matched.read_at_step == 0).any()
+        parts += ["<h2>Matched budgets</h2>",
+                  "<p>Last-layer linear probe at the largest optimiser step (and the largest training-FLOPs "
+                  "budget) every trial reached; each trial is read at its last probe within the budget.</p>",
+                  *(["<p class=note><b>Note:</b> some rows read step 0, the untrained encoder: this sweep "
+                     "probes only at step 0 and at each trial's end (no <code>eval.every</code>), so a budget "
+                     "below a trial's end falls back to its untrained probe. Set <code>eval.every</code> to "
+                     "compare trained models at matched budgets.</p>"] if step0 else []),
+                  _table_html(matched)]
+    if "failed" in tables:
+        parts += ["<h2>Failed or unfinished trials</h2>", _table_html(tables["failed"])]
     for key, title, png in figures:
         b64 = base64.b64encode(png).decode()
         per_row = f' data-panels-per-row="{panels[key]}"' if key in panels else ""

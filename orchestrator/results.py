@@ -1,4 +1,5 @@
-"""Results tables: Parquet files per trial attempt, and read-only SQL views over every sweep (DuckDB).
+"""The results store: Parquet files per trial attempt, their manifest and their compaction; the only writer of the
+tables (the driver's ``callbacks.Tables`` and ``rebuild.py`` call it). Reading is ``query.py``'s.
 
 Layout (schema version ``SCHEMA_VERSION``; columns documented in the README)::
 
@@ -19,8 +20,6 @@ they are complete; merging files replaces them in the manifest in one step and d
 sees one snapshot: no file vanishes under it and no row appears twice. Files in a table folder that are not the
 product's (name pattern, schema version) are skipped with a warning naming them.
 
-Queries run in a locked-down DuckDB: file access only to the sweeps' table folders, no extension installs or
-loads, configuration locked; paths never go into SQL text.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import itertools
 import math
 import os
 import re
-import threading
 import time
 import uuid
 import warnings
@@ -44,8 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainables import migrate
-from trainables.config import flatten, to_dict
-from trainables.errors import UserError
+from trainables.config import flatten
 from trainables.files import DamagedFile, read_json, write_json_atomic
 from trainables.vocab import (
     NOISE_METRIC,
@@ -60,9 +57,7 @@ from trainables.vocab import (
     weights_of,
 )
 
-from . import records, sweep_record
-from .layout import SweepLayout, check_root, list_sweeps
-from .space import resolve_config
+from .layout import SweepLayout, list_sweeps
 
 # 2: layers has a step column (0 = the untrained encoder); 3: the long tables have a stage column; 4: one name per
 # objective (loss_simmim, objective.simmim.*, the objective column's 'simmim' / 'mix'; ``trainables/migrate.py``)
@@ -86,10 +81,6 @@ NOISE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
                           ("attempt", pa.string()), ("step", pa.int64()), ("band", pa.int32()),
                           ("freq_lo", pa.float64()), ("freq_hi", pa.float64()), ("metric", pa.string()),
                           ("value", pa.float64()), ("stage", pa.int32())])
-
-
-class QueryError(UserError):
-    """A query that is not a single read-only SELECT, or that DuckDB rejects; a sweep without results."""
 
 
 class ResultsWarning(UserWarning):
@@ -518,55 +509,6 @@ def write_scaling(sweep_dir: Path, table: Any, x: str, y: str, fitted: str) -> P
     return path
 
 
-def recorded_trials(layout: SweepLayout) -> set[str]:
-    """Ids of the sweep's trials the ``trials`` table already holds."""
-    try:
-        return set(query("SELECT DISTINCT trial FROM trials WHERE sweep = ?", layout.root, [layout.name]).trial)
-    except UserError:
-        return set()
-
-
-def rebuild(layout: SweepLayout) -> int:
-    """Rebuild the Parquet tables of a sweep from its own records in the storage (``records.py``; Tune's saved
-    state, pickles, is never read); return the number of trials.
-
-    A trial's status is how it ended (its ``status.json``, ``error.json`` or final metrics), else PENDING (a resume
-    runs it); its reports are its own log (or, for a sweep older than logs, Tune's ``result.json`` as JSON); its
-    config is the one it wrote, else the one its sampled values resolve to in the sweep's space (from sweep.json);
-    a value neither holds stays null."""
-    sweep_dir = layout.sweep_dir
-    if not (layout.store.exists(layout.tune_path) or layout.store.exists(records.plan_path(layout))):
-        raise UserError(f"sweep {layout.name!r}: no trials in {layout.store.display(layout.experiment_path)}")
-    try:
-        space = sweep_record.read(sweep_dir).space()
-    except UserError:  # no usable record: configs come from the trials' own files only
-        space = None
-    try:
-        plan = records.read_plan(layout)
-    except records.RecordError as e:
-        warnings.warn(f"{e}; reading the trial folders only", ResultsWarning, stacklevel=2)
-        plan = None
-    n = 0
-    for tid, rec in records.scan(layout, plan).items():
-        results = records.read_reports(layout, tid)
-        if not results and rec.error is None:
-            continue
-        cfg = records.stored_config(layout, tid)
-        if cfg is None and space is not None and rec.values is not None:
-            try:
-                cfg = to_dict(resolve_config(space.base, space.fixed(), rec.values))
-            except UserError:
-                cfg = None
-        # (Tune's "done" flag: a trial of a sweep older than status records that finished)
-        status = rec.status or (records.Status.TERMINATED if any(r.get("done") is True for r in results)
-                                else records.Status.PENDING)
-        status = status.value
-        write_trial_tables(sweep_dir, tid, status, cfg or {}, results, error=rec.error)
-        n += 1
-    compact(sweep_dir)
-    return n
-
-
 def compact(sweep_dir: Path, batch: int | None = None) -> int:
     """Merge a sweep's Parquet files, per table, so that queries read few files; return the number merged.
 
@@ -603,111 +545,6 @@ def compact(sweep_dir: Path, batch: int | None = None) -> int:
     return merged_files
 
 
-# ------------------------------------------------------------------------------------------- queries
-def _empty_view(con, name: str, schema: pa.Schema) -> None:
-    cols = ", ".join(f"NULL::{_duck(f.type)} AS {f.name}" for f in schema)
-    con.execute(f"CREATE VIEW {name} AS SELECT {cols} WHERE false")
-
-
-TRIALS_EMPTY = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
-                          ("attempt", pa.string()), ("status", pa.string())])
-
-
-def connect(root: str | Path):
-    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness`` over every
-    sweep under ``root``, reading one consistent snapshot of the files (see the module docstring)."""
-    import duckdb
-
-    root = check_root(Path(root))
-    files = snapshot(root)
-    # no temp directory: DuckDB would otherwise allow reading its default one (<cwd>/.tmp) whatever the settings
-    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False, "temp_directory": ""})
-    try:
-        if files["trials"]:
-            _view(con, "trials_all", "trials", files["trials"])
-            con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
-                  SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
-                  FROM trials_all) WHERE rn = 1""")
-        else:
-            _empty_view(con, "trials", TRIALS_EMPTY)
-        for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
-            if files[t] and files["trials"]:
-                _view(con, f"{t}_all", t, files[t])
-                con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
-                    JOIN (SELECT sweep, trial, attempt FROM trials) USING (sweep, trial, attempt)""")
-            else:
-                _empty_view(con, t, schema)
-    except duckdb.Error as e:  # a file that vanished or broke after the snapshot was taken
-        raise QueryError(f"results: cannot read the tables under {root} ({str(e).splitlines()[0][:300]}); "
-                         "try again, or run: clmim results rebuild SWEEP") from None
-    # From here on, DuckDB may read only the table folders of these sweeps: no other file, no network, no
-    # extension, and the settings cannot be changed back by a query.
-    dirs = sorted({str(f.parent) + "/" for fs in files.values() for f in fs})  # (validated names: table folders)
-    con.execute("SET allowed_directories = ?", [dirs])
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    return con
-
-
-def _view(con, name: str, table: str, files: list[Path]) -> None:
-    """A view ``name`` over ``table``'s files: today's read by DuckDB as they are, an earlier version's migrated
-    (``read_table``) and read from memory."""
-    old = [f for f in files if file_version(f) < SCHEMA_VERSION]
-    earlier = set(old)
-    new = [str(f) for f in files if f not in earlier]
-    parts = []
-    if new:
-        con.read_parquet(new, union_by_name=table == "trials").create_view(f"{name}_new")
-        parts.append(f"SELECT * FROM {name}_new")
-    if old:
-        con.register(f"{name}_old", pa.concat_tables([read_table(table, f) for f in old], promote_options="permissive"))
-        parts.append(f"SELECT * FROM {name}_old")
-    con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(parts))
-
-
-def _duck(t: pa.DataType) -> str:
-    return {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}.get(t, "VARCHAR")
-
-
-QUERY_TIMEOUT_S = 60.0  # `clmim results query --timeout` raises it
-
-
-def query(sql: str, root: str | Path, params: list | None = None, timeout: float | None = QUERY_TIMEOUT_S):
-    """Run one read-only SQL statement over the views (``?`` placeholders bound to ``params``); return a pandas
-    DataFrame. A query still running after ``timeout`` seconds (None: no limit) is stopped: a ``QueryError``."""
-    import duckdb
-
-    con = connect(root)
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as e:
-        raise QueryError(f"query: {str(e).splitlines()[0]}") from None
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise QueryError("query: only a single SELECT statement is allowed (results are read-only)")
-    timer = threading.Timer(timeout, con.interrupt) if timeout else None
-    if timer is not None:
-        timer.daemon = True
-        timer.start()
-    try:
-        return con.execute(sql, params).df()
-    except duckdb.InterruptException:
-        raise QueryError(f"query: stopped after {timeout:g} s (raise the limit with --timeout SECONDS)") from None
-    except duckdb.Error as e:
-        raise QueryError(f"query: {str(e).splitlines()[0]}") from None
-    finally:
-        if timer is not None:  # joined: a daemon thread still holding the connection at exit aborts the process
-            timer.cancel()
-            timer.join()
-
-
-def relation(table: str, root: str | Path):
-    """A DuckDB relation for one view (``trials``, ``curves`` or ``layers``)."""
-    if table not in TABLES:
-        raise QueryError(f"table: {table!r} is not one of {TABLES}")
-    return connect(root).table(table)
-
-
 def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
 
@@ -726,37 +563,8 @@ def storage_bytes(layout: SweepLayout) -> dict[str, int]:
     return {"driver": local, "storage": stored, "checkpoints": ckpt, "trials": len(trials)}
 
 
-def _total_bytes(layout: SweepLayout) -> int:
+def total_bytes(layout: SweepLayout) -> int:
     b = storage_bytes(layout)
     return b["driver"] + b["storage"]
 
 
-def list_table(root: str | Path):
-    """One row per sweep under ``root``: name, started, planned trials, its state (running, finished, interrupted
-    (resumable): ``records.sweep_state``), status counts in the tables, storage bytes."""
-    import pandas as pd
-
-    root = check_root(Path(root))
-    counts = query("SELECT sweep, status, count(*) AS n FROM trials GROUP BY ALL", root)
-    rows = []
-    for d in list_sweeps(root):
-        record = sweep_record.read(d)
-        c = counts[counts.sweep == d.name]
-        by = dict(zip(c.status, c.n, strict=True))
-        layout = SweepLayout(root, d.name, record.storage)
-        planned = record.n_trials
-        done, failed = records.Status.TERMINATED.value, records.Status.ERROR.value
-        rows.append({"sweep": d.name, "started": record.created, "planned": planned,
-                     "state": records.sweep_state(layout, planned).state,
-                     "terminated": int(by.get(done, 0)), "error": int(by.get(failed, 0)),
-                     "other": int(sum(v for k, v in by.items() if k not in (done, failed))),
-                     "storage_mb": round(_total_bytes(layout) / 1e6, 1)})
-    return pd.DataFrame(rows)
-
-
-def no_results(layout: SweepLayout) -> QueryError:
-    """The error for a sweep without rows: running, interrupted before any trial ended, or tables to rebuild."""
-    state = records.sweep_state(layout, sweep_record.read(layout.sweep_dir).n_trials)
-    if state.state == "running" or (state.state.startswith("interrupted") and not state.ended):
-        return QueryError(state.describe(layout.name))
-    return QueryError(f"sweep {layout.name!r} has no results yet (try `clmim results rebuild {layout.name}`)")

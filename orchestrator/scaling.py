@@ -16,14 +16,11 @@ axis's effect as noise around the fit and bias the exponent.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
+from trainables.errors import UserError
 from trainables.vocab import objective_label, step_metrics
-
-from .results import QueryError, query
 
 X_COLUMNS = {"params": "params", "flops": "train_flops", "samples": "samples_seen", "data": "train_images"}
 # Config columns that set x itself (so they are x, not a grouping axis), per x.
@@ -123,25 +120,21 @@ def exponent_interval(x, y, offset=False, n_boot=1000, seed=0, level=0.95) -> tu
     return float(fit.slope - half), float(fit.slope + half), "t (log-log slope)"
 
 
-def scaling_table(name: str, root: str | Path, x: str = "params", y: str = "linear_top1",
-                  offset: bool = False, n_boot: int = 1000) -> tuple[pd.DataFrame, str]:
-    """Fit every objective group of sweep ``name``; return (table, description of what was fitted). Writes
-    nothing (``clmim scaling`` saves the table: ``results.write_scaling``), so a report that reads it has no side
-    effect."""
-    root = Path(root)
+def scaling_table(done: pd.DataFrame, x: str = "params", y: str = "linear_top1", offset: bool = False,
+                  n_boot: int = 1000) -> tuple[pd.DataFrame, str]:
+    """Fit every objective group of a sweep's finished trials (``done``); return (table, description of what was
+    fitted). DataFrames in and out: ``clmim scaling`` saves the table (``results.write_scaling``)."""
     if x not in X_COLUMNS:
-        raise QueryError(f"--x: {x!r} is not one of {', '.join(X_COLUMNS)}")
-    if not (root / name).is_dir():
-        raise QueryError(f"sweep {name!r} not found under {root}")
-    cols = set(query("SELECT * FROM trials LIMIT 0", root).columns)
-    if y not in cols:
-        metrics = sorted(c for c in cols if c in ("loss", "knn_top1", "linear_top1", "shape_bias", *step_metrics()))
-        raise QueryError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
+        raise UserError(f"--x: {x!r} is not one of {', '.join(X_COLUMNS)}")
+    if y not in done:
+        metrics = sorted(c for c in done if c in ("loss", "knn_top1", "linear_top1", "shape_bias", *step_metrics()))
+        raise UserError(f"--y: {y!r} is not a column of the trials table; try one of {', '.join(metrics)}")
     xcol = X_COLUMNS[x]
-    df = with_mix(query(f'SELECT *, "{xcol}" AS x, "{y}" AS y FROM trials WHERE sweep = ? AND status = \'TERMINATED\' '
-                        f'AND "{xcol}" > 0 AND "{y}" IS NOT NULL', root, [name]))
+    df = with_mix(done)
+    df = df.assign(x=pd.to_numeric(df[xcol], errors="coerce"), y=pd.to_numeric(df[y], errors="coerce"))
+    df = df[(df.x > 0) & df.y.notna()]
     if df.empty:
-        raise QueryError(f"sweep {name!r} has no finished trials with {xcol} and {y}")
+        raise UserError(f"the sweep has no finished trials with {xcol} and {y}")
     is_acc = y.endswith("top1")
     chance = chance_level(df) if is_acc else None
     target = 1 - df.y if is_acc else df.y

@@ -29,6 +29,7 @@ from trainables.vocab import SUMMARY_METRICS
 from . import sweep_record
 from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
+from .query import query, recorded_trials
 from .records import (
     DriverLease,
     Plan,
@@ -42,7 +43,6 @@ from .records import (
     trial_record,
     write_plan,
 )
-from .results import query, recorded_trials
 from .space import Space, SpaceError, plan_values
 
 TRIAL_CPU_SLIVER = 0.01

@@ -20,8 +20,8 @@ from trainables.vocab import TUNE_KEYS, objective_label
 from . import sweep_record
 from .callbacks import Ended, Part
 from .layout import SweepLayout
+from .query import query
 from .records import Status, trial_id_of
-from .results import query
 from .space import Space, trial_config
 
 

@@ -9,8 +9,8 @@ from sweeps import few_reports, table_cfg
 from orchestrator import records
 from orchestrator.callbacks import Ended, Part, Retention, SweepCallback, Tables
 from orchestrator.layout import SweepLayout
+from orchestrator.query import query
 from orchestrator.records import Status
-from orchestrator.results import query
 
 
 def ended(tid="t1", status=Status.TERMINATED, error=None) -> Ended:

@@ -259,6 +259,15 @@ def test_train_config_error_is_fast_and_imports_no_torch():
     assert time.time() - t < 10
 
 
+def test_start_up_loads_no_query_engine_analysis_or_torch():
+    """The CLI's module imports stay light (a usage error or --help answers at once): DuckDB, pandas, scipy and torch
+    load only in the commands that use them (the imports deferred in cli.py, each marked)."""
+    code = ("import sys; import orchestrator.cli; "
+            "print(sorted(m for m in ('duckdb', 'pandas', 'scipy', 'torch', 'ray') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("argv", [["results", "show", "nope"], ["report", "nope"], ["results", "rebuild", "nope"],
                                   ["resume", "nope"], ["scaling", "nope"]])
 def test_sweep_not_found_is_one_error_type_everywhere(tmp_path, capsys, argv):

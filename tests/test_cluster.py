@@ -22,7 +22,7 @@ import yaml
 from conftest import _free_port, wait_for, wait_http
 from raynodes import BIN, cmdline, descendants, kill_tree, start_node
 
-from orchestrator.results import query
+from orchestrator.query import query
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BUCKET = "clmim-test"

@@ -269,11 +269,11 @@ def _eval_sweep(root, seeds: int) -> None:
 
 
 def test_report_and_results_show_the_evaluations(tmp_path):
+    from orchestrator.cli import show
     from orchestrator.compare import eval_claims, noise_drops
     from orchestrator.layout import SweepLayout
+    from orchestrator.query import connect
     from orchestrator.report import build_report
-    from orchestrator.results import connect
-    from orchestrator.summary import show
 
     _eval_sweep(tmp_path, seeds=3)
     con = connect(tmp_path)
@@ -286,7 +286,7 @@ def test_report_and_results_show_the_evaluations(tmp_path):
     assert claims.loc["finetune", "verdict"] == "holds"
     assert claims.loc["noise_high", "verdict"] == "holds" and claims.loc["noise_low", "verdict"] == "holds"
     assert "(finetune)" in claims.loc["noise_high", "claim"]
-    tables = dict(show(SweepLayout(tmp_path, "ev")))
+    tables = {sec.title: sec.table for sec in show(SweepLayout(tmp_path, "ev"))}
     shares = tables["where a trial's time went (share of its wall time, mean over the group's trials)"]
     assert list(shares.evaluations) == [0.28, 0.28] and list(shares.train) == [0.6, 0.6]
     assert "evaluations (pure CL vs pure MIM)" in tables
@@ -300,7 +300,7 @@ def test_report_and_results_show_the_evaluations(tmp_path):
 
 def test_a_fine_tuned_drop_is_not_subtracted_from_the_untrained_linear_probe(tmp_path):
     from orchestrator.compare import eval_claims
-    from orchestrator.results import connect
+    from orchestrator.query import connect
 
     _eval_sweep(tmp_path, seeds=2)
     con = connect(tmp_path)

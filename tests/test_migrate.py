@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.results import SCHEMA_VERSION, compact, file_version, query
+from orchestrator.query import query
+from orchestrator.results import SCHEMA_VERSION, compact, file_version
 from orchestrator.space import load_space
 from trainables.checkpoints import load_weights, pretrained_encoder
 from trainables.config import ConfigError, load_config, to_dict

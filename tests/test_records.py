@@ -14,6 +14,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.layout import SweepLayout
+from orchestrator.query import query
 from orchestrator.records import (
     LEASE_TTL_S,
     TRIAL_KEY,
@@ -26,7 +27,6 @@ from orchestrator.records import (
     write_plan,
     write_status,
 )
-from orchestrator.results import query
 from trainables.errors import UserError
 
 
@@ -76,7 +76,8 @@ def sweep_with_records(root: Path, name="s") -> SweepLayout:
 
 # ---------------------------------------------------------------------------------------- 1. no pickles
 def test_rebuild_summary_and_backfill_never_unpickle_tunes_files(tmp_path):
-    from orchestrator.results import query, rebuild
+    from orchestrator.query import query
+    from orchestrator.rebuild import rebuild
     from orchestrator.space import load_space
     from orchestrator.sweep import backfill, summarize
 
@@ -230,7 +231,7 @@ def test_a_trial_killed_for_memory_is_that_trials_failure_not_the_sweeps():
 
 def test_a_trial_the_kernel_killed_for_memory_says_so_with_the_cgroups_figures(tmp_path, monkeypatch):
     from orchestrator import callbacks
-    from orchestrator.results import query
+    from orchestrator.query import query
     from orchestrator.space import space_from_dict
 
     cg = tmp_path / "cgroup"
@@ -250,7 +251,7 @@ def test_a_trial_the_kernel_killed_for_memory_says_so_with_the_cgroups_figures(t
 
 
 def test_damaged_error_file_counts_as_an_error(tmp_path):
-    from orchestrator.results import rebuild
+    from orchestrator.rebuild import rebuild
 
     d = tmp_path / "s" / "tune" / "t1"
     d.mkdir(parents=True)

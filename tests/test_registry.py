@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.results import query
+from orchestrator.query import query
 from trainables import vocab
 from trainables.config import ConfigError, load_config, to_dict, train_flops_per_image
 from trainables.objectives import registry

@@ -11,20 +11,11 @@ import pytest
 import yaml
 from sweeps import few_reports, table_cfg
 
-from orchestrator.cli import main
+from orchestrator.cli import main, show
 from orchestrator.layout import SweepLayout, find_sweep
-from orchestrator.results import (
-    SCHEMA_VERSION,
-    QueryError,
-    connect,
-    curves_from_results,
-    query,
-    read_manifest,
-    rebuild,
-    relation,
-    write_trial_tables,
-)
-from orchestrator.summary import show
+from orchestrator.query import QueryError, connect, query, relation
+from orchestrator.rebuild import rebuild
+from orchestrator.results import SCHEMA_VERSION, curves_from_results, read_manifest, write_trial_tables
 from trainables.config import load_config, to_dict
 from trainables.errors import UserError
 
@@ -111,7 +102,7 @@ def test_rebuild_from_tune_dirs_and_show(tmp_path):
     assert rebuild(SweepLayout(tmp_path, "rb")) == 3
     df = query("SELECT trial, status, error FROM trials ORDER BY trial", tmp_path)
     assert list(df.status) == ["TERMINATED", "TERMINATED", "ERROR"] and df.error[2] == "ValueError: bad"
-    titles = [t for t, _ in show(find_sweep("rb", tmp_path))]
+    titles = [sec.title for sec in show(find_sweep("rb", tmp_path))]
     assert titles[0] == "status" and "failed or unfinished trials" in titles
     with pytest.raises(UserError, match="not found"):
         find_sweep("nope", tmp_path)
@@ -321,7 +312,8 @@ def test_a_results_root_with_a_quote_is_queried_as_data(tmp_path):
 DISK_FULL_SCRIPT = """
 import sys, errno
 sys.path.insert(0, {repo!r})
-from orchestrator.results import write_trial_tables, query
+from orchestrator.results import write_trial_tables
+from orchestrator.query import query
 from trainables.config import load_config, to_dict
 cfg = to_dict(load_config({{}}))
 rows = [{{"step": s, "loss": 1.0, **{{f"layer/{{l}}/h{{h}}/attn_nmi": 0.1 for l in range(12) for h in range(12)}}}}

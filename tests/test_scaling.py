@@ -3,9 +3,16 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.results import QueryError, write_trial_tables
+from orchestrator.query import sweep_frames
+from orchestrator.results import write_trial_tables
 from orchestrator.scaling import bootstrap_exponent, exponent_interval, fit_power_law, scaling_table
 from trainables.config import load_config, to_dict
+from trainables.errors import UserError
+
+
+def done(root, name):
+    return sweep_frames(root, [name]).done
+
 
 VARIANTS = {"nano/4": 0, "micro/4": 1, "mini/4": 2, "Ti/4": 3, "S/4": 4}
 
@@ -50,7 +57,7 @@ def make_sweep(root, exponents=(("0.0", -0.3), ("1.0", -0.1))):
 
 def test_scaling_table_recovers_group_exponents(tmp_path):
     make_sweep(tmp_path)
-    table, what = scaling_table("sc", tmp_path, n_boot=300)
+    table, what = scaling_table(done(tmp_path, "sc"), n_boot=300)
     assert what.startswith("error = 1 - linear_top1")
     by = table.set_index("lam")
     for lam, b in {0.0: -0.3, 1.0: -0.1}.items():
@@ -75,7 +82,7 @@ def test_scaling_groups_by_every_other_varied_axis_and_fits_error_above_chance(t
                 acc = 1 - err if not (v == "nano/4" and steps == 100) else 0.1  # the smallest short run: chance
                 write_trial_tables(tmp_path / "g", f"{v.replace('/', '_')}-{steps}-{seed}", "TERMINATED", cfg,
                                    [{"step": steps, "params": n, "linear_top1": acc, "done": True}])
-    table, what = scaling_table("g", tmp_path, n_boot=100)
+    table, what = scaling_table(done(tmp_path, "g"), n_boot=100)
     assert "above chance (0.1)" in what
     assert list(table["optim.steps"]) == [100, 400] and len(table) == 2
     for _, row in table.iterrows():
@@ -87,7 +94,7 @@ def test_scaling_groups_by_every_other_varied_axis_and_fits_error_above_chance(t
 def test_too_few_points_said_plainly(tmp_path):
     cfg = to_dict(load_config({}, ["objective.lam=0"]))
     write_trial_tables(tmp_path / "few", "t", "TERMINATED", cfg, [{"step": 1, "params": 10, "linear_top1": 0.5}])
-    table, _ = scaling_table("few", tmp_path)
+    table, _ = scaling_table(done(tmp_path, "few"))
     assert "too few points" in table.note[0]
 
 
@@ -101,8 +108,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "not found" in err[0] and "--y" in err[1] and "no finished trials" in err[2]
     assert main(["scaling", "sc", "--results", str(tmp_path)]) == 0
-    with pytest.raises(QueryError):
-        scaling_table("sc", tmp_path, x="time")
+    with pytest.raises(UserError):
+        scaling_table(done(tmp_path, "sc"), x="time")
 
 
 def test_report_bad_input_exit_2(tmp_path, capsys):
@@ -138,7 +145,7 @@ def test_scaling_fits_against_data_set_size(tmp_path):
                 write_trial_tables(tmp_path / "data", f"{lam}-{frac}-{seed}", "TERMINATED", cfg,
                                    [{"step": 10, "params": 1e6, "train_images": n, "linear_top1": 1 - err,
                                      "done": True}])
-    table, _ = scaling_table("data", tmp_path, x="data")
+    table, _ = scaling_table(done(tmp_path, "data"), x="data")
     by = dict(zip(table.group, table.b, strict=True))
     assert len(by) == 2, table  # data.fraction is x, not a grouping axis
     got = sorted(by.values())
@@ -157,7 +164,7 @@ def test_scaling_fits_one_group_per_objective_mix(tmp_path):
                 err = 2.0 * params ** b * np.exp(rng.normal(0, 0.02))
                 write_trial_tables(tmp_path / "mx", f"{v.replace('/', '_')}-{i}-{seed}", "TERMINATED", cfg,
                                    [{"step": 10, "params": params, "linear_top1": 1 - err, "done": True}])
-    table, _ = scaling_table("mx", tmp_path, n_boot=200)
+    table, _ = scaling_table(done(tmp_path, "mx"), n_boot=200)
     by = table.set_index("group")
     assert set(by.index) == {"MAE", "DINO", "mix 0.5 SimMIM + 0.5 DINO"}  # weights are the group, not axes
     for group, b in (("MAE", -0.35), ("DINO", -0.15), ("mix 0.5 SimMIM + 0.5 DINO", -0.25)):

@@ -8,7 +8,8 @@ import yaml
 from conftest import _free_port
 
 from orchestrator.layout import SweepLayout, find_sweep
-from orchestrator.results import query, trial_row
+from orchestrator.query import query
+from orchestrator.results import trial_row
 from trainables.config import load_config, to_dict
 from trainables.errors import UserError
 from trainables.storage import Storage

@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import wait_for, wait_http
 
-from orchestrator.results import query
+from orchestrator.query import query
 from orchestrator.space import SpaceError, load_space
 from orchestrator.sweep import run_sweep
 

@@ -116,7 +116,8 @@ def test_step_0_probes_the_untrained_encoder_the_same_for_every_objective(tmp_pa
     """Every trial probes its encoder before training (step 0): the baseline its probe values are read against.
     At one seed and one architecture it is the same encoder whatever lam is (lam = 1 defaults to MoCo v3's fixed
     embeddings, so the architecture is set explicitly here); the tables keep step 0 and the final step apart."""
-    from orchestrator.results import query, write_trial_tables
+    from orchestrator.query import query
+    from orchestrator.results import write_trial_tables
 
     baselines = []
     for lam in (0.0, 1.0):
@@ -234,7 +235,8 @@ def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_res
     """Stage 1 is exactly an MAE run; stage 2 starts MoCo v3 (online and momentum encoder) from its encoder with
     blocks 1..3 and the embedding at 0.1 x lr; steps count globally; a run resumed inside a stage or at the
     boundary ends with the straight run's weights; the tables hold one trial with a stage column."""
-    from orchestrator.results import query, write_trial_tables
+    from orchestrator.query import query
+    from orchestrator.results import write_trial_tables
     from trainables.config import to_dict
 
     kept, reports = tmp_path / "kept", []

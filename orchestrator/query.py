@@ -1,0 +1,220 @@
+"""The query layer: read-only SQL over the results tables (DuckDB), and the frames the analysis reads.
+
+``connect`` opens a locked-down DuckDB connection with views ``trials``, ``curves``, ``layers`` and ``robustness``
+over every sweep under a results root, reading one snapshot of the store's files (``results.snapshot``: no file
+vanishes under a query and no row appears twice). File access is limited to the sweeps' table folders, no extension
+is installed or loaded, the configuration is locked, and paths never go into SQL text. Nothing here writes.
+``sweep_frames`` is the one place the analysis's inputs are selected (what ``clmim results show``, ``clmim report``
+and ``benchmarks/repro_claims.py`` read).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from trainables.errors import UserError
+
+from . import records, sweep_record
+from .layout import SweepLayout, check_root, list_sweeps
+from .results import (
+    CURVE_SCHEMA,
+    LAYER_SCHEMA,
+    NOISE_SCHEMA,
+    SCHEMA_VERSION,
+    TABLES,
+    file_version,
+    read_table,
+    snapshot,
+    total_bytes,
+)
+
+
+class QueryError(UserError):
+    """A query that is not a single read-only SELECT, or that DuckDB rejects; a sweep without results."""
+
+
+
+
+def _empty_view(con, name: str, schema: pa.Schema) -> None:
+    cols = ", ".join(f"NULL::{_duck(f.type)} AS {f.name}" for f in schema)
+    con.execute(f"CREATE VIEW {name} AS SELECT {cols} WHERE false")
+
+
+TRIALS_EMPTY = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
+                          ("attempt", pa.string()), ("status", pa.string())])
+
+
+def connect(root: str | Path):
+    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness`` over every
+    sweep under ``root``, reading one consistent snapshot of the files (see the module docstring)."""
+    root = check_root(Path(root))
+    files = snapshot(root)
+    # no temp directory: DuckDB would otherwise allow reading its default one (<cwd>/.tmp) whatever the settings
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False, "temp_directory": ""})
+    try:
+        if files["trials"]:
+            _view(con, "trials_all", "trials", files["trials"])
+            con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
+                  SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
+                  FROM trials_all) WHERE rn = 1""")
+        else:
+            _empty_view(con, "trials", TRIALS_EMPTY)
+        for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
+            if files[t] and files["trials"]:
+                _view(con, f"{t}_all", t, files[t])
+                con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
+                    JOIN (SELECT sweep, trial, attempt FROM trials) USING (sweep, trial, attempt)""")
+            else:
+                _empty_view(con, t, schema)
+    except duckdb.Error as e:  # a file that vanished or broke after the snapshot was taken
+        raise QueryError(f"results: cannot read the tables under {root} ({str(e).splitlines()[0][:300]}); "
+                         "try again, or run: clmim results rebuild SWEEP") from None
+    # From here on, DuckDB may read only the table folders of these sweeps: no other file, no network, no
+    # extension, and the settings cannot be changed back by a query.
+    dirs = sorted({str(f.parent) + "/" for fs in files.values() for f in fs})  # (validated names: table folders)
+    con.execute("SET allowed_directories = ?", [dirs])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _view(con, name: str, table: str, files: list[Path]) -> None:
+    """A view ``name`` over ``table``'s files: today's read by DuckDB as they are, an earlier version's migrated
+    (``read_table``) and read from memory."""
+    old = [f for f in files if file_version(f) < SCHEMA_VERSION]
+    earlier = set(old)
+    new = [str(f) for f in files if f not in earlier]
+    parts = []
+    if new:
+        con.read_parquet(new, union_by_name=table == "trials").create_view(f"{name}_new")
+        parts.append(f"SELECT * FROM {name}_new")
+    if old:
+        con.register(f"{name}_old", pa.concat_tables([read_table(table, f) for f in old], promote_options="permissive"))
+        parts.append(f"SELECT * FROM {name}_old")
+    con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(parts))
+
+
+def _duck(t: pa.DataType) -> str:
+    return {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}.get(t, "VARCHAR")
+
+
+QUERY_TIMEOUT_S = 60.0  # `clmim results query --timeout` raises it
+
+
+def query(sql: str, root: str | Path, params: list | None = None, timeout: float | None = QUERY_TIMEOUT_S):
+    """Run one read-only SQL statement over the views (``?`` placeholders bound to ``params``); return a pandas
+    DataFrame. A query still running after ``timeout`` seconds (None: no limit) is stopped: a ``QueryError``."""
+    con = connect(root)
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(f"query: {str(e).splitlines()[0]}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryError("query: only a single SELECT statement is allowed (results are read-only)")
+    timer = threading.Timer(timeout, con.interrupt) if timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        return con.execute(sql, params).df()
+    except duckdb.InterruptException:
+        raise QueryError(f"query: stopped after {timeout:g} s (raise the limit with --timeout SECONDS)") from None
+    except duckdb.Error as e:
+        raise QueryError(f"query: {str(e).splitlines()[0]}") from None
+    finally:
+        if timer is not None:  # joined: a daemon thread still holding the connection at exit aborts the process
+            timer.cancel()
+            timer.join()
+
+
+def relation(table: str, root: str | Path):
+    """A DuckDB relation for one view (``trials``, ``curves`` or ``layers``)."""
+    if table not in TABLES:
+        raise QueryError(f"table: {table!r} is not one of {TABLES}")
+    return connect(root).table(table)
+
+
+
+
+def recorded_trials(layout: SweepLayout) -> set[str]:
+    """Ids of the sweep's trials the ``trials`` table already holds."""
+    try:
+        return set(query("SELECT DISTINCT trial FROM trials WHERE sweep = ?", layout.root, [layout.name]).trial)
+    except UserError:
+        return set()
+
+
+
+
+def list_table(root: str | Path):
+    """One row per sweep under ``root``: name, started, planned trials, its state (running, finished, interrupted
+    (resumable): ``records.sweep_state``), status counts in the tables, storage bytes."""
+    root = check_root(Path(root))
+    counts = query("SELECT sweep, status, count(*) AS n FROM trials GROUP BY ALL", root)
+    rows = []
+    for d in list_sweeps(root):
+        record = sweep_record.read(d)
+        c = counts[counts.sweep == d.name]
+        by = dict(zip(c.status, c.n, strict=True))
+        layout = SweepLayout(root, d.name, record.storage)
+        planned = record.n_trials
+        done, failed = records.Status.TERMINATED.value, records.Status.ERROR.value
+        rows.append({"sweep": d.name, "started": record.created, "planned": planned,
+                     "state": records.sweep_state(layout, planned).state,
+                     "terminated": int(by.get(done, 0)), "error": int(by.get(failed, 0)),
+                     "other": int(sum(v for k, v in by.items() if k not in (done, failed))),
+                     "storage_mb": round(total_bytes(layout) / 1e6, 1)})
+    return pd.DataFrame(rows)
+
+
+def no_results(layout: SweepLayout) -> QueryError:
+    """The error for a sweep without rows: running, interrupted before any trial ended, or tables to rebuild."""
+    state = records.sweep_state(layout, sweep_record.read(layout.sweep_dir).n_trials)
+    if state.state == "running" or (state.state.startswith("interrupted") and not state.ended):
+        return QueryError(state.describe(layout.name))
+    return QueryError(f"sweep {layout.name!r} has no results yet (try `clmim results rebuild {layout.name}`)")
+
+
+@dataclass
+class SweepFrames:
+    """What the analysis reads of one or more sweeps (``summary.sections``, the report's figures): DataFrames, no
+    connection. ``trials``: every trial's latest attempt; ``done``: the finished ones; ``layers``: their per-layer
+    probes at every probed step (step 0: the untrained encoder), mean over heads, with ``lam``; ``robustness``:
+    their accuracies under band-passed noise; ``curves``: their loss curves (trial, step, value)."""
+
+    names: list[str]
+    trials: pd.DataFrame
+    done: pd.DataFrame
+    layers: pd.DataFrame
+    robustness: pd.DataFrame
+    curves: pd.DataFrame
+
+
+def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> SweepFrames:
+    """The frames of sweeps ``names`` under ``root``; ``where``: an extra SQL condition on the trials (``t.``), as
+    ``benchmarks/repro_claims.py --where`` takes it (the connection is read-only)."""
+    con = connect(root)
+    keep = f"t.sweep IN ({', '.join('?' * len(names))}) AND ({where})"
+    done = f"{keep} AND t.status = 'TERMINATED'"
+    try:
+        trials = con.execute(f"SELECT * FROM trials t WHERE {keep} ORDER BY sweep, trial", names).df()
+        if trials.empty:  # (no table files yet: the empty views lack the columns the joins below name)
+            empty = pd.DataFrame()
+            return SweepFrames(list(names), trials, trials, empty, empty, empty)
+        layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
+                             f"WHERE {done} AND l.head IS NULL", names).df()
+        robustness = con.execute(f"SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) WHERE {done}",
+                                 names).df()
+        curves = con.execute("SELECT c.sweep, c.trial, c.step, c.value FROM curves c JOIN trials t USING (sweep, "
+                             f"trial) WHERE {keep} AND c.metric = 'loss'", names).df()
+    except duckdb.Error as e:
+        raise QueryError(f"query: {str(e).splitlines()[0]}") from None
+    return SweepFrames(list(names), trials, trials[trials.status == records.Status.TERMINATED.value], layers,
+                       robustness, curves)
