@@ -440,7 +440,7 @@ def test_lost_worker_vs_training_error_classification():
     from orchestrator.ray_private import lost_worker_errors
     from orchestrator.trial import describe_error as _describe_error
     from orchestrator.trial import is_lost_worker as _is_lost_worker
-    from trainables.trainer import NonFiniteLossError
+    from trainables.errors import NonFiniteLossError
 
     health_check_failed = lost_worker_errors()[0]
     user = NonFiniteLossError("non-finite loss by step 4\n(more)")  # Ray Train keeps the worker's own exception

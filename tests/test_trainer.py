@@ -10,8 +10,9 @@ from conftest import tiny
 from trainables import checkpoints
 from trainables.checkpoints import find_checkpoint
 from trainables.config import ConfigError, load_config
+from trainables.errors import NonFiniteLossError
 from trainables.objectives.mixture import Mixture
-from trainables.trainer import NonFiniteLossError, schedules, train
+from trainables.trainer import schedules, train
 
 
 def weights(path):

@@ -13,12 +13,10 @@ whole eval split) every ``eval.finetune.eval_every`` steps and at the end.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,11 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .augment import crop_scale, eval_view, normalize, random_resized_crop, to_float
 from .config import Config
 from .data import batch_stream
-from .errors import NonFiniteLossError
 from .model import ViT, param_groups
 from .probes import pool_tokens
 from .rng import set_rng_state
 from .schedule import lr_schedule, phase_steps, step_seed
+from .steps import read_log, set_lr
 
 
 class Classifier(nn.Module):
@@ -125,6 +123,7 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
     size, r = cfg.model.img_size, cfg.run
     crop = (f.crop_min, 1.0) if f.crop_min is not None else crop_scale(size)
     loss_sum = torch.zeros((), device=run.device)  # summed between log steps without host syncs
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
     n = 0
     out: dict = {}
     for j in range(start, total):
@@ -133,26 +132,21 @@ def finetune(run, report, resume: dict | None = None, extra: dict | None = None)
         gen = torch.Generator(device=run.device).manual_seed(step_seed(r.seed, step, run.rank))
         u = torch.rand(len(images), 5, generator=gen, device=run.device)  # crop (4) and flip (1) per image
         x = normalize(random_resized_crop(to_float(images), size, u, scale=crop, flip_p=0.5 if f.flip else 0.0))
-        for g in opt.param_groups:
-            g["lr"] = float(lr[j]) * g["lr_mult"]
+        set_lr(opt, float(lr[j]))  # (AdamW's weight decay: the groups' own, fixed)
         with run.autocast:
             loss = F.cross_entropy(ddp(x).float(), labels, label_smoothing=f.label_smoothing)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
+        nonfinite |= ~torch.isfinite(loss.detach())
         n += 1
         done = j + 1
         metrics: dict = {}
         if done % r.log_every == 0 or done == total:
-            if run.world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= run.world
-            value = float(loss_sum) / n
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"non-finite fine-tuning loss by fine-tuning step {done}; try a lower "
-                                         "eval.finetune.blr")
-            metrics = {"finetune_loss": value, "finetune_lr": float(lr[j])}
+            summed = read_log({"finetune_loss": loss_sum}, nonfinite, run.world,
+                              f"by fine-tuning step {done}; try a lower eval.finetune.blr")
+            metrics = {"finetune_loss": summed["finetune_loss"] / n, "finetune_lr": float(lr[j])}
             loss_sum.zero_()
             n = 0
         if (f.eval_every and done % f.eval_every == 0) or done == total:

@@ -9,7 +9,6 @@ checkpoint directory) and at the end, on every rank; launchers decide what to do
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from collections.abc import Callable
@@ -42,7 +41,6 @@ from .config import (
     train_flops_per_image,
 )
 from .data import DataBundle, batch_stream
-from .errors import NonFiniteLossError
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import param_groups
@@ -52,6 +50,7 @@ from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .scale import encoder_params, parse_variant
 from .schedule import lr_schedule, phase_steps, step_seed, steps_per_epoch
+from .steps import read_log, set_lr
 
 Report = Callable[..., None]
 
@@ -319,21 +318,13 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
                  seconds: float) -> dict:
-    """The logged scalars of a log step (averaged over ranks): the one host sync of the step. Raises
-    ``NonFiniteLossError`` if any loss since the last log step was NaN or infinite."""
-    keys = sorted(out)
-    vals = torch.stack([out[k].detach().float() for k in keys] + [nonfinite.float()])
-    if run.world > 1:
-        dist.all_reduce(vals)
-        vals /= run.world
-    vals = vals.tolist()
+    """The logged scalars of a log step (``steps.read_log``: averaged over ranks, the one host sync of the step;
+    a non-finite loss since the last log step raises ``NonFiniteLossError``)."""
     lr = float(run.sched["lr"][step])
-    if vals[-1] > 0 or not all(math.isfinite(v) for v in vals[:-1]):
-        raise NonFiniteLossError(f"non-finite loss by step {done} (loss={vals[keys.index('loss')]}, lr={lr:.3g}); "
-                                 "try a lower optim.blr or set optim.clip_grad")
-    return {**dict(zip(keys, vals[:-1], strict=True)), "step": run.offset + done,
-            "total_steps": run.info["total_steps"], "epoch": (run.offset + done) / run.steps_per_epoch, "lr": lr,
-            "images_per_s": images / seconds}
+    logged = read_log(out, nonfinite, run.world, f"by step {done} (loss={{loss}}, lr={lr:.3g}); try a lower "
+                      "optim.blr or set optim.clip_grad")
+    return {**logged, "step": run.offset + done, "total_steps": run.info["total_steps"],
+            "epoch": (run.offset + done) / run.steps_per_epoch, "lr": lr, "images_per_s": images / seconds}
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float, mode: str) -> None:
@@ -406,9 +397,7 @@ def _train(cfg: Config, report: Report, stage: Stage) -> tuple[dict, dict | None
     t_log, n_log, metrics = time.perf_counter(), 0, dict(run.last_log)
     for step in range(run.start, run.total):
         images, _ = next(run.stream)
-        for g in run.opt.param_groups:
-            g["lr"] = float(run.sched["lr"][step]) * g["lr_mult"]
-            g["weight_decay"] = float(run.sched["wd"][step]) if g["decay"] else 0.0
+        set_lr(run.opt, float(run.sched["lr"][step]), float(run.sched["wd"][step]))
         with run.autocast:
             out = run.model({"images": images, "seed": step_seed(r.seed, run.offset + step, run.rank),
                              **{k: v[step].clone() for k, v in run.step_inputs.items()}})
