@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.query import query
+from orchestrator.query import query  # noqa: E402
 from trainables.checkpoints import load_weights  # noqa: E402
 
 TIMING = ("wall_time_s", "images_per_s", "written_at", "attempt", "trial", "sweep", "run.out_dir", "schema_version")

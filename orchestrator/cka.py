@@ -10,11 +10,19 @@ import io
 import re
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 
+from trainables.checkpoints import load_encoder, load_weights
+from trainables.data import build_data
 from trainables.errors import UserError
+from trainables.files import write_bytes_atomic
+from trainables.probes import extract_features, linear_cka
 
 from .layout import SweepLayout, find_sweep
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 
 def parse_trial(spec: str, root: Path) -> tuple[SweepLayout, str]:
@@ -33,8 +41,6 @@ def parse_trial(spec: str, root: Path) -> tuple[SweepLayout, str]:
 def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
     """(encoder, config) of a finished trial from its final weights in the storage (``run/model.pt``); with
     ``untrained``, the encoder as the trial initialised it (same seed and construction order as the trainer)."""
-    from trainables.checkpoints import load_encoder, load_weights
-
     data = layout.store.read_bytes(f"{layout.run_path(trial)}/model.pt")
     if data is None:
         raise UserError(f"trial: {layout.name}/{trial} has no final weights (run/model.pt): it has not finished")
@@ -43,8 +49,6 @@ def trial_encoder(layout: SweepLayout, trial: str, untrained: bool = False):
 
 def cka_table(a, b, images, size_a: int, size_b: int) -> pd.DataFrame:
     """Long table (layer_a, layer_b, cka) over blocks 1..depth of both encoders."""
-    from trainables.probes import extract_features, linear_cka
-
     fa = extract_features(a, images, size_a, layers=list(range(1, a.depth + 1)))["gap"]
     fb = extract_features(b, images, size_b, layers=list(range(1, b.depth + 1)))["gap"]
     return pd.DataFrame([(la, lb, linear_cka(xa, xb)) for la, xa in fa.items() for lb, xb in fb.items()],
@@ -53,11 +57,6 @@ def cka_table(a, b, images, size_a: int, size_b: int) -> pd.DataFrame:
 
 def heatmap(table: pd.DataFrame, label_a: str, label_b: str) -> bytes:
     """PNG of the layer x layer CKA matrix (rows: ``label_a``'s layers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid = table.pivot(index="layer_a", columns="layer_b", values="cka")
     fig, ax = plt.subplots(figsize=(4.5, 4))
     im = ax.imshow(grid.values, origin="lower", vmin=0, vmax=1, cmap="magma",
@@ -76,8 +75,6 @@ def heatmap(table: pd.DataFrame, label_a: str, label_b: str) -> bytes:
 def trial_cka(la: SweepLayout, ta: str, lb: SweepLayout | None, tb: str | None, samples: int = 512) -> pd.DataFrame:
     """CKA of trial ``ta`` against trial ``tb`` (or, when ``lb`` is None, its own untrained encoder) on the first
     trial's fixed eval images."""
-    from trainables.data import build_data
-
     enc_a, cfg_a = trial_encoder(la, ta)
     enc_b, cfg_b = trial_encoder(la, ta, untrained=True) if lb is None else trial_encoder(lb, tb)
     images = build_data(cfg_a).eval.subset(samples, seed=0).images  # the same fixed images for both
@@ -87,7 +84,6 @@ def trial_cka(la: SweepLayout, ta: str, lb: SweepLayout | None, tb: str | None, 
 def compare(spec_a: str, spec_b: str | None, root: Path, samples: int = 512) -> tuple[pd.DataFrame, Path]:
     """CKA of two trials (or of ``spec_a`` against its untrained encoder when ``spec_b`` is None); return the table
     and where it was written."""
-    from trainables.files import write_bytes_atomic
 
     la, ta = parse_trial(spec_a, root)
     if spec_b is None:

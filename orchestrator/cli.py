@@ -4,24 +4,36 @@ Bad input raises ``trainables.errors.UserError`` (config keys, space files, swee
 printed as one line naming what was wrong and the exit code is 2, before any expensive work starts (configs are
 validated before torch is imported). Exit codes: 0 done, 1 a sweep with errored trials, 2 bad input, 130
 interrupted (resumable).
+
+Imports marked ``(start-up)`` load in the command that needs them: torch, Ray, DuckDB, pandas and scipy take
+seconds to import, and ``clmim --help`` or a usage error should answer at once
+(``tests/test_cli.py::test_start_up_loads_no_query_engine_analysis_or_torch``).
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from orchestrator.console import duration
+from trainables.config import load_config
 from trainables.errors import UserError
+from trainables.storage import Storage
+from trainables.vocab import loss_keys, objective_label
 
 from .console import fmt as _fmt
 from .console import print_next_steps, print_summary, resume_command
 from .layout import find_sweep, results_root
 from .rebuild import rebuild
-from .results import write_scaling
+from .results import storage_bytes, write_scaling
+from .space import load_space, sample_table
 
 
 def _positive_int(text: str) -> int:
@@ -35,14 +47,11 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from trainables.config import load_config
-
     cfg = load_config(args.config, list(args.set or []))  # validated before torch is imported (below)
     if args.out:
         cfg.run.out_dir = args.out
     elif cfg.run.out_dir is None:
         cfg.run.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    from trainables.vocab import loss_keys, objective_label
 
     print(f"clmim train: {cfg.model.variant} on {cfg.data.dataset}, {objective_label(cfg.objective.mix())}, "
           f"out={cfg.run.out_dir}", flush=True)
@@ -55,8 +64,7 @@ def cmd_train(args) -> int:
           + (f"; resuming from {cfg.run.resume}" if cfg.run.resume else ""), flush=True)
     if not cfg.run.resume:
         print("building the data and model, then probing the untrained encoder (step 0) ...", flush=True)
-    from orchestrator.console import duration
-    from trainables.trainer import train
+    from trainables.trainer import train  # (start-up)
 
     t0 = time.time()
     clock: dict[str, float] = {}  # the step-0 evaluation's duration; when and at which step the first log came
@@ -97,8 +105,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .space import load_space, sample_table
-
     space = load_space(args.space, args.set)  # trial configs are validated here, before Ray starts
     name = args.name or space.name
     if args.dry_run:
@@ -109,7 +115,7 @@ def cmd_sweep(args) -> int:
                       f"sweep {name}: {n:,} trial(s), dry run" + (f" (first {len(rows)} shown)" if n > len(rows)
                                                                    else ""))
         return 0
-    from .sweep import run_sweep
+    from .sweep import run_sweep  # (start-up)
 
     cli_args = {k: v for k, v in vars(args).items() if k != "fn"}
     summary = run_sweep(space, name=name, results=args.results, address=args.address,
@@ -135,7 +141,7 @@ def _finish(summary: dict, results_arg: str | None, address: str | None) -> int:
 
 
 def cmd_resume(args) -> int:
-    from .sweep import resume_sweep
+    from .sweep import resume_sweep  # (start-up)
 
     return _finish(resume_sweep(args.name, results=args.results, address=args.address,
                                 retry_errored=args.retry_errored, storage=args.storage,
@@ -186,9 +192,8 @@ def show(layout):
     # (DuckDB, pandas, scipy: only the commands that read results pay for them; test_cli.py checks start-up)
     import pandas as pd
 
-    from .query import no_results, sweep_frames
-    from .results import storage_bytes
-    from .summary import Section, sections
+    from .query import no_results, sweep_frames  # (start-up)
+    from .summary import Section, sections  # (start-up)
 
     frames = sweep_frames(layout.root, [layout.name])
     if frames.trials.empty:
@@ -224,10 +229,6 @@ def _fetch(where: str) -> str:
     if not where.startswith("s3://"):
         return where
 
-    import pyarrow.fs as pafs
-
-    from trainables.storage import Storage
-
     st = Storage.parse(where, None, Path.cwd())
     local = Path(tempfile.mkdtemp(prefix="clmim-analyze-"))
     try:
@@ -243,16 +244,13 @@ def _fetch(where: str) -> str:
 
 
 def cmd_analyze(args) -> int:
-    import pickle
+    import pandas as pd  # (start-up)
+    import torch  # (start-up)
 
-    import pandas as pd
-    import torch
-
-    from trainables.checkpoints import find_checkpoint, load_encoder, load_weights
-    from trainables.config import load_config
-    from trainables.data import build_data
-    from trainables.model import ViT
-    from trainables.probes import run_probes
+    from trainables.checkpoints import find_checkpoint, load_encoder, load_weights  # (start-up)
+    from trainables.data import build_data  # (start-up)
+    from trainables.model import ViT  # (start-up)
+    from trainables.probes import run_probes  # (start-up)
 
     path = find_checkpoint(_fetch(args.checkpoint), weights=True)
     if path is None:
@@ -264,7 +262,6 @@ def cmd_analyze(args) -> int:
                         "loads weights only (weights_only=True) and never runs code from a file") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
         raise UserError(f"checkpoint: {str(path)!r} is not a torch file ({type(e).__name__})") from None
-    from trainables.vocab import objective_label
 
     overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint or export
@@ -296,7 +293,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .cka import compare
+    from .cka import compare  # (start-up)
 
     if (args.trial_b is None) == (not args.untrained):
         raise UserError("compare: give a second SWEEP/TRIAL, or --untrained to compare a trial with its untrained "
@@ -311,7 +308,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from .prepare import prepare
+    from .prepare import prepare  # (start-up)
 
     prepare(args.source, args.dest, args.size, shard_mb=args.shard_mb, overrides=args.set or [],
             endpoint=args.storage_endpoint, address=args.address, verify=args.verify)
@@ -320,7 +317,7 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_scaling(args) -> int:
     from .query import no_results, sweep_frames  # (DuckDB: see show)
-    from .scaling import scaling_table
+    from .scaling import scaling_table  # (start-up)
 
     layout = find_sweep(args.name, results_root(args.results))
     frames = sweep_frames(layout.root, [layout.name])
@@ -341,8 +338,8 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import attach_to_mlflow, build_report
-    from .tracking import default_mlflow_uri
+    from .report import attach_to_mlflow, build_report  # (start-up)
+    from .tracking import default_mlflow_uri  # (start-up)
 
     layout = find_sweep(args.name, results_root(args.results))
     path, files = build_report(layout, args.out)

@@ -14,6 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from trainables.storage import Storage
 
 from .layout import SweepLayout
@@ -287,7 +290,7 @@ def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[s
     """A Ray Tune progress reporter printing ``ProgressPrinter``'s lines. ``total``: the sweep's trials; ``ended``:
     statuses of those that ended before this Tune run (a resume); trials Tune has not created yet count as
     pending. ``labels`` maps clmim trial ids to short descriptions."""
-    from ray.tune import ProgressReporter
+    from ray.tune import ProgressReporter  # (Ray Tune: a sweep's, not every console line's)
 
     class LineReporter(ProgressReporter):
         def __init__(self):
@@ -318,8 +321,6 @@ def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[s
 
 def print_summary(summary: dict, title: str, counts: bool = True) -> None:
     """A table of rows (dicts; columns in first-seen order) and, with ``counts``, the status counts."""
-    from rich.console import Console
-    from rich.table import Table
 
     rows = summary["rows"]
     cols: list[str] = []

@@ -20,10 +20,27 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
+from PIL import Image
 
+from trainables.config import ConfigError, load_config
+from trainables.data import build_data
 from trainables.errors import UserError
 from trainables.storage import Storage
-from trainables.store import FORMAT, INDEX, shard_name, write_shard
+from trainables.store import (
+    FORMAT,
+    INDEX,
+    SPLITS,
+    local_copy,
+    open_split,
+    read_index,
+    shard_name,
+    verify_checksums,
+    write_shard,
+)
+
+from .sweep import init_ray
 
 BUILTINS = ("synthetic", "digits", "cifar10", "cifar100")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -31,7 +48,6 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 def decode(path: str, size: int) -> np.ndarray:
     """uint8 (3, size, size): the image's shorter side resized to ``size`` (antialiased), centre-cropped."""
-    from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -90,10 +106,6 @@ def _folder_items(root: Path) -> tuple[dict[str, list[tuple[str, int]]], list[st
 
 def _builtin_arrays(name: str, size: int, overrides: list[str]) -> tuple[dict[str, tuple], list[str]]:
     """{split: (images uint8 (n, 3, size, size), labels)} of a built-in data set rendered or resized to ``size``."""
-    import torch
-
-    from trainables.config import ConfigError, load_config
-    from trainables.data import build_data
 
     try:
         cfg = load_config({"data": {"dataset": name}, "model": {"img_size": size}}, overrides)
@@ -164,8 +176,6 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
 
 def verify_store(dest: str, endpoint: str | None = None) -> None:
     """Every shard of the store at ``dest`` against its index; a one-line ``UserError`` naming the shard."""
-    from trainables.config import ConfigError
-    from trainables.store import SPLITS, local_copy, open_split, read_index, verify_checksums
 
     if endpoint:
         os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
@@ -232,10 +242,8 @@ def _prepare(source: str, dest: str, size: int, shard_mb: float, overrides: list
             units.append(u)
     print(f"clmim data prepare: {sum(n_items.values()):,} images of {source} -> {st.uri} at {size} px, "
           f"{len(units)} shard(s) of up to {per_shard:,} images", flush=True)
-    from .sweep import init_ray
 
     init_ray(address)
-    import ray
 
     records = ray.data.from_items(units, override_num_blocks=len(units)).map(_write_unit, num_cpus=1).take_all()
     splits = {}

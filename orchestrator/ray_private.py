@@ -3,6 +3,8 @@ moves one breaks one file. Each function says what public behaviour it stands in
 
 from __future__ import annotations
 
+from ray._private import ray_constants
+from ray._private.authentication.authentication_token_setup import Config
 from ray.exceptions import OutOfMemoryError, RayActorError
 
 
@@ -19,13 +21,13 @@ class TrialOutOfMemory(RayActorError):
 def keep_cluster_on_loopback() -> None:
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; if it already was, set its constant too,
     or "127.0.0.1" resolves to the machine's own address."""
-    from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def lost_worker_errors() -> tuple[type, ...]:
     """The Ray Train 2.60 exceptions that mean a worker process was lost (its health check failed or timed out)."""
+    # (Ray's private API: looked up when used)
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
 
     return WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
@@ -33,7 +35,7 @@ def lost_worker_errors() -> tuple[type, ...]:
 
 def train_report_logger_name() -> str:
     """Ray Train logs every report of every rank at INFO under a logger named after this module's file."""
-    from ray.train.v2._internal.execution import context as train_context
+    from ray.train.v2._internal.execution import context as train_context  # (Ray's private API: looked up when used)
 
     return train_context.__file__
 
@@ -48,7 +50,7 @@ def oom_is_a_lost_trial() -> None:
     neither an actor nor a task error to Tune's actor manager, and the whole sweep died. Hand Tune what it is, a lost
     actor (``TrialOutOfMemory``, a ``RayActorError`` carrying Ray's message and memory figures): Tune retries the
     trial from its checkpoint (``failure.max_failures``) or ends it as ERROR, and the sweep goes on."""
-    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.air.execution._internal.actor_manager import RayActorManager  # (Ray's private API: looked up when used)
 
     original = RayActorManager._actor_task_failed
     if getattr(original, "_clmim", False):
@@ -66,6 +68,5 @@ def oom_is_a_lost_trial() -> None:
 def refresh_auth_mode() -> None:
     """Ray caches its settings, RAY_AUTH_MODE included, when it is imported: after the variable is set in an
     already-importing process, re-read them (what Ray's own ``_enable_token_auth`` does)."""
-    from ray._private.authentication.authentication_token_setup import Config
 
     Config.initialize("")

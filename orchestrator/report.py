@@ -31,10 +31,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient
 
+from trainables.files import write_bytes_atomic, write_text_atomic
 from trainables.objectives import objectives  # noqa: E402
 from trainables.vocab import layer_keys  # noqa: E402
 
+from .cka import heatmap, trial_cka
 from .compare import (  # noqa: E402
     fmt_mean_se,
     group_axes,
@@ -316,7 +319,6 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
 def _pure_cka(layout: SweepLayout, done: pd.DataFrame) -> tuple[bytes, str, str] | None:
     """The CKA heatmap of the sweep's first pure-MIM trial against its first pure-CL trial (lowest seed), when both
     kept their final weights; None otherwise."""
-    from .cka import heatmap, trial_cka
 
     seed = "run.seed" if "run.seed" in done else "trial"
     pick = {lam: done[done.lam == lam].sort_values([seed, "trial"]).trial.tolist()[:1] for lam in (0.0, 1.0)}
@@ -375,7 +377,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     if cka is not None:
         figures.append(("cka", f"Linear CKA between the layers of pure MIM ({cka[1]}) and pure CL ({cka[2]}), GAP "
                                "features of the same eval images", cka[0]))
-    from trainables.files import write_bytes_atomic, write_text_atomic
 
     written = []
     for key, _, png in figures:
@@ -464,7 +465,6 @@ window.addEventListener("load", () => {{
 def attach_to_mlflow(name: str, files: list[Path], uri: str) -> bool:
     """Log the report's own files (the page and its figures, nothing else beside them) to the sweep's MLflow
     parent run; False if there is none."""
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(f"clmim/{name}")

@@ -48,6 +48,7 @@ from trainables.vocab import (
     NOISE_METRIC,
     STATIC_KEYS,
     TUNE_KEYS,
+    band_edges,
     final_keys,
     is_table_key,
     mix_lam,
@@ -432,8 +433,6 @@ def noise_from_results(results: list[dict], bands: int | None) -> list[tuple[int
     """(step, band, freq_lo, freq_hi, metric, value) from every report carrying ``noise/<band>/<metric>`` keys (the
     untrained encoder at step 0, the end of pre-training, the fine-tuned model); ``bands`` (``eval.noise.bands``)
     gives each band's angular frequency range. A key reported twice at one step keeps its last value."""
-    from trainables.robustness import band_edges
-
     seen: dict[tuple[int, int, str], tuple] = {}
     for r in results:
         step = _num(r.get("step"))

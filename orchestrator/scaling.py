@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
+from scipy.optimize import curve_fit
 
 from trainables.errors import UserError
 from trainables.vocab import objective_label, step_metrics
@@ -83,7 +85,6 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> tuple[f
     if not offset:
         b, log_a = np.polyfit(np.log(x), np.log(y), 1)
         return float(np.exp(log_a)), float(b), 0.0
-    from scipy.optimize import curve_fit
 
     a0, b0, _ = fit_power_law(x, y - 0.9 * y.min())
     (a, b, c), _ = curve_fit(lambda x, a, b, c: a * np.power(x, b) + c, x, y, p0=(a0, b0, 0.9 * y.min()),
@@ -113,7 +114,6 @@ def exponent_interval(x, y, offset=False, n_boot=1000, seed=0, level=0.95) -> tu
     percentile bootstrap with one (see the module docstring)."""
     if offset:
         return (*bootstrap_exponent(x, y, offset, n_boot, seed, level), "percentile bootstrap")
-    from scipy import stats
 
     fit = stats.linregress(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)))
     half = stats.t.ppf((1 + level) / 2, len(x) - 2) * fit.stderr

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trainables import migrate
 from trainables.config import Config, ConfigError, build_section, load_config, parse_override, read_yaml
 from trainables.errors import UserError, excerpt
@@ -224,7 +226,6 @@ def simplex_points(kind: str, vals: dict, seed: int = 0) -> list[dict[str, float
         k = round(1 / vals["step"])
         points = [c for c in itertools.product(range(k + 1), repeat=len(objs)) if sum(c) == k]
         return [{o: round(n / k, 10) for o, n in zip(objs, c, strict=True) if n} for c in sorted(points, reverse=True)]
-    import numpy as np
 
     draws = np.random.default_rng(seed).dirichlet([float(vals.get("alpha", 1.0))] * len(objs), vals["samples"])
     out = []
@@ -469,7 +470,6 @@ def iter_plan(space: Space):
     """Every trial's sampled values, in order, for grid and random search: each grid point x ``num_samples``, the
     random axes drawn from ``search.seed`` (the same plan every time the space is read). Optuna has no plan: its
     searcher proposes trials as results come in."""
-    import numpy as np
 
     axes = space.axes()
     grid_keys = [k for k, (kind, _) in axes.items() if kind == "grid"]

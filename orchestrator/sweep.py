@@ -21,15 +21,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+
 from trainables.errors import UserError
 from trainables.objectives import PLUGINS_ENV
 from trainables.storage import Storage
 from trainables.vocab import SUMMARY_METRICS
 
 from . import sweep_record
+from .callbacks import Retention, SweepCallback, Tables
 from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
 from .query import query, recorded_trials
+from .ray_private import keep_cluster_on_loopback, oom_is_a_lost_trial, refresh_auth_mode
 from .records import (
     DriverLease,
     Plan,
@@ -43,7 +50,10 @@ from .records import (
     trial_record,
     write_plan,
 )
+from .searcher import TrialSearcher
 from .space import Space, SpaceError, plan_values
+from .tracking import MlflowLog, default_mlflow_uri
+from .trial import TrialSpec, run_trial
 
 TRIAL_CPU_SLIVER = 0.01
 
@@ -98,8 +108,6 @@ def check_schedulable(space: Space, nodes: list[dict[str, float]]) -> None:
 
 
 def ray_nodes() -> list[dict[str, float]]:
-    import ray
-
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
@@ -140,9 +148,6 @@ def init_ray(address: str | None) -> None:
     set_auth = bool(address) and "RAY_AUTH_MODE" not in os.environ and _has_token()
     if set_auth:  # before Ray reads its settings (on import); `ray start` clusters keep token auth on
         os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
-    from .ray_private import keep_cluster_on_loopback, refresh_auth_mode
 
     if set_auth:
         refresh_auth_mode()  # (Ray was imported earlier in this process: its cached settings must see the mode)
@@ -266,26 +271,18 @@ def _quiet_tune() -> None:
 
 # ------------------------------------------------------------------------------------------- tuner
 def _param_space(space: Space) -> dict[str, Any]:
-    from ray import tune
-
     make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*map(float, v)), "randint": lambda v: tune.randint(*v)}
     return {k: make[kind](vals) for k, (kind, vals) in space.axes().items()}
 
 
 def _trainable(space: Space, layout: SweepLayout):
-    from ray import tune
-
-    from .trial import TrialSpec, run_trial
-
     bundle = trial_bundles(space)[0]
     resources = {"cpu": bundle["CPU"], "gpu": bundle["GPU"]}
     return tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec.from_space(space, layout)), resources)
 
 
 def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: list[str]):
-    from ray import tune
-
     # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
                           failure_config=tune.FailureConfig(max_failures=space.failure.max_failures),
@@ -295,9 +292,6 @@ def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: 
 def _tune_config(space: Space, searcher, max_concurrent: int | None):
     """Tune's settings: the sweep's ``TrialSearcher`` (capped at ``max_concurrent`` live trials when given), the
     scheduler, and trial folders named by clmim trial ids."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
 
     sch = space.scheduler
     total = searcher.total
@@ -352,7 +346,6 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     check_sweep_name_free(root, sweep_name)
     layout = SweepLayout(root, sweep_name, parse_storage(storage, storage_endpoint, root))
     _refuse_existing(layout)
-    from .tracking import default_mlflow_uri
 
     uri = default_mlflow_uri(root, mlflow_uri)
     with DriverLease(layout, "clmim sweep"):
@@ -381,12 +374,6 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     """The one start path of a sweep and of its resume: the callback (checked against MLflow before any trial),
     the header, Tune over ``queue`` (id, values) and ``extra`` searched trials, then the summary. ``ended``:
     statuses of the trials that ended before (a resume)."""
-    from ray import tune
-
-    from .callbacks import Retention, SweepCallback, Tables  # (Ray Tune and MLflow: a run's, not a dry run's)
-    from .ray_private import oom_is_a_lost_trial
-    from .searcher import TrialSearcher
-    from .tracking import MlflowLog
 
     _quiet_tune()
     oom_is_a_lost_trial()
@@ -400,7 +387,7 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
                  experiment_id=mlflow.experiment_id())
     inner = None
     if extra:
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # (optuna: an optional dependency)
 
         inner = OptunaSearch(seed=space.search.seed)
     searcher = TrialSearcher(queue, space.search.metric, space.search.mode, inner=inner, extra=extra,
@@ -466,7 +453,6 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
         sweep_record.adopt(layout.sweep_dir, layout.storage)
     record = sweep_record.read(layout.sweep_dir)
     space, cli = record.space(), record.cli_args
-    from .tracking import default_mlflow_uri
 
     uri = default_mlflow_uri(layout.root, mlflow_uri or cli.get("mlflow_uri"))
     with DriverLease(layout, "clmim resume"):

@@ -14,6 +14,9 @@ import json
 import os
 from pathlib import Path
 
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
 from trainables.config import flatten, to_dict
 from trainables.vocab import TUNE_KEYS, objective_label
 
@@ -73,7 +76,6 @@ class MlflowLog(Part):
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
 
             # a dead tracking server should fail in seconds, not after minutes of retries
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -101,8 +103,6 @@ class MlflowLog(Part):
         return runs[0].info.run_id if runs else None
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=items[i:i + 100])
@@ -154,7 +154,6 @@ class MlflowLog(Part):
     def _log_reports(self, run_id: str, reports: list[dict]) -> None:
         """Log every metric of ``reports`` at a step the run does not have yet (a resumed trial repeats the steps
         after its checkpoint: those are logged once)."""
-        from mlflow.entities import Metric
 
         metrics = []
         for result in reports:

@@ -42,12 +42,20 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
+from ray import tune
+from ray.exceptions import RayActorError
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from trainables.checkpoints import export_weights, load_weights
 from trainables.config import Config
 from trainables.trainer import train
 
 from . import records, stored_checkpoints
 from .layout import SweepLayout
+from .ray_private import STORAGE_LOGGERS, lost_worker_errors, train_report_logger_name
 from .records import REPORTS, RecordError, sampled_values, trial_id_of
 from .space import Space, resolve_config
 
@@ -117,10 +125,6 @@ def is_lost_worker(e: BaseException) -> bool:
     code on any rank is deterministic: not retried. When one rank dies the others often fail with collateral
     errors (a collective's peer vanished), so one lost worker makes the whole failure a lost worker (as Ray
     Train decides for preemptions)."""
-    from ray.exceptions import RayActorError
-    from ray.train import ControllerError, WorkerGroupError
-
-    from .ray_private import lost_worker_errors
 
     lost = (RayActorError, *lost_worker_errors())
     if isinstance(e, WorkerGroupError):
@@ -131,7 +135,6 @@ def is_lost_worker(e: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------- the trainable
 def run_trial(config: dict, spec: TrialSpec) -> None:
     """Tune function trainable (see the module docstring)."""
-    from ray import tune
 
     _quiet_ray_storage()
     trial = trial_id_of(config, tune.get_context().get_trial_id())
@@ -159,7 +162,6 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 def _quiet_ray_storage() -> None:
     """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
     to the sweep's console; the progress line already says how trials advance."""
-    from .ray_private import STORAGE_LOGGERS
 
     for name in STORAGE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -279,9 +281,6 @@ def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
 
 def _train_worker(loop_config: dict) -> None:
     """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
-    import ray.train
-
-    from .ray_private import train_report_logger_name
 
     # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
     logging.getLogger(train_report_logger_name()).setLevel(logging.WARNING)
@@ -290,10 +289,6 @@ def _train_worker(loop_config: dict) -> None:
 
 
 def _run_with_train(values: dict, spec: TrialSpec, trial: str) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     use_gpu = spec.gpus_per_worker > 0
     per_worker = {"CPU": spec.cpus_per_worker}
     if use_gpu:

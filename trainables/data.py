@@ -159,7 +159,7 @@ def _synthetic(cfg: Config) -> DataBundle:
 
 
 def _digits(cfg: Config) -> DataBundle:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # (optional: only this data set needs it)
 
     digits = load_digits()
     x = torch.from_numpy(digits.images).float().div(16.0)[:, None]  # (1797, 1, 8, 8) in [0, 1]
@@ -173,7 +173,7 @@ def _digits(cfg: Config) -> DataBundle:
 
 
 def _cifar(cfg: Config) -> DataBundle:
-    from torchvision import datasets
+    from torchvision import datasets  # (optional: only this data set needs it)
 
     cls = datasets.CIFAR10 if cfg.data.dataset == "cifar10" else datasets.CIFAR100
     try:
@@ -190,7 +190,7 @@ def _cifar(cfg: Config) -> DataBundle:
 
 def _imagefolder(cfg: Config) -> DataBundle:
     """Decode an ImageFolder into memory at 8/7 of the training size (the device crops from there)."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # (optional: only this data set needs it)
 
     root = Path(cfg.data.path).expanduser()
     stored = int(round(cfg.model.img_size * 8 / 7))

@@ -22,11 +22,8 @@ from collections.abc import Callable
 import torch
 
 from .augment import normalize, resized_float
-
-
-def band_edges(band: int, bands: int) -> tuple[float, float]:
-    """(low, high) angular frequency of ``band`` (0 = lowest) of ``bands`` equal-width bands over [0, pi]."""
-    return band * math.pi / bands, (band + 1) * math.pi / bands
+from .probes import eval_mode, extract_features, fit_linear, pool_tokens
+from .vocab import band_edges
 
 
 def band_mask(size: int, band: int, bands: int) -> torch.Tensor:
@@ -96,7 +93,6 @@ def linear_noise_accuracy(encoder, data, cfg, predict=None) -> dict[str, float]:
     """The last layer's linear probe (``eval.pool`` features, fit on the clean train subset as ``probes`` fits it;
     ``predict``: that probe, already fit) under each band of noise (``noise_split``): ``noise/<b>/linear_top1``,
     ``noise/<b>/linear_top1_drop`` and ``linear_top1_clean``."""
-    from .probes import eval_mode, extract_features, fit_linear, pool_tokens
 
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
     test = noise_split(data, cfg)
@@ -116,7 +112,6 @@ def linear_noise_accuracy(encoder, data, cfg, predict=None) -> dict[str, float]:
 def finetune_noise_accuracy(model, data, cfg) -> dict[str, float]:
     """The fine-tuned classifier (normalised images -> logits) under each band of noise (``noise_split``):
     ``noise/<b>/finetune_top1[_drop]`` and ``finetune_top1_clean``."""
-    from .probes import eval_mode
 
     test = noise_split(data, cfg)
     with eval_mode(model) as device:

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow.fs as pafs
+
 from trainables.errors import UserError, excerpt
 
 
 @functools.lru_cache(maxsize=8)
 def _filesystem(uri: str, endpoint: str | None):
-    import pyarrow.fs as pafs
-
     if not uri.startswith("s3://"):
         return pafs.LocalFileSystem()
     kw = {}
@@ -122,13 +122,10 @@ class Storage:
         self.write_bytes(path, text.encode())
 
     def exists(self, path: str) -> bool:
-        import pyarrow.fs as pafs
-
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def listdir(self, path: str) -> list[str]:
         """Names of the folders directly under ``path`` (sorted; [] if it does not exist)."""
-        import pyarrow.fs as pafs
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -138,7 +135,6 @@ class Storage:
 
     def size(self, path: str) -> int:
         """Bytes of the file ``path``, or of every file under the folder ``path`` (0 if none)."""
-        import pyarrow.fs as pafs
 
         info = self.fs.get_file_info(path)
         if info.type == pafs.FileType.File:
@@ -172,14 +168,12 @@ class Storage:
 
     def upload(self, local_dir: Path, path: str) -> None:
         """Copy a local folder's files into ``path``."""
-        import pyarrow.fs as pafs
 
         self.fs.create_dir(path, recursive=True)
         pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def download(self, path: str, local_dir: Path) -> Path:
         """Copy the files under ``path`` into a local folder; return the folder."""
-        import pyarrow.fs as pafs
 
         local_dir.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(local_dir), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())

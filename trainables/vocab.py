@@ -19,6 +19,7 @@ validator, the results tables, MLflow, the console and the report.
 
 from __future__ import annotations
 
+import math
 import re
 
 from .objectives import registry
@@ -79,6 +80,14 @@ LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "fourier_dlogamp_pi
 LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 NOISE_CLASSIFIERS = ("linear", "finetune")  # the last layer's linear probe; the fine-tuned model
 NOISE_METRIC = re.compile(r"noise/(\d+)/((?:" + "|".join(NOISE_CLASSIFIERS) + r")_top1(?:_drop)?)")
+
+
+def band_edges(band: int, bands: int) -> tuple[float, float]:
+    """(low, high) angular frequency of noise ``band`` (0 = lowest) of ``bands`` equal-width bands over [0, pi]
+    (``robustness.band_mask``; the ``robustness`` table's freq_lo, freq_hi)."""
+    return band * math.pi / bands, (band + 1) * math.pi / bands
+
+
 EVAL_PARTS = ("train", "probes", "dense", "cka", "noise", "finetune")  # seconds_<part>: where a trial's time went
 
 

@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 
 
 def generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
@@ -95,7 +96,6 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         world = _world()
         if not self.training or world == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
         xf = x.float()
