@@ -18,10 +18,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Tiers: test-fast (units: no Ray, no servers), test (everything but the slow tier: < 12 min on 2 cores),
-# test-slow (kills and resumes, Ray Train, multi-node clusters, Ray Data, a tracking server), test-all (both; CI).
+# Tiers: test-fast (units: no Ray, no servers, no training: < 3 min on 2 cores), test (everything but the slow
+# tier: < 12 min), test-slow (kills and resumes, Ray Train, multi-node clusters, Ray Data, a tracking server),
+# test-all (both; CI runs test then test-slow).
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow and not ray" --timeout 600
+	$(PY) -m pytest -q -m "not slow and not ray and not integration" --timeout 600
 
 test: lint
 	$(PY) -m pytest -q -m "not slow" --timeout 900 --durations=15

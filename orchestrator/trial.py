@@ -31,6 +31,7 @@ that trial re-raises the same error at once instead of training again, so only l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -168,8 +169,10 @@ def _quiet_ray_storage() -> None:
 
 
 def scratch_dir(layout: SweepLayout, trial: str, rank: int) -> Path:
-    """This process's local working folder for the trial (on its own node; emptied at start and at the end)."""
-    d = Path(tempfile.gettempdir()) / "clmim" / layout.name / f"{trial}-rank{rank}"
+    """This process's local working folder for the trial (on its own node; emptied at start and at the end). Named
+    by the sweep's storage too: two sweeps of one name in different results roots may run on one node at once."""
+    where = hashlib.sha1(layout.experiment_path.encode()).hexdigest()[:10]
+    d = Path(tempfile.gettempdir()) / "clmim" / f"{layout.name}-{where}" / f"{trial}-rank{rank}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     return d

@@ -59,6 +59,7 @@ def test_a_failing_part_stops_neither_the_others_nor_the_sweep_and_warns_once(tm
     assert records.trial_record(layout, "t1", None).status == Status.TERMINATED  # recorded before any part
 
 
+@pytest.mark.integration
 def test_driver_survives_a_failed_write(tmp_path, monkeypatch, capsys):
     import orchestrator.callbacks as callbacks
 

@@ -34,6 +34,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.integration
 def test_checkpoint_with_rng_state_loads_weights_only(tmp_path):
     """Resume still works: every RNG state is stored as tensors and plain values."""
     import torch

@@ -1,6 +1,7 @@
 """`clmim compare`: CKA between the layers of two finished trials, and of one trial against its untrained encoder."""
 
 import pandas as pd
+import pytest
 import torch
 from conftest import tiny
 
@@ -19,6 +20,7 @@ def finished_trial(root, sweep, trial, lam):
                    root / sweep / "tune" / trial / "run" / "model.pt")
 
 
+@pytest.mark.integration
 def test_compare_two_trials_and_a_trial_with_its_untrained_encoder(tmp_path, capsys):
     finished_trial(tmp_path, "s", "t0", 0.0)
     finished_trial(tmp_path, "s", "t1", 1.0)

@@ -27,6 +27,7 @@ def test_cli_unknown_key_and_missing_file(capsys, tmp_path):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
 
 
+@pytest.mark.integration
 def test_cli_train_runs_and_saves_resolved_config(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"train_size": 128, "eval_size": 32, "batch_size": 32},
@@ -41,6 +42,7 @@ def test_cli_train_runs_and_saves_resolved_config(tmp_path):
     assert saved["objective"]["lam"] == 0.2 and saved["optim"]["steps"] == 2 and saved["model"]["variant"] == "micro/4"
 
 
+@pytest.mark.integration
 def test_cli_analyze_prints_per_layer_tables(tmp_path, capsys):
     from conftest import tiny
 
@@ -131,6 +133,7 @@ def test_tune_failures_are_logged_as_one_line(caplog):
         assert "\n" not in text and r.exc_info is None and ("NETWORK_CONNECTION" in text or "endpoint down" in text)
 
 
+@pytest.mark.integration
 def test_repro_claims_says_a_sweep_has_no_finished_trials(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text("{}")
@@ -200,6 +203,7 @@ def test_unwritable_results_root_is_refused_before_ray(tmp_path, monkeypatch):
         sweep_mod.run_sweep(load_space("search_spaces/quickstart.yaml"), results=str(tmp_path))
 
 
+@pytest.mark.integration
 def test_analyze_is_deterministic_and_equals_what_the_trial_recorded(tmp_path, capsys):
     from trainables.trainer import train
 
@@ -232,6 +236,7 @@ def test_readme_commands_after_make_demo_name_sweeps_that_exist():
     assert follow_up and all(name == "latest" for name in follow_up), follow_up
 
 
+@pytest.mark.integration
 def test_train_prints_its_plan_at_once_the_first_steps_rate_and_a_short_final_line(tmp_path):
     """`clmim train` was silent until step 10 (minutes with defaults): the plan and the step-0 evaluation are
     announced before any work, step 1 reports its rate and an ETA, then every log step."""

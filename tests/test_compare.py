@@ -200,6 +200,7 @@ def test_null_sweeps_give_a_false_holds_in_at_most_5_percent_of_claims_tables(n_
     assert rate <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / sims)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("n_seeds", [2, 3])
 def test_mim_peak_claim_is_unbiased_when_every_layer_is_equally_good(n_seeds):
     """Six earlier layers and the last of equal true accuracy: "MIM peaks before the last layer" holds at most at

@@ -17,6 +17,7 @@ def losses(over: list[str]) -> list[float]:
     return logs
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend,mix", [
     ("aot_eager", "objective.lam=0.5"),
     pytest.param("aot_eager", "objective.weights={mae: 0.5, dino: 0.5}", marks=pytest.mark.slow),

@@ -50,6 +50,7 @@ def _worker(rank, world, port, tree, out):
 # lam = 1: MoCo v3's heads normalise over both ranks' rows; MAE + DINO: DINO's centre averages both ranks' teachers
 # The two single-objective cases run in the slow tier; the MAE+DINO mix (two heads, a teacher, routed crops)
 # covers the most parts in the default one.
+@pytest.mark.integration
 @pytest.mark.parametrize("mix", [pytest.param({"lam": 0.0}, marks=pytest.mark.slow),
                                  pytest.param({"lam": 1.0}, marks=pytest.mark.slow),
                                  {"weights": {"mae": 0.5, "dino": 0.5}}])
@@ -92,6 +93,7 @@ def _bn_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_global_batchnorm_on_cpu_ranks_equals_batchnorm_over_the_whole_batch(tmp_path):
     """MoCo v3 normalises its MLP heads over the global batch (SyncBatchNorm); torch's SyncBatchNorm needs GPUs, so
     CPU multi-worker runs use GlobalBatchNorm1d: outputs, input gradients and running stats equal one BatchNorm

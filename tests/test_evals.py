@@ -194,6 +194,7 @@ def test_finetuning_beats_the_linear_probe_on_digits_within_a_small_budget():
     assert final["step"] == 10 and final["finetune_steps"] == 400 and final["total_steps"] == 410
 
 
+@pytest.mark.integration
 def test_resume_during_finetuning_continues_finetuning_and_matches_a_straight_run(tmp_path):
     base = tiny(**{"objective__lam": 0.5, "optim__steps": 4, "run__ckpt_every": 3, "model__drop_path": 0.1,
                    "eval__finetune__steps": 6, "eval__noise__bands": 2})
@@ -268,6 +269,7 @@ def _eval_sweep(root, seeds: int) -> None:
             write_trial_tables(root / "ev", f"t{int(lam)}{seed}", "TERMINATED", cfg, _eval_reports(lam, seed))
 
 
+@pytest.mark.integration
 def test_report_and_results_show_the_evaluations(tmp_path):
     from orchestrator.cli import show
     from orchestrator.compare import eval_claims, noise_drops
@@ -310,6 +312,7 @@ def test_a_fine_tuned_drop_is_not_subtracted_from_the_untrained_linear_probe(tmp
     assert claims.loc["noise_high", "MIM − untrained"] == "–"  # another classifier: no difference taken
 
 
+@pytest.mark.integration
 def test_reused_features_and_probe_give_what_a_fresh_computation_gives():
     from trainables.probes import run_probes
     from trainables.robustness import linear_noise_accuracy
@@ -323,6 +326,7 @@ def test_reused_features_and_probe_give_what_a_fresh_computation_gives():
     assert linear_noise_accuracy(enc, data, cfg, keep["predict"]["gap"]) == linear_noise_accuracy(enc, data, cfg)
 
 
+@pytest.mark.integration
 def test_cka_with_the_untrained_encoder_after_a_resume_equals_a_straight_run(tmp_path):
     base = tiny(**{"objective__lam": 0.0, "optim__steps": 6, "run__ckpt_every": 3, "eval__cka": True})
     a = train(load_config(base, [f"run.out_dir={tmp_path / 'a'}"]))
@@ -348,6 +352,7 @@ def test_training_does_not_depend_on_which_evaluations_ran(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.integration
 def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(monkeypatch):
     """seconds_train is the loop's time minus the evaluations inside it, not minus step 0's baseline too."""
     import time

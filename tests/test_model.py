@@ -5,6 +5,7 @@ from trainables.model import ViT
 from trainables.scale import SCALES, encoder_params, parse_variant
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["micro/4", "Ti/16", "S/16", "B/16", "L/16"])
 def test_every_variant_builds_with_right_shapes(variant):
     spec = parse_variant(variant)

@@ -24,6 +24,7 @@ def make(over=None, seed=0):
     return cfg, build_objective(cfg)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lam", [0.0, 1.0, 0.5])
 def test_loss_drops_within_a_few_dozen_steps(lam):
     logs = []
@@ -196,6 +197,7 @@ def test_mask_ratio_unit_and_patchify():
 DINO_FAST = "objective.dino={center_momentum: 0.0, momentum: 0.9}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("weights,variant,extra", [
     ("{mae: 1}", "nano/4", None), pytest.param("{dino: 1}", "micro/4", DINO_FAST, marks=pytest.mark.slow),
     ("{simmim: 0.34, mae: 0.33, dino: 0.33}", "nano/4", DINO_FAST)])

@@ -141,6 +141,7 @@ def test_centred_tokens_remove_a_shared_direction():
     assert effective_rank(centred).mean() > 3 * effective_rank(shared).mean()
 
 
+@pytest.mark.integration
 def test_probe_suite_rows_cover_every_layer():
     cfg = load_config(tiny(), ["eval.probe_images=8"])
     torch.manual_seed(0)

@@ -68,6 +68,7 @@ def test_an_unregistered_objective_leaves_no_trace():
         load_config({}, ["objective.weights={toy: 1.0}"])
 
 
+@pytest.mark.integration
 def test_the_toy_objective_trains_with_its_schedule_and_its_loss(toy, tmp_path):
     from trainables.trainer import schedules, train
 

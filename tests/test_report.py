@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from PIL import Image
 from sweeps import make_sweep
 
@@ -37,6 +38,7 @@ def test_one_grey_untrained_line_when_groups_share_their_encoder_else_one_per_gr
     assert differ[0][2] != differ[1][2] and list(differ[1][1].values) == [2.0, 3.0, 4.0]
 
 
+@pytest.mark.integration
 def test_seven_layer_panels_come_in_rows_of_three():
     untrained = _layers({0.0: 1.0, 1.0: 2.0})
     png, per_row = layer_figure(untrained.assign(step=10), 0.125, untrained, ["mix"])
@@ -50,6 +52,7 @@ def test_tables_scroll_in_their_own_box_without_empty_columns():
     assert html.startswith('<div class="scroll">') and "placement" not in html and "linear_top1" in html
 
 
+@pytest.mark.integration
 def test_matched_budgets_that_fall_back_to_step_0_say_so(tmp_path):
 
     from orchestrator.layout import SweepLayout
@@ -68,6 +71,7 @@ def test_matched_budgets_that_fall_back_to_step_0_say_so(tmp_path):
     assert "<h2>Matched budgets</h2>" in text and "some rows read step 0, the untrained encoder" in text
 
 
+@pytest.mark.integration
 def test_report_out_attaches_only_its_own_files(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -91,6 +95,7 @@ def test_report_out_attaches_only_its_own_files(tmp_path):
     assert names == {"report.html"} | {p.name for p in out.glob("*.png")}
 
 
+@pytest.mark.integration
 def test_report_has_units_chance_line_loss_curves_and_a_summary(tmp_path):
     from orchestrator.layout import SweepLayout
     from orchestrator.report import build_report

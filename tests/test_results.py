@@ -80,6 +80,7 @@ def _writer(args):
                            reports(5, 0.99))
 
 
+@pytest.mark.integration
 def test_32_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
     with mp.get_context("fork").Pool(32) as pool:
         pool.map(_writer, [(str(tmp_path), i) for i in range(32)], chunksize=1)
@@ -109,6 +110,7 @@ def test_rebuild_from_tune_dirs_and_show(tmp_path):
     assert connect(tmp_path).execute("SELECT count(*) FROM layers").fetchone()[0] == 3 * 3
 
 
+@pytest.mark.integration
 def test_compaction_keeps_every_row_once(tmp_path):
     from orchestrator.results import compact
 
@@ -331,6 +333,7 @@ print("readable", n)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
 def test_a_full_disk_leaves_no_partial_file_and_readable_tables(tmp_path):
     """On a real 2 MB tmpfs (private mount namespace): writing fails with ENOSPC, every table stays readable
@@ -399,6 +402,7 @@ def _read(root: str, seconds: float, out) -> None:
     out.put((n, failed, inconsistent))
 
 
+@pytest.mark.integration
 def test_readers_see_one_consistent_snapshot_while_files_merge(tmp_path):
     ctx = mp.get_context("fork")
     out = ctx.Queue()

@@ -98,6 +98,7 @@ def test_too_few_points_said_plainly(tmp_path):
     assert "too few points" in table.note[0]
 
 
+@pytest.mark.integration
 def test_bad_input_one_line_exit_2(tmp_path, capsys):
     make_sweep(tmp_path)
     cfg = to_dict(load_config({}))
@@ -121,6 +122,7 @@ def test_report_bad_input_exit_2(tmp_path, capsys):
     assert len(err) == 2 and "not found" in err[0] and "no finished trials" in err[1]
 
 
+@pytest.mark.integration
 def test_report_of_a_scaling_sweep_has_fits_and_pngs(tmp_path):
     from orchestrator.layout import SweepLayout
     from orchestrator.report import build_report

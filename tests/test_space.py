@@ -105,6 +105,7 @@ def test_a_search_never_selects_on_the_evaluation_split_the_claims_read(tmp_path
         f"validation split: {suggested}")
 
 
+@pytest.mark.integration
 def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
 
     from trainables.trainer import train

@@ -80,6 +80,7 @@ def test_storage_files_round_trip(kind, tmp_path, s3):
     assert layout.trials() == ["t1"] and layout.checkpoint_paths("t1") == []
 
 
+@pytest.mark.integration
 def test_unusable_storage_is_a_one_line_error_before_anything_runs(tmp_path, s3):
     with pytest.raises(UserError, match=r"--storage: cannot write to s3://missing-bucket"):
         Storage("s3://missing-bucket/x", s3).check_writable()
@@ -92,6 +93,7 @@ def test_unusable_storage_is_a_one_line_error_before_anything_runs(tmp_path, s3)
         Storage(str(tmp_path / "file" / "sub")).check_writable()
 
 
+@pytest.mark.integration
 def test_a_trial_whose_files_are_not_on_the_drivers_disk_lands_with_its_true_config(tmp_path, s3):
     """lam = 0.5 is fixed in the space's base; Tune's params.json on the driver holds only the sampled key. The old
     driver read run/config.yaml from its own disk, found none, fell back to params.json, and recorded the trial
@@ -146,6 +148,7 @@ def test_resume_on_a_fresh_machine_finds_the_sweep_in_its_storage(tmp_path, s3):
     assert layout.storage == st and layout.tune_path == "bkt/resumable/there/tune"
 
 
+@pytest.mark.integration
 def test_analyze_reads_a_trials_final_weights_from_the_object_store(tmp_path, s3, monkeypatch, capsys):
     """A finished trial keeps only run/model.pt (its encoder) in the storage; `clmim analyze` takes its URI."""
     from conftest import tiny

@@ -139,6 +139,7 @@ def test_fraction_subsets_are_nested_class_balanced_and_fixed():
     assert torch.equal(d1.train.labels, d2.train.labels) and 40 <= len(d1.train) <= 60
 
 
+@pytest.mark.integration
 def test_two_trials_train_from_one_store(store, tmp_path):
     root, _ = store
     code = ("import sys; sys.path.insert(0, 'tests'); from conftest import tiny; "
@@ -153,6 +154,7 @@ def test_two_trials_train_from_one_store(store, tmp_path):
     assert outs[0][0] == outs[1][0]  # the same data, the same seed: the same result
 
 
+@pytest.mark.integration
 def test_a_trial_reads_a_store_in_s3(store, tmp_path, monkeypatch):
     import boto3
     from conftest import _free_port
@@ -208,6 +210,7 @@ def test_builtin_sets_go_through_the_same_path(ray_address, tmp_path):
     assert torch.equal(data.train.take(np.arange(5)), direct.train.images[:5])
 
 
+@pytest.mark.integration
 def test_prepare_train_resume_equals_a_straight_run(store, tmp_path):
     """Training from the store to 2N straight, and resuming from the step-N checkpoint to 2N: the same weights
     (so the same batches in the same order)."""

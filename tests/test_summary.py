@@ -1,3 +1,4 @@
+import pytest
 from sweeps import make_sweep
 
 from orchestrator.cli import main
@@ -13,6 +14,7 @@ def test_results_show_gives_mean_and_se_per_group_matched_budgets_and_claims(tmp
     assert "paper's" in out and "late-layer" in out  # rich wraps cells at the terminal's width
 
 
+@pytest.mark.integration
 def test_sections_are_computed_once_and_every_view_renders_them(tmp_path):
     """summary.sections is DataFrames in, DataFrames out; the console, the HTML report and the Markdown of
     repro_claims show its tables (no view computes its own numbers)."""

@@ -19,6 +19,7 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.integration
 def test_resume_from_step_n_matches_straight_run(tmp_path):
     """Training to 2N straight and resuming from the step-N checkpoint to 2N give the same weights."""
     base = tiny(**{"objective__lam": 0.5, "optim__steps": 8, "run__ckpt_every": 4, "model__drop_path": 0.1})
@@ -35,6 +36,7 @@ def test_resume_from_step_n_matches_straight_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.integration
 def test_checkpoint_is_complete_and_config_saved(tmp_path):
     out = tmp_path / "run"
     train(load_config(tiny(**{"objective__lam": 1.0}), [f"run.out_dir={out}"]))
@@ -47,6 +49,7 @@ def test_checkpoint_is_complete_and_config_saved(tmp_path):
     assert final["step"] == 6 and 0 <= final["knn_top1"] <= 1 and final["params"] > 0
 
 
+@pytest.mark.integration
 def test_non_finite_loss_stops_with_clear_error(monkeypatch):
     real = Mixture.forward
 
@@ -60,6 +63,7 @@ def test_non_finite_loss_stops_with_clear_error(monkeypatch):
         train(load_config(tiny()))
 
 
+@pytest.mark.integration
 def test_reports_and_final_metrics():
     logs = []
     final = train(load_config(tiny(**{"objective__lam": 0.0})), lambda m, checkpoint=None: logs.append(m))
@@ -92,6 +96,7 @@ def test_simmim_keeps_its_multistep_schedule_and_mixes_take_cosine():
     assert load_config(tiny(), ["objective.lam=0", "optim.schedule=cosine"]).optim.schedule == "cosine"
 
 
+@pytest.mark.integration
 def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
     from trainables.config import train_flops_per_image
 
@@ -113,6 +118,7 @@ def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
         load_config(tiny(), ["optim.flops_budget=1e12"])  # tiny() sets optim.steps
 
 
+@pytest.mark.integration
 def test_step_0_probes_the_untrained_encoder_the_same_for_every_objective(tmp_path):
     """Every trial probes its encoder before training (step 0): the baseline its probe values are read against.
     At one seed and one architecture it is the same encoder whatever lam is (lam = 1 defaults to MoCo v3's fixed
@@ -232,6 +238,7 @@ def test_staged_config_resolves_each_stage_with_its_own_recipe_and_refuses_what_
         load_config({**grafted(), "stages": [{"set": {}}]})
 
 
+@pytest.mark.integration
 def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_resumable_in_any_stage(tmp_path):
     """Stage 1 is exactly an MAE run; stage 2 starts MoCo v3 (online and momentum encoder) from its encoder with
     blocks 1..3 and the embedding at 0.1 x lr; steps count globally; a run resumed inside a stage or at the

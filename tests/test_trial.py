@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import CHEAP_EVAL, tiny
 
@@ -45,6 +46,7 @@ def keys(reports):
     return {(step, metric) for step, _, metric, _ in curves_from_results(reports)}
 
 
+@pytest.mark.integration
 def test_a_trial_resumed_at_any_checkpoint_has_its_export_every_report_and_the_same_tables(tmp_path):
     # the uninterrupted trial, keeping every checkpoint so that each can be a resume point below
     straight = SweepLayout(tmp_path / "a", "s")
@@ -85,6 +87,7 @@ def _final(reports):
     return out
 
 
+@pytest.mark.integration
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_naming_it_and_the_fallback(tmp_path, capsys):
     layout = SweepLayout(tmp_path, "s")
     run(layout, keep=10)
@@ -100,6 +103,7 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_naming_it_and_the_fallba
     assert "step 0" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_train_resume_auto_skips_a_truncated_checkpoint_with_a_warning(tmp_path, capsys):
     from trainables.config import load_config
     from trainables.trainer import train
@@ -115,6 +119,7 @@ def test_train_resume_auto_skips_a_truncated_checkpoint_with_a_warning(tmp_path,
     assert str(newest) in err and "resuming from step 2" in err
 
 
+@pytest.mark.integration
 def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
     """A (re)started trial continues from the newest checkpoint in its storage folder, whatever Tune's saved state
     says (it can lag: on Ctrl-C, or when the driver dies); a torn newer one (a process killed mid-copy) is skipped."""
@@ -137,3 +142,13 @@ def test_restarted_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
     assert got == str(tmp_path / "local" / "checkpoint_000001" / "checkpoint.pt")
     assert torch.load(got, weights_only=True)["step"] == 4
     assert resume_point(layout, "fresh", tmp_path / "local2") is None
+
+
+def test_two_sweeps_of_one_name_in_different_roots_get_their_own_scratch_folders(tmp_path):
+    """(Two pytest workers, or two users' sweeps named quickstart, on one node once emptied each other's.)"""
+    from orchestrator.trial import scratch_dir
+
+    a = scratch_dir(SweepLayout(tmp_path / "a", "s"), "t1", 0)
+    (a / "mine").write_text("x")
+    b = scratch_dir(SweepLayout(tmp_path / "b", "s"), "t1", 0)
+    assert a != b and (a / "mine").is_file() and b.is_dir()
