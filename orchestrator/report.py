@@ -330,27 +330,34 @@ def _pure_cka(layout: SweepLayout, done: pd.DataFrame) -> tuple[bytes, str, str]
     return heatmap(trial_cka(layout, mim, layout, cl), f"MIM {mim}", f"CL {cl}"), mim, cl
 
 
-def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Path, list[Path]]:
-    """Write ``report.html`` and its PNG figures for a sweep; return the HTML path and every file written."""
-    name = layout.name
-    frames = sweep_frames(layout.root, [name])
-    if frames.trials.empty:
-        raise no_results(layout)
+def _page(name: str, parts: list[str]) -> str:
+    """The self-contained HTML page around the report's ``parts``, with the script a headless browser reads."""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>clmim {html.escape(name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img.fig{{max-width:100%}}
+table.t{{border-collapse:collapse;font-size:13px}} table.t td,table.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
+p.summary{{max-width:1000px;line-height:1.4}} div.scroll{{overflow-x:auto;max-width:100%}}
+p.note{{background:#fff6d5;padding:4px 8px;max-width:1000px}}
+</style></head><body>{''.join(parts)}
+<script>
+// lets a headless browser check the page: every figure decoded (data-figures="loaded/total"), the rendered
+// width of one panel of each grid figure (data-panel-px), and that nothing widens the page (data-page-px)
+window.addEventListener("load", () => {{
+  const imgs = [...document.images];
+  const b = document.body.dataset;
+  b.figures = imgs.filter(i => i.complete && i.naturalWidth > 0).length + "/" + imgs.length;
+  b.panelPx = imgs.filter(i => i.dataset.panelsPerRow)
+    .map(i => i.alt + ":" + Math.round(i.clientWidth / Number(i.dataset.panelsPerRow))).join(",");
+  b.pagePx = document.documentElement.scrollWidth;
+}});
+</script></body></html>"""
+
+
+def _figures(layout: SweepLayout, frames, all_layers: pd.DataFrame, axes_cols: list[str], chance: float | None):
+    """The report's figures: [(key, title, PNG)], panels per row of the grid figures (the browser test checks each
+    panel's rendered width), and the scaling fits (empty unless the sweep varies model size)."""
     trials, done = with_mix(frames.trials), with_mix(frames.done)
-    if done.empty:
-        raise QueryError(f"sweep {name!r} has no finished trials to report on")
-    axes_cols = group_axes(done)
-    # every probed step (step 0, each eval.every, the end), with the group axes the figures colour by
-    all_layers = frames.layers.drop(columns="lam").merge(done[["trial", *{*axes_cols, "lam"}]], on="trial")
     layers, untrained = split_baseline(all_layers)
     curves = frames.curves
-    tables = {sec.key: sec.table for sec in sections(frames)}
-    out = Path(out) if out else layout.report_dir / "report.html"
-    if out.is_dir():
-        raise QueryError(f"--out: {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    chance = chance_level(done)
-
     figures: list[tuple[str, str, bytes]] = []
     panels: dict[str, int] = {}  # figure -> panels per row (the browser test checks each panel's rendered width)
     if not curves.empty:
@@ -377,7 +384,30 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     if cka is not None:
         figures.append(("cka", f"Linear CKA between the layers of pure MIM ({cka[1]}) and pure CL ({cka[2]}), GAP "
                                "features of the same eval images", cka[0]))
+    return figures, panels, fits
 
+
+def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """Write ``report.html`` and its PNG figures for a sweep; return the HTML path and every file written."""
+    name = layout.name
+    frames = sweep_frames(layout.root, [name])
+    if frames.trials.empty:
+        raise no_results(layout)
+    trials, done = with_mix(frames.trials), with_mix(frames.done)
+    if done.empty:
+        raise QueryError(f"sweep {name!r} has no finished trials to report on")
+    axes_cols = group_axes(done)
+    # every probed step (step 0, each eval.every, the end), with the group axes the figures colour by
+    all_layers = frames.layers.drop(columns="lam").merge(done[["trial", *{*axes_cols, "lam"}]], on="trial")
+    layers, untrained = split_baseline(all_layers)
+    tables = {sec.key: sec.table for sec in sections(frames)}
+    out = Path(out) if out else layout.report_dir / "report.html"
+    if out.is_dir():
+        raise QueryError(f"--out: {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chance = chance_level(done)
+
+    figures, panels, fits = _figures(layout, frames, all_layers, axes_cols, chance)
     written = []
     for key, _, png in figures:
         f = out.parent / f"{key}.png"
@@ -440,24 +470,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     if len(fits):
         parts += ["<h2>Power-law fits</h2>", _table_html(fits)]
     parts += ["<h2>Best configurations</h2>", _table_html(best)]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>clmim {html.escape(name)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img.fig{{max-width:100%}}
-table.t{{border-collapse:collapse;font-size:13px}} table.t td,table.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
-p.summary{{max-width:1000px;line-height:1.4}} div.scroll{{overflow-x:auto;max-width:100%}}
-p.note{{background:#fff6d5;padding:4px 8px;max-width:1000px}}
-</style></head><body>{''.join(parts)}
-<script>
-// lets a headless browser check the page: every figure decoded (data-figures="loaded/total"), the rendered
-// width of one panel of each grid figure (data-panel-px), and that nothing widens the page (data-page-px)
-window.addEventListener("load", () => {{
-  const imgs = [...document.images];
-  const b = document.body.dataset;
-  b.figures = imgs.filter(i => i.complete && i.naturalWidth > 0).length + "/" + imgs.length;
-  b.panelPx = imgs.filter(i => i.dataset.panelsPerRow)
-    .map(i => i.alt + ":" + Math.round(i.clientWidth / Number(i.dataset.panelsPerRow))).join(",");
-  b.pagePx = document.documentElement.scrollWidth;
-}});
-</script></body></html>"""
+    page = _page(name, parts)
     write_text_atomic(out, page)
     return out, [out, *written]
 
