@@ -151,11 +151,12 @@ class SweepCallback(Callback):
         self._each(tid, lambda p: p.trial_reported(tid, values, result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config), "TERMINATED")
+        self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config),
+                          Status.TERMINATED.value)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config), "ERROR",
-                          trial.get_error())
+        self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config),
+                          Status.ERROR.value, trial.get_error())
 
     def on_experiment_end(self, trials, **info):
         self._each("(sweep)", lambda p: p.sweep_ended(trials))

@@ -202,7 +202,7 @@ def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> Swe
     ``benchmarks/repro_claims.py --where`` takes it (the connection is read-only)."""
     con = connect(root)
     keep = f"t.sweep IN ({', '.join('?' * len(names))}) AND ({where})"
-    done = f"{keep} AND t.status = 'TERMINATED'"
+    done = f"{keep} AND t.status = '{records.Status.TERMINATED.value}'"
     try:
         trials = con.execute(f"SELECT * FROM trials t WHERE {keep} ORDER BY sweep, trial", names).df()
         if trials.empty:  # (no table files yet: the empty views lack the columns the joins below name)

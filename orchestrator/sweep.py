@@ -529,5 +529,5 @@ def summarize(layout: SweepLayout, space: Space, last: dict[str, dict] | None = 
         rows.append(row)
     finished = sum(Status(r["status"]).ended for r in rows)
     interrupted = finished < max(len(rows), space.n_trials())
-    errored = sum(r["status"] == "ERROR" for r in rows)
+    errored = sum(r["status"] == Status.ERROR.value for r in rows)
     return {"rows": rows, "interrupted": interrupted, "errored": errored, "layout": layout}

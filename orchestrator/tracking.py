@@ -198,20 +198,20 @@ class MlflowLog(Part):
         value of the search metric and which trial reached it (tags ``clmim.best_trial``, ``clmim.best_label``)."""
         parent = self.parent_run()
         df = query("SELECT * FROM trials WHERE sweep = ?", self.layout.root, [self.layout.name])
-        counts = {s: int((df.status == s).sum()) for s in ("TERMINATED", "ERROR")} if len(df) else {
-            "TERMINATED": 0, "ERROR": 0}
+        done, failed = Status.TERMINATED.value, Status.ERROR.value
+        counts = {s: int((df.status == s).sum()) if len(df) else 0 for s in (done, failed)}
         total = max(self.space.n_trials(), len(df))
         self.client.log_metric(parent, "trials_total", total)
-        self.client.log_metric(parent, "trials_terminated", counts["TERMINATED"])
-        self.client.log_metric(parent, "trials_error", counts["ERROR"])
+        self.client.log_metric(parent, "trials_terminated", counts[done])
+        self.client.log_metric(parent, "trials_error", counts[failed])
         metric, higher = self.space.search.metric, self.space.search.mode == "max"
         done = []
         if metric in df:
-            ok = df[(df.status == "TERMINATED") & df[metric].notna()]
+            ok = df[(df.status == done) & df[metric].notna()]
             done = [(float(v), t) for v, t in zip(ok[metric], ok.trial, strict=True)]
         else:  # a per-layer metric: what this run's trials reported last
             done = [(float(t.last_result[metric]), trial_id_of(t.config, t.trial_id)) for t in trials
-                    if t.status == "TERMINATED" and isinstance((t.last_result or {}).get(metric), (int, float))]
+                    if t.status == done and isinstance((t.last_result or {}).get(metric), (int, float))]
         if done:
             value, best = (max if higher else min)(done, key=lambda x: x[0])
             self.client.log_metric(parent, f"best_{metric}", float(value))
@@ -219,7 +219,7 @@ class MlflowLog(Part):
             run = self._find_run("clmim.trial_id", best)
             if run is not None:
                 self.client.set_tag(parent, "clmim.best_label", self.client.get_run(run).info.run_name)
-        finished = counts["TERMINATED"] + counts["ERROR"] >= total
+        finished = counts[done] + counts[failed] >= total
         self.client.set_terminated(parent, status="FINISHED" if finished else "KILLED")
 
 
