@@ -198,28 +198,28 @@ class MlflowLog(Part):
         value of the search metric and which trial reached it (tags ``clmim.best_trial``, ``clmim.best_label``)."""
         parent = self.parent_run()
         df = query("SELECT * FROM trials WHERE sweep = ?", self.layout.root, [self.layout.name])
-        done, failed = Status.TERMINATED.value, Status.ERROR.value
-        counts = {s: int((df.status == s).sum()) if len(df) else 0 for s in (done, failed)}
+        ended, failed = Status.TERMINATED.value, Status.ERROR.value
+        counts = {s: int((df.status == s).sum()) if len(df) else 0 for s in (ended, failed)}
         total = max(self.space.n_trials(), len(df))
         self.client.log_metric(parent, "trials_total", total)
-        self.client.log_metric(parent, "trials_terminated", counts[done])
+        self.client.log_metric(parent, "trials_terminated", counts[ended])
         self.client.log_metric(parent, "trials_error", counts[failed])
         metric, higher = self.space.search.metric, self.space.search.mode == "max"
-        done = []
+        scored = []
         if metric in df:
-            ok = df[(df.status == done) & df[metric].notna()]
-            done = [(float(v), t) for v, t in zip(ok[metric], ok.trial, strict=True)]
+            ok = df[(df.status == ended) & df[metric].notna()]
+            scored = [(float(v), t) for v, t in zip(ok[metric], ok.trial, strict=True)]
         else:  # a per-layer metric: what this run's trials reported last
-            done = [(float(t.last_result[metric]), trial_id_of(t.config, t.trial_id)) for t in trials
-                    if t.status == done and isinstance((t.last_result or {}).get(metric), (int, float))]
-        if done:
-            value, best = (max if higher else min)(done, key=lambda x: x[0])
+            scored = [(float(t.last_result[metric]), trial_id_of(t.config, t.trial_id)) for t in trials
+                      if t.status == ended and isinstance((t.last_result or {}).get(metric), (int, float))]
+        if scored:
+            value, best = (max if higher else min)(scored, key=lambda x: x[0])
             self.client.log_metric(parent, f"best_{metric}", float(value))
             self.client.set_tag(parent, "clmim.best_trial", best)
             run = self._find_run("clmim.trial_id", best)
             if run is not None:
                 self.client.set_tag(parent, "clmim.best_label", self.client.get_run(run).info.run_name)
-        finished = counts[done] + counts[failed] >= total
+        finished = counts[ended] + counts[failed] >= total
         self.client.set_terminated(parent, status="FINISHED" if finished else "KILLED")
 
 

@@ -1,10 +1,35 @@
+"""The MLflow part of the driver's callback (``orchestrator/tracking.py``), alone: an SQLite store under tmp_path."""
+
+from sweeps import few_reports, table_cfg
+
+from orchestrator.callbacks import Ended, Tables
+from orchestrator.layout import SweepLayout
+from orchestrator.records import Status
+from orchestrator.space import space_from_dict
+from orchestrator.tracking import MlflowLog, trial_label
 
 
 def test_trial_labels_are_readable(tmp_path):
-    from orchestrator.space import space_from_dict
-    from orchestrator.tracking import trial_label
-
     space = space_from_dict({"base": {"run": {"seed": 2}}, "space": {"objective.lam": {"grid": [0.25]},
                                                                     "optim.blr": {"grid": [1e-3]}}},
                             tmp_path / "s.yaml")
     assert trial_label(space, {"objective.lam": 0.25, "optim.blr": 1e-3}) == "lam=0.25 micro/4 seed=2 blr=0.001"
+
+
+def test_the_parent_run_names_the_best_trial_in_the_searchs_direction(tmp_path):
+    layout = SweepLayout(tmp_path, "s")
+    space = space_from_dict({"space": {"objective.lam": {"grid": [0.0, 1.0]}}, "search": {"metric": "val_linear_top1"}},
+                            tmp_path / "s.yaml")
+    layout.sweep_dir.mkdir()
+    (layout.sweep_dir / "sweep.json").write_text("{}")
+    mlflow = MlflowLog(layout, space, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.start()
+    for tid, lam, acc in (("t0", 0.0, 0.3), ("t1", 1.0, 0.6)):
+        reports = [*few_reports(acc), {"step": 3, "val_linear_top1": acc}]
+        e = Ended(tid, {"objective.lam": lam}, Status.TERMINATED, reports, table_cfg(lam), None, None)
+        Tables(layout).trial_ended(e)
+        mlflow.trial_ended(e)
+    mlflow.sweep_ended([])
+    parent = mlflow.client.get_run(mlflow.parent_run()).data
+    assert parent.tags["clmim.best_trial"] == "t1" and parent.metrics["best_val_linear_top1"] == 0.6
+    assert parent.metrics["trials_terminated"] == 2 and parent.metrics["trials_error"] == 0
