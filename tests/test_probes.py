@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from conftest import tiny
+from torch import nn
 
 from trainables.config import load_config
 from trainables.data import build_data
@@ -12,11 +13,16 @@ from trainables.probes import (
     attention_entropy,
     attention_nmi,
     center_tokens,
+    cka_rows,
     cue_match,
+    dense_rows,
     effective_rank,
+    extract_features,
     fit_linear,
     fourier_delta_log_amplitude,
     knn_accuracy,
+    mean_iou,
+    patch_labels,
     rows_to_metrics,
     run_probes,
     shape_bias,
@@ -217,3 +223,86 @@ def test_fourier_last_point_reads_pi_minus_two_pi_over_side_not_pi():
     at_pi = fourier_delta_log_amplitude(tokens_at(math.pi))[-1]
     assert at_3pi4 > 5 and at_pi < 0
     assert any("π − 2π/side" in claim for _, claim, *_ in CLAIMS)
+
+
+def test_patch_labels_and_mean_iou():
+    masks = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    masks[0, :4, :4] = 3  # the top-left patch is all object; the top-right patch a quarter
+    masks[0, :2, 4:6] = 3
+    assert patch_labels(masks, 4).tolist() == [[3, 0, 0, 0]]
+    target = torch.tensor([0, 0, 1, 1, 2])
+    assert mean_iou(target, target, 3) == 1.0
+    # class 0: 1 / 3, class 1: 1 / 3, class 2: 1 / 1 (class 3 absent everywhere: not counted)
+    assert mean_iou(torch.tensor([0, 1, 1, 0, 2]), target, 4) == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)
+
+
+class _TokenEncoder(nn.Module):
+    """An encoder-shaped module whose patch tokens are ``features(images)`` at every layer."""
+
+    def __init__(self, features, patch: int, width: int, depth: int = 2):
+        super().__init__()
+        self.features, self.patch, self.width, self.depth = features, patch, width, depth
+        self.norm = nn.Identity()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def intermediates(self, x):
+        t = self.features(x)  # (B, n, C)
+        t = torch.cat([t.mean(1, keepdim=True), t], 1)  # (B, 1 + n, C)
+        return [t] * (self.depth + 1)
+
+
+def test_dense_probe_reaches_one_when_the_input_holds_the_mask_and_chance_on_random_features():
+    cfg = load_config(tiny(**{"data__train_size": 128, "data__eval_size": 128, "eval__dense_images": 64}))
+    data = build_data(cfg)
+    k, p = data.num_classes + 1, 4
+    # images that show the mask: channel 0 = label * 20 (what the encoder "sees"); the probe fits on the labelled
+    # training images (the training split less the validation split)
+    for s in (data.train, data.labelled, data.eval):
+        s.images = (s.masks.long() * 20).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+    def sees_mask(x):  # normalised images -> per patch, the histogram of mask labels (B, n, K)
+        label = ((x[:, 0] * 0.229 + 0.485) * 255 / 20).round().long().clamp(0, k - 1)  # (B, S, S)
+        onehot = nn.functional.one_hot(label, k).float()  # (B, S, S, K)
+        b, s = label.shape[0], label.shape[1]
+        g = s // p
+        return onehot.reshape(b, g, p, g, p, k).mean((2, 4)).reshape(b, g * g, k)
+
+    gen = torch.Generator().manual_seed(0)
+
+    def random_features(x):
+        return torch.randn(x.shape[0], (x.shape[-1] // p) ** 2, 32, generator=gen)
+
+    good = [v for _, _, m, v in dense_rows(_TokenEncoder(sees_mask, p, k), data, cfg) if m == "dense_miou"]
+    bad = [v for _, _, m, v in dense_rows(_TokenEncoder(random_features, p, 32), data, cfg) if m == "dense_miou"]
+    test = patch_labels(data.eval.subset(64, cfg.run.seed).masks, p).flatten()
+    chance = mean_iou(torch.zeros_like(test), test, k)  # every patch called background
+    assert min(good) > 0.95, good
+    assert max(bad) < chance + 0.1, (bad, chance)
+
+
+def test_dense_probe_is_skipped_without_masks():
+    cfg = load_config(tiny(**{"data__dataset": "digits", "eval__dense_images": 64}))
+    assert dense_rows(build_objective(cfg).encoder, build_data(cfg), cfg) == []
+
+
+def test_cka_rows_of_an_encoder_against_its_own_features_are_one():
+    cfg = load_config(tiny())
+    enc, images = build_objective(cfg).encoder, build_data(cfg).eval.images[:32]
+    own = extract_features(enc, images, 32, layers=list(range(enc.depth + 1)))["gap"]
+    rows = cka_rows(extract_features(enc, images, 32, layers=list(range(enc.depth + 1)))["gap"], own)
+    assert [r[0] for r in rows] == list(range(enc.depth + 1))
+    assert all(abs(v - 1) < 1e-9 for *_, v in rows)
+
+
+@pytest.mark.integration
+def test_reused_features_and_probe_give_what_a_fresh_computation_gives():
+    from trainables.probes import run_probes
+    from trainables.robustness import linear_noise_accuracy
+
+    cfg = load_config(tiny(**{"eval__noise__bands": 2}))
+    data, enc = build_data(cfg), build_objective(cfg).encoder
+    keep = {}
+    run_probes(enc, data, cfg, keep)
+    fresh = extract_features(enc, data.eval.subset(64, 0).images, 32, layers=list(range(enc.depth + 1)))["gap"]
+    assert all(torch.equal(keep["eval_gap"][k], fresh[k]) for k in fresh)
+    assert linear_noise_accuracy(enc, data, cfg, keep["predict"]["gap"]) == linear_noise_accuracy(enc, data, cfg)

@@ -1,14 +1,16 @@
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from conftest import FULL_EVAL, tiny
 
+from orchestrator.results import curves_from_results, noise_from_results, trial_row
 from trainables import checkpoints
-from trainables.checkpoints import find_checkpoint
+from trainables.checkpoints import find_checkpoint, load_weights
 from trainables.config import ConfigError, load_config
 from trainables.errors import NonFiniteLossError
 from trainables.objectives.mixture import Mixture
@@ -279,3 +281,68 @@ def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_res
     assert list(stages.step) == [0, 4, 8] and list(stages.stage) == [0, 0, 1]
     trial = query("SELECT mix, objective FROM trials", tmp_path / "res").iloc[0]
     assert (trial.mix, trial.objective) == ("staged: MAE 4 → MoCo v3 4", "staged")
+
+
+def test_evaluations_land_in_their_tables():
+    results = [{"step": 0, "noise/0/linear_top1": 0.5, "noise/0/linear_top1_drop": 0.1, "linear_top1_clean": 0.6},
+               {"step": 4, "finetune_loss": 1.5},
+               {"step": 4, "noise/1/finetune_top1_drop": 0.2, "finetune_top1": 0.7, "seconds_probes": 1.0}]
+    rows = noise_from_results(results, bands=2)
+    assert rows[0] == (0, 0, 0.0, math.pi / 2, "linear_top1", 0.5)
+    assert (4, 1, math.pi / 2, math.pi, "finetune_top1_drop", 0.2) in rows
+    curves = curves_from_results(results)
+    assert not any(m.startswith("noise/") or m.startswith("seconds_") for _, _, m, _ in curves)
+    assert (4, None, "finetune_loss", 1.5) in curves
+    final_report = {"step": 2, "resumed_from": 0, "finetune_top1": 0.7, "linear_top1": 0.6}  # step: pre-training's
+    assert curves_from_results([final_report]) == [(2, None, "linear_top1", 0.6)]
+    final = {k: v for r in results for k, v in r.items()}
+    row = trial_row("s", "t", "a", "TERMINATED", {"objective": {"lam": 0.5}}, final)
+    assert row["finetune_top1"] == 0.7 and row["seconds_probes"] == 1.0 and row["linear_top1_clean"] == 0.6
+
+
+@pytest.mark.integration
+def test_cka_with_the_untrained_encoder_after_a_resume_equals_a_straight_run(tmp_path):
+    base = tiny(**{"objective__lam": 0.0, "optim__steps": 6, "run__ckpt_every": 3, "eval__cka": True})
+    a = train(load_config(base, [f"run.out_dir={tmp_path / 'a'}"]))
+    b = train(load_config(base, [f"run.out_dir={tmp_path / 'b'}",
+                                 f"run.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000003'}"]))
+    keys = [k for k in a if k.endswith("/cka_untrained")]
+    assert len(keys) == 7 and b["resumed_from"] == 3
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert a["layer/6/cka_untrained"] < 1
+
+
+@pytest.mark.slow
+def test_training_does_not_depend_on_which_evaluations_ran(tmp_path):
+    """Evaluations draw nothing from the global RNG that training (drop path) reads: the same weights with every
+    evaluation on, probed every epoch, and with the optional ones off."""
+    base = tiny(**FULL_EVAL, **{"objective__lam": 0.0, "optim__steps": 16, "model__drop_path": 0.2})
+    a = tmp_path / "a"
+    train(load_config(base, [f"run.out_dir={a}", "eval.every=1"]))
+    b = tmp_path / "b"
+    train(load_config(base, [f"run.out_dir={b}", "eval.noise.bands=0", "eval.cka=false", "eval.dense_images=0"]))
+    wa, wb = (load_weights(find_checkpoint(d))["model"] for d in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.integration
+def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(monkeypatch):
+    """seconds_train is the loop's time minus the evaluations inside it, not minus step 0's baseline too."""
+    import time
+
+    import trainables.trainer as tr
+
+    real = tr.run_probes
+
+    pause = 4.0  # far above two tiny steps on a loaded machine, so the bounds below cannot be met by chance
+
+    def slow(*a, **k):  # every probe call takes an extra `pause` (counted in seconds_probes)
+        time.sleep(pause)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "run_probes", slow)
+    final = train(load_config(tiny(**{"optim__steps": 2, "objective__lam": 0.0})))
+    assert final["seconds_probes"] >= 2 * pause  # step 0 and the end
+    # The end's evaluation left out (else >= pause); step 0's not subtracted as well (else < 0).
+    assert 0 < final["seconds_train"] < pause
