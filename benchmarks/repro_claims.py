@@ -62,13 +62,13 @@ def main() -> None:
         raise SystemExit(f"repro_claims: {', '.join(names)} has only the untrained encoder's probes (step 0)")
     print(f"{len(frames.done)} finished trials; probed steps {steps}\n")
     found = {sec.key: sec for sec in sections(frames)}
-    for key in SHOWN:
-        if key in found:
-            table = found[key].table
-            if key == "per_group":
-                table = table[[c for c in PER_GROUP if c in table]]
-            print(f"## {found[key].title}\n")
-            print(markdown(table) + "\n")
+    blocks = []
+    for key in (k for k in SHOWN if k in found):
+        table = found[key].table
+        if key == "per_group":
+            table = table[[c for c in PER_GROUP if c in table]]
+        blocks.append(f"## {found[key].title}\n\n{markdown(table)}")
+    print("\n\n".join(blocks))
 
 
 if __name__ == "__main__":

@@ -111,9 +111,6 @@ class SweepCallback(Callback):
     def __getstate__(self):  # Tune pickles callbacks with the experiment
         return {**self.__dict__, "_results": {}, "_last": {}, "_warned": set()}
 
-    def part(self, kind: type) -> Part | None:
-        return next((p for p in self.parts if isinstance(p, kind)), None)
-
     def last_results(self) -> dict[str, dict]:
         """The last result this driver received from each trial."""
         return dict(self._last)
@@ -152,17 +149,17 @@ class SweepCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config),
-                          Status.TERMINATED.value)
+                          Status.TERMINATED)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.record_ended(trial_id_of(trial.config, trial.trial_id), sampled_values(trial.config),
-                          Status.ERROR.value, trial.get_error())
+                          Status.ERROR, trial.get_error())
 
     def on_experiment_end(self, trials, **info):
         self._each("(sweep)", lambda p: p.sweep_ended(trials))
 
     # ---------------------------------------------------------------------------------- an ended trial
-    def record_ended(self, tid: str, values: dict, status: str, lost: str | None = None) -> None:
+    def record_ended(self, tid: str, values: dict, status: Status | str, lost: str | None = None) -> None:
         """Record an ended trial (``ended``), then hand it to each part; a failure is reported, never raised.
         ``lost``: Tune's error text of a trial whose process was lost (no ``error.json`` of its own)."""
         try:

@@ -84,7 +84,6 @@ def trial_cka(la: SweepLayout, ta: str, lb: SweepLayout | None, tb: str | None, 
 def compare(spec_a: str, spec_b: str | None, root: Path, samples: int = 512) -> tuple[pd.DataFrame, Path]:
     """CKA of two trials (or of ``spec_a`` against its untrained encoder when ``spec_b`` is None); return the table
     and where it was written."""
-
     la, ta = parse_trial(spec_a, root)
     if spec_b is None:
         lb = tb = None

@@ -182,13 +182,13 @@ def cmd_results_list(args) -> int:
 
 
 # The claims' columns a terminal shows (the HTML report and the Markdown show them all).
-CLAIM_COLUMNS = ["group", "pair", "claim", "MIM", "CL", "untrained", "MIM − untrained", "CL − untrained",
+CONSOLE_CLAIM_COLUMNS = ["group", "pair", "claim", "MIM", "CL", "untrained", "MIM − untrained", "CL − untrained",
                  "difference [95% CI]", "p (Holm)", "verdict"]
 
 
 def show(layout):
     """What ``clmim results show`` prints for one sweep: ``summary.sections`` of its frames, the claims narrowed to
-    ``CLAIM_COLUMNS``, then what it stores where."""
+    ``CONSOLE_CLAIM_COLUMNS``, then what it stores where."""
     # (DuckDB, pandas, scipy: only the commands that read results pay for them; test_cli.py checks start-up)
     import pandas as pd
 
@@ -198,7 +198,7 @@ def show(layout):
     frames = sweep_frames(layout.root, [layout.name])
     if frames.trials.empty:
         raise no_results(layout)
-    out = [Section(s.key, s.title, s.table[CLAIM_COLUMNS]) if s.key in ("claims", "evaluations") else s
+    out = [Section(s.key, s.title, s.table[CONSOLE_CLAIM_COLUMNS]) if s.key in ("claims", "evaluations") else s
            for s in sections(frames)]
     b = storage_bytes(layout)
     n = max(1, b["trials"])

@@ -321,7 +321,6 @@ def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[s
 
 def print_summary(summary: dict, title: str, counts: bool = True) -> None:
     """A table of rows (dicts; columns in first-seen order) and, with ``counts``, the status counts."""
-
     rows = summary["rows"]
     cols: list[str] = []
     for r in rows:

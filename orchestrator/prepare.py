@@ -48,7 +48,6 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 def decode(path: str, size: int) -> np.ndarray:
     """uint8 (3, size, size): the image's shorter side resized to ``size`` (antialiased), centre-cropped."""
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -106,7 +105,6 @@ def _folder_items(root: Path) -> tuple[dict[str, list[tuple[str, int]]], list[st
 
 def _builtin_arrays(name: str, size: int, overrides: list[str]) -> tuple[dict[str, tuple], list[str]]:
     """{split: (images uint8 (n, 3, size, size), labels)} of a built-in data set rendered or resized to ``size``."""
-
     try:
         cfg = load_config({"data": {"dataset": name}, "model": {"img_size": size}}, overrides)
         data = build_data(cfg)
@@ -176,7 +174,6 @@ def prepare(source: str, dest: str, size: int, shard_mb: float = 256, overrides:
 
 def verify_store(dest: str, endpoint: str | None = None) -> None:
     """Every shard of the store at ``dest`` against its index; a one-line ``UserError`` naming the shard."""
-
     if endpoint:
         os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
     try:

@@ -33,6 +33,7 @@ from .results import (
     snapshot,
     total_bytes,
 )
+from .scaling import with_mix
 
 
 class QueryError(UserError):
@@ -151,8 +152,6 @@ def recorded_trials(layout: SweepLayout) -> set[str]:
         return set()
 
 
-
-
 def list_table(root: str | Path):
     """One row per sweep under ``root``: name, started, planned trials, its state (running, finished, interrupted
     (resumable): ``records.sweep_state``), status counts in the tables, storage bytes."""
@@ -185,11 +184,11 @@ def no_results(layout: SweepLayout) -> QueryError:
 @dataclass
 class SweepFrames:
     """What the analysis reads of one or more sweeps (``summary.sections``, the report's figures): DataFrames, no
-    connection. ``trials``: every trial's latest attempt; ``done``: the finished ones; ``layers``: their per-layer
+    connection. ``trials``: every trial's latest attempt, with its ``mix`` (``scaling.with_mix``: tables older
+    than weights get it from lam); ``done``: the finished ones; ``layers``: their per-layer
     probes at every probed step (step 0: the untrained encoder), mean over heads, with ``lam``; ``robustness``:
     their accuracies under band-passed noise; ``curves``: their loss curves (trial, step, value)."""
 
-    names: list[str]
     trials: pd.DataFrame
     done: pd.DataFrame
     layers: pd.DataFrame
@@ -207,7 +206,7 @@ def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> Swe
         trials = con.execute(f"SELECT * FROM trials t WHERE {keep} ORDER BY sweep, trial", names).df()
         if trials.empty:  # (no table files yet: the empty views lack the columns the joins below name)
             empty = pd.DataFrame()
-            return SweepFrames(list(names), trials, trials, empty, empty, empty)
+            return SweepFrames(trials, trials, empty, empty, empty)
         layers = con.execute("SELECT l.*, t.lam FROM layers l JOIN trials t USING (sweep, trial) "
                              f"WHERE {done} AND l.head IS NULL", names).df()
         robustness = con.execute(f"SELECT r.* FROM robustness r JOIN trials t USING (sweep, trial) WHERE {done}",
@@ -216,5 +215,5 @@ def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> Swe
                              f"trial) WHERE {keep} AND c.metric = 'loss'", names).df()
     except duckdb.Error as e:
         raise QueryError(f"query: {str(e).splitlines()[0]}") from None
-    return SweepFrames(list(names), trials, trials[trials.status == records.Status.TERMINATED.value], layers,
-                       robustness, curves)
+    trials = with_mix(trials)
+    return SweepFrames(trials, trials[trials.status == records.Status.TERMINATED.value], layers, robustness, curves)

@@ -3,8 +3,6 @@ moves one breaks one file. Each function says what public behaviour it stands in
 
 from __future__ import annotations
 
-from ray._private import ray_constants
-from ray._private.authentication.authentication_token_setup import Config
 from ray.exceptions import OutOfMemoryError, RayActorError
 
 
@@ -21,6 +19,7 @@ class TrialOutOfMemory(RayActorError):
 def keep_cluster_on_loopback() -> None:
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; if it already was, set its constant too,
     or "127.0.0.1" resolves to the machine's own address."""
+    from ray._private import ray_constants  # (Ray's private API: looked up when used)
 
     ray_constants.ENABLE_RAY_CLUSTER = False
 
@@ -68,5 +67,7 @@ def oom_is_a_lost_trial() -> None:
 def refresh_auth_mode() -> None:
     """Ray caches its settings, RAY_AUTH_MODE included, when it is imported: after the variable is set in an
     already-importing process, re-read them (what Ray's own ``_enable_token_auth`` does)."""
+    # (Ray's private API: looked up when used)
+    from ray._private.authentication.authentication_token_setup import Config
 
     Config.initialize("")

@@ -49,7 +49,7 @@ from .compare import (  # noqa: E402
 )
 from .layout import SweepLayout  # noqa: E402
 from .query import QueryError, no_results, sweep_frames  # noqa: E402
-from .scaling import chance_level, with_mix  # noqa: E402
+from .scaling import chance_level  # noqa: E402
 from .summary import sections  # noqa: E402
 
 # (metric, panel title, y-axis label with units)
@@ -319,7 +319,6 @@ def summary_text(done: pd.DataFrame, layers: pd.DataFrame, chance: float | None,
 def _pure_cka(layout: SweepLayout, done: pd.DataFrame) -> tuple[bytes, str, str] | None:
     """The CKA heatmap of the sweep's first pure-MIM trial against its first pure-CL trial (lowest seed), when both
     kept their final weights; None otherwise."""
-
     seed = "run.seed" if "run.seed" in done else "trial"
     pick = {lam: done[done.lam == lam].sort_values([seed, "trial"]).trial.tolist()[:1] for lam in (0.0, 1.0)}
     if not (pick[0.0] and pick[1.0]):
@@ -352,12 +351,12 @@ window.addEventListener("load", () => {{
 </script></body></html>"""
 
 
-def _figures(layout: SweepLayout, frames, all_layers: pd.DataFrame, axes_cols: list[str], chance: float | None):
+def _figures(layout: SweepLayout, frames, all_layers: pd.DataFrame, layers: pd.DataFrame, untrained: pd.DataFrame,
+             axes_cols: list[str], chance: float | None):
     """The report's figures: [(key, title, PNG)], panels per row of the grid figures (the browser test checks each
-    panel's rendered width), and the scaling fits (empty unless the sweep varies model size)."""
-    trials, done = with_mix(frames.trials), with_mix(frames.done)
-    layers, untrained = split_baseline(all_layers)
-    curves = frames.curves
+    panel's rendered width), and the scaling fits (empty unless the sweep varies model size). ``all_layers``: every
+    probed step; ``layers``, ``untrained``: its final and step-0 rows (``split_baseline``)."""
+    trials, done, curves = frames.trials, frames.done, frames.curves
     figures: list[tuple[str, str, bytes]] = []
     panels: dict[str, int] = {}  # figure -> panels per row (the browser test checks each panel's rendered width)
     if not curves.empty:
@@ -393,7 +392,7 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     frames = sweep_frames(layout.root, [name])
     if frames.trials.empty:
         raise no_results(layout)
-    trials, done = with_mix(frames.trials), with_mix(frames.done)
+    trials, done = frames.trials, frames.done
     if done.empty:
         raise QueryError(f"sweep {name!r} has no finished trials to report on")
     axes_cols = group_axes(done)
@@ -407,19 +406,19 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     chance = chance_level(done)
 
-    figures, panels, fits = _figures(layout, frames, all_layers, axes_cols, chance)
+    figures, panels, fits = _figures(layout, frames, all_layers, layers, untrained, axes_cols, chance)
     written = []
     for key, _, png in figures:
         f = out.parent / f"{key}.png"
         write_bytes_atomic(f, png)
         written.append(f)
 
-    axes_cols = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in layer_keys().values()),
-                             "objective.placement.graft_layer", "optim.steps", "run.seed") if c in done]
+    shown = [c for c in ("mix", "variant", *(f"objective.placement.{k}" for k in layer_keys().values()),
+                         "objective.placement.graft_layer", "optim.steps", "run.seed") if c in done]
     # ranked on the validation split where the trials have one; the accuracy shown is the evaluation split's
     rank = [c for c in ("val_linear_top1", "linear_top1") if c in done and done[c].notna().any()]
     best = done.sort_values(rank, ascending=False).head(10)[
-        ["trial", *axes_cols, *rank[:-1], "linear_top1", "knn_top1", "shape_bias", "params", "wall_time_s"]]
+        ["trial", *shown, *rank[:-1], "linear_top1", "knn_top1", "shape_bias", "params", "wall_time_s"]]
     chosen = (f"the trial best on the validation split ({best.trial.iloc[0]}) reads "
               f"{best.linear_top1.iloc[0]:.4g} linear-probe top-1 on the evaluation split" if len(rank) > 1 else
               f"best linear-probe top-1 {done.linear_top1.max():.4g}")
@@ -478,7 +477,6 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
 def attach_to_mlflow(name: str, files: list[Path], uri: str) -> bool:
     """Log the report's own files (the page and its figures, nothing else beside them) to the sweep's MLflow
     parent run; False if there is none."""
-
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(f"clmim/{name}")
     if exp is None:

@@ -470,7 +470,6 @@ def iter_plan(space: Space):
     """Every trial's sampled values, in order, for grid and random search: each grid point x ``num_samples``, the
     random axes drawn from ``search.seed`` (the same plan every time the space is read). Optuna has no plan: its
     searcher proposes trials as results come in."""
-
     axes = space.axes()
     grid_keys = [k for k, (kind, _) in axes.items() if kind == "grid"]
     rng = np.random.default_rng(space.search.seed)

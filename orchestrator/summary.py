@@ -29,7 +29,7 @@ from .compare import (
 )
 from .query import SweepFrames
 from .records import Status
-from .scaling import group_axes, group_name, with_mix
+from .scaling import group_axes, group_name
 
 # per-group columns: final probes and evaluations (each shown where the sweep measured it)
 GROUP_METRICS = ("finetune_top1", "linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls",
@@ -47,7 +47,7 @@ class Section:
 
 def sections(frames: SweepFrames) -> list[Section]:
     """Every section the sweeps' frames support, in the order the console shows them."""
-    trials, done = with_mix(frames.trials), with_mix(frames.done)
+    trials, done = frames.trials, frames.done
     out = [Section("status", "status", trials.groupby("status").size().reset_index(name="trials"))]
     if len(done):
         out.append(best_section(done))
@@ -163,7 +163,6 @@ def _evaluations(done: pd.DataFrame, layers: pd.DataFrame, robustness: pd.DataFr
 def time_shares(done):
     """Per group: the share of a trial's wall time spent training and in each evaluation (``seconds_<part>`` /
     ``wall_time_s``), the evaluations together, and the rest (start-up, data, reporting); empty without timings."""
-
     cols = [f"seconds_{p}" for p in EVAL_PARTS if f"seconds_{p}" in done and done[f"seconds_{p}"].notna().any()]
     if not cols or "wall_time_s" not in done:
         return pd.DataFrame()

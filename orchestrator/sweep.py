@@ -292,7 +292,6 @@ def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: 
 def _tune_config(space: Space, searcher, max_concurrent: int | None):
     """Tune's settings: the sweep's ``TrialSearcher`` (capped at ``max_concurrent`` live trials when given), the
     scheduler, and trial folders named by clmim trial ids."""
-
     sch = space.scheduler
     total = searcher.total
     alg = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
@@ -374,7 +373,6 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     """The one start path of a sweep and of its resume: the callback (checked against MLflow before any trial),
     the header, Tune over ``queue`` (id, values) and ``extra`` searched trials, then the summary. ``ended``:
     statuses of the trials that ended before (a resume)."""
-
     _quiet_tune()
     oom_is_a_lost_trial()
     mlflow = MlflowLog(layout, space, uri)
@@ -487,7 +485,7 @@ def backfill(callback, layout: SweepLayout, plan) -> int:
     for tid, r in scan(layout, plan).items():
         if tid in have or r.status is None:
             continue
-        callback.record_ended(tid, r.values or {}, r.status.value)
+        callback.record_ended(tid, r.values or {}, r.status)
         n += 1
     if n:
         print(f"recorded {n} trial(s) that ended while no driver was recording", flush=True)

@@ -49,10 +49,6 @@ class SweepRecord:
     damage: str | None = None  # why the file could not be read, if it could not
 
     @property
-    def exists(self) -> bool:
-        return bool(self.info)
-
-    @property
     def name(self) -> str:
         return self.sweep_dir.name
 
@@ -119,11 +115,6 @@ def write(sweep_dir: Path, space: Space, overrides: list[str], cli_args: dict, s
     if storage:
         storage.write_text(storage.path(Path(sweep_dir).name, FILE), json.dumps(info, indent=2))
     return SweepRecord(Path(sweep_dir), info)
-
-
-def in_storage(storage: Storage, name: str) -> bool:
-    """True if the storage holds the record of sweep ``name``."""
-    return storage.exists(storage.path(name, FILE))
 
 
 def adopt(sweep_dir: Path, storage: Storage) -> None:

@@ -154,7 +154,6 @@ class MlflowLog(Part):
     def _log_reports(self, run_id: str, reports: list[dict]) -> None:
         """Log every metric of ``reports`` at a step the run does not have yet (a resumed trial repeats the steps
         after its checkpoint: those are logged once)."""
-
         metrics = []
         for result in reports:
             step = int(result.get("step", result.get("training_iteration", 0)))

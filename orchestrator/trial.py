@@ -126,7 +126,6 @@ def is_lost_worker(e: BaseException) -> bool:
     code on any rank is deterministic: not retried. When one rank dies the others often fail with collateral
     errors (a collective's peer vanished), so one lost worker makes the whole failure a lost worker (as Ray
     Train decides for preemptions)."""
-
     lost = (RayActorError, *lost_worker_errors())
     if isinstance(e, WorkerGroupError):
         return any(isinstance(f, lost) for f in e.worker_failures.values())
@@ -136,7 +135,6 @@ def is_lost_worker(e: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------- the trainable
 def run_trial(config: dict, spec: TrialSpec) -> None:
     """Tune function trainable (see the module docstring)."""
-
     _quiet_ray_storage()
     trial = trial_id_of(config, tune.get_context().get_trial_id())
     values = sampled_values(config)
@@ -163,7 +161,6 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 def _quiet_ray_storage() -> None:
     """Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial, forwarded
     to the sweep's console; the progress line already says how trials advance."""
-
     for name in STORAGE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -284,7 +281,6 @@ def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
 
 def _train_worker(loop_config: dict) -> None:
     """Ray Train worker loop: the same trainer, DDP process group already set up by TorchTrainer."""
-
     # Ray Train logs every report of every rank at INFO with all its metrics (hundreds of per-layer probe values)
     logging.getLogger(train_report_logger_name()).setLevel(logging.WARNING)
     _quiet_ray_storage()

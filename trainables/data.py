@@ -220,7 +220,6 @@ def _imagefolder(cfg: Config) -> DataBundle:
 
 def _store(cfg: Config) -> DataBundle:
     """A prepared store: labels in memory, images read per batch (``store.StoreSplit``)."""
-
     if not cfg.data.path:
         raise ConfigError("data.path: data.dataset store needs the store's folder or s3:// URI")
     root = local_copy(cfg.data.path)
@@ -254,7 +253,6 @@ def batch_stream(split: Split, global_batch: int, seed: int, start_step: int, ra
     share of that global batch. Resuming at step N therefore yields exactly the batches a straight run sees.
     The split is moved to ``device`` once, so batches are sliced there without host copies.
     """
-
     per_rank = global_batch // world
     spe = steps_per_epoch(len(split), global_batch)
     streamed = isinstance(split, StoreSplit)  # read per batch on the host, then one copy to the device

@@ -93,7 +93,6 @@ def linear_noise_accuracy(encoder, data, cfg, predict=None) -> dict[str, float]:
     """The last layer's linear probe (``eval.pool`` features, fit on the clean train subset as ``probes`` fits it;
     ``predict``: that probe, already fit) under each band of noise (``noise_split``): ``noise/<b>/linear_top1``,
     ``noise/<b>/linear_top1_drop`` and ``linear_top1_clean``."""
-
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
     test = noise_split(data, cfg)
     if predict is None:
@@ -112,7 +111,6 @@ def linear_noise_accuracy(encoder, data, cfg, predict=None) -> dict[str, float]:
 def finetune_noise_accuracy(model, data, cfg) -> dict[str, float]:
     """The fine-tuned classifier (normalised images -> logits) under each band of noise (``noise_split``):
     ``noise/<b>/finetune_top1[_drop]`` and ``finetune_top1_clean``."""
-
     test = noise_split(data, cfg)
     with eval_mode(model) as device:
         def classify(x):

@@ -126,7 +126,6 @@ class Storage:
 
     def listdir(self, path: str) -> list[str]:
         """Names of the folders directly under ``path`` (sorted; [] if it does not exist)."""
-
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except (FileNotFoundError, NotADirectoryError):
@@ -135,7 +134,6 @@ class Storage:
 
     def size(self, path: str) -> int:
         """Bytes of the file ``path``, or of every file under the folder ``path`` (0 if none)."""
-
         info = self.fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             return info.size or 0
@@ -168,13 +166,11 @@ class Storage:
 
     def upload(self, local_dir: Path, path: str) -> None:
         """Copy a local folder's files into ``path``."""
-
         self.fs.create_dir(path, recursive=True)
         pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def download(self, path: str, local_dir: Path) -> Path:
         """Copy the files under ``path`` into a local folder; return the folder."""
-
         local_dir.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(local_dir), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
         return local_dir
