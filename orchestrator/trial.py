@@ -47,12 +47,10 @@ import ray.train
 from ray import tune
 from ray.exceptions import RayActorError
 from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from trainables.checkpoints import export_weights, load_weights
+from trainables import simulate
 from trainables.config import Config
-from trainables.trainer import train
 
 from . import records, stored_checkpoints
 from .layout import SweepLayout
@@ -242,17 +240,47 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
                     shutil.rmtree(last["dir"], ignore_errors=True)
                 last["dir"] = Path(checkpoint)
 
-        train(cfg, report)
+        simulated = simulate.enabled(cfg)
+        (simulate.simulate if simulated else _trainer())(cfg, report)
         if rank == 0:
             run = scratch / "run"
             if "dir" in last:
-                export_weights(last["dir"] / "checkpoint.pt", run / "model.pt")
+                _export(last["dir"] / "checkpoint.pt", run / "model.pt", simulated)
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
             (run / "config.yaml").unlink(missing_ok=True)  # (records.write_config wrote the stored one)
             log.copy_to(run)
             store.upload(run, layout.run_path(trial))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _trainer():
+    """The trainer's ``train``. (start-up: loaded here, so a simulated trial's process never imports torch;
+    ``test_simulate.test_a_simulated_trial_imports_no_torch``)"""
+    from trainables.trainer import train  # (start-up)
+
+    return train
+
+
+def _export(checkpoint: Path, out: Path, simulated: bool) -> None:
+    """The final encoder weights (``model.pt``) from the newest checkpoint; a simulated trial's is a copy of its
+    simulated checkpoint (as many bytes to upload)."""
+    if simulated:
+        shutil.copyfile(checkpoint, out)
+        return
+    from trainables.checkpoints import export_weights  # (start-up: torch, see _trainer)
+
+    export_weights(checkpoint, out)
+
+
+def checkpoint_step(f: Path) -> int:
+    """The step of a checkpoint file; raises if it does not load (torn, truncated). A simulated one
+    (``simulate.MARKER`` beside it) is read without torch."""
+    if (f.parent / simulate.MARKER).is_file():
+        return simulate.checkpoint_step(f)
+    from trainables.checkpoints import load_weights  # (start-up: torch, see _trainer)
+
+    return int(load_weights(f)["step"])
 
 
 def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
@@ -267,7 +295,7 @@ def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
         name = path.rsplit("/", 1)[-1]
         f = store.download(path, local / name) / "checkpoint.pt"
         try:
-            step = int(load_weights(f)["step"])
+            step = checkpoint_step(f)
             found = str(f)
             break
         except Exception as e:  # noqa: BLE001 - torn, truncated or missing: try the one before
@@ -288,6 +316,8 @@ def _train_worker(loop_config: dict) -> None:
 
 
 def _run_with_train(values: dict, spec: TrialSpec, trial: str) -> None:
+    from ray.train.torch import TorchTrainer  # (start-up: torch, see _trainer)
+
     use_gpu = spec.gpus_per_worker > 0
     per_worker = {"CPU": spec.cpus_per_worker}
     if use_gpu:

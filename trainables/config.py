@@ -24,7 +24,8 @@ from .errors import ConfigError, UserError, excerpt
 from .files import write_text_atomic
 from .objectives import registry
 from .objectives.registry import FlopsView
-from .scale import block_flops, embed_flops, parse_variant
+from .scale import block_flops, embed_flops, encoder_params, parse_variant
+from .schedule import phase_steps
 from .settings import setting as _f
 from .vocab import family, label, layer_keys, objective_names, target_encoders
 
@@ -196,6 +197,17 @@ class EvalConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """A simulated trial (``trainables/simulate.py``), for measuring the sweep driver at scale: no model is built,
+    each step sleeps, and the trial reports what the trainer would report for this config, at the same steps, with
+    random values. A benchmarking mode: never for results."""
+
+    seconds_per_step: float | None = _f(None, lo=0.0, hi=3600.0, doc="sleep per optimiser step (None: off, train)")
+    seconds_per_eval: float = _f(0.0, lo=0.0, hi=3600.0, doc="sleep per evaluation (step 0, eval.every, the end)")
+    checkpoint_mb: float = _f(1.0, lo=0.0, hi=100_000.0, doc="size of each simulated checkpoint file")
+
+
+@dataclass
 class RunConfig:
     seed: int = _f(0, lo=0)
     out_dir: str | None = _f(None, doc="where config, checkpoints and metrics go")
@@ -206,6 +218,7 @@ class RunConfig:
     ckpt_every: int = _f(0, lo=0, doc="checkpoint every N steps (0: only at the end)")
     resume: str | None = _f(None, doc="checkpoint file to resume from, or 'auto' (latest in out_dir)")
     threads: int | None = _f(None, lo=1, hi=512, doc="torch CPU threads")
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
 
 # What a stage may set (``StageConfig.set``); the model's architecture, the data, the evaluations and the run are
@@ -400,6 +413,16 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _check_simulated(cfg: Config) -> None:
+    """What ``trainables/simulate.py`` does not reproduce is refused."""
+    if cfg.stages:
+        raise ConfigError("run.simulate: staged runs (stages) are not simulated")
+    if cfg.eval.finetune.enabled:
+        raise ConfigError("run.simulate: fine-tuning (eval.finetune) is not simulated")
+    if cfg.data.dataset != "synthetic":
+        raise ConfigError(f"run.simulate: only data.dataset synthetic is simulated (got {cfg.data.dataset!r})")
+
+
 def _validate(cfg: Config) -> None:
     """Cross-field checks: variant, patch size vs image size, layer indices vs depth, placement rules."""
     try:
@@ -435,6 +458,8 @@ def _validate(cfg: Config) -> None:
     if len(budgets) > 1:
         raise ConfigError(f"optim.{budgets[0]}: give only one of optim.steps, optim.epochs, optim.flops_budget "
                           f"(got {' and '.join(budgets)})")
+    if cfg.run.simulate.seconds_per_step is not None:
+        _check_simulated(cfg)
     if cfg.data.dataset in ("imagefolder", "cifar10", "cifar100", "store") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.dataset = {cfg.data.dataset!r} (nothing is downloaded)")
     if cfg.data.path and cfg.data.dataset in ("imagefolder", "cifar10", "cifar100", "store"):
@@ -703,6 +728,22 @@ def stage_config(cfg: Config, i: int) -> Config:
     """Stage ``i``'s config: its resolved config with the trial's run section (out_dir, resume, device, ... as the
     trial sets them at run time)."""
     return load_config({**cfg.stages[i].resolved, "run": dataclasses.asdict(cfg.run)})
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    """optim.steps, optim.epochs converted with the global batch, or the steps that fit in optim.flops_budget
+    (training FLOPs of all images; see ``train_flops_per_image``); default: 100 steps."""
+    if cfg.optim.steps is not None:
+        return cfg.optim.steps
+    if cfg.optim.flops_budget is not None:
+        return int(cfg.optim.flops_budget // (train_flops_per_image(cfg) * cfg.data.batch_size))  # >= 1: config
+    return phase_steps(None, cfg.optim.epochs, n_train, cfg.data.batch_size) or 100
+
+
+def model_stats(cfg: Config) -> dict[str, float]:
+    """Encoder parameter count and training FLOPs per image (analytic; see ``scale.py``)."""
+    spec = parse_variant(cfg.model.variant)
+    return {"params": encoder_params(spec, cfg.model.img_size), "train_flops_per_image": train_flops_per_image(cfg)}
 
 
 def train_flops_per_image(cfg: Config) -> float:

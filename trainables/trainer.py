@@ -35,10 +35,11 @@ from .config import (
     Config,
     ConfigError,
     load_config,
+    model_stats,
     save_config,
     stage_bounds,
     stage_config,
-    train_flops_per_image,
+    total_steps,
 )
 from .data import DataBundle, batch_stream
 from .files import write_json_atomic
@@ -48,8 +49,7 @@ from .objectives import registry
 from .objectives.mixture import Mixture
 from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
-from .scale import encoder_params, parse_variant
-from .schedule import lr_schedule, phase_steps, step_seed, steps_per_epoch
+from .schedule import lr_schedule, step_seed, steps_per_epoch
 from .steps import read_log, set_lr
 
 Report = Callable[..., None]
@@ -78,22 +78,6 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
 def schedule_inputs(cfg: Config) -> tuple[str, ...]:
     """The schedule values the mix's heads read from each step's batch (their declarations' ``step_inputs``)."""
     return tuple(k for name in cfg.objective.mix() for k in registry.get(name).step_inputs)
-
-
-def total_steps(cfg: Config, n_train: int) -> int:
-    """optim.steps, optim.epochs converted with the global batch, or the steps that fit in optim.flops_budget
-    (training FLOPs of all images; see ``train_flops_per_image``); default: 100 steps."""
-    if cfg.optim.steps is not None:
-        return cfg.optim.steps
-    if cfg.optim.flops_budget is not None:
-        return int(cfg.optim.flops_budget // (train_flops_per_image(cfg) * cfg.data.batch_size))  # >= 1: config
-    return phase_steps(None, cfg.optim.epochs, n_train, cfg.data.batch_size) or 100
-
-
-def model_stats(cfg: Config) -> dict[str, float]:
-    """Encoder parameter count and training FLOPs per image (analytic; see ``scale.py``)."""
-    spec = parse_variant(cfg.model.variant)
-    return {"params": encoder_params(spec, cfg.model.img_size), "train_flops_per_image": train_flops_per_image(cfg)}
 
 
 def _device(cfg: Config) -> torch.device:
