@@ -92,8 +92,11 @@ def print_header(layout: SweepLayout, n_trials: int, mlflow_uri: str, resumed: b
     print(f"  results: {layout.sweep_dir}", flush=True)
     if layout.storage:
         print(f"  storage: {layout.store.display(layout.experiment_path)}  (trial files and checkpoints)", flush=True)
-    print(f"  MLflow:  {mlflow_uri}", flush=True)
-    print(f"    browse: {mlflow_ui(mlflow_uri, experiment_id)}", flush=True)
+    if experiment_id is None:
+        print("  MLflow:  off (--mlflow-uri off); the tables hold every result", flush=True)
+    else:
+        print(f"  MLflow:  {mlflow_uri}", flush=True)
+        print(f"    browse: {mlflow_ui(mlflow_uri, experiment_id)}", flush=True)
     resume = resume_command(layout.name, results_arg, address, layout.storage)
     print(f"  Ctrl-C stops cleanly; continue with: {resume}", flush=True)
 
@@ -111,6 +114,7 @@ def print_next_steps(layout: SweepLayout, results_arg: str | None) -> None:
 ENDED = (Status.TERMINATED, Status.ERROR)
 CHANGED_EVERY_S = 10.0  # a changed progress line is printed at most this often
 UNCHANGED_EVERY_S = 300.0  # an unchanged one (only the clock moved) at most this often, as a heartbeat
+LOOK_EVERY_S = 1.0  # Tune asks for a line many times a second: the trials are looked at at most this often
 
 
 @dataclass
@@ -296,6 +300,7 @@ def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[s
         def __init__(self):
             self.printer = ProgressPrinter(total, ended, labels)
             self._line: str | None = None
+            self._looked = 0.0
 
         def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
             self.printer.metric, self.printer.mode = metric, mode
@@ -305,7 +310,11 @@ def make_reporter(total: int = 0, ended: list[str] | None = None, labels: dict[s
             return [(t.trial_id, trial_id_of(t.config, t.trial_id), t.status, t.last_result or {}) for t in trials]
 
         def should_report(self, trials, done=False):
-            if trials:
+            # (a look costs a pass over every trial: at most once a second, so the console's work per result
+            # stays flat however many trials the sweep has)
+            now = time.monotonic()
+            if trials and (done or now - self._looked >= LOOK_EVERY_S):
+                self._looked = now
                 self._line = self.printer.update(self._snapshot(trials), force=done)
             return self._line is not None
 

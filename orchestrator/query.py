@@ -63,7 +63,7 @@ def connect(root: str | Path):
         if files["trials"]:
             _view(con, "trials_all", "trials", files["trials"])
             con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
-                  SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC) AS rn
+                  SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC, written_at DESC) AS rn
                   FROM trials_all) WHERE rn = 1""")
         else:
             _empty_view(con, "trials", TRIALS_EMPTY)
@@ -145,9 +145,10 @@ def relation(table: str, root: str | Path):
 
 
 def recorded_trials(layout: SweepLayout) -> set[str]:
-    """Ids of the sweep's trials the ``trials`` table already holds."""
+    """Ids of the sweep's trials the ``trials`` table holds as ended (a running trial's live rows do not count)."""
     try:
-        return set(query("SELECT DISTINCT trial FROM trials WHERE sweep = ?", layout.root, [layout.name]).trial)
+        return set(query("SELECT DISTINCT trial FROM trials WHERE sweep = ? AND status IN (?, ?)", layout.root,
+                         [layout.name, records.Status.TERMINATED.value, records.Status.ERROR.value]).trial)
     except UserError:
         return set()
 

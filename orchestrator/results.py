@@ -35,6 +35,7 @@ import time
 import uuid
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,10 @@ READABLE_VERSIONS = (b"1", b"2", b"3", b"4")  # files of these versions are read
 TABLES = ("trials", "curves", "layers", "robustness")
 GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
 MERGED_PREFIX = "_merged."
+BATCH_PREFIX = "_batch."  # the rows of several trials the driver wrote at once
 COMPACT_BATCH = 64  # per-attempt files merged at a time while a sweep runs (~sqrt of a big sweep)
 # <trial>.<attempt>.parquet or _merged.<attempt>.parquet; attempt = 20-digit ns time, '-', 8 hex digits
-FILE_NAME = re.compile(r"(?P<trial>_merged|[A-Za-z0-9_-][A-Za-z0-9_.-]*)\.\d{20}-[0-9a-f]{8}\.parquet")
+FILE_NAME = re.compile(r"(?P<trial>_merged|_batch|[A-Za-z0-9_-][A-Za-z0-9_.-]*)\.\d{20}-[0-9a-f]{8}\.parquet")
 
 CURVE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
                           ("attempt", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
@@ -203,7 +205,7 @@ def _is_product_file(path: Path, table: str | None = None, sweep: str | None = N
     if set(ids.column("sweep").to_pylist()) - {sweep}:
         return False
     named = FILE_NAME.fullmatch(path.name).group("trial")
-    return path.name.startswith(MERGED_PREFIX) or not set(ids.column("trial").to_pylist()) - {named}
+    return path.name.startswith((MERGED_PREFIX, BATCH_PREFIX)) or not set(ids.column("trial").to_pylist()) - {named}
 
 
 def _scan(sweep_dir: Path) -> dict:
@@ -470,35 +472,75 @@ def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+@dataclass
+class Attempt:
+    """One attempt's rows to write: its trial, attempt id, status and config, the reports whose long rows go in
+    (``results``: all of a finished trial's, or a running trial's newest), the latest value of every key (``final``;
+    default: from ``results``), its error and wall time (default: the largest ``time_total_s`` reported)."""
+
+    trial: str
+    status: str
+    config: dict
+    results: list[dict]
+    attempt: str = field(default_factory=lambda: new_attempt_id())
+    final: dict | None = None
+    error: str | None = None
+    wall_time_s: float | None = None
+
+
+def latest_values(results: list[dict], into: dict | None = None) -> dict:
+    """The latest value of every key over ``results`` (added to ``into``)."""
+    final = into if into is not None else {}
+    for r in results:
+        final.update({k: v for k, v in r.items() if v is not None})
+    return final
+
+
+def write_attempts(sweep_dir: Path, attempts: list[Attempt]) -> list[str]:
+    """Write attempts of trials to trials/, curves/, layers/ and robustness/ (atomically; one file per table for
+    all of them: the driver writes every trial that reported or ended in the last second at once), then add the
+    files to the manifest in one step; return the attempt ids.
+
+    Several files may hold rows of one attempt (a running trial's rows arrive batch by batch; the ``trials`` view
+    keeps its latest row by ``written_at``), but never the same row twice."""
+    if not attempts:
+        return []
+    sweep_dir = Path(sweep_dir)
+    sweep = sweep_dir.name
+    rows, long = [], {"curves": [], "layers": [], "robustness": []}
+    for a in attempts:
+        final = a.final if a.final is not None else latest_values(a.results)
+        wall = a.wall_time_s
+        if wall is None:
+            wall = max((r.get("time_total_s") or 0 for r in a.results), default=None)
+        rows.append(trial_row(sweep, a.trial, a.attempt, a.status, a.config, final, a.error, wall))
+        ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": a.trial, "attempt": a.attempt}
+        staged = with_stage(a.config)
+        bands = flatten(a.config).get("eval.noise.bands")
+        long["curves"].append(_long_table(CURVE_SCHEMA, ids, staged(curves_from_results(a.results))))
+        long["layers"].append(_long_table(LAYER_SCHEMA, ids, staged(layers_from_results(a.results))))
+        long["robustness"].append(_long_table(NOISE_SCHEMA, ids, staged(noise_from_results(
+            a.results, bands if isinstance(bands, int) else None))))
+    # (a new id in the name: a running trial's attempt is written batch by batch, each batch its own file)
+    name = (f"{attempts[0].trial}." if len(attempts) == 1 else BATCH_PREFIX) + f"{new_attempt_id()}.parquet"
+    for t, parts in long.items():
+        _write_atomic(pa.concat_tables(parts), sweep_dir / t / name)
+    # A config key that is null in every row here is typed by DuckDB from the files that set it.
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # (from_pylist reads the first row's keys only)
+    _write_atomic(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), sweep_dir / "trials" / name)
+    with _locked(sweep_dir):  # readers see every file of the batch, or none
+        _change_manifest(sweep_dir, add={t: [name] for t in TABLES})
+    return [a.attempt for a in attempts]
+
+
 def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, results: list[dict],
                        error: str | None = None, wall_time_s: float | None = None,
                        attempt: str | None = None) -> str:
-    """Write one attempt of one trial to trials/, curves/, layers/ and robustness/ (atomically), then add the files to
-    the manifest in one step; return the attempt id.
-
-    ``wall_time_s`` defaults to the largest ``time_total_s`` Tune reported."""
-    sweep_dir = Path(sweep_dir)
-    sweep = sweep_dir.name
-    attempt = attempt or new_attempt_id()
-    final: dict = {}
-    for r in results:  # the latest value of every key
-        final.update({k: v for k, v in r.items() if v is not None})
-    if wall_time_s is None:
-        wall_time_s = max((r.get("time_total_s") or 0 for r in results), default=None)
-    row = trial_row(sweep, trial, attempt, status, config, final, error, wall_time_s)
-    name = f"{trial}.{attempt}.parquet"
-    ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": trial, "attempt": attempt}
-    staged = with_stage(config)
-    _write_atomic(_long_table(CURVE_SCHEMA, ids, staged(curves_from_results(results))), sweep_dir / "curves" / name)
-    _write_atomic(_long_table(LAYER_SCHEMA, ids, staged(layers_from_results(results))), sweep_dir / "layers" / name)
-    bands = flatten(config).get("eval.noise.bands")
-    noise = noise_from_results(results, bands if isinstance(bands, int) else None)
-    _write_atomic(_long_table(NOISE_SCHEMA, ids, staged(noise)), sweep_dir / "robustness" / name)
-    # A config key that is null in this one-row table is typed by DuckDB from the attempts that set it.
-    _write_atomic(pa.Table.from_pylist([row]), sweep_dir / "trials" / name)
-    with _locked(sweep_dir):  # readers see every file of the attempt, or none
-        _change_manifest(sweep_dir, add={t: [name] for t in TABLES})
-    return attempt
+    """Write one attempt of one trial (``write_attempts``); return its attempt id."""
+    a = Attempt(trial, status, config, results, error=error, wall_time_s=wall_time_s)
+    if attempt:
+        a.attempt = attempt
+    return write_attempts(sweep_dir, [a])[0]
 
 
 def write_scaling(sweep_dir: Path, table: Any, x: str, y: str, fitted: str) -> Path:

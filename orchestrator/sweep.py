@@ -14,6 +14,7 @@ Ray: with ``--address`` (or ``$RAY_ADDRESS``) the sweep connects to that cluster
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from trainables.errors import UserError
+from trainables.files import write_json_atomic
 from trainables.objectives import PLUGINS_ENV
 from trainables.storage import Storage
 from trainables.vocab import SUMMARY_METRICS
@@ -44,6 +46,7 @@ from .records import (
     plan_path,
     read_final,
     read_plan,
+    read_reports,
     retire_error,
     scan,
     trial_id_of,
@@ -52,7 +55,7 @@ from .records import (
 )
 from .searcher import TrialSearcher
 from .space import Space, SpaceError, plan_values
-from .tracking import MlflowLog, default_mlflow_uri
+from .tracking import MLFLOW_OFF, MlflowLog, default_mlflow_uri
 from .trial import TrialSpec, run_trial
 
 TRIAL_CPU_SLIVER = 0.01
@@ -375,30 +378,59 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
     statuses of the trials that ended before (a resume)."""
     _quiet_tune()
     oom_is_a_lost_trial()
-    mlflow = MlflowLog(layout, space, uri)
-    check_tracking(mlflow, uri)
-    callback = SweepCallback(layout, space, [Tables(layout), mlflow, Retention(layout, space.checkpoints.keep)])
+    mlflow = MlflowLog(layout, space, uri) if uri != MLFLOW_OFF else None
+    if mlflow is not None:
+        check_tracking(mlflow, uri)
+    parts = [Tables(layout, space), *([mlflow] if mlflow else []), Retention(layout, space.checkpoints.keep)]
+    callback = SweepCallback(layout, space, parts)
     resumed = ended is not None
-    if resumed:
-        backfill(callback, layout, plan)
-    print_header(layout, space.n_trials(), uri, resumed=resumed, results_arg=results_arg, address=address,
-                 experiment_id=mlflow.experiment_id())
-    inner = None
-    if extra:
-        from ray.tune.search.optuna import OptunaSearch  # (optuna: an optional dependency)
+    try:
+        if resumed:
+            backfill(callback, layout, plan)
+            seed_running(callback, layout)
+        print_header(layout, space.n_trials(), uri, resumed=resumed, results_arg=results_arg, address=address,
+                     experiment_id=mlflow.experiment_id() if mlflow else None)
+        inner = None
+        if extra:
+            from ray.tune.search.optuna import OptunaSearch  # (optuna: an optional dependency)
 
-        inner = OptunaSearch(seed=space.search.seed)
-    searcher = TrialSearcher(queue, space.search.metric, space.search.mode, inner=inner, extra=extra,
-                             prefix=plan.prefix, next_index=plan.next_index({t for t, _ in queue} |
-                                                                             set(layout.trials())),
-                             evaluated=evaluated)
-    if searcher.total:
-        tuner = tune.Tuner(_trainable(space, layout), param_space=_param_space(space) if inner else {},
-                           tune_config=_tune_config(space, searcher, max_concurrent),
-                           run_config=_run_config(space, layout, callback, len(ended or []) + searcher.total,
-                                                  list(ended or [])))
-        tuner.fit()
+            inner = OptunaSearch(seed=space.search.seed)
+        searcher = TrialSearcher(queue, space.search.metric, space.search.mode, inner=inner, extra=extra,
+                                 prefix=plan.prefix, next_index=plan.next_index({t for t, _ in queue} |
+                                                                                 set(layout.trials())),
+                                 evaluated=evaluated)
+        if searcher.total:
+            tuner = tune.Tuner(_trainable(space, layout), param_space=_param_space(space) if inner else {},
+                               tune_config=_tune_config(space, searcher, max_concurrent),
+                               run_config=_run_config(space, layout, callback, len(ended or []) + searcher.total,
+                                                      list(ended or [])))
+            tuner.fit()
+    finally:  # (Tune ends the experiment on Ctrl-C; an error or a second Ctrl-C still gets what was queued)
+        callback.close()
+        report_driver_stats(callback)
     return summarize(layout, space, callback.last_results())
+
+
+def seed_running(callback: SweepCallback, layout: SweepLayout) -> None:
+    """Trials that were running when the last driver stopped (live rows in the tables) continue from their newest
+    checkpoint: their live rows start again from that checkpoint's log, so none of their reports leave the tables
+    while they run again."""
+    try:
+        running = query("SELECT trial FROM trials WHERE sweep = ? AND status = ?", layout.root,
+                        [layout.name, Status.RUNNING.value]).trial
+    except UserError:
+        return
+    for tid in running:
+        callback.seed(tid, read_reports(layout, tid))
+
+
+def report_driver_stats(callback: SweepCallback) -> None:
+    """With ``$CLMIM_DRIVER_STATS`` set to a file: what each writer did (``writer.WriterStats``), as JSON, for
+    ``benchmarks/sweep_scale.py``."""
+    path = os.environ.get("CLMIM_DRIVER_STATS")
+    if path:
+        write_json_atomic(Path(path), {"event_loop": callback.hook_s,
+                                       "writers": {w.name: dataclasses.asdict(w.stats) for w in callback.all_writers}})
 
 
 def check_tracking(mlflow, uri: str) -> None:
@@ -487,6 +519,7 @@ def backfill(callback, layout: SweepLayout, plan) -> int:
             continue
         callback.record_ended(tid, r.values or {}, r.status)
         n += 1
+    callback.drain()
     if n:
         print(f"recorded {n} trial(s) that ended while no driver was recording", flush=True)
     return n

@@ -27,9 +27,11 @@ from .query import query
 from .records import Status, trial_id_of
 from .space import Space, trial_config
 
+MLFLOW_OFF = "off"  # --mlflow-uri off: no MLflow part (the tables hold every result)
+
 
 def default_mlflow_uri(results_root: Path, uri: str | None = None) -> str:
-    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else an SQLite file under the results root."""
+    """--mlflow-uri (``off``: none), else $MLFLOW_TRACKING_URI, else an SQLite file under the results root."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_root / 'mlflow.db'}"
 
 
@@ -68,9 +70,11 @@ class MlflowLog(Part):
         self._experiment: str | None = None
         self._logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps logged
         self._fresh: set[str] = set()  # runs this driver created: nothing logged before it
+        self._known: dict[str, str] | None = None  # trial id -> run id of its run (read once, then kept up to date)
+        self._pending: dict[str, list[dict]] = {}  # run id -> results received since the last flush
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
-        return {**self.__dict__, "_client": None, "_logged": {}, "_fresh": set()}
+        return {**self.__dict__, "_client": None, "_logged": {}, "_fresh": set(), "_known": None, "_pending": {}}
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
@@ -96,6 +100,20 @@ class MlflowLog(Part):
             else:
                 self._experiment = exp.experiment_id
         return self._experiment
+
+    def _trial_runs(self) -> dict[str, str]:
+        """{trial id: run id} of the experiment's trial runs, read once (a resumed sweep's; a new one has none):
+        each trial's start then costs no search."""
+        if self._known is None:
+            self._known, token = {}, None
+            while True:
+                page = self.client.search_runs([self.experiment_id()], filter_string="tags.`clmim.role` = 'trial'",
+                                               max_results=10_000, page_token=token)
+                self._known.update({r.data.tags.get("clmim.trial_id"): r.info.run_id for r in page})
+                token = page.token
+                if not token:
+                    break
+        return self._known
 
     def _find_run(self, tag: str, value: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id()], filter_string=f"tags.`{tag}` = '{value}'",
@@ -127,14 +145,20 @@ class MlflowLog(Part):
                 self.client.update_run(self._parent, status="RUNNING")
         return self._parent
 
+    def run_of(self, tid: str) -> str | None:
+        """The trial's run id, if it has a run."""
+        return self._trial_runs().get(tid)
+
     def child_run(self, tid: str, values: dict) -> str:
+        """The trial's run (created the first time; set RUNNING again the first time a driver sees its trial
+        again: a retry or a resume continues it). ``_runs``: the trials this driver has open."""
         if tid not in self._runs:
-            run_id = self._find_run("clmim.trial_id", tid)
+            run_id = self._trial_runs().get(tid)
             if run_id is None:
                 run = self.client.create_run(self.experiment_id(), run_name=trial_label(self.space, values), tags={
                     "mlflow.parentRunId": self.parent_run(), "clmim.trial_id": tid,
                     "clmim.sweep": self.layout.name, "clmim.role": "trial"})
-                run_id = run.info.run_id
+                run_id = self._known[tid] = run.info.run_id
                 self._fresh.add(run_id)
                 cfg = flatten(to_dict(trial_config(self.space, values)))
                 self._log_params(run_id, {k: str(v) for k, v in cfg.items()})
@@ -170,24 +194,32 @@ class MlflowLog(Part):
     def start(self) -> None:
         self.parent_run()
 
-    def trial_started(self, tid: str, values: dict) -> None:
+    def trial_started(self, tid: str, values: dict, reports: list[dict]) -> None:
         self.child_run(tid, values)
 
     def trial_reported(self, tid: str, values: dict, result: dict) -> None:
-        self._log_reports(self.child_run(tid, values), [result])
+        self._pending.setdefault(self.child_run(tid, values), []).append(result)
+
+    def flush(self) -> None:
+        """One ``log_batch`` per run for what its trial reported since the last flush."""
+        pending, self._pending = self._pending, {}
+        for run_id, results in pending.items():
+            self._log_reports(run_id, results)
 
     def trial_ended(self, e: Ended) -> None:
         """Every report of the ended trial its run lacks, its config as the trial wrote it, its error, its end."""
         run_id = self.child_run(e.trial, e.values)
-        self._log_reports(run_id, e.reports)
+        self._log_reports(run_id, [*self._pending.pop(run_id, []), *e.reports])
         if e.stored_config is not None:
             self.client.log_dict(run_id, e.stored_config, "config.yaml")
         if e.error:
             self.client.set_tag(run_id, "clmim.error", e.error[:5000])
-        elif "clmim.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt failed; this one did not
-            self.client.delete_tag(run_id, "clmim.error")
+        elif run_id not in self._fresh and "clmim.error" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "clmim.error")  # an earlier attempt failed; this one did not
         self.client.set_terminated(run_id, status="FINISHED" if e.status == Status.TERMINATED else "FAILED")
         self._logged = {k: v for k, v in self._logged.items() if k[0] != run_id}  # memory stays flat
+        self._fresh.discard(run_id)
+        self._runs.pop(e.trial, None)
 
     def sweep_ended(self, trials) -> None:
         self._summarize_parent(trials)

@@ -101,6 +101,9 @@ def test_rebuild_summary_and_backfill_never_unpickle_tunes_files(tmp_path):
         def record_ended(self, tid, values, status, lost=None):
             self.ended.append((tid, status))
 
+        def drain(self):
+            pass
+
     (Path(layout.sweep_dir) / "trials").rename(tmp_path / "gone")  # a fresh results root: nothing recorded yet
     (Path(layout.sweep_dir) / "manifest.json").unlink()
     assert backfill(Recorder(), layout, read_plan(layout)) == 1 and Recorder.ended == [("abcde_00000", "TERMINATED")]
@@ -243,9 +246,11 @@ def test_a_trial_the_kernel_killed_for_memory_says_so_with_the_cgroups_figures(t
     space = space_from_dict({"space": {"objective.lam": 0.5}, "failure": {"max_failures": 0}}, tmp_path / "s.yaml")
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text("{}")
-    cb = callbacks.SweepCallback(SweepLayout(tmp_path, "s"), space, [callbacks.Tables(SweepLayout(tmp_path, "s"))])
+    layout = SweepLayout(tmp_path, "s")
+    cb = callbacks.SweepCallback(layout, space, [callbacks.Tables(layout, space)])
     (cg / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 1\n")  # a trial process killed
     cb.record_ended("t1", {}, "ERROR", "Traceback ...\nRayActorError: The actor died unexpectedly")
+    cb.close()
     error = query("SELECT error FROM trials", tmp_path).error[0]
     assert "out of memory (the kernel's OOM killer; 1 process(es)" in error and "limit 2.00 GB, peak 2.00 GB" in error
 

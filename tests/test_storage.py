@@ -122,10 +122,12 @@ def test_a_trial_whose_files_are_not_on_the_drivers_disk_lands_with_its_true_con
         def get_error(self):
             return None
 
-    cb = SweepCallback(layout, space, [Tables(layout), MlflowLog(layout, space, f"sqlite:///{tmp_path / 'mlflow.db'}")])
+    cb = SweepCallback(layout, space, [Tables(layout, space),
+                                       MlflowLog(layout, space, f"sqlite:///{tmp_path / 'mlflow.db'}")])
     for tid in ("t2", "t4"):  # t4 never wrote its config: resolved from the space, as the trial would
         cb.on_trial_start(0, [], Trial(tid))
         cb.on_trial_complete(0, [], Trial(tid))
+    cb.close()
     df = query("SELECT trial, lam, objective, \"objective.placement.graft_layer\" AS g, \"run.seed\" AS seed "
                "FROM trials ORDER BY trial", layout.root)
     assert list(df.lam) == [0.5, 0.5] and list(df.objective) == ["mix", "mix"] and list(df.g) == [2, 4]

@@ -27,7 +27,9 @@ def test_the_parent_run_names_the_best_trial_in_the_searchs_direction(tmp_path):
     for tid, lam, acc in (("t0", 0.0, 0.3), ("t1", 1.0, 0.6)):
         reports = [*few_reports(acc), {"step": 3, "val_linear_top1": acc}]
         e = Ended(tid, {"objective.lam": lam}, Status.TERMINATED, reports, table_cfg(lam), None, None)
-        Tables(layout).trial_ended(e)
+        tables = Tables(layout, space)
+        tables.trial_ended(e)
+        tables.flush()
         mlflow.trial_ended(e)
     mlflow.sweep_ended([])
     parent = mlflow.client.get_run(mlflow.parent_run()).data
