@@ -35,6 +35,7 @@ from trainables.vocab import SUMMARY_METRICS, TUNE_KEYS
 
 from . import records, stored_checkpoints
 from .layout import SweepLayout
+from .query import recorded_trials
 from .records import Status, merge_reports, read_reports, sampled_values, stored_config, trial_id_of
 from .results import COMPACT_BATCH, Attempt, compact, latest_values, new_attempt_id, write_attempts
 from .space import Space, trial_config
@@ -63,9 +64,15 @@ class Part:
     writes what they gathered (once per batch). ``what`` names it in a failure's warning."""
 
     what = "record it"
+    interval: float | None = None  # seconds between its writes (None: the callback's)
 
     def start(self) -> None:
         """Before any trial (a failure here is the caller's to report: ``sweep.check_tracking``)."""
+
+    def recorded(self) -> set[str] | None:
+        """The trials this part holds as ended (a resume hands it those it lacks: a driver killed before this part
+        wrote them); None: nothing to catch up."""
+        return None
 
     def trial_started(self, tid: str, values: dict, reports: list[dict]) -> None:
         """``reports``: what the driver already holds of the trial (it restarted, or a resume read its log)."""
@@ -109,10 +116,13 @@ class Tables(Part):
     what = "write its tables"
 
     def __init__(self, layout: SweepLayout, space: Space):
-        self.sweep_dir, self.space = layout.sweep_dir, space
+        self.layout, self.sweep_dir, self.space = layout, layout.sweep_dir, space
         self._live: dict[str, _Live] = {}
         self._ended: list[Ended] = []
         self._unmerged = 0  # files written since the last compaction
+
+    def recorded(self) -> set[str]:
+        return recorded_trials(self.layout)
 
     def trial_started(self, tid: str, values: dict, reports: list[dict]) -> None:
         live = self._live[tid] = _Live(to_dict(trial_config(self.space, values)))
@@ -230,7 +240,8 @@ class SweepCallback(Callback):
         if self._records is not None:
             return
         self._writers = [Writer(p.what, functools.partial(_apply, p), p.flush,
-                                functools.partial(self._part_failed, p.what), self.capacity, self.interval)
+                                functools.partial(self._part_failed, p.what), self.capacity,
+                                self.interval if p.interval is None else min(p.interval, self.interval * 5))
                          for p in self.parts]
         self._records = Writer("records", self._record, lambda: None,
                                functools.partial(self._part_failed, "record how it ended"), self.capacity, 0.0)
@@ -299,20 +310,23 @@ class SweepCallback(Callback):
         self.close(trials)
 
     # ---------------------------------------------------------------------------------- an ended trial
-    def record_ended(self, tid: str, values: dict, status: Status | str, lost: str | None = None) -> None:
-        """Queue an ended trial for the records writer (``ended``, then each part); a failure is reported, never
-        raised. ``lost``: Tune's error text of a trial whose process was lost (no ``error.json`` of its own)."""
+    def record_ended(self, tid: str, values: dict, status: Status | str, lost: str | None = None,
+                     parts: set[int] | None = None) -> None:
+        """Queue an ended trial for the records writer (``ended``, then each part, or the parts of these indices);
+        a failure is reported, never raised. ``lost``: Tune's error text of a trial whose process was lost (no
+        ``error.json`` of its own)."""
         self.open()
         received = self._results.pop(tid, [])
         last = self._last.get(tid) or {}
         self._last[tid] = {k: last[k] for k in (*SUMMARY_METRICS, "hostname") if k in last}  # memory stays flat
-        self._records.put(("ended", tid, values, Status(status), lost, received))
+        self._records.put(("ended", tid, values, Status(status), lost, received, parts))
 
     def _record(self, event: tuple) -> None:
-        _, tid, values, status, lost, received = event
+        _, tid, values, status, lost, received, parts = event
         e = self.ended(tid, values, status, lost, received)
-        for w in self._writers:
-            w.put(("ended", e))
+        for i, w in enumerate(self._writers):
+            if parts is None or i in parts:
+                w.put(("ended", e))
 
     def ended(self, tid: str, values: dict, status: Status, lost: str | None = None,
               received: list[dict] | None = None) -> Ended:

@@ -37,7 +37,7 @@ from . import sweep_record
 from .callbacks import Retention, SweepCallback, Tables
 from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
-from .query import query, recorded_trials
+from .query import query
 from .ray_private import keep_cluster_on_loopback, oom_is_a_lost_trial, refresh_auth_mode
 from .records import (
     DriverLease,
@@ -510,14 +510,16 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
 
 
 def backfill(callback, layout: SweepLayout, plan) -> int:
-    """Record every trial the storage says has ended but the ``trials`` table lacks (it ended while the driver was
-    dead, or this results root is new); return how many."""
-    have = recorded_trials(layout)
+    """Hand every trial the storage says has ended to each part that lacks it (it ended while no driver was
+    recording, the driver was killed before that part wrote it, or this results root is new); return how many
+    trials."""
+    have = {i: part.recorded() for i, part in enumerate(callback.parts)}
     n = 0
     for tid, r in scan(layout, plan).items():
-        if tid in have or r.status is None:
+        lacking = {i for i, done in have.items() if done is not None and tid not in done}
+        if r.status is None or not lacking:
             continue
-        callback.record_ended(tid, r.values or {}, r.status)
+        callback.record_ended(tid, r.values or {}, r.status, parts=lacking)
         n += 1
     callback.drain()
     if n:

@@ -59,6 +59,9 @@ class MlflowLog(Part):
     clmim ids (``records.trial_id_of``), never by Tune's, which change with every Tune run of a sweep."""
 
     what = "log it to MLflow"
+    # a log_batch costs ~10 ms in SQLite whatever its size: a trial's reports are sent every few seconds, together
+    # (the tables, not MLflow, are the live record)
+    interval = 5.0
 
     def __init__(self, layout: SweepLayout, space: Space, mlflow_uri: str):
         self.layout = layout
@@ -71,10 +74,12 @@ class MlflowLog(Part):
         self._logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps logged
         self._fresh: set[str] = set()  # runs this driver created: nothing logged before it
         self._known: dict[str, str] | None = None  # trial id -> run id of its run (read once, then kept up to date)
+        self._ended_runs: set[str] = set()  # trial ids whose runs had ended when they were read
         self._pending: dict[str, list[dict]] = {}  # run id -> results received since the last flush
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
-        return {**self.__dict__, "_client": None, "_logged": {}, "_fresh": set(), "_known": None, "_pending": {}}
+        return {**self.__dict__, "_client": None, "_logged": {}, "_fresh": set(), "_known": None, "_pending": {},
+                "_ended_runs": set()}
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
@@ -110,6 +115,8 @@ class MlflowLog(Part):
                 page = self.client.search_runs([self.experiment_id()], filter_string="tags.`clmim.role` = 'trial'",
                                                max_results=10_000, page_token=token)
                 self._known.update({r.data.tags.get("clmim.trial_id"): r.info.run_id for r in page})
+                self._ended_runs |= {r.data.tags.get("clmim.trial_id") for r in page
+                                     if r.info.status in ("FINISHED", "FAILED")}
                 token = page.token
                 if not token:
                     break
@@ -144,6 +151,11 @@ class MlflowLog(Part):
             else:
                 self.client.update_run(self._parent, status="RUNNING")
         return self._parent
+
+    def recorded(self) -> set[str]:
+        """Trials whose runs have ended (read with the experiment's runs, once)."""
+        self._trial_runs()
+        return set(self._ended_runs)
 
     def run_of(self, tid: str) -> str | None:
         """The trial's run id, if it has a run."""

@@ -95,10 +95,18 @@ def test_rebuild_summary_and_backfill_never_unpickle_tunes_files(tmp_path):
     assert rows["abcde_00000"]["status"] == "TERMINATED" and rows["abcde_00002"]["status"] == "PENDING"
     assert rows["abcde_00002"]["objective.lam"] == 0.75
 
+    from orchestrator.callbacks import Part
+    from orchestrator.query import recorded_trials
+
+    class Tables(Part):
+        def recorded(self):
+            return recorded_trials(layout)
+
     class Recorder:
         ended = []
+        parts = [Tables()]
 
-        def record_ended(self, tid, values, status, lost=None):
+        def record_ended(self, tid, values, status, lost=None, parts=None):
             self.ended.append((tid, status))
 
         def drain(self):

@@ -82,3 +82,30 @@ def test_a_driver_sigkilled_half_way_and_resumed_loses_nothing_and_writes_nothin
     again = _sweep(["resume", "scale", "--results", str(root), "--address", ray_address], tmp_path / "log2")
     assert again.wait(timeout=900) == 0, (tmp_path / "log2").read_text()[-3000:]
     _exactly_once(raw, root, TRIALS)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_logs_to_an_mlflow_server_over_postgresql_exactly_once(ray_address, tmp_path):
+    """The documented MLflow for a cluster: a tracking server over PostgreSQL (Debian's package), started here on
+    127.0.0.1 and stopped by process id; every trial's run finished with every metric once."""
+    from mlflow_postgres import MlflowServer
+
+    raw, path = _space(tmp_path, trials=24)
+    server = MlflowServer(tmp_path / "pg")
+    try:
+        uri = server.start()
+        root = tmp_path / "r"
+        proc = _sweep(["sweep", str(path), "--results", str(root), "--address", ray_address, "--mlflow-uri", uri],
+                      tmp_path / "log")
+        assert proc.wait(timeout=600) == 0, (tmp_path / "log").read_text()[-3000:]
+        per = expected_rows(raw)
+        os.environ["CLMIM_BENCH_MLFLOW_DB"] = server.db_uri
+        got = count_rows(root, "scale", uri)
+        n = 24 * per["mlflow"]
+        assert (got["mlflow_metrics"], got["mlflow_distinct"], got["mlflow_finished_runs"]) == (n, n, 24)
+        assert not (root / "mlflow.db").exists()  # nothing went to the default SQLite file
+    finally:
+        os.environ.pop("CLMIM_BENCH_MLFLOW_DB", None)
+        server.stop()
+    assert server.pg is None and server.mlflow is None
