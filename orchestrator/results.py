@@ -463,12 +463,17 @@ def with_stage(config: dict):
     return lambda rows: [(*r, stage_of(r[0])) for r in rows]
 
 
-def _long_table(schema: pa.Schema, ids: dict, rows: list[tuple]) -> pa.Table:
-    """A long table: the id columns repeated on every row, then one column per tuple position."""
-    n = len(rows)
-    cols = {k: [v] * n for k, v in ids.items()}
-    value_names = [f.name for f in schema][len(ids):]
-    cols.update({name: [r[i] for r in rows] for i, name in enumerate(value_names)})
+def _long_table(schema: pa.Schema, parts: list[tuple[dict, list[tuple]]]) -> pa.Table:
+    """A long table of several attempts' rows, built at once (a table per attempt costs more than its rows): for
+    each (ids, rows), the id columns repeated on every row, then one column per tuple position."""
+    names = [f.name for f in schema]
+    cols: dict[str, list] = {name: [] for name in names}
+    for ids, rows in parts:
+        n = len(rows)
+        for k, v in ids.items():
+            cols[k] += [v] * n
+        for i, name in enumerate(names[len(ids):]):
+            cols[name] += [r[i] for r in rows]
     return pa.table(cols, schema=schema)
 
 
@@ -517,14 +522,15 @@ def write_attempts(sweep_dir: Path, attempts: list[Attempt]) -> list[str]:
         ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": a.trial, "attempt": a.attempt}
         staged = with_stage(a.config)
         bands = flatten(a.config).get("eval.noise.bands")
-        long["curves"].append(_long_table(CURVE_SCHEMA, ids, staged(curves_from_results(a.results))))
-        long["layers"].append(_long_table(LAYER_SCHEMA, ids, staged(layers_from_results(a.results))))
-        long["robustness"].append(_long_table(NOISE_SCHEMA, ids, staged(noise_from_results(
-            a.results, bands if isinstance(bands, int) else None))))
+        long["curves"].append((ids, staged(curves_from_results(a.results))))
+        long["layers"].append((ids, staged(layers_from_results(a.results))))
+        long["robustness"].append((ids, staged(noise_from_results(a.results, bands if isinstance(bands, int)
+                                                                   else None))))
     # (a new id in the name: a running trial's attempt is written batch by batch, each batch its own file)
     name = (f"{attempts[0].trial}." if len(attempts) == 1 else BATCH_PREFIX) + f"{new_attempt_id()}.parquet"
+    schemas = {"curves": CURVE_SCHEMA, "layers": LAYER_SCHEMA, "robustness": NOISE_SCHEMA}
     for t, parts in long.items():
-        _write_atomic(pa.concat_tables(parts), sweep_dir / t / name)
+        _write_atomic(_long_table(schemas[t], parts), sweep_dir / t / name)
     # A config key that is null in every row here is typed by DuckDB from the files that set it.
     keys = list(dict.fromkeys(k for r in rows for k in r))  # (from_pylist reads the first row's keys only)
     _write_atomic(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), sweep_dir / "trials" / name)

@@ -16,3 +16,36 @@ def test_summary_of_an_interrupted_sweep_comes_from_the_tables_and_the_plan(tmp_
     by = {r["trial"]: r for r in summary["rows"]}
     assert by["t0"]["status"] == "TERMINATED" and by["t0"]["linear_top1"] == 0.3
     assert by["t1"]["status"] == "PENDING" and by["t1"]["objective.lam"] == 1.0 and summary["interrupted"]
+
+
+def test_a_resume_hands_each_part_only_the_ended_trials_it_lacks(tmp_path):
+    """A driver killed after the tables wrote a trial but before MLflow did: the resume gives that trial to MLflow
+    alone (the tables would otherwise get it twice, MLflow never)."""
+    from orchestrator.callbacks import Part, SweepCallback
+    from orchestrator.layout import SweepLayout
+    from orchestrator.records import Plan, Status, write_plan, write_status, write_values
+    from orchestrator.space import space_from_dict
+    from orchestrator.sweep import backfill
+
+    class Ledger(Part):
+        def __init__(self, what, have):
+            self.what, self.have, self.got = what, have, []
+
+        def recorded(self):
+            return set(self.have)
+
+        def trial_ended(self, e):
+            self.got.append(e.trial)
+
+    layout = SweepLayout(tmp_path, "s")
+    plan = Plan("p", {"p_00000": {"objective.lam": 0.0}, "p_00001": {"objective.lam": 1.0}}, False)
+    write_plan(layout, plan)
+    for tid, values in plan.trials.items():
+        write_values(layout, tid, values)
+        write_status(layout, tid, Status.TERMINATED)
+    tables, mlflow = Ledger("write its tables", {"p_00000", "p_00001"}), Ledger("log it to MLflow", {"p_00000"})
+    space = space_from_dict({"space": {"objective.lam": {"grid": [0.0, 1.0]}}}, tmp_path / "s.yaml")
+    cb = SweepCallback(layout, space, [tables, mlflow])
+    assert backfill(cb, layout, plan) == 1
+    cb.close()
+    assert tables.got == [] and mlflow.got == ["p_00001"]

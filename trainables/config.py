@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -382,10 +383,17 @@ def build_section(cls, data: dict, prefix: str):
     return _build(cls, data, prefix)
 
 
+@functools.lru_cache(maxsize=256)
+def _hints(cls) -> dict:
+    """A section's field types, resolved once per class (resolving them compiles every annotation: the sweep
+    driver builds a config per trial)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {excerpt(data, 60)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
