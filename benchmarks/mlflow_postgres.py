@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -62,17 +63,28 @@ class MlflowServer:
 
     def start(self) -> str:
         """Start both servers; return the tracking URI."""
-        data, sock = self.folder / "pgdata", self.folder / "sock"
-        sock.mkdir(parents=True, exist_ok=True)
+        pg_home = self.folder
+        pg_home.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             uid = pwd.getpwnam("postgres")
-            for d in (self.folder, sock):
-                os.chown(d, uid.pw_uid, uid.pw_gid)
+            os.chown(pg_home, uid.pw_uid, uid.pw_gid)
+            if subprocess.run([*_as_postgres(), "test", "-w", str(pg_home)]).returncode != 0:
+                # a folder the postgres user cannot reach (a parent only root may enter): a folder of its own
+                pg_home = Path(tempfile.mkdtemp(prefix="clmim-pg-"))
+                os.chown(pg_home, uid.pw_uid, uid.pw_gid)
+                print(f"PostgreSQL's files: {pg_home} (the postgres user cannot reach {self.folder})", file=sys.stderr)
+        data, sock = pg_home / "pgdata", pg_home / "sock"
+        self.pg_home = pg_home
         if not (data / "PG_VERSION").is_file():
-            subprocess.run([*_as_postgres(), str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
-                            "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+            out = subprocess.run([*_as_postgres(), str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
+                                  "--auth=trust", "-E", "UTF8"], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"initdb failed: {(out.stderr or out.stdout).strip()[-500:]}")
+        sock.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(sock, pwd.getpwnam("postgres").pw_uid, -1)
         pg_port = free_port()
-        log = self.folder / "postgres.log"
+        log = pg_home / "postgres.log"
         with open(log, "a") as out:
             if os.geteuid() == 0:
                 os.chown(log, pwd.getpwnam("postgres").pw_uid, -1)
@@ -117,6 +129,9 @@ class MlflowServer:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         self.mlflow = self.pg = None
+        home = getattr(self, "pg_home", self.folder)
+        if home != self.folder:  # (a folder of its own: see start)
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def main() -> None:

@@ -45,14 +45,14 @@ def _sweep(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.ray
-@pytest.mark.integration
+@pytest.mark.slow  # (~2.3 min on 2 cores: make test-slow, with the kill below)
 def test_a_300_trial_sweep_lands_every_report_once_in_every_table_and_in_mlflow(ray_address, tmp_path):
     raw, path = _space(tmp_path)
     root = tmp_path / "r"
     t = time.monotonic()
     proc = _sweep(["sweep", str(path), "--results", str(root), "--address", ray_address], tmp_path / "log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "log").read_text()[-3000:]
-    assert time.monotonic() - t < 240
+    assert time.monotonic() - t < 300
     _exactly_once(raw, root, TRIALS)
 
 
@@ -62,7 +62,7 @@ def test_a_driver_sigkilled_half_way_and_resumed_loses_nothing_and_writes_nothin
     """SIGKILL: the writers' queues die with the driver; live rows of running trials stay. ``clmim resume``
     records the trials that ended meanwhile, reruns the running ones from their checkpoints, and the tables and
     MLflow end with every report exactly once."""
-    raw, path = _space(tmp_path, trial_seconds=1.0)
+    raw, path = _space(tmp_path, trial_seconds=0.5)
     root = tmp_path / "r"
     proc = _sweep(["sweep", str(path), "--results", str(root), "--address", ray_address], tmp_path / "log")
     deadline = time.monotonic() + 600
