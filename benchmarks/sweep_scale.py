@@ -94,7 +94,7 @@ def run_driver(cmd: list[str], env: dict, log: Path) -> dict:
             "exit": os.waitstatus_to_exitcode(status)}
 
 
-def count_rows(results: Path, name: str, uri: str | None) -> dict:
+def count_rows(results: Path, uri: str | None) -> dict:
     from orchestrator.query import query
 
     got = query("SELECT (SELECT count(*) FROM trials) AS trials, (SELECT count(*) FROM trials WHERE status = "
@@ -150,7 +150,7 @@ def one_run(mode: str, args, raw: dict, expect: dict, work: Path, address: str, 
                "cpu_ms_per_trial": 1000 * out["cpu_s"] / args.trials,
                "results_per_s": n_results / out["wall_s"], "trials_per_s": args.trials / out["wall_s"]}
         if mode != "tune-alone":
-            got = count_rows(results, "scale", env.get("CLMIM_BENCH_MLFLOW_DB") or (uri if mode == "sqlite" else None))
+            got = count_rows(results, env.get("CLMIM_BENCH_MLFLOW_DB") or (uri if mode == "sqlite" else None))
             want = {"trials": args.trials, "terminated": args.trials, "curves": args.trials * expect["curves"],
                     "curves_distinct": args.trials * expect["curves"], "layers": args.trials * expect["layers"],
                     "robustness": args.trials * expect["robustness"]}

@@ -134,8 +134,7 @@ class Tables(Part):
         if live is None:
             live = self._live[tid] = _Live(to_dict(trial_config(self.space, values)))
         if _signature(result) in live.seen:  # a step again (a retry from a checkpoint): rewrite all, once each
-            live.attempt, live.pending, live.seen = new_attempt_id(), list(live.every), set()
-            live.seen = {_signature(r) for r in live.every}
+            live.attempt, live.pending = new_attempt_id(), list(live.every)
         self._add(live, result)
 
     @staticmethod

@@ -31,7 +31,7 @@ def _space(tmp_path, trials=TRIALS, trial_seconds=0.3):
 
 def _exactly_once(raw, root: Path, trials: int) -> None:
     per = expected_rows(raw)
-    got = count_rows(root, "scale", f"sqlite:///{root / 'mlflow.db'}")
+    got = count_rows(root, f"sqlite:///{root / 'mlflow.db'}")
     want = {"trials": trials, "terminated": trials, "curves": trials * per["curves"],
             "curves_distinct": trials * per["curves"], "layers": trials * per["layers"],
             "robustness": trials * per["robustness"], "mlflow_metrics": trials * per["mlflow"],
@@ -101,7 +101,7 @@ def test_a_sweep_logs_to_an_mlflow_server_over_postgresql_exactly_once(ray_addre
         assert proc.wait(timeout=600) == 0, (tmp_path / "log").read_text()[-3000:]
         per = expected_rows(raw)
         os.environ["CLMIM_BENCH_MLFLOW_DB"] = server.db_uri
-        got = count_rows(root, "scale", uri)
+        got = count_rows(root, uri)
         n = 24 * per["mlflow"]
         assert (got["mlflow_metrics"], got["mlflow_distinct"], got["mlflow_finished_runs"]) == (n, n, 24)
         assert not (root / "mlflow.db").exists()  # nothing went to the default SQLite file
