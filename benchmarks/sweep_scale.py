@@ -44,7 +44,8 @@ from trainables.simulate import simulate  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def space(trials: int, results: int, trial_seconds: float, checkpoint_mb: float, concurrent: int) -> dict:
+def space(trials: int, results: int, trial_seconds: float, checkpoint_mb: float, concurrent: int,
+          cpus: float = 1.0) -> dict:
     """N trials (one per seed) of a micro/4 config whose simulated trial reports ``results`` times."""
     steps = results - 2  # + the untrained evaluation + the final report
     return {"name": "scale",
@@ -56,7 +57,7 @@ def space(trials: int, results: int, trial_seconds: float, checkpoint_mb: float,
                              "simulate": {"seconds_per_step": trial_seconds / steps, "checkpoint_mb": checkpoint_mb}}},
             "space": {"run.seed": {"grid": list(range(trials))}},
             "search": {"algorithm": "grid", "metric": "val_linear_top1", "mode": "max"},
-            "resources": {"workers": 1, "cpus_per_worker": 1}, "max_concurrent": concurrent}
+            "resources": {"workers": 1, "cpus_per_worker": cpus}, "max_concurrent": concurrent}
 
 
 def expected_rows(raw: dict) -> dict[str, int]:
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--trial-seconds", type=float, default=10.0)
     ap.add_argument("--checkpoint-mb", type=float, default=0.05)
     ap.add_argument("--num-cpus", type=int, default=256)
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0, help="logical CPUs each trial asks for")
     ap.add_argument("--nodes", type=int, default=0, help="worker nodes besides the head")
     ap.add_argument("--mlflow", nargs="+", default=["sqlite", "off", "tune-alone"],
                     choices=["sqlite", "postgres", "off", "tune-alone"])
@@ -185,7 +187,8 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="clmim-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    raw = space(args.trials, args.results, args.trial_seconds, args.checkpoint_mb, args.concurrent)
+    raw = space(args.trials, args.results, args.trial_seconds, args.checkpoint_mb, args.concurrent,
+                args.cpus_per_trial)
     expect = expected_rows(raw)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "PYTHONPATH": str(ROOT)}

@@ -39,7 +39,7 @@ from .query import recorded_trials
 from .records import Status, merge_reports, read_reports, sampled_values, stored_config, trial_id_of
 from .results import COMPACT_BATCH, Attempt, compact, latest_values, new_attempt_id, write_attempts
 from .space import Space, trial_config
-from .writer import Writer
+from .writer import ProcessWriter, Writer
 
 CAPACITY = 10_000  # events queued per part at most (a result is a few kB: tens of MB at most)
 INTERVAL_S = 1.0  # a part writes at most this often: live rows are this many seconds behind, plus the write
@@ -59,12 +59,28 @@ class Ended:
     error: str | None
 
 
+@dataclass
+class TrialSummary:
+    """What a part's ``sweep_ended`` sees of each of Tune's trials (Tune's ``Trial`` does not travel to a writer
+    process): its Tune id and config, its status, its last result."""
+
+    trial_id: str
+    config: dict
+    status: str
+    last_result: dict
+
+    @classmethod
+    def of(cls, trial) -> TrialSummary:
+        return cls(trial.trial_id, dict(trial.config), str(trial.status), dict(trial.last_result or {}))
+
+
 class Part:
     """One job of the driver's callback, run on its own writer thread: the hooks take events in order, ``flush``
     writes what they gathered (once per batch). ``what`` names it in a failure's warning."""
 
     what = "record it"
     interval: float | None = None  # seconds between its writes (None: the callback's)
+    process = False  # True: on a writer process of its own (``writer.ProcessWriter``: the part must pickle)
 
     def start(self) -> None:
         """Before any trial (a failure here is the caller's to report: ``sweep.check_tracking``)."""
@@ -224,32 +240,28 @@ class SweepCallback(Callback):
         return ([self._records] if self._records else []) + self._writers
 
     def _warn(self, trial_id: str, what: str, e: BaseException) -> None:
-        if (trial_id, what) in self._warned:
-            return
-        self._warned.add((trial_id, what))
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        print(f"clmim: could not {what} for trial {trial_id} ({type(e).__name__}: {reason}); the sweep goes on. "
-              f"Once fixed, run: clmim results rebuild {self.layout.name}", file=sys.stderr, flush=True)
-        if not isinstance(e, OSError):  # not the disk or the network: a bug worth its traceback
-            traceback.print_exception(e, limit=5, file=sys.stderr)
+        warn_once(self._warned, self.layout.name, trial_id, what, e)
 
     # ---------------------------------------------------------------------------------- the writers
     def open(self) -> None:
         """Start a writer per part, and the records writer that turns an ended trial into ``Ended`` (idempotent)."""
         if self._records is not None:
             return
-        self._writers = [Writer(p.what, functools.partial(_apply, p), p.flush,
-                                functools.partial(self._part_failed, p.what), self.capacity,
-                                self.interval if p.interval is None else min(p.interval, self.interval * 5))
-                         for p in self.parts]
+        def writer(p: Part):
+            interval = self.interval if p.interval is None else min(p.interval, self.interval * 5)
+            if p.process:
+                return ProcessWriter(p.what, p, _apply, functools.partial(_failed_in_process, self.layout.name, p.what),
+                                     self.capacity, interval)
+            return Writer(p.what, functools.partial(_apply, p), p.flush, functools.partial(self._part_failed, p.what),
+                          self.capacity, interval)
+
+        self._writers = [writer(p) for p in self.parts]
         self._records = Writer("records", self._record, lambda: None,
                                functools.partial(self._part_failed, "record how it ended"), self.capacity, 0.0)
         self.all_writers += [self._records, *self._writers]
 
     def _part_failed(self, what: str, event: tuple, e: BaseException) -> None:
-        about = event[1] if len(event) > 1 else None
-        self._warn(about if isinstance(about, str) else about.trial if isinstance(about, Ended) else "(sweep)",
-                   what, e)
+        self._warn(_about(event), what, e)
 
     def _each(self, event: tuple, droppable: bool = False) -> None:
         self.open()
@@ -268,9 +280,10 @@ class SweepCallback(Callback):
         if self._records is None:
             return
         self._records.close()
+        ended = None if trials is None else [TrialSummary.of(t) for t in trials]
         for w in self._writers:
-            if trials is not None:
-                w.put(("sweep_ended", trials))
+            if ended is not None:
+                w.put(("sweep_ended", ended))
             w.close()
         self._records, self._writers = None, []
 
@@ -365,6 +378,31 @@ class SweepCallback(Callback):
         if now is None or before is None or now[0] <= before[0] or not here:
             return None
         return f"{now[0] - before[0]} process(es) killed in this machine's memory cgroup; {now[1]}"
+
+
+def warn_once(warned: set, sweep: str, trial_id: str, what: str, e: BaseException) -> None:
+    """A part's failure on stderr, once per trial and part, with what to run once it is fixed."""
+    if (trial_id, what) in warned:
+        return
+    warned.add((trial_id, what))
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    print(f"clmim: could not {what} for trial {trial_id} ({type(e).__name__}: {reason}); the sweep goes on. "
+          f"Once fixed, run: clmim results rebuild {sweep}", file=sys.stderr, flush=True)
+    if not isinstance(e, OSError):  # not the disk or the network: a bug worth its traceback
+        traceback.print_exception(e, limit=5, file=sys.stderr)
+
+
+def _about(event: tuple) -> str:
+    """The trial an event is about, for a failure's warning."""
+    about = event[1] if len(event) > 1 else None
+    return about if isinstance(about, str) else about.trial if isinstance(about, Ended) else "(sweep)"
+
+
+_WARNED: set = set()  # (a writer process's own: what it has warned about)
+
+
+def _failed_in_process(sweep: str, what: str, event: tuple, e: BaseException) -> None:
+    warn_once(_WARNED, sweep, _about(event), what, e)
 
 
 def _apply(part: Part, event: tuple) -> None:

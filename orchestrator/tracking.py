@@ -62,6 +62,8 @@ class MlflowLog(Part):
     # a log_batch costs ~10 ms in SQLite whatever its size: a trial's reports are sent every few seconds, together
     # (the tables, not MLflow, are the live record)
     interval = 5.0
+    # SQLAlchemy and HTTP spend their time in Python: on a thread they would hold the driver's GIL (writer.py)
+    process = True
 
     def __init__(self, layout: SweepLayout, space: Space, mlflow_uri: str):
         self.layout = layout
@@ -76,10 +78,11 @@ class MlflowLog(Part):
         self._known: dict[str, str] | None = None  # trial id -> run id of its run (read once, then kept up to date)
         self._ended_runs: set[str] = set()  # trial ids whose runs had ended when they were read
         self._pending: dict[str, list[dict]] = {}  # run id -> results received since the last flush
+        self._params: dict[str, list[Param]] = {}  # run id -> its config's params, not logged yet
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
         return {**self.__dict__, "_client": None, "_logged": {}, "_fresh": set(), "_known": None, "_pending": {},
-                "_ended_runs": set()}
+                "_params": {}, "_ended_runs": set()}
 
     # ---------------------------------------------------------------------------------- mlflow plumbing
     @property
@@ -173,7 +176,8 @@ class MlflowLog(Part):
                 run_id = self._known[tid] = run.info.run_id
                 self._fresh.add(run_id)
                 cfg = flatten(to_dict(trial_config(self.space, values)))
-                self._log_params(run_id, {k: str(v) for k, v in cfg.items()})
+                # sent with the run's first metrics: one log_batch where two cost twice (SQLite: ~30 ms each)
+                self._params[run_id] = [Param(k, str(v)) for k, v in cfg.items()]
             else:
                 self.client.update_run(run_id, status="RUNNING")  # a retry or resume continues this run
             self._runs[tid] = run_id
@@ -199,8 +203,11 @@ class MlflowLog(Part):
                 if step not in steps:
                     metrics.append(Metric(k, v, ts, step))
                     steps.add(step)
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        params = self._params.pop(run_id, [])
+        while params or metrics:  # (MLflow's batch limits: 100 params, 1,000 entities)
+            p, params = params[:100], params[100:]
+            m, metrics = metrics[:1000 - len(p)], metrics[1000 - len(p):]
+            self.client.log_batch(run_id, metrics=m, params=p)
 
     # ---------------------------------------------------------------------------------- the part's hooks
     def start(self) -> None:
@@ -213,10 +220,10 @@ class MlflowLog(Part):
         self._pending.setdefault(self.child_run(tid, values), []).append(result)
 
     def flush(self) -> None:
-        """One ``log_batch`` per run for what its trial reported since the last flush."""
+        """One ``log_batch`` per run for what its trial reported since the last flush (and a new run's params)."""
         pending, self._pending = self._pending, {}
-        for run_id, results in pending.items():
-            self._log_reports(run_id, results)
+        for run_id in [*pending, *(r for r in self._params if r not in pending)]:
+            self._log_reports(run_id, pending.get(run_id, []))
 
     def trial_ended(self, e: Ended) -> None:
         """Every report of the ended trial its run lacks, its config as the trial wrote it, its error, its end."""

@@ -157,7 +157,7 @@ def test_c_killed_driver_resumes_from_a_fresh_working_directory(cluster, tmp_pat
 
     def one_done_one_checkpointed():
         try:
-            done = set(query("SELECT trial FROM trials WHERE sweep = 'drv'", root).trial)
+            done = set(query("SELECT trial FROM trials WHERE sweep = 'drv' AND status = 'TERMINATED'", root).trial)
         except Exception:  # noqa: BLE001 - no table yet
             return None
         trials = store.listdir(f"{BUCKET}/drv/tune")

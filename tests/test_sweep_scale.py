@@ -22,8 +22,8 @@ TRIALS = 300
 
 
 def _space(tmp_path, trials=TRIALS, trial_seconds=0.3):
-    raw = space(trials, results=4, trial_seconds=trial_seconds, checkpoint_mb=0.01, concurrent=8)
-    raw["resources"] = {"workers": 1, "cpus_per_worker": 0.25}  # 8 at a time on the session's 2-CPU head
+    # 8 at a time on the session's 2-CPU head
+    raw = space(trials, results=4, trial_seconds=trial_seconds, checkpoint_mb=0.01, concurrent=8, cpus=0.25)
     path = tmp_path / "scale.yaml"
     path.write_text(yaml.safe_dump(raw))
     return raw, path
