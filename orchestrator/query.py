@@ -10,7 +10,9 @@ and ``benchmarks/repro_claims.py`` read).
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,20 +53,71 @@ TRIALS_EMPTY = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
                           ("attempt", pa.string()), ("status", pa.string())])
 
 
+@dataclass
+class _Db:
+    con: duckdb.DuckDBPyConnection
+    kept: bool = False  # ``trials`` copied into a table (done when a second query reads the same snapshot)
+
+
+_OPEN: OrderedDict[tuple, _Db] = OrderedDict()  # snapshot -> its database (most recently used last)
+_OPEN_MAX = 4
+_OPEN_LOCK = threading.Lock()
+_INHERITED: list = []
+
+
+def _forget_after_fork() -> None:
+    """A forked child starts with no database: its parent's DuckDB threads did not come along, so it must neither
+    use nor destroy (a destructor would wait for them) the instances it inherited; they are kept, unused."""
+    global _OPEN, _OPEN_LOCK
+    _INHERITED.append(_OPEN)
+    _OPEN, _OPEN_LOCK = OrderedDict(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def connect(root: str | Path):
     """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness`` over every
-    sweep under ``root``, reading one consistent snapshot of the files (see the module docstring)."""
+    sweep under ``root``, reading one consistent snapshot of the files (see the module docstring).
+
+    The database of a snapshot is kept (the last few): the next query of an unchanged root (a finished sweep;
+    ``results show`` and the report ask several) gets a new cursor on it instead of a new DuckDB instance and the
+    files' footers again, and from that second query on ``trials`` (one row per trial: small, read by nearly every
+    query and join) is a table in memory rather than a view over the files. Product files never change once
+    listed (a write or a merge lists new names), so the snapshot's file names are the key. A one-off query
+    (``clmim results query``) pays for neither."""
     root = check_root(Path(root))
     files = snapshot(root)
+    key = (str(root), tuple((t, tuple(str(f) for f in fs)) for t, fs in sorted(files.items())))
+    with _OPEN_LOCK:
+        db = _OPEN.get(key)
+        if db is not None:
+            _OPEN.move_to_end(key)
+            if not db.kept and files["trials"]:
+                _keep_trials(db.con, root)
+                db.kept = True
+            return db.con.cursor()
+    con = _open(root, files)
+    with _OPEN_LOCK:
+        _OPEN[key] = _Db(con)
+        while len(_OPEN) > _OPEN_MAX:  # (a dropped database closes once no cursor of it is left)
+            _OPEN.popitem(last=False)
+    return con.cursor()
+
+
+def _open(root: Path, files: dict[str, list[Path]]):
+    """The snapshot's database: ``trials`` a view of each trial's latest attempt, the long tables views over their
+    files joined to it."""
     # no temp directory: DuckDB would otherwise allow reading its default one (<cwd>/.tmp) whatever the settings
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False, "temp_directory": ""})
     try:
         if files["trials"]:
             _view(con, "trials_all", "trials", files["trials"])
-            con.execute("""CREATE VIEW trials AS SELECT * EXCLUDE (rn) FROM (
+            con.execute("""CREATE VIEW trials_latest AS SELECT * EXCLUDE (rn) FROM (
                   SELECT *, row_number() OVER (PARTITION BY sweep, trial ORDER BY attempt DESC, written_at DESC) AS rn
                   FROM trials_all) WHERE rn = 1""")
+            con.execute("CREATE VIEW trials AS SELECT * FROM trials_latest")
         else:
             _empty_view(con, "trials", TRIALS_EMPTY)
         for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
@@ -75,8 +128,7 @@ def connect(root: str | Path):
             else:
                 _empty_view(con, t, schema)
     except duckdb.Error as e:  # a file that vanished or broke after the snapshot was taken
-        raise QueryError(f"results: cannot read the tables under {root} ({str(e).splitlines()[0][:300]}); "
-                         "try again, or run: clmim results rebuild SWEEP") from None
+        raise _unreadable(root, e) from None
     # From here on, DuckDB may read only the table folders of these sweeps: no other file, no network, no
     # extension, and the settings cannot be changed back by a query.
     dirs = sorted({str(f.parent) + "/" for fs in files.values() for f in fs})  # (validated names: table folders)
@@ -86,9 +138,25 @@ def connect(root: str | Path):
     return con
 
 
+def _keep_trials(con, root: Path) -> None:
+    """``trials`` from a view over the files to a table (the views over it follow: they name it)."""
+    try:
+        con.execute("CREATE TABLE trials_kept AS SELECT * FROM trials_latest")
+        con.execute("CREATE OR REPLACE VIEW trials AS SELECT * FROM trials_kept")
+    except duckdb.Error as e:
+        raise _unreadable(root, e) from None
+
+
+def _unreadable(root: Path, e: Exception) -> QueryError:
+    """A file that vanished or broke after the snapshot was taken."""
+    return QueryError(f"results: cannot read the tables under {root} ({str(e).splitlines()[0][:300]}); "
+                      "try again, or run: clmim results rebuild SWEEP")
+
+
 def _view(con, name: str, table: str, files: list[Path]) -> None:
     """A view ``name`` over ``table``'s files: today's read by DuckDB as they are, an earlier version's migrated
-    (``read_table``) and read from memory."""
+    (``read_table``) and copied in (a registered Arrow table would be seen by this connection alone, not by the
+    cursors of later queries)."""
     old = [f for f in files if file_version(f) < SCHEMA_VERSION]
     earlier = set(old)
     new = [str(f) for f in files if f not in earlier]
@@ -97,7 +165,10 @@ def _view(con, name: str, table: str, files: list[Path]) -> None:
         con.read_parquet(new, union_by_name=table == "trials").create_view(f"{name}_new")
         parts.append(f"SELECT * FROM {name}_new")
     if old:
-        con.register(f"{name}_old", pa.concat_tables([read_table(table, f) for f in old], promote_options="permissive"))
+        con.register(f"{name}_arrow", pa.concat_tables([read_table(table, f) for f in old],
+                                                      promote_options="permissive"))
+        con.execute(f"CREATE TABLE {name}_old AS SELECT * FROM {name}_arrow")
+        con.unregister(f"{name}_arrow")
         parts.append(f"SELECT * FROM {name}_old")
     con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(parts))
 

@@ -417,3 +417,23 @@ def test_readers_see_one_consistent_snapshot_while_files_merge(tmp_path):
         p.join(timeout=60)
     n = sum(r[0] for r in results)
     assert n > 10 and sum(r[1] for r in results) == 0 and sum(r[2] for r in results) == 0, results
+
+
+def test_an_unchanged_root_is_read_once_and_a_new_write_is_seen_by_the_next_query(tmp_path):
+    """The database of a snapshot is kept: the second query of an unchanged root reuses it (``trials`` then a table
+    in memory), and a write changes the snapshot, so the next query sees it at once."""
+    from orchestrator import query as q
+
+    write_trial_tables(tmp_path / "s", "t1", "TERMINATED", table_cfg(), few_reports())
+    sql = "SELECT trial, status FROM trials ORDER BY trial"
+    assert list(query(sql, tmp_path).trial) == ["t1"]
+    assert list(query(sql, tmp_path).trial) == ["t1"]
+    kept = [db for key, db in q._OPEN.items() if key[0] == str(tmp_path)]
+    assert len(kept) == 1 and kept[0].kept
+    write_trial_tables(tmp_path / "s", "t2", "RUNNING", table_cfg(), few_reports()[:1])
+    write_trial_tables(tmp_path / "s", "t1", "ERROR", table_cfg(), few_reports())  # a newer attempt of t1
+    df = query(sql, tmp_path)
+    assert list(df.trial) == ["t1", "t2"] and list(df.status) == ["ERROR", "RUNNING"]
+    assert list(query(sql, tmp_path).status) == ["ERROR", "RUNNING"]  # (the kept table: the same answer)
+    assert query("SELECT count(*) AS n FROM curves WHERE trial = 't1'", tmp_path).n[0] == len(
+        curves_from_results(few_reports()))  # the long tables follow the kept trials table: one attempt's rows
