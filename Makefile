@@ -24,11 +24,15 @@ lint: $(STAMP)
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow and not ray and not integration" --timeout 600
 
+# Two xdist workers: the Ray tests all on one (conftest groups them: one Ray instance per session), the training
+# tests on both (make test: 10 min 44 s against 12 min 25 s in one process, 2026-12-01).
+XDIST = -n 2 --dist loadgroup
+
 test: lint
-	$(PY) -m pytest -q -m "not slow" --timeout 900 --durations=15
+	$(PY) -m pytest -q -m "not slow" --timeout 900 --durations=15 $(XDIST)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow --timeout 1800 --durations=15
+	$(PY) -m pytest -q -m slow --timeout 1800 --durations=15 $(XDIST)
 
 test-all: lint
 	$(PY) -m pytest -q --timeout 1800

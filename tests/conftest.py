@@ -114,5 +114,6 @@ def pytest_collection_modifyitems(config, items):
     """Every test marked ``ray`` (a Ray head, or a cluster of nodes) runs on one xdist worker, in file order: one Ray
     instance per test session, and a cluster never beside another."""
     for item in items:
-        if item.get_closest_marker("ray") is not None:
+        uses_ray = {"ray_address", "cluster"} & set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("ray") is not None or uses_ray:
             item.add_marker(pytest.mark.xdist_group("ray"))

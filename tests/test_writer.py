@@ -95,7 +95,8 @@ def test_a_process_writer_applies_events_in_order_drains_on_request_and_returns_
     assert [x for x in lines if x != "flush"] == [f"reported {i}" for i in range(50)] and "flush" in lines
     w.put(("ended", "t1"))
     w.close()
-    assert out.read_text().splitlines()[-2:] == ["ended t1", "flush"]
+    lines = out.read_text().splitlines()
+    assert [x for x in lines if x != "flush"][-1] == "ended t1" and lines[-1] == "flush"
     assert w.stats.events == 51 and w.stats.flushes >= 2 and w.stats.by_hook["reported"] > 0
     assert not w.put(("ended", "t2"))  # closed
 
@@ -108,7 +109,8 @@ def test_a_process_writers_full_queue_drops_results_not_ends(tmp_path):
     assert time.perf_counter() - t < 1.0 and w.stats.dropped == 200 - sent > 0
     w.put(("ended", "t1"))
     w.close()
-    assert out.read_text().splitlines()[-2:] == ["ended t1", "flush"]
+    lines = out.read_text().splitlines()
+    assert [x for x in lines if x != "flush"][-1] == "ended t1" and lines[-1] == "flush"  # never dropped, flushed
 
 
 DRIVER = """
