@@ -85,6 +85,9 @@ class Part:
     def start(self) -> None:
         """Before any trial (a failure here is the caller's to report: ``sweep.check_tracking``)."""
 
+    def in_process(self) -> None:
+        """In its writer process, before the first event (``process`` parts)."""
+
     def recorded(self) -> set[str] | None:
         """The trials this part holds as ended (a resume hands it those it lacks: a driver killed before this part
         wrote them); None: nothing to catch up."""

@@ -27,6 +27,8 @@ from .query import query
 from .records import Status, trial_id_of
 from .space import Space, trial_config
 
+HTTP_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_PATIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
 MLFLOW_OFF = "off"  # --mlflow-uri off: no MLflow part (the tables hold every result)
 
 
@@ -79,6 +81,15 @@ class MlflowLog(Part):
         self._ended_runs: set[str] = set()  # trial ids whose runs had ended when they were read
         self._pending: dict[str, list[dict]] = {}  # run id -> results received since the last flush
         self._params: dict[str, list[Param]] = {}  # run id -> its config's params, not logged yet
+        # MLflow's HTTP retries and timeout: a value the user set is kept. In the writer process a busy server (it
+        # timed out after 30 s, 3 tries, at 1,000 trials beside 128 trial processes on 2 cores) is waited for.
+        user = {k: os.environ[k] for k in HTTP_PATIENT if k in os.environ}
+        self._quick = {**HTTP_QUICK, **user}
+        self._patient = {**HTTP_PATIENT, **user}
+        self._in_process = False
+
+    def in_process(self) -> None:
+        self._in_process, self._client = True, None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; the client is rebuilt lazily
         return {**self.__dict__, "_client": None, "_logged": {}, "_fresh": set(), "_known": None, "_pending": {},
@@ -89,9 +100,10 @@ class MlflowLog(Part):
     def client(self):
         if self._client is None:
 
-            # a dead tracking server should fail in seconds, not after minutes of retries
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            # on the driver (the sweep's first call: ``sweep.check_tracking``), a dead tracking server should fail
+            # in seconds, not after minutes of retries; the writer process is patient (``in_process``)
+            for k, v in (self._patient if self._in_process else self._quick).items():
+                os.environ[k] = v
             self._client = MlflowClient(tracking_uri=self.mlflow_uri)
         return self._client
 

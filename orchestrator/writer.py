@@ -54,6 +54,22 @@ class WriterStats:
     by_hook: dict[str, float] = field(default_factory=dict)
 
 
+def _offer(q, stats: WriterStats, event: tuple, droppable: bool, wait) -> bool:
+    """Put ``event`` into ``q``; when it is full, drop a ``droppable`` one (counted) or ``wait(event)`` for room
+    (timed). Whether it went in."""
+    try:
+        q.put_nowait(event)
+        return True
+    except queue.Full:
+        if droppable:
+            stats.dropped += 1
+            return False
+        t = time.perf_counter()
+        ok = wait(event)
+        stats.waited_s += time.perf_counter() - t
+        return ok
+
+
 class Writer:
     """One part's thread (see the module docstring). ``handle(event)`` applies one event to the part (in order),
     ``flush()`` writes what the part holds; an exception in either goes to ``on_error(event, exc)`` and the
@@ -71,17 +87,8 @@ class Writer:
     def put(self, event: tuple, droppable: bool = False) -> bool:
         """Queue ``event`` (a tuple whose first item names the hook); a ``droppable`` one is dropped when the queue
         is full (False returned), any other waits for room."""
-        if self._closed:
+        if self._closed or not _offer(self._q, self.stats, event, droppable, lambda e: self._q.put(e) or True):
             return False
-        try:
-            self._q.put_nowait(event)
-        except queue.Full:
-            if droppable:
-                self.stats.dropped += 1
-                return False
-            t = time.perf_counter()
-            self._q.put(event)
-            self.stats.waited_s += time.perf_counter() - t
         self.stats.max_queued = max(self.stats.max_queued, self._q.qsize())
         return True
 
@@ -164,24 +171,16 @@ class ProcessWriter:
         return self._proc.is_alive()
 
     def put(self, event: tuple, droppable: bool = False) -> bool:
-        if self._closed:
-            return False
-        try:
-            self._q.put_nowait(event)
-        except queue.Full:
-            if droppable:
-                self.stats.dropped += 1
-                return False
-            t = time.perf_counter()
-            while True:
-                try:
-                    self._q.put(event, timeout=1.0)
-                    break
-                except queue.Full:
-                    if not self._alive():  # (its failure was reported there)
-                        return False
-            self.stats.waited_s += time.perf_counter() - t
-        return True
+        return not self._closed and _offer(self._q, self.stats, event, droppable, self._wait_for_room)
+
+    def _wait_for_room(self, event: tuple) -> bool:
+        while True:
+            try:
+                self._q.put(event, timeout=1.0)
+                return True
+            except queue.Full:
+                if not self._alive():  # (its failure was reported there)
+                    return False
 
     def queued(self) -> int:
         return self._q.qsize()
@@ -228,6 +227,7 @@ def _serve(name, part, apply, on_error, capacity, interval, q, replies) -> None:
     """A ``ProcessWriter``'s process: a ``Writer`` over ``part``, fed from ``q`` until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it flushes this writer with close()
     parent = multiprocessing.parent_process()
+    getattr(part, "in_process", lambda: None)()
 
     def handle(event):
         if not parent.is_alive():  # the driver was killed: write nothing more (a resume catches up)

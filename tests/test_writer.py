@@ -33,7 +33,8 @@ def test_a_slow_part_drops_results_instead_of_making_the_event_loop_wait():
     for i in range(1000):
         w.put(("reported", "t1", {}, {"step": i}), droppable=True)
     spent = time.perf_counter() - t
-    assert spent < 0.5 and w.stats.max_queued <= 50 and w.stats.dropped >= 1000 - 51
+    # (accepted: what the queue holds plus the batch the writer took from it, at most twice its capacity)
+    assert spent < 0.5 and w.stats.max_queued <= 50 and w.stats.dropped >= 1000 - (2 * 50 + 1)
     part.gate.set()  # the server recovers
     assert w.put(("ended", "t1"))  # never dropped
     w.close()
@@ -74,6 +75,10 @@ class FilePart:
         with open(self.path, "a") as f:
             f.write("flush\n")
 
+    def in_process(self):
+        with open(self.path, "a") as f:
+            f.write("in_process\n")
+
 
 def apply_to_file(part, event):
     time.sleep(part.seconds)
@@ -92,7 +97,8 @@ def test_a_process_writer_applies_events_in_order_drains_on_request_and_returns_
         w.put(("reported", i))
     w.drain()
     lines = out.read_text().splitlines()
-    assert [x for x in lines if x != "flush"] == [f"reported {i}" for i in range(50)] and "flush" in lines
+    assert lines[0] == "in_process"  # (the part's hook, in its process, before any event)
+    assert [x for x in lines[1:] if x != "flush"] == [f"reported {i}" for i in range(50)] and "flush" in lines
     w.put(("ended", "t1"))
     w.close()
     lines = out.read_text().splitlines()
