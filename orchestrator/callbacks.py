@@ -75,8 +75,9 @@ class TrialSummary:
 
 
 class Part:
-    """One job of the driver's callback, run on its own writer thread: the hooks take events in order, ``flush``
-    writes what they gathered (once per batch). ``what`` names it in a failure's warning."""
+    """One job of the driver's callback, run on its own writer (a thread, or a process when ``process``): the hooks
+    take events in order, ``flush`` writes what they gathered (once per batch). ``what`` names it in a failure's
+    warning."""
 
     what = "record it"
     interval: float | None = None  # seconds between its writes (None: the callback's)

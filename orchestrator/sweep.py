@@ -289,8 +289,8 @@ def _trainable(space: Space, layout: SweepLayout):
 def _run_config(space: Space, layout: SweepLayout, callback, total: int, ended: list[str]):
     # (no CheckpointConfig: trials keep their own checkpoints in the storage, see trial.py)
     # Of Tune's own per-result loggers only result.json stays (what a sweep older than the trials' own logs is read
-    # from): TensorBoard event files and progress.csv repeat the tables, and TensorBoardX alone took ~10 % of
-    # Tune's event loop in a 300-trial run. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 brings them back.
+    # from): TensorBoard event files and progress.csv repeat the tables, and TensorBoardX alone took 10-12 % of
+    # the driver's samples in 300-trial profiles. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 brings them back.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return tune.RunConfig(name="tune", storage_path=layout.experiment_path, storage_filesystem=layout.store.fs,
                           failure_config=tune.FailureConfig(max_failures=space.failure.max_failures),

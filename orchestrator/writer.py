@@ -150,8 +150,9 @@ class Writer:
 
 class ProcessWriter:
     """``Writer``'s interface with the part in a spawned process (see the module docstring). ``part`` is pickled
-    into it once and each event goes to ``apply(part, event)`` there; ``on_error(event, exc)`` runs there too (it
-    must be picklable: a module-level function or a partial of one). Drops and waits are counted here, the rest of
+    into it once, its ``in_process()`` is called there first, and each event goes to ``apply(part, event)`` there
+    (``part.flush()`` after each batch, as on a thread); ``on_error(event, exc)`` runs there too (it must be
+    picklable: a module-level function or a partial of one). Drops and waits are counted here, the rest of
     ``stats`` comes back when it closes."""
 
     def __init__(self, name: str, part, apply, on_error, capacity: int = 10_000, interval: float = 1.0):
@@ -227,7 +228,7 @@ def _serve(name, part, apply, on_error, capacity, interval, q, replies) -> None:
     """A ``ProcessWriter``'s process: a ``Writer`` over ``part``, fed from ``q`` until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it flushes this writer with close()
     parent = multiprocessing.parent_process()
-    getattr(part, "in_process", lambda: None)()
+    part.in_process()
 
     def handle(event):
         if not parent.is_alive():  # the driver was killed: write nothing more (a resume catches up)
