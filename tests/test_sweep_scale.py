@@ -65,20 +65,25 @@ def test_a_driver_sigkilled_half_way_and_resumed_loses_nothing_and_writes_nothin
     raw, path = _space(tmp_path, trial_seconds=0.5)
     root = tmp_path / "r"
     proc = _sweep(["sweep", str(path), "--results", str(root), "--address", ray_address], tmp_path / "log")
+    # Kill once at least a third of the trials have ended while others have live rows, both read from one
+    # snapshot. On a loaded machine the driver can fall behind its trials and see a trial's reports and its end in
+    # one go (no live rows for it), so the first moment past half-way need not have any.
     deadline = time.monotonic() + 600
+    ended = live = 0
     while time.monotonic() < deadline:
         try:
-            n = int(query("SELECT count(*) AS n FROM trials WHERE status = 'TERMINATED'", root).n[0])
+            counts = query("SELECT status, count(*) AS n FROM trials GROUP BY status", root)
+            by = dict(zip(counts.status, counts.n, strict=True))
+            ended, live = int(by.get("TERMINATED", 0)), int(by.get("RUNNING", 0))
         except Exception:  # noqa: BLE001 - no table yet
-            n = 0
-        if n >= TRIALS // 2:
+            pass
+        if ended >= TRIALS // 3 and live > 0:
             break
-        assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
-        time.sleep(0.5)
-    live = int(query("SELECT count(*) AS n FROM trials WHERE status = 'RUNNING'", root).n[0])
+        assert proc.poll() is None, (ended, live, (tmp_path / "log").read_text()[-3000:])
+        time.sleep(0.25)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert live > 0  # trials were running (their live rows are in the tables)
+    assert ended >= TRIALS // 3 and live > 0, (ended, live)  # killed with trials ended and others running
     again = _sweep(["resume", "scale", "--results", str(root), "--address", ray_address], tmp_path / "log2")
     assert again.wait(timeout=900) == 0, (tmp_path / "log2").read_text()[-3000:]
     _exactly_once(raw, root, TRIALS)
