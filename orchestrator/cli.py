@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from orchestrator.console import duration
 from trainables.config import load_config
 from trainables.errors import UserError
+from trainables.files import write_bytes_atomic
 from trainables.storage import Storage
 from trainables.vocab import loss_keys, objective_label
 
@@ -249,9 +250,11 @@ def cmd_analyze(args) -> int:
 
     from trainables.checkpoints import find_checkpoint, load_encoder, load_weights  # (start-up)
     from trainables.data import build_data  # (start-up)
-    from trainables.model import ViT  # (start-up)
     from trainables.probes import run_probes  # (start-up)
+    from trainables.released import load_released  # (start-up)
 
+    if args.out and not args.out.endswith((".csv", ".parquet")):
+        raise UserError(f"--out: {args.out!r} is not a .csv or .parquet file")
     path = find_checkpoint(_fetch(args.checkpoint), weights=True)
     if path is None:
         raise UserError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
@@ -265,23 +268,21 @@ def cmd_analyze(args) -> int:
 
     overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint or export
+        if args.img_size or args.network != "teacher":
+            raise UserError("--img-size / --network: for released checkpoints; a clmim checkpoint is probed as "
+                            "its trial was (change data.* with --set)")
         encoder, cfg = load_encoder(ckpt, overrides)  # the pre-trained encoder, never a fine-tuned one
-        trained = f"trained as {objective_label(cfg.objective.mix())}, "
-    else:  # timm VisionTransformer weights
-        trained = ""
-        if not args.variant:
-            raise UserError("--variant: needed for plain timm weights (e.g. --variant B/16 --img-size 224)")
-        cfg = load_config({"model": {"variant": args.variant, "img_size": args.img_size}}, overrides)
-        encoder = ViT(cfg.model.variant, cfg.model.img_size)
-        state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt
-        missing, _ = encoder.vit.load_state_dict(state, strict=False)
-        if any(k.startswith("blocks.") for k in missing):
-            raise UserError(f"checkpoint: weights do not fit {cfg.model.variant} at {cfg.model.img_size} px "
-                            f"(missing {missing[0]})")
+        found = f"{cfg.model.variant}, trained as {objective_label(cfg.objective.mix())}"
+    else:  # a released checkpoint: MoCo v3, SimMIM, MAE, DINO, iBOT, DINOv2 or timm weights
+        encoder, cfg, found = load_released(ckpt, overrides, args.img_size, args.network)
     if cfg.run.threads:  # the trial's thread count: the same numbers as the trial recorded
         torch.set_num_threads(cfg.run.threads)
-    print(f"clmim analyze: {path} ({cfg.model.variant}, {trained}data {cfg.data.dataset})", flush=True)
+    print(f"clmim analyze: {path} ({found}; data {cfg.data.dataset} at {cfg.model.img_size} px)", flush=True)
     rows, summary = run_probes(encoder, build_data(cfg), cfg)
+    if args.out:  # every row, per head too: what a script reads (the tables below are for reading)
+        every = pd.DataFrame(rows, columns=["layer", "head", "metric", "value"]).astype({"head": "Int64"})
+        write_bytes_atomic(Path(args.out), every.to_csv(index=False).encode() if args.out.endswith(".csv")
+                           else every.to_parquet(index=False))
     df = pd.DataFrame([r for r in rows if r[1] is None], columns=["layer", "head", "metric", "value"])
     table = df.pivot_table(index="layer", columns="metric", values="value").reset_index()
     # two tables, so each fits a terminal: attention and token probes, then the feature probes (both poolings)
@@ -389,11 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="run every probe on a saved model and print per-layer tables")
     a.add_argument("checkpoint", help="a clmim checkpoint (file, step dir or a trial's run dir, also s3://...) or "
-                   "timm ViT weights")
+                   "a released one: MoCo v3, SimMIM, MAE, DINO, iBOT, DINOv2 or timm ViT weights (its layout is "
+                   "recognised and printed)")
     a.add_argument("--data", help="data set to probe on (default: the checkpoint's)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (e.g. data.path)")
-    a.add_argument("--variant", help="for plain timm weights: scale/patch, e.g. B/16")
-    a.add_argument("--img-size", type=int, default=224, help="for plain timm weights")
+    a.add_argument("--img-size", type=int, help="released checkpoints: probe at this size (default: the size it "
+                   "was trained at; an absolute position embedding is resampled)")
+    a.add_argument("--network", choices=("teacher", "student"), default="teacher",
+                   help="DINO / iBOT full checkpoints: which network (default: the teacher, as they evaluate)")
+    a.add_argument("--out", metavar="FILE", help="also write every per-layer (and per-head) row to FILE "
+                   "(.csv or .parquet)")
     a.set_defaults(fn=cmd_analyze)
 
     cp = sub.add_parser("compare", help="linear CKA between the layers of two trials (or one and its untrained "

@@ -17,7 +17,7 @@ def test_checkpoints_never_run_code(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"model": Evil(marker), "config": {}, "step": 1}, evil)
-    assert main(["analyze", str(evil), "--variant", "B/16"]) == 2
+    assert main(["analyze", str(evil)]) == 2
     assert "weights_only" in capsys.readouterr().err
     with pytest.raises(UserError, match="run.resume"):
         train(load_config(tiny(), [f"run.resume={evil}", "optim.steps=2"]))

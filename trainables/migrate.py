@@ -108,8 +108,9 @@ def checkpoint(ckpt):
     """A loaded clmim checkpoint or export (a mapping) with its config and state dict in today's vocabulary."""
     if not isinstance(ckpt, dict):
         return ckpt
-    if isinstance(ckpt.get("config"), dict):
-        ckpt["config"] = config_tree(ckpt["config"])
+    if not isinstance(ckpt.get("config"), dict):  # not clmim's (a released checkpoint's 'model' is left alone)
+        return ckpt
+    ckpt["config"] = config_tree(ckpt["config"])
     if isinstance(ckpt.get("model"), dict) and ckpt.get("phase") != "finetune":
         ckpt["model"] = state_dict(ckpt["model"])
     if isinstance(ckpt.get("log"), dict):  # the last log step's metrics
