@@ -47,6 +47,7 @@ from trainables.config import Config, ConfigError, build_section, load_config, p
 from trainables.errors import UserError, excerpt
 from trainables.settings import setting as _f
 from trainables.vocab import (
+    LAYER_CLASSIFIERS,
     PROBE_METRICS,
     VAL_METRICS,
     is_known_metric,
@@ -62,7 +63,7 @@ TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_
             "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
 # Metrics with labels read on the evaluation split (the last layer's and every layer's kNN / linear probes,
 # fine-tuning): what the claims report, so never what a search selects on.
-EVAL_SPLIT = re.compile(r"(layer/\d+/)?(knn|linear)_top1(_gap|_cls)?|finetune_top1")
+EVAL_SPLIT = re.compile(r"(layer/\d+/)?(" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|finetune_top1")
 MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
 MAX_TRIALS = 10_000  # default cap on a sweep's trials (``max_trials:`` in the space file raises it)
 

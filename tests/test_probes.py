@@ -9,8 +9,10 @@ from trainables.config import load_config
 from trainables.data import build_data
 from trainables.objectives.mixture import build_objective
 from trainables.probes import (
+    AttentivePool,
     attention_distance,
     attention_entropy,
+    attention_head_diversity,
     attention_nmi,
     center_tokens,
     cka_rows,
@@ -18,15 +20,19 @@ from trainables.probes import (
     dense_rows,
     effective_rank,
     extract_features,
+    fit_attentive,
     fit_linear,
     fourier_delta_log_amplitude,
     knn_accuracy,
+    lowshot_subset,
     mean_iou,
     patch_labels,
+    rankme,
     rows_to_metrics,
     run_probes,
     shape_bias,
     token_cosine_similarity,
+    token_norm_outliers,
 )
 
 SIDE, P = 4, 16  # a 4x4 grid of 16 px patches
@@ -158,9 +164,12 @@ def test_probe_suite_rows_cover_every_layer():
     for k in range(1, depth + 1):
         assert (k, None, "attn_distance") in metrics and (k, heads - 1, "attn_nmi") in metrics
     for k in range(depth + 1):
-        for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "knn_top1_gap", "linear_top1_gap",
-                  "knn_top1_cls", "linear_top1_cls"):
+        for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "token_norm_outliers", "knn_top1_gap",
+                  "linear_top1_gap", "knn_top1_cls", "linear_top1_cls", "linear10pct_top1_gap",
+                  "linear1pct_top1_cls", "rankme_gap", "rankme_cls"):
             assert (k, None, m) in metrics
+    assert (depth, None, "attentive_top1") in metrics
+    assert all((k, None, "attn_head_div") in metrics for k in range(1, depth + 1))
     both = {f"{m}_{p}" for m in ("knn_top1", "linear_top1", "shape_bias", "cue_match") for p in ("gap", "cls")}
     assert {"knn_top1", "linear_top1", "shape_bias"} | both <= set(summary)
     # the unsuffixed names are eval.pool's (gap by default); the two poolings are different features
@@ -306,3 +315,80 @@ def test_reused_features_and_probe_give_what_a_fresh_computation_gives():
     fresh = extract_features(enc, data.eval.subset(64, 0).images, 32, layers=list(range(enc.depth + 1)))["gap"]
     assert all(torch.equal(keep["eval_gap"][k], fresh[k]) for k in fresh)
     assert linear_noise_accuracy(enc, data, cfg, keep["predict"]["gap"]) == linear_noise_accuracy(enc, data, cfg)
+
+
+def test_head_diversity_is_zero_for_identical_heads_and_one_for_heads_on_disjoint_tokens():
+    torch.manual_seed(0)
+    one = torch.softmax(torch.randn(2, 1, N, N), -1)
+    assert attention_head_diversity(with_cls(one.expand(2, 4, N, N))).abs().max() < 1e-5
+    assert attention_head_diversity(with_cls(one)).abs().max() == 0  # one head: nothing to compare
+    # head h attends from every query to token h only: every pair disjoint
+    disjoint = torch.zeros(1, 3, N, N)
+    for h in range(3):
+        disjoint[0, h, :, h] = 1.0
+    assert attention_head_diversity(with_cls(disjoint)).item() == pytest.approx(1.0, abs=1e-4)
+    # two heads equal, one different: the mean over the three pairs, (0 + 1 + 1) / 3
+    disjoint[0, 1] = disjoint[0, 0]
+    assert attention_head_diversity(with_cls(disjoint)).item() == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_token_norm_outliers_counts_planted_high_norm_tokens_at_any_scale():
+    torch.manual_seed(0)
+    tokens = torch.nn.functional.normalize(torch.randn(4, 25, 8), dim=-1)  # every norm 1
+    assert token_norm_outliers(tokens) == 0.0
+    tokens[0, 3] *= 10
+    tokens[2, 7] *= 5
+    tokens[3, 0] *= 3  # below 4x the median: not an outlier
+    assert token_norm_outliers(tokens) == pytest.approx(2 / 100)
+    assert token_norm_outliers(tokens * 1000) == pytest.approx(2 / 100)
+
+
+def test_rankme_is_the_dimension_of_equal_spread_features_and_one_when_collapsed():
+    torch.manual_seed(0)
+    q, r = torch.linalg.qr(torch.randn(64, 64))[0], torch.linalg.qr(torch.randn(32, 32))[0]  # orthonormal
+    for k in (1, 4, 16):
+        feats = q[:, :k] @ r[:, :k].T * 3.0  # (64, 32) with k singular values of 3, the rest 0
+        assert rankme(feats) == pytest.approx(k, rel=1e-3)
+    assert rankme(torch.randn(256, 1) @ torch.randn(1, 32)) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_lowshot_subsets_are_class_balanced_nested_fixed_and_keep_one_image_a_class():
+    labels = torch.arange(1000) % 10  # 100 images a class
+    ten, one = lowshot_subset(labels, 0.10, 10), lowshot_subset(labels, 0.01, 10)
+    assert torch.bincount(labels[ten], minlength=10).tolist() == [10] * 10
+    assert torch.bincount(labels[one], minlength=10).tolist() == [1] * 10
+    assert set(one.tolist()) <= set(ten.tolist())
+    assert torch.equal(lowshot_subset(labels, 0.10, 10), ten)
+    few = torch.tensor([0, 0, 1, 2, 2, 2])  # 1 % of a tiny set: still one image of each class
+    assert torch.bincount(few[lowshot_subset(few, 0.01, 3)]).tolist() == [1, 1, 1]
+
+
+def _marked_tokens(n_images: int, classes: int, seed: int):
+    """Tokens (N, 16, 32) where one token, marked by channel 0 = +1, holds the image's class as a direction in
+    channels 1..classes, and a distractor marked -1 holds a random class the same way; the rest is noise. Mean
+    pooling sees both classes at once; attending to the marked token reads the right one."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n_images,), generator=g)
+    fake = torch.randint(classes, (n_images,), generator=g)
+    x = torch.randn(n_images, 16, 32, generator=g) * 0.1
+    pos = torch.randperm(16, generator=g)[:2]
+    rows = torch.arange(n_images)
+    x[rows, pos[0], 0], x[rows, pos[1], 0] = 3.0, -3.0
+    x[rows, pos[0], 1 + y] += 3.0
+    x[rows, pos[1], 1 + fake] += 3.0
+    return x, y
+
+
+def test_the_attentive_probe_reads_the_marked_token_where_mean_pooling_cannot():
+    x, y = _marked_tokens(512, 4, 0)
+    xt, yt = _marked_tokens(256, 4, 1)
+    before = torch.random.get_rng_state()
+    attentive = fit_attentive(x, y, 4)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG untouched
+    assert (attentive(xt) == yt).float().mean() > 0.95
+    linear = fit_linear(x.mean(1), y, 4)
+    assert (linear(xt.mean(1)) == yt).float().mean() < 0.75  # the true and the random class tie under the mean
+    again = fit_attentive(x, y, 4)
+    assert torch.equal(again(xt), attentive(xt))  # deterministic
+    params = sum(p.numel() for p in AttentivePool(768, 1000, torch.Generator()).parameters())
+    assert params < 0.02 * 86e6  # under 2 % of ViT-B

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
+from torch import nn
 
 from .augment import eval_view
 
 EPS = 1e-8
 POOLS = ("gap", "cls")
+LOWSHOT = {"linear10pct": 0.10, "linear1pct": 0.01}  # metric prefix -> share of the probe's labelled images
 
 
 # ------------------------------------------------------------------------------------------- pure tensor probes
@@ -72,6 +74,25 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
     return (-(a * a.log()).sum(-1) / math.log(n)).mean(-1)
 
 
+def attention_head_diversity(attn: torch.Tensor) -> torch.Tensor:
+    """How differently a block's heads attend, (B,), from attention (B, H, 1+n, 1+n): the Jensen-Shannon
+    divergence (base 2, in [0, 1]) between two heads' attention over the patch tokens, per query, averaged over
+    queries and over every pair of heads. 0 = all heads attend alike (the paper's CL: "homogeneous attention maps
+    for all query tokens and heads"), 1 = every pair attends to disjoint tokens. One head: 0."""
+    a = _patch_attention(attn)  # (B, H, n, n)
+    heads = a.shape[1]
+    total = torch.zeros(a.shape[0], device=a.device)
+    pairs = 0
+    for i in range(heads):  # pair by pair: (B, H^2 / 2, n, n) at once would be hundreds of MB at ViT-B
+        for j in range(i + 1, heads):
+            p, q = a[:, i], a[:, j]  # (B, n, n)
+            m = (p + q) / 2
+            js = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)  # (B, n) nats
+            total += (js / math.log(2)).mean(-1)
+            pairs += 1
+    return total / max(pairs, 1)
+
+
 def fourier_delta_log_amplitude(tokens: torch.Tensor) -> torch.Tensor:
     """Relative log amplitude of the token map's spectrum along the half-diagonal, from frequency 0 to the highest
     the diagonal reaches from the centre: pi - 2 pi / side per axis (3 pi / 4 on 8 x 8 tokens; the Nyquist pi sits
@@ -112,6 +133,40 @@ def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
     s = torch.linalg.svdvals(tokens.float())  # (B, min(n, C))
     p = s / s.sum(-1, keepdim=True).clamp_min(EPS)
     return torch.exp(-(p * (p + EPS).log()).sum(-1))
+
+
+OUTLIER_NORM = 4.0  # a high-norm token: this many times the layer's median patch-token norm (fixed a priori)
+
+
+def token_norm_outliers(tokens: torch.Tensor, factor: float = OUTLIER_NORM) -> float:
+    """Share of patch tokens (B, n, C) whose L2 norm exceeds ``factor`` times the median patch-token norm over all
+    the images: the high-norm tokens of "Vision Transformers Need Registers" (Darcet et al. 2024), which appear in
+    large, long-trained ViTs where they hold global information instead of their patch's. Scale-free (a ratio to
+    the median), so layers and models compare; 0 where norms are homogeneous."""
+    norms = tokens.float().norm(dim=-1).flatten()  # (B * n,)
+    return float((norms > factor * norms.median()).float().mean())
+
+
+def rankme(features: torch.Tensor) -> float:
+    """RankMe (Garrido et al. 2023): the effective rank exp(H(p)) of the embeddings of many images (N, C), p the
+    singular values over their sum (plus 1e-7, as the paper): label-free, high when the features use many
+    directions, 1 when they collapse onto one. Uncentred, as in the paper."""
+    s = torch.linalg.svdvals(features.double())
+    p = s / s.sum().clamp_min(EPS) + 1e-7
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def lowshot_subset(labels: torch.Tensor, fraction: float, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of a class-balanced share of ``labels``: in each class, ``fraction`` of its images (at least one),
+    taken in a fixed seeded order, so every trial's low-shot probe sees the same images and the 1 % subset is
+    inside the 10 % one."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    picked = []
+    for c in range(num_classes):
+        members = order[labels[order] == c]  # this class's images in the fixed order
+        if len(members):
+            picked.append(members[:max(1, round(fraction * len(members)))])
+    return torch.cat(picked).sort().values
 
 
 def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -185,6 +240,12 @@ def extract_features(encoder, images: torch.Tensor, img_size: int, batch_size: i
     return {p: {k: torch.cat(v) for k, v in per.items()} for p, per in out.items()}
 
 
+def layer_tokens(encoder, images: torch.Tensor, img_size: int, layer: int, batch_size: int = 256) -> torch.Tensor:
+    """Every token (CLS and patches) of one layer for uint8 images (N, 3, S, S): float32 (N, 1 + n, C) on the CPU
+    (the last layer after the final norm)."""
+    return torch.cat([states[layer].float().cpu() for states in _layer_states(encoder, images, img_size, batch_size)])
+
+
 def extract_tokens(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256) -> list[torch.Tensor]:
     """Patch tokens of every layer 0..depth (CLS dropped; the last after the final norm) for uint8 images
     (N, 3, S, S): a list of float32 (N, n, C) on the CPU."""
@@ -242,6 +303,61 @@ def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, w
     @torch.no_grad()
     def predict(feats: torch.Tensor) -> torch.Tensor:
         return (((feats.double().cpu() - mu) / sd) @ w + b).argmax(1)
+
+    return predict
+
+
+class AttentivePool(nn.Module):
+    """An attentive probe's head: LayerNorm, then ``queries`` learned queries each attending over the tokens with
+    no key, value or output projection (a query's score for a token is its dot product with the whole token, over
+    sqrt(C)), their pooled tokens averaged, then a linear classifier; the lightweight attentive probe of "efficient
+    probing" (arXiv 2506.10178). (B, T, C) tokens -> (B, classes) logits. Its parameters are (queries + 2) C +
+    (C + 1) x classes: under 2 % of any ViT it reads (ViT-B at 1,000 classes: 0.9 %), so what it adds to a linear
+    probe is where to look, not capacity."""
+
+    def __init__(self, width: int, num_classes: int, generator: torch.Generator, queries: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.query = nn.Parameter(torch.randn(queries, width, generator=generator) * 0.02)
+        # the classifier drawn from the probe's own generator (nn.Linear would draw from the global RNG)
+        self.weight = nn.Parameter(torch.randn(num_classes, width, generator=generator) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens)  # (B, T, C)
+        scores = torch.einsum("btc,mc->bmt", x, self.query) / math.sqrt(x.shape[-1])  # (B, queries, T)
+        pooled = torch.einsum("bmt,btc->bmc", scores.softmax(-1), x).mean(1)  # (B, queries, C) -> (B, C)
+        return F.linear(pooled, self.weight, self.bias)
+
+
+ATTENTIVE = {"steps": 300, "batch": 128, "lr": 1e-2, "weight_decay": 1e-4}  # fixed a priori, never tuned per claim
+
+
+def fit_attentive(train_tokens: torch.Tensor, train_y: torch.Tensor, num_classes: int, seed: int = 0,
+                  steps: int = ATTENTIVE["steps"], batch: int = ATTENTIVE["batch"], lr: float = ATTENTIVE["lr"],
+                  weight_decay: float = ATTENTIVE["weight_decay"]):
+    """An attentive probe (``AttentivePool``) trained on frozen tokens (N, T, C) with AdamW, cosine-decayed ``lr``,
+    ``steps`` minibatches of ``batch`` drawn from a generator seeded with ``seed`` (deterministic; the global RNG is
+    not touched). Returns a predict fn, as ``fit_linear``. Attentive probing closes much of MIM's linear-probe gap
+    in recent work ("Beyond [CLS]", arXiv 2412.03215): a claim that CL is more linearly separable should be read
+    beside it."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = train_tokens.float(), train_y.long()
+    probe = AttentivePool(x.shape[-1], num_classes, g)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            idx = torch.randint(len(x), (min(batch, len(x)),), generator=g)
+            loss = F.cross_entropy(probe(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def predict(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([probe(tokens[i:i + 512].float()).argmax(1) for i in range(0, len(tokens), 512)])
 
     return predict
 
@@ -310,7 +426,8 @@ Row = tuple[int, int | None, str, float]  # (layer, head or None, metric, value)
 
 @torch.no_grad()
 def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
-    """Attention distance, NMI and entropy per block (layer 1..depth), per head and averaged over heads."""
+    """Attention distance, NMI and entropy per block (layer 1..depth), per head and averaged over heads; the
+    diversity of the block's heads (``attention_head_diversity``)."""
     with eval_mode(encoder) as device:
         maps = encoder.attention_maps(eval_view(images.to(device), img_size))
     rows: list[Row] = []
@@ -321,13 +438,15 @@ def attention_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
             per_head = per.mean(0).cpu()  # (H,) mean over images
             rows += [(k, h, name, float(v)) for h, v in enumerate(per_head)]
             rows.append((k, None, name, float(per_head.mean())))
+        rows.append((k, None, "attn_head_div", float(attention_head_diversity(attn).mean())))
     return rows
 
 
 @torch.no_grad()
 def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
     """Fourier delta log amplitude at the highest half-diagonal frequency (``fourier_delta_log_amplitude``) per
-    layer (0..depth), and token cosine similarity and effective rank of the centred tokens (``center_tokens``)."""
+    layer (0..depth), token cosine similarity and effective rank of the centred tokens (``center_tokens``), and the
+    share of high-norm patch tokens (``token_norm_outliers``, on the tokens as they are)."""
     with eval_mode(encoder) as device:
         states = encoder.intermediates(eval_view(images.to(device), img_size))
     rows: list[Row] = []
@@ -337,12 +456,16 @@ def token_rows(encoder, images: torch.Tensor, img_size: int) -> list[Row]:
         centred = center_tokens(patches)
         rows.append((k, None, "token_cossim", float(token_cosine_similarity(centred).mean())))
         rows.append((k, None, "effective_rank", float(effective_rank(centred).mean())))
+        rows.append((k, None, "token_norm_outliers", token_norm_outliers(patches)))
     return rows
 
 
 def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row], dict[str, float]]:
     """Per-layer kNN and linear-probe accuracy on frozen features of both poolings (``knn_top1_gap``,
-    ``linear_top1_cls``, ...); shape bias and cue-match fraction of the last layer's linear probe.
+    ``linear_top1_cls``, ...), the linear probe fit on 10 % and 1 % of the labels (``linear10pct_top1_gap``, ...:
+    ``LOWSHOT``, class-balanced, at least one image a class) and RankMe of the evaluation features (``rankme_gap``,
+    label-free); the last layer's attentive probe (``attentive_top1``, on all its tokens); shape bias and
+    cue-match fraction of the last layer's linear probe.
 
     Probes are fit on the labelled training images (``DataBundle.labelled``, never the validation split) and read
     on the evaluation subset. The summary holds the last layer's values per pooling, and unsuffixed ``knn_top1`` /
@@ -362,12 +485,17 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
     va = extract_features(encoder, val.images, size, layers=[last]) if val is not None else None
     rows: list[Row] = []
     summary: dict[str, float] = {}
+    few = {name: lowshot_subset(train.labels, f, data.num_classes) for name, f in LOWSHOT.items()}
     for pool in POOLS:
         for k in layers:
             knn = knn_accuracy(tr[pool][k], train.labels, te[pool][k], test.labels, e.knn_k)
             predict = fit_linear(tr[pool][k], train.labels, data.num_classes)
             linear = (predict(te[pool][k]) == test.labels).float().mean().item()
             rows += [(k, None, f"knn_top1_{pool}", knn), (k, None, f"linear_top1_{pool}", linear)]
+            for name, idx in few.items():  # the same probe fit on a class-balanced share of the labels
+                fit = fit_linear(tr[pool][k][idx], train.labels[idx], data.num_classes)
+                rows.append((k, None, f"{name}_top1_{pool}", (fit(te[pool][k]) == test.labels).float().mean().item()))
+            rows.append((k, None, f"rankme_{pool}", rankme(te[pool][k])))
         summary |= {f"knn_top1_{pool}": knn, f"linear_top1_{pool}": linear}  # the last layer's
         if va is not None:  # the same last-layer probes on the validation split
             summary[f"val_knn_top1_{pool}"] = knn_accuracy(tr[pool][last], train.labels, va[pool][last],
@@ -379,6 +507,10 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
             decided = predict(cc[pool][last])
             summary[f"shape_bias_{pool}"] = shape_bias(decided, data.cue_conflict.labels, data.cue_texture)
             summary[f"cue_match_{pool}"] = cue_match(decided, data.cue_conflict.labels, data.cue_texture)
+    # the attentive probe on the last layer's tokens (CLS and patches): where the linear claims are read
+    attentive = fit_attentive(layer_tokens(encoder, train.images, size, last), train.labels, data.num_classes)
+    test_tokens = layer_tokens(encoder, test.images, size, last)
+    rows.append((last, None, "attentive_top1", (attentive(test_tokens) == test.labels).float().mean().item()))
     for name in ("knn_top1", "linear_top1", "shape_bias", "val_knn_top1", "val_linear_top1"):
         if f"{name}_{e.pool}" in summary:
             summary[name] = summary[f"{name}_{e.pool}"]

@@ -29,7 +29,7 @@ from .config import Config, model_stats, total_steps
 from .files import write_json_atomic
 from .scale import parse_variant
 from .schedule import steps_per_epoch
-from .vocab import POOLS, step_metrics
+from .vocab import POOLED_CLASSIFIERS, POOLS, step_metrics
 
 MARKER = "simulated.json"  # beside a simulated checkpoint's checkpoint.pt: {"step": N}
 
@@ -53,9 +53,13 @@ def evaluation_keys(cfg: Config, step: int, final: bool) -> list[str]:
     for k in range(1, spec.depth + 1):  # attention_rows: per head and their mean
         for name in ("attn_distance", "attn_nmi", "attn_entropy"):
             keys += [f"layer/{k}/h{h}/{name}" for h in range(spec.heads)] + [f"layer/{k}/{name}"]
+        keys.append(f"layer/{k}/attn_head_div")
     layers = range(spec.depth + 1)
-    keys += [f"layer/{k}/{m}" for k in layers for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank")]
-    keys += [f"layer/{k}/{m}_{p}" for p in POOLS for k in layers for m in ("knn_top1", "linear_top1")]
+    keys += [f"layer/{k}/{m}" for k in layers
+             for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "token_norm_outliers")]
+    keys += [f"layer/{k}/{m}_{p}" for p in POOLS for k in layers
+             for m in (*(f"{c}_top1" for c in POOLED_CLASSIFIERS), "rankme")]
+    keys.append(f"layer/{spec.depth}/attentive_top1")
     keys += [f"layer/{k}/dense_miou" for k in layers] if e.dense_images else []
     keys += [f"layer/{k}/cka_untrained" for k in layers] if e.cka else []
     if e.noise.bands and (step == 0 or final):

@@ -75,8 +75,12 @@ VAL_METRICS = ("val_linear_top1", "val_knn_top1", *(f"val_{m}_{p}" for m in ("li
                                                      for p in POOLS), "val_finetune_top1")
 PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias",
                  *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS), "finetune_top1", *VAL_METRICS)
-LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "fourier_dlogamp_pi", "token_cossim", "effective_rank",
-                *(f"{m}_{p}" for m in ("knn_top1", "linear_top1") for p in POOLS), "dense_miou", "cka_untrained")
+POOLED_CLASSIFIERS = ("knn", "linear", "linear10pct", "linear1pct")  # <name>_top1_<pool> at every layer
+LAYER_CLASSIFIERS = (*POOLED_CLASSIFIERS, "attentive")  # read on the eval split (attentive_top1: the last layer)
+LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "attn_head_div", "fourier_dlogamp_pi", "token_cossim",
+                "effective_rank", "token_norm_outliers",
+                *(f"{m}_top1_{p}" for m in POOLED_CLASSIFIERS for p in POOLS), *(f"rankme_{p}" for p in POOLS),
+                "attentive_top1", "dense_miou", "cka_untrained")
 LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 NOISE_CLASSIFIERS = ("linear", "finetune")  # the last layer's linear probe; the fine-tuned model
 NOISE_METRIC = re.compile(r"noise/(\d+)/((?:" + "|".join(NOISE_CLASSIFIERS) + r")_top1(?:_drop)?)")
@@ -110,7 +114,7 @@ TUNE_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "done", "training_ite
 SUMMARY_METRICS = ("step", "loss", "knn_top1", "linear_top1", "shape_bias")
 # Metrics where larger is better (accuracies, fractions); the rest (losses) are minimised.
 HIGHER_IS_BETTER = frozenset(PROBE_METRICS)
-_LAYER_ACCURACY = re.compile(r"layer/\d+/(knn_top1|linear_top1)(_gap|_cls)?|layer/\d+/dense_miou")
+_LAYER_ACCURACY = re.compile(r"layer/\d+/(" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|layer/\d+/dense_miou")
 
 
 def metric_mode(metric: str) -> str | None:
