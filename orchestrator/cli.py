@@ -199,7 +199,8 @@ def show(layout):
     frames = sweep_frames(layout.root, [layout.name])
     if frames.trials.empty:
         raise no_results(layout)
-    out = [Section(s.key, s.title, s.table[CONSOLE_CLAIM_COLUMNS]) if s.key in ("claims", "evaluations") else s
+    claims = ("claims", "claims_literature", "evaluations")
+    out = [Section(s.key, s.title, s.table[CONSOLE_CLAIM_COLUMNS]) if s.key in claims else s
            for s in sections(frames)]
     b = storage_bytes(layout)
     n = max(1, b["trials"])

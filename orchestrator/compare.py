@@ -151,6 +151,22 @@ CLAIMS = [
     ("dense", "last-layer dense probe mIoU: MIM > CL", "dense_miou", "last", -1,
      "MIM keeps the local information dense tasks need (MIM-pretrained ViTs lead on detection / segmentation)"),
 ]
+# Claims the literature states a direction for, beside the paper's: same fields, the statement naming its source.
+# A family of their own (Holm over these), so adding one never moves a verdict of the paper's table. A ``metric``
+# pair (a, b) is a - b per trial at the same layer: "CL's a - b exceeds MIM's" is "the CL-over-MIM lead in a is
+# larger than in b".
+LITERATURE_CLAIMS = [
+    ("attentive", "the CL-over-MIM lead of the last layer's linear probe (CLS) shrinks under an attentive probe",
+     ("linear_top1_cls", "attentive_top1"), "last", +1,
+     "attentive probing closes most of MAE's linear-probe gap to CL methods (Beyond [CLS], arXiv 2412.03215; "
+     "efficient probing, arXiv 2506.10178)"),
+    ("lowshot", "last-layer linear probe on 1 % of the labels (GAP): CL > MIM", "linear1pct_top1_gap", "last", +1,
+     "with 1 % of ImageNet's labels MAE's frozen features fall far behind joint-embedding methods (Assran et al. "
+     "2022, Masked Siamese Networks)"),
+    ("head_div", "late-layer attention head diversity: CL < MIM", "attn_head_div", "late", -1,
+     "CL's later-layer attention maps are alike across heads as well as queries; MIM's heads stay diverse (Park et "
+     "al. 2023, Sec. 2, read qualitatively from its attention maps)"),
+]
 # Claims on trial-level evaluations (key, claim, what, sign, the paper's statement): ``what`` is a trials column,
 # or ("noise", "high" | "low"): the accuracy drop to the highest / lowest frequency band of noise (the fine-tuned
 # model's where the trial fine-tuned, else the last layer's linear probe).
@@ -325,9 +341,12 @@ def _peak_per_seed(d: pd.DataFrame, seed: pd.Series) -> pd.Series:
     return pd.Series(out, dtype=float)
 
 
-def _per_trial(rows: pd.DataFrame, metric: str, where: str = "last") -> pd.Series:
+def _per_trial(rows: pd.DataFrame, metric: str | tuple[str, str], where: str = "last") -> pd.Series:
     """Per trial, ``metric`` at its last layer (``where`` "last") or averaged over its late layers (any other
-    ``where``; ``late_layers`` of the trial's depth, its largest layer), head-averaged rows."""
+    ``where``; ``late_layers`` of the trial's depth, its largest layer), head-averaged rows; a pair (a, b): a - b."""
+    if isinstance(metric, tuple):  # a - b, trial by trial
+        a, b = (_per_trial(rows, m, where) for m in metric)
+        return (a - b).dropna()
     d = rows[(rows.metric == metric) & rows["head"].isna()]
     if d.empty:
         return pd.Series(dtype=float)
@@ -338,14 +357,17 @@ def _per_trial(rows: pd.DataFrame, metric: str, where: str = "last") -> pd.Serie
     return d[d.layer >= first_late].groupby("trial").value.mean()
 
 
-def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFrame,
+                 claims: list[tuple] = CLAIMS) -> pd.DataFrame:
     """The paper's claims, one table per group of the sweep's other varied axes (``claim_axes``; the ``group``
     column) and per (CL, MIM) pair with pure runs of both (``pairs``; the ``pair`` column), over seeds. Per claim:
     each side's mean ± SE and n (seeds), the untrained encoder (step 0) and each side's trained − untrained with
     its 95 % interval (paired per seed), the difference in the claim's direction with its 95 % interval, Welch's
     t with its degrees of freedom and p, the Holm-adjusted p over the table's claims, and the verdict (holds /
     opposite at a family-wise 5 %; unclear otherwise), flagged when the side the claim is about did not move from
-    the untrained encoder. ``final`` / ``untrained``: per-layer rows of the last probe and of step 0."""
+    the untrained encoder. ``final`` / ``untrained``: per-layer rows of the last probe and of step 0. ``claims``:
+    the family read (``CLAIMS``, or ``LITERATURE_CLAIMS``); one no trial measured is "not measured" and outside
+    the Holm family."""
     seed = _seeds(trials)
     out = []
     for group, pair, sides in _claim_groups(trials):
@@ -353,7 +375,7 @@ def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFr
         mine = final[final.trial.isin(g.trial)]
         base = untrained[untrained.trial.isin(g.trial)]
         rows = []
-        for key, claim, metric, where, sign, paper in CLAIMS:
+        for key, claim, metric, where, sign, paper in claims:
             if where == "peak":
                 d = mine[mine.trial.isin(sides["mim"].trial) & (mine.metric == metric) & mine["head"].isna()]
                 rows.append(_one_sided_row(key, claim, paper, Welch.of(_peak_per_seed(d, seed)), "MIM"))

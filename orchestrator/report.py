@@ -440,6 +440,11 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                   _table_html(tables["claims"])]
         if "claims_per_step" in tables:
             parts += ["<h3>The claims' verdict at every probed step</h3>", _table_html(tables["claims_per_step"])]
+        if "claims_literature" in tables:
+            parts += ["<h3>Claims from the literature</h3>",
+                      "<p>Directions later work states (each with its source), read the same way; a family of their "
+                      "own, so they never move a verdict of the paper's table.</p>",
+                      _table_html(tables["claims_literature"])]
         if "evaluations" in tables:
             parts += ["<h3>Evaluations: fine-tuning and robustness to frequency-filtered noise</h3>",
                       _table_html(tables["evaluations"])]

@@ -17,6 +17,7 @@ import pandas as pd
 from trainables.vocab import EVAL_PARTS
 
 from .compare import (
+    LITERATURE_CLAIMS,
     eval_claims,
     fmt_mean_se,
     layer_table,
@@ -116,6 +117,12 @@ def comparisons(done: pd.DataFrame, layers: pd.DataFrame, robustness: pd.DataFra
                                      "group of the other varied axes (Welch's t over seeds, Holm over each table's "
                                      "claims; intervals 95 %; late layers: the last third of the blocks)",
                            claims.drop(columns="key")))
+        literature = paper_claims(final, untrained, done, LITERATURE_CLAIMS)
+        if (literature.verdict != "not measured").any():  # (sweeps before these probes: not shown)
+            out.append(Section("claims_literature", "claims the literature states a direction for, read the same way "
+                                                    "(a family of their own: Holm over these claims)",
+                               literature.drop(columns="key").rename(
+                                   columns={"paper (ViT-B/16, ImageNet)": "the literature's statement"})))
         steps = sorted(int(s) for s in layers.step.dropna().unique() if s > 0)
         if steps:
             per_step = {"group": list(claims.group), "pair": list(claims.pair), "claim": list(claims.claim)}

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.compare import at_matched, matched_table, mean_se, paper_claims
+from orchestrator.compare import LITERATURE_CLAIMS, at_matched, matched_table, mean_se, paper_claims
 
 
 def trials_frame():
@@ -290,3 +290,31 @@ def test_collapse_claim_reads_cl_attention_entropy_against_its_untrained_encoder
     assert concentrated.loc["attn_collapse", "CL − untrained"].startswith("-0.37")
     uniform = paper_claims(entropy_rows(0.98), untrained, trials).set_index("key")  # CL's attention stayed uniform
     assert uniform.loc["attn_collapse", "verdict"] == "unclear"
+
+
+def test_literature_claims_are_a_family_of_their_own_and_a_pair_metric_is_read_as_a_difference():
+    """The attentive claim reads (linear CLS - attentive) per trial: CL leads MIM by 0.20 in the linear probe and by
+    0.05 in the attentive one, so the lead shrinks (holds). Adding the literature's family leaves the paper's
+    table exactly as it was."""
+    trials = trials_frame()
+    rows = []
+    for _, t in trials.iterrows():
+        s, cl = t["run.seed"], t.lam == 1
+        for metric, v in (("linear_top1_cls", 0.3 + (0.2 if cl else 0)), ("attentive_top1", 0.5 + (0.05 if cl else 0)),
+                          ("linear_top1_gap", 0.4 + (0.1 if cl else 0))):
+            rows.append({"trial": t.trial, "step": 100, "layer": 2, "head": None, "metric": metric,
+                         "value": v + 0.003 * s * (1 + cl), "lam": t.lam})
+    final = pd.DataFrame(rows)
+    untrained = final.assign(step=0, value=0.1)
+    before = paper_claims(final, untrained, trials)
+    lit = paper_claims(final, untrained, trials, LITERATURE_CLAIMS).set_index("key")
+    assert lit.loc["attentive", "verdict"].startswith("holds")
+    assert lit.loc["attentive", "CL"].startswith("-0.05 ")  # 0.5 - 0.55 (the seed terms cancel)
+    assert lit.loc["lowshot", "verdict"] == "not measured" and lit.loc["head_div", "verdict"] == "not measured"
+    pd.testing.assert_frame_equal(paper_claims(final, untrained, trials), before)
+    # the attentive lead reversed: opposite
+    flipped = final.copy()
+    att = flipped.metric == "attentive_top1"
+    flipped.loc[att, "value"] += np.where(flipped[att].lam == 1, 0.5, 0.0)
+    again = paper_claims(flipped, untrained, trials, LITERATURE_CLAIMS).set_index("key")
+    assert again.loc["attentive", "verdict"] == "opposite"
