@@ -105,7 +105,10 @@ class MlflowServer:
             self.mlflow = subprocess.Popen(
                 [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", self.db_uri,
                  "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
-                 str(port), "--workers", str(self.workers)],
+                 str(port), "--workers", str(self.workers),
+                 # uvicorn kills a worker that has not answered its health check in 5 s: on a machine busy with
+                 # trials a worker importing MLflow takes longer, and the server never comes up (seen in a test)
+                 "--uvicorn-opts", "--timeout-worker-healthcheck 120"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
         def up() -> bool:
