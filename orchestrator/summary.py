@@ -36,7 +36,7 @@ from .scaling import group_axes, group_name
 GROUP_METRICS = ("finetune_top1", "linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls",
                  "shape_bias_gap", "shape_bias_cls", "cue_match_gap", "linear_top1_clean", "finetune_top1_clean")
 LAYER_METRICS = ("linear_top1_gap", "linear_top1_cls", "attn_distance", "attn_nmi", "attn_entropy",
-                 "fourier_dlogamp_pi")
+                 "fourier_dlogamp_pi", "grad_cosine")  # (grad_cosine: mixes only; its step-0 row is at init)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from trainables.probes import (
     attention_entropy,
     attention_head_diversity,
     attention_nmi,
+    block_cosines,
     center_tokens,
     cka_rows,
     cue_match,
@@ -392,3 +393,14 @@ def test_the_attentive_probe_reads_the_marked_token_where_mean_pooling_cannot():
     assert torch.equal(again(xt), attentive(xt))  # deterministic
     params = sum(p.numel() for p in AttentivePool(768, 1000, torch.Generator()).parameters())
     assert params < 0.02 * 86e6  # under 2 % of ViT-B
+
+
+def test_block_cosines_compare_the_objectives_that_reach_each_block():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    grads = {"mim": [a, b, a, None], "cl": [a * 3, b * 3, -a, None], "other": [None, None, b, None]}
+    # block 1: params 0-1, block 2: param 2, block 3: param 3 (nobody)
+    got = dict(block_cosines(grads, [2, 1, 1]))
+    assert got[1] == pytest.approx(1.0)  # the same direction, another length
+    assert got[2] == pytest.approx((-1.0 + 0.0 + 0.0) / 3)  # mim/cl opposite, each orthogonal to other
+    assert 3 not in got
+    assert block_cosines({"mim": [a], "cl": [None]}, [1]) == []  # one objective reaches it: no value

@@ -346,3 +346,33 @@ def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(m
     assert final["seconds_probes"] >= 2 * pause  # step 0 and the end
     # The end's evaluation left out (else >= pause); step 0's not subtracted as well (else < 0).
     assert 0 < final["seconds_train"] < pause
+
+
+@pytest.mark.integration
+def test_gradient_cosines_compare_the_mixs_objectives_per_block_and_leave_training_untouched():
+    """A MAE + DINO mix: a cosine for every block both reach, in [-1, 1]; DINO's center (a forward updates it), the
+    parameters' .grad and the global RNG are as before. A graft that detaches CL below it leaves no block both
+    reach there."""
+    from trainables import trainer
+    from trainables.config import objectives_reaching
+
+    cfg = load_config(tiny(), ["objective.weights={mae: 0.5, dino: 0.5}"])
+    run = trainer.build_run(cfg)
+    center = run.objective.heads["dino"].center
+    center.add_(0.5)
+    before = center.clone()
+    rows = trainer.gradient_cosines(run, 0)
+    depth = run.objective.encoder.depth
+    assert [k for k, _ in rows] == list(range(1, depth + 1)) == [k for k, n in objectives_reaching(cfg).items()
+                                                                 if len(n) > 1]
+    assert all(-1 <= v <= 1 for _, v in rows) and len({round(v, 6) for _, v in rows}) > 1
+    assert torch.equal(center, before) and all(p.grad is None for p in run.objective.parameters())
+    rng = torch.random.get_rng_state()
+    metrics = trainer.evaluate(run, 0)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert f"layer/{depth}/grad_cosine" in metrics
+    grafted = load_config(tiny(), ["objective.lam=0.5", "objective.placement.graft_layer=3"])
+    reach = objectives_reaching(grafted)
+    assert reach[3] == ["simmim"] and reach[4] == ["mocov3"]
+    assert trainer.gradient_cosines(trainer.build_run(grafted), 0) == []
+    assert trainer.gradient_cosines(trainer.build_run(load_config(tiny(), ["objective.lam=0"])), 0) == []

@@ -560,6 +560,18 @@ def resolve_placement(cfg: Config) -> tuple[dict[str, int], int | None]:
     return layers, g
 
 
+def objectives_reaching(cfg: Config) -> dict[int, list[str]]:
+    """{block: the mix's objectives whose loss reaches its parameters}, blocks 1..depth: an objective reaches the
+    blocks up to the one its head reads, except a CL objective detached below ``graft_layer`` (no lr ratio), which
+    reaches only the blocks above it. Where two or more reach a block, their gradients there are compared
+    (``grad_cosine``)."""
+    layers, g = resolve_placement(cfg)
+    detached = g is not None and cfg.objective.placement.graft_lr_ratio is None
+    depth = parse_variant(cfg.model.variant).depth
+    return {k: [n for n, top in layers.items() if k <= top and not (detached and family(n) == "cl" and k <= g)]
+            for k in range(1, depth + 1)}
+
+
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'``, creating mappings on the way."""
     keys = dotted.split(".")

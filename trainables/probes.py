@@ -420,6 +420,24 @@ def cka_rows(now: dict[int, torch.Tensor], untrained: dict[int, torch.Tensor]) -
     return [(k, None, "cka_untrained", linear_cka(now[k], untrained[k])) for k in sorted(untrained)]
 
 
+def block_cosines(grads: dict[str, list[torch.Tensor | None]], sizes: list[int]) -> list[tuple[int, float]]:
+    """Per block k (1..len(sizes)): the cosine between objectives' gradients on that block's parameters, averaged
+    over the pairs of objectives that reach it; ``grads[name]`` holds each parameter's gradient in block order
+    (``sizes[k - 1]`` parameters for block k; None where the objective does not reach it). A block fewer than two
+    objectives reach gets no value. 1 = the objectives pull the block the same way, -1 = opposite ways."""
+    out = []
+    start = 0
+    for k, n in enumerate(sizes, 1):
+        vecs = [torch.cat([g.flatten().float() for g in gs[start:start + n] if g is not None])
+                for gs in grads.values() if any(g is not None for g in gs[start:start + n])]
+        start += n
+        pairs = [(a, b) for i, a in enumerate(vecs) for b in vecs[i + 1:]]
+        if pairs:
+            cos = torch.stack([F.cosine_similarity(a, b, dim=0) for a, b in pairs]).mean()
+            out.append((k, float(cos)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the probe suite
 Row = tuple[int, int | None, str, float]  # (layer, head or None, metric, value)
 

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Config, model_stats, total_steps
+from .config import Config, model_stats, objectives_reaching, total_steps
 from .files import write_json_atomic
 from .scale import parse_variant
 from .schedule import steps_per_epoch
@@ -60,6 +60,7 @@ def evaluation_keys(cfg: Config, step: int, final: bool) -> list[str]:
     keys += [f"layer/{k}/{m}_{p}" for p in POOLS for k in layers
              for m in (*(f"{c}_top1" for c in POOLED_CLASSIFIERS), "rankme")]
     keys.append(f"layer/{spec.depth}/attentive_top1")
+    keys += [f"layer/{k}/grad_cosine" for k, names in objectives_reaching(cfg).items() if len(names) > 1]
     keys += [f"layer/{k}/dense_miou" for k in layers] if e.dense_images else []
     keys += [f"layer/{k}/cka_untrained" for k in layers] if e.cka else []
     if e.noise.bands and (step == 0 or final):

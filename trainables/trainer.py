@@ -47,7 +47,7 @@ from .finetune import finetune, finetune_steps
 from .model import param_groups
 from .objectives import registry
 from .objectives.mixture import Mixture
-from .probes import cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
+from .probes import block_cosines, cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
 from .robustness import finetune_noise_accuracy, linear_noise_accuracy
 from .schedule import lr_schedule, step_seed, steps_per_epoch
 from .steps import read_log, set_lr
@@ -118,6 +118,7 @@ def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
     t = clock()
     keep: dict = {}  # the eval subset's features and the fitted linear probe, reused below
     rows, summary = run_probes(enc, run.data, cfg, keep)
+    rows += [(k, None, "grad_cosine", v) for k, v in gradient_cosines(run, step)]
     run.seconds["probes"] += clock() - t
     t = clock()
     rows += dense_rows(enc, run.data, cfg)
@@ -133,6 +134,37 @@ def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
         summary |= linear_noise_accuracy(enc, run.data, cfg, keep["predict"][e.pool])
         run.seconds["noise"] += clock() - t
     return {**summary, **rows_to_metrics(rows)}
+
+
+def gradient_cosines(run: TrainRun, step: int) -> list[tuple[int, float]]:
+    """In a mix: per block, the cosine between the objectives' gradients on its parameters (``probes.block_cosines``),
+    the quantity Layer Grafted Pre-training reports (Jiang et al. 2023: MIM's and CL's gradients conflict more in
+    later layers). One fixed batch (the first ``data.batch_size`` images of the probes' eval subset) with the
+    step's seeded draws and schedule values, each objective's own loss differentiated alone
+    (``torch.autograd.grad``: no parameter's ``.grad`` is touched), on the eager step even when the step is
+    compiled. Buffers a forward updates (DINO's center) are put back, so training does not see this. Not measured
+    under DDP with ``run.compile`` (its blocks are compiled one by one; a second backward through them is not
+    supported) nor for a single objective."""
+    obj, cfg = run.objective, run.cfg
+    if len(obj.heads) < 2 or (run.world > 1 and cfg.run.compile):
+        return []
+    i = min(max(step - run.offset, 0), max(run.total - 1, 0))  # the step's schedule values (clamped at the end)
+    images = run.data.eval.subset(cfg.eval.samples, cfg.run.seed).images[:cfg.data.batch_size].to(run.device)
+    batch = {"images": images, "seed": step_seed(cfg.run.seed, step, 0),
+             **{k: v[i].clone() for k, v in run.step_inputs.items()}}
+    blocks = [[p for p in blk.parameters() if p.requires_grad] for blk in obj.encoder.blocks]
+    params = [p for ps in blocks for p in ps]
+    saved = [(b, b.detach().clone()) for b in obj.buffers()]
+    try:
+        with run.autocast:
+            out = type(obj).step(obj, images, obj.draws(batch))  # the class's step: eager even when compiled
+        grads = {n: list(torch.autograd.grad(out[obj.loss_keys[n]], params, retain_graph=True, allow_unused=True))
+                 for n in obj.heads}
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    return block_cosines(grads, [len(ps) for ps in blocks])
 
 
 def untrained_features(run: TrainRun, step: int) -> dict[int, torch.Tensor]:

@@ -80,7 +80,7 @@ LAYER_CLASSIFIERS = (*POOLED_CLASSIFIERS, "attentive")  # read on the eval split
 LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "attn_head_div", "fourier_dlogamp_pi", "token_cossim",
                 "effective_rank", "token_norm_outliers",
                 *(f"{m}_top1_{p}" for m in POOLED_CLASSIFIERS for p in POOLS), *(f"rankme_{p}" for p in POOLS),
-                "attentive_top1", "dense_miou", "cka_untrained")
+                "attentive_top1", "grad_cosine", "dense_miou", "cka_untrained")
 LAYER_METRIC = re.compile(r"layer/\d+/(h\d+/)?(" + "|".join(LAYER_PROBES) + ")")
 NOISE_CLASSIFIERS = ("linear", "finetune")  # the last layer's linear probe; the fine-tuned model
 NOISE_METRIC = re.compile(r"noise/(\d+)/((?:" + "|".join(NOISE_CLASSIFIERS) + r")_top1(?:_drop)?)")
