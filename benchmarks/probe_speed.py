@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainables import probes  # noqa: E402
+from trainables import probes, trainer  # noqa: E402
 from trainables.config import load_config  # noqa: E402
 from trainables.data import build_data  # noqa: E402
 from trainables.objectives.mixture import build_objective  # noqa: E402
@@ -78,8 +78,18 @@ def main():
     probes.LOWSHOT.clear()  # the feature probes without the low-shot fits, in the same process
     t_plain, _ = timed(lambda: feature_rows(encoder, data, cfg), reps=1)
     probes.LOWSHOT.update(lowshot)
-    print(f"  of the feature probes, the 10 % and 1 % low-shot linear probes and RankMe: {t_feat - t_plain:.2f} s "
+    print(f"  of the feature probes, the 10 % and 1 % low-shot linear probes: {t_feat - t_plain:.2f} s "
           f"({(t_feat - t_plain) / t_all:.0%} of the suite)")
+    fit = probes.fit_attentive
+    probes.fit_attentive = lambda x, y, k: (lambda t: torch.zeros(len(t), dtype=torch.long))
+    t_no_att, _ = timed(lambda: feature_rows(encoder, data, cfg), reps=1)
+    probes.fit_attentive = fit
+    print(f"  of those, the attentive probe (its tokens and its 300 steps): {t_feat - t_no_att:.2f} s "
+          f"({(t_feat - t_no_att) / t_all:.0%} of the suite)")
+    run = trainer.build_run(load_config({}, ["objective.lam=0.5"]))  # a hybrid: the gradient cosines
+    t_grad, cos = timed(lambda: trainer.gradient_cosines(run, 0), reps=1)
+    print(f"gradient cosines of a lam 0.5 mix, one batch of {run.cfg.data.batch_size}: {t_grad:.2f} s "
+          f"({t_grad / t_all:.0%} of the suite), blocks {[k for k, _ in cos]}")
 
 
 if __name__ == "__main__":
