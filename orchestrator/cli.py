@@ -286,10 +286,18 @@ def cmd_analyze(args) -> int:
                            else every.to_parquet(index=False))
     df = pd.DataFrame([r for r in rows if r[1] is None], columns=["layer", "head", "metric", "value"])
     table = df.pivot_table(index="layer", columns="metric", values="value").reset_index()
-    # two tables, so each fits a terminal: attention and token probes, then the feature probes (both poolings)
-    feature = [c for c in table.columns if c.startswith(("knn_", "linear_"))]
-    _print_frame(table.drop(columns=feature), "per-layer attention and token probes (attention: mean over heads)")
-    _print_frame(table[["layer", *feature]], "per-layer kNN and linear probes, GAP and CLS features")
+    # one table per kind of probe, so each fits a terminal; a column goes to the first kind it matches
+    kinds = {"per-layer attention probes (mean over heads) and, in a mix, gradient cosines": ("attn_", "grad_"),
+             "per-layer token and feature-rank probes": ("fourier_", "token_", "effective_", "rankme_"),
+             "per-layer probes on GAP features (attentive: all of the last layer's tokens)": ("_gap", "attentive_"),
+             "per-layer probes on CLS features": ("_cls",),
+             "per-layer, other": ("",)}
+    placed: dict[str, list[str]] = {t: [] for t in kinds}
+    for c in table.columns.drop("layer"):
+        placed[next(t for t, marks in kinds.items() if any(m in c for m in marks))].append(c)
+    for title, cols in placed.items():
+        if cols:
+            _print_frame(table[["layer", *cols]], title)
     print("  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     return 0
 

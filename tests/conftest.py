@@ -13,9 +13,11 @@ os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", 
 
 # The evaluation settings of training tests that are not about evaluations: the probes, on few images, without the
 # dense probe, CKA and the noise bands (they cost most of a tiny trial's time).
-CHEAP_EVAL = {"eval__probe_images": 8, "eval__dense_images": 0, "eval__cka": False, "eval__noise__bands": 0}
+CHEAP_EVAL = {"eval__probe_images": 8, "eval__dense_images": 0, "eval__cka": False, "eval__noise__bands": 0,
+              "eval__lowshot": False, "eval__attentive_steps": 0, "eval__grad_cosine": False}
 # What an evaluation test turns back on (the product's defaults).
-FULL_EVAL = {"eval__probe_images": 64, "eval__dense_images": 64, "eval__cka": True, "eval__noise__bands": 8}
+FULL_EVAL = {"eval__probe_images": 64, "eval__dense_images": 64, "eval__cka": True, "eval__noise__bands": 8,
+             "eval__lowshot": True, "eval__attentive_steps": 300, "eval__grad_cosine": True}
 
 
 def tiny(**over) -> dict:

@@ -156,7 +156,7 @@ def test_centred_tokens_remove_a_shared_direction():
 
 @pytest.mark.integration
 def test_probe_suite_rows_cover_every_layer():
-    cfg = load_config(tiny(), ["eval.probe_images=8"])
+    cfg = load_config(tiny(eval__lowshot=True, eval__attentive_steps=50), ["eval.probe_images=8"])
     torch.manual_seed(0)
     encoder = build_objective(cfg).encoder
     rows, summary = run_probes(encoder, build_data(cfg), cfg)

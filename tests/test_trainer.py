@@ -356,7 +356,7 @@ def test_gradient_cosines_compare_the_mixs_objectives_per_block_and_leave_traini
     from trainables import trainer
     from trainables.config import objectives_reaching
 
-    cfg = load_config(tiny(), ["objective.weights={mae: 0.5, dino: 0.5}"])
+    cfg = load_config(tiny(eval__grad_cosine=True), ["objective.weights={mae: 0.5, dino: 0.5}"])
     run = trainer.build_run(cfg)
     center = run.objective.heads["dino"].center
     center.add_(0.5)
@@ -371,8 +371,10 @@ def test_gradient_cosines_compare_the_mixs_objectives_per_block_and_leave_traini
     metrics = trainer.evaluate(run, 0)
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert f"layer/{depth}/grad_cosine" in metrics
-    grafted = load_config(tiny(), ["objective.lam=0.5", "objective.placement.graft_layer=3"])
+    grafted = load_config(tiny(eval__grad_cosine=True), ["objective.lam=0.5", "objective.placement.graft_layer=3"])
     reach = objectives_reaching(grafted)
     assert reach[3] == ["simmim"] and reach[4] == ["mocov3"]
     assert trainer.gradient_cosines(trainer.build_run(grafted), 0) == []
-    assert trainer.gradient_cosines(trainer.build_run(load_config(tiny(), ["objective.lam=0"])), 0) == []
+    assert trainer.gradient_cosines(trainer.build_run(load_config(tiny(eval__grad_cosine=True),
+                                                                  ["objective.lam=0"])), 0) == []
+    assert trainer.gradient_cosines(trainer.build_run(load_config(tiny(), ["objective.lam=0.5"])), 0) == []  # off

@@ -189,6 +189,11 @@ class EvalConfig:
     dense_images: int = _f(64, lo=0, hi=100_000, doc="images (train and eval each) of the per-layer dense probe "
                                                        "(synthetic set only; 0: off)")
     cka: bool = _f(True, doc="per-layer linear CKA of the encoder against its untrained self (cka_untrained)")
+    lowshot: bool = _f(True, doc="per-layer linear probes fit on 10 % and 1 % of the labels (linear10pct_top1_*, "
+                                 "linear1pct_top1_*)")
+    attentive_steps: int = _f(300, lo=0, hi=100_000, doc="training steps of the last layer's attentive probe "
+                                                         "(attentive_top1; 0: off)")
+    grad_cosine: bool = _f(True, doc="in a mix: per-block cosine between the objectives' gradients (grad_cosine)")
     encoder: str = _f("auto",
                       doc="the encoder every evaluation, export and fine-tuning reads: student (the trained one), "
                           "teacher (DINO's EMA teacher) or momentum (MoCo v3's momentum encoder); auto: the teacher "

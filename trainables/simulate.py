@@ -57,10 +57,12 @@ def evaluation_keys(cfg: Config, step: int, final: bool) -> list[str]:
     layers = range(spec.depth + 1)
     keys += [f"layer/{k}/{m}" for k in layers
              for m in ("fourier_dlogamp_pi", "token_cossim", "effective_rank", "token_norm_outliers")]
+    classifiers = [c for c in POOLED_CLASSIFIERS if e.lowshot or c in ("knn", "linear")]
     keys += [f"layer/{k}/{m}_{p}" for p in POOLS for k in layers
-             for m in (*(f"{c}_top1" for c in POOLED_CLASSIFIERS), "rankme")]
-    keys.append(f"layer/{spec.depth}/attentive_top1")
-    keys += [f"layer/{k}/grad_cosine" for k, names in objectives_reaching(cfg).items() if len(names) > 1]
+             for m in (*(f"{c}_top1" for c in classifiers), "rankme")]
+    keys += [f"layer/{spec.depth}/attentive_top1"] if e.attentive_steps else []
+    keys += ([f"layer/{k}/grad_cosine" for k, names in objectives_reaching(cfg).items() if len(names) > 1]
+             if e.grad_cosine else [])
     keys += [f"layer/{k}/dense_miou" for k in layers] if e.dense_images else []
     keys += [f"layer/{k}/cka_untrained" for k in layers] if e.cka else []
     if e.noise.bands and (step == 0 or final):

@@ -146,7 +146,7 @@ def gradient_cosines(run: TrainRun, step: int) -> list[tuple[int, float]]:
     under DDP with ``run.compile`` (its blocks are compiled one by one; a second backward through them is not
     supported) nor for a single objective."""
     obj, cfg = run.objective, run.cfg
-    if len(obj.heads) < 2 or (run.world > 1 and cfg.run.compile):
+    if not cfg.eval.grad_cosine or len(obj.heads) < 2 or (run.world > 1 and cfg.run.compile):
         return []
     i = min(max(step - run.offset, 0), max(run.total - 1, 0))  # the step's schedule values (clamped at the end)
     images = run.data.eval.subset(cfg.eval.samples, cfg.run.seed).images[:cfg.data.batch_size].to(run.device)
