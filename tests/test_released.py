@@ -238,3 +238,10 @@ def test_the_head_count_comes_from_the_weights_for_beit_and_from_the_official_ta
     ckpt, _ = official(SIMMIM)
     assert shape_of(SIMMIM, recognise(ckpt)[1]).heads == 3
     assert math.isqrt(ckpt["model"]["encoder.rel_pos_bias.relative_position_bias_table"].shape[0] - 3) == 15
+
+
+def test_wrapped_plain_timm_weights_are_timm_not_dino():
+    _, model = official(TIMM)
+    layout, state = recognise({"state_dict": {**model.state_dict(), "head.weight": torch.zeros(10, 192)}})
+    assert layout is TIMM and "head.weight" not in state
+    assert recognise({"state_dict": _prefixed(model.state_dict(), "backbone.")})[0] is DINO

@@ -86,7 +86,7 @@ def recognise(ckpt, network: str = "teacher") -> tuple[Layout, dict[str, torch.T
     and predictor dropped). SimMIM: ``model`` with ``encoder.*`` (decoder and mask token dropped). MAE: ``model``
     with timm names (decoder and mask token dropped). DINO and iBOT full checkpoints: ``teacher`` / ``student`` with
     ``backbone.*`` (``module.`` on the student; the DINO head dropped); iBOT's ``checkpoint_teacher.pth``:
-    ``state_dict``; iBOT is told from DINO by its ``masked_embed``. DINOv2: timm names with layer scale
+    ``state_dict``; iBOT is told from DINO by its ``masked_embed`` (a ``state_dict`` of plain timm names is timm). DINOv2: timm names with layer scale
     (``ls1.gamma``) and a ``mask_token``. Anything else with timm's ViT names: timm."""
     if network not in NETWORKS:
         raise UserError(f"--network: {network!r} is not one of {list(NETWORKS)}")
@@ -108,8 +108,11 @@ def recognise(ckpt, network: str = "teacher") -> tuple[Layout, dict[str, torch.T
                             f"{[n for n in NETWORKS if _tensors(ckpt.get(n))]})")
         part = _strip(ckpt[network], ("module.backbone.", "backbone.", "module."))
         return _dino_like(_drop(part, r"head\."))
-    if _tensors(state):
-        return _dino_like(_drop(_strip(state, ("module.backbone.", "backbone.", "module.")), r"head\."))
+    if _tensors(state):  # iBOT's checkpoint_teacher.pth, or another code base's wrapped timm weights
+        part = _drop(_strip(state, ("module.backbone.", "backbone.", "module.")), r"head\.")
+        if "masked_embed" in part or any(k.startswith(("backbone.", "module.backbone.")) for k in state):
+            return _dino_like(part)
+        return TIMM, part
     if _tensors(ckpt):
         if "mask_token" in ckpt and any(k.endswith(".ls1.gamma") for k in ckpt):
             return DINOV2, _drop(ckpt, r"mask_token$")
