@@ -24,8 +24,8 @@ from trainables.errors import UserError
 
 # the sections this page shows, in its order (``summary.sections`` computes them all)
 SHOWN = ("layer/linear_top1_gap", "layer/linear_top1_cls", "layer/attn_distance", "layer/attn_nmi",
-         "layer/attn_entropy", "layer/fourier_dlogamp_pi", "claims", "claims_per_step", "claims_literature", "matched",
-         "evaluations", "per_group", "noise", "cka", "time")
+         "layer/attn_entropy", "layer/fourier_dlogamp_pi", "layer/grad_cosine", "claims", "claims_per_step",
+         "claims_literature", "matched", "evaluations", "per_group", "noise", "cka", "time")
 # the per-group columns this page shows (the console shows every measured one)
 PER_GROUP = ("group", "seeds", "finetune_top1", "linear_top1_gap", "linear_top1_cls", "linear_top1_clean",
              "finetune_top1_clean")
