@@ -86,8 +86,9 @@ def recognise(ckpt, network: str = "teacher") -> tuple[Layout, dict[str, torch.T
     and predictor dropped). SimMIM: ``model`` with ``encoder.*`` (decoder and mask token dropped). MAE: ``model``
     with timm names (decoder and mask token dropped). DINO and iBOT full checkpoints: ``teacher`` / ``student`` with
     ``backbone.*`` (``module.`` on the student; the DINO head dropped); iBOT's ``checkpoint_teacher.pth``:
-    ``state_dict``; iBOT is told from DINO by its ``masked_embed`` (a ``state_dict`` of plain timm names is timm). DINOv2: timm names with layer scale
-    (``ls1.gamma``) and a ``mask_token``. Anything else with timm's ViT names: timm."""
+    ``state_dict``; iBOT is told from DINO by its ``masked_embed`` (a ``state_dict`` of plain timm names is timm).
+    DINOv2: timm names with layer scale (``ls1.gamma``) and a ``mask_token``. Anything else with timm's ViT names:
+    timm."""
     if network not in NETWORKS:
         raise UserError(f"--network: {network!r} is not one of {list(NETWORKS)}")
     if not isinstance(ckpt, dict):
