@@ -228,22 +228,22 @@ def _layer_states(encoder, images: torch.Tensor, img_size: int, batch_size: int 
 
 
 def extract_features(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256,
-                     layers: list[int] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+                     layers: list[int] | None = None,
+                     all_tokens: tuple[int, ...] = ()) -> dict[str, dict[int, torch.Tensor]]:
     """Pooled float32 features per pooling and layer for uint8 images (N, 3, S, S):
-    {pool: {layer: (N, C)}} on the CPU, pool in ``POOLS``."""
+    {pool: {layer: (N, C)}} on the CPU, pool in ``POOLS``; for the layers in ``all_tokens``, also every token
+    (CLS and patches, unpooled) from the same forward pass: {"tokens": {layer: (N, 1 + n, C)}}."""
     layers = [encoder.depth] if layers is None else layers
     out: dict[str, dict[int, list[torch.Tensor]]] = {p: {k: [] for k in layers} for p in POOLS}
+    if all_tokens:
+        out["tokens"] = {k: [] for k in all_tokens}
     for states in _layer_states(encoder, images, img_size, batch_size):
         for p in POOLS:
             for k in layers:
                 out[p][k].append(pool_tokens(states[k], p).float().cpu())
+        for k in all_tokens:
+            out["tokens"][k].append(states[k].float().cpu())
     return {p: {k: torch.cat(v) for k, v in per.items()} for p, per in out.items()}
-
-
-def layer_tokens(encoder, images: torch.Tensor, img_size: int, layer: int, batch_size: int = 256) -> torch.Tensor:
-    """Every token (CLS and patches) of one layer for uint8 images (N, 3, S, S): float32 (N, 1 + n, C) on the CPU
-    (the last layer after the final norm)."""
-    return torch.cat([states[layer].float().cpu() for states in _layer_states(encoder, images, img_size, batch_size)])
 
 
 def extract_tokens(encoder, images: torch.Tensor, img_size: int, batch_size: int = 256) -> list[torch.Tensor]:
@@ -496,8 +496,9 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
     train, test = data.labelled.subset(e.samples, seed), data.eval.subset(e.samples, seed)
     layers = list(range(encoder.depth + 1))
     last = encoder.depth
-    tr = extract_features(encoder, train.images, size, layers=layers)
-    te = extract_features(encoder, test.images, size, layers=layers)
+    tokens = (last,) if e.attentive_steps else ()  # the attentive probe's input, from the same forward pass
+    tr = extract_features(encoder, train.images, size, layers=layers, all_tokens=tokens)
+    te = extract_features(encoder, test.images, size, layers=layers, all_tokens=tokens)
     cc = (extract_features(encoder, data.cue_conflict.images, size, layers=[last])
           if data.cue_conflict is not None else None)
     val = data.val.subset(len(data.val), seed) if data.val is not None else None  # in memory (a store reads here)
@@ -528,10 +529,9 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
             summary[f"shape_bias_{pool}"] = shape_bias(decided, data.cue_conflict.labels, data.cue_texture)
             summary[f"cue_match_{pool}"] = cue_match(decided, data.cue_conflict.labels, data.cue_texture)
     if e.attentive_steps:  # the attentive probe on the last layer's tokens (CLS and patches): where linear is read
-        attentive = fit_attentive(layer_tokens(encoder, train.images, size, last), train.labels, data.num_classes,
-                                  steps=e.attentive_steps)
-        test_tokens = layer_tokens(encoder, test.images, size, last)
-        rows.append((last, None, "attentive_top1", (attentive(test_tokens) == test.labels).float().mean().item()))
+        attentive = fit_attentive(tr["tokens"][last], train.labels, data.num_classes, steps=e.attentive_steps)
+        rows.append((last, None, "attentive_top1",
+                     (attentive(te["tokens"][last]) == test.labels).float().mean().item()))
     for name in ("knn_top1", "linear_top1", "shape_bias", "val_knn_top1", "val_linear_top1"):
         if f"{name}_{e.pool}" in summary:
             summary[name] = summary[f"{name}_{e.pool}"]
