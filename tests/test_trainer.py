@@ -9,7 +9,7 @@ import torch
 from conftest import FULL_EVAL, tiny
 
 from orchestrator.results import curves_from_results, noise_from_results, trial_row
-from trainables import checkpoints
+from trainables import checkpoints, evaluate
 from trainables.checkpoints import find_checkpoint, load_weights
 from trainables.config import ConfigError, load_config
 from trainables.errors import NonFiniteLossError
@@ -194,7 +194,7 @@ def test_dino_is_probed_exported_and_fine_tuned_from_its_teacher(monkeypatch, tm
         for p in teacher.parameters():
             p.add_(0.01)
     seen = []
-    monkeypatch.setattr(trainer, "run_probes", lambda enc, data, c, keep=None: (seen.append(enc), ([], {}))[1])
+    monkeypatch.setattr(evaluate, "run_probes", lambda enc, data, c, keep=None: (seen.append(enc), ([], {}))[1])
     trainer.evaluate(run, 1)
     assert seen == [teacher]
     ckpt = {"model": run.objective.state_dict(), "optimizer": {}, "config": to_dict(cfg), "step": 1}
@@ -331,9 +331,9 @@ def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(m
     """seconds_train is the loop's time minus the evaluations inside it, not minus step 0's baseline too."""
     import time
 
-    import trainables.trainer as tr
+    import trainables.evaluate as ev
 
-    real = tr.run_probes
+    real = ev.run_probes
 
     pause = 4.0  # far above two tiny steps on a loaded machine, so the bounds below cannot be met by chance
 
@@ -341,7 +341,7 @@ def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(m
         time.sleep(pause)
         return real(*a, **k)
 
-    monkeypatch.setattr(tr, "run_probes", slow)
+    monkeypatch.setattr(ev, "run_probes", slow)
     final = train(load_config(tiny(**{"optim__steps": 2, "objective__lam": 0.0})))
     assert final["seconds_probes"] >= 2 * pause  # step 0 and the end
     # The end's evaluation left out (else >= pause); step 0's not subtracted as well (else < 0).

@@ -42,13 +42,14 @@ from .config import (
     total_steps,
 )
 from .data import DataBundle, batch_stream
+from .evaluate import evaluate_encoder
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import param_groups
 from .objectives import registry
 from .objectives.mixture import Mixture
-from .probes import block_cosines, cka_rows, dense_rows, extract_features, rows_to_metrics, run_probes
-from .robustness import finetune_noise_accuracy, linear_noise_accuracy
+from .probes import block_cosines, extract_features
+from .robustness import finetune_noise_accuracy
 from .schedule import lr_schedule, step_seed, steps_per_epoch
 from .steps import read_log, set_lr
 
@@ -102,9 +103,10 @@ def _param_groups(objective: Mixture, cfg: Config) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- evaluation
 def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
-    """Every probe of the pre-training's encoder at ``step``: ``probes.run_probes`` (last-layer kNN / linear / shape
-    bias plus ``layer/...`` rows), the dense probe, CKA against the untrained encoder, and (at step 0 and at the
-    end) the linear probe's accuracy under frequency-filtered noise. Seconds spent go to ``run.seconds``.
+    """Every probe of the pre-training's encoder at ``step`` (``evaluate.evaluate_encoder``: last-layer kNN /
+    linear / shape bias plus ``layer/...`` rows, the dense probe, CKA against the untrained encoder, and at step 0
+    and at the end the linear probe's accuracy under frequency-filtered noise), with a mix's gradient cosines per
+    block. Seconds spent go to ``run.seconds``.
 
     The global RNG is left as it was (``fork_rng``): training's draws (drop path) must not depend on which
     evaluations ran, or how often."""
@@ -113,27 +115,14 @@ def evaluate(run: TrainRun, step: int, final: bool = False) -> dict[str, float]:
 
 
 def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
-    cfg, enc, e = run.cfg, run.objective.eval_encoder(run.cfg.eval.encoder), run.cfg.eval
-    clock = time.perf_counter
-    t = clock()
-    keep: dict = {}  # the eval subset's features and the fitted linear probe, reused below
-    rows, summary = run_probes(enc, run.data, cfg, keep)
-    rows += [(k, None, "grad_cosine", v) for k, v in gradient_cosines(run, step)]
-    run.seconds["probes"] += clock() - t
-    t = clock()
-    rows += dense_rows(enc, run.data, cfg)
-    run.seconds["dense"] += clock() - t
-    if e.cka:
-        t = clock()
+    def untrained(gap: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         if step == 0 and run.untrained is None and run.initial_encoder is None:
-            run.untrained = keep["eval_gap"]  # this encoder is the untrained one
-        rows += cka_rows(keep["eval_gap"], untrained_features(run, step))
-        run.seconds["cka"] += clock() - t
-    if e.noise.bands and (step == 0 or final):
-        t = clock()
-        summary |= linear_noise_accuracy(enc, run.data, cfg, keep["predict"][e.pool])
-        run.seconds["noise"] += clock() - t
-    return {**summary, **rows_to_metrics(rows)}
+            run.untrained = gap  # this encoder is the untrained one
+        return untrained_features(run, step)
+
+    return evaluate_encoder(run.objective.eval_encoder(run.cfg.eval.encoder), run.data, run.cfg, run.seconds,
+                            untrained, noise=step == 0 or final,
+                            more_rows=lambda: [(k, None, "grad_cosine", v) for k, v in gradient_cosines(run, step)])
 
 
 def gradient_cosines(run: TrainRun, step: int) -> list[tuple[int, float]]:
