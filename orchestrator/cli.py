@@ -13,20 +13,15 @@ seconds to import, and ``clmim --help`` or a usage error should answer at once
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-
-import pyarrow.fs as pafs
 
 from orchestrator.console import duration
 from trainables.config import load_config
 from trainables.errors import UserError
 from trainables.files import write_bytes_atomic
-from trainables.storage import Storage
 from trainables.vocab import loss_keys, objective_label
 
 from .console import fmt as _fmt
@@ -225,61 +220,42 @@ def cmd_results_rebuild(args) -> int:
     return 0
 
 
-def _fetch(where: str) -> str:
-    """A local path for ``where``: itself, or for ``s3://...`` (a trial's ``run/`` folder or a file in a sweep's
-    storage; endpoint from $AWS_ENDPOINT_URL) a downloaded copy in a temporary folder."""
-    if not where.startswith("s3://"):
-        return where
-
-    st = Storage.parse(where, None, Path.cwd())
-    local = Path(tempfile.mkdtemp(prefix="clmim-analyze-"))
-    try:
-        kind = st.fs.get_file_info(st.path()).type
-        if kind == pafs.FileType.File:
-            (local / Path(st.uri).name).write_bytes(st.read_bytes(st.path()))
-            return str(local / Path(st.uri).name)
-        if kind == pafs.FileType.Directory:
-            return str(st.download(st.path(), local))
-    except OSError as e:
-        raise UserError(f"checkpoint: cannot read {where} ({str(e).splitlines()[0][:200]})") from None
-    raise UserError(f"checkpoint: nothing at {where}")
-
-
 def cmd_analyze(args) -> int:
-    import pandas as pd  # (start-up)
-    import torch  # (start-up)
-
-    from trainables.checkpoints import find_checkpoint, load_encoder, load_weights  # (start-up)
-    from trainables.data import build_data  # (start-up)
-    from trainables.probes import run_probes  # (start-up)
-    from trainables.released import load_released  # (start-up)
-
     if args.out and not args.out.endswith((".csv", ".parquet")):
         raise UserError(f"--out: {args.out!r} is not a .csv or .parquet file")
-    path = find_checkpoint(_fetch(args.checkpoint), weights=True)
-    if path is None:
-        raise UserError(f"checkpoint: nothing loadable at {args.checkpoint!r}")
-    try:
-        ckpt = load_weights(path)
-    except pickle.UnpicklingError:
-        raise UserError(f"checkpoint: {str(path)!r} holds Python objects beyond tensors and plain values; clmim "
-                        "loads weights only (weights_only=True) and never runs code from a file") from None
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
-        raise UserError(f"checkpoint: {str(path)!r} is not a torch file ({type(e).__name__})") from None
+    datasets = args.data or []
+    if args.sweep or len(args.checkpoint) > 1 or len(datasets) > 1:
+        if not args.sweep:
+            raise UserError("analyze: several checkpoints or data sets are an analysis sweep: name it with --sweep "
+                            "NAME (its tables go under --results)")
+        if args.out:
+            raise UserError("--out: for one checkpoint; an analysis sweep writes its rows to the sweep's tables "
+                            "(clmim results query)")
+        from .analysis import analysis_sweep  # (start-up: Ray)
 
-    overrides = list(args.set or []) + ([f"data.dataset={args.data}"] if args.data else [])
-    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # a clmim checkpoint or export
-        if args.img_size or args.network != "teacher":
-            raise UserError("--img-size / --network: for released checkpoints; a clmim checkpoint is probed as "
-                            "its trial was (change data.* with --set)")
-        encoder, cfg = load_encoder(ckpt, overrides)  # the pre-trained encoder, never a fine-tuned one
-        found = f"{cfg.model.variant}, trained as {objective_label(cfg.objective.mix())}"
-    else:  # a released checkpoint: MoCo v3, SimMIM, MAE, DINO, iBOT, DINOv2 or timm weights
-        encoder, cfg, found = load_released(ckpt, overrides, args.img_size, args.network)
+        return analysis_sweep(args.sweep, results_root(args.results), args.checkpoint, datasets,
+                              list(args.set or []), img_size=args.img_size, network=args.network,
+                              address=args.address)
+    return _analyze_one(args, datasets[0] if datasets else None)
+
+
+def _analyze_one(args, dataset: str | None) -> int:
+    import pandas as pd  # (start-up)
+
+    from trainables.analysis import load_saved  # (start-up: torch)
+    from trainables.data import build_data  # (start-up)
+    from trainables.probes import run_probes  # (start-up)
+
+    overrides = list(args.set or []) + ([f"data.dataset={dataset}"] if dataset else [])
+    saved = load_saved(args.checkpoint[0], overrides, args.img_size, args.network)
+    cfg = saved.cfg
     if cfg.run.threads:  # the trial's thread count: the same numbers as the trial recorded
+        import torch  # (start-up)
+
         torch.set_num_threads(cfg.run.threads)
-    print(f"clmim analyze: {path} ({found}; data {cfg.data.dataset} at {cfg.model.img_size} px)", flush=True)
-    rows, summary = run_probes(encoder, build_data(cfg), cfg)
+    print(f"clmim analyze: {args.checkpoint[0]} ({saved.found}; data {cfg.data.dataset} at {cfg.model.img_size} "
+          "px)", flush=True)
+    rows, summary = run_probes(saved.encoder, build_data(cfg), cfg)
     if args.out:  # every row, per head too: what a script reads (the tables below are for reading)
         every = pd.DataFrame(rows, columns=["layer", "head", "metric", "value"]).astype({"head": "Int64"})
         write_bytes_atomic(Path(args.out), every.to_csv(index=False).encode() if args.out.endswith(".csv")
@@ -397,11 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(r, resume=True)
     r.set_defaults(fn=cmd_resume)
 
-    a = sub.add_parser("analyze", help="run every probe on a saved model and print per-layer tables")
-    a.add_argument("checkpoint", help="a clmim checkpoint (file, step dir or a trial's run dir, also s3://...) or "
-                   "a released one: MoCo v3, SimMIM, MAE, DINO, iBOT, DINOv2 or timm ViT weights (its layout is "
-                   "recognised and printed)")
-    a.add_argument("--data", help="data set to probe on (default: the checkpoint's)")
+    a = sub.add_parser("analyze", help="run every probe on a saved model and print per-layer tables; on several "
+                       "(--sweep NAME), an analysis sweep on Ray writing a training sweep's tables")
+    a.add_argument("checkpoint", nargs="+", help="a clmim checkpoint (file, step dir or a trial's run dir, also "
+                   "s3://...) or a released one: MoCo v3, SimMIM, MAE, DINO, iBOT, DINOv2 or timm ViT weights (its "
+                   "layout is recognised and printed)")
+    a.add_argument("--data", action="append", help="data set to probe on (default: the checkpoint's; repeat for "
+                   "several, with --sweep)")
+    a.add_argument("--sweep", metavar="NAME", help="an analysis sweep: every checkpoint x data set a Ray task (a GPU "
+                   "each when there are some), the untrained encoder of its architecture beside it, into the tables "
+                   "of sweep NAME under --results (results show, the claims and the report read it)")
+    a.add_argument("--results", help="results root (default: $CLMIM_RESULTS or ./clmim-results)")
+    a.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (e.g. data.path)")
     a.add_argument("--img-size", type=int, help="released checkpoints: probe at this size (default: the size it "
                    "was trained at; an absolute position embedding is resampled)")

@@ -27,7 +27,6 @@ from timm.models.beit import Beit, gen_relative_position_index
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .config import Config, load_config
 from .errors import UserError
 from .scale import SCALES
 
@@ -41,6 +40,11 @@ class Layout:
     source: str
     arch: str  # "vit" (timm VisionTransformer) or "beit" (timm Beit)
     official_heads: dict[int, int]
+    objective: str | None = None  # the registered objective it was trained with, if clmim has it
+    # the untrained encoder (``build(untrained_seed=...)``): timm's init mode for the code base's own init, and the
+    # weights its code keeps fixed at their initial value (so the checkpoint's copy is the untrained one's)
+    init_mode: str = ""
+    fixed: tuple[str, ...] = ()
 
     def heads(self, width: int) -> int:
         # widths outside the official table (small test models): timm's 64 channels per head
@@ -48,10 +52,15 @@ class Layout:
 
 
 _TIMM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
-MOCO_V3 = Layout("moco_v3", "facebookresearch/moco-v3", "vit", {**_TIMM_HEADS, 384: 12})
-SIMMIM = Layout("simmim", "microsoft/SimMIM", "beit", _TIMM_HEADS)
-MAE = Layout("mae", "facebookresearch/mae", "vit", _TIMM_HEADS)
-DINO = Layout("dino", "facebookresearch/dino", "vit", _TIMM_HEADS)
+# MoCo v3's ViTs (vits.py) keep a 2-D sin-cos position embedding fixed and, as its README trains them
+# (--stop-grad-conv1), the random patch projection too; timm's "moco" mode is their init of the rest. MAE keeps its
+# sin-cos position embedding fixed.
+MOCO_V3 = Layout("moco_v3", "facebookresearch/moco-v3", "vit", {**_TIMM_HEADS, 384: 12}, "mocov3", "moco",
+                 ("pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"))
+SIMMIM = Layout("simmim", "microsoft/SimMIM", "beit", _TIMM_HEADS, "simmim")
+MAE = Layout("mae", "facebookresearch/mae", "vit", _TIMM_HEADS, "mae", fixed=("pos_embed",))
+DINO = Layout("dino", "facebookresearch/dino", "vit", _TIMM_HEADS, "dino")
+# (iBOT and DINOv2 add masked-token self-distillation to DINO's: a mix clmim does not register)
 IBOT = Layout("ibot", "bytedance/ibot", "vit", _TIMM_HEADS)
 DINOV2 = Layout("dinov2", "facebookresearch/dinov2", "vit", _TIMM_HEADS)
 TIMM = Layout("timm", "timm VisionTransformer (also DINO's and MAE's backbone-only files)", "vit", _TIMM_HEADS)
@@ -177,10 +186,14 @@ def shape_of(layout: Layout, state: dict) -> Shape:
     return Shape(width, depth, heads, proj.shape[-1], grid, fc1.shape[0] / width, scale)
 
 
-def build(layout: Layout, state: dict, img_size: int | None = None) -> tuple[Released, Shape]:
+def build(layout: Layout, state: dict, img_size: int | None = None,
+          untrained_seed: int | None = None) -> tuple[Released, Shape]:
     """The encoder of ``state`` (``recognise``'s output) as timm builds it, every weight loaded, at ``img_size``
     (default: the size it was trained at). A learned or fixed absolute position embedding is resampled to another
-    size bicubically (timm's ``resample_abs_pos_embed``); a relative position bias is not resized."""
+    size bicubically (timm's ``resample_abs_pos_embed``); a relative position bias is not resized.
+
+    With ``untrained_seed``: the same architecture at the same size with timm's own initialisation (seeded), no
+    weight loaded: the untrained encoder every number of the checkpoint is read against."""
     s = shape_of(layout, state)
     size = img_size or s.grid * s.patch
     if size % s.patch:
@@ -195,6 +208,8 @@ def build(layout: Layout, state: dict, img_size: int | None = None) -> tuple[Rel
                      init_values=0.1 if s.layer_scale else None, use_abs_pos_emb="pos_embed" in state,
                      use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in state,
                      use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in state, use_fc_norm=False)
+        if untrained_seed is not None:
+            return Released(_initialised(model, untrained_seed, layout, state), layout, s, size), s
         # BEiT's index of the bias table is a buffer timm computes; a checkpoint's copy must agree with it
         want = gen_relative_position_index((s.grid, s.grid))
         for k in [k for k in state if k.endswith("relative_position_index")]:
@@ -210,6 +225,8 @@ def build(layout: Layout, state: dict, img_size: int | None = None) -> tuple[Rel
                                   depth=s.depth, num_heads=s.heads, mlp_ratio=s.mlp_ratio,
                                   qkv_bias="blocks.0.attn.qkv.bias" in state,
                                   init_values=1.0 if s.layer_scale else None)
+        if untrained_seed is not None:
+            return Released(_initialised(model, untrained_seed, layout, state), layout, s, size), s
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise UserError(f"checkpoint: {layout.name} weights do not fit its architecture ({s.describe()}): "
@@ -218,6 +235,22 @@ def build(layout: Layout, state: dict, img_size: int | None = None) -> tuple[Rel
         raise UserError(f"checkpoint: {layout.name} weights hold {unexpected[0]!r}, which its encoder has not "
                         f"got" + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     return Released(model, layout, s, size), s
+
+
+def _initialised(model: nn.Module, seed: int, layout: Layout, state: dict) -> nn.Module:
+    """``model`` initialised as its code base does (timm's init, drawn again from ``seed``: the constructor drew
+    from the global RNG), with the weights the code base never trains taken from ``state`` (``layout.fixed``, after
+    any resampling)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if isinstance(model, Beit):
+            model.init_weights()
+        else:
+            model.init_weights(mode=layout.init_mode)
+    fixed = {k: state[k] for k in layout.fixed if k in state}
+    if fixed:
+        model.load_state_dict(fixed, strict=False)
+    return model
 
 
 class Released(nn.Module):
@@ -289,18 +322,3 @@ def config_variant(shape: Shape) -> str:
     same = [n for n, (w, d, _) in SCALES.items() if w == shape.width]
     exact = [n for n in same if SCALES[n][1] == shape.depth]
     return f"{(exact or same or list(SCALES))[0]}/{shape.patch}"
-
-
-def load_released(ckpt, overrides: list[str], img_size: int | None = None,
-                  network: str = "teacher") -> tuple[Released, Config, str]:
-    """A loaded released checkpoint as (encoder in eval mode, the probes' config, what was found: layout, source
-    and shape). ``overrides`` are config keys (``data.dataset=...``); the image size is the checkpoint's own
-    unless ``img_size`` says otherwise."""
-    layout, state = recognise(ckpt, network)
-    encoder, shape = build(layout, state, img_size)
-    cfg = load_config({"model": {"variant": config_variant(shape), "img_size": encoder.img_size}}, overrides)
-    if cfg.model.img_size != encoder.img_size:
-        raise UserError(f"model.img_size: set the probing size of a released checkpoint with --img-size "
-                        f"(it was built at {encoder.img_size} px)")
-    part = f" ({network})" if layout in (DINO, IBOT) and network != "teacher" else ""
-    return encoder.eval(), cfg, f"{layout.name}{part} from {layout.source}: {shape.describe()}"

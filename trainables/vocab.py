@@ -162,7 +162,9 @@ def weights_of(flat: dict) -> dict[str, float] | None:
     """The weights of a flattened config: ``objective.weights.*`` where given, else from ``objective.lam`` (configs
     written before weights existed); None if it holds neither."""
     given = {k: flat.get(f"objective.weights.{k}") for k in objective_names()}
-    if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given.values()):
+    given = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+             for k, v in given.items()}  # (a table's null reads as NaN: absent, as in a config that omits it)
+    if any(v is not None for v in given.values()):
         return _weights({k: float(v or 0.0) for k, v in given.items()})
     lam = flat.get("objective.lam")
     return _weights(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None
