@@ -180,7 +180,8 @@ EVAL_CLAIMS = [
 ]
 
 
-ARCHITECTURE = ("model.variant", "model.img_size", "model.pos_embed", "model.patch_embed")
+ARCHITECTURE = ("model.variant", "model.img_size", "model.pos_embed", "model.patch_embed", "source_arch")
+SOURCE = "source"  # an analysed checkpoint (``orchestrator/analysis.py``)
 ALPHA = 0.05  # family-wise error rate of one claims table (Holm over its claims)
 OBJECTIVE_AXES = ("mix", "lam", "objective.lam")  # what a claim compares; every other varied axis splits groups
 
@@ -397,8 +398,13 @@ CLAIM_COLUMNS = ["group", "pair", "claim", "paper (ViT-B/16, ImageNet)", "MIM", 
 
 
 def _seeds(trials: pd.DataFrame) -> pd.Series:
+    """Per trial, its replicate: its seed, or for an analysed checkpoint the checkpoint (``SOURCE``: released models
+    of one objective and size are that group's replicates; they share the probes' seed)."""
     t = trials.set_index("trial")
-    return t[SEED] if SEED in t else pd.Series(range(len(t)), index=t.index)
+    seed = t[SEED] if SEED in t else pd.Series(range(len(t)), index=t.index)
+    if SOURCE in t:
+        seed = t[SOURCE].where(t[SOURCE].notna(), seed.astype(str))
+    return seed
 
 
 def _shared(g: pd.DataFrame) -> bool:

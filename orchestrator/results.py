@@ -353,9 +353,12 @@ def _num(v) -> float | None:
 
 
 def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, final: dict,
-              error: str | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
+              error: str | None = None, wall_time_s: float | None = None,
+              source: dict | None = None) -> dict[str, Any]:
     """The one-row summary of a trial attempt: ids, status, flattened config, size, final metrics.
-    A config value the trial's config does not hold is null, never a default."""
+    A config value the trial's config does not hold is null, never a default. ``source``: an analysed checkpoint's
+    ``source`` (path or URI), ``source_layout`` (clmim, moco_v3, simmim, ...) and ``source_arch`` columns; one
+    trained with an objective clmim does not register (no ``objective.weights``) is grouped by its layout."""
     flat = flatten(config)
     weights = weights_of(flat)
     step = int(final["step"]) if _num(final.get("step")) is not None else None
@@ -375,6 +378,10 @@ def trial_row(sweep: str, trial: str, attempt: str, status: str, config: dict, f
            "train_images": _num(final.get("train_images")),
            "train_flops": flops_per_image * samples if flops_per_image and samples is not None else None,
            "wall_time_s": wall_time_s, "step": step, "epoch": _num(final.get("epoch"))}
+    if source:
+        row.update(source)
+        if weights is None and not staged:  # e.g. iBOT: its own group, in no claim (no registered family)
+            row.update(objective=source.get("source_layout"), mix=f"{source.get('source_layout')} (released)")
     for k in final_keys():
         row[k] = _num(final.get(k))
     for k, v in flat.items():
@@ -481,7 +488,8 @@ def _long_table(schema: pa.Schema, parts: list[tuple[dict, list[tuple]]]) -> pa.
 class Attempt:
     """One attempt's rows to write: its trial, attempt id, status and config, the reports whose long rows go in
     (``results``: all of a finished trial's, or a running trial's newest), the latest value of every key (``final``;
-    default: from ``results``), its error and wall time (default: the largest ``time_total_s`` reported)."""
+    default: from ``results``), its error and wall time (default: the largest ``time_total_s`` reported), and an
+    analysed checkpoint's source columns."""
 
     trial: str
     status: str
@@ -491,6 +499,7 @@ class Attempt:
     final: dict | None = None
     error: str | None = None
     wall_time_s: float | None = None
+    source: dict | None = None  # an analysed checkpoint's source columns (``trial_row``)
 
 
 def latest_values(results: list[dict], into: dict | None = None) -> dict:
@@ -518,7 +527,7 @@ def write_attempts(sweep_dir: Path, attempts: list[Attempt]) -> list[str]:
         wall = a.wall_time_s
         if wall is None:
             wall = max((r.get("time_total_s") or 0 for r in a.results), default=None)
-        rows.append(trial_row(sweep, a.trial, a.attempt, a.status, a.config, final, a.error, wall))
+        rows.append(trial_row(sweep, a.trial, a.attempt, a.status, a.config, final, a.error, wall, a.source))
         ids = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial": a.trial, "attempt": a.attempt}
         staged = with_stage(a.config)
         bands = flatten(a.config).get("eval.noise.bands")

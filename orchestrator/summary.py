@@ -94,8 +94,9 @@ def comparisons(done: pd.DataFrame, layers: pd.DataFrame, robustness: pd.DataFra
         out.append(Section("tuned", "lr tuned per group (the lr with the best mean over seeds on the validation "
                                     "split; its linear_top1 on the evaluation split)", tuned))
     probed = "step" in layers and len(layers)
-    if probed and (layers.metric == "linear_top1_gap").any():
-        matched = matched_table(layers, done)
+    trained = done[done["step"].notna()] if "step" in done else done  # (an analysed checkpoint has no step count)
+    if probed and len(trained) and (layers.metric == "linear_top1_gap").any():
+        matched = matched_table(layers[layers.trial.isin(trained.trial)], trained)
         if len(matched):
             matched["mean ± SE"] = [fmt_mean_se(m, se) for m, se in zip(matched["mean"], matched["se"], strict=True)]
             note = (" (read_at_step 0 is the untrained encoder: without eval.every a budget below a trial's end "
@@ -124,7 +125,7 @@ def comparisons(done: pd.DataFrame, layers: pd.DataFrame, robustness: pd.DataFra
                                literature.drop(columns="key").rename(
                                    columns={"paper (ViT-B/16, ImageNet)": "the literature's statement"})))
         steps = sorted(int(s) for s in layers.step.dropna().unique() if s > 0)
-        if steps:
+        if len(steps) > 1:  # (one probed step after 0 is the claims table itself)
             per_step = {"group": list(claims.group), "pair": list(claims.pair), "claim": list(claims.claim)}
             for s in steps:
                 per_step[f"step {s}"] = list(paper_claims(layers[layers.step == s], untrained, done).verdict)

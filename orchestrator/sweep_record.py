@@ -76,9 +76,18 @@ class SweepRecord:
             return Storage(st["uri"], st.get("endpoint"))
         return None
 
+    @property
+    def analysis(self) -> dict | None:
+        """An analysis sweep's inputs (``write_analysis``), or None for a training sweep."""
+        a = self.info.get("analysis")
+        return a if isinstance(a, dict) else None
+
     def space(self) -> Space:
         """The space the sweep was started with; a ``UserError`` naming the file when it cannot give one."""
         what = f"sweep {self.name!r}"
+        if self.analysis is not None:
+            raise UserError(f"{what} is an analysis sweep (clmim analyze --sweep): run that command again; it "
+                            "skips the checkpoints already analysed")
         if self.damage:
             raise UserError(f"{what}: {self.damage}; it cannot be resumed")
         if not self.info:
@@ -114,6 +123,19 @@ def write(sweep_dir: Path, space: Space, overrides: list[str], cli_args: dict, s
     write_json_atomic(Path(sweep_dir) / FILE, info, indent=2)
     if storage:
         storage.write_text(storage.path(Path(sweep_dir).name, FILE), json.dumps(info, indent=2))
+    return SweepRecord(Path(sweep_dir), info)
+
+
+def write_analysis(sweep_dir: Path, checkpoints: list[str], datasets: list[str], settings: dict,
+                   cli_args: dict) -> SweepRecord:
+    """Write an analysis sweep's record (``orchestrator/analysis.py``): its checkpoints and data sets so far (a
+    later run of the command adds to them) and the settings every trial of it is probed with (``settings``:
+    overrides, image size, network), which a later run must repeat."""
+    info = {"name": Path(sweep_dir).name, "analysis": {"checkpoints": checkpoints, "datasets": datasets, **settings},
+            "cli_args": cli_args, "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(), "python": platform.python_version(),
+            "n_trials": len(checkpoints) * max(1, len(datasets)), "storage": None}
+    write_json_atomic(Path(sweep_dir) / FILE, info, indent=2)
     return SweepRecord(Path(sweep_dir), info)
 
 
