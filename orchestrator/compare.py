@@ -166,6 +166,11 @@ LITERATURE_CLAIMS = [
     ("head_div", "late-layer attention head diversity: CL < MIM", "attn_head_div", "late", -1,
      "CL's later-layer attention maps are alike across heads as well as queries; MIM's heads stay diverse (Park et "
      "al. 2023, Sec. 2, read qualitatively from its attention maps)"),
+    ("conflict_depth", "in a mix of the pair, the objectives' gradients conflict more with depth: the per-block "
+     "gradient cosine falls from the first block to the last (its slope over blocks below 0)", "grad_cosine",
+     "mix_depth", -1,
+     "MIM's and CL's gradients conflict more in later layers, hence MIM below and CL above (Layer Grafted "
+     "Pre-training, Jiang et al., ICLR 2023, Fig. 2)"),
 ]
 # Claims on trial-level evaluations (key, claim, what, sign, the paper's statement): ``what`` is a trials column,
 # or ("noise", "high" | "low"): the accuracy drop to the highest / lowest frequency band of noise (the fine-tuned
@@ -303,17 +308,21 @@ def pure_objective(trials: pd.DataFrame) -> pd.Series:
 
 
 def _claim_groups(trials: pd.DataFrame):
-    """(group name, pair name, {"cl": trials, "mim": trials}) per combination of ``claim_axes`` and per (CL, MIM)
-    pair of objectives that has pure runs of both."""
+    """(group name, pair name, {"cl": trials, "mim": trials, "mix": trials}) per combination of ``claim_axes`` and
+    per (CL, MIM) pair of objectives that has pure runs of both; "mix": the group's trials that train both of the
+    pair at once (a mix's own claims read them)."""
     axes = claim_axes(trials)
     pure = pure_objective(trials)
+    weights = {t: weights_of(r) or {} for t, r in trials.set_index("trial").to_dict("index").items()}
     trials = trials.assign(_pure=trials.trial.map(pure))
     groups = trials.groupby(axes, dropna=False, sort=True) if axes else [((), trials)]
     for key, g in groups:
         values = key if isinstance(key, tuple) else (key,)
         name = ", ".join(f"{a}={v}" for a, v in zip(axes, values, strict=True)) or "all trials"
         for cl, mim in pairs():
-            sides = {"cl": g[g._pure == cl].drop(columns="_pure"), "mim": g[g._pure == mim].drop(columns="_pure")}
+            both = g.trial.map(lambda t, cl=cl, mim=mim: weights[t].get(cl, 0) > 0 and weights[t].get(mim, 0) > 0)
+            sides = {"cl": g[g._pure == cl].drop(columns="_pure"), "mim": g[g._pure == mim].drop(columns="_pure"),
+                     "mix": g[both.astype(bool)].drop(columns="_pure")}
             if len(sides["cl"]) and len(sides["mim"]):
                 yield name, f"{label(cl)} vs {label(mim)}", sides
 
@@ -339,6 +348,15 @@ def _peak_per_seed(d: pd.DataFrame, seed: pd.Series) -> pd.Series:
     for s in table.index:
         pick = table.drop(index=s)[earlier].mean().idxmax()
         out[s] = table.loc[s, pick] - table.loc[s, depth]
+    return pd.Series(out, dtype=float)
+
+
+def _depth_slope(rows: pd.DataFrame, metric: str) -> pd.Series:
+    """Per trial, the least-squares slope of ``metric`` over its blocks (per block; head-averaged rows); trials with
+    fewer than two blocks measured are left out."""
+    d = rows[(rows.metric == metric) & rows["head"].isna()]
+    out = {t: float(np.polyfit(g.layer.astype(float), g.value.astype(float), 1)[0])
+           for t, g in d.groupby("trial") if g.layer.nunique() >= 2}
     return pd.Series(out, dtype=float)
 
 
@@ -377,7 +395,14 @@ def paper_claims(final: pd.DataFrame, untrained: pd.DataFrame, trials: pd.DataFr
         base = untrained[untrained.trial.isin(g.trial)]
         rows = []
         for key, claim, metric, where, sign, paper in claims:
-            if where == "peak":
+            if where == "mix_depth":
+                mix = sides["mix"].trial
+                slopes = [_depth_slope(rows_[rows_.trial.isin(mix)], metric) for rows_ in (final, untrained)]
+                test = Welch.of(sign * _per_seed(slopes[0], seed))
+                row = _one_sided_row(key, claim, paper, test, None, sign)
+                row["untrained"] = fmt_mean_se(*mean_se(_per_seed(slopes[1], seed))[:2]) if len(slopes[1]) else "–"
+                rows.append(row)
+            elif where == "peak":
                 d = mine[mine.trial.isin(sides["mim"].trial) & (mine.metric == metric) & mine["head"].isna()]
                 rows.append(_one_sided_row(key, claim, paper, Welch.of(_peak_per_seed(d, seed)), "MIM"))
             elif where == "cl_moved":
@@ -457,13 +482,14 @@ def _claim_row(key: str, claim: str, paper: str, per: pd.Series, base: pd.Series
             "_moved": (move["cl"].moved == sign, move["mim"].moved == -sign) if paired and base.size else None}
 
 
-def _one_sided_row(key: str, claim: str, paper: str, test: Welch, column: str, sign: int = 1) -> dict:
+def _one_sided_row(key: str, claim: str, paper: str, test: Welch, column: str | None, sign: int = 1) -> dict:
     """A within-objective claim's row: one side's statistic per seed, in the claim's direction (``test``, against
-    0), shown as measured (``sign`` times it) in ``column``."""
+    0), shown as measured (``sign`` times it) in ``column`` (None: a mix's, shown in the difference only)."""
     shown = test if sign > 0 else Welch(-test.diff, -test.hi, -test.lo, -test.t, test.df, test.p, test.n_a,
                                         test.n_b)
     cells = {"MIM": "–", "CL": "–", "untrained": "–", "MIM − untrained": "–", "CL − untrained": "–"}
-    cells[column] = shown.interval
+    if column:
+        cells[column] = shown.interval
     return {"claim": claim, "paper (ViT-B/16, ImageNet)": paper, **cells,
             "difference [95% CI]": test.interval, "t (df)": _t_text(test),
             "p": f"{test.p:.3g}" if test.p == test.p else "–", "key": key, "_test": test}

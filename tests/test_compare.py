@@ -318,3 +318,28 @@ def test_literature_claims_are_a_family_of_their_own_and_a_pair_metric_is_read_a
     flipped.loc[att, "value"] += np.where(flipped[att].lam == 1, 0.5, 0.0)
     again = paper_claims(flipped, untrained, trials, LITERATURE_CLAIMS).set_index("key")
     assert again.loc["attentive", "verdict"] == "opposite"
+
+
+def test_the_depth_conflict_claim_reads_the_slope_of_a_mixs_gradient_cosine_over_its_blocks():
+    """A SimMIM + MoCo v3 mix (3 seeds) beside the pure runs: its per-block gradient cosine falling with depth holds
+    (the slope, per block, is the difference), rising is opposite; the untrained column is the slope at step 0;
+    without a mix the claim is not measured."""
+    pure = trials_frame()
+    mix = pd.DataFrame([{"trial": f"mix_{s}", "lam": 0.5, "objective.lam": 0.5, "run.seed": s,
+                         "train_flops_per_image": 2e8, "data.batch_size": 10, "optim.steps": 100} for s in range(3)])
+    trials = pd.concat([pure, mix], ignore_index=True)
+
+    def cosines(slope: float, step: int) -> pd.DataFrame:
+        return pd.DataFrame([{"trial": f"mix_{s}", "step": step, "layer": b, "head": None, "metric": "grad_cosine",
+                              "value": 0.3 + slope * b + 0.01 * s * (b % 2), "lam": 0.5}
+                             for s in range(3) for b in range(1, 7)])
+
+    base = cosines(0.0, 0)
+    falling = paper_claims(cosines(-0.05, 100), base, trials, LITERATURE_CLAIMS).set_index("key")
+    row = falling.loc["conflict_depth"]
+    assert row.verdict == "holds" and row["difference [95% CI]"].startswith("0.05")
+    assert abs(float(row.untrained.split(" ± ")[0])) < 0.005  # flat at initialisation
+    rising = paper_claims(cosines(+0.05, 100), base, trials, LITERATURE_CLAIMS).set_index("key")
+    assert rising.loc["conflict_depth", "verdict"] == "opposite"
+    none = paper_claims(cosines(-0.05, 100), base, pure, LITERATURE_CLAIMS).set_index("key")
+    assert none.loc["conflict_depth", "verdict"] == "not measured"
