@@ -5,7 +5,8 @@ ImageNet validation images. ``clmim analyze CKPT... --data DS --sweep NAME`` run
 set) (a GPU each when the cluster has GPUs), each ``trainables.analysis.analyze``: the checkpoint and the untrained
 encoder of its architecture, every evaluation a trial runs. The driver writes each task's reports as a trial of
 sweep NAME (``results.write_attempts``: ``trials`` with the checkpoint as ``source``, ``curves``, ``layers``,
-``robustness``; step 0 the untrained encoder, step 1 the checkpoint), so ``clmim results show``, the claims table
+``robustness``; step 0 the untrained encoder, then the checkpoint: at its step for a clmim file, at step 1 for a
+released one), so ``clmim results show``, the claims table
 and ``clmim report`` read released models as they read trained ones.
 
 How the claims read it: the trials' objective comes from the layout (MoCo v3 and DINO are CL, SimMIM and MAE MIM;
@@ -44,6 +45,7 @@ from .records import Status
 from .results import Attempt, write_attempts
 from .sweep import init_ray
 
+HEARTBEAT_S = 60.0  # with no trial ended for this long, a progress line says the sweep is alive
 
 @dataclass(frozen=True)
 class Job:
@@ -138,9 +140,13 @@ def analysis_sweep(name: str, root: Path, checkpoints: list[str], datasets: list
         start = time.monotonic()
         try:
             while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                job = pending.pop(ref)
-                ok, line = _record(layout, job, ref)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
+                if not ready:  # long probes (ImageNet val on a CPU): say the sweep is alive
+                    print(f"[{len(todo) - len(pending)}/{len(todo)}, {duration(time.monotonic() - start)}] "
+                          f"{len(pending)} trial(s) analysing or waiting for a worker", flush=True)
+                    continue
+                job = pending.pop(ready[0])
+                ok, line = _record(layout, job, ready[0])
                 errors += not ok
                 print(f"[{len(todo) - len(pending)}/{len(todo)}, {duration(time.monotonic() - start)}] {line}",
                       flush=True)

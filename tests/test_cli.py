@@ -11,6 +11,7 @@ from conftest import tiny
 from sweeps import make_sweep
 
 from orchestrator.cli import main
+from trainables.analysis import analyze
 from trainables.config import load_config
 from trainables.errors import UserError
 
@@ -209,8 +210,19 @@ def test_analyze_is_deterministic_and_equals_what_the_trial_recorded(tmp_path, c
 
     out = tmp_path / "run"
     # big enough that a probe fit from a random start (the old defect) gave different numbers each time
+    reports = []
     final = train(load_config(tiny(), [f"run.out_dir={out}", "optim.steps=8", "eval.probe_images=8",
-                                       "data.train_size=512", "data.eval_size=256", "eval.samples=256"]))
+                                       "data.train_size=512", "data.eval_size=256", "eval.samples=256"]),
+                  lambda metrics, checkpoint=None: reports.append(dict(metrics)))
+    # the analysis sweep's task on the trial's export: the untrained encoder (step 0) and the trained one (at its
+    # step) give every number the trial reported then
+    analysed = analyze(str(out), [])
+    recorded = {r["step"]: r for r in reports if "layer/1/attn_distance" in r}
+    assert [r["step"] for r in analysed["results"]] == [0, 8] == sorted(recorded)
+    for got_, want in zip(analysed["results"], (recorded[0], recorded[8]), strict=True):
+        keys = [k for k in want if k.startswith(("layer/", "linear_top1", "knn_top1")) and k in got_]
+        assert len(keys) > 10 and {k: got_[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, abs=1e-4)
+    assert analysed["final"]["step"] == 8 and analysed["config"]["optim"]["steps"] == 8  # a clmim file's config
     got = []
     for _ in range(3):
         capsys.readouterr()

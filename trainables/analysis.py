@@ -6,8 +6,9 @@ A checkpoint is a clmim one (a checkpoint, an export, a trial's run folder) or a
 MoCo v3, SimMIM, MAE, DINO, iBOT, DINOv2, timm). Beside it, the untrained encoder of the same architecture is probed
 with the same fitted-probe protocol (clmim's: the trial's own initial weights; a released one: its code base's
 initialisation, seeded by ``run.seed``), so every number has its untrained baseline, as in a training sweep: the
-reports are a trial's, step 0 the untrained encoder and step 1 the checkpoint (a released checkpoint's training
-length is not in its file; ``step`` in the ``trials`` table stays null).
+reports are a trial's, step 0 the untrained encoder, then the checkpoint at the step it was saved at (a clmim file
+records it) or at step 1 (a released file does not say how long it was trained; ``step`` in the ``trials`` table
+stays null).
 
 Files are loaded with ``weights_only=True`` (``checkpoints.load_weights``): a results root or a download never runs
 code.
@@ -71,6 +72,7 @@ class Saved:
     weights: dict[str, float] | None
     source: dict[str, str]
     untrained: Callable[[], nn.Module]
+    step: int | None = None  # the step it was saved at (a clmim file records it; a released one does not)
 
 
 def load_saved(where: str, overrides: list[str], img_size: int | None = None, network: str = "teacher") -> Saved:
@@ -95,9 +97,11 @@ def load_saved(where: str, overrides: list[str], img_size: int | None = None, ne
                             "its trial was (change data.* with --set)")
         encoder, cfg = load_encoder(ckpt, overrides)  # the pre-trained encoder, never a fine-tuned one
         weights = cfg.objective.mix()
+        step = ckpt.get("step")
         return Saved(encoder.eval(), cfg, f"{cfg.model.variant}, trained as {objective_label(weights)}", weights,
                      {"source": where, "source_layout": "clmim", "source_arch": f"clmim ViT {cfg.model.variant}"},
-                     lambda: load_encoder(ckpt, overrides, untrained=True)[0].eval())
+                     lambda: load_encoder(ckpt, overrides, untrained=True)[0].eval(),
+                     int(step) if isinstance(step, int) and step > 0 else None)
     layout, state = recognise(ckpt, network)  # a released checkpoint
     encoder, shape = build(layout, state, img_size)
     cfg = load_config({"model": {"variant": config_variant(shape), "img_size": encoder.img_size}}, overrides)
@@ -114,10 +118,13 @@ def load_saved(where: str, overrides: list[str], img_size: int | None = None, ne
 
 
 def trial_config(saved: Saved) -> dict:
-    """The ``trials`` row's config of an analysed checkpoint: what the probes read (model size and image size,
-    data, eval, run) and the objective's weights; no optimiser or objective recipe, which describe clmim's training,
-    not the checkpoint's."""
+    """The ``trials`` row's config of an analysed checkpoint: a clmim one's whole config (how it was trained, with
+    the probes' overrides); a released one's what the probes read (model size and image size, data, eval, run) and
+    the objective's weights, without an optimiser or objective recipe, which would describe clmim's training, not
+    the checkpoint's."""
     d = to_dict(saved.cfg)
+    if saved.source.get("source_layout") == "clmim":
+        return d
     d.pop("optim", None)
     d.pop("stages", None)
     d.pop("finetune", None)
@@ -130,8 +137,8 @@ def trial_config(saved: Saved) -> dict:
 
 def probe_saved(saved: Saved) -> tuple[list[dict], dict[str, float]]:
     """Every evaluation of a trial (``evaluate.evaluate_encoder``) on the untrained encoder (step 0; its GAP
-    features are the CKA baseline) and on the checkpoint (``CHECKPOINT_STEP``), each from the same seed: the two
-    reports, and the seconds each evaluation took."""
+    features are the CKA baseline) and on the checkpoint (at its step, else ``CHECKPOINT_STEP``), each from the same
+    seed: the two reports, and the seconds each evaluation took."""
     cfg = saved.cfg
     if cfg.run.threads:  # the trial's thread count: the same numbers as the trial recorded
         torch.set_num_threads(cfg.run.threads)
@@ -145,7 +152,7 @@ def probe_saved(saved: Saved) -> tuple[list[dict], dict[str, float]]:
         return gap
 
     reports = []
-    for step, make, against in ((0, saved.untrained, first), (CHECKPOINT_STEP, lambda: saved.encoder,
+    for step, make, against in ((0, saved.untrained, first), (saved.step or CHECKPOINT_STEP, lambda: saved.encoder,
                                                                lambda _gap: baseline)):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)
@@ -161,6 +168,6 @@ def analyze(where: str, overrides: list[str], img_size: int | None = None, netwo
     saved = load_saved(where, overrides, img_size, network)
     reports, seconds = probe_saved(saved)
     wall = time.perf_counter() - t
-    final = {**reports[-1], "step": None, **{f"seconds_{k}": v for k, v in seconds.items()}}
+    final = {**reports[-1], "step": saved.step, **{f"seconds_{k}": v for k, v in seconds.items()}}
     return {"config": trial_config(saved), "source": saved.source, "results": reports, "final": final,
             "found": saved.found, "wall_time_s": wall}
