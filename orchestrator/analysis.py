@@ -59,9 +59,17 @@ class Job:
         return [*base, f"data.dataset={self.dataset}"] if self.dataset else list(base)
 
 
+GENERIC = re.compile(r"run|model|checkpoint|step_\d+")  # clmim's own names: the folder above says which trial
+
+
 def trial_id(checkpoint: str, dataset: str | None, network: str) -> str:
-    """'<file stem>-<data set>-<8 hex>': readable, and the same for the same (checkpoint, network, data set)."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(checkpoint.rstrip("/")).name.split(".")[0]).strip("-_")[:40]
+    """'<file stem>-<data set>-<8 hex>': readable, and the same for the same (checkpoint, network, data set); a
+    clmim trial's ``run`` folder or ``model.pt`` is named by its trial folder too."""
+    path = Path(checkpoint.rstrip("/"))
+    stem = path.name.split(".")[0]
+    if GENERIC.fullmatch(stem) and path.parent.name:
+        stem = f"{path.parent.name}-{stem}"
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-_")[:40]
     digest = hashlib.sha1(f"{checkpoint}\0{network}\0{dataset}".encode()).hexdigest()[:8]
     return f"{stem or 'checkpoint'}-{dataset or 'default'}-{digest}"
 

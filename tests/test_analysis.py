@@ -88,6 +88,7 @@ def test_trial_ids_are_stable_per_checkpoint_network_and_data_set():
     assert len(jobs) == 4 and len({j.trial for j in jobs}) == 4
     assert jobs[0].trial == trial_id("a/moco.pth", "digits", "teacher") != trial_id("a/moco.pth", "digits", "student")
     assert jobs[0].trial.startswith("moco-digits-")
+    assert trial_id("s/tune/5daca_00000/run", None, "teacher").startswith("5daca_00000-run-default-")
 
 
 @pytest.mark.parametrize("args, message", [
