@@ -19,6 +19,7 @@ from orchestrator.summary import sections
 from trainables.analysis import analyze, load_saved, trial_config
 from trainables.config import load_config
 from trainables.data import build_data
+from trainables.errors import UserError
 from trainables.probes import rows_to_metrics, run_probes
 from trainables.released import IBOT, MOCO_V3, Released, config_variant, shape_of
 
@@ -156,3 +157,9 @@ def test_an_analysis_sweep_of_three_checkpoints_of_two_layouts_lands_in_the_tabl
         *paths, str(tmp_path / "bad.pth")]
     assert main(["resume", "rel", "--results", str(root)]) == 2
     assert "analysis sweep" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_pickle_is_named_as_such_not_as_one_holding_code(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="is not a torch file"):
+        load_saved(str(tmp_path / "bad.pth"), CHEAP)

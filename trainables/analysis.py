@@ -84,7 +84,7 @@ def load_saved(where: str, overrides: list[str], img_size: int | None = None, ne
     try:
         ckpt = load_weights(path)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # (torch's weights-only unpickler: garbage, not a pickle)
+        if "GLOBAL" not in str(e) and "Unsupported global" not in str(e):  # (no class refused: not a pickle)
             raise UserError(f"checkpoint: {str(path)!r} is not a torch file (unreadable pickle)") from None
         raise UserError(f"checkpoint: {str(path)!r} holds Python objects beyond tensors and plain values; clmim "
                         "loads weights only (weights_only=True) and never runs code from a file") from None
