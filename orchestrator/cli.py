@@ -253,8 +253,8 @@ def _analyze_one(args, dataset: str | None) -> int:
         import torch  # (start-up)
 
         torch.set_num_threads(cfg.run.threads)
-    print(f"clmim analyze: {args.checkpoint[0]} ({saved.found}; data {cfg.data.dataset} at {cfg.model.img_size} "
-          "px)", flush=True)
+    read = args.checkpoint[0] + (f" -> {saved.file}" if saved.file != args.checkpoint[0] else "")
+    print(f"clmim analyze: {read} ({saved.found}; data {cfg.data.dataset} at {cfg.model.img_size} px)", flush=True)
     rows, summary = run_probes(saved.encoder, build_data(cfg), cfg)
     if args.out:  # every row, per head too: what a script reads (the tables below are for reading)
         every = pd.DataFrame(rows, columns=["layer", "head", "metric", "value"]).astype({"head": "Int64"})

@@ -108,6 +108,7 @@ def test_ray_that_does_not_start_is_one_line_saying_what_to_do(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", slow)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # (the session's Ray head sets it on the worker it runs on)
     with pytest.raises(ClusterError, match=r"did not start \(TimeoutError: Timed out after 60 s.*ray start --head"):
         init_ray(None)
     with pytest.raises(ClusterError, match=r"--address 10.9.9.9:6379: cannot connect"):

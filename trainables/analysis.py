@@ -73,6 +73,7 @@ class Saved:
     source: dict[str, str]
     untrained: Callable[[], nn.Module]
     step: int | None = None  # the step it was saved at (a clmim file records it; a released one does not)
+    file: str = ""  # the file read (a run folder's model.pt, a download of an s3:// one)
 
 
 def load_saved(where: str, overrides: list[str], img_size: int | None = None, network: str = "teacher") -> Saved:
@@ -101,7 +102,7 @@ def load_saved(where: str, overrides: list[str], img_size: int | None = None, ne
         return Saved(encoder.eval(), cfg, f"{cfg.model.variant}, trained as {objective_label(weights)}", weights,
                      {"source": where, "source_layout": "clmim", "source_arch": f"clmim ViT {cfg.model.variant}"},
                      lambda: load_encoder(ckpt, overrides, untrained=True)[0].eval(),
-                     int(step) if isinstance(step, int) and step > 0 else None)
+                     int(step) if isinstance(step, int) and step > 0 else None, str(path))
     layout, state = recognise(ckpt, network)  # a released checkpoint
     encoder, shape = build(layout, state, img_size)
     cfg = load_config({"model": {"variant": config_variant(shape), "img_size": encoder.img_size}}, overrides)
@@ -114,7 +115,7 @@ def load_saved(where: str, overrides: list[str], img_size: int | None = None, ne
                  {layout.objective: 1.0} if layout.objective else None,
                  {"source": where + part, "source_layout": layout.name,
                   "source_arch": arch},
-                 lambda: build(layout, state, img_size, untrained_seed=cfg.run.seed)[0].eval())
+                 lambda: build(layout, state, img_size, untrained_seed=cfg.run.seed)[0].eval(), file=str(path))
 
 
 def trial_config(saved: Saved) -> dict:
