@@ -21,8 +21,11 @@ from orchestrator.sweep import run_sweep
 
 pytestmark = pytest.mark.ray
 
+# (the evaluations these sweeps do not test off, as conftest's CHEAP_EVAL: the attentive probe's 300 steps alone
+# were a large share of the quickstart test)
 SMALL = ["optim.steps=8", "data.train_size=256", "data.eval_size=64", "data.batch_size=32", "eval.samples=64",
-         "run.log_every=4", "run.ckpt_every=4"]
+         "run.log_every=4", "run.ckpt_every=4", "eval.attentive_steps=0", "eval.lowshot=false",
+         "eval.grad_cosine=false"]
 
 
 def write_space(tmp_path, name="s", **over):
