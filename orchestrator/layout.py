@@ -199,8 +199,9 @@ def find_sweep(name: str, root: Path, need: str | None = None, storage: Storage 
                 f"; sweeps there: {', '.join(names[-5:])}" if names else "; there are no sweeps there yet")
         where = f"{root} or in --storage {storage.uri}" if storage else str(root)
         raise UserError(f"sweep {name!r} not found under {where}{hint} (list them: clmim results list)")
-    if need == "tune" and sweep_record.read(layout.sweep_dir).analysis is not None:
-        sweep_record.read(layout.sweep_dir).space()  # (raises: an analysis sweep is run again, not resumed)
+    record = sweep_record.read(layout.sweep_dir)
+    if need == "tune" and record.analysis is not None:
+        record.space()  # (raises: an analysis sweep is run again, not resumed)
     if need == "tune" and not (_stored_sweep(layout, "tune") or _stored_sweep(layout, "plan.json")):
         raise UserError(f"sweep {name!r}: no Tune experiment in {layout.store.display(layout.tune_path)} "
                         "(it never started trials, or pass the --storage it ran with)")

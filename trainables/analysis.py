@@ -31,13 +31,12 @@ from .checkpoints import find_checkpoint, load_encoder, load_weights
 from .config import Config, load_config, to_dict
 from .data import build_data
 from .errors import UserError
-from .evaluate import evaluate_encoder
+from .evaluate import TIMERS, evaluate_encoder
 from .released import DINO, IBOT, build, config_variant, recognise
 from .storage import Storage
 from .vocab import objective_label
 
 CHECKPOINT_STEP = 1  # the step a checkpoint's own probes are reported at (0: its untrained encoder)
-PARTS = ("probes", "dense", "cka", "noise")  # the evaluations' timers (``seconds_<part>``)
 
 
 def fetch(where: str) -> str:
@@ -145,7 +144,7 @@ def probe_saved(saved: Saved) -> tuple[list[dict], dict[str, float]]:
         torch.set_num_threads(cfg.run.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     data = build_data(cfg)
-    seconds = dict.fromkeys(PARTS, 0.0)
+    seconds = dict.fromkeys(TIMERS, 0.0)
     baseline: dict = {}
 
     def first(gap: dict) -> dict:

@@ -18,6 +18,7 @@ from .data import DataBundle
 from .probes import Row, cka_rows, dense_rows, rows_to_metrics, run_probes
 from .robustness import linear_noise_accuracy
 
+TIMERS = ("probes", "dense", "cka", "noise")  # the parts of ``vocab.EVAL_PARTS`` timed here (``seconds``' keys)
 Baseline = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
 
 

@@ -42,7 +42,7 @@ from .config import (
     total_steps,
 )
 from .data import DataBundle, batch_stream
-from .evaluate import evaluate_encoder
+from .evaluate import TIMERS, evaluate_encoder
 from .files import write_json_atomic
 from .finetune import finetune, finetune_steps
 from .model import param_groups
@@ -229,7 +229,7 @@ class TrainRun:
     last_log: dict = field(default_factory=dict)  # the last log step's metrics before the resumed checkpoint
     initial_encoder: torch.nn.Module | None = None  # a copy of the untrained encoder, kept only after a resume
     untrained: dict | None = None  # its GAP features per layer on the eval subset (``untrained_features``)
-    seconds: dict = field(default_factory=lambda: dict.fromkeys(("probes", "dense", "cka", "noise"), 0.0))
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
     offset: int = 0  # the global step this stage starts at (a staged run; 0 otherwise): steps and checkpoints count
     # globally, so a staged run is one sequence of reports and checkpoints
 
