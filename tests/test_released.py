@@ -35,7 +35,7 @@ from trainables.released import (
 
 SIZE, PATCH = 32, 4
 PROBE = ["data.train_size=128", "data.eval_size=64", "eval.samples=64", "eval.probe_images=8",
-         "eval.dense_images=0", "eval.cka=false", "eval.noise.bands=0"]
+         "eval.dense_images=0", "eval.cka=false", "eval.noise.bands=0", "eval.attentive_steps=0", "eval.lowshot=false"]
 
 
 def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -21,6 +21,52 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+def test_wsd_holds_the_peak_then_cools_down_and_its_stable_steps_do_not_depend_on_the_runs_length():
+    """WSD: warmup, the peak (momentum and wd held too), then 1 - sqrt to min over the last cooldown_frac; with
+    warmup_steps, every schedule of a 40-step run equals the 100-step run's up to its cooldown."""
+    over = ["objective.lam=0.5", "optim.schedule=wsd", "optim.warmup_steps=5", "optim.blr=2.56e-3",
+            "data.batch_size=100", "optim.min_lr_ratio=0.1", "optim.weight_decay_end=0.2"]
+    cfg = load_config(tiny(), over)
+    long, short, peak = schedules(cfg, 100), schedules(cfg, 40), 2.56e-3 * 100 / 256
+    lr = long["lr"]
+    assert lr[0] == pytest.approx(peak / 5) and lr[4] == pytest.approx(peak)
+    assert np.allclose(lr[5:80], peak) and np.all(np.diff(lr[79:]) < 0)
+    assert lr[-1] == pytest.approx(0.1 * peak) and lr[89] == pytest.approx(peak * (0.1 + 0.9 * (1 - 0.5 ** 0.5)))
+    assert long["momentum"][79] == pytest.approx(0.99) and long["momentum"][-1] == pytest.approx(1.0)
+    for k in long:  # the 40-step run cools down from step 32; before it, both runs are one
+        np.testing.assert_array_equal(short[k][:32], long[k][:32], err_msg=k)
+        assert not np.allclose(short[k][32:], long[k][32:40]) or k in ("wd",) or np.ptp(long[k]) == 0, k
+
+
+@pytest.mark.integration
+def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_path):
+    """A checkpoint of a WSD run's stable phase, resumed with another length, gives a straight run of that length's
+    weights bit for bit: cooling a 16-step run's step-8 checkpoint down in 2 steps is the 10-step run, and the
+    10-step run's kept stable checkpoint (``stable/``, step 8) extended to 16 steps is the 16-step run."""
+    base = tiny(**{"objective__lam": 0.5, "optim__schedule": "wsd", "optim__warmup_steps": 2,
+                   "optim__cooldown_frac": 0.2, "run__ckpt_every": 4, "model__drop_path": 0.1})
+
+    def run(name, steps, resume=None):
+        out = tmp_path / name
+
+        def keep(metrics, checkpoint=None):  # every checkpoint (a run keeps its last two)
+            if checkpoint is not None:
+                shutil.copytree(checkpoint, tmp_path / f"{name}-kept" / Path(checkpoint).name)
+
+        train(load_config(base, [f"optim.steps={steps}", f"run.out_dir={out}",
+                                 *([f"run.resume={resume}"] if resume else [])]), keep)
+        return out
+
+    long, short = run("long", 16), run("short", 10)
+    assert (short / "stable" / "checkpoint.pt").is_file() and load_weights(short / "stable" / "checkpoint.pt")[
+        "step"] == 8
+    cooled = run("cooled", 10, tmp_path / "long-kept" / "step_0000008")
+    extended = run("extended", 16, short / "stable")
+    for a, b in ((short, cooled), (long, extended)):
+        wa, wb = weights(find_checkpoint(a)), weights(find_checkpoint(b))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), a.name
+
+
 @pytest.mark.integration
 def test_resume_from_step_n_matches_straight_run(tmp_path):
     """Training to 2N straight and resuming from the step-N checkpoint to 2N give the same weights."""
@@ -102,11 +148,11 @@ def test_simmim_keeps_its_multistep_schedule_and_mixes_take_cosine():
 def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
     from trainables.config import train_flops_per_image
 
-    budget = 3e11
+    budget = 1.5e11  # at batch 16: 32, 11 and 8 steps
     spent = {}
     for lam in (0.0, 1.0, 0.5):
         cfg = load_config(tiny(), [f"objective.lam={lam}", "optim.steps=null", f"optim.flops_budget={budget}",
-                                   "eval.probe_images=8"])
+                                   "data.batch_size=16"])
         per_step = train_flops_per_image(cfg) * cfg.data.batch_size
         final = train(cfg)
         steps = final["step"]

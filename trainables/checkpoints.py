@@ -76,6 +76,18 @@ def save_checkpoint(out_dir: Path, step: int, objective: torch.nn.Module, opt: t
     return final
 
 
+def keep_stable(checkpoint: Path, out_dir: Path) -> Path:
+    """Copy a WSD run's last stable-phase checkpoint to ``out_dir/stable/`` (atomically; ``save_checkpoint``'s
+    rotation never removes it): resumed with another ``optim.steps`` it extends the run, or cools it down at another
+    budget, exactly as a straight run of that length (``schedule.decay_shape``)."""
+    final, tmp = out_dir / "stable", out_dir / ".tmp_stable"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def export_weights(checkpoint: Path, out: Path) -> Path:
     """Write the weights of the encoder a full checkpoint's evaluations read (``eval.encoder``: DINO's teacher by
     default; no heads, other encoders, optimiser or RNG state) with its step and config to ``out``: what ``clmim

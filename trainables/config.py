@@ -114,14 +114,22 @@ class OptimConfig:
     lr_scale: float = _f(1.0, lo=0.0, hi=1e4, doc="multiplies blr; sweep it to tune lr per objective around each "
                                                    "objective's own recipe")
     min_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0)
-    schedule: str | None = _f(None, choices=["cosine", "multistep"],
-                              doc="lr after warmup: cosine decay (MoCo v3, MAE, DINO) or multistep (SimMIM: constant, "
-                                  "then x decay_gamma from decay_at of the run); default: the recipe's, multistep "
-                                  "only where every objective of the mix uses it (pure SimMIM)")
+    schedule: str | None = _f(None, choices=["cosine", "multistep", "wsd"],
+                              doc="lr after warmup: cosine decay (MoCo v3, MAE, DINO), multistep (SimMIM: constant, "
+                                  "then x decay_gamma from decay_at of the run) or wsd (constant, then a 1 - sqrt "
+                                  "cooldown over the last cooldown_frac: trials stopped or compared at any budget "
+                                  "have cooled down; with warmup_steps, a stable-phase checkpoint extends or cools "
+                                  "down exactly); default: the recipe's, multistep only where every objective of the "
+                                  "mix uses it (pure SimMIM)")
+    cooldown_frac: float = _f(0.2, lo=0.0, hi=0.9, doc="wsd: the share of the run that cools down (Hägele et al. "
+                                                        "2024: 20 % matches cosine)")
     decay_at: float = _f(700 / 800, lo=0.0, hi=1.0, doc="multistep: the share of the run at which the lr drops "
                                                          "(SimMIM's ViT-B: epoch 700 of 800)")
     decay_gamma: float = _f(0.1, lo=0.0, hi=1.0, doc="multistep: the lr's factor after decay_at (SimMIM: 0.1)")
     warmup_frac: float | None = _f(None, lo=0.0, hi=0.9, doc="default: the objective's recipe")
+    warmup_steps: int | None = _f(None, lo=0, doc="warmup length in steps, instead of warmup_frac: runs of different "
+                                                  "lengths then share their first steps (wsd: extend or cool down "
+                                                  "from a checkpoint)")
     weight_decay: float | None = _f(None, lo=0.0, hi=10.0, doc="default: the objective's recipe")
     weight_decay_end: float | None = _f(None, lo=0.0, hi=10.0, doc="cosine wd schedule end (default: constant)")
     beta1: float = _f(0.9, lo=0.0, hi=0.99999)

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoints import (
     find_checkpoint,
     initial_state,
+    keep_stable,
     load_checkpoint,
     load_weights,
     newest_loadable,
@@ -50,23 +51,31 @@ from .objectives import registry
 from .objectives.mixture import Mixture
 from .probes import block_cosines, extract_features
 from .robustness import finetune_noise_accuracy
-from .schedule import lr_schedule, step_seed, steps_per_epoch
+from .schedule import cooldown_start, decay_shape, lr_schedule, step_seed, steps_per_epoch, warmup_length
 from .steps import read_log, set_lr
 
 Report = Callable[..., None]
 
 
 def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarray]:
-    """Per-step lr (linear warmup, then ``optim.schedule``: cosine decay to ``min_lr_ratio``, or multistep: the
-    peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), and each objective of the
-    mix's own (its declaration's ``schedules``: MoCo v3's and DINO's EMA momentum, cosine to 1; DINO's teacher
-    temperature and last-layer freeze, whose default length is one epoch of ``per_epoch`` steps)."""
+    """Per-step lr (linear warmup, then ``optim.schedule``: cosine or WSD decay to ``min_lr_ratio``, or multistep:
+    the peak until ``decay_at`` of the run, then x ``decay_gamma``), weight decay (cosine), and each objective of
+    the mix's own (its declaration's ``schedules``: MoCo v3's and DINO's EMA momentum, cosine to 1; DINO's teacher
+    temperature and last-layer freeze, whose default length is one epoch of ``per_epoch`` steps).
+
+    Under ``wsd`` the schedules that span the run (weight decay, EMA momentum) follow the lr's shape instead of a
+    cosine over the run: held through the stable phase, annealed in the cooldown. So no schedule depends on the
+    run's length before its cooldown, and a stable-phase checkpoint continues into a run of any length exactly."""
     o = cfg.optim
     lr = lr_schedule(o.blr * o.lr_scale * cfg.data.batch_size / 256, total, o.warmup_frac, o.schedule,
-                     o.min_lr_ratio, o.decay_at, o.decay_gamma)
+                     o.min_lr_ratio, o.decay_at, o.decay_gamma, o.warmup_steps, o.cooldown_frac)
     steps = np.arange(total, dtype=np.float64)
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
-    to_one = 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))  # 1 -> 0 over the run
+    if o.schedule == "wsd":  # 1 through warmup and the stable phase, 1 - sqrt to 0 over the cooldown
+        to_one = decay_shape(total, warmup_length(total, o.warmup_frac, o.warmup_steps), "wsd",
+                             cooldown_frac=o.cooldown_frac)
+    else:
+        to_one = 0.5 * (1 + np.cos(np.pi * steps / max(1, total)))  # 1 -> 0 over the run
     wd = wd_end + (o.weight_decay - wd_end) * to_one
     out = {"lr": lr, "wd": wd}
     for name in cfg.objective.mix():
@@ -232,16 +241,23 @@ class TrainRun:
     seconds: dict = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
     offset: int = 0  # the global step this stage starts at (a staged run; 0 otherwise): steps and checkpoints count
     # globally, so a staged run is one sequence of reports and checkpoints
+    stable_at: int | None = None  # wsd: the global step its cooldown starts at (a checkpoint kept in ``stable/``)
 
     def ckpt_due(self, done: int, last: int) -> bool:
-        """True if the run saves a checkpoint after step ``done`` (every ``run.ckpt_every`` and at ``last``)."""
+        """True if the run saves a checkpoint after step ``done`` (every ``run.ckpt_every``, at ``last`` and at a
+        WSD run's last stable step)."""
         r = self.cfg.run
-        return self.out_dir is not None and bool((r.ckpt_every and done % r.ckpt_every == 0) or done == last)
+        return self.out_dir is not None and bool((r.ckpt_every and done % r.ckpt_every == 0) or done == last
+                                                 or done == self.stable_at)
 
     def save(self, done: int, module: torch.nn.Module, opt: torch.optim.Optimizer,
              extra: dict | None = None) -> Path | None:
-        """Save a checkpoint from rank 0 (all ranks wait for it); its directory on rank 0, else None."""
+        """Save a checkpoint from rank 0 (all ranks wait for it); its directory on rank 0, else None. A WSD run's
+        last stable step is also kept in ``stable/`` (``keep_stable``): where a longer run or another cooldown
+        branches off."""
         path = save_checkpoint(self.out_dir, done, module, opt, self.cfg, extra) if self.rank == 0 else None
+        if path is not None and done == self.stable_at:
+            keep_stable(path, self.out_dir)
         if self.world > 1:
             dist.barrier()
         return path
@@ -318,7 +334,9 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
         info={**model_stats(stage.whole or cfg),
               "total_steps": (stage.whole.optim.steps if stage.whole else total) + finetuning,
               "world_size": world, "device": device.type, "train_images": len(data.train)},
-        resumed=ckpt, last_log=last_log, initial_encoder=initial, offset=stage.offset)
+        resumed=ckpt, last_log=last_log, initial_encoder=initial, offset=stage.offset,
+        stable_at=stage.offset + cooldown_start(total, cfg.optim.cooldown_frac)
+        if cfg.optim.schedule == "wsd" and 0 < cooldown_start(total, cfg.optim.cooldown_frac) < total else None)
 
 
 def _log_metrics(run: TrainRun, out: dict, nonfinite: torch.Tensor, step: int, done: int, images: int,
