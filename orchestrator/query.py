@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from trainables.errors import UserError
+from trainables.vocab import EARLY_SIGNALS as SIGNALS
 
 from . import records, sweep_record
 from .layout import SweepLayout, check_root, list_sweeps
@@ -259,13 +260,16 @@ class SweepFrames:
     connection. ``trials``: every trial's latest attempt, with its ``mix`` (``scaling.with_mix``: tables older
     than weights get it from lam); ``done``: the finished ones; ``layers``: their per-layer
     probes at every probed step (step 0: the untrained encoder), mean over heads, with ``lam``; ``robustness``:
-    their accuracies under band-passed noise; ``curves``: their loss curves (trial, step, value)."""
+    their accuracies under band-passed noise; ``curves``: their loss curves (trial, step, value); ``signals``: the
+    finished trials' early signals at every evaluation (``early_signals.SIGNALS``: sweep, trial, step, metric,
+    value)."""
 
     trials: pd.DataFrame
     done: pd.DataFrame
     layers: pd.DataFrame
     robustness: pd.DataFrame
     curves: pd.DataFrame
+    signals: pd.DataFrame = field(default_factory=pd.DataFrame)  # early signals per evaluation (``early_signals``)
 
 
 def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> SweepFrames:
@@ -285,7 +289,11 @@ def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> Swe
                                  names).df()
         curves = con.execute("SELECT c.sweep, c.trial, c.step, c.value FROM curves c JOIN trials t USING (sweep, "
                              f"trial) WHERE {keep} AND c.metric = 'loss'", names).df()
+        signals = con.execute("SELECT c.sweep, c.trial, c.step, c.metric, c.value FROM curves c JOIN trials t "
+                              f"USING (sweep, trial) WHERE {done} AND c.metric IN "
+                              f"({', '.join('?' * len(SIGNALS))})", [*names, *SIGNALS]).df()
     except duckdb.Error as e:
         raise QueryError(f"query: {str(e).splitlines()[0]}") from None
     trials = with_mix(trials)
-    return SweepFrames(trials, trials[trials.status == records.Status.TERMINATED.value], layers, robustness, curves)
+    return SweepFrames(trials, trials[trials.status == records.Status.TERMINATED.value], layers, robustness, curves,
+                       signals)

@@ -464,6 +464,14 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                      "below a trial's end falls back to its untrained probe. Set <code>eval.every</code> to "
                      "compare trained models at matched budgets.</p>"] if step0 else []),
                   _table_html(matched)]
+    if "early_signals" in tables:
+        parts += ["<h2>Early signals</h2>",
+                  "<p>How well each signal, read at each trial's last evaluation within the first 20 % of its steps, "
+                  "ranks the sweep's finished trials by their final validation linear probe: Spearman's rho in the "
+                  "signal's direction (1: the same order; a loss is negated), with its p-value. RankMe of the "
+                  "validation images' features and the pre-training loss on them need no labels; the validation "
+                  "linear probe read as early is what labels would buy. A search that stops or pauses trials early "
+                  "is as good as this ranking.</p>", _table_html(tables["early_signals"])]
     if "failed" in tables:
         parts += ["<h2>Failed or unfinished trials</h2>", _table_html(tables["failed"])]
     for key, title, png in figures:

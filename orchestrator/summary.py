@@ -1,7 +1,7 @@
 """The one list of a sweep's result sections: status counts, the best trial per objective and variant, per-group
 mean ± SE over seeds, where the trials' time went, lr tuned per group, matched budgets, per-layer tables, the
 paper's claims (at the end and at every probed step), the evaluations' claims, noise robustness per band, CKA with
-the untrained encoder, failed trials.
+the untrained encoder, how well early signals rank the trials (``early_signals``), failed trials.
 
 DataFrames in (``query.SweepFrames``), DataFrames out, no I/O. Every view renders this list: the console
 (``clmim results show``), the HTML report (``report.py``) and the Markdown of ``benchmarks/repro_claims.py``; each
@@ -28,6 +28,7 @@ from .compare import (
     split_baseline,
     tuned_table,
 )
+from .early_signals import AT, TARGET, early_signal_table
 from .query import SweepFrames
 from .records import Status
 from .scaling import group_axes, group_name
@@ -53,6 +54,10 @@ def sections(frames: SweepFrames) -> list[Section]:
     if len(done):
         out.append(best_section(done))
         out += comparisons(done, frames.layers, frames.robustness)
+        early = early_signal_table(done, frames.signals)
+        if len(early):
+            out.append(Section("early_signals", f"early signals: read at <= {AT:.0%} of each run, Spearman's rho "
+                                                f"with the final {TARGET} (in the signal's direction)", early))
     failed = trials[trials.status != Status.TERMINATED.value][["trial", "status", "error"]]
     if len(failed):
         out.append(Section("failed", "failed or unfinished trials", failed.reset_index(drop=True)))

@@ -27,14 +27,20 @@ def make(over=None, seed=0):
 @pytest.mark.integration
 @pytest.mark.parametrize("lam", [0.0, 1.0, 0.5])
 def test_loss_drops_within_a_few_dozen_steps(lam):
-    logs = []
+    """The training loss falls, and so does the pre-training loss on the held-out validation images (the
+    label-free ``val_loss`` every evaluation reports)."""
+    logs, held_out = [], []
+
+    def report(m, checkpoint=None):
+        (held_out.append(m["val_loss"]) if "knn_top1" in m else logs.append(m["loss"]))
+
     train(load_config(tiny(), [f"objective.lam={lam}", "optim.steps=40", "run.log_every=1", "optim.blr=5e-3",
-                               "data.train_size=512", "model.variant=nano/4"]),
-          lambda m, checkpoint=None: logs.append(m["loss"]) if "knn_top1" not in m else None)
+                               "data.train_size=512", "model.variant=nano/4"]), report)
     assert len(logs) == 40
     # One step's loss is noisy (its batch, its augmentations): compare the means of the first and last 8 steps.
     first, last = sum(logs[:8]) / 8, sum(logs[-8:]) / 8
     assert last < 0.95 * first, logs
+    assert len(held_out) == 2 and held_out[1] < held_out[0], held_out  # steps 0 and 40
 
 
 def test_hybrid_at_lam_0_equals_simmim_and_at_lam_1_equals_mocov3():

@@ -395,6 +395,41 @@ def test_training_seconds_exclude_no_more_than_the_evaluations_during_training(m
 
 
 @pytest.mark.integration
+def test_the_held_out_loss_is_the_mean_training_loss_of_the_validation_images_and_leaves_training_untouched():
+    """``val_loss`` (and each objective's) at an evaluation: the training forward of the objective on the
+    validation images, batch by batch with fixed draws, averaged; the same at every call; no parameter, buffer
+    (MoCo v3's BatchNorm statistics, DINO's center) or RNG state changed. No validation split: nothing."""
+    from trainables import trainer
+    from trainables.schedule import step_seed
+
+    cfg = load_config(tiny(), ["objective.weights={simmim: 0.4, mocov3: 0.3, dino: 0.3}", "eval.val_samples=64"])
+    run = trainer.build_run(cfg)
+    state = {k: v.clone() for k, v in run.objective.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    with torch.random.fork_rng():
+        got = trainer.held_out_loss(run, 3)
+    assert set(got) == {"val_loss", "val_loss_simmim", "val_loss_mocov3", "val_loss_dino"}
+    assert all(torch.equal(v, state[k]) for k, v in run.objective.state_dict().items())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    with torch.random.fork_rng():
+        assert trainer.held_out_loss(run, 3) == got  # deterministic
+    images = run.data.val.images  # 64 held out: two batches of 32
+    want = []
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(cfg.run.seed)
+        for b in range(2):
+            x = images[32 * b:32 * (b + 1)]
+            out = Mixture.step(run.objective, x, run.objective.draws(
+                {"images": x, "seed": step_seed(cfg.run.seed, trainer.HELD_OUT_DRAWS, b),
+                 **{k: v[3] for k, v in run.step_inputs.items()}}))
+            want.append({k: float(out[k.removeprefix("val_")]) for k in got})
+    run.objective.load_state_dict(state)
+    assert got == pytest.approx({k: (want[0][k] + want[1][k]) / 2 for k in got}, rel=1e-5)
+    assert got["val_loss"] == pytest.approx(0.4 * got["val_loss_simmim"] + 0.3 * got["val_loss_mocov3"]
+                                            + 0.3 * got["val_loss_dino"], rel=1e-5)
+    assert trainer.held_out_loss(trainer.build_run(load_config(tiny(), ["eval.val_samples=0"])), 0) == {}
+
+
 def test_gradient_cosines_compare_the_mixs_objectives_per_block_and_leave_training_untouched():
     """A MAE + DINO mix: a cosine for every block both reach, in [-1, 1]; DINO's center (a forward updates it), the
     parameters' .grad and the global RNG are as before. A graft that detaches CL below it leaves no block both

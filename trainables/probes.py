@@ -489,7 +489,8 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
     Probes are fit on the labelled training images (``DataBundle.labelled``, never the validation split) and read
     on the evaluation subset. The summary holds the last layer's values per pooling, and unsuffixed ``knn_top1`` /
     ``linear_top1`` / ``shape_bias`` for ``eval.pool``; the same last-layer kNN and linear probe read on the
-    validation split as ``val_knn_top1[_pool]`` / ``val_linear_top1[_pool]`` (what selections read). ``keep``, if
+    validation split as ``val_knn_top1[_pool]`` / ``val_linear_top1[_pool]`` (what selections read), with the
+    validation images' RankMe (``val_rankme[_pool]``: a label-free early signal a search may read). ``keep``, if
     given, receives what later evaluations reuse instead of computing again: ``eval_gap`` (GAP features of the eval
     subset per layer) and ``predict`` (the last layer's fitted linear probe per pooling)."""
     e, size, seed = cfg.eval, cfg.model.img_size, cfg.run.seed
@@ -518,10 +519,11 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
                 rows.append((k, None, f"{name}_top1_{pool}", (fit(te[pool][k]) == test.labels).float().mean().item()))
             rows.append((k, None, f"rankme_{pool}", rankme(te[pool][k])))
         summary |= {f"knn_top1_{pool}": knn, f"linear_top1_{pool}": linear}  # the last layer's
-        if va is not None:  # the same last-layer probes on the validation split
+        if va is not None:  # the same last-layer probes on the validation split, and its label-free RankMe
             summary[f"val_knn_top1_{pool}"] = knn_accuracy(tr[pool][last], train.labels, va[pool][last],
                                                            val.labels, e.knn_k)
             summary[f"val_linear_top1_{pool}"] = (predict(va[pool][last]) == val.labels).float().mean().item()
+            summary[f"val_rankme_{pool}"] = rankme(va[pool][last])
         if keep is not None:
             keep.setdefault("predict", {})[pool] = predict
         if cc is not None:  # the last layer's linear probe (the one fit above) on cue-conflict images
@@ -532,7 +534,7 @@ def feature_rows(encoder, data, cfg, keep: dict | None = None) -> tuple[list[Row
         attentive = fit_attentive(tr["tokens"][last], train.labels, data.num_classes, steps=e.attentive_steps)
         rows.append((last, None, "attentive_top1",
                      (attentive(te["tokens"][last]) == test.labels).float().mean().item()))
-    for name in ("knn_top1", "linear_top1", "shape_bias", "val_knn_top1", "val_linear_top1"):
+    for name in ("knn_top1", "linear_top1", "shape_bias", "val_knn_top1", "val_linear_top1", "val_rankme"):
         if f"{name}_{e.pool}" in summary:
             summary[name] = summary[f"{name}_{e.pool}"]
     if keep is not None:

@@ -47,9 +47,10 @@ def evaluation_keys(cfg: Config, step: int, final: bool) -> list[str]:
     keys = []
     for pool in POOLS:
         keys += [f"knn_top1_{pool}", f"linear_top1_{pool}"]
-        keys += [f"val_knn_top1_{pool}", f"val_linear_top1_{pool}"] if val else []
+        keys += [f"val_knn_top1_{pool}", f"val_linear_top1_{pool}", f"val_rankme_{pool}"] if val else []
         keys += [f"shape_bias_{pool}", f"cue_match_{pool}"]
-    keys += ["knn_top1", "linear_top1", "shape_bias"] + (["val_knn_top1", "val_linear_top1"] if val else [])
+    keys += ["knn_top1", "linear_top1", "shape_bias"] + (["val_knn_top1", "val_linear_top1", "val_rankme"] if val
+                                                         else [])
     for k in range(1, spec.depth + 1):  # attention_rows: per head and their mean
         for name in ("attn_distance", "attn_nmi", "attn_entropy"):
             keys += [f"layer/{k}/h{h}/{name}" for h in range(spec.heads)] + [f"layer/{k}/{name}"]
@@ -68,6 +69,8 @@ def evaluation_keys(cfg: Config, step: int, final: bool) -> list[str]:
     if e.noise.bands and (step == 0 or final):
         keys += [f"noise/{b}/linear_top1{s}" for b in range(e.noise.bands) for s in ("", "_drop")]
         keys.append("linear_top1_clean")
+    if val:  # the trainer's held-out pre-training losses (``trainer.held_out_loss``)
+        keys += [f"val_{k}" for k in step_metrics() if k == "loss" or k.removeprefix("loss_") in cfg.objective.mix()]
     return keys
 
 

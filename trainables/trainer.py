@@ -129,9 +129,50 @@ def _evaluate(run: TrainRun, step: int, final: bool) -> dict[str, float]:
             run.untrained = gap  # this encoder is the untrained one
         return untrained_features(run, step)
 
-    return evaluate_encoder(run.objective.eval_encoder(run.cfg.eval.encoder), run.data, run.cfg, run.seconds,
-                            untrained, noise=step == 0 or final,
-                            more_rows=lambda: [(k, None, "grad_cosine", v) for k, v in gradient_cosines(run, step)])
+    metrics = evaluate_encoder(run.objective.eval_encoder(run.cfg.eval.encoder), run.data, run.cfg, run.seconds,
+                               untrained, noise=step == 0 or final,
+                               more_rows=lambda: [(k, None, "grad_cosine", v) for k, v in gradient_cosines(run, step)])
+    t = time.perf_counter()
+    metrics |= held_out_loss(run, step)
+    run.seconds["probes"] += time.perf_counter() - t
+    return metrics
+
+
+HELD_OUT_DRAWS = 1 << 30  # the "step" whose seeded draws (crops, masks) every held-out loss uses: no training step's
+
+
+def held_out_loss(run: TrainRun, step: int) -> dict[str, float]:
+    """The pre-training loss on the validation split's images (never trained on, no label read): ``val_loss`` and
+    each objective's ``val_loss_<name>``, the mean over full batches of ``data.batch_size`` (one batch of all of
+    them if fewer), every evaluation with the same seeded draws, and the step's schedule values (EMA momentum,
+    DINO's teacher temperature). The training forward itself (train mode, as the loss is minimised); buffers it
+    updates (BatchNorm statistics, DINO's center) are put back, so training does not see this. Under DDP each rank
+    reads the same images and the result is the same on every rank. {} without a validation split."""
+    val, obj, cfg = run.data.val, run.objective, run.cfg
+    if val is None:
+        return {}
+    i = min(max(step - run.offset, 0), max(run.total - 1, 0))
+    images = val.subset(len(val), cfg.run.seed).images  # (N, 3, H, W) uint8, in memory
+    size = min(cfg.data.batch_size, len(images))
+    keys = ("loss", *obj.loss_keys.values())
+    sums = dict.fromkeys(keys, 0.0)
+    saved = [(b, b.detach().clone()) for b in obj.buffers()]
+    n = len(images) // size
+    torch.manual_seed(cfg.run.seed)  # drop path (``evaluate`` forks the RNG around this)
+    try:
+        with torch.no_grad(), run.autocast:
+            for b in range(n):
+                x = images[b * size:(b + 1) * size].to(run.device)
+                batch = {"images": x, "seed": step_seed(cfg.run.seed, HELD_OUT_DRAWS, b),
+                         **{k: v[i].clone() for k, v in run.step_inputs.items()}}
+                out = type(obj).step(obj, x, obj.draws(batch))  # the class's step: eager even when compiled
+                for k in keys:
+                    sums[k] += out[k].detach().float()
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    return {f"val_{k}": float(v) / n for k, v in sums.items()}  # (one host sync per evaluation)
 
 
 def gradient_cosines(run: TrainRun, step: int) -> list[tuple[int, float]]:

@@ -66,6 +66,12 @@ def step_metrics() -> tuple[str, ...]:
     return ("loss", *loss_keys().values())
 
 
+def held_out_losses() -> tuple[str, ...]:
+    """The pre-training losses on the validation split's images, reported at every evaluation (``val_loss`` and each
+    objective's ``val_loss_<name>``; ``trainer.held_out_loss``)."""
+    return tuple(f"val_{k}" for k in step_metrics())
+
+
 POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
 # Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
@@ -73,8 +79,16 @@ POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
 # selection (search metric, scheduler, best lr per objective) reads; the unprefixed are the evaluation split's.
 VAL_METRICS = ("val_linear_top1", "val_knn_top1", *(f"val_{m}_{p}" for m in ("linear_top1", "knn_top1")
                                                      for p in POOLS), "val_finetune_top1")
+# Label-free signals on the validation split's images at every evaluation (no label read): RankMe of the last
+# layer's features (higher is better, Garrido et al. 2023) and the pre-training loss on those held-out images (each
+# objective's too, ``val_loss_<objective>``; lower is better). What a search can stop on before any probe is fit.
+LABEL_FREE = ("val_rankme", *(f"val_rankme_{p}" for p in POOLS))
+HELD_OUT_LOSS = "val_loss"
+# What ``orchestrator.early_signals`` ranks trials by early in their runs: label-free first, then the validation
+# linear probe itself read as early (what labels would buy).
+EARLY_SIGNALS = ("val_rankme", HELD_OUT_LOSS, "val_linear_top1")
 PROBE_METRICS = ("linear_top1", "knn_top1", "shape_bias",
-                 *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS), "finetune_top1", *VAL_METRICS)
+                 *(f"{m}_{p}" for m in POOLED_PROBES for p in POOLS), "finetune_top1", *VAL_METRICS, *LABEL_FREE)
 POOLED_CLASSIFIERS = ("knn", "linear", "linear10pct", "linear1pct")  # <name>_top1_<pool> at every layer
 LAYER_CLASSIFIERS = (*POOLED_CLASSIFIERS, "attentive")  # read on the eval split (attentive_top1: the last layer)
 LAYER_PROBES = ("attn_distance", "attn_nmi", "attn_entropy", "attn_head_div", "fourier_dlogamp_pi", "token_cossim",
@@ -97,7 +111,7 @@ EVAL_PARTS = ("train", "probes", "dense", "cka", "noise", "finetune")  # seconds
 
 def final_keys() -> tuple[str, ...]:
     """Final scalars kept as columns of the trials table."""
-    return (*step_metrics(), *PROBE_METRICS, "images_per_s", "finetune_steps",
+    return (*step_metrics(), *PROBE_METRICS, *held_out_losses(), "images_per_s", "finetune_steps",
             *(f"{c}_top1_clean" for c in NOISE_CLASSIFIERS), *(f"seconds_{p}" for p in EVAL_PARTS))
 
 
@@ -123,7 +137,7 @@ def metric_mode(metric: str) -> str | None:
     (losses); None for a per-layer statistic that has no better direction (attention distance, NMI, ...)."""
     if metric in HIGHER_IS_BETTER or _LAYER_ACCURACY.fullmatch(metric):
         return "max"
-    return "min" if metric in step_metrics() else None
+    return "min" if metric in step_metrics() + held_out_losses() else None
 
 
 def _weights(mix) -> dict[str, float]:
@@ -173,12 +187,12 @@ def weights_of(flat: dict) -> dict[str, float] | None:
 def reports_metric(metric: str, mix) -> bool:
     """False if a trial with ``mix`` (weights or lam) never reports ``metric`` (its objective is not computed)."""
     w = _weights(mix)
-    return all(metric != key for k, key in loss_keys().items() if k not in w)
+    return all(metric not in (key, f"val_{key}") for k, key in loss_keys().items() if k not in w)
 
 
 def is_known_metric(metric) -> bool:
     """True for a step metric, a probe summary metric, or a per-layer probe key."""
-    return isinstance(metric, str) and (metric in step_metrics() + PROBE_METRICS
+    return isinstance(metric, str) and (metric in step_metrics() + PROBE_METRICS + held_out_losses()
                                         or bool(LAYER_METRIC.fullmatch(metric)))
 
 
