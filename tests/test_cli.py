@@ -29,21 +29,6 @@ def test_cli_unknown_key_and_missing_file(capsys, tmp_path):
 
 
 @pytest.mark.integration
-def test_cli_train_runs_and_saves_resolved_config(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"train_size": 128, "eval_size": 32, "batch_size": 32},
-                                   "eval": {"samples": 32, "probe_images": 8, "dense_images": 0, "cka": False,
-                                            "noise": {"bands": 0}, "attentive_steps": 0, "lowshot": False}}))
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg), "--set", "optim.steps=2",
-                        "--set", "objective.lam=0.2", "--out", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "final:" in r.stdout
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["objective"]["lam"] == 0.2 and saved["optim"]["steps"] == 2 and saved["model"]["variant"] == "micro/4"
-
-
-@pytest.mark.integration
 def test_cli_analyze_prints_per_layer_tables(tmp_path, capsys):
     from conftest import tiny
 
@@ -250,14 +235,17 @@ def test_readme_commands_after_make_demo_name_sweeps_that_exist():
 
 
 @pytest.mark.integration
-def test_train_prints_its_plan_at_once_the_first_steps_rate_and_a_short_final_line(tmp_path):
+def test_train_prints_its_plan_at_once_the_first_steps_rate_and_a_short_final_line_and_saves_its_config(tmp_path):
     """`clmim train` was silent until step 10 (minutes with defaults): the plan and the step-0 evaluation are
-    announced before any work, step 1 reports its rate and an ETA, then every log step."""
-    cheap = ["eval.dense_images=0", "eval.cka=false", "eval.noise.bands=0", "eval.probe_images=8",
-             "eval.attentive_steps=0", "eval.lowshot=false"]
-    sets = [a for kv in ["optim.steps=4", "run.log_every=2", "data.train_size=128", "eval.samples=32",
-                         "data.eval_size=32", "data.batch_size=32", *cheap] for a in ("--set", kv)]
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", *sets, "--out", str(tmp_path / "o")],
+    announced before any work, step 1 reports its rate and an ETA, then every log step; the run folder keeps the
+    resolved config (the file's keys, the --set ones and the defaults)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"train_size": 128, "eval_size": 32, "batch_size": 32},
+                                   "eval": {"samples": 32, "probe_images": 8, "dense_images": 0, "cka": False,
+                                            "noise": {"bands": 0}, "attentive_steps": 0, "lowshot": False}}))
+    sets = [a for kv in ["optim.steps=4", "run.log_every=2", "objective.lam=0.2"] for a in ("--set", kv)]
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg), *sets, "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
@@ -267,6 +255,9 @@ def test_train_prints_its_plan_at_once_the_first_steps_rate_and_a_short_final_li
     assert re.match(r"step 1/4 \(25%, ETA (\d+m)?\d+s\)  loss=", lines[4]), lines
     assert re.match(r"step 2/4 \(50%, ETA (\d+m)?\d+s\)", lines[5]), lines
     assert max(len(ln) for ln in lines) < 300 and lines[-2].startswith("final: ")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["objective"]["lam"] == 0.2 and saved["optim"]["steps"] == 4 and saved["model"]["variant"] == "micro/4"
+    assert saved["data"]["train_size"] == 128
 
 
 def test_train_config_error_is_fast_and_imports_no_torch():
