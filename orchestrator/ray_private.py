@@ -71,3 +71,11 @@ def refresh_auth_mode() -> None:
     from ray._private.authentication.authentication_token_setup import Config
 
     Config.initialize("")
+
+
+def pbt_trial_state(trial):
+    """What ``PopulationBasedTraining.on_trial_add`` registers for a new trial (its private ``_PBTTrialState``), for
+    ``pbt.TrialOwnedPBT``, which adds trials without Tune's refusal of a search algorithm."""
+    from ray.tune.schedulers.pbt import _PBTTrialState  # (Ray's private API: looked up when used)
+
+    return _PBTTrialState(trial)

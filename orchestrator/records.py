@@ -41,6 +41,7 @@ from trainables.errors import UserError
 from .layout import SweepLayout
 
 TRIAL_KEY = "_trial"  # the clmim trial id inside a Tune trial's config
+EXPLOIT_KEY = "_exploit"  # PBT: {"id", "donor"} of the exploit a trial is restarted for (``trial.exploit``)
 PLAN_VERSION = 1
 REPORTS = "reports.jsonl"
 
@@ -89,8 +90,8 @@ def trial_id_of(config: dict | None, fallback: str) -> str:
 
 
 def sampled_values(config: dict | None) -> dict:
-    """A Tune trial's sampled dotted keys, without the clmim id."""
-    return {k: v for k, v in (config or {}).items() if k != TRIAL_KEY}
+    """A Tune trial's sampled dotted keys, without the clmim id or a PBT exploit."""
+    return {k: v for k, v in (config or {}).items() if k not in (TRIAL_KEY, EXPLOIT_KEY)}
 
 
 def valid_trial_id(tid) -> bool:
@@ -152,6 +153,40 @@ def values_path(layout: SweepLayout, trial: str) -> str:
 
 def write_values(layout: SweepLayout, trial: str, values: dict) -> None:
     _write_json(layout, values_path(layout, trial), values)
+
+
+def read_values(layout: SweepLayout, trial: str) -> dict | None:
+    """The sampled values the trial last trained with (``write_values``); None if it never started."""
+    return _read_json(layout, values_path(layout, trial))
+
+
+def lineage_path(layout: SweepLayout, trial: str) -> str:
+    return f"{layout.trial_path(trial)}/lineage.json"
+
+
+def read_lineage(layout: SweepLayout, trial: str) -> list[dict]:
+    """The trial's PBT exploits, oldest first (``append_lineage``); [] if it never exploited."""
+    return _read_json(layout, lineage_path(layout, trial), list) or []
+
+
+def append_lineage(layout: SweepLayout, trial: str, row: dict) -> list[dict]:
+    """Record one exploit of a PBT trial (``row["exploit"]`` its id; ``step`` where it continues, ``parent`` and
+    ``parent_step`` whose checkpoint it continues from, the mutated hyperparameters ``before`` and ``after``), once:
+    a row whose exploit is recorded already is not written again (a retried or resumed trial). The whole list is
+    rewritten in one write (atomic in every store)."""
+    rows = read_lineage(layout, trial)
+    if all(r.get("exploit") != row["exploit"] for r in rows):
+        rows.append(row)
+        _write_json(layout, lineage_path(layout, trial), rows)
+    return rows
+
+
+def lineage_values(values: dict, lineage: list[dict]) -> dict:
+    """A trial's hyperparameters as of its newest exploit: its sampled ``values`` with every exploit's ``after``."""
+    out = dict(values)
+    for r in lineage:
+        out.update(r.get("after") or {})
+    return out
 
 
 def status_path(layout: SweepLayout, trial: str) -> str:

@@ -36,8 +36,9 @@ class TrialSearcher(Searcher):
         return len(self._queue) + self._extra
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        # Tune is given no metric (the scheduler reads its own keys): the search's is this searcher's
         if self._inner is not None:
-            if not self._inner.set_search_properties(metric, mode, config, **spec):
+            if not self._inner.set_search_properties(metric or self.metric, mode or self.mode, config, **spec):
                 return False
             for values, reward in self._evaluated:
                 self._inner.add_evaluated_point(values, reward)
@@ -66,6 +67,14 @@ class TrialSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._from_inner:
             self._inner.on_trial_complete(trial_id, result=result, error=error)
+
+    # HyperBandForBOHB tells the searcher when it pauses and resumes a trial (hpbandster's bookkeeping); this one
+    # proposes from ended trials only
+    def on_pause(self, trial_id: str) -> None:
+        pass
+
+    def on_unpause(self, trial_id: str) -> None:
+        pass
 
     # Tune saves a searcher's state with its experiment; this one's state is the sweep's records (``records.py``),
     # which a resume reads instead of Tune's pickles

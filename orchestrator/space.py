@@ -12,7 +12,8 @@ A space file::
       run.seed: 3                     # fixed
     seeds: 3                          # shorthand for run.seed: {grid: [0, 1, 2]}: every point, 3 seeds
     search: {algorithm: grid, metric: linear_top1, mode: max, seed: 0}   # grid | random | optuna
-    scheduler: {type: fifo}           # fifo | asha (time attribute: epoch; grace_period, reduction_factor)
+    scheduler: {type: fifo}           # fifo | asha | hyperband | bohb (on scheduler.metric, default the search
+                                      # metric, in epochs: grace_period, reduction_factor, max_t)
     num_samples: 1
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: null              # default: as many as the cluster's resources allow
@@ -47,9 +48,11 @@ from trainables.config import Config, ConfigError, build_section, load_config, p
 from trainables.errors import UserError, excerpt
 from trainables.settings import setting as _f
 from trainables.vocab import (
+    LABEL_FREE,
     LAYER_CLASSIFIERS,
     PROBE_METRICS,
     VAL_METRICS,
+    held_out_losses,
     is_known_metric,
     metric_mode,
     objective_names,
@@ -77,7 +80,8 @@ class SpaceError(UserError):
 @dataclass
 class SearchSection:
     algorithm: str = _f("grid", choices=["grid", "random", "optuna"])
-    metric: str = _f("loss", doc="what trials report (a validation-split metric for probes)")
+    metric: str = _f("loss", doc="what trials report (a validation-split metric for probes, or a label-free one: "
+                                 "val_rankme, val_loss)")
     mode: str = _f("auto", choices=["auto", "min", "max"],
                    doc="auto: max for accuracies and fractions, min for losses (decided here, once)")
     seed: int = _f(0, lo=0, doc="seeds random search, optuna and Dirichlet draws")
@@ -85,10 +89,23 @@ class SearchSection:
 
 @dataclass
 class SchedulerSection:
-    type: str = _f("fifo", choices=["fifo", "asha"])
+    type: str = _f("fifo", choices=["fifo", "asha", "hyperband", "bohb", "pbt"],
+                   doc="asha stops trials; hyperband and bohb pause them at each rung and resume the best from "
+                       "their checkpoints (bohb: hyperband's brackets with optuna's TPE proposing the trials); pbt: "
+                       "population-based training, the worst trials continue from the best ones' checkpoints with "
+                       "their mutations perturbed")
+    metric: str = _f("", doc="what the scheduler compares trials on (default: search.metric); a probe metric or a "
+                             "label-free one (val_rankme, val_loss)")
+    mode: str = _f("auto", choices=["auto", "min", "max"], doc="auto: the metric's own direction")
     grace_period: int = _f(1, lo=1, doc="ASHA: epochs a trial runs before it may be stopped")
-    reduction_factor: float = _f(2.0, lo=1.01, hi=100.0, doc="ASHA: keep 1 / factor of the trials at each rung")
-    max_t: int = _f(1000, lo=1, doc="ASHA: epochs of the longest trial")
+    reduction_factor: float = _f(2.0, lo=1.01, hi=100.0, doc="keep 1 / factor of the trials at each rung")
+    max_t: int = _f(1000, lo=1, doc="epochs of the longest trial (hyperband, bohb: the bracket's budget)")
+    perturbation_interval: float = _f(1.0, lo=1e-6, doc="pbt: epochs between a trial's exploit / explore steps")
+    quantile_fraction: float = _f(0.25, lo=0.0, hi=0.5, doc="pbt: the bottom share exploits the top share")
+    resample_probability: float = _f(0.25, lo=0.0, hi=1.0, doc="pbt: chance a mutated value is drawn afresh "
+                                                                "rather than perturbed (x 0.8 or 1.2)")
+    mutations: dict = _f({}, doc="pbt: dotted keys -> uniform / loguniform [lo, hi] or choice [...]; each "
+                                   "an axis of the space (the population's first values)")
 
 
 @dataclass
@@ -303,6 +320,7 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         if search.mode is None:
             raise SpaceError(f"search.mode: {metric} has no better direction; say mode: min or mode: max")
     scheduler = _typed(SchedulerSection, raw, "scheduler")
+    _resolve_scheduler(scheduler, search)
     res = _typed(Resources, raw, "resources")
     if res.mode == "inprocess" and res.workers > 1:
         raise SpaceError("resources.mode: inprocess runs one worker; use workers: 1 or mode: train")
@@ -319,6 +337,18 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                failure=_typed(FailureSection, raw, "failure"),
                checkpoints=_typed(CheckpointsSection, raw, "checkpoints"), description=raw.get("description", ""),
                max_trials=max_trials)
+    if scheduler.type == "pbt":
+        if search.algorithm == "optuna":
+            raise SpaceError("search.algorithm: pbt evolves a population drawn once (grid or random); a searcher "
+                             "learning from results would fight its exploits")
+        _check_mutations(sp)
+    if scheduler.type == "bohb" and search.algorithm != "optuna":
+        raise SpaceError("scheduler.type: bohb needs a model proposing the trials; set search.algorithm: optuna "
+                         "(or use hyperband with grid / random search)")
+    if scheduler.type in PAUSING and max_conc is not None:
+        raise SpaceError(f"max_concurrent: {scheduler.type} pauses trials at each rung until the rest of their "
+                         "bracket gets there; a cap on live trials can leave every slot to a paused one. Remove "
+                         "max_concurrent")
     if search.algorithm == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
         raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
     for o in overrides or []:
@@ -335,6 +365,61 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                          "mean it")
     validate_space(sp)
     return sp
+
+
+PAUSING = ("hyperband", "bohb", "pbt")  # schedulers that pause trials and resume them from their checkpoints
+MUTABLE = re.compile(r"optim\.(blr|lr_scale|weight_decay|min_lr_ratio|beta1|beta2)|objective\.lam|"
+                     r"objective\.\w+\.mask_ratio")  # pbt: changing them keeps every weight's shape
+
+
+def _resolve_scheduler(scheduler: SchedulerSection, search: SearchSection) -> None:
+    """Fill the scheduler's metric (default: the search metric) and its direction, in place; the same rules as
+    the search metric: a metric trials report, never one read on the evaluation split."""
+    if scheduler.type == "fifo":
+        scheduler.metric, scheduler.mode = "", "auto"
+        return
+    metric = migrate.metric(scheduler.metric) if scheduler.metric else search.metric
+    if not is_known_metric(metric):
+        raise SpaceError(f"scheduler.metric: {excerpt(metric, 60)} is not a metric trials report; e.g. "
+                         f"val_linear_top1, val_rankme or val_loss")
+    if EVAL_SPLIT.fullmatch(metric):
+        raise SpaceError(f"scheduler.metric: {metric} is read on the evaluation split the claims are read on; stop "
+                         "trials on the validation split (val_linear_top1) or a label-free signal (val_rankme)")
+    scheduler.metric = metric
+    if scheduler.mode == "auto":
+        scheduler.mode = search.mode if metric == search.metric else metric_mode(metric)
+        if scheduler.mode is None:
+            raise SpaceError(f"scheduler.mode: {metric} has no better direction; say mode: min or mode: max")
+
+
+def _check_mutations(sp: Space) -> None:
+    """PBT copies one trial's weights into another: the population may differ only in the mutated keys (each an
+    axis of the space, the first values) and run.seed; each mutation is a spec the space could sample, within the
+    axis's own range of configs that load (``validate_space`` checks the ends)."""
+    muts, axes = sp.scheduler.mutations, sp.axes()
+    if not isinstance(muts, dict) or not muts:
+        raise SpaceError("scheduler.mutations: pbt needs the keys it mutates, e.g. {optim.lr_scale: {loguniform: "
+                         "[0.3, 3]}, objective.lam: {uniform: [0.1, 0.9]}}")
+    for key, spec in muts.items():
+        where = f"scheduler.mutations.{key}"
+        if not isinstance(key, str) or not MUTABLE.fullmatch(key):
+            raise SpaceError(f"{where}: pbt mutates hyperparameters that keep every weight's shape (optim.blr, "
+                             "optim.lr_scale, optim.weight_decay, objective.lam, objective.<name>.mask_ratio, ...)")
+        if not (_is_spec(spec) and next(iter(spec)) in ("uniform", "loguniform", "choice")):
+            raise SpaceError(f"{where}: expected {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}} or {{choice: [...]}}, "
+                             f"got {excerpt(spec, 60)}")
+        _check_spec(key, spec)
+        if key not in axes:
+            raise SpaceError(f"{where}: also give it as an axis of the space (the population's first values), e.g. "
+                             f"space.{key}: {excerpt(spec, 60)}")
+    fixed_axes = sorted(k for k in axes if k not in muts and k != "run.seed")
+    if fixed_axes:
+        raise SpaceError(f"space.{fixed_axes[0]}: pbt copies one trial's weights into another, so the population may "
+                         "differ only in the mutated keys and run.seed; fix it (base:) or sweep it in a sweep of its "
+                         "own")
+    if not sp.resources.in_process:
+        raise SpaceError("resources.workers: pbt runs one-worker trials (a trial takes over another's checkpoint in "
+                         "its own process)")
 
 
 def _typed(cls, raw: dict, key: str):
@@ -448,15 +533,29 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
     if metric == "val_finetune_top1" and not cfg.eval.finetune.enabled:
         raise SpaceError(f"search.metric: {metric} needs fine-tuning, but {where} has no eval.finetune.steps "
                          "or eval.finetune.epochs")
-    if metric in VAL_METRICS and not cfg.eval.val_samples:
+    if _on_validation_split(metric) and not cfg.eval.val_samples:
         raise SpaceError(f"search.metric: {metric} is read on the validation split, but {where} has "
                          "eval.val_samples: 0 (none held out)")
     if not reports_metric(metric, cfg.objective.mix()):
         shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
         raise SpaceError(f"search.metric: {where} mixes {{{shown}}} and reports no {metric}")
-    if space.scheduler.type == "asha" and metric not in step_metrics() and not cfg.eval.every:
-        raise SpaceError(f"scheduler.type: asha compares trials on {metric} every epoch, but the probes run only "
-                         "at the end of a trial; set eval.every (e.g. --set eval.every=1) or search.metric: loss")
+    sch = space.scheduler
+    if sch.type == "fifo":
+        return
+    if not reports_metric(sch.metric, cfg.objective.mix()):
+        raise SpaceError(f"scheduler.metric: {where} reports no {sch.metric}")
+    if _on_validation_split(sch.metric) and not cfg.eval.val_samples:
+        raise SpaceError(f"scheduler.metric: {sch.metric} is read on the validation split, but {where} has "
+                         "eval.val_samples: 0 (none held out)")
+    if sch.metric not in step_metrics() and not cfg.eval.every:
+        raise SpaceError(f"scheduler.type: {sch.type} compares trials on {sch.metric} every epoch, but the probes "
+                         "run only at the end of a trial; set eval.every (e.g. --set eval.every=1) or "
+                         "scheduler.metric: loss")
+
+
+def _on_validation_split(metric: str) -> bool:
+    """True for a metric read on the validation split (its probes, RankMe, the held-out pre-training loss)."""
+    return metric in (*VAL_METRICS, *LABEL_FREE, *held_out_losses())
 
 
 def _check_trial_resources(space: Space, cfg: Config) -> None:

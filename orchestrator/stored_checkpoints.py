@@ -34,3 +34,11 @@ def prune(layout: SweepLayout, trial: str, keep: int) -> None:
     paths = layout.checkpoint_paths(trial)
     for p in paths[:len(paths) - keep] if keep else paths:
         layout.store.delete(p)
+
+
+def drop_from(layout: SweepLayout, trial: str, step: int) -> None:
+    """Delete the trial's stored checkpoints at ``step`` or later (PBT: the donor's checkpoint it takes over is to be
+    its newest, the one a restart resumes from)."""
+    for p in layout.checkpoint_paths(trial):
+        if int(p.rsplit("_", 1)[1]) >= step:
+            layout.store.delete(p)

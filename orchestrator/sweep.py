@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from trainables.errors import UserError
@@ -38,6 +38,7 @@ from . import sweep_record
 from .callbacks import Retention, SweepCallback, Tables
 from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
+from .pbt import TrialOwnedPBT
 from .query import query
 from .ray_private import keep_cluster_on_loopback, oom_is_a_lost_trial, refresh_auth_mode
 from .records import (
@@ -55,7 +56,7 @@ from .records import (
     write_plan,
 )
 from .searcher import TrialSearcher
-from .space import Space, SpaceError, plan_values
+from .space import PAUSING, Space, SpaceError, plan_values
 from .tracking import MLFLOW_OFF, MlflowLog, default_mlflow_uri
 from .trial import TrialSpec, run_trial
 
@@ -307,14 +308,34 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
     # Tune keeps one trial pending at a time for a custom searcher unless told otherwise; as many as could start
     # at once (as for its own grid search) keeps a big cluster busy
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, min(total, 1000))))
+    # Schedulers read what each trial adds for them (``trial.SchedulerView``): the scheduler metric as of the
+    # trial's newest stored checkpoint and the epoch it was measured at. The searcher has its own metric (set on
+    # ``TrialSearcher``), so Tune is given none.
+    by = {"time_attr": "sched_epoch", "metric": "sched_value", "mode": sch.mode}
     if sch.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=sch.max_t, grace_period=sch.grace_period,
+        scheduler = ASHAScheduler(**by, max_t=sch.max_t, grace_period=sch.grace_period,
                                   reduction_factor=sch.reduction_factor)
+    elif sch.type == "hyperband":
+        scheduler = HyperBandScheduler(**by, max_t=sch.max_t, reduction_factor=sch.reduction_factor)
+    elif sch.type == "bohb":
+        scheduler = HyperBandForBOHB(**by, max_t=sch.max_t, reduction_factor=sch.reduction_factor)
+    elif sch.type == "pbt":
+        scheduler = TrialOwnedPBT(**by, perturbation_interval=sch.perturbation_interval,
+                                  quantile_fraction=sch.quantile_fraction,
+                                  resample_probability=sch.resample_probability,
+                                  hyperparam_mutations={k: _domain(v) for k, v in sch.mutations.items()})
     else:
         scheduler = FIFOScheduler()
-    return tune.TuneConfig(metric=space.search.metric, mode=space.search.mode, search_alg=alg,
-                           scheduler=scheduler, num_samples=total, reuse_actors=space.resources.in_process,
+    return tune.TuneConfig(search_alg=alg, scheduler=scheduler, num_samples=total,
+                           reuse_actors=space.resources.in_process and sch.type not in PAUSING,
                            trial_dirname_creator=lambda t: trial_id_of(t.config, t.trial_id))
+
+
+def _domain(spec: dict):
+    """A space spec (``uniform`` / ``loguniform`` [lo, hi], ``choice`` [...]) as Tune's search domain."""
+    kind, vals = next(iter(spec.items()))
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*vals) if kind != "choice" \
+        else list(vals)
 
 
 def parse_storage(storage: str | None, endpoint: str | None, root: Path) -> Storage | None:

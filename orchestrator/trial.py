@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -55,7 +56,7 @@ from trainables.config import Config
 from . import records, stored_checkpoints
 from .layout import SweepLayout
 from .ray_private import STORAGE_LOGGERS, lost_worker_errors, train_report_logger_name
-from .records import REPORTS, RecordError, sampled_values, trial_id_of
+from .records import EXPLOIT_KEY, REPORTS, RecordError, sampled_values, trial_id_of
 from .space import Space, resolve_config
 
 
@@ -75,13 +76,16 @@ class TrialSpec:
     gpus_per_worker: float = 0.0
     in_process: bool = True
     keep_checkpoints: int = 0
+    sched_metric: str = ""  # what the scheduler compares trials on ("": FIFO, no scheduler keys)
+    sched_mode: str = "max"
 
     @classmethod
     def from_space(cls, space: Space, layout: SweepLayout) -> TrialSpec:
-        r = space.resources
+        r, sch = space.resources, space.scheduler
         return cls(layout=layout, base=space.base, fixed=space.fixed(), workers=r.workers,
                    cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, in_process=r.in_process,
-                   keep_checkpoints=space.checkpoints.keep)
+                   keep_checkpoints=space.checkpoints.keep, sched_metric=sch.metric,
+                   sched_mode=sch.mode if sch.mode in ("min", "max") else "max")
 
     def config(self, values: dict, out_dir: str | None = None) -> Config:
         """The trial's typed config (``resolve_config``), with its run folder, threads from its CPU share, and
@@ -143,11 +147,11 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         final = None  # damaged: it resumes from its last checkpoint and writes it again
     if final is not None:
         # it finished under a driver that died before recording it: report, do not train again
-        tune.report(_clean(final))
+        tune.report({**_clean(final), **SchedulerView(spec.sched_metric, spec.sched_mode, []).update(final)})
         return
     try:
         if spec.in_process:
-            train_reporting_to(tune, values, spec, trial, in_process=True)
+            train_reporting_to(tune, values, spec, trial, in_process=True, exploit=config.get(EXPLOIT_KEY))
         else:
             _run_with_train(values, spec, trial)
     except Exception as e:
@@ -197,27 +201,67 @@ class ReportLog:
         shutil.copyfile(self.path, Path(folder) / REPORTS)
 
 
-def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_process: bool) -> None:
+class SchedulerView:
+    """What a Tune scheduler reads of a trial (``vocab.SCHED_KEYS``, on every report so a scheduler always finds
+    them): ``sched_value``, the newest ``metric`` the trial measured as of its newest stored checkpoint, and
+    ``sched_epoch``, the epoch it was measured at (a scheduler's time). Both move only at a report that carries a
+    checkpoint (and at step 0 and the final report, where nothing is lost), so a scheduler that pauses a trial on a
+    reading pauses it where it resumes from without repeating a step; a reading at the trial's last step moves
+    them only with the final report (a scheduler at its max_t stops the trial there: before its final evaluation
+    it would lose it). Before any reading: epoch 0 and the worst
+    value. A resumed trial starts from the readings in the reports its checkpoint carries."""
+
+    def __init__(self, metric: str, mode: str, prior: list[dict]):
+        self.metric = metric
+        self.view = {"sched_epoch": 0.0, "sched_value": -math.inf if mode == "max" else math.inf}
+        self._measured: tuple[float, float] | None = None
+        for r in prior:
+            self.update(r, committed=True)
+
+    def update(self, report: dict, committed: bool = False) -> dict:
+        """The scheduler's keys to send with ``report`` (``committed``: it carries a checkpoint)."""
+        if not self.metric:
+            return {}
+        value = report.get(self.metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            self._measured = (float(report.get("epoch") or 0.0), float(value))
+        last = isinstance(report.get("total_steps"), (int, float)) and (report.get("step") or 0) >= \
+            report["total_steps"]  # the last step's reading waits for the final report: a stop there ends the trial
+        if self._measured and (committed and not last or report.get("step") == 0 or "resumed_from" in report):
+            self.view = {"sched_epoch": self._measured[0], "sched_value": self._measured[1]}
+        return dict(self.view)
+
+
+def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_process: bool,
+                       exploit: dict | None = None) -> None:
     """Train one trial, reporting metrics and checkpoints through ``api``: ``ray.tune`` in the Tune trial
     process, ``ray.train`` in a Ray Train worker (both have ``get_checkpoint``, ``report`` and ``Checkpoint``).
     A retried or resumed trial continues from its last checkpoint in the storage: in process,
     ``resume_point``; in Ray Train, the one Ray Train hands every rank (all ranks must start
-    from the same one)."""
+    from the same one). A PBT trial trains with the hyperparameters of its newest exploit (``records.lineage``);
+    restarted for a new ``exploit``, it first takes over its donor's newest checkpoint (``take_over``)."""
     layout, store = spec.layout, spec.layout.store
     rank = 0 if in_process else api.get_context().get_world_rank()
     scratch = scratch_dir(layout, trial, rank)
     try:
+        lineage = records.read_lineage(layout, trial) if in_process else []
+        new = exploit is not None and all(r.get("exploit") != exploit["id"] for r in lineage)
+        if not new:  # (a driver resumed after an exploit restarts the trial with its planned values)
+            values = records.lineage_values(values, lineage)
         # Every rank gets an out_dir (the trainer writes files from rank 0 only, but all ranks must agree on when
         # checkpoints happen: saving one is a collective step).
         cfg = spec.config(values, str(scratch / "run"))
         if in_process:
-            cfg.run.resume = resume_point(layout, trial, scratch / "resume")
+            taken = take_over(layout, trial, exploit, values, scratch / "exploit", spec.keep_checkpoints) \
+                if new else None
+            cfg.run.resume = taken or resume_point(layout, trial, scratch / "resume")
         elif (ckpt := api.get_checkpoint()) is not None:
             cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
         resumed = Path(cfg.run.resume).parent if cfg.run.resume else None
         prior = records.parse_reports((resumed / REPORTS).read_text()) if resumed and (resumed / REPORTS).is_file() \
             else []
         log = ReportLog(scratch / REPORTS, prior)
+        sched = SchedulerView(spec.sched_metric, spec.sched_mode, prior)
         if rank == 0:
             records.write_config(layout, trial, cfg)
             records.write_values(layout, trial, values)
@@ -233,13 +277,20 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
                 log.copy_to(checkpoint)  # the checkpoint carries every report up to it
             if checkpoint and in_process:  # into the storage first, then older ones beyond the kept count go
                 stored_checkpoints.store(layout, trial, Path(checkpoint), int(metrics["step"]), spec.keep_checkpoints)
-            api.report(clean, checkpoint=api.Checkpoint.from_directory(str(checkpoint))
-                       if checkpoint and not in_process else None)
+            if "resumed_from" in clean:  # the final report: to Tune once the run files are stored (below)
+                final.append(clean)
+                return
+            api.report({**clean, **sched.update(clean, committed=checkpoint is not None)},
+                       checkpoint=api.Checkpoint.from_directory(str(checkpoint)) if checkpoint and not in_process
+                       else None)
             if checkpoint:  # the storage holds it now: that copy is the only one kept
                 if "dir" in last:
                     shutil.rmtree(last["dir"], ignore_errors=True)
                 last["dir"] = Path(checkpoint)
 
+        # A scheduler may stop the trial at any report it reads (at its max_t, the last one): its files are stored
+        # before the final report goes to Tune, so a stop there loses nothing
+        final: list[dict] = []
         simulated = simulate.enabled(cfg)
         (simulate.simulate if simulated else _trainer())(cfg, report)
         if rank == 0:
@@ -250,6 +301,8 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
             (run / "config.yaml").unlink(missing_ok=True)  # (records.write_config wrote the stored one)
             log.copy_to(run)
             store.upload(run, layout.run_path(trial))
+        for f in final:
+            api.report({**f, **sched.update(f)})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -305,6 +358,34 @@ def resume_point(layout: SweepLayout, trial: str, local: Path) -> str | None:
         print(f"clmim: warning: trial {trial}: checkpoint {where} is damaged ({why}); resuming from "
               + (f"step {step}" if found else "step 0 (no other checkpoint loads)"), file=sys.stderr, flush=True)
     return found
+
+
+def take_over(layout: SweepLayout, trial: str, exploit: dict, values: dict, local: Path, keep: int) -> str | None:
+    """PBT's exploit, through the trials' own checkpoints: the trial continues from its donor's newest stored
+    checkpoint (downloaded to ``local``), with ``values`` (the donor's mutated hyperparameters, perturbed). In
+    order, so that a process killed at any point leaves a state its restart reads right: the donor's checkpoint,
+    carrying this trial's own record of reports up to that step, is stored as the trial's newest checkpoint (its
+    own at that step or later deleted first); then the exploit is recorded (``records.append_lineage``: once per
+    exploit id; a restart with the same exploit resumes from the stored copy). The local checkpoint file to resume
+    from; None when the donor has no checkpoint (the trial continues its own, with its values unchanged)."""
+    donor = resume_point(layout, exploit["donor"], local / "donor")
+    if donor is None:
+        print(f"clmim: warning: trial {trial}: its PBT donor {exploit['donor']} has no checkpoint; it continues its "
+              "own", file=sys.stderr, flush=True)
+        return None
+    step = checkpoint_step(Path(donor))
+    own = resume_point(layout, trial, local / "own")
+    mine = records.parse_reports((Path(own).parent / REPORTS).read_text()) if own else []
+    folder = Path(donor).parent
+    (folder / REPORTS).write_text("".join(json.dumps(r) + "\n" for r in mine if (r.get("step") or 0) <= step))
+    stored_checkpoints.drop_from(layout, trial, step)
+    stored_checkpoints.store(layout, trial, folder, step, keep)
+    before = records.read_values(layout, trial) or {}
+    keys = exploit.get("keys") or sorted(values)
+    records.append_lineage(layout, trial, {"exploit": exploit["id"], "step": step, "parent": exploit["donor"],
+                                           "before": {k: before.get(k) for k in keys},
+                                           "after": {k: values.get(k) for k in keys}})
+    return donor
 
 
 def _train_worker(loop_config: dict) -> None:

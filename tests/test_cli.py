@@ -190,7 +190,7 @@ def test_unwritable_results_root_is_refused_before_ray(tmp_path, monkeypatch):
         sweep_mod.run_sweep(load_space("search_spaces/quickstart.yaml"), results=str(tmp_path))
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
 def test_analyze_is_deterministic_and_equals_what_the_trial_recorded(tmp_path, capsys):
     from trainables.trainer import train
 

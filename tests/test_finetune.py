@@ -31,7 +31,8 @@ def test_finetuning_beats_the_linear_probe_on_digits_within_a_small_budget():
     cfg = load_config({
         "model": {"variant": "micro/4", "img_size": 16}, "data": {"dataset": "digits", "batch_size": 64},
         "optim": {"steps": 10}, "objective": {"lam": 0.0},
-        "eval": {"samples": 2000, "dense_images": 0, "cka": False, "noise": {"bands": 0},
+        "eval": {"samples": 2000, "dense_images": 0, "cka": False, "noise": {"bands": 0}, "attentive_steps": 0,
+                 "lowshot": False,
                  "finetune": {"steps": 400, "blr": 1.2e-2, "layer_decay": 0.75, "crop_min": 0.8, "flip": False}},
         "run": {"log_every": 50, "threads": 2}})
     seen = []

@@ -57,7 +57,7 @@ def test_space_sections_are_typed_as_the_config_is(tmp_path):
         "scheduler.grace_period: expected int, got '2'")
     assert err(tmp_path, scheduler={"type": "asha", "reduction_factor": 1}).startswith(
         "scheduler.reduction_factor: 1.0 is out of range")
-    assert err(tmp_path, scheduler={"type": "hyperband"}).startswith("scheduler.type: 'hyperband' is not allowed")
+    assert err(tmp_path, scheduler={"type": "median"}).startswith("scheduler.type: 'median' is not allowed")
     assert err(tmp_path, search={"mode": "maximise"}).startswith("search.mode: 'maximise' is not allowed")
     assert err(tmp_path, search={"seed": -1}).startswith("search.seed: -1 is out of range")
     assert err(tmp_path, resources={"mode": "gpu"}).startswith("resources.mode: 'gpu' is not allowed")
@@ -232,3 +232,53 @@ def test_a_huge_grid_is_refused_fast_and_dry_run_summarises(tmp_path, capsys):
     assert main(["sweep", str(p), "--dry-run"]) == 0
     assert "1,000,000 trial(s), dry run (first 50 shown)" in capsys.readouterr().out
     assert time.time() - t < 30
+
+
+def test_schedulers_decide_on_their_own_metric_a_probe_or_a_label_free_one(tmp_path):
+    """scheduler.metric defaults to the search metric; a label-free one (val_rankme, val_loss) or a validation probe
+    is taken with its own direction; the evaluation split, an unknown metric, a probe never measured before the end,
+    bohb without a model and a cap on live trials under a pausing scheduler are refused, naming the key."""
+    every = {"base": {"optim": {"steps": 4}, "eval": {"every": 1}}}
+    sp = load_space(space_file(tmp_path, **every, search={"metric": "val_linear_top1"},
+                               scheduler={"type": "hyperband", "max_t": 4}))
+    assert (sp.scheduler.metric, sp.scheduler.mode) == ("val_linear_top1", "max")
+    sp = load_space(space_file(tmp_path, **every, search={"metric": "val_linear_top1"},
+                               scheduler={"type": "asha", "metric": "val_loss"}))
+    assert (sp.scheduler.metric, sp.scheduler.mode) == ("val_loss", "min")
+    sp = load_space(space_file(tmp_path, **every, scheduler={"type": "hyperband", "metric": "val_rankme"}))
+    assert (sp.scheduler.metric, sp.scheduler.mode) == ("val_rankme", "max")
+    assert load_space(space_file(tmp_path)).scheduler.metric == ""  # fifo reads nothing
+    assert "scheduler.metric: linear_top1 is read on the evaluation split" in err(
+        tmp_path, **every, scheduler={"type": "asha", "metric": "linear_top1"})
+    assert "scheduler.metric: 'val_nope' is not a metric" in err(tmp_path, **every,
+                                                                   scheduler={"type": "asha", "metric": "val_nope"})
+    assert "set eval.every" in err(tmp_path, scheduler={"type": "hyperband", "metric": "val_rankme"})
+    assert "scheduler.metric: val_loss is read on the validation split, but the trial with objective.lam=0.0 has" in \
+        err(tmp_path, base={"optim": {"steps": 4}, "eval": {"every": 1, "val_samples": 0}},
+            scheduler={"type": "asha", "metric": "val_loss"})
+    assert "scheduler.type: bohb needs a model" in err(tmp_path, **every, scheduler={"type": "bohb"})
+    assert "max_concurrent: hyperband pauses trials" in err(tmp_path, **every, scheduler={"type": "hyperband"},
+                                                            max_concurrent=2)
+    assert "scheduler.typ: unknown key" in err(tmp_path, scheduler={"typ": "asha"})
+
+
+def test_pbt_mutates_weight_preserving_hyperparameters_of_a_population_that_differs_in_nothing_else(tmp_path):
+    """scheduler.type: pbt takes mutations of keys that keep every weight's shape, each an axis of the space (the
+    first values); any other varied key (the model, a placement) would make one trial's checkpoint unloadable in
+    another and is refused, naming it; so are one-worker-less trials and a missing mutation list."""
+    ok = {"base": {"optim": {"steps": 8}, "eval": {"every": 1}},
+          "space": {"objective.lam": {"uniform": [0.2, 0.8]}, "optim.lr_scale": {"loguniform": [0.5, 2.0]}},
+          "search": {"algorithm": "random", "metric": "val_rankme"}, "num_samples": 4, "seeds": 2,
+          "scheduler": {"type": "pbt", "perturbation_interval": 1,
+                        "mutations": {"objective.lam": {"uniform": [0.2, 0.8]},
+                                      "optim.lr_scale": {"loguniform": [0.5, 2.0]}}}}
+    sp = load_space(space_file(tmp_path, **ok))
+    assert sp.scheduler.metric == "val_rankme" and set(sp.scheduler.mutations) == {"objective.lam", "optim.lr_scale"}
+    bad = {**ok, "space": {**ok["space"], "model.variant": {"grid": ["micro/4", "nano/4"]}}}
+    assert err(tmp_path, **bad).startswith("space.model.variant: pbt copies one trial's weights into another")
+    mut = {**ok["scheduler"], "mutations": {"model.variant": {"choice": ["micro/4"]}}}
+    assert err(tmp_path, **{**ok, "scheduler": mut}).startswith("scheduler.mutations.model.variant: pbt mutates")
+    mut = {**ok["scheduler"], "mutations": {"optim.weight_decay": {"uniform": [0.0, 0.1]}}}
+    assert "also give it as an axis of the space" in err(tmp_path, **{**ok, "scheduler": mut})
+    assert "pbt needs the keys it mutates" in err(tmp_path, **{**ok, "scheduler": {"type": "pbt"}})
+    assert err(tmp_path, **ok, resources={"workers": 2}).startswith("resources.workers: pbt runs one-worker trials")

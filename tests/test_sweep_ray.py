@@ -15,9 +15,14 @@ import torch
 import yaml
 from conftest import wait_for, wait_http
 
+from orchestrator.layout import SweepLayout
 from orchestrator.query import query
+from orchestrator.records import read_lineage
 from orchestrator.space import SpaceError, load_space
 from orchestrator.sweep import run_sweep
+from trainables.checkpoints import export_weights, find_checkpoint, load_weights
+from trainables.config import load_config
+from trainables.trainer import train
 
 pytestmark = pytest.mark.ray
 
@@ -484,3 +489,74 @@ def test_address_sends_the_clusters_token_and_a_wrong_one_is_one_line(ray_addres
                        timeout=180, env={**env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
     err = [line for line in r.stderr.splitlines() if line.startswith("clmim")]
     assert r.returncode == 2 and len(err) == 1 and str(wrong) in err[0] and "refused" in err[0], r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_hyperband_pauses_trials_on_a_label_free_signal_and_resumes_them_from_their_checkpoints(ray_address,
+                                                                                                 tmp_path):
+    """HyperBand (max_t 4 epochs, halving by 2) on val_rankme, six trials: Tune's first bracket runs three to the
+    end, its second runs three for 2 epochs, pausing the first two to get there, then resumes the better two from
+    their checkpoints (a new process) and stops the third. A resumed trial has the weights of its config trained
+    straight, bit for bit; every trial's reports land once; the scheduler's keys reach no table."""
+    p = write_space(tmp_path, "hb", space={"objective.lam": {"grid": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]}},
+                    base={"data": {"train_size": 128, "eval_size": 64, "batch_size": 32},
+                          "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False,
+                                   "noise": {"bands": 0}, "every": 1, "val_samples": 32, "attentive_steps": 0,
+                                   "lowshot": False, "grad_cosine": False},
+                          "optim": {"steps": 16}, "run": {"log_every": 4, "ckpt_every": 4}},
+                    scheduler={"type": "hyperband", "metric": "val_rankme", "max_t": 4, "reduction_factor": 2})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    rows = {r["trial"]: r for r in summary["rows"]}
+    assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows.values()), rows
+    assert sorted(r["step"] for r in rows.values()) == [8, 16, 16, 16, 16, 16], rows  # one stopped at the rung
+    sweep_dir = tmp_path / "hb"
+    finals = {d.name: json.loads((d / "run" / "final_metrics.json").read_text())
+              for d in trial_dirs(sweep_dir) if (d / "run" / "final_metrics.json").is_file()}
+    resumed = sorted(t for t, f in finals.items() if f["step"] == 16 and f["resumed_from"] == 8)
+    assert resumed, finals  # paused at the rung, resumed from its checkpoint
+    winner = resumed[0]
+    cfg = load_config(str(sweep_dir / "tune" / winner / "run" / "config.yaml"))
+    cfg.run.out_dir, cfg.run.threads, cfg.run.resume = str(tmp_path / "straight"), 1, None
+    train(cfg)
+    ours = load_weights(sweep_dir / "tune" / winner / "run" / "model.pt")["model"]
+    straight = load_weights(export_weights(find_checkpoint(tmp_path / "straight"), tmp_path / "straight.pt"))["model"]
+    assert ours.keys() == straight.keys() and all(torch.equal(ours[k], straight[k]) for k in ours)
+    # every report once: the winner's evaluations at steps 0, 4, 8, 12, 16 (its pauses repeated none)
+    evals = query("SELECT step, count(*) AS n FROM layers WHERE trial = ? AND metric = 'rankme_gap' AND layer = 0 "
+                  "GROUP BY step ORDER BY step", tmp_path, [winner])
+    assert list(evals.step) == [0, 4, 8, 12, 16] and set(evals.n) == {1}
+    assert query("SELECT count(*) AS n FROM curves WHERE metric LIKE 'sched_%'", tmp_path).n[0] == 0
+    assert query("SELECT count(*) AS n FROM curves WHERE metric = 'val_rankme'", tmp_path).n[0] > 0
+
+
+@pytest.mark.slow
+def test_pbt_exploits_through_the_trials_own_checkpoints_and_records_each_trials_lineage(ray_address, tmp_path):
+    """PBT over lam and the lr scale (four trials, an exploit / explore step every epoch on val_rankme): every
+    trial runs its 16 steps; an exploiting trial continues from its parent's checkpoint with the mutated keys
+    perturbed, each exploit recorded once in its lineage (parent, step, before and after), and the trials table
+    shows the values it ended with."""
+    p = write_space(tmp_path, "pbt", space={"objective.lam": {"uniform": [0.2, 0.8]},
+                                            "optim.lr_scale": {"loguniform": [0.3, 3.0]}},
+                    base={"data": {"train_size": 128, "eval_size": 64, "batch_size": 32},
+                          "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False,
+                                   "noise": {"bands": 0}, "every": 1, "val_samples": 32, "attentive_steps": 0,
+                                   "lowshot": False, "grad_cosine": False},
+                          "optim": {"steps": 16}, "run": {"log_every": 4, "ckpt_every": 4}},
+                    search={"algorithm": "random", "metric": "val_rankme", "seed": 3}, num_samples=4,
+                    scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.25,
+                               "mutations": {"objective.lam": {"uniform": [0.2, 0.8]},
+                                             "optim.lr_scale": {"loguniform": [0.3, 3.0]}}})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    rows = {r["trial"]: r for r in summary["rows"]}
+    assert len(rows) == 4 and all(r["status"] == "TERMINATED" and r["step"] == 16 for r in rows.values()), rows
+    layout = SweepLayout(tmp_path, "pbt")
+    lineage = {t: read_lineage(layout, t) for t in rows}
+    exploits = [(t, row) for t, rs in lineage.items() for row in rs]
+    assert exploits, "no trial exploited another"
+    for t, row in exploits:
+        assert row["parent"] in rows and row["parent"] != t and 0 < row["step"] < 16
+        assert set(row["before"]) == set(row["after"]) == {"objective.lam", "optim.lr_scale"}
+        assert len({r["exploit"] for r in lineage[t]}) == len(lineage[t])  # each exploit once
+    t, rs = next((t, rs) for t, rs in lineage.items() if rs)
+    got = query("SELECT \"optim.lr_scale\" AS lr FROM trials WHERE trial = ?", tmp_path, [t]).lr[0]
+    assert got == pytest.approx(rs[-1]["after"]["optim.lr_scale"])

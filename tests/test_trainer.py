@@ -38,7 +38,7 @@ def test_wsd_holds_the_peak_then_cools_down_and_its_stable_steps_do_not_depend_o
         assert not np.allclose(short[k][32:], long[k][32:40]) or k in ("wd",) or np.ptp(long[k]) == 0, k
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
 def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_path):
     """A checkpoint of a WSD run's stable phase, resumed with another length, gives a straight run of that length's
     weights bit for bit: cooling a 16-step run's step-8 checkpoint down in 2 steps is the 10-step run, and the
@@ -144,7 +144,7 @@ def test_simmim_keeps_its_multistep_schedule_and_mixes_take_cosine():
     assert load_config(tiny(), ["objective.lam=0", "optim.schedule=cosine"]).optim.schedule == "cosine"
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
 def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
     from trainables.config import train_flops_per_image
 
@@ -286,7 +286,7 @@ def test_staged_config_resolves_each_stage_with_its_own_recipe_and_refuses_what_
         load_config({**grafted(), "stages": [{"set": {}}]})
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
 def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_resumable_in_any_stage(tmp_path):
     """Stage 1 is exactly an MAE run; stage 2 starts MoCo v3 (online and momentum encoder) from its encoder with
     blocks 1..3 and the embedding at 0.1 x lr; steps count globally; a run resumed inside a stage or at the

@@ -9,11 +9,14 @@ import pytest
 import torch
 from conftest import CHEAP_EVAL, tiny
 
+from orchestrator import records
 from orchestrator.layout import SweepLayout
-from orchestrator.records import REPORTS, parse_reports
+from orchestrator.records import EXPLOIT_KEY, REPORTS, parse_reports
 from orchestrator.results import curves_from_results, layers_from_results, trial_row
-from orchestrator.trial import TrialSpec, resume_point, train_reporting_to
+from orchestrator.trial import SchedulerView, TrialSpec, resume_point, train_reporting_to
+from trainables.checkpoints import load_weights
 from trainables.config import load_config
+from trainables.trainer import train
 
 
 class FakeTune:
@@ -152,3 +155,74 @@ def test_two_sweeps_of_one_name_in_different_roots_get_their_own_scratch_folders
     (a / "mine").write_text("x")
     b = scratch_dir(SweepLayout(tmp_path / "b", "s"), "t1", 0)
     assert a != b and (a / "mine").is_file() and b.is_dir()
+
+
+def test_the_scheduler_reads_a_metric_only_as_of_a_stored_checkpoint_so_a_pause_loses_no_step():
+    """A reading (val_rankme at an evaluation) reaches the scheduler with the next report that carries a checkpoint:
+    a scheduler that pauses on it pauses where the trial resumes from. Step 0 and the final report count at once;
+    before any reading the scheduler sees epoch 0 and the worst value; a resumed trial starts from its checkpoint's
+    reports. FIFO (no metric) adds nothing."""
+    v = SchedulerView("val_rankme", "max", [])
+    assert v.update({"step": 0, "epoch": 0.0}) == {"sched_epoch": 0.0, "sched_value": float("-inf")}
+    assert v.update({"step": 0, "epoch": 0.0, "val_rankme": 2.0}) == {"sched_epoch": 0.0, "sched_value": 2.0}
+    assert v.update({"step": 4, "epoch": 1.0, "val_rankme": 5.0}) == {"sched_epoch": 0.0, "sched_value": 2.0}
+    assert v.update({"step": 4, "epoch": 1.0, "loss": 1.0}, committed=True) == {"sched_epoch": 1.0,
+                                                                               "sched_value": 5.0}
+    assert v.update({"step": 8, "epoch": 2.0, "val_rankme": 7.0}) == {"sched_epoch": 1.0, "sched_value": 5.0}
+    assert v.update({"step": 8, "epoch": 2.0, "val_rankme": 7.0, "resumed_from": 0}) == {"sched_epoch": 2.0,
+                                                                                        "sched_value": 7.0}
+    prior = [{"step": 0, "epoch": 0.0, "val_rankme": 2.0}, {"step": 4, "epoch": 1.0, "val_rankme": 5.0},
+             {"step": 4, "epoch": 1.0, "loss": 1.0}]  # what the step-4 checkpoint carries
+    assert SchedulerView("val_rankme", "max", prior).view == {"sched_epoch": 1.0, "sched_value": 5.0}
+    assert SchedulerView("val_loss", "min", []).view["sched_value"] == float("inf")
+    assert SchedulerView("", "max", prior).update({"step": 9, "val_rankme": 1.0}, committed=True) == {}
+
+
+@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
+def test_a_pbt_exploit_continues_from_the_donors_newest_checkpoint_bit_for_bit_and_is_recorded_once(tmp_path):
+    """Trial r, paused at step 2, is restarted for an exploit of trial d (newest checkpoint: step 6) with a new lr:
+    its stored checkpoint at 6 is d's weights, it ends with the weights of d's checkpoint trained on with the new lr
+    straight, and its lineage holds the exploit once (parent, step, lr before and after). Restarted again for the
+    same exploit (a lost process), or with its planned values and no exploit (a resumed driver), it continues from
+    its own copy with the new lr: the same weights, still one lineage row."""
+    layout = SweepLayout(tmp_path, "s")
+    base = tiny(optim__steps=8, run__log_every=2, run__ckpt_every=2, **CHEAP_EVAL)
+    spec = TrialSpec(layout=layout, base=base, fixed={}, keep_checkpoints=10)
+    planned = {"objective.lam": 0.5, "optim.lr_scale": 1.0}
+
+    def trial(tid, values, drop_after, exploit=None):
+        train_reporting_to(FakeTune(), values, spec, tid, in_process=True, exploit=exploit)
+        t = Path(layout.trial_path(tid))
+        shutil.rmtree(t / "run")  # paused (or the donor still running): checkpoints up to drop_after
+        for c in t.glob("checkpoint_*"):
+            if int(c.name.split("_")[1]) > drop_after:
+                shutil.rmtree(c)
+        return t
+
+    d = trial("d", planned, 6)
+    r = trial("r", planned, 2)
+    exploit = {"id": "e1", "donor": "d", "keys": ["optim.lr_scale"]}
+    new = {"objective.lam": 0.5, "optim.lr_scale": 2.0}
+    trial("r", new, 6, exploit)
+    copy = load_weights(r / "checkpoint_0000006" / "checkpoint.pt")["model"]
+    donor = load_weights(d / "checkpoint_0000006" / "checkpoint.pt")["model"]
+    assert all(torch.equal(copy[k], donor[k]) for k in donor)
+    assert records.read_lineage(layout, "r") == [{"exploit": "e1", "step": 6, "parent": "d",
+                                                  "before": {"optim.lr_scale": 1.0}, "after": {"optim.lr_scale": 2.0}}]
+    straight = load_config(base, ["objective.lam=0.5", "optim.lr_scale=2.0", f"run.out_dir={tmp_path / 'straight'}",
+                                  f"run.resume={d / 'checkpoint_0000006'}"])
+    train(straight)
+    want = load_weights(tmp_path / "straight" / "checkpoints" / "step_0000008" / "checkpoint.pt")["model"]
+    for again in ({**new, records.TRIAL_KEY: "r", EXPLOIT_KEY: exploit}, {**planned, records.TRIAL_KEY: "r"}):
+        train_reporting_to(FakeTune(), records.sampled_values(again), spec, "r", in_process=True,
+                           exploit=again.get(EXPLOIT_KEY))
+        got = load_weights(r / "checkpoint_0000008" / "checkpoint.pt")["model"]
+        assert all(torch.equal(got[k], want[k]) for k in want), again
+        assert len(records.read_lineage(layout, "r")) == 1
+        assert records.read_values(layout, "r")["optim.lr_scale"] == 2.0
+        for c in r.glob("checkpoint_*"):  # paused again at 6
+            if int(c.name.split("_")[1]) > 6:
+                shutil.rmtree(c)
+        shutil.rmtree(r / "run")
+    reports = parse_reports((r / "checkpoint_0000006" / REPORTS).read_text())
+    assert max(x.get("step") or 0 for x in reports) == 2  # its own record: steps up to its pause, not d's

@@ -10,6 +10,6 @@ from dataclasses import field
 def setting(default, *, choices=None, lo=None, hi=None, doc=""):
     """A dataclass field with validation metadata (allowed choices, inclusive numeric range)."""
     meta = {"choices": choices, "lo": lo, "hi": hi, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)

@@ -119,9 +119,11 @@ def final_keys() -> tuple[str, ...]:
 STATIC_KEYS = frozenset({"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
                          "replicas_in_sync", "train_images", "finetune_steps",
                          *(f"seconds_{p}" for p in EVAL_PARTS)})
-# Keys Ray Tune adds to every result.
-TUNE_KEYS = frozenset({"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
-                       "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
+# What a trial adds to its results for Tune's scheduler (``trial.SchedulerView``): never written to a table.
+SCHED_KEYS = ("sched_epoch", "sched_value")
+# Keys Ray Tune adds to every result (and the scheduler's).
+TUNE_KEYS = frozenset({*SCHED_KEYS, "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id",
+                       "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
                        "time_since_restore", "iterations_since_restore", "experiment_tag", "checkpoint_path",
                        "should_checkpoint"})
 # Columns the console summary shows per trial.
