@@ -19,7 +19,8 @@ def losses(over: list[str]) -> list[float]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend,mix", [
-    ("aot_eager", "objective.lam=0.5"),
+    # (all in the slow tier: make test's 12-minute budget)
+    pytest.param("aot_eager", "objective.lam=0.5", marks=pytest.mark.slow),
     pytest.param("aot_eager", "objective.weights={mae: 0.5, dino: 0.5}", marks=pytest.mark.slow),
     pytest.param("inductor", "objective.lam=0.5", marks=pytest.mark.slow)])
 def test_compiled_step_is_one_graph_without_recompiles_and_matches_eager(backend, mix, monkeypatch):

@@ -96,8 +96,8 @@ def test_quickstart_sweep_completes(ray_address, tmp_path, capsys):
     assert len(steps) == 4 and all(list(s) == [0, 8] for s in steps.s)
     # the default MLflow store: SQLite under the results root, one parent and one child per trial
     check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", 4)
+    check_printed_commands(tmp_path, summary, out, ray_address, capsys)  # (they build the report too)
     check_report(tmp_path)
-    check_printed_commands(tmp_path, summary, out, ray_address, capsys)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +113,9 @@ def check_printed_commands(root: Path, summary: dict, header: str, address: str,
     from orchestrator.cli import _finish
     from orchestrator.console import program
 
-    if not (REPO / ".venv" / "bin" / "clmim").exists():
-        pytest.skip("needs the repository's .venv (make test creates it)")
+    if not (REPO / ".venv" / "bin" / "clmim").exists():  # (make test creates it)
+        print("the printed commands are not run: no .venv in the repository")
+        return
     assert _finish(summary, str(root), address) == 0
     printed = capsys.readouterr().out.split("next:\n", 1)[1]
     commands = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
@@ -153,7 +154,8 @@ def check_printed_commands(root: Path, summary: dict, header: str, address: str,
 
 
 def check_report(root):
-    """The quickstart report renders in headless Chromium: not blank, every figure decoded, attached to MLflow."""
+    """The quickstart report (built by the printed `report` command, or here if it did not run) renders in headless
+    Chromium: not blank, every figure decoded, attached to MLflow."""
     import re
 
     import numpy as np
@@ -162,8 +164,9 @@ def check_report(root):
 
     from orchestrator.cli import main
 
-    assert main(["report", "quickstart", "--results", str(root)]) == 0
     page = root / "quickstart" / "report" / "report.html"
+    if not page.is_file():
+        assert main(["report", "quickstart", "--results", str(root)]) == 0
     assert {"layers.png", "lam.png"} <= {p.name for p in page.parent.glob("*.png")}
     assert "http" not in re.sub(r"https?://(www\.)?w3\.org", "", page.read_text()).replace("data:image", "")
     shot, dom = render(page, root)

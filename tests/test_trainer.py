@@ -67,7 +67,7 @@ def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_p
         assert all(torch.equal(wa[k], wb[k]) for k in wa), a.name
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget; test_trial resumes a trial at each checkpoint there)
 def test_resume_from_step_n_matches_straight_run(tmp_path):
     """Training to 2N straight and resuming from the step-N checkpoint to 2N give the same weights."""
     base = tiny(**{"objective__lam": 0.5, "optim__steps": 8, "run__ckpt_every": 4, "model__drop_path": 0.1})
