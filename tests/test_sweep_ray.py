@@ -465,6 +465,7 @@ def test_lost_worker_vs_training_error_classification():
     assert _describe_error(ValueError("bad\nmore")) == ("ValueError", "bad")
 
 
+@pytest.mark.slow  # (a second Ray instance: make test's 12-minute budget)
 def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_address):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     code = ("from orchestrator.sweep import init_ray; init_ray(None); import ray; "
