@@ -25,7 +25,8 @@ test-fast: lint
 	$(PY) -m pytest -q -m "not slow and not ray and not integration" --timeout 600
 
 # Two xdist workers: the Ray tests all on one (conftest groups them: one Ray instance per session), the training
-# tests on both (make test: 10 min 44 s against 12 min 25 s in one process, 2026-12-01).
+# tests on both (make test: 10 min 44 s against 12 min 25 s in one process, 2026-12-01; 11 min 27 s at decb752 alone
+# on this VM; three workers were no faster: 13 min 49 s against two's 13 min 51 s at the commits before).
 XDIST = -n 2 --dist loadgroup
 
 test: lint

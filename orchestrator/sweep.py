@@ -45,8 +45,10 @@ from .records import (
     DriverLease,
     Plan,
     Status,
+    lineage_values,
     plan_path,
     read_final,
+    read_lineage,
     read_plan,
     read_reports,
     retire_error,
@@ -521,7 +523,7 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
             retire_errors(layout)
         write_plan(layout, plan)
         recs = scan(layout, plan)
-        queue = [(t, r.values) for t, r in recs.items() if r.status is None and r.values is not None]
+        queue = resume_queue(layout, space, recs)
         metric = space.search.metric
         evaluated = []
         if plan.searched:
@@ -534,6 +536,16 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
                       or space.max_concurrent, evaluated=evaluated,
                       ended=[r.status.value for r in recs.values() if r.status is not None],
                       results_arg=results, address=address)
+
+
+def resume_queue(layout: SweepLayout, space: Space, recs: dict) -> list[tuple[str, dict]]:
+    """What a resume queues: every trial that has not ended and whose values are known, with its values; a PBT
+    trial's as of its newest exploit (``records.lineage_values``), so that Tune's view of it, which a later exploit
+    copies from, is what it trains with."""
+    queue = [(t, r.values) for t, r in recs.items() if r.status is None and r.values is not None]
+    if space.scheduler.type == "pbt":
+        queue = [(t, lineage_values(v, read_lineage(layout, t))) for t, v in queue]
+    return queue
 
 
 def backfill(callback, layout: SweepLayout, plan) -> int:

@@ -1,4 +1,10 @@
+import yaml
 from sweeps import make_sweep
+
+from orchestrator.layout import SweepLayout
+from orchestrator.records import Status, TrialRecord, append_lineage
+from orchestrator.space import load_space
+from orchestrator.sweep import resume_queue
 
 
 def test_summary_of_an_interrupted_sweep_comes_from_the_tables_and_the_plan(tmp_path):
@@ -49,3 +55,24 @@ def test_a_resume_hands_each_part_only_the_ended_trials_it_lacks(tmp_path):
     assert backfill(cb, layout, plan) == 1
     cb.close()
     assert tables.got == [] and mlflow.got == ["p_00001"]
+
+
+def test_a_resumed_pbt_sweep_queues_each_unended_trial_with_its_newest_exploits_values(tmp_path):
+    """After a driver dies, Tune's view of a PBT trial (which later exploits copy from) must be what it trains with:
+    its planned values updated by every exploit in its lineage; ended trials are not queued; other schedulers queue
+    the planned values."""
+    mut = {"optim.lr_scale": {"loguniform": [0.5, 2.0]}}
+    raw = {"name": "p", "base": {"optim": {"steps": 4}, "eval": {"every": 1}}, "space": dict(mut),
+           "search": {"algorithm": "random", "metric": "val_rankme"}, "num_samples": 3,
+           "scheduler": {"type": "pbt", "mutations": mut}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    space = load_space(tmp_path / "s.yaml")
+    layout = SweepLayout(tmp_path, "p")
+    for e, lr in (("e1", 1.5), ("e2", 0.7)):
+        append_lineage(layout, "a", {"exploit": e, "step": 4, "parent": "b", "before": {}, "after":
+                                     {"optim.lr_scale": lr}})
+    recs = {"a": TrialRecord("a", {"optim.lr_scale": 1.0}, None), "b": TrialRecord("b", {"optim.lr_scale": 0.6}, None),
+            "c": TrialRecord("c", {"optim.lr_scale": 0.9}, Status.TERMINATED)}
+    assert resume_queue(layout, space, recs) == [("a", {"optim.lr_scale": 0.7}), ("b", {"optim.lr_scale": 0.6})]
+    space.scheduler.type = "fifo"
+    assert resume_queue(layout, space, recs)[0] == ("a", {"optim.lr_scale": 1.0})
