@@ -246,14 +246,16 @@ def train_reporting_to(api, values: dict, spec: TrialSpec, trial: str, in_proces
     try:
         lineage = records.read_lineage(layout, trial) if in_process else []
         new = exploit is not None and all(r.get("exploit") != exploit["id"] for r in lineage)
-        if not new:  # (a driver resumed after an exploit restarts the trial with its planned values)
+        taken = take_over(layout, trial, exploit, values, scratch / "exploit", spec.keep_checkpoints) \
+            if new else None
+        if new and taken is None:  # no donor checkpoint: no exploit, the values it trained with so far
+            values = records.read_values(layout, trial) or values
+        if not taken:  # (a driver resumed after an exploit restarts the trial with its planned values)
             values = records.lineage_values(values, lineage)
         # Every rank gets an out_dir (the trainer writes files from rank 0 only, but all ranks must agree on when
         # checkpoints happen: saving one is a collective step).
         cfg = spec.config(values, str(scratch / "run"))
         if in_process:
-            taken = take_over(layout, trial, exploit, values, scratch / "exploit", spec.keep_checkpoints) \
-                if new else None
             cfg.run.resume = taken or resume_point(layout, trial, scratch / "resume")
         elif (ckpt := api.get_checkpoint()) is not None:
             cfg.run.resume = str(Path(ckpt.to_directory(str(scratch / "resume"))) / "checkpoint.pt")
@@ -367,7 +369,7 @@ def take_over(layout: SweepLayout, trial: str, exploit: dict, values: dict, loca
     carrying this trial's own record of reports up to that step, is stored as the trial's newest checkpoint (its
     own at that step or later deleted first); then the exploit is recorded (``records.append_lineage``: once per
     exploit id; a restart with the same exploit resumes from the stored copy). The local checkpoint file to resume
-    from; None when the donor has no checkpoint (the trial continues its own, with its values unchanged)."""
+    from; None when the donor has no checkpoint (the caller continues the trial's own, with its values unchanged)."""
     donor = resume_point(layout, exploit["donor"], local / "donor")
     if donor is None:
         print(f"clmim: warning: trial {trial}: its PBT donor {exploit['donor']} has no checkpoint; it continues its "
