@@ -57,6 +57,7 @@ class Ended:
     config: dict
     stored_config: dict | None  # the file the trial wrote, if it got that far
     error: str | None
+    lineage: list[dict] = field(default_factory=list)  # a PBT trial's exploits (``records.read_lineage``)
 
 
 @dataclass
@@ -171,7 +172,8 @@ class Tables(Part):
     def flush(self) -> None:
         attempts = [Attempt(tid, Status.RUNNING.value, live.config, live.pending, attempt=live.attempt,
                             final=dict(live.latest)) for tid, live in self._live.items() if live.pending]
-        attempts += [Attempt(e.trial, e.status.value, e.config, e.reports, error=e.error) for e in self._ended]
+        attempts += [Attempt(e.trial, e.status.value, e.config, e.reports, error=e.error, lineage=e.lineage)
+                     for e in self._ended]
         if not attempts:
             return
         write_attempts(self.sweep_dir, attempts)
@@ -371,7 +373,9 @@ class SweepCallback(Callback):
         # from the sweep's space and the trial's sampled values (never defaults for what the space fixed)
         stored = stored_config(layout, tid)
         cfg = stored if stored is not None else to_dict(trial_config(self.space, values))
-        return Ended(tid, values, status, reports, cfg, stored, err)
+        # a PBT trial's exploits, as it recorded each once (one read more per trial, in PBT sweeps only)
+        lineage = records.read_lineage(layout, tid) if self.space.scheduler.type == "pbt" else []
+        return Ended(tid, values, status, reports, cfg, stored, err, lineage)
 
     def _kernel_oom(self, tid: str) -> str | None:
         """The cgroup's figures if the kernel's OOM killer killed a process here since this driver last looked and

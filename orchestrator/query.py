@@ -1,9 +1,9 @@
 """The query layer: read-only SQL over the results tables (DuckDB), and the frames the analysis reads.
 
-``connect`` opens a locked-down DuckDB connection with views ``trials``, ``curves``, ``layers`` and ``robustness``
-over every sweep under a results root, reading one snapshot of the store's files (``results.snapshot``: no file
-vanishes under a query and no row appears twice). File access is limited to the sweeps' table folders, no extension
-is installed or loaded, the configuration is locked, and paths never go into SQL text. Nothing here writes.
+``connect`` opens a locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness`` and
+``lineage`` over every sweep under a results root, reading one snapshot of the store's files (``results.snapshot``:
+no file vanishes under a query and no row appears twice). File access is limited to the sweeps' table folders, no
+extension is installed or loaded, the configuration is locked, and paths never go into SQL text. Nothing here writes.
 ``sweep_frames`` is the one place the analysis's inputs are selected (what ``clmim results show``, ``clmim report``
 and ``benchmarks/repro_claims.py`` read).
 """
@@ -20,16 +20,16 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from trainables import migrate
 from trainables.errors import UserError
 from trainables.vocab import EARLY_SIGNALS as SIGNALS
+from trainables.vocab import metric_mode
 
 from . import records, sweep_record
 from .layout import SweepLayout, check_root, list_sweeps
 from .results import (
-    CURVE_SCHEMA,
-    LAYER_SCHEMA,
-    NOISE_SCHEMA,
     SCHEMA_VERSION,
+    SCHEMAS,
     TABLES,
     file_version,
     read_table,
@@ -78,8 +78,8 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def connect(root: str | Path):
-    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness`` over every
-    sweep under ``root``, reading one consistent snapshot of the files (see the module docstring).
+    """A locked-down DuckDB connection with views ``trials``, ``curves``, ``layers``, ``robustness``, ``lineage``
+    over every sweep under ``root``, reading one consistent snapshot of the files (see the module docstring).
 
     The database of a snapshot is kept (the last few): the next query of an unchanged root (a finished sweep;
     ``results show`` and the report ask several) gets a new cursor on it instead of a new DuckDB instance and the
@@ -121,7 +121,7 @@ def _open(root: Path, files: dict[str, list[Path]]):
             con.execute("CREATE VIEW trials AS SELECT * FROM trials_latest")
         else:
             _empty_view(con, "trials", TRIALS_EMPTY)
-        for t, schema in (("curves", CURVE_SCHEMA), ("layers", LAYER_SCHEMA), ("robustness", NOISE_SCHEMA)):
+        for t, schema in SCHEMAS.items():
             if files[t] and files["trials"]:
                 _view(con, f"{t}_all", t, files[t])
                 con.execute(f"""CREATE VIEW {t} AS SELECT x.* FROM {t}_all x
@@ -262,7 +262,9 @@ class SweepFrames:
     probes at every probed step (step 0: the untrained encoder), mean over heads, with ``lam``; ``robustness``:
     their accuracies under band-passed noise; ``curves``: their loss curves (trial, step, value); ``signals``: the
     finished trials' early signals at every evaluation (``early_signals.SIGNALS``: sweep, trial, step, metric,
-    value)."""
+    value); ``lineage``: the trials' PBT exploits (the ``lineage`` table: one row per mutated key per exploit);
+    ``objectives``: what a multi-objective (nsga2) search among them optimised, metric -> min / max (its Pareto
+    front: ``pareto.pareto_front``)."""
 
     trials: pd.DataFrame
     done: pd.DataFrame
@@ -270,6 +272,8 @@ class SweepFrames:
     robustness: pd.DataFrame
     curves: pd.DataFrame
     signals: pd.DataFrame = field(default_factory=pd.DataFrame)  # early signals per evaluation (``early_signals``)
+    lineage: pd.DataFrame = field(default_factory=pd.DataFrame)  # PBT exploits (``lineage`` table)
+    objectives: dict[str, str] = field(default_factory=dict)  # nsga2's objectives and directions
 
 
 def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> SweepFrames:
@@ -292,8 +296,21 @@ def sweep_frames(root: str | Path, names: list[str], where: str = "true") -> Swe
         signals = con.execute("SELECT c.sweep, c.trial, c.step, c.metric, c.value FROM curves c JOIN trials t "
                               f"USING (sweep, trial) WHERE {done} AND c.metric IN "
                               f"({', '.join('?' * len(SIGNALS))})", [*names, *SIGNALS]).df()
+        lineage = con.execute(f"SELECT x.* FROM lineage x JOIN trials t USING (sweep, trial) WHERE {keep} "
+                              "ORDER BY sweep, trial, exploit, key", names).df()
     except duckdb.Error as e:
         raise QueryError(f"query: {str(e).splitlines()[0]}") from None
     trials = with_mix(trials)
     return SweepFrames(trials, trials[trials.status == records.Status.TERMINATED.value], layers, robustness, curves,
-                       signals)
+                       signals, lineage, search_objectives(Path(root), names))
+
+
+def search_objectives(root: Path, names: list[str]) -> dict[str, str]:
+    """The objectives (metric -> direction) the first of sweeps ``names`` searched with nsga2 optimised, from its
+    record's space (checked when it started: read, not validated again); {} when none did."""
+    for name in names:
+        space = sweep_record.read(root / name).info.get("space")
+        search = space.get("search") if isinstance(space, dict) else None
+        if isinstance(search, dict) and search.get("algorithm") == "nsga2":
+            return {m: metric_mode(m) for m in map(migrate.metric, search.get("objectives") or [])}
+    return {}

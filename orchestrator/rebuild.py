@@ -21,7 +21,7 @@ def rebuild(layout: SweepLayout) -> int:
     A trial's status is how it ended (its ``status.json``, ``error.json`` or final metrics), else PENDING (a resume
     runs it); its reports are its own log (or, for a sweep older than logs, Tune's ``result.json`` as JSON); its
     config is the one it wrote, else the one its sampled values resolve to in the sweep's space (from sweep.json);
-    a value neither holds stays null."""
+    a value neither holds stays null; a PBT trial's exploits are its ``lineage.json``."""
     sweep_dir = layout.sweep_dir
     if not (layout.store.exists(layout.tune_path) or layout.store.exists(records.plan_path(layout))):
         raise UserError(f"sweep {layout.name!r}: no trials in {layout.store.display(layout.experiment_path)}")
@@ -49,7 +49,8 @@ def rebuild(layout: SweepLayout) -> int:
         status = rec.status or (records.Status.TERMINATED if any(r.get("done") is True for r in results)
                                 else records.Status.PENDING)
         status = status.value
-        write_trial_tables(sweep_dir, tid, status, cfg or {}, results, error=rec.error)
+        write_trial_tables(sweep_dir, tid, status, cfg or {}, results, error=rec.error,
+                           lineage=records.read_lineage(layout, tid))
         n += 1
     compact(sweep_dir)
     return n

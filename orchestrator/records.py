@@ -170,8 +170,8 @@ def read_lineage(layout: SweepLayout, trial: str) -> list[dict]:
 
 
 def append_lineage(layout: SweepLayout, trial: str, row: dict) -> list[dict]:
-    """Record one exploit of a PBT trial (``row["exploit"]`` its id; ``step`` where it continues, ``parent`` and
-    ``parent_step`` whose checkpoint it continues from, the mutated hyperparameters ``before`` and ``after``), once:
+    """Record one exploit of a PBT trial (``row["exploit"]`` its id; ``step`` where it continues, from the checkpoint
+    of ``parent`` at that step; ``at`` its wall time; the mutated hyperparameters ``before`` and ``after``), once:
     a row whose exploit is recorded already is not written again (a retried or resumed trial). The whole list is
     rewritten in one write (atomic in every store)."""
     rows = read_lineage(layout, trial)

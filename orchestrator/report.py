@@ -48,8 +48,10 @@ from .compare import (  # noqa: E402
     split_baseline,
 )
 from .layout import SweepLayout  # noqa: E402
+from .pareto import pareto_front  # noqa: E402
 from .query import QueryError, no_results, sweep_frames  # noqa: E402
 from .scaling import chance_level  # noqa: E402
+from .schedules import ancestral_schedules  # noqa: E402
 from .summary import sections  # noqa: E402
 
 # (metric, panel title, y-axis label with units)
@@ -278,6 +280,45 @@ def scaling_figure(trials: pd.DataFrame, fits: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def schedule_figure(schedules: pd.DataFrame, done: pd.DataFrame) -> bytes:
+    """PBT: each mutated hyperparameter against step, one step line per trial, the schedule its final weights
+    trained under (its ancestors' values before each exploit: ``schedules.ancestral_schedules``); the best trial
+    on the validation linear probe (where measured) drawn bold."""
+    keys = sorted(schedules.key.unique())
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 3.4), squeeze=False)
+    best = None
+    if "val_linear_top1" in done and done.val_linear_top1.notna().any():
+        best = done.loc[done.val_linear_top1.idxmax(), "trial"]
+    for ax, key in zip(axes[0], keys, strict=True):
+        for trial, g in schedules[schedules.key == key].groupby("trial", sort=True):
+            ax.step(g.step, g.value, where="post", lw=2.4 if trial == best else 1.0, alpha=0.9,
+                    label=trial[-5:] + (" (best)" if trial == best else ""))
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if schedules.trial.nunique() <= 12:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def pareto_figure(done: pd.DataFrame, objectives: dict[str, str]) -> bytes:
+    """The first two objectives of a multi-objective search: every finished trial, the Pareto front (over all the
+    objectives) marked and joined in the first's order."""
+    x, y = list(objectives)[:2]
+    front = pareto_front(done, objectives)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.scatter(pd.to_numeric(done[x], errors="coerce"), pd.to_numeric(done[y], errors="coerce"), s=14,
+               color="0.6", label="trials")
+    f = front.sort_values(x)
+    ax.plot(f[x], f[y], "o-", color="C3", ms=5, lw=1.2, label="Pareto front")
+    ax.set_xlabel(f"{x} ({'higher' if objectives[x] == 'max' else 'lower'} is better)")
+    ax.set_ylabel(f"{y} ({'higher' if objectives[y] == 'max' else 'lower'} is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def _mean_se(values: pd.Series) -> str:
     return fmt_mean_se(*mean_se(values)[:2])
 
@@ -379,6 +420,13 @@ def _figures(layout: SweepLayout, frames, all_layers: pd.DataFrame, layers: pd.D
     if not drops.empty:
         figures.append(("noise", "Accuracy drop under frequency-filtered noise (Gaussian noise band-passed to each "
                                  "band, fixed RMS)", noise_figure(drops, done)))
+    if frames.objectives and len(pareto_front(done, frames.objectives)):
+        figures.append(("pareto", "Multi-objective search: the trials and their Pareto front",
+                        pareto_figure(done, frames.objectives)))
+    schedules = ancestral_schedules(done, frames.lineage)
+    if not schedules.empty:
+        figures.append(("schedules", "PBT: the hyperparameter schedule each trial's final weights trained under (its "
+                                     "ancestors' values before each exploit)", schedule_figure(schedules, done)))
     cka = _pure_cka(layout, done)
     if cka is not None:
         figures.append(("cka", f"Linear CKA between the layers of pure MIM ({cka[1]}) and pure CL ({cka[2]}), GAP "
@@ -472,6 +520,19 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                   "validation images' features and the pre-training loss on them need no labels; the validation "
                   "linear probe read as early is what labels would buy. A search that stops or pauses trials early "
                   "is as good as this ranking.</p>", _table_html(tables["early_signals"])]
+    if "pareto" in tables:
+        parts += ["<h2>Pareto front</h2>",
+                  "<p>The finished trials that no other trial beats on every objective the search optimised at once "
+                  "(each in its own direction); every other trial is beaten outright by one of these. The objectives "
+                  "are read on the validation split or cost nothing to read (FLOPs, parameters): choosing among "
+                  "these and then reporting the evaluation split's numbers keeps the claims honest.</p>",
+                  _table_html(tables["pareto"])]
+    if "lineage" in tables:
+        parts += ["<h2>PBT exploits</h2>",
+                  "<p>Each exploit: the trial continued from its parent's newest checkpoint at that step (the "
+                  "parent's weights) with the mutated hyperparameters perturbed or redrawn, before → after. The "
+                  "schedules figure below follows each trial's final weights back through these exploits.</p>",
+                  _table_html(tables["lineage"])]
     if "failed" in tables:
         parts += ["<h2>Failed or unfinished trials</h2>", _table_html(tables["failed"])]
     for key, title, png in figures:

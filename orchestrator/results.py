@@ -8,6 +8,9 @@ Layout (schema version ``SCHEMA_VERSION``; columns documented in the README)::
     <results>/<sweep>/layers/<trial>.<attempt>.parquet   long: step (0 = untrained), layer, head, metric, value
     <results>/<sweep>/robustness/<trial>.<attempt>.parquet   long: step (0 = untrained), band, freq_lo, freq_hi,
                                                          metric, value (accuracy under band-passed noise)
+    <results>/<sweep>/lineage/<trial>.<attempt>.parquet  long: a PBT trial's exploits (exploit, exploit_id, step,
+                                                         parent, exploited_at, key, before, after), from its
+                                                         ``lineage.json``; only for attempts that have any
     <results>/<sweep>/manifest.json                      the current files of each table
 
 Every file is written under a temporary name and renamed into place, so readers never see a partial file and
@@ -66,7 +69,8 @@ from .layout import SweepLayout, list_sweeps
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (b"1", b"2", b"3", b"4")  # files of these versions are read (v1 layers: step null; v1-2: stage
 # null; v1-3 through ``read_table``, which migrates them to today's vocabulary)
-TABLES = ("trials", "curves", "layers", "robustness")
+TABLES = ("trials", "curves", "layers", "robustness", "lineage")
+LONG_TABLES = TABLES[1:]
 GRACE_S = 60.0  # merged-away files stay readable this long after they leave the manifest
 MERGED_PREFIX = "_merged."
 BATCH_PREFIX = "_batch."  # the rows of several trials the driver wrote at once
@@ -84,6 +88,15 @@ NOISE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string())
                           ("attempt", pa.string()), ("step", pa.int64()), ("band", pa.int32()),
                           ("freq_lo", pa.float64()), ("freq_hi", pa.float64()), ("metric", pa.string()),
                           ("value", pa.float64()), ("stage", pa.int32())])
+# One row per mutated key per exploit (``records.append_lineage``): ``exploit`` its order in the trial's lineage
+# (0 first), ``step`` where the trial continued (its parent's checkpoint step), ``exploited_at`` the exploit's wall
+# time (s since the epoch), before / after the key's values.
+LINEAGE_SCHEMA = pa.schema([("schema_version", pa.int32()), ("sweep", pa.string()), ("trial", pa.string()),
+                            ("attempt", pa.string()), ("exploit", pa.int32()), ("exploit_id", pa.string()),
+                            ("step", pa.int64()), ("parent", pa.string()), ("exploited_at", pa.float64()),
+                            ("key", pa.string()),
+                            ("before", pa.float64()), ("after", pa.float64())])
+SCHEMAS = {"curves": CURVE_SCHEMA, "layers": LAYER_SCHEMA, "robustness": NOISE_SCHEMA, "lineage": LINEAGE_SCHEMA}
 
 
 class ResultsWarning(UserWarning):
@@ -131,7 +144,7 @@ def _without(schema: pa.Schema, *names: str) -> pa.Schema:
 # Earlier versions' long tables: v2 without the stage column, v1 layers also without step.
 LONG_SCHEMAS = {"curves": [CURVE_SCHEMA, _without(CURVE_SCHEMA, "stage")],
                 "layers": [LAYER_SCHEMA, _without(LAYER_SCHEMA, "stage"), _without(LAYER_SCHEMA, "stage", "step")],
-                "robustness": [NOISE_SCHEMA, _without(NOISE_SCHEMA, "stage")]}
+                "robustness": [NOISE_SCHEMA, _without(NOISE_SCHEMA, "stage")], "lineage": [LINEAGE_SCHEMA]}
 # the trials table's own columns and their types (config columns vary with the config)
 TRIAL_TYPES = {"schema_version": (pa.int32(), pa.int64()), "sweep": (pa.string(),), "trial": (pa.string(),),
                "attempt": (pa.string(),), "status": (pa.string(),)}
@@ -161,7 +174,9 @@ def migrate_table(table: str, t: pa.Table) -> pa.Table:
             r["objective"] = migrate.objective_value(r.get("objective"))
             r["mix"] = migrate.mix_label(r.get("mix"))
         return pa.Table.from_pylist([{migrate.trial_column(k): v for k, v in r.items()} for r in rows])
-    schema = {"curves": CURVE_SCHEMA, "layers": LAYER_SCHEMA, "robustness": NOISE_SCHEMA}[table]
+    schema = SCHEMAS[table]
+    if "metric" not in schema.names:  # (lineage: written from version 4 on, nothing to map)
+        return t
     metric = pa.array([migrate.metric(m) for m in t.column("metric").to_pylist()], pa.string())
     cols = {f.name: (metric if f.name == "metric" else t.column(f.name).cast(f.type) if f.name in t.column_names
                      else pa.nulls(len(t), f.type)) for f in schema}
@@ -455,6 +470,18 @@ def noise_from_results(results: list[dict], bands: int | None) -> list[tuple[int
     return sorted(seen.values(), key=lambda t: (t[0], t[1], t[4]))
 
 
+def lineage_from_records(lineage: list[dict]) -> list[tuple]:
+    """(exploit, exploit_id, step, parent, exploited_at, key, before, after) from a trial's ``lineage.json``
+    (``records.read_lineage``): one row per mutated key of each exploit, in the order they happened."""
+    rows = []
+    for i, r in enumerate(lineage):
+        before, after = r.get("before") or {}, r.get("after") or {}
+        for k in sorted(set(before) | set(after)):
+            rows.append((i, str(r.get("exploit")), int(r.get("step") or 0), r.get("parent"), _num(r.get("at")), k,
+                         _num(before.get(k)), _num(after.get(k))))
+    return rows
+
+
 def with_stage(config: dict):
     """A function adding each long-table row's stage (its first value is the step) of a staged run
     (``config["stages"]``): the stage whose steps hold it, a stage's last step its own, step 0 (the untrained
@@ -500,6 +527,7 @@ class Attempt:
     error: str | None = None
     wall_time_s: float | None = None
     source: dict | None = None  # an analysed checkpoint's source columns (``trial_row``)
+    lineage: list[dict] = field(default_factory=list)  # a PBT trial's exploits (``records.read_lineage``)
 
 
 def latest_values(results: list[dict], into: dict | None = None) -> dict:
@@ -511,9 +539,9 @@ def latest_values(results: list[dict], into: dict | None = None) -> dict:
 
 
 def write_attempts(sweep_dir: Path, attempts: list[Attempt]) -> list[str]:
-    """Write attempts of trials to trials/, curves/, layers/ and robustness/ (atomically; one file per table for
-    all of them: the driver writes every trial that reported or ended in the last second at once), then add the
-    files to the manifest in one step; return the attempt ids.
+    """Write attempts of trials to trials/, curves/, layers/, robustness/ and, where any attempt has exploits,
+    lineage/ (atomically; one file per table for all of them: the driver writes every trial that reported or ended
+    in the last second at once), then add the files to the manifest in one step; return the attempt ids.
 
     Several files may hold rows of one attempt (a running trial's rows arrive batch by batch; the ``trials`` view
     keeps its latest row by ``written_at``), but never the same row twice."""
@@ -521,7 +549,7 @@ def write_attempts(sweep_dir: Path, attempts: list[Attempt]) -> list[str]:
         return []
     sweep_dir = Path(sweep_dir)
     sweep = sweep_dir.name
-    rows, long = [], {"curves": [], "layers": [], "robustness": []}
+    rows, long = [], {t: [] for t in LONG_TABLES}
     for a in attempts:
         final = a.final if a.final is not None else latest_values(a.results)
         wall = a.wall_time_s
@@ -535,24 +563,27 @@ def write_attempts(sweep_dir: Path, attempts: list[Attempt]) -> list[str]:
         long["layers"].append((ids, staged(layers_from_results(a.results))))
         long["robustness"].append((ids, staged(noise_from_results(a.results, bands if isinstance(bands, int)
                                                                    else None))))
+        if a.lineage:
+            long["lineage"].append((ids, lineage_from_records(a.lineage)))
     # (a new id in the name: a running trial's attempt is written batch by batch, each batch its own file)
     name = (f"{attempts[0].trial}." if len(attempts) == 1 else BATCH_PREFIX) + f"{new_attempt_id()}.parquet"
-    schemas = {"curves": CURVE_SCHEMA, "layers": LAYER_SCHEMA, "robustness": NOISE_SCHEMA}
+    written = ["trials", *(t for t, parts in long.items() if parts or t != "lineage")]
     for t, parts in long.items():
-        _write_atomic(_long_table(schemas[t], parts), sweep_dir / t / name)
+        if t in written:
+            _write_atomic(_long_table(SCHEMAS[t], parts), sweep_dir / t / name)
     # A config key that is null in every row here is typed by DuckDB from the files that set it.
     keys = list(dict.fromkeys(k for r in rows for k in r))  # (from_pylist reads the first row's keys only)
     _write_atomic(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), sweep_dir / "trials" / name)
     with _locked(sweep_dir):  # readers see every file of the batch, or none
-        _change_manifest(sweep_dir, add={t: [name] for t in TABLES})
+        _change_manifest(sweep_dir, add={t: [name] for t in written})
     return [a.attempt for a in attempts]
 
 
 def write_trial_tables(sweep_dir: Path, trial: str, status: str, config: dict, results: list[dict],
                        error: str | None = None, wall_time_s: float | None = None,
-                       attempt: str | None = None) -> str:
+                       attempt: str | None = None, lineage: list[dict] | None = None) -> str:
     """Write one attempt of one trial (``write_attempts``); return its attempt id."""
-    a = Attempt(trial, status, config, results, error=error, wall_time_s=wall_time_s)
+    a = Attempt(trial, status, config, results, error=error, wall_time_s=wall_time_s, lineage=list(lineage or []))
     if attempt:
         a.attempt = attempt
     return write_attempts(sweep_dir, [a])[0]

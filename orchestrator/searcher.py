@@ -1,17 +1,126 @@
 """The one Tune searcher of every sweep run: it hands Tune the sweep's trials, each carrying its clmim id.
 
 A sweep's trials are known before Tune starts (``records.Plan``: every grid point x samples, random draws made
-from ``search.seed``), or, for optuna, proposed one at a time by Tune's ``OptunaSearch``. A first run queues every
-planned trial; a resume queues only those that have not ended, with their ids and values, and tells optuna the
-results of the ended ones, so it continues the same search. Nothing of Tune's saved state is read (see
-``records.py``).
+from ``search.seed``), or, for optuna and nsga2, proposed one at a time by Tune's ``OptunaSearch`` (TPE on one
+metric; NSGA-II on ``search.objectives`` together). A first run queues every planned trial; a resume queues only
+those that have not ended, with their ids and values, and tells the model the results of the ended ones (and of
+the ``search.warm_start`` sweeps' trials), so it continues the same search. Nothing of Tune's saved state is read
+(see ``records.py``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.tune.search import Searcher
 
-from .records import TRIAL_KEY
+from .layout import list_sweeps
+from .query import query
+from .records import TRIAL_KEY, Status
+from .space import SearchSection, Space, SpaceError, objective_modes
+
+
+def search_target(search: SearchSection) -> tuple[str | list[str], str | list[str]]:
+    """What the sweep's model searches on: (metric, mode), or for nsga2 (objectives, their modes)."""
+    if search.algorithm == "nsga2":
+        return list(search.objectives), objective_modes(search)
+    return search.metric, search.mode
+
+
+def reward(search: SearchSection, final: dict) -> float | list[float] | None:
+    """A finished trial's result as the model is told it (``search_target``); None when it lacks any of it."""
+    metric, _ = search_target(search)
+    names = metric if isinstance(metric, list) else [metric]
+    values = [final.get(m) for m in names]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in values):
+        return None
+    return [float(v) for v in values] if isinstance(metric, list) else float(values[0])
+
+
+def warm_start(root: Path, space: Space, sweep: str) -> list[tuple[dict, float | list[float]]]:
+    """(values, result) of the finished trials of ``search.warm_start``'s sweeps under ``root`` whose every axis
+    value lies in this space (and that measured what it searches on), for the model to be told first; a
+    ``SpaceError`` before Ray starts for a sweep that is not there or lacks an axis. The sweeps' other settings are
+    not compared: warm-start from sweeps of the same base config and budget."""
+    names = list(space.search.warm_start)
+    if not names:
+        return []
+    if sweep in names:
+        raise SpaceError(f"search.warm_start: names this sweep ({sweep!r}) itself; its own finished trials are told "
+                         "to the search on a resume anyway")
+    there = {d.name for d in list_sweeps(root)}
+    if missing := [n for n in names if n not in there]:
+        raise SpaceError(f"search.warm_start: no sweep {missing[0]!r} under {root}")
+    rows = query(f"SELECT * FROM trials WHERE sweep IN ({', '.join('?' * len(names))}) AND status = ?", root,
+                 [*names, Status.TERMINATED.value])
+    axes = space.axes()
+    target, _ = search_target(space.search)
+    if absent := [c for c in [*axes, *(target if isinstance(target, list) else [target])] if c not in rows]:
+        raise SpaceError(f"search.warm_start: the trials of {', '.join(names)} have no {absent[0]!r} column (an axis "
+                         "or objective of this space); warm-start from sweeps over the same axes")
+    points = []
+    for row in rows.to_dict("records"):
+        values = {k: _plain(row[k]) for k in axes}
+        told = reward(space.search, row)
+        if told is not None and all(_within(values[k], kind, vals) for k, (kind, vals) in axes.items()):
+            points.append((values, told))
+    print(f"warm start: {len(points)} of the {len(rows)} finished trials of {', '.join(names)} told to "
+          f"{space.search.algorithm} (the rest lie outside this space or lack {target})", flush=True)
+    return points
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v  # (numpy scalars from the table: optuna wants Python values)
+
+
+def _within(v, kind: str, vals) -> bool:
+    """``v`` is a value the axis could have drawn."""
+    if kind == "choice":
+        return v in list(vals)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+        return False
+    lo, hi = float(vals[0]), float(vals[1])
+    return lo <= v < hi if kind == "randint" else lo <= v <= hi
+
+
+def population_size(trials: int) -> int:
+    """NSGA-II's generation size for a search of ``trials``: optuna's 50 where there is room for several
+    generations, else a quarter of the trials (at least 4): with its default a search of 24 would never leave its
+    first, random, generation."""
+    return max(4, min(50, trials // 4))
+
+
+def model_searcher(search: SearchSection, trials: int) -> Searcher:
+    """The model proposing a searched sweep's ``trials``: Tune's ``OptunaSearch`` with TPE (optuna) or NSGA-II
+    (nsga2, ``population_size``), seeded by ``search.seed``. Results told before it proposes anything (a resume's
+    ended trials, warm-start sweeps' trials) join NSGA-II's first generation, so its first offspring are bred from
+    them."""
+    # (optuna: an optional dependency, imported only by a sweep that searches with it)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.NSGAIISampler(population_size=population_size(trials), seed=search.seed) \
+        if search.algorithm == "nsga2" else None
+
+    class _Search(OptunaSearch):
+        """``OptunaSearch`` whose told results may have several objectives (Tune's passes a list as one value),
+        placed in NSGA-II's first generation (a told trial without one is in none, and no parent is ever drawn
+        from it)."""
+
+        def add_evaluated_point(self, parameters: dict, value, error: bool = False, pruned: bool = False,
+                                intermediate_values=None) -> None:
+            if not isinstance(value, list):
+                return super().add_evaluated_point(parameters, value, error, pruned, intermediate_values)
+            attrs = {sampler._get_generation_key(): 0} if sampler is not None else {}  # (optuna's own key)
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.COMPLETE, values=value, params=parameters, distributions=self._space,
+                system_attrs=attrs))
+            return None
+
+    if sampler is not None:
+        metric, mode = search_target(search)
+        return _Search(metric=metric, mode=mode, sampler=sampler)
+    return _Search(seed=search.seed)
 
 
 class TrialSearcher(Searcher):

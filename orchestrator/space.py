@@ -68,6 +68,7 @@ TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_
 # fine-tuning): what the claims report, so never what a search selects on.
 EVAL_SPLIT = re.compile(r"(layer/\d+/)?(" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|finetune_top1")
 MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
+SEARCHED = ("optuna", "nsga2")  # a model proposes the trials as results arrive: no plan drawn up front
 MAX_TRIALS = 10_000  # default cap on a sweep's trials (``max_trials:`` in the space file raises it)
 
 
@@ -79,12 +80,18 @@ class SpaceError(UserError):
 # choice and range checked, errors naming the dotted key).
 @dataclass
 class SearchSection:
-    algorithm: str = _f("grid", choices=["grid", "random", "optuna"])
+    algorithm: str = _f("grid", choices=["grid", "random", "optuna", "nsga2"],
+                        doc="optuna: TPE on search.metric; nsga2: optuna's NSGA-II on search.objectives together "
+                            "(a Pareto front)")
     metric: str = _f("loss", doc="what trials report (a validation-split metric for probes, or a label-free one: "
                                  "val_rankme, val_loss)")
     mode: str = _f("auto", choices=["auto", "min", "max"],
                    doc="auto: max for accuracies and fractions, min for losses (decided here, once)")
     seed: int = _f(0, lo=0, doc="seeds random search, optuna and Dirichlet draws")
+    objectives: list[str] = _f([], doc="nsga2: two or more metrics optimised together, each in its own direction (e.g. "
+                                  "val_linear_top1, val_rankme, train_flops); search.metric defaults to the first")
+    warm_start: list[str] = _f([], doc="optuna, nsga2: earlier sweeps under the results root whose finished trials the "
+                                  "search is told first (those whose values lie in this space)")
 
 
 @dataclass
@@ -297,16 +304,17 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
             raise SpaceError("seeds: set, but space also sets run.seed; keep one of them")
         space["run.seed"] = {"grid": list(range(n_seeds))}
     search = _typed(SearchSection, raw, "search")
+    _check_objectives(search, raw.get("search") or {})
     search.metric = migrate.metric(search.metric)
     for key, spec in space.items():
         _check_spec(key, spec)
         if _is_spec(spec) and next(iter(spec)) in SIMPLEX_KINDS:
             kind, vals = next(iter(spec.items()))
             space[key] = {"grid": simplex_points(kind, vals, search.seed)}
-    if search.algorithm == "optuna":
+    if search.algorithm in SEARCHED:
         if importlib.util.find_spec("optuna") is None:
-            raise SpaceError("search.algorithm: optuna is not installed here (pip install optuna), "
-                             "or use grid / random")
+            raise SpaceError(f"search.algorithm: {search.algorithm} needs optuna, which is not installed here "
+                             "(pip install optuna), or use grid / random")
     metric = search.metric
     if not is_known_metric(metric):
         raise SpaceError(f"search.metric: {excerpt(metric, 60)} is not a metric trials report; choose one of "
@@ -338,7 +346,7 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                checkpoints=_typed(CheckpointsSection, raw, "checkpoints"), description=raw.get("description", ""),
                max_trials=max_trials)
     if scheduler.type == "pbt":
-        if search.algorithm == "optuna":
+        if search.algorithm in SEARCHED:
             raise SpaceError("search.algorithm: pbt evolves a population drawn once (grid or random); a searcher "
                              "learning from results would fight its exploits")
         _check_mutations(sp)
@@ -349,8 +357,8 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
         raise SpaceError(f"max_concurrent: {scheduler.type} pauses trials at each rung until the rest of their "
                          "bracket gets there; a cap on live trials can leave every slot to a paused one. Remove "
                          "max_concurrent")
-    if search.algorithm == "optuna" and any(k == "grid" for k, _ in sp.axes().values()):
-        raise SpaceError("search.algorithm: optuna cannot search a grid; use choice instead of grid")
+    if search.algorithm in SEARCHED and any(k == "grid" for k, _ in sp.axes().values()):
+        raise SpaceError(f"search.algorithm: {search.algorithm} cannot search a grid; use choice instead of grid")
     for o in overrides or []:
         try:
             k, v = parse_override(o)
@@ -370,6 +378,44 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
 PAUSING = ("hyperband", "bohb", "pbt")  # schedulers that pause trials and resume them from their checkpoints
 MUTABLE = re.compile(r"optim\.(blr|lr_scale|weight_decay|min_lr_ratio|beta1|beta2)|objective\.lam|"
                      r"objective\.\w+\.mask_ratio")  # pbt: changing them keeps every weight's shape
+
+
+def _check_objectives(search: SearchSection, given: dict) -> None:
+    """nsga2's objectives: two or more distinct metrics trials report, none read on the evaluation split, each with a
+    direction; ``search.metric`` (the best trial's, a resume's) defaults to the first. Warm-start sweeps are names;
+    only a model-based search reads them."""
+    objectives = [migrate.metric(m) for m in search.objectives]
+    if search.algorithm != "nsga2":
+        if objectives:
+            raise SpaceError(f"search.objectives: a multi-objective search is search.algorithm: nsga2 (this one is "
+                             f"{search.algorithm}, on search.metric alone)")
+    else:
+        if len(objectives) < 2 or len(set(objectives)) != len(objectives):
+            raise SpaceError("search.objectives: nsga2 optimises two or more distinct metrics together, e.g. "
+                             "[val_linear_top1, train_flops]")
+        for m in objectives:
+            if not is_known_metric(m):
+                raise SpaceError(f"search.objectives: {excerpt(m, 60)} is not a metric trials report; e.g. "
+                                 "val_linear_top1, val_rankme, val_loss, train_flops")
+            if EVAL_SPLIT.fullmatch(m):
+                raise SpaceError(f"search.objectives: {m} is read on the evaluation split the claims are read on; "
+                                 "select on the validation split (val_linear_top1)")
+            if metric_mode(m) is None:
+                raise SpaceError(f"search.objectives: {m} has no better direction to optimise")
+        search.objectives = objectives
+        if "metric" not in given:
+            search.metric = objectives[0]
+    if search.warm_start:
+        if search.algorithm not in SEARCHED:
+            raise SpaceError(f"search.warm_start: only a search that learns from results (optuna, nsga2) can start "
+                             f"from earlier trials; this one is {search.algorithm}")
+        if not all(search.warm_start):
+            raise SpaceError("search.warm_start: an empty sweep name")
+
+
+def objective_modes(search: SearchSection) -> list[str]:
+    """The direction of each of ``search.objectives`` (min or max), decided here, once."""
+    return [metric_mode(m) for m in search.objectives]
 
 
 def _resolve_scheduler(scheduler: SchedulerSection, search: SearchSection) -> None:
@@ -592,15 +638,15 @@ def _draw(kind: str, vals, rng) -> Any:
 
 
 def plan_values(space: Space) -> list[dict] | None:
-    """``iter_plan`` as a list; None for a searched (optuna) sweep."""
-    return None if space.search.algorithm == "optuna" else list(iter_plan(space))
+    """``iter_plan`` as a list; None for a searched (optuna, nsga2) sweep."""
+    return None if space.search.algorithm in SEARCHED else list(iter_plan(space))
 
 
 def sample_table(space: Space, limit: int | None = None) -> list[dict[str, Any]]:
     """The trials a dry run shows, the first ``limit``: the planned values (random axes as drawn), or for optuna
     every grid point x num_samples with the searched axes shown as their distribution."""
     axes = space.axes()
-    if space.search.algorithm != "optuna":
+    if space.search.algorithm not in SEARCHED:
         rows = []
         for i, values in enumerate(itertools.islice(iter_plan(space), limit)):
             rows.append({"#": i + 1, **values, **({"sample": i % space.num_samples} if space.num_samples > 1

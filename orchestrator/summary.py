@@ -1,7 +1,8 @@
 """The one list of a sweep's result sections: status counts, the best trial per objective and variant, per-group
 mean ± SE over seeds, where the trials' time went, lr tuned per group, matched budgets, per-layer tables, the
 paper's claims (at the end and at every probed step), the evaluations' claims, noise robustness per band, CKA with
-the untrained encoder, how well early signals rank the trials (``early_signals``), failed trials.
+the untrained encoder, how well early signals rank the trials (``early_signals``), a multi-objective search's Pareto
+front (``pareto``), PBT's exploits (``schedules``), failed trials.
 
 DataFrames in (``query.SweepFrames``), DataFrames out, no I/O. Every view renders this list: the console
 (``clmim results show``), the HTML report (``report.py``) and the Markdown of ``benchmarks/repro_claims.py``; each
@@ -29,9 +30,11 @@ from .compare import (
     tuned_table,
 )
 from .early_signals import AT, TARGET, early_signal_table
+from .pareto import pareto_front
 from .query import SweepFrames
 from .records import Status
 from .scaling import group_axes, group_name
+from .schedules import exploit_table
 
 # per-group columns: final probes and evaluations (each shown where the sweep measured it)
 GROUP_METRICS = ("finetune_top1", "linear_top1_gap", "linear_top1_cls", "knn_top1_gap", "knn_top1_cls",
@@ -58,6 +61,14 @@ def sections(frames: SweepFrames) -> list[Section]:
         if len(early):
             out.append(Section("early_signals", f"early signals: read at <= {AT:.0%} of each run, Spearman's rho "
                                                 f"with the final {TARGET} (in the signal's direction)", early))
+    front = pareto_front(done, frames.objectives) if len(done) else pd.DataFrame()
+    if len(front):
+        out.append(Section("pareto", "Pareto front of the search's objectives ("
+                           + ", ".join(f"{m}: {d}" for m, d in frames.objectives.items())
+                           + "): the trials no other beats on every objective", front))
+    if not frames.lineage.empty:
+        out.append(Section("lineage", "PBT exploits: each continued from its parent's checkpoint at that step, "
+                                      "with the mutated hyperparameters before → after", exploit_table(frames.lineage)))
     failed = trials[trials.status != Status.TERMINATED.value][["trial", "status", "error"]]
     if len(failed):
         out.append(Section("failed", "failed or unfinished trials", failed.reset_index(drop=True)))

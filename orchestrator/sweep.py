@@ -57,7 +57,7 @@ from .records import (
     trial_record,
     write_plan,
 )
-from .searcher import TrialSearcher
+from .searcher import TrialSearcher, model_searcher, reward, search_target, warm_start
 from .space import PAUSING, Space, SpaceError, plan_values
 from .tracking import MLFLOW_OFF, MlflowLog, default_mlflow_uri
 from .trial import TrialSpec, run_trial
@@ -377,6 +377,7 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
     check_sweep_name_free(root, sweep_name)
     layout = SweepLayout(root, sweep_name, parse_storage(storage, storage_endpoint, root))
     _refuse_existing(layout)
+    evaluated = warm_start(root, space, sweep_name)  # (a SpaceError before Ray starts)
 
     uri = default_mlflow_uri(root, mlflow_uri)
     with DriverLease(layout, "clmim sweep"):
@@ -388,7 +389,7 @@ def run_sweep(space: Space, name: str | None = None, results: str | None = None,
         write_plan(layout, plan)
         return _drive(layout, space, uri, plan, queue=list(plan.trials.items()),
                       extra=space.num_samples if plan.searched else 0, max_concurrent=max_concurrent
-                      or space.max_concurrent, results_arg=results, address=address)
+                      or space.max_concurrent, evaluated=evaluated, results_arg=results, address=address)
 
 
 def _refuse_existing(layout: SweepLayout) -> None:
@@ -419,12 +420,8 @@ def _drive(layout: SweepLayout, space: Space, uri: str, plan, queue: list[tuple[
             seed_running(callback, layout)
         print_header(layout, space.n_trials(), uri, resumed=resumed, results_arg=results_arg, address=address,
                      experiment_id=mlflow.experiment_id() if mlflow else None)
-        inner = None
-        if extra:
-            from ray.tune.search.optuna import OptunaSearch  # (optuna: an optional dependency)
-
-            inner = OptunaSearch(seed=space.search.seed)
-        searcher = TrialSearcher(queue, space.search.metric, space.search.mode, inner=inner, extra=extra,
+        inner = model_searcher(space.search, space.num_samples) if extra else None
+        searcher = TrialSearcher(queue, *search_target(space.search), inner=inner, extra=extra,
                                  prefix=plan.prefix, next_index=plan.next_index({t for t, _ in queue} |
                                                                                  set(layout.trials())),
                                  evaluated=evaluated)
@@ -524,13 +521,13 @@ def resume_sweep(name: str, results: str | None = None, address: str | None = No
         write_plan(layout, plan)
         recs = scan(layout, plan)
         queue = resume_queue(layout, space, recs)
-        metric = space.search.metric
-        evaluated = []
+        evaluated = warm_start(layout.root, space, layout.name) if plan.searched else []
         if plan.searched:
             for t, r in recs.items():
                 final = read_final(layout, t) if r.status == Status.TERMINATED else None
-                if final is not None and isinstance(final.get(metric), (int, float)) and r.values is not None:
-                    evaluated.append((r.values, float(final[metric])))
+                told = reward(space.search, final) if final is not None else None
+                if told is not None and r.values is not None:
+                    evaluated.append((r.values, told))
         extra = max(0, space.num_samples - len(recs)) if plan.searched else 0
         return _drive(layout, space, uri, plan, queue, extra, max_concurrent or cli.get("max_concurrent")
                       or space.max_concurrent, evaluated=evaluated,

@@ -385,7 +385,7 @@ def take_over(layout: SweepLayout, trial: str, exploit: dict, values: dict, loca
     before = records.read_values(layout, trial) or {}
     keys = exploit.get("keys") or sorted(values)
     records.append_lineage(layout, trial, {"exploit": exploit["id"], "step": step, "parent": exploit["donor"],
-                                           "before": {k: before.get(k) for k in keys},
+                                           "at": time.time(), "before": {k: before.get(k) for k in keys},
                                            "after": {k: values.get(k) for k in keys}})
     return donor
 

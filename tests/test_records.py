@@ -290,3 +290,30 @@ def test_retry_errored_moves_the_error_record_aside(tmp_path):
     assert retire_errors(layout) == ["t1"]
     raise_recorded(layout, "t1")  # a retried trial now really runs
     assert (d / "error.prev.json").is_file()
+
+
+def test_nsga2_is_told_earlier_results_as_its_first_generation_and_proposes_within_the_space():
+    pytest.importorskip("optuna")
+    from ray import tune
+    from ray.tune.search import Searcher
+
+    from orchestrator.searcher import TrialSearcher, model_searcher, population_size, reward, search_target
+    from orchestrator.space import SearchSection
+
+    search = SearchSection(algorithm="nsga2", metric="val_linear_top1", objectives=["val_linear_top1", "train_flops"])
+    assert search_target(search) == (["val_linear_top1", "train_flops"], ["max", "min"])
+    assert reward(search, {"val_linear_top1": 0.5, "train_flops": 2e9}) == [0.5, 2e9]
+    assert reward(search, {"val_linear_top1": 0.5}) is None  # a trial that did not measure both: not told
+    assert population_size(24) == 6 and population_size(1000) == 50 and population_size(3) == 4
+    seen = [({"objective.lam": lam}, [lam, 1e9 * (1 + lam)]) for lam in (0.1, 0.4, 0.7, 0.9)]
+    s = TrialSearcher([], *search_target(search), inner=model_searcher(search, 16), extra=6, prefix="n",
+                      evaluated=seen)
+    assert s.set_search_properties(None, None, {"objective.lam": tune.uniform(0.0, 1.0)})
+    study = s._inner._ot_study
+    assert [t.values for t in study.trials] == [v for _, v in seen]
+    assert {t.system_attrs.get("NSGAIISampler:generation") for t in study.trials} == {0}  # parents of the next
+    got = [s.suggest(f"tune{i}") for i in range(7)]
+    assert [g[TRIAL_KEY] for g in got[:6]] == [f"n_{i:05d}" for i in range(6)] and got[6] == Searcher.FINISHED
+    assert all(0.0 <= g["objective.lam"] <= 1.0 for g in got[:6])
+    s.on_trial_complete("tune0", {"val_linear_top1": 0.3, "train_flops": 1.5e9})
+    assert study.trials[4].values == [0.3, 1.5e9]  # a finished proposal's two objectives are told back

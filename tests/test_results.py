@@ -150,6 +150,40 @@ def test_compaction_keeps_every_row_once(tmp_path):
     assert query("SELECT linear_top1 FROM trials WHERE trial = 't0'", tmp_path).linear_top1[0] == 0.9
 
 
+
+def _exploit(eid, step, parent, at, lam):
+    return {"exploit": eid, "step": step, "parent": parent, "at": at,
+            "before": {"objective.lam": 0.2, "optim.lr_scale": 1.0}, "after": {"objective.lam": lam,
+                                                                              "optim.lr_scale": 1.2}}
+
+
+def test_a_pbt_trials_exploits_land_in_the_lineage_view_once_and_a_newer_attempt_supersedes_them(tmp_path):
+    from orchestrator.results import compact
+
+    sweep = tmp_path / "p"
+    write_trial_tables(sweep, "t1", "RUNNING", cfg(0.2), reports(2))
+    assert not (sweep / "lineage").exists()  # no exploits: no lineage file (a non-PBT sweep writes none)
+    first = [_exploit("e1", 4, "t2", 100.0, 0.8)]
+    write_trial_tables(sweep, "t1", "TERMINATED", cfg(0.2), reports(3), lineage=first)
+    # a resumed driver records the trial again, its lineage now with a second exploit: the newer attempt's rows only
+    write_trial_tables(sweep, "t1", "TERMINATED", cfg(0.2), reports(3), lineage=[*first,
+                                                                                _exploit("e2", 8, "t3", 200.0, 0.5)])
+    write_trial_tables(sweep, "t2", "TERMINATED", cfg(0.8), reports(3))
+    sql = "SELECT trial, exploit, exploit_id, step, parent, exploited_at, key, before, after FROM lineage ORDER BY ALL"
+    df = query(sql, tmp_path)
+    assert df.to_dict("records") == [
+        {"trial": "t1", "exploit": 0, "exploit_id": "e1", "step": 4, "parent": "t2", "exploited_at": 100.0,
+         "key": "objective.lam", "before": 0.2, "after": 0.8},
+        {"trial": "t1", "exploit": 0, "exploit_id": "e1", "step": 4, "parent": "t2", "exploited_at": 100.0,
+         "key": "optim.lr_scale", "before": 1.0, "after": 1.2},
+        {"trial": "t1", "exploit": 1, "exploit_id": "e2", "step": 8, "parent": "t3", "exploited_at": 200.0,
+         "key": "objective.lam", "before": 0.2, "after": 0.5},
+        {"trial": "t1", "exploit": 1, "exploit_id": "e2", "step": 8, "parent": "t3", "exploited_at": 200.0,
+         "key": "optim.lr_scale", "before": 1.0, "after": 1.2}]
+    compact(sweep)
+    assert query(sql, tmp_path).equals(df)
+    assert len(read_manifest(sweep)["current"]["lineage"]) == 1
+
 def test_trials_name_the_objective_mix_and_weights(tmp_path):
     from trainables.config import load_config, to_dict
 

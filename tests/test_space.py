@@ -5,7 +5,7 @@ import yaml
 from conftest import tiny
 
 from orchestrator.cli import main
-from orchestrator.space import SpaceError, load_space, sample_table
+from orchestrator.space import SpaceError, load_space, plan_values, sample_table
 from orchestrator.sweep import check_schedulable, trial_bundles
 from trainables.config import load_config
 from trainables.errors import UserError
@@ -282,3 +282,29 @@ def test_pbt_mutates_weight_preserving_hyperparameters_of_a_population_that_diff
     assert "also give it as an axis of the space" in err(tmp_path, **{**ok, "scheduler": mut})
     assert "pbt needs the keys it mutates" in err(tmp_path, **{**ok, "scheduler": {"type": "pbt"}})
     assert err(tmp_path, **ok, resources={"workers": 2}).startswith("resources.workers: pbt runs one-worker trials")
+
+
+def test_a_multi_objective_search_names_two_or_more_metrics_each_with_a_direction(tmp_path):
+    pytest.importorskip("optuna")
+    choice = {"objective.lam": {"uniform": [0.0, 1.0]}}
+    ok = load_space(space_file(tmp_path, space=choice, search={"algorithm": "nsga2",
+                                                                "objectives": ["val_linear_top1", "train_flops"]}))
+    assert ok.search.metric == "val_linear_top1"  # the best trial's and a resume's metric: the first objective
+    assert plan_values(ok) is None  # proposed as results arrive
+    msg = err(tmp_path, space=choice, search={"algorithm": "nsga2", "objectives": ["val_linear_top1"]})
+    assert msg.startswith("search.objectives: nsga2 optimises two or more")
+    msg = err(tmp_path, space=choice, search={"algorithm": "nsga2", "objectives": ["linear_top1", "train_flops"]})
+    assert msg.startswith("search.objectives: linear_top1 is read on the evaluation split")
+    msg = err(tmp_path, space=choice, search={"algorithm": "nsga2", "objectives": ["val_linear_top1", "flops"]})
+    assert msg.startswith("search.objectives: 'flops' is not a metric trials report")
+    msg = err(tmp_path, space=choice, search={"algorithm": "nsga2",
+                                              "objectives": ["val_linear_top1", "layer/6/attn_distance"]})
+    assert msg.startswith("search.objectives: layer/6/attn_distance has no better direction")
+    msg = err(tmp_path, space=choice, search={"algorithm": "optuna", "objectives": ["val_linear_top1", "params"]})
+    assert msg.startswith("search.objectives: a multi-objective search is search.algorithm: nsga2")
+    assert err(tmp_path, search={"algorithm": "nsga2", "objectives": ["val_linear_top1", "train_flops"]}).startswith(
+        "search.algorithm: nsga2 cannot search a grid")
+    assert err(tmp_path, search={"algorithm": "grid", "warm_start": ["earlier"]}).startswith(
+        "search.warm_start: only a search that learns from results")
+    assert err(tmp_path, space=choice, search={"algorithm": "optuna", "warm_start": "earlier"}).startswith(
+        "search.warm_start: expected list, got 'earlier'")

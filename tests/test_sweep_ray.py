@@ -16,9 +16,11 @@ import yaml
 from conftest import wait_for, wait_http
 
 from orchestrator.layout import SweepLayout
-from orchestrator.query import query
-from orchestrator.records import read_lineage
+from orchestrator.query import query, sweep_frames
+from orchestrator.records import lineage_path, read_lineage
+from orchestrator.schedules import ancestral_schedules
 from orchestrator.space import SpaceError, load_space
+from orchestrator.summary import sections
 from orchestrator.sweep import run_sweep
 from trainables.checkpoints import export_weights, find_checkpoint, load_weights
 from trainables.config import load_config
@@ -30,13 +32,14 @@ pytestmark = pytest.mark.ray
 # were a large share of the quickstart test)
 SMALL = ["optim.steps=8", "data.train_size=256", "data.eval_size=64", "data.batch_size=32", "eval.samples=64",
          "run.log_every=4", "run.ckpt_every=4", "eval.attentive_steps=0", "eval.lowshot=false",
-         "eval.grad_cosine=false"]
+         "eval.grad_cosine=false", "eval.noise.bands=0"]  # (the noise bands: test_cli's quickstart run has them)
 
 
 def write_space(tmp_path, name="s", **over):
     raw = {"name": name,
            "base": {"data": {"train_size": 256, "eval_size": 64, "batch_size": 32},
-                    "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False, "noise": {"bands": 0}},
+                    "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False, "noise": {"bands": 0},
+                             "attentive_steps": 0, "lowshot": False, "grad_cosine": False},
                     "optim": {"steps": 8}, "run": {"log_every": 4, "ckpt_every": 4}},
            "space": {"objective.lam": {"grid": [0.0, 1.0]}},
            "resources": {"workers": 1, "cpus_per_worker": 1}}
@@ -218,6 +221,7 @@ def check_mlflow(uri, sweep, n_trials):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sweep_logs_to_a_real_mlflow_server(ray_address, tmp_path):
 
     from conftest import _free_port
@@ -252,6 +256,7 @@ def test_unschedulable_space_fails_fast(ray_address, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_an_erroring_trial_is_recorded_the_sweep_goes_on_and_retry_errored_runs_it_again(ray_address, tmp_path):
     import numpy as np
     from PIL import Image
@@ -281,6 +286,7 @@ def test_an_erroring_trial_is_recorded_the_sweep_goes_on_and_retry_errored_runs_
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_two_worker_trial_killed_on_rank_0_resumes_in_sync_and_a_failing_one_names_its_workers_error(
         ray_address, tmp_path):
     """Ray Train trials (DDP over two gloo ranks, a hybrid): SIGKILL of rank 0's process is a lost worker, Tune
@@ -373,8 +379,11 @@ def test_ctrl_c_then_a_killed_driver_resume_each_trial_once_lose_no_step_and_run
     every reported step in the tables and in MLflow."""
     from test_records import plant_tune_pickles
 
+    # (the attentive and low-shot probes stay on here: their seconds in the final evaluation keep a trial running
+    # past its checkpoints while the test signals the driver)
     p = write_space(tmp_path, "intr", space={"objective.lam": {"grid": [0.0, 0.5, 1.0]}, "optim.steps": 20,
-                                            "run.ckpt_every": 5, "run.log_every": 5}, max_concurrent=1)
+                                            "run.ckpt_every": 5, "run.log_every": 5, "eval.attentive_steps": 300,
+                                            "eval.lowshot": True}, max_concurrent=1)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(p), "--results", str(tmp_path),
                              "--address", ray_address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sweep_dir = tmp_path / "intr"
@@ -465,7 +474,8 @@ def test_lost_worker_vs_training_error_classification():
     assert _describe_error(ValueError("bad\nmore")) == ("ValueError", "bad")
 
 
-@pytest.mark.slow  # (a second Ray instance: make test's 12-minute budget)
+@pytest.mark.slow
+@pytest.mark.extended
 def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_address):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     code = ("from orchestrator.sweep import init_ray; init_ray(None); import ray; "
@@ -477,7 +487,8 @@ def test_no_address_starts_a_private_instance_beside_a_running_cluster(ray_addre
     assert "private local instance" in r.stdout
 
 
-@pytest.mark.slow  # a cluster of its own (~25 s): in the slow tier with the other clusters
+@pytest.mark.slow
+@pytest.mark.extended
 def test_address_sends_the_clusters_token_and_a_wrong_one_is_one_line(ray_address, tmp_path):
     """A `ray start` cluster keeps token auth on: --address works without RAY_AUTH_MODE in the environment (it used
     to fail with ~20 lines of InvalidAuthToken), and a wrong token is one line naming the file it came from."""
@@ -534,11 +545,13 @@ def test_hyperband_pauses_trials_on_a_label_free_signal_and_resumes_them_from_th
 
 
 @pytest.mark.slow
-def test_pbt_exploits_through_the_trials_own_checkpoints_and_records_each_trials_lineage(ray_address, tmp_path):
-    """PBT over lam and the lr scale (four trials, an exploit / explore step every epoch on val_rankme): every
-    trial runs its 16 steps; an exploiting trial continues from its parent's checkpoint with the mutated keys
-    perturbed, each exploit recorded once in its lineage (parent, step, before and after), and the trials table
-    shows the values it ended with."""
+def test_pbt_exploits_through_the_trials_own_checkpoints_and_records_each_trials_lineage_once_over_a_driver_kill(
+        ray_address, tmp_path):
+    """PBT over lam and the lr scale (four trials, an exploit / explore step every epoch on val_rankme), its driver
+    SIGKILLed as soon as a first exploit is recorded, then resumed: every trial runs its 16 steps; an exploiting
+    trial continues from its parent's checkpoint with the mutated keys perturbed, each exploit recorded once in its
+    lineage (parent, step, before and after) and once in the ``lineage`` table; the trials table shows the values
+    each ended with, and the report's schedules follow each trial's weights back through its exploits."""
     p = write_space(tmp_path, "pbt", space={"objective.lam": {"uniform": [0.2, 0.8]},
                                             "optim.lr_scale": {"loguniform": [0.3, 3.0]}},
                     base={"data": {"train_size": 128, "eval_size": 64, "batch_size": 32},
@@ -550,10 +563,18 @@ def test_pbt_exploits_through_the_trials_own_checkpoints_and_records_each_trials
                     scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.25,
                                "mutations": {"objective.lam": {"uniform": [0.2, 0.8]},
                                              "optim.lr_scale": {"loguniform": [0.3, 3.0]}}})
-    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
-    rows = {r["trial"]: r for r in summary["rows"]}
-    assert len(rows) == 4 and all(r["status"] == "TERMINATED" and r["step"] == 16 for r in rows.values()), rows
     layout = SweepLayout(tmp_path, "pbt")
+    proc = clmim("sweep", str(p), "--results", str(tmp_path), "--address", ray_address)
+    wait_for(lambda: any(layout.store.exists(lineage_path(layout, t)) for t in layout.trials()), 300,
+             "a first exploit")
+    proc.kill()  # the driver is gone mid-exploit: no clean shutdown
+    proc.communicate(timeout=60)
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "pbt", "--results", str(tmp_path),
+                        "--address", ray_address], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = query("SELECT trial, status, step FROM trials WHERE sweep = 'pbt'", tmp_path)
+    assert len(trials) == 4 and set(trials.status) == {"TERMINATED"} and set(trials.step) == {16}, trials
+    rows = set(trials.trial)
     lineage = {t: read_lineage(layout, t) for t in rows}
     exploits = [(t, row) for t, rs in lineage.items() for row in rs]
     assert exploits, "no trial exploited another"
@@ -561,6 +582,59 @@ def test_pbt_exploits_through_the_trials_own_checkpoints_and_records_each_trials
         assert row["parent"] in rows and row["parent"] != t and 0 < row["step"] < 16
         assert set(row["before"]) == set(row["after"]) == {"objective.lam", "optim.lr_scale"}
         assert len({r["exploit"] for r in lineage[t]}) == len(lineage[t])  # each exploit once
+    # the table: every recorded exploit's keys once, nothing else
+    table = query("SELECT trial, exploit_id, key, count(*) AS n FROM lineage GROUP BY ALL", tmp_path)
+    assert set(table.n) == {1}
+    assert sorted(zip(table.trial, table.exploit_id, table.key, strict=True)) == sorted(
+        (t, row["exploit"], k) for t, row in exploits for k in row["after"])
     t, rs = next((t, rs) for t, rs in lineage.items() if rs)
     got = query("SELECT \"optim.lr_scale\" AS lr FROM trials WHERE trial = ?", tmp_path, [t]).lr[0]
     assert got == pytest.approx(rs[-1]["after"]["optim.lr_scale"])
+    frames = sweep_frames(tmp_path, ["pbt"])
+    schedules = ancestral_schedules(frames.done, frames.lineage)
+    mine = schedules[(schedules.trial == t) & (schedules.key == "optim.lr_scale")]
+    assert mine.value.iloc[-1] == pytest.approx(got) and mine.step.iloc[-1] == 16
+    assert "lineage" in {s.key for s in sections(frames)}
+
+
+def _simulated_space(tmp_path, name: str, search: dict) -> Path:
+    """Four simulated trials (``run.simulate``: the trainer's reports at its steps, random values, no training)
+    over lam: what a search's plumbing needs, in seconds."""
+    raw = {"name": name,
+           "base": {"model": {"variant": "micro/4", "img_size": 32},
+                    "data": {"dataset": "synthetic", "batch_size": 32, "train_size": 256, "eval_size": 64},
+                    "optim": {"steps": 4}, "eval": {"samples": 64, "val_samples": 32, "dense_images": 0,
+                                                    "cka": False, "noise": {"bands": 0}},
+                    "run": {"log_every": 2, "ckpt_every": 2, "simulate": {"seconds_per_step": 0.05}}},
+           "space": {"objective.lam": {"uniform": [0.0, 1.0]}}, "search": search, "num_samples": 4,
+           "resources": {"workers": 1, "cpus_per_worker": 0.5}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_nsga2_warm_starts_from_an_earlier_sweep_and_the_summary_shows_its_pareto_front(ray_address, tmp_path,
+                                                                                        capsys):
+    """A random search's four finished trials are told to NSGA-II (validation linear probe against training FLOPs)
+    before it proposes four of its own; every finished trial reports both objectives, and the summary's Pareto
+    front is the trials nothing beats on both."""
+    pytest.importorskip("optuna")
+    run_sweep(load_space(_simulated_space(tmp_path, "first", {"algorithm": "random", "metric": "val_linear_top1"})),
+              results=str(tmp_path), address=ray_address)
+    objectives = ["val_linear_top1", "train_flops"]
+    p = _simulated_space(tmp_path, "pareto", {"algorithm": "nsga2", "objectives": objectives, "seed": 1,
+                                              "warm_start": ["first"]})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    assert "warm start: 4 of the 4 finished trials of first told to nsga2" in capsys.readouterr().out
+    assert len(summary["rows"]) == 4 and all(r["status"] == "TERMINATED" for r in summary["rows"])
+    frames = sweep_frames(tmp_path, ["pareto"])
+    assert frames.objectives == {"val_linear_top1": "max", "train_flops": "min"}
+    assert frames.done[objectives].notna().all().all()
+    [front] = [s.table for s in sections(frames) if s.key == "pareto"]
+    d = frames.done.set_index("trial")
+    for t in d.index:  # on the front exactly when no trial is at least as good on both and better on one
+        beaten = ((d.val_linear_top1 >= d.val_linear_top1[t]) & (d.train_flops <= d.train_flops[t])
+                  & ((d.val_linear_top1 > d.val_linear_top1[t]) | (d.train_flops < d.train_flops[t]))).any()
+        assert (t in set(front.trial)) != beaten, t

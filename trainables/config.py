@@ -384,6 +384,9 @@ def _coerce(value: Any, tp, path: str):
     elif tp is dict:
         if isinstance(value, dict):
             return copy.deepcopy(value)
+    elif origin is list and typing.get_args(tp) == (str,):  # (names: sweeps, metrics)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
     elif origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         if isinstance(value, list):
             return [_build(typing.get_args(tp)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -777,6 +780,14 @@ def model_stats(cfg: Config) -> dict[str, float]:
     """Encoder parameter count and training FLOPs per image (analytic; see ``scale.py``)."""
     spec = parse_variant(cfg.model.variant)
     return {"params": encoder_params(spec, cfg.model.img_size), "train_flops_per_image": train_flops_per_image(cfg)}
+
+
+def train_flops(info: dict, steps: int, cfg: Config) -> float | None:
+    """A run's training FLOPs: ``info``'s ``train_flops_per_image`` (``model_stats``) times the images its ``steps``
+    saw at ``data.batch_size`` (the trials table's ``samples_seen``); a final report's ``train_flops``, what a
+    multi-objective search can minimise."""
+    per_image = info.get("train_flops_per_image")
+    return float(per_image) * steps * cfg.data.batch_size if per_image else None
 
 
 def train_flops_per_image(cfg: Config) -> float:

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Config, model_stats, objectives_reaching, total_steps
+from .config import Config, model_stats, objectives_reaching, total_steps, train_flops
 from .files import write_json_atomic
 from .scale import parse_variant
 from .schedule import steps_per_epoch
@@ -138,8 +138,8 @@ def simulate(cfg: Config, report, sleep=time.sleep) -> dict:
                        "images_per_s": n_log * cfg.data.batch_size / max(t_log, 1e-9)}
             report(metrics, checkpoint=_save(out_dir, done, size) if ckpt_due else None)
             t_log = n_log = 0
-    final = {**info, **metrics, "step": total, "resumed_from": start, "seconds_train": total * sim.seconds_per_step,
-             **evaluation(total, final=True)}
+    final = {**info, **metrics, "step": total, "resumed_from": start, "train_flops": train_flops(info, total, cfg),
+             "seconds_train": total * sim.seconds_per_step, **evaluation(total, final=True)}
     final |= {f"seconds_{k}": v for k, v in seconds.items()}
     if out_dir is not None:
         write_json_atomic(out_dir / "final_metrics.json", final, indent=2)

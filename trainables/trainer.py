@@ -41,6 +41,7 @@ from .config import (
     stage_bounds,
     stage_config,
     total_steps,
+    train_flops,
 )
 from .data import DataBundle, batch_stream
 from .evaluate import TIMERS, evaluate_encoder
@@ -499,7 +500,8 @@ def _train(cfg: Config, report: Report, stage: Stage) -> tuple[dict, dict | None
     ft_resume = load_weights(run.resumed) if run.start > run.total else None
     if ft_resume is None:  # the pre-training's final metrics
         final = {**run.info, **metrics, "step": end, "resumed_from": run.offset + run.start,
-                 "seconds_train": seconds_train, **evaluate(run, end, final=True)}
+                 "train_flops": train_flops(run.info, end, cfg), "seconds_train": seconds_train,
+                 **evaluate(run, end, final=True)}
         final |= {f"seconds_{k}": v for k, v in run.seconds.items()}
     else:  # resumed during fine-tuning: pre-training's final metrics are in the checkpoint
         final = dict(ft_resume["pretrain_metrics"])

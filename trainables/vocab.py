@@ -116,8 +116,8 @@ def final_keys() -> tuple[str, ...]:
 
 
 # Scalars a trial reports that are not curves (constant per trial or bookkeeping).
-STATIC_KEYS = frozenset({"params", "train_flops_per_image", "total_steps", "world_size", "device", "resumed_from",
-                         "replicas_in_sync", "train_images", "finetune_steps",
+STATIC_KEYS = frozenset({"params", "train_flops_per_image", "train_flops", "total_steps", "world_size", "device",
+                         "resumed_from", "replicas_in_sync", "train_images", "finetune_steps",
                          *(f"seconds_{p}" for p in EVAL_PARTS)})
 # What a trial adds to its results for Tune's scheduler (``trial.SchedulerView``): never written to a table.
 SCHED_KEYS = ("sched_epoch", "sched_value")
@@ -128,6 +128,9 @@ TUNE_KEYS = frozenset({*SCHED_KEYS, "timestamp", "checkpoint_dir_name", "done", 
                        "should_checkpoint"})
 # Columns the console summary shows per trial.
 SUMMARY_METRICS = ("step", "loss", "knn_top1", "linear_top1", "shape_bias")
+# What a trial costs, reported at its end (``config.train_flops``, ``model_stats``): a multi-objective search's
+# cheaper-is-better objectives (``search.objectives``).
+COST_METRICS = ("train_flops", "params")
 # Metrics where larger is better (accuracies, fractions); the rest (losses) are minimised.
 HIGHER_IS_BETTER = frozenset(PROBE_METRICS)
 _LAYER_ACCURACY = re.compile(r"layer/\d+/(" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|layer/\d+/dense_miou")
@@ -139,7 +142,7 @@ def metric_mode(metric: str) -> str | None:
     (losses); None for a per-layer statistic that has no better direction (attention distance, NMI, ...)."""
     if metric in HIGHER_IS_BETTER or _LAYER_ACCURACY.fullmatch(metric):
         return "max"
-    return "min" if metric in step_metrics() + held_out_losses() else None
+    return "min" if metric in step_metrics() + held_out_losses() + COST_METRICS else None
 
 
 def _weights(mix) -> dict[str, float]:
@@ -194,7 +197,7 @@ def reports_metric(metric: str, mix) -> bool:
 
 def is_known_metric(metric) -> bool:
     """True for a step metric, a probe summary metric, or a per-layer probe key."""
-    return isinstance(metric, str) and (metric in step_metrics() + PROBE_METRICS + held_out_losses()
+    return isinstance(metric, str) and (metric in step_metrics() + PROBE_METRICS + held_out_losses() + COST_METRICS
                                         or bool(LAYER_METRIC.fullmatch(metric)))
 
 
