@@ -61,8 +61,9 @@ class MlflowServer:
         self.mlflow: subprocess.Popen | None = None
         self.db_uri = self.uri = ""
 
-    def start(self) -> str:
-        """Start both servers; return the tracking URI."""
+    def start(self, timeout: float = 180) -> str:
+        """Start both servers; return the tracking URI. ``timeout``: seconds the tracking server may take to answer
+        (its workers import MLflow: minutes on a machine busy with trials)."""
         pg_home = self.folder
         pg_home.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -117,7 +118,7 @@ class MlflowServer:
             except OSError:
                 return False
 
-        _wait(up, 180, "mlflow server", mlog)
+        _wait(up, timeout, "mlflow server", mlog)
         return self.uri
 
     def stop(self) -> None:

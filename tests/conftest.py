@@ -112,6 +112,7 @@ def ray_address(tmp_path_factory):
         os.environ.pop("RAY_ADDRESS", None)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the group mark into the id its scheduler reads
 def pytest_collection_modifyitems(config, items):
     """Every test marked ``ray`` (a Ray head, or a cluster of nodes) runs on one xdist worker, in file order: one Ray
     instance per test session, and a cluster never beside another."""

@@ -108,7 +108,8 @@ def test_bad_analysis_sweep_input_is_one_line_and_exit_2_before_ray_starts(args,
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # (~50 s of subprocesses and a report on the session's Ray head: make test-slow, which CI runs)
+@pytest.mark.slow
+@pytest.mark.extended
 def test_an_analysis_sweep_of_three_checkpoints_of_two_layouts_lands_in_the_tables_claims_and_report(
         ray_address, tmp_path, capsys):
     """Two MoCo v3 checkpoints and one SimMIM (random weights, official layouts, one model size) and a file that is

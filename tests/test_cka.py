@@ -21,6 +21,7 @@ def finished_trial(root, sweep, trial, lam):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget: CI's slow tier)
 def test_compare_two_trials_and_a_trial_with_its_untrained_encoder(tmp_path, capsys):
     finished_trial(tmp_path, "s", "t0", 0.0)
     finished_trial(tmp_path, "s", "t1", 1.0)

@@ -105,7 +105,8 @@ def write_space(path: Path, name: str, base_extra: dict, space: dict, **over) ->
     raw = {"name": name,
            "base": {"model": {"variant": "micro/4", "img_size": 32},
                     "data": {"train_size": 256, "eval_size": 64, "batch_size": 32},
-                    "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False, "noise": {"bands": 0}},
+                    "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False, "noise": {"bands": 0},
+                             "attentive_steps": 0, "lowshot": False, "grad_cosine": False},
                     "optim": {"steps": 8}, "run": {"log_every": 4, "ckpt_every": 4}, **base_extra},
            "space": space, "resources": {"workers": 1, "cpus_per_worker": 1}, **over}
     f = path / f"{name}.yaml"
@@ -113,6 +114,7 @@ def write_space(path: Path, name: str, base_extra: dict, space: dict, **over) ->
     return f
 
 
+@pytest.mark.extended
 def test_a_sweep_on_worker_nodes_lands_every_trial_once_with_its_true_config(cluster, tmp_path):
     """lam = 0.5 is fixed in the space's base, not sampled: the old driver read the config back from files on its
     own disk, found none, and labelled these trials lam 0 / "mim"."""
@@ -150,8 +152,11 @@ def test_a_sweep_on_worker_nodes_lands_every_trial_once_with_its_true_config(clu
 
 def test_c_killed_driver_resumes_from_a_fresh_working_directory(cluster, tmp_path):
     root = cluster["root"]
+    # (the attentive and low-shot probes stay on here: their seconds in the final evaluation keep a trial running
+    # past its checkpoints while the test kills the driver)
     p = write_space(tmp_path, "drv", {}, {"objective.lam": {"grid": [0.0, 1.0]}, "optim.steps": 40,
-                                         "run.ckpt_every": 5, "run.log_every": 5}, max_concurrent=1)
+                                         "run.ckpt_every": 5, "run.log_every": 5, "eval.attentive_steps": 300,
+                                         "eval.lowshot": True}, max_concurrent=1)
     proc = clmim(cluster, "sweep", str(p), "--results", str(root), "--storage", f"s3://{BUCKET}")
     store = s3(cluster)
 
@@ -196,6 +201,7 @@ def test_c_killed_driver_resumes_from_a_fresh_working_directory(cluster, tmp_pat
     assert sorted(r.data.tags["clmim.trial_id"] for r in runs) == sorted(df.trial)
 
 
+@pytest.mark.extended
 def test_b_lost_worker_node_retries_the_trial_on_the_other_node_from_its_checkpoint(cluster, tmp_path):
     root = cluster["root"]
     p = write_space(tmp_path, "node", {}, {"objective.lam": 1.0, "optim.steps": 40, "run.ckpt_every": 5,

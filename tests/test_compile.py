@@ -19,10 +19,11 @@ def losses(over: list[str]) -> list[float]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend,mix", [
-    # (all in the slow tier: make test's 12-minute budget)
-    pytest.param("aot_eager", "objective.lam=0.5", marks=pytest.mark.slow),
-    pytest.param("aot_eager", "objective.weights={mae: 0.5, dino: 0.5}", marks=pytest.mark.slow),
-    pytest.param("inductor", "objective.lam=0.5", marks=pytest.mark.slow)])
+    # (all in the extended tier: make test's 12-minute budget, and CI's slow tier's)
+    pytest.param("aot_eager", "objective.lam=0.5", marks=[pytest.mark.slow, pytest.mark.extended]),
+    pytest.param("aot_eager", "objective.weights={mae: 0.5, dino: 0.5}",
+                 marks=[pytest.mark.slow, pytest.mark.extended]),
+    pytest.param("inductor", "objective.lam=0.5", marks=[pytest.mark.slow, pytest.mark.extended])])
 def test_compiled_step_is_one_graph_without_recompiles_and_matches_eager(backend, mix, monkeypatch):
     # nano/4 keeps the CPU compile short; lam = 0.5 compiles every part (both views, masking, momentum encoder);
     # MAE + DINO: visible-token gathers, the decoder, multi-crop at two sizes, the centre's in-place EMA and the

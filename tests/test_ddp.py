@@ -48,12 +48,12 @@ def _worker(rank, world, port, tree, out):
 
 
 # lam = 1: MoCo v3's heads normalise over both ranks' rows; MAE + DINO: DINO's centre averages both ranks' teachers
-# The two single-objective cases run in the slow tier; the MAE+DINO mix (two heads, a teacher, routed crops)
-# covers the most parts in the default one.
+# The two single-objective cases run in the extended tier; the MAE+DINO mix (two heads, a teacher, routed crops)
+# covers the most parts in CI's slow tier (make test's 12-minute budget).
 @pytest.mark.integration
-@pytest.mark.parametrize("mix", [pytest.param({"lam": 0.0}, marks=pytest.mark.slow),
-                                 pytest.param({"lam": 1.0}, marks=pytest.mark.slow),
-                                 {"weights": {"mae": 0.5, "dino": 0.5}}])
+@pytest.mark.parametrize("mix", [pytest.param({"lam": 0.0}, marks=[pytest.mark.slow, pytest.mark.extended]),
+                                 pytest.param({"lam": 1.0}, marks=[pytest.mark.slow, pytest.mark.extended]),
+                                 pytest.param({"weights": {"mae": 0.5, "dino": 0.5}}, marks=pytest.mark.slow)])
 def test_two_rank_ddp_keeps_replicas_identical(tmp_path, mix):
     tree = tiny(**{f"objective__{k}": v for k, v in mix.items()}, optim__steps=4, eval__finetune__steps=2,
                 eval__noise__bands=2, objective__dino__local_crops=2)

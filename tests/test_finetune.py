@@ -25,6 +25,7 @@ def test_layer_decay_groups_follow_the_mae_recipe():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_finetuning_beats_the_linear_probe_on_digits_within_a_small_budget():
     """The same labels for both (eval.samples covers the whole digits train and eval splits); a barely
     pre-trained encoder, so what fine-tuning adds is its own."""
@@ -45,6 +46,7 @@ def test_finetuning_beats_the_linear_probe_on_digits_within_a_small_budget():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # (make test's 12-minute budget: CI's slow tier)
 def test_resume_during_finetuning_continues_finetuning_and_matches_a_straight_run(tmp_path):
     base = tiny(**{"objective__lam": 0.5, "optim__steps": 4, "run__ckpt_every": 3, "model__drop_path": 0.1,
                    "eval__finetune__steps": 6, "eval__noise__bands": 2})

@@ -83,7 +83,8 @@ def test_the_toy_objective_trains_with_its_schedule_and_its_loss(toy, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # (a sweep and a report in subprocesses: the slow tier, which CI runs too)
+@pytest.mark.slow
+@pytest.mark.extended
 def test_a_toy_objective_from_outside_the_package_sweeps_into_every_table_and_the_report(ray_address, tmp_path):
     env = {**os.environ, "CLMIM_OBJECTIVES": "toy_objective",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
@@ -92,7 +93,7 @@ def test_a_toy_objective_from_outside_the_package_sweeps_into_every_table_and_th
         "name": "toy", "search": {"metric": "loss_toy", "mode": "min"},
         "base": {"model": {"variant": "nano/4"}, "data": {"train_size": 64, "eval_size": 32, "batch_size": 16},
                  "eval": {"samples": 32, "val_samples": 16, "probe_images": 8, "dense_images": 0, "cka": False,
-                          "noise": {"bands": 0}},
+                          "noise": {"bands": 0}, "attentive_steps": 0, "lowshot": False, "grad_cosine": False},
                  "optim": {"steps": 4}, "run": {"log_every": 2}},
         "space": {"objective.weights": {"grid": [{"toy": 1.0}, {"toy": 0.5, "simmim": 0.5}]}},
         "resources": {"workers": 1, "cpus_per_worker": 1}}))

@@ -17,7 +17,7 @@ def shapes(reports: list[tuple[dict, object]]) -> list[tuple[int, frozenset, boo
 @pytest.mark.integration
 @pytest.mark.parametrize("over", [
     pytest.param({"objective__lam": 0.5, "eval__every": 2, **FULL_EVAL, "eval__probe_images": 8},
-                 marks=pytest.mark.slow),  # (26 s: every evaluation, make test-slow)
+                 marks=[pytest.mark.slow, pytest.mark.extended]),  # (every evaluation: make test-extended)
     {"objective__weights": {"mae": 0.5, "dino": 0.5}, "optim__steps": 5, "run__log_every": 3},
 ], ids=["simmim+mocov3, every evaluation", "mae+dino, cheap evaluations"])
 def test_simulated_trial_reports_the_trainers_keys_at_the_trainers_steps(tmp_path, over):

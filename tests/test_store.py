@@ -61,6 +61,7 @@ def store(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.ray
 def test_prepare_writes_shards_and_lists_the_corrupt_file(prepared):
     root, index = prepared
@@ -80,6 +81,7 @@ def test_prepare_writes_shards_and_lists_the_corrupt_file(prepared):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.ray
 def test_prepare_again_is_a_no_op_and_a_different_store_is_refused(prepared, capsys):
     from orchestrator.prepare import prepare
@@ -95,6 +97,7 @@ def test_prepare_again_is_a_no_op_and_a_different_store_is_refused(prepared, cap
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.ray
 def test_interrupted_prepare_redoes_only_missing_shards(prepared, capsys):
     import shutil
@@ -197,6 +200,7 @@ def test_store_config_errors_name_the_problem(store, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.ray
 def test_builtin_sets_go_through_the_same_path(ray_address, tmp_path):
     from orchestrator.prepare import prepare

@@ -144,7 +144,8 @@ def test_simmim_keeps_its_multistep_schedule_and_mixes_take_cosine():
     assert load_config(tiny(), ["objective.lam=0", "optim.schedule=cosine"]).optim.schedule == "cosine"
 
 
-@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
+@pytest.mark.slow
+@pytest.mark.extended
 def test_flops_budget_stops_objectives_of_different_cost_at_equal_compute():
     from trainables.config import train_flops_per_image
 
@@ -286,7 +287,8 @@ def test_staged_config_resolves_each_stage_with_its_own_recipe_and_refuses_what_
         load_config({**grafted(), "stages": [{"set": {}}]})
 
 
-@pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
+@pytest.mark.slow
+@pytest.mark.extended
 def test_layer_grafting_runs_as_its_paper_mim_first_then_cl_from_its_weights_resumable_in_any_stage(tmp_path):
     """Stage 1 is exactly an MAE run; stage 2 starts MoCo v3 (online and momentum encoder) from its encoder with
     blocks 1..3 and the embedding at 0.1 x lr; steps count globally; a run resumed inside a stage or at the
