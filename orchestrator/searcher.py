@@ -170,7 +170,9 @@ class TrialSearcher(Searcher):
         return {**config, TRIAL_KEY: tid}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._from_inner:
+        # optuna records each result as an intermediate value (what its pruners read) and needs the metric in it;
+        # a trial's evaluations carry it, the step logs between them do not
+        if trial_id in self._from_inner and all(m in result for m in _as_list(self._inner.metric)):
             self._inner.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -192,3 +194,7 @@ class TrialSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         pass
+
+
+def _as_list(metric: str | list[str] | None) -> list[str]:
+    return [] if metric is None else [metric] if isinstance(metric, str) else list(metric)

@@ -177,6 +177,23 @@ def test_the_searcher_hands_out_queued_trials_then_optunas_with_ids_and_history(
     s.on_trial_complete("tune1", {"loss": 0.3, "optim.blr": got[1]["optim.blr"]})
 
 
+def test_optuna_is_told_a_trials_evaluations_and_not_the_step_logs_between_them_that_lack_the_metric():
+    """A trial reports its step logs (no val_* metric) between its evaluations; optuna records every result it is
+    given as an intermediate value and needs the metric in it, so it is given the evaluations only."""
+    pytest.importorskip("optuna")
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.searcher import TrialSearcher
+
+    s = TrialSearcher([], "val_rankme", "max", inner=OptunaSearch(seed=0), extra=1, prefix="p", next_index=1)
+    assert s.set_search_properties("val_rankme", "max", {"objective.lam": tune.uniform(0.0, 1.0)})
+    assert s.suggest("tune0")[TRIAL_KEY] == "p_00001"
+    s.on_trial_result("tune0", {"loss": 1.0, "training_iteration": 1})
+    s.on_trial_result("tune0", {"loss": 0.9, "val_rankme": 3.0, "training_iteration": 2})
+    assert s._inner._ot_study.trials[-1].intermediate_values == {2: 3.0}
+
+
 # ---------------------------------------------------------------------------------------- 6. one driver
 def test_a_second_driver_is_refused_naming_the_first_ones_host_and_start(tmp_path, capsys):
     layout = sweep_with_records(tmp_path)
