@@ -38,7 +38,7 @@ from .layout import SweepLayout
 from .query import recorded_trials
 from .records import Status, merge_reports, read_reports, sampled_values, stored_config, trial_id_of
 from .results import COMPACT_BATCH, Attempt, compact, latest_values, new_attempt_id, write_attempts
-from .space import Space, trial_config
+from .space import EVOLVING, Space, trial_config
 from .writer import ProcessWriter, Writer
 
 CAPACITY = 10_000  # events queued per part at most (a result is a few kB: tens of MB at most)
@@ -374,7 +374,7 @@ class SweepCallback(Callback):
         stored = stored_config(layout, tid)
         cfg = stored if stored is not None else to_dict(trial_config(self.space, values))
         # a PBT trial's exploits, as it recorded each once (one read more per trial, in PBT sweeps only)
-        lineage = records.read_lineage(layout, tid) if self.space.scheduler.type == "pbt" else []
+        lineage = records.read_lineage(layout, tid) if self.space.scheduler.type in EVOLVING else []
         return Ended(tid, values, status, reports, cfg, stored, err, lineage)
 
     def _kernel_oom(self, tid: str) -> str | None:

@@ -10,6 +10,11 @@ checkpoint itself and records the exploit in its lineage, once (``trial.take_ove
 
 The exploiting trial keeps its own identity: its id, its seed and every key that is not mutated; only the mutated
 keys come from the donor (the weights come with the checkpoint).
+
+``TrialOwnedPB2`` is the same exploit with Tune's PB2 explore step (Parker-Holder et al. 2020): a Gaussian process
+over (time, reward, hyperparameters) fitted to the population's reward changes picks the new values by UCB within
+each key's bounds, instead of PBT's random perturbation. Its data is the driver's memory: a resumed sweep's model
+starts again from the results that arrive after the resume.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import uuid
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.schedulers.pb2 import PB2
 
 from .ray_private import pbt_trial_state
 from .records import EXPLOIT_KEY, TRIAL_KEY, trial_id_of
@@ -59,3 +65,23 @@ class TrialOwnedPBT(PopulationBasedTraining):
         mine, theirs = self._trial_state[trial], self._trial_state[trial_to_clone]
         mine.last_perturbation_time = theirs.last_perturbation_time
         mine.last_train_time = theirs.last_train_time
+
+
+class TrialOwnedPB2(TrialOwnedPBT, PB2):
+    """PB2's explore step (``PB2._get_new_config``, the model's pick) with ``TrialOwnedPBT``'s exploit through the
+    trials' own checkpoints. Built with ``hyperparam_bounds={key: [lo, hi]}``."""
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        # PB2 casts each new value to the type the donor's value had, so a population drawn from a grid of whole
+        # numbers (lam 0 and 1) would only ever be given whole numbers; every key it mutates is a float setting
+        for key in self._hyperparam_bounds_flat:
+            trial.config[key] = float(trial.config[key])
+        super().on_trial_add(tune_controller, trial)
+
+    def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict, dict]:
+        new, operations = super()._get_new_config(trial, trial_to_clone)
+        # PB2 hands its pick back as float32 (a bound of 0.8 comes back 0.800000011920929, past the bound): the
+        # precision it was chosen at, within the bounds
+        for key, (lo, hi) in self._hyperparam_bounds_flat.items():
+            new[key] = min(max(float(f"{float(new[key]):.7g}"), lo), hi)
+        return new, operations

@@ -96,23 +96,25 @@ class SearchSection:
 
 @dataclass
 class SchedulerSection:
-    type: str = _f("fifo", choices=["fifo", "asha", "hyperband", "bohb", "pbt"],
+    type: str = _f("fifo", choices=["fifo", "asha", "hyperband", "bohb", "pbt", "pb2"],
                    doc="asha stops trials; hyperband and bohb pause them at each rung and resume the best from "
                        "their checkpoints (bohb: hyperband's brackets with optuna's TPE proposing the trials); pbt: "
                        "population-based training, the worst trials continue from the best ones' checkpoints with "
-                       "their mutations perturbed")
+                       "their mutations perturbed; pb2: the same, with a Gaussian-process bandit choosing the new "
+                       "values (Parker-Holder et al. 2020)")
     metric: str = _f("", doc="what the scheduler compares trials on (default: search.metric); a probe metric or a "
                              "label-free one (val_rankme, val_loss)")
     mode: str = _f("auto", choices=["auto", "min", "max"], doc="auto: the metric's own direction")
     grace_period: int = _f(1, lo=1, doc="ASHA: epochs a trial runs before it may be stopped")
     reduction_factor: float = _f(2.0, lo=1.01, hi=100.0, doc="keep 1 / factor of the trials at each rung")
     max_t: int = _f(1000, lo=1, doc="epochs of the longest trial (hyperband, bohb: the bracket's budget)")
-    perturbation_interval: float = _f(1.0, lo=1e-6, doc="pbt: epochs between a trial's exploit / explore steps")
-    quantile_fraction: float = _f(0.25, lo=0.0, hi=0.5, doc="pbt: the bottom share exploits the top share")
+    perturbation_interval: float = _f(1.0, lo=1e-6, doc="pbt, pb2: epochs between a trial's exploit / explore steps")
+    quantile_fraction: float = _f(0.25, lo=0.0, hi=0.5, doc="pbt, pb2: the bottom share exploits the top share")
     resample_probability: float = _f(0.25, lo=0.0, hi=1.0, doc="pbt: chance a mutated value is drawn afresh "
                                                                 "rather than perturbed (x 0.8 or 1.2)")
-    mutations: dict = _f({}, doc="pbt: dotted keys -> uniform / loguniform [lo, hi] or choice [...]; each "
-                                   "an axis of the space (the population's first values)")
+    mutations: dict = _f({}, doc="pbt: dotted keys -> uniform / loguniform [lo, hi] or choice [...]; pb2: "
+                                   "uniform [lo, hi] only (its model's bounds); each an axis of the space (the "
+                                   "population's first values)")
 
 
 @dataclass
@@ -345,10 +347,10 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
                failure=_typed(FailureSection, raw, "failure"),
                checkpoints=_typed(CheckpointsSection, raw, "checkpoints"), description=raw.get("description", ""),
                max_trials=max_trials)
-    if scheduler.type == "pbt":
+    if scheduler.type in EVOLVING:
         if search.algorithm in SEARCHED:
-            raise SpaceError("search.algorithm: pbt evolves a population drawn once (grid or random); a searcher "
-                             "learning from results would fight its exploits")
+            raise SpaceError(f"search.algorithm: {scheduler.type} evolves a population drawn once (grid or "
+                             "random); a searcher learning from results would fight its exploits")
         _check_mutations(sp)
     if scheduler.type == "bohb" and search.algorithm != "optuna":
         raise SpaceError("scheduler.type: bohb needs a model proposing the trials; set search.algorithm: optuna "
@@ -375,7 +377,8 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     return sp
 
 
-PAUSING = ("hyperband", "bohb", "pbt")  # schedulers that pause trials and resume them from their checkpoints
+EVOLVING = ("pbt", "pb2")  # schedulers whose trials take over each other's checkpoints (``pbt.py``, a lineage)
+PAUSING = ("hyperband", "bohb", *EVOLVING)  # schedulers that pause trials and resume them from their checkpoints
 MUTABLE = re.compile(r"optim\.(blr|lr_scale|weight_decay|min_lr_ratio|beta1|beta2)|objective\.lam|"
                      r"objective\.\w+\.mask_ratio")  # pbt: changing them keeps every weight's shape
 
@@ -439,33 +442,38 @@ def _resolve_scheduler(scheduler: SchedulerSection, search: SearchSection) -> No
 
 
 def _check_mutations(sp: Space) -> None:
-    """PBT copies one trial's weights into another: the population may differ only in the mutated keys (each an
+    """PBT / PB2 copy one trial's weights into another: the population may differ only in the mutated keys (each an
     axis of the space, the first values) and run.seed; each mutation is a spec the space could sample, within the
-    axis's own range of configs that load (``validate_space`` checks the ends)."""
+    axis's own range of configs that load (``validate_space`` checks the ends). PB2's Gaussian process models each
+    key on its [lo, hi] bounds, on a linear scale: uniform specs only."""
+    kind = sp.scheduler.type
     muts, axes = sp.scheduler.mutations, sp.axes()
     if not isinstance(muts, dict) or not muts:
-        raise SpaceError("scheduler.mutations: pbt needs the keys it mutates, e.g. {optim.lr_scale: {loguniform: "
-                         "[0.3, 3]}, objective.lam: {uniform: [0.1, 0.9]}}")
+        raise SpaceError(f"scheduler.mutations: {kind} needs the keys it mutates, e.g. {{optim.lr_scale: "
+                         "{uniform: [0.3, 3]}, objective.lam: {uniform: [0.1, 0.9]}}")
+    allowed = ("uniform",) if kind == "pb2" else ("uniform", "loguniform", "choice")
     for key, spec in muts.items():
         where = f"scheduler.mutations.{key}"
         if not isinstance(key, str) or not MUTABLE.fullmatch(key):
-            raise SpaceError(f"{where}: pbt mutates hyperparameters that keep every weight's shape (optim.blr, "
+            raise SpaceError(f"{where}: {kind} mutates hyperparameters that keep every weight's shape (optim.blr, "
                              "optim.lr_scale, optim.weight_decay, objective.lam, objective.<name>.mask_ratio, ...)")
-        if not (_is_spec(spec) and next(iter(spec)) in ("uniform", "loguniform", "choice")):
-            raise SpaceError(f"{where}: expected {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}} or {{choice: [...]}}, "
-                             f"got {excerpt(spec, 60)}")
+        if not (_is_spec(spec) and next(iter(spec)) in allowed):
+            expected = ("{uniform: [lo, hi]} (pb2's model searches the bounds on a linear scale; pbt also takes "
+                        "loguniform and choice)" if kind == "pb2" else
+                        "{uniform: [lo, hi]}, {loguniform: [lo, hi]} or {choice: [...]}")
+            raise SpaceError(f"{where}: expected {expected}, got {excerpt(spec, 60)}")
         _check_spec(key, spec)
         if key not in axes:
             raise SpaceError(f"{where}: also give it as an axis of the space (the population's first values), e.g. "
                              f"space.{key}: {excerpt(spec, 60)}")
     fixed_axes = sorted(k for k in axes if k not in muts and k != "run.seed")
     if fixed_axes:
-        raise SpaceError(f"space.{fixed_axes[0]}: pbt copies one trial's weights into another, so the population may "
-                         "differ only in the mutated keys and run.seed; fix it (base:) or sweep it in a sweep of its "
-                         "own")
+        raise SpaceError(f"space.{fixed_axes[0]}: {kind} copies one trial's weights into another, so the population "
+                         "may differ only in the mutated keys and run.seed; fix it (base:) or sweep it in a sweep of "
+                         "its own")
     if not sp.resources.in_process:
-        raise SpaceError("resources.workers: pbt runs one-worker trials (a trial takes over another's checkpoint in "
-                         "its own process)")
+        raise SpaceError(f"resources.workers: {kind} runs one-worker trials (a trial takes over another's "
+                         "checkpoint in its own process)")
 
 
 def _typed(cls, raw: dict, key: str):

@@ -38,7 +38,7 @@ from . import sweep_record
 from .callbacks import Retention, SweepCallback, Tables
 from .console import make_reporter, print_header
 from .layout import SweepLayout, find_sweep, results_root, validate_sweep_name
-from .pbt import TrialOwnedPBT
+from .pbt import TrialOwnedPB2, TrialOwnedPBT
 from .query import query
 from .ray_private import keep_cluster_on_loopback, oom_is_a_lost_trial, refresh_auth_mode
 from .records import (
@@ -58,7 +58,7 @@ from .records import (
     write_plan,
 )
 from .searcher import TrialSearcher, model_searcher, reward, search_target, warm_start
-from .space import PAUSING, Space, SpaceError, plan_values
+from .space import EVOLVING, PAUSING, Space, SpaceError, plan_values
 from .tracking import MLFLOW_OFF, MlflowLog, default_mlflow_uri
 from .trial import TrialSpec, run_trial
 
@@ -326,6 +326,10 @@ def _tune_config(space: Space, searcher, max_concurrent: int | None):
                                   quantile_fraction=sch.quantile_fraction,
                                   resample_probability=sch.resample_probability,
                                   hyperparam_mutations={k: _domain(v) for k, v in sch.mutations.items()})
+    elif sch.type == "pb2":  # (mutations are uniform [lo, hi]: ``space._check_mutations``)
+        scheduler = TrialOwnedPB2(**by, perturbation_interval=sch.perturbation_interval,
+                                  quantile_fraction=sch.quantile_fraction,
+                                  hyperparam_bounds={k: list(v["uniform"]) for k, v in sch.mutations.items()})
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(search_alg=alg, scheduler=scheduler, num_samples=total,
@@ -540,7 +544,7 @@ def resume_queue(layout: SweepLayout, space: Space, recs: dict) -> list[tuple[st
     trial's as of its newest exploit (``records.lineage_values``), so that Tune's view of it, which a later exploit
     copies from, is what it trains with."""
     queue = [(t, r.values) for t, r in recs.items() if r.status is None and r.values is not None]
-    if space.scheduler.type == "pbt":
+    if space.scheduler.type in EVOLVING:
         queue = [(t, lineage_values(v, read_lineage(layout, t))) for t, v in queue]
     return queue
 

@@ -284,6 +284,25 @@ def test_pbt_mutates_weight_preserving_hyperparameters_of_a_population_that_diff
     assert err(tmp_path, **ok, resources={"workers": 2}).startswith("resources.workers: pbt runs one-worker trials")
 
 
+def test_pb2_takes_the_same_population_rules_and_bounds_its_model_searches_on_a_linear_scale(tmp_path):
+    """scheduler.type: pb2 is PBT with a model choosing the new values: the same population rules, named as pb2;
+    each mutation is a uniform [lo, hi] (the model's bounds), so a loguniform or a choice is refused, naming the key
+    and what to write instead."""
+    muts = {"objective.lam": {"uniform": [0.2, 0.8]}, "optim.lr_scale": {"uniform": [0.5, 2.0]}}
+    ok = {"base": {"optim": {"steps": 8}, "eval": {"every": 1}}, "space": dict(muts),
+          "search": {"algorithm": "random", "metric": "val_rankme"}, "num_samples": 4,
+          "scheduler": {"type": "pb2", "perturbation_interval": 1, "mutations": muts}}
+    sp = load_space(space_file(tmp_path, **ok))
+    assert sp.scheduler.type == "pb2" and sp.scheduler.mode == "max"
+    log = {**ok["scheduler"], "mutations": {**muts, "optim.lr_scale": {"loguniform": [0.5, 2.0]}}}
+    e = err(tmp_path, **{**ok, "scheduler": log})
+    assert e.startswith("scheduler.mutations.optim.lr_scale: expected {uniform: [lo, hi]}") and "linear" in e
+    bad = {**ok, "space": {**ok["space"], "model.variant": {"choice": ["micro/4", "nano/4"]}}}
+    assert err(tmp_path, **bad).startswith("space.model.variant: pb2 copies one trial's weights into another")
+    assert "search.algorithm: pb2 evolves a population" in err(tmp_path, **{**ok, "search": {
+        "algorithm": "optuna", "metric": "val_rankme"}})
+
+
 def test_a_multi_objective_search_names_two_or_more_metrics_each_with_a_direction(tmp_path):
     pytest.importorskip("optuna")
     choice = {"objective.lam": {"uniform": [0.0, 1.0]}}

@@ -597,6 +597,72 @@ def test_pbt_exploits_through_the_trials_own_checkpoints_and_records_each_trials
     assert "lineage" in {s.key for s in sections(frames)}
 
 
+TINY = {"data": {"train_size": 128, "eval_size": 64, "batch_size": 32},  # 4 steps an epoch, an evaluation each
+        "eval": {"samples": 64, "probe_images": 8, "dense_images": 0, "cka": False, "noise": {"bands": 0}, "every": 1,
+                 "val_samples": 32, "attentive_steps": 0, "lowshot": False, "grad_cosine": False},
+        "optim": {"steps": 16}, "run": {"log_every": 4, "ckpt_every": 4}}
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_pb2_exploits_through_the_trials_own_checkpoints_with_its_models_values_within_the_bounds(ray_address,
+                                                                                                  tmp_path):
+    """PB2 over lam and the lr scale (four trials, an exploit every epoch on val_rankme): every trial runs its 16
+    steps; each exploit continues from another trial's checkpoint with both keys inside their bounds, recorded once
+    in the trial's lineage and once in the ``lineage`` table; the trials table shows the values each ended with."""
+    bounds = {"objective.lam": [0.2, 0.8], "optim.lr_scale": [0.3, 3.0]}
+    p = write_space(tmp_path, "pb2", space={k: {"uniform": v} for k, v in bounds.items()}, base=TINY,
+                    search={"algorithm": "random", "metric": "val_rankme", "seed": 3}, num_samples=4,
+                    scheduler={"type": "pb2", "perturbation_interval": 1, "quantile_fraction": 0.25,
+                               "mutations": {k: {"uniform": v} for k, v in bounds.items()}})
+    run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    layout = SweepLayout(tmp_path, "pb2")
+    trials = query("SELECT * FROM trials WHERE sweep = 'pb2'", tmp_path)
+    assert len(trials) == 4 and set(trials.status) == {"TERMINATED"} and set(trials.step) == {16}, trials
+    lineage = {t: read_lineage(layout, t) for t in trials.trial}
+    exploits = [(t, row) for t, rs in lineage.items() for row in rs]
+    assert exploits, "no trial exploited another"
+    for t, row in exploits:
+        assert row["parent"] in lineage and row["parent"] != t and 0 < row["step"] < 16
+        assert all(lo <= row["after"][k] <= hi for k, (lo, hi) in bounds.items()), row
+    table = query("SELECT trial, exploit_id, key, count(*) AS n FROM lineage GROUP BY ALL", tmp_path)
+    assert set(table.n) == {1} and len(table) == 2 * len(exploits)
+    for t, rs in lineage.items():
+        if rs:
+            row = trials[trials.trial == t].iloc[0]
+            assert [row[k] for k in bounds] == pytest.approx([rs[-1]["after"][k] for k in bounds])
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_bohb_pauses_the_trials_its_model_proposes_and_resumes_the_best_from_their_checkpoints(ray_address,
+                                                                                                tmp_path):
+    """BOHB (HyperBand's brackets, max_t 4 epochs halving by 2, with optuna's TPE proposing lam) on val_rankme, six
+    trials: every trial ends; some stop at a rung and at least one is paused at a rung and resumed from its
+    checkpoint in a new process to run its 16 steps; each trial's evaluations land once, its pauses repeating
+    none; the values the model proposed are the ones the trials ran with."""
+    pytest.importorskip("optuna")
+    p = write_space(tmp_path, "bohb", space={"objective.lam": {"uniform": [0.0, 1.0]}}, base=TINY,
+                    search={"algorithm": "optuna", "metric": "val_rankme", "seed": 0}, num_samples=6,
+                    scheduler={"type": "bohb", "max_t": 4, "reduction_factor": 2})
+    summary = run_sweep(load_space(p), results=str(tmp_path), address=ray_address)
+    rows = {r["trial"]: r for r in summary["rows"]}
+    assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows.values()), rows
+    steps = sorted(r["step"] for r in rows.values())
+    assert steps[0] < 16 and steps[-1] == 16, steps
+    sweep_dir = tmp_path / "bohb"
+    finals = {d.name: json.loads((d / "run" / "final_metrics.json").read_text())
+              for d in trial_dirs(sweep_dir) if (d / "run" / "final_metrics.json").is_file()}
+    assert any(f["step"] == 16 and f["resumed_from"] for f in finals.values()), finals
+    evals = query("SELECT trial, step, count(*) AS n FROM layers WHERE metric = 'rankme_gap' AND layer = 0 "
+                  "GROUP BY ALL", tmp_path)
+    assert set(evals.n) == {1} and len(evals) == sum(s // 4 + 1 for s in steps)
+    ran = query("SELECT trial, \"objective.lam\" AS lam FROM trials WHERE sweep = 'bohb'", tmp_path)
+    for t, lam in zip(ran.trial, ran.lam, strict=True):
+        cfg = load_config(str(sweep_dir / "tune" / t / "run" / "config.yaml"))
+        assert cfg.objective.lam == pytest.approx(lam) and 0.0 <= lam <= 1.0
+
+
 def _simulated_space(tmp_path, name: str, search: dict) -> Path:
     """Four simulated trials (``run.simulate``: the trainer's reports at its steps, random values, no training)
     over lam: what a search's plumbing needs, in seconds."""
