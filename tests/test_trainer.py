@@ -14,7 +14,7 @@ from trainables.checkpoints import find_checkpoint, load_weights
 from trainables.config import ConfigError, load_config
 from trainables.errors import NonFiniteLossError
 from trainables.objectives.mixture import Mixture
-from trainables.trainer import schedules, train
+from trainables.trainer import schedule_break, schedules, train
 
 
 def weights(path):
@@ -39,7 +39,7 @@ def test_wsd_holds_the_peak_then_cools_down_and_its_stable_steps_do_not_depend_o
 
 
 @pytest.mark.slow  # (make test's 12-minute budget: CI runs it in the slow tier)
-def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_path):
+def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_path, capsys):
     """A checkpoint of a WSD run's stable phase, resumed with another length, gives a straight run of that length's
     weights bit for bit: cooling a 16-step run's step-8 checkpoint down in 2 steps is the 10-step run, and the
     10-step run's kept stable checkpoint (``stable/``, step 8) extended to 16 steps is the 16-step run."""
@@ -62,9 +62,37 @@ def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_p
         "step"] == 8
     cooled = run("cooled", 10, tmp_path / "long-kept" / "step_0000008")
     extended = run("extended", 16, short / "stable")
+    assert "run.resume" not in capsys.readouterr().err  # (no schedule break to warn of)
     for a, b in ((short, cooled), (long, extended)):
         wa, wb = weights(find_checkpoint(a)), weights(find_checkpoint(b))
         assert all(torch.equal(wa[k], wb[k]) for k in wa), a.name
+
+
+def test_a_checkpoint_resumed_into_another_lr_shape_warns_that_the_run_is_not_its_configs_straight_run(tmp_path,
+                                                                                                       capsys):
+    """Cosine runs of 6 and 12 steps part after warmup, so a 6-step run's step-4 checkpoint resumed as a 12-step run
+    is not the 12-step run: a warning says so, once, naming both; the same length, a new peak (PBT's exploits) or
+    WSD's stable phase of any length is no break, and resuming there says nothing."""
+    cos6, cos12 = (load_config(tiny(), [f"optim.steps={n}"]) for n in (6, 12))
+    assert schedule_break(cos6, cos12, 2, 256) == "cosine over 6 steps, this run cosine over 12"
+    assert schedule_break(cos6, load_config(tiny(), ["optim.lr_scale=3"]), 4, 256) is None
+    wsd6, wsd12 = (load_config(tiny(), [f"optim.steps={n}", "optim.schedule=wsd", "optim.warmup_steps=2"])
+                   for n in (6, 12))
+    assert schedule_break(wsd6, wsd12, 4, 256) is None and schedule_break(wsd12, wsd6, 6, 256) is not None
+    base = tiny(**{"run__ckpt_every": 2})
+    train(load_config(base, [f"run.out_dir={tmp_path / 'a'}"]))
+    capsys.readouterr()
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000004"
+    warned = {}
+    for steps in (12, 6):
+        train(load_config(base, [f"optim.steps={steps}", f"run.out_dir={tmp_path / str(steps)}",
+                                 f"run.resume={ckpt}"]))
+        warned[steps] = [line for line in capsys.readouterr().err.splitlines() if "run.resume" in line]
+    assert not warned[6] and len(warned[12]) == 1, warned
+    line = warned[12][0]
+    assert line.startswith(f"clmim: warning: run.resume: {ckpt}") and ("trained under another lr schedule before its "
+                                                                      "step 4 (cosine over 6 steps, this run cosine "
+                                                                      "over 12)") in line
 
 
 @pytest.mark.slow  # (make test's 12-minute budget; test_trial resumes a trial at each checkpoint there)

@@ -155,10 +155,10 @@ def newest_loadable(out_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, objective: Mixture, opt: torch.optim.Optimizer | None) -> tuple[int, dict]:
-    """Restore model, optimiser and RNG state; return the step to continue from and the last log step's metrics
-    (what the run reports as its final loss if it resumes at its last step). A file holding anything but tensors
-    and plain values is refused (``ConfigError``), never unpickled."""
+def load_checkpoint(path: Path, objective: Mixture, opt: torch.optim.Optimizer | None) -> tuple[int, dict, dict]:
+    """Restore model, optimiser and RNG state; return the step to continue from, the last log step's metrics (what
+    the run reports as its final loss if it resumes at its last step) and the config tree it trained under. A file
+    holding anything but tensors and plain values is refused (``ConfigError``), never unpickled."""
     try:
         ckpt = load_weights(path)
     except pickle.UnpicklingError:
@@ -172,7 +172,7 @@ def load_checkpoint(path: Path, objective: Mixture, opt: torch.optim.Optimizer |
             opt.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     log = ckpt.get("log")
-    return int(ckpt["step"]), dict(log) if isinstance(log, dict) else {}
+    return int(ckpt["step"]), dict(log) if isinstance(log, dict) else {}, dict(ckpt.get("config") or {})
 
 
 def load_encoder(ckpt: dict, overrides: list[str] | tuple[str, ...] = (), untrained: bool = False):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -84,6 +85,38 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
         if obj.schedules is not None:
             out.update(obj.schedules(getattr(cfg.objective, name), total, to_one, per_epoch))
     return out
+
+
+def schedule_break(trained: Config, cfg: Config, step: int, n_train: int) -> str | None:
+    """Whether a checkpoint at ``step`` of a run configured as ``trained`` continues into ``cfg`` as a straight run
+    of ``cfg`` would have trained: None when the lr's shape (its share of the peak) before ``step`` is the same in
+    both (the same schedule and length, or any lengths within WSD's stable phase; a new peak, as PBT's exploits
+    give, is no break), else what differs."""
+    def shape(c: Config, total: int) -> np.ndarray:
+        o = c.optim
+        return lr_schedule(1.0, total, o.warmup_frac, o.schedule, o.min_lr_ratio, o.decay_at, o.decay_gamma,
+                           o.warmup_steps, o.cooldown_frac)
+
+    before, now = total_steps(trained, n_train), total_steps(cfg, n_train)
+    a, b = shape(trained, before)[:step], shape(cfg, now)[:step]
+    if len(a) == len(b) and np.allclose(a, b, rtol=1e-9, atol=0.0):
+        return None
+    return f"{trained.optim.schedule} over {before} steps, this run {cfg.optim.schedule} over {now}"
+
+
+def warn_schedule_break(trained: dict, cfg: Config, step: int, n_train: int, ckpt: Path) -> None:
+    """A warning on stderr when a checkpoint given as ``run.resume`` trained under another lr shape than this run
+    has before its step (``schedule_break``): the run goes on, but it is not the straight run of its config that
+    its results would be read as (extending or cooling down a cosine run, say)."""
+    try:
+        before = load_config(trained)
+    except ConfigError:  # (a config this version cannot read: its weights loaded, nothing to compare)
+        return
+    differs = schedule_break(before, cfg, step, n_train)
+    if differs is not None:
+        print(f"clmim: warning: run.resume: {ckpt} trained under another lr schedule before its step {step} "
+              f"({differs}): this run is not the straight run of its config; optim.schedule: wsd runs extend or "
+              "cool down from a stable-phase checkpoint exactly", file=sys.stderr, flush=True)
 
 
 def schedule_inputs(cfg: Config) -> tuple[str, ...]:
@@ -349,7 +382,9 @@ def build_run(cfg: Config, stage: Stage | None = None) -> TrainRun:
         if ckpt is not None:
             if cfg.eval.cka:  # CKA against the untrained encoder needs its weights, about to be overwritten
                 initial = copy.deepcopy(objective.encoder).cpu()
-            start, last_log = load_checkpoint(ckpt, objective, opt)
+            start, last_log, trained = load_checkpoint(ckpt, objective, opt)
+            if not auto and stage.whole is None and rank == 0:
+                warn_schedule_break(trained, cfg, start, len(data.train), ckpt)
             start -= stage.offset  # checkpoints count global steps
         elif cfg.run.resume != "auto":
             raise ConfigError(f"run.resume: no checkpoint at {cfg.run.resume!r}")
