@@ -11,7 +11,7 @@ from trainables.config import load_config
 from trainables.errors import UserError
 
 SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "paper", "repro", "repro_lr", "objectives",
-           "dino_mae"]
+           "dino_mae", "pb2_weights"]
 
 
 def space_file(tmp_path, **over):
