@@ -605,6 +605,10 @@ def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) ->
         raise SpaceError(f"scheduler.type: {sch.type} compares trials on {sch.metric} every epoch, but the probes "
                          "run only at the end of a trial; set eval.every (e.g. --set eval.every=1) or "
                          "scheduler.metric: loss")
+    if not cfg.run.ckpt_every:  # (a benchmark's ASHA once ran every trial to the end this way)
+        raise SpaceError(f"run.ckpt_every: {sch.type} reads each trial's {sch.metric} as of its newest stored "
+                         f"checkpoint, but {where} checkpoints only at its end, so it would stop and pause nothing; "
+                         "set run.ckpt_every (e.g. the steps between evaluations)")
 
 
 def _on_validation_split(metric: str) -> bool:

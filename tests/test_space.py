@@ -17,6 +17,8 @@ SHIPPED = ["quickstart", "lambda", "placement", "scaling", "data_scaling", "pape
 def space_file(tmp_path, **over):
     raw = {"name": "t", "base": {"optim": {"steps": 4}}, "space": {"objective.lam": {"grid": [0.0, 1.0]}}}
     raw.update(over)
+    if isinstance(raw["base"], dict):  # checkpoints during a trial, which every scheduler reads (unless a test says)
+        raw["base"] = {**raw["base"], "run": {"ckpt_every": 2, **raw["base"].get("run", {})}}
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p
@@ -260,6 +262,8 @@ def test_schedulers_decide_on_their_own_metric_a_probe_or_a_label_free_one(tmp_p
     assert "max_concurrent: hyperband pauses trials" in err(tmp_path, **every, scheduler={"type": "hyperband"},
                                                             max_concurrent=2)
     assert "scheduler.typ: unknown key" in err(tmp_path, scheduler={"typ": "asha"})
+    assert err(tmp_path, base={"optim": {"steps": 4}, "run": {"ckpt_every": 0}}, scheduler={"type": "asha"}).startswith(
+        "run.ckpt_every: asha reads each trial's loss as of its newest stored checkpoint")
 
 
 def test_pbt_mutates_weight_preserving_hyperparameters_of_a_population_that_differs_in_nothing_else(tmp_path):

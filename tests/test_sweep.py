@@ -62,8 +62,8 @@ def test_a_resumed_pbt_sweep_queues_each_unended_trial_with_its_newest_exploits_
     its planned values updated by every exploit in its lineage; ended trials are not queued; other schedulers queue
     the planned values."""
     mut = {"optim.lr_scale": {"loguniform": [0.5, 2.0]}}
-    raw = {"name": "p", "base": {"optim": {"steps": 4}, "eval": {"every": 1}}, "space": dict(mut),
-           "search": {"algorithm": "random", "metric": "val_rankme"}, "num_samples": 3,
+    raw = {"name": "p", "base": {"optim": {"steps": 4}, "eval": {"every": 1}, "run": {"ckpt_every": 2}},
+           "space": dict(mut), "search": {"algorithm": "random", "metric": "val_rankme"}, "num_samples": 3,
            "scheduler": {"type": "pbt", "mutations": mut}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     space = load_space(tmp_path / "s.yaml")
