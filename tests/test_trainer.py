@@ -68,17 +68,22 @@ def test_wsd_cooldown_or_extension_from_a_checkpoint_equals_a_straight_run(tmp_p
         assert all(torch.equal(wa[k], wb[k]) for k in wa), a.name
 
 
-def test_a_checkpoint_resumed_into_another_lr_shape_warns_that_the_run_is_not_its_configs_straight_run(tmp_path,
-                                                                                                       capsys):
-    """Cosine runs of 6 and 12 steps part after warmup, so a 6-step run's step-4 checkpoint resumed as a 12-step run
-    is not the 12-step run: a warning says so, once, naming both; the same length, a new peak (PBT's exploits) or
-    WSD's stable phase of any length is no break, and resuming there says nothing."""
+def test_a_schedule_break_is_another_lr_shape_before_the_checkpoints_step_not_a_new_peak_or_wsds_stable_phase():
+    """Cosine runs of 6 and 12 steps part after warmup; the same length with a new peak (PBT's exploits) or WSD's
+    stable phase at any length does not."""
     cos6, cos12 = (load_config(tiny(), [f"optim.steps={n}"]) for n in (6, 12))
     assert schedule_break(cos6, cos12, 2, 256) == "cosine over 6 steps, this run cosine over 12"
     assert schedule_break(cos6, load_config(tiny(), ["optim.lr_scale=3"]), 4, 256) is None
     wsd6, wsd12 = (load_config(tiny(), [f"optim.steps={n}", "optim.schedule=wsd", "optim.warmup_steps=2"])
                    for n in (6, 12))
     assert schedule_break(wsd6, wsd12, 4, 256) is None and schedule_break(wsd12, wsd6, 6, 256) is not None
+
+
+@pytest.mark.slow  # (make test's 12-minute budget: three training runs)
+def test_a_checkpoint_resumed_into_another_lr_shape_warns_that_the_run_is_not_its_configs_straight_run(tmp_path,
+                                                                                                       capsys):
+    """A 6-step cosine run's step-4 checkpoint resumed as a 12-step run is not the 12-step run: a warning says so,
+    once, naming both; resumed into its own 6 steps it says nothing."""
     base = tiny(**{"run__ckpt_every": 2})
     train(load_config(base, [f"run.out_dir={tmp_path / 'a'}"]))
     capsys.readouterr()
