@@ -124,7 +124,8 @@ def main() -> None:
     print(f"\n## search efficiency ({time.strftime('%Y-%m-%d')}; {len(configs)} configurations; grid "
           f"{len(grid.done)} trials ({args.seeds} seeds), {args.steps} steps each, {per_epoch} steps per epoch)")
     print(f"- grid: best {describe(best)}: {TARGET} {best['mean']:.4f} ± {best['se']:.4f} (SE over "
-          f"{int(best['count'])} seeds); {int(steps[grid_name])} training steps; wall {walls[grid_name]:.0f} s")
+          f"{int(best['count'])} seeds); {int(steps[grid_name])} training steps; wall "
+          f"{f'{walls[grid_name]:.0f} s' if grid_name in walls else 'of an earlier run'}")
     print(f"- search: ASHA on {args.metric} (grace {args.grace} epoch(s), reduction {args.reduction:g}, max_t "
           f"{max_t} epochs), one trial per configuration at seed {args.seeds}: {len(finished)} of "
           f"{len(search.done)} trials reached the end; {int(steps[search_name])} training steps = {share:.1%} of "
