@@ -17,7 +17,7 @@ Then, from the tables:
   - Spearman's rho between each early signal read at <= 20 % of a run and the final ``val_linear_top1``, over the
     grid's trials (``orchestrator.early_signals``; target for the label-free one: >= 0.8).
 
-    python benchmarks/search_efficiency.py --results runs/search-eff          # ~1 h on 2 cores
+    python benchmarks/search_efficiency.py --results runs/search-eff   # 2026-12-02, 2 cores: grid 91 min, search 28 min
     python benchmarks/search_efficiency.py --results runs/search-eff --steps 60 --seeds 1 --lams 0 1 --masks 0.6
 """
 
