@@ -64,9 +64,12 @@ SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "simplex", "
 SIMPLEX_KINDS = ("simplex", "dirichlet")  # expanded into a grid of objective.weights mappings
 TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_samples", "resources",
             "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
-# Metrics with labels read on the evaluation split (the last layer's and every layer's kNN / linear probes,
-# fine-tuning): what the claims report, so never what a search selects on.
-EVAL_SPLIT = re.compile(r"(layer/\d+/)?(" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|finetune_top1")
+# Metrics that read labels of the images the claims and reported numbers are read on (the last layer's and every
+# layer's kNN / linear probes, fine-tuning, every layer's dense probe on the eval images' masks, shape bias and cue
+# match on the cue-conflict images): never what a search or a scheduler selects on. ``_validation_twin`` names what
+# to select on instead.
+EVAL_SPLIT = re.compile(r"(layer/\d+/)?((" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|dense_miou)"
+                        r"|finetune_top1|(shape_bias|cue_match)(_gap|_cls)?")
 MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
 SEARCHED = ("optuna", "nsga2")  # a model proposes the trials as results arrive: no plan drawn up front
 MAX_TRIALS = 10_000  # default cap on a sweep's trials (``max_trials:`` in the space file raises it)
@@ -321,10 +324,7 @@ def space_from_dict(raw: dict, p: Path, overrides: list[str] | None = None) -> S
     if not is_known_metric(metric):
         raise SpaceError(f"search.metric: {excerpt(metric, 60)} is not a metric trials report; choose one of "
                          f"{', '.join(step_metrics() + PROBE_METRICS)} or layer/<L>/<probe metric>")
-    if EVAL_SPLIT.fullmatch(metric):  # a selection never reads the split the claims and reported accuracies use
-        suggest = f"val_{metric}" if f"val_{metric}" in VAL_METRICS else "val_linear_top1"
-        raise SpaceError(f"search.metric: {metric} is read on the evaluation split the claims are read on; select "
-                         f"on the validation split: {suggest}")
+    _refuse_eval_split("search.metric", metric)
     if search.mode == "auto":  # the one place a metric's direction is decided
         search.mode = metric_mode(metric)
         if search.mode is None:
@@ -400,9 +400,7 @@ def _check_objectives(search: SearchSection, given: dict) -> None:
             if not is_known_metric(m):
                 raise SpaceError(f"search.objectives: {excerpt(m, 60)} is not a metric trials report; e.g. "
                                  "val_linear_top1, val_rankme, val_loss, train_flops")
-            if EVAL_SPLIT.fullmatch(m):
-                raise SpaceError(f"search.objectives: {m} is read on the evaluation split the claims are read on; "
-                                 "select on the validation split (val_linear_top1)")
+            _refuse_eval_split("search.objectives", m)
             if metric_mode(m) is None:
                 raise SpaceError(f"search.objectives: {m} has no better direction to optimise")
         search.objectives = objectives
@@ -414,6 +412,20 @@ def _check_objectives(search: SearchSection, given: dict) -> None:
                              f"from earlier trials; this one is {search.algorithm}")
         if not all(search.warm_start):
             raise SpaceError("search.warm_start: an empty sweep name")
+
+
+def _refuse_eval_split(key: str, metric: str) -> None:
+    """A selection never reads the labels of the images the claims and reported numbers are read on (a SpaceError
+    naming ``key`` and what to select on instead)."""
+    if not EVAL_SPLIT.fullmatch(metric):
+        return
+    base = metric.split("/")[-1]
+    twin = f"val_{base}" if f"val_{base}" in VAL_METRICS else None
+    if twin:
+        raise SpaceError(f"{key}: {metric} is read on the evaluation split the claims are read on; select on the "
+                         f"validation split: {twin}" + (" (the last layer's)" if "/" in metric else ""))
+    raise SpaceError(f"{key}: {metric} is read on the cue-conflict images the reports read, which have no "
+                     "validation twin; select on val_linear_top1 or a label-free signal (val_rankme)")
 
 
 def objective_modes(search: SearchSection) -> list[str]:
@@ -431,9 +443,7 @@ def _resolve_scheduler(scheduler: SchedulerSection, search: SearchSection) -> No
     if not is_known_metric(metric):
         raise SpaceError(f"scheduler.metric: {excerpt(metric, 60)} is not a metric trials report; e.g. "
                          f"val_linear_top1, val_rankme or val_loss")
-    if EVAL_SPLIT.fullmatch(metric):
-        raise SpaceError(f"scheduler.metric: {metric} is read on the evaluation split the claims are read on; stop "
-                         "trials on the validation split (val_linear_top1) or a label-free signal (val_rankme)")
+    _refuse_eval_split("scheduler.metric", metric)
     scheduler.metric = metric
     if scheduler.mode == "auto":
         scheduler.mode = search.mode if metric == search.metric else metric_mode(metric)
@@ -579,33 +589,30 @@ def _which_trial(values: dict[str, Any]) -> str:
 
 
 def _check_metric_reported(space: Space, cfg: Config, values: dict[str, Any]) -> None:
-    """The search metric must reach the searcher / scheduler for every trial, or they silently ignore it."""
-    metric, where = space.search.metric, _which_trial(values)
-    if metric == "shape_bias" and cfg.data.dataset != "synthetic":
-        raise SpaceError(f"search.metric: shape_bias needs the synthetic set's cue-conflict split, but {where} "
-                         f"trains on {cfg.data.dataset}")
-    if metric == "val_finetune_top1" and not cfg.eval.finetune.enabled:
-        raise SpaceError(f"search.metric: {metric} needs fine-tuning, but {where} has no eval.finetune.steps "
-                         "or eval.finetune.epochs")
-    if _on_validation_split(metric) and not cfg.eval.val_samples:
-        raise SpaceError(f"search.metric: {metric} is read on the validation split, but {where} has "
-                         "eval.val_samples: 0 (none held out)")
-    if not reports_metric(metric, cfg.objective.mix()):
-        shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
-        raise SpaceError(f"search.metric: {where} mixes {{{shown}}} and reports no {metric}")
-    sch = space.scheduler
+    """The search metric (and a multi-objective search's every objective) and the scheduler's must reach the
+    searcher / scheduler for every trial, or they silently ignore it."""
+    where, sch = _which_trial(values), space.scheduler
+    checked = [("search.metric", space.search.metric), *(("search.objectives", m) for m in space.search.objectives)]
+    for key, metric in checked + ([("scheduler.metric", sch.metric)] if sch.type != "fifo" else []):
+        if metric == "val_dense_miou" and not (cfg.data.dataset == "synthetic" and cfg.eval.dense_images):
+            raise SpaceError(f"{key}: val_dense_miou needs the synthetic set's masks and eval.dense_images > 0, but "
+                             f"{where} trains on {cfg.data.dataset} with eval.dense_images: {cfg.eval.dense_images}")
+        if metric == "val_finetune_top1" and not cfg.eval.finetune.enabled:
+            raise SpaceError(f"{key}: {metric} needs fine-tuning, but {where} has no eval.finetune.steps or "
+                             "eval.finetune.epochs")
+        if _on_validation_split(metric) and not cfg.eval.val_samples:
+            raise SpaceError(f"{key}: {metric} is read on the validation split, but {where} has "
+                             "eval.val_samples: 0 (none held out)")
+        if not reports_metric(metric, cfg.objective.mix()):
+            shown = ", ".join(f"{k}: {v:g}" for k, v in cfg.objective.mix().items())
+            raise SpaceError(f"{key}: {where} mixes {{{shown}}} and reports no {metric}")
     if sch.type == "fifo":
         return
-    if not reports_metric(sch.metric, cfg.objective.mix()):
-        raise SpaceError(f"scheduler.metric: {where} reports no {sch.metric}")
-    if _on_validation_split(sch.metric) and not cfg.eval.val_samples:
-        raise SpaceError(f"scheduler.metric: {sch.metric} is read on the validation split, but {where} has "
-                         "eval.val_samples: 0 (none held out)")
     if sch.metric not in step_metrics() and not cfg.eval.every:
         raise SpaceError(f"scheduler.type: {sch.type} compares trials on {sch.metric} every epoch, but the probes "
                          "run only at the end of a trial; set eval.every (e.g. --set eval.every=1) or "
                          "scheduler.metric: loss")
-    if not cfg.run.ckpt_every:  # (a benchmark's ASHA once ran every trial to the end this way)
+    if not cfg.run.ckpt_every:
         raise SpaceError(f"run.ckpt_every: {sch.type} reads each trial's {sch.metric} as of its newest stored "
                          f"checkpoint, but {where} checkpoints only at its end, so it would stop and pause nothing; "
                          "set run.ckpt_every (e.g. the steps between evaluations)")

@@ -262,12 +262,14 @@ class _TokenEncoder(nn.Module):
 
 
 def test_dense_probe_reaches_one_when_the_input_holds_the_mask_and_chance_on_random_features():
+    """Every layer's probe on the eval images, and the last layer's on the validation images (what a selection
+    reads)."""
     cfg = load_config(tiny(**{"data__train_size": 128, "data__eval_size": 128, "eval__dense_images": 64}))
     data = build_data(cfg)
     k, p = data.num_classes + 1, 4
     # images that show the mask: channel 0 = label * 20 (what the encoder "sees"); the probe fits on the labelled
     # training images (the training split less the validation split)
-    for s in (data.train, data.labelled, data.eval):
+    for s in (data.train, data.labelled, data.val, data.eval):
         s.images = (s.masks.long() * 20).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
 
     def sees_mask(x):  # normalised images -> per patch, the histogram of mask labels (B, n, K)
@@ -282,17 +284,21 @@ def test_dense_probe_reaches_one_when_the_input_holds_the_mask_and_chance_on_ran
     def random_features(x):
         return torch.randn(x.shape[0], (x.shape[-1] // p) ** 2, 32, generator=gen)
 
-    good = [v for _, _, m, v in dense_rows(_TokenEncoder(sees_mask, p, k), data, cfg) if m == "dense_miou"]
-    bad = [v for _, _, m, v in dense_rows(_TokenEncoder(random_features, p, 32), data, cfg) if m == "dense_miou"]
-    test = patch_labels(data.eval.subset(64, cfg.run.seed).masks, p).flatten()
-    chance = mean_iou(torch.zeros_like(test), test, k)  # every patch called background
-    assert min(good) > 0.95, good
-    assert max(bad) < chance + 0.1, (bad, chance)
+    (good, good_val), (bad, bad_val) = (dense_rows(_TokenEncoder(f, p, c), data, cfg)
+                                        for f, c in ((sees_mask, k), (random_features, 32)))
+    good, bad = ([v for _, _, m, v in rows if m == "dense_miou"] for rows in (good, bad))
+    chance = {}
+    for split in ("eval", "val"):  # every patch called background
+        test = patch_labels(getattr(data, split).subset(64, cfg.run.seed).masks, p).flatten()
+        chance[split] = mean_iou(torch.zeros_like(test), test, k)
+    assert min(good) > 0.95 and good_val["val_dense_miou"] > 0.95, (good, good_val)
+    assert max(bad) < chance["eval"] + 0.1, (bad, chance)
+    assert bad_val["val_dense_miou"] < chance["val"] + 0.1, (bad_val, chance)
 
 
 def test_dense_probe_is_skipped_without_masks():
     cfg = load_config(tiny(**{"data__dataset": "digits", "eval__dense_images": 64}))
-    assert dense_rows(build_objective(cfg).encoder, build_data(cfg), cfg) == []
+    assert dense_rows(build_objective(cfg).encoder, build_data(cfg), cfg) == ([], {})
 
 
 def test_cka_rows_of_an_encoder_against_its_own_features_are_one():

@@ -72,7 +72,7 @@ def test_the_search_direction_is_decided_once_from_the_metric_unless_the_space_s
     """mode: auto (the default) maximises accuracies and minimises losses; a statistic without a better direction
     needs the space to say which (an accuracy once defaulted to min, and a search minimised it)."""
     assert load_space(space_file(tmp_path, search={"metric": "val_linear_top1"})).search.mode == "max"
-    assert load_space(space_file(tmp_path, search={"metric": "layer/3/dense_miou"})).search.mode == "max"
+    assert load_space(space_file(tmp_path, search={"metric": "val_dense_miou"})).search.mode == "max"
     assert load_space(space_file(tmp_path)).search.mode == "min"  # loss
     assert load_space(space_file(tmp_path, search={"metric": "val_linear_top1", "mode": "min"})).search.mode == "min"
     assert err(tmp_path, search={"metric": "layer/3/attn_distance"}) == (
@@ -88,8 +88,11 @@ def test_search_metric_must_be_reported(tmp_path):
     load_space(space_file(tmp_path, scheduler={"type": "asha"}))  # loss is reported at every log step
     msg = err(tmp_path, space={"objective.lam": {"grid": [0.0, 1.0]}}, search={"metric": "loss_mocov3"})
     assert msg.startswith("search.metric:") and "objective.lam=0" in msg
-    msg = err(tmp_path, base={"data": {"dataset": "digits"}}, search={"metric": "shape_bias", "mode": "max"})
-    assert "cue-conflict" in msg
+    msg = err(tmp_path, base={"data": {"dataset": "digits"}}, search={"metric": "val_dense_miou"})
+    assert msg.startswith("search.metric: val_dense_miou needs the synthetic set's masks") and "digits" in msg
+    msg = err(tmp_path, base={"eval": {"dense_images": 0}, "optim": {"steps": 4}, "run": {"ckpt_every": 2}},
+              search={"metric": "val_rankme"}, scheduler={"type": "asha", "metric": "val_dense_miou"})
+    assert msg.startswith("scheduler.metric: val_dense_miou needs") and "eval.dense_images: 0" in msg
     msg = err(tmp_path, search={"metric": "val_finetune_top1", "mode": "max"})
     assert msg.startswith("search.metric:") and "eval.finetune.steps" in msg
     msg = err(tmp_path, search={"metric": "val_linear_top1", "mode": "max"}, base={"eval": {"val_samples": 0}})
@@ -98,7 +101,8 @@ def test_search_metric_must_be_reported(tmp_path):
 
 @pytest.mark.parametrize("metric,suggested", [("linear_top1", "val_linear_top1"), ("knn_top1_cls", "val_knn_top1_cls"),
                                               ("finetune_top1", "val_finetune_top1"),
-                                              ("layer/3/linear_top1_gap", "val_linear_top1")])
+                                              ("layer/3/linear_top1_gap", "val_linear_top1_gap (the last layer's)"),
+                                              ("layer/3/dense_miou", "val_dense_miou (the last layer's)")])
 def test_a_search_never_selects_on_the_evaluation_split_the_claims_read(tmp_path, metric, suggested):
     """Selecting on the split the claims and reported accuracies come from biases both; every selection reads the
     validation split, held out of the training labels."""
@@ -107,13 +111,25 @@ def test_a_search_never_selects_on_the_evaluation_split_the_claims_read(tmp_path
         f"validation split: {suggested}")
 
 
+@pytest.mark.parametrize("metric", ["shape_bias", "cue_match_cls"])
+def test_no_selection_reads_the_cue_conflict_images_the_reports_read(tmp_path, metric):
+    """Shape bias and cue match are read on the one cue-conflict set, which has no validation twin: a search or a
+    scheduler on them would pick the configuration whose noise on those images the report then shows."""
+    assert err(tmp_path, search={"metric": metric, "mode": "max"}) == (
+        f"search.metric: {metric} is read on the cue-conflict images the reports read, which have no validation "
+        "twin; select on val_linear_top1 or a label-free signal (val_rankme)")
+    assert err(tmp_path, base={"optim": {"steps": 4}, "eval": {"every": 1}},
+               scheduler={"type": "asha", "metric": metric}).startswith(f"scheduler.metric: {metric} is read on the")
+
+
 @pytest.mark.integration
 def test_every_reported_metric_is_a_valid_search_metric(tmp_path):
 
     from trainables.trainer import train
     from trainables.vocab import LAYER_METRIC, PROBE_METRICS, step_metrics
 
-    final = train(load_config(tiny(), ["optim.steps=2", "eval.finetune.steps=2",  # every objective: every loss
+    final = train(load_config(tiny(), ["optim.steps=2", "eval.finetune.steps=2", "eval.dense_images=8",
+                                       # every objective: every loss
                                        "objective.weights={simmim: 0.25, mocov3: 0.25, mae: 0.25, dino: 0.25}"]))
     reported = {k for k in final if k in step_metrics() + PROBE_METRICS or k.startswith("layer/")}
     assert set(step_metrics() + PROBE_METRICS) <= reported
@@ -318,6 +334,9 @@ def test_a_multi_objective_search_names_two_or_more_metrics_each_with_a_directio
     assert msg.startswith("search.objectives: nsga2 optimises two or more")
     msg = err(tmp_path, space=choice, search={"algorithm": "nsga2", "objectives": ["linear_top1", "train_flops"]})
     assert msg.startswith("search.objectives: linear_top1 is read on the evaluation split")
+    msg = err(tmp_path, base={"optim": {"steps": 4}, "data": {"dataset": "digits"}}, space=choice,
+              search={"algorithm": "nsga2", "objectives": ["val_linear_top1", "val_dense_miou", "train_flops"]})
+    assert msg.startswith("search.objectives: val_dense_miou needs the synthetic set's masks")
     msg = err(tmp_path, space=choice, search={"algorithm": "nsga2", "objectives": ["val_linear_top1", "flops"]})
     assert msg.startswith("search.objectives: 'flops' is not a metric trials report")
     msg = err(tmp_path, space=choice, search={"algorithm": "nsga2",

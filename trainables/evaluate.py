@@ -25,9 +25,10 @@ Baseline = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
 def evaluate_encoder(encoder, data: DataBundle, cfg: Config, seconds: dict[str, float], untrained: Baseline,
                      noise: bool, more_rows: Callable[[], list[Row]] = list) -> dict[str, float]:
     """``probes.run_probes`` (last-layer kNN / linear / shape bias plus per-layer rows), then ``more_rows()`` (the
-    trainer's gradient cosines), the dense probe, CKA of each layer with the untrained encoder (``untrained``: this
-    encoder's GAP features per layer on the eval subset -> the untrained encoder's on the same images) and, with
-    ``noise``, the linear probe's accuracy under band-passed noise. Seconds spent are added to ``seconds``
+    trainer's gradient cosines), the dense probe (and its validation-split ``val_dense_miou``), CKA of each layer
+    with the untrained encoder (``untrained``: this encoder's GAP features per layer on the eval subset -> the
+    untrained encoder's on the same images) and, with ``noise``, the linear probe's accuracy under band-passed
+    noise. Seconds spent are added to ``seconds``
     (``probes``, ``dense``, ``cka``, ``noise``)."""
     e, clock = cfg.eval, time.perf_counter
     t = clock()
@@ -36,7 +37,8 @@ def evaluate_encoder(encoder, data: DataBundle, cfg: Config, seconds: dict[str, 
     rows += more_rows()
     seconds["probes"] += clock() - t
     t = clock()
-    rows += dense_rows(encoder, data, cfg)
+    dense, dense_summary = dense_rows(encoder, data, cfg)
+    rows, summary = rows + dense, summary | dense_summary
     seconds["dense"] += clock() - t
     if e.cka:
         t = clock()

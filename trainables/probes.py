@@ -397,14 +397,17 @@ def mean_iou(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) ->
     return float((inter[present] / union[present]).mean())
 
 
-def dense_rows(encoder, data, cfg) -> list[Row]:
+def dense_rows(encoder, data, cfg) -> tuple[list[Row], dict[str, float]]:
     """Dense probe: per layer 0..depth, a linear per-token classifier (``fit_linear`` on patch tokens) of the
     patch's class (``patch_labels``: background or the shape's class), fit on ``eval.dense_images`` training images
-    and read as mIoU (``dense_miou``) on as many eval images. Only for data with segmentation masks (synthetic)."""
+    and read as mIoU (``dense_miou``) on as many eval images; the last layer's, read on as many validation images,
+    is ``val_dense_miou`` (what a selection on the dense probe reads: the eval images are the claims'). Only for
+    data with segmentation masks (synthetic)."""
     n, seed, size = cfg.eval.dense_images, cfg.run.seed, cfg.model.img_size
     if not n or data.labelled.masks is None or data.eval.masks is None:
-        return []
+        return [], {}
     train, test = data.labelled.subset(n, seed), data.eval.subset(n, seed)
+    val = data.val.subset(n, seed) if data.val is not None and data.val.masks is not None else None
     classes = data.num_classes + 1
     y_train, y_test = (patch_labels(s.masks, encoder.patch).flatten() for s in (train, test))  # (N * n,)
     tr, te = extract_tokens(encoder, train.images, size), extract_tokens(encoder, test.images, size)
@@ -412,7 +415,12 @@ def dense_rows(encoder, data, cfg) -> list[Row]:
     for k, (a, b) in enumerate(zip(tr, te, strict=True)):
         predict = fit_linear(a.flatten(0, 1), y_train, classes)  # tokens (N, n, C) -> (N * n, C)
         rows.append((k, None, "dense_miou", mean_iou(predict(b.flatten(0, 1)), y_test, classes)))
-    return rows
+    summary = {}
+    if val is not None:  # the last layer's probe (``predict``, fit above) on the validation images' tokens
+        tokens = extract_tokens(encoder, val.images, size)[-1]  # (N, n, C)
+        y_val = patch_labels(val.masks, encoder.patch).flatten()  # (N * n,)
+        summary["val_dense_miou"] = mean_iou(predict(tokens.flatten(0, 1)), y_val, classes)
+    return rows, summary
 
 
 def cka_rows(now: dict[int, torch.Tensor], untrained: dict[int, torch.Tensor]) -> list[Row]:

@@ -65,6 +65,7 @@ def evaluation_keys(cfg: Config, step: int, final: bool) -> list[str]:
     keys += ([f"layer/{k}/grad_cosine" for k, names in objectives_reaching(cfg).items() if len(names) > 1]
              if e.grad_cosine else [])
     keys += [f"layer/{k}/dense_miou" for k in layers] if e.dense_images else []
+    keys += ["val_dense_miou"] if e.dense_images and val else []
     keys += [f"layer/{k}/cka_untrained" for k in layers] if e.cka else []
     if e.noise.bands and (step == 0 or final):
         keys += [f"noise/{b}/linear_top1{s}" for b in range(e.noise.bands) for s in ("", "_drop")]

@@ -75,10 +75,11 @@ def held_out_losses() -> tuple[str, ...]:
 POOLS = ("gap", "cls")  # features: mean of the patch tokens, or the CLS token (both always probed)
 # Last-layer probe summaries: per pooling (``linear_top1_cls``), and unsuffixed for ``eval.pool``.
 POOLED_PROBES = ("linear_top1", "knn_top1", "shape_bias", "cue_match")
-# The validation split's (``val_``): the last layer's kNN / linear probe per pooling and fine-tuning, what every
-# selection (search metric, scheduler, best lr per objective) reads; the unprefixed are the evaluation split's.
+# The validation split's (``val_``): the last layer's kNN / linear probe per pooling, fine-tuning and the dense
+# probe, what every selection (search metric, scheduler, best lr per objective) reads; the unprefixed are the
+# evaluation split's.
 VAL_METRICS = ("val_linear_top1", "val_knn_top1", *(f"val_{m}_{p}" for m in ("linear_top1", "knn_top1")
-                                                     for p in POOLS), "val_finetune_top1")
+                                                     for p in POOLS), "val_finetune_top1", "val_dense_miou")
 # Label-free signals on the validation split's images at every evaluation (no label read): RankMe of the last
 # layer's features (higher is better, Garrido et al. 2023) and the pre-training loss on those held-out images (each
 # objective's too, ``val_loss_<objective>``; lower is better). What a search can stop on before any probe is fit.
