@@ -69,8 +69,7 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
     cosine over the run: held through the stable phase, annealed in the cooldown. So no schedule depends on the
     run's length before its cooldown, and a stable-phase checkpoint continues into a run of any length exactly."""
     o = cfg.optim
-    lr = lr_schedule(o.blr * o.lr_scale * cfg.data.batch_size / 256, total, o.warmup_frac, o.schedule,
-                     o.min_lr_ratio, o.decay_at, o.decay_gamma, o.warmup_steps, o.cooldown_frac)
+    lr = _lr(cfg, total, o.blr * o.lr_scale * cfg.data.batch_size / 256)
     steps = np.arange(total, dtype=np.float64)
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
     if o.schedule == "wsd":  # 1 through warmup and the stable phase, 1 - sqrt to 0 over the cooldown
@@ -87,18 +86,20 @@ def schedules(cfg: Config, total: int, per_epoch: int = 1) -> dict[str, np.ndarr
     return out
 
 
+def _lr(cfg: Config, total: int, peak: float) -> np.ndarray:
+    """The per-step lr of ``cfg``'s ``optim`` schedule over ``total`` steps, peaking at ``peak`` (1.0: its shape)."""
+    o = cfg.optim
+    return lr_schedule(peak, total, o.warmup_frac, o.schedule, o.min_lr_ratio, o.decay_at, o.decay_gamma,
+                       o.warmup_steps, o.cooldown_frac)
+
+
 def schedule_break(trained: Config, cfg: Config, step: int, n_train: int) -> str | None:
     """Whether a checkpoint at ``step`` of a run configured as ``trained`` continues into ``cfg`` as a straight run
     of ``cfg`` would have trained: None when the lr's shape (its share of the peak) before ``step`` is the same in
     both (the same schedule and length, or any lengths within WSD's stable phase; a new peak, as PBT's exploits
     give, is no break), else what differs."""
-    def shape(c: Config, total: int) -> np.ndarray:
-        o = c.optim
-        return lr_schedule(1.0, total, o.warmup_frac, o.schedule, o.min_lr_ratio, o.decay_at, o.decay_gamma,
-                           o.warmup_steps, o.cooldown_frac)
-
     before, now = total_steps(trained, n_train), total_steps(cfg, n_train)
-    a, b = shape(trained, before)[:step], shape(cfg, now)[:step]
+    a, b = _lr(trained, before, 1.0)[:step], _lr(cfg, now, 1.0)[:step]
     if len(a) == len(b) and np.allclose(a, b, rtol=1e-9, atol=0.0):
         return None
     return f"{trained.optim.schedule} over {before} steps, this run {cfg.optim.schedule} over {now}"
