@@ -518,8 +518,10 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
                   "ranks the sweep's finished trials by their final validation linear probe: Spearman's rho in the "
                   "signal's direction (1: the same order; a loss is negated), with its p-value. RankMe of the "
                   "validation images' features and the pre-training loss on them need no labels; the validation "
-                  "linear probe read as early is what labels would buy. A search that stops or pauses trials early "
-                  "is as good as this ranking.</p>", _table_html(tables["early_signals"])]
+                  "linear probe read as early is what labels would buy. In a sweep of several objective mixes, "
+                  "the rows of one mix rank its trials among themselves (mix <i>all</i>: every trial): a signal "
+                  "can rank runs of one objective and not runs across objectives. A search that stops or pauses "
+                  "trials early is as good as this ranking.</p>", _table_html(tables["early_signals"])]
     if "pareto" in tables:
         parts += ["<h2>Pareto front</h2>",
                   "<p>The finished trials that no other trial beats on every objective the search optimised at once "

@@ -52,6 +52,22 @@ def test_a_signal_that_orders_the_trials_as_their_final_probe_has_rho_1_in_its_o
         pytest.approx(-1.0)
 
 
+def test_a_signal_that_ranks_within_each_mix_but_not_across_them_shows_both():
+    """Two mixes of four trials: within each, RankMe orders the trials as their final probe does; across them the
+    mix with the higher RankMe ends lower (its spectrum sits on another scale), so the sweep-wide rho is negative."""
+    done, signals = frames(n=8)
+    done["mix"] = ["SimMIM"] * 4 + ["MoCo v3"] * 4
+    done["val_linear_top1"] = [0.5, 0.6, 0.7, 0.8, 0.1, 0.2, 0.3, 0.4]  # MoCo v3's end lower; RankMe rises with i
+    t = early_signal_table(done, signals).set_index(["mix", "signal"])
+    assert list(t.index.get_level_values("mix").unique()) == ["all", "MoCo v3", "SimMIM"]  # "all" first
+    assert t.loc[("all", "val_rankme"), "spearman_rho"] < 0 and t.loc[("all", "val_rankme"), "trials"] == 8
+    for mix in ("SimMIM", "MoCo v3"):
+        assert t.loc[(mix, "val_rankme"), "spearman_rho"] == pytest.approx(1.0) and t.loc[(mix, "val_rankme"),
+                                                                                          "trials"] == 4
+    one = done.assign(mix="SimMIM")  # a sweep of one mix: its rows are the sweep's, once
+    assert set(early_signal_table(one, signals)["mix"]) == {"all"}
+
+
 def test_trials_without_an_early_evaluation_or_too_few_give_no_rho():
     done, signals = frames(steps=(0, 100))
     assert early_signal_table(done, signals).empty
@@ -73,8 +89,10 @@ def test_a_sweeps_early_signals_reach_its_summary_and_report_from_the_trials_rep
         write_trial_tables(sweep, f"t{i}", "TERMINATED", table_cfg(lam=float(i % 2), seed=i),
                            [{"step": 0, "linear_top1": 0.1, "val_rankme": 1.0}, early, final])
     table = next(s.table for s in sections(sweep_frames(tmp_path, ["es"])) if s.key == "early_signals")
-    t = table.set_index("signal")
+    t = table[table["mix"] == "all"].set_index("signal")
     assert t.loc["val_rankme", "spearman_rho"] == pytest.approx(1.0) and t.loc["val_loss", "spearman_rho"] == \
         pytest.approx(1.0) and np.isnan(t.loc["val_linear_top1", "spearman_rho"])  # the same early probe for all
+    assert set(table["mix"]) == {"all", "SimMIM"}  # MoCo v3's two trials are too few to rank on their own
+    assert table.set_index(["mix", "signal"]).loc[("SimMIM", "val_rankme"), "trials"] == 3
     page = build_report(SweepLayout(tmp_path, "es"))[0].read_text()
     assert "<h2>Early signals</h2>" in page and "val_rankme" in page
