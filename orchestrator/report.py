@@ -48,7 +48,6 @@ from .compare import (  # noqa: E402
     split_baseline,
 )
 from .layout import SweepLayout  # noqa: E402
-from .pareto import pareto_front  # noqa: E402
 from .query import QueryError, no_results, sweep_frames  # noqa: E402
 from .scaling import chance_level  # noqa: E402
 from .schedules import ancestral_schedules  # noqa: E402
@@ -302,11 +301,10 @@ def schedule_figure(schedules: pd.DataFrame, done: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def pareto_figure(done: pd.DataFrame, objectives: dict[str, str]) -> bytes:
+def pareto_figure(done: pd.DataFrame, objectives: dict[str, str], front: pd.DataFrame) -> bytes:
     """The first two objectives of a multi-objective search: every finished trial, the Pareto front (over all the
-    objectives) marked and joined in the first's order."""
+    objectives: ``pareto.pareto_front``, the summary's table) marked and joined in the first's order."""
     x, y = list(objectives)[:2]
-    front = pareto_front(done, objectives)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.scatter(pd.to_numeric(done[x], errors="coerce"), pd.to_numeric(done[y], errors="coerce"), s=14,
                color="0.6", label="trials")
@@ -393,10 +391,11 @@ window.addEventListener("load", () => {{
 
 
 def _figures(layout: SweepLayout, frames, all_layers: pd.DataFrame, layers: pd.DataFrame, untrained: pd.DataFrame,
-             axes_cols: list[str], chance: float | None):
+             axes_cols: list[str], chance: float | None, front: pd.DataFrame):
     """The report's figures: [(key, title, PNG)], panels per row of the grid figures (the browser test checks each
     panel's rendered width), and the scaling fits (empty unless the sweep varies model size). ``all_layers``: every
-    probed step; ``layers``, ``untrained``: its final and step-0 rows (``split_baseline``)."""
+    probed step; ``layers``, ``untrained``: its final and step-0 rows (``split_baseline``); ``front``: the summary's
+    Pareto front (empty unless the sweep optimised several objectives)."""
     trials, done, curves = frames.trials, frames.done, frames.curves
     figures: list[tuple[str, str, bytes]] = []
     panels: dict[str, int] = {}  # figure -> panels per row (the browser test checks each panel's rendered width)
@@ -420,9 +419,9 @@ def _figures(layout: SweepLayout, frames, all_layers: pd.DataFrame, layers: pd.D
     if not drops.empty:
         figures.append(("noise", "Accuracy drop under frequency-filtered noise (Gaussian noise band-passed to each "
                                  "band, fixed RMS)", noise_figure(drops, done)))
-    if frames.objectives and len(pareto_front(done, frames.objectives)):
+    if frames.objectives and len(front):
         figures.append(("pareto", "Multi-objective search: the trials and their Pareto front",
-                        pareto_figure(done, frames.objectives)))
+                        pareto_figure(done, frames.objectives, front)))
     schedules = ancestral_schedules(done, frames.lineage)
     if not schedules.empty:
         figures.append(("schedules", "PBT: the hyperparameter schedule each trial's final weights trained under (its "
@@ -454,7 +453,8 @@ def build_report(layout: SweepLayout, out: str | Path | None = None) -> tuple[Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     chance = chance_level(done)
 
-    figures, panels, fits = _figures(layout, frames, all_layers, layers, untrained, axes_cols, chance)
+    figures, panels, fits = _figures(layout, frames, all_layers, layers, untrained, axes_cols, chance,
+                                     tables.get("pareto", pd.DataFrame()))
     written = []
     for key, _, png in figures:
         f = out.parent / f"{key}.png"
