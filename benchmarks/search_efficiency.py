@@ -1,13 +1,15 @@
 """Search efficiency on a CPU space: does a scheduler that stops trials on a label-free signal find the grid's best
 configuration for a fraction of the grid's training, and how well do the early signals rank the trials?
 
-One space (nano/4 on digits at 32 px: lam x lr scale x SimMIM's mask ratio, 32 configurations) runs twice on the
-same Ray instance:
+One space (nano/4 on digits at 32 px: lam {0, .25, .5, .75} x lr scale {30, 100, 300, 1000} x SimMIM's mask ratio
+{.4, .6}, 32 configurations that each train differently, with an lr range that brackets the best) runs on one Ray
+instance:
   1. the grid: every configuration with ``--seeds`` seeds (0, 1, ...), every trial to the end, evaluated every
      ``--eval-every`` epochs;
-  2. the search: every configuration once, with a seed the grid does not use (so the search's pick is not read off
-     the same noise the grid judges it by), under ASHA on ``--metric`` (default ``val_rankme``: RankMe of the
-     validation images' features, no label read), stopping the worse at each rung.
+  2. one search per ``--metrics`` entry: every configuration once, with a seed the grid does not use (so the
+     search's pick is not read off the same noise the grid judges it by), under ASHA on that metric, stopping the
+     worse at each rung. Defaults: ``val_rankme`` (RankMe of the validation images' features, no label read) and
+     ``val_linear_top1`` (the validation probe itself, read early).
 Then, from the tables:
   - the grid's best configuration (mean ``val_linear_top1`` over its seeds) and that mean's standard error;
   - the configuration the search picks (the best ``val_linear_top1`` among its trials that reached the end: the
@@ -17,7 +19,8 @@ Then, from the tables:
   - Spearman's rho between each early signal read at <= 20 % of a run and the final ``val_linear_top1``, over the
     grid's trials (``orchestrator.early_signals``; target for the label-free one: >= 0.8).
 
-    python benchmarks/search_efficiency.py --results runs/search-eff   # 2026-12-02, 2 cores: grid 91 min, search 28 min
+    python benchmarks/search_efficiency.py --results runs/search-eff  # 2026-12-02, 2 cores: grid 80 min, search ~30 min
+    python benchmarks/search_efficiency.py --results runs/search-eff --grid GRID --searches RANKME PROBE  # report only
     python benchmarks/search_efficiency.py --results runs/search-eff --steps 60 --seeds 1 --lams 0 1 --masks 0.6
 """
 
@@ -80,30 +83,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per configuration in the grid")
-    ap.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.33, 0.67, 1.0])
-    ap.add_argument("--lrs", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
+    ap.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[30.0, 100.0, 300.0, 1000.0])
     ap.add_argument("--masks", type=float, nargs="+", default=[0.4, 0.6])
-    ap.add_argument("--metric", default="val_rankme", help="what ASHA compares trials on")
+    ap.add_argument("--metrics", nargs="+", default=["val_rankme", "val_linear_top1"],
+                    help="what ASHA compares trials on: one search per metric, each against the same grid")
     ap.add_argument("--grace", type=int, default=1, help="ASHA's grace period, epochs")
     ap.add_argument("--reduction", type=float, default=3.0, help="ASHA's reduction factor")
     ap.add_argument("--grid", help="reuse this earlier grid sweep (same space and --results) instead of running it")
+    ap.add_argument("--searches", nargs="+", help="reuse these earlier searches (one per --metrics entry, in order)")
     args = ap.parse_args()
     root = Path(args.results)
     root.mkdir(parents=True, exist_ok=True)
-    init_ray(None)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    grid_name, search_name = f"eff-grid-{stamp}", f"eff-asha-{stamp}"
+    grid_name = f"eff-grid-{stamp}"
+    searches = {m: f"eff-asha-{m.replace('/', '-')}-{stamp}" for m in args.metrics}
+    if args.searches:  # earlier runs' searches of the same space, reused: only the report below runs
+        if len(args.searches) != len(args.metrics):
+            ap.error(f"--searches: {len(args.searches)} names for {len(args.metrics)} --metrics")
+        searches = dict(zip(args.metrics, args.searches, strict=True))
     walls = {}
     # the epoch count of a run: what the scheduler's time is measured in
     per_epoch = _steps_per_epoch(load_space(_write(root, space("probe", args, [0], None))))
     max_t = int(np.ceil(args.steps / per_epoch))
-    asha = {"type": "asha", "metric": args.metric, "grace_period": args.grace, "max_t": max_t,
-            "reduction_factor": args.reduction}
-    runs = [(search_name, [args.seeds], asha)]
+    runs = [(name, [args.seeds], {"type": "asha", "metric": m, "grace_period": args.grace, "max_t": max_t,
+                                  "reduction_factor": args.reduction}) for m, name in searches.items()
+            if not args.searches]
     if args.grid:  # an earlier run's grid of the same space, reused
         grid_name = args.grid
     else:
         runs.insert(0, (grid_name, list(range(args.seeds)), None))
+    if runs:
+        init_ray(None)
     for name, seeds, sched in runs:
         raw = space(name, args, seeds, sched)
         if sched:  # a checkpoint at every evaluation: a scheduler reads a trial as of its newest stored checkpoint
@@ -113,33 +124,37 @@ def main() -> None:
         walls[name] = time.perf_counter() - t
 
     grid = sweep_frames(root, [grid_name])
-    search = sweep_frames(root, [search_name])
     configs = per_config(grid.done)
     best = configs.iloc[0]
-    steps = query("SELECT sweep, sum(step) AS steps FROM trials WHERE sweep IN (?, ?) GROUP BY sweep", root,
-                  [grid_name, search_name]).set_index("sweep").steps
-    finished = search.done[search.done.step >= args.steps]
-    share = float(steps[search_name] / steps[grid_name])
+    steps = query("SELECT sweep, sum(step) AS steps FROM trials GROUP BY sweep", root).set_index("sweep").steps
     early = early_signal_table(grid.done, grid.signals)
     print(f"\n## search efficiency ({time.strftime('%Y-%m-%d')}; {len(configs)} configurations; grid "
           f"{len(grid.done)} trials ({args.seeds} seeds), {args.steps} steps each, {per_epoch} steps per epoch)")
     print(f"- grid: best {describe(best)}: {TARGET} {best['mean']:.4f} ± {best['se']:.4f} (SE over "
           f"{int(best['count'])} seeds); {int(steps[grid_name])} training steps; wall "
           f"{f'{walls[grid_name]:.0f} s' if grid_name in walls else 'of an earlier run'}")
-    print(f"- search: ASHA on {args.metric} (grace {args.grace} epoch(s), reduction {args.reduction:g}, max_t "
-          f"{max_t} epochs), one trial per configuration at seed {args.seeds}: {len(finished)} of "
-          f"{len(search.done)} trials reached the end; {int(steps[search_name])} training steps = {share:.1%} of "
-          f"the grid's (target <= 25 %: {'met' if share <= 0.25 else 'NOT met'}); wall {walls[search_name]:.0f} s")
-    if len(finished):
+    for metric, name in searches.items():
+        done = sweep_frames(root, [name]).done
+        finished = done[done.step >= args.steps]
+        share = float(steps[name] / steps[grid_name])
+        print(f"- search: ASHA on {metric} (grace {args.grace} epoch(s), reduction {args.reduction:g}, max_t "
+              f"{max_t} epochs), one trial per configuration at seed {args.seeds}: {len(finished)} of "
+              f"{len(done)} trials reached the end; {int(steps[name])} training steps = {share:.1%} of the grid's "
+              f"(target <= 25 %: {'met' if share <= 0.25 else 'NOT met'}); wall "
+              f"{f'{walls[name]:.0f} s' if name in walls else 'of an earlier run'}")
+        if not len(finished):
+            print("  - no trial reached the end")
+            continue
         pick = finished.sort_values(TARGET, ascending=False).iloc[0]
-        in_grid = configs.set_index(list(AXES)).loc[tuple(float(pick[k]) for k in AXES)]
-        ok = bool(in_grid["mean"] >= best["mean"] - best["se"])
-        print(f"- the search picks {describe(pick)} ({TARGET} {pick[TARGET]:.4f} in its own trial); its grid mean "
-              f"{in_grid['mean']:.4f} is {'within' if ok else 'NOT within'} 1 SE of the grid's best "
-              f"(rank {int(np.flatnonzero((configs[list(AXES)] == [float(pick[k]) for k in AXES]).all(axis=1))[0]) + 1}"
-              f" of {len(configs)} in the grid)")
-    else:
-        print("- the search: no trial reached the end")
+        key = [float(pick[k]) for k in AXES]
+        in_grid = configs.set_index(list(AXES)).loc[tuple(key)]
+        # inclusive, to float rounding: accuracies are multiples of 1 / (validation images), so a mean exactly one
+        # SE below the best is common (two seeds' SE is half their difference)
+        ok = bool(in_grid["mean"] >= best["mean"] - best["se"] - 1e-9)
+        rank = int(np.flatnonzero((configs[list(AXES)] == key).all(axis=1))[0]) + 1
+        print(f"  - it picks {describe(pick)} ({TARGET} {pick[TARGET]:.4f} in its own trial); its grid mean "
+              f"{in_grid['mean']:.4f} is {'within' if ok else 'NOT within'} 1 SE of the grid's best (rank {rank} of "
+              f"{len(configs)} in the grid)")
     print(f"- early signals over the grid's trials (read at <= {AT:.0%} of each run; Spearman's rho with the final "
           f"{TARGET}; target >= 0.8 for a label-free one):")
     print(early.drop(columns="sweep").to_string(index=False, float_format="{:.3f}".format))
