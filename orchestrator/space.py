@@ -66,8 +66,8 @@ TOP_KEYS = {"name", "description", "base", "space", "search", "scheduler", "num_
             "max_concurrent", "failure", "max_trials", "seeds", "checkpoints"}
 # Metrics that read labels of the images the claims and reported numbers are read on (the last layer's and every
 # layer's kNN / linear probes, fine-tuning, every layer's dense probe on the eval images' masks, shape bias and cue
-# match on the cue-conflict images): never what a search or a scheduler selects on. ``_validation_twin`` names what
-# to select on instead.
+# match on the cue-conflict images): never what a search or a scheduler selects on. ``_refuse_eval_split`` names
+# what to select on instead.
 EVAL_SPLIT = re.compile(r"(layer/\d+/)?((" + "|".join(LAYER_CLASSIFIERS) + r")_top1(_gap|_cls)?|dense_miou)"
                         r"|finetune_top1|(shape_bias|cue_match)(_gap|_cls)?")
 MAX_VALIDATED = 1024  # combinations checked in full up to here; beyond, each axis alone plus the corners
@@ -420,12 +420,12 @@ def _refuse_eval_split(key: str, metric: str) -> None:
     if not EVAL_SPLIT.fullmatch(metric):
         return
     base = metric.split("/")[-1]
-    twin = f"val_{base}" if f"val_{base}" in VAL_METRICS else None
-    if twin:
-        raise SpaceError(f"{key}: {metric} is read on the evaluation split the claims are read on; select on the "
-                         f"validation split: {twin}" + (" (the last layer's)" if "/" in metric else ""))
-    raise SpaceError(f"{key}: {metric} is read on the cue-conflict images the reports read, which have no "
-                     "validation twin; select on val_linear_top1 or a label-free signal (val_rankme)")
+    if base.startswith(("shape_bias", "cue_match")):
+        raise SpaceError(f"{key}: {metric} is read on the cue-conflict images the reports read, which have no "
+                         "validation twin; select on val_linear_top1 or a label-free signal (val_rankme)")
+    twin = f"val_{base}" if f"val_{base}" in VAL_METRICS else "val_linear_top1"
+    raise SpaceError(f"{key}: {metric} is read on the evaluation split the claims are read on; select on the "
+                     f"validation split: {twin}" + (" (the last layer's)" if "/" in metric else ""))
 
 
 def objective_modes(search: SearchSection) -> list[str]:

@@ -102,7 +102,8 @@ def test_search_metric_must_be_reported(tmp_path):
 @pytest.mark.parametrize("metric,suggested", [("linear_top1", "val_linear_top1"), ("knn_top1_cls", "val_knn_top1_cls"),
                                               ("finetune_top1", "val_finetune_top1"),
                                               ("layer/3/linear_top1_gap", "val_linear_top1_gap (the last layer's)"),
-                                              ("layer/3/dense_miou", "val_dense_miou (the last layer's)")])
+                                              ("layer/3/dense_miou", "val_dense_miou (the last layer's)"),
+                                              ("layer/3/linear1pct_top1_cls", "val_linear_top1 (the last layer's)")])
 def test_a_search_never_selects_on_the_evaluation_split_the_claims_read(tmp_path, metric, suggested):
     """Selecting on the split the claims and reported accuracies come from biases both; every selection reads the
     validation split, held out of the training labels."""
